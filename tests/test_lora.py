@@ -158,7 +158,9 @@ def test_state_dict_keeps_base_names(model: TinyDecoder) -> None:
     inject_lora(model)
     keys = set(model.state_dict())
     assert base_keys <= keys
-    assert keys - base_keys == {f"blocks.{i}.attn.{m}.lora_{ab}" for i in (0, 1) for m in ("to_qkv", "to_out") for ab in "AB"}
+    assert keys - base_keys == {
+        f"blocks.{i}.attn.{m}.lora_{ab}" for i in (0, 1) for m in ("to_qkv", "to_out") for ab in "AB"
+    }
 
 
 def test_only_lora_changes_after_training(model: TinyDecoder) -> None:
@@ -211,7 +213,7 @@ def test_feature_carrier_input(model: TinyDecoder) -> None:
     layer = model.input_layer
     expected = x.feats @ layer.merged_weight.T + layer.bias
     torch.testing.assert_close(out.feats, expected, rtol=1e-5, atol=1e-5)
-    with pytest.raises(TypeError, match="Tensor or an object with .feats"):
+    with pytest.raises(TypeError, match=r"Tensor or an object with \.feats"):
         layer([1, 2, 3])
 
 
@@ -235,7 +237,7 @@ def test_selection_by_regex_callable_exclude_and_patterns(model: TinyDecoder) ->
     )
     names = inject_lora(m3, cfg)
     assert "blocks.0.attn.to_out" not in names
-    ranks = {n: (l.rank, l.alpha) for n, l in lora_layers(m3).items()}
+    ranks = {n: (layer.rank, layer.alpha) for n, layer in lora_layers(m3).items()}
     assert ranks == {
         "blocks.0.attn.to_qkv": (8, 8.0),
         "blocks.1.attn.to_qkv": (4, 8.0),
@@ -266,14 +268,18 @@ def test_config_builds_from_yaml() -> None:
 
     parser = ArgumentParser()
     parser.add_class_arguments(LoRAConfig, "lora")
-    cfg = parser.parse_string("lora:\n  rank: 8\n  alpha: 16\n  qkv_slices: [q, v]\n  rank_pattern: {to_out: 2}\n")
+    cfg = parser.parse_string(
+        "lora:\n  rank: 8\n  alpha: 16\n  qkv_slices: [q, v]\n  rank_pattern: {to_out: 2}\n"
+    )
     config = parser.instantiate(cfg).lora
     assert config == LoRAConfig(rank=8, alpha=16, qkv_slices=["q", "v"], rank_pattern={"to_out": 2})
 
 
 def test_counts_and_medical_setup(model: TinyDecoder) -> None:
     total = sum(p.numel() for p in model.parameters())
-    counts = setup_lora_for_medical_finetuning(model, rank=4, alpha=8, dropout=0.0, unfreeze_output_layers=True)
+    counts = setup_lora_for_medical_finetuning(
+        model, rank=4, alpha=8, dropout=0.0, unfreeze_output_layers=True
+    )
     lora = 2 * (4 * 32 + 96 * 4) + 2 * (4 * 32 + 32 * 4)
     head = 32 * 53 + 53
     assert counts == {"total": total + lora, "trainable": lora + head, "lora": lora}
@@ -390,13 +396,18 @@ def test_state_dict_round_trip_and_strict_errors(model: TinyDecoder) -> None:
 
 def test_adapter_files_round_trip(model: TinyDecoder, tmp_path) -> None:
     base = copy.deepcopy(model)
-    counts = setup_lora_for_medical_finetuning(model, config=LoRAConfig(rank=2, alpha=4, qkv_slices=["q", "v"]))
+    counts = setup_lora_for_medical_finetuning(
+        model, config=LoRAConfig(rank=2, alpha=4, qkv_slices=["q", "v"])
+    )
     assert counts["lora"] > 0
     randomize_lora(model)
     with torch.no_grad():
         model.out_layer.bias.add_(1.0)
     save_adapter(model, tmp_path / "adapter", modules_to_save=["out_layer"])
-    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == [ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME]
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == [
+        ADAPTER_CONFIG_NAME,
+        ADAPTER_WEIGHTS_NAME,
+    ]
     meta = json.loads((tmp_path / "adapter" / ADAPTER_CONFIG_NAME).read_text())
     assert meta["peft_type"] == "LORA" and meta["r"] == 2 and meta["lora_alpha"] == 4
     assert meta["lora_sam3d"]["base_fingerprint"] == base_fingerprint(base, ["out_layer"])
@@ -427,7 +438,10 @@ def test_adapter_load_errors(model: TinyDecoder, tmp_path) -> None:
     fresh = TinyDecoder()
     inject_lora(fresh, rank=8)
     save_adapter(model, tmp_path / "b")
-    with pytest.raises(KeyError, match=r"does not fit this model.*expected \(4, 32\), got \(8, 32\)|expected \(8, 32\), got \(4, 32\)"):
+    with pytest.raises(
+        KeyError,
+        match=r"does not fit this model.*expected \(4, 32\), got \(8, 32\)|expected \(8, 32\), got \(4, 32\)",
+    ):
         load_adapter(fresh, tmp_path / "b", check_base=False)
 
 
