@@ -37,7 +37,9 @@ def time_fwd_bwd(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor, repeats:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--in-features", type=int, default=768)
     parser.add_argument("--out-features", type=int, default=2304)
@@ -59,7 +61,9 @@ def main() -> None:
         ours.lora_B.normal_(0, 0.01)
     holder = nn.Sequential()
     holder.add_module("proj", copy.deepcopy(plain))
-    peft_model = get_peft_model(holder, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=["proj"]))
+    peft_model = get_peft_model(
+        holder, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=["proj"])
+    )
     peft_layer = peft_model.base_model.model.proj
     merged = ours.merge().requires_grad_(False)
 

@@ -56,9 +56,19 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def build(**config: Any) -> torch.nn.Module:
+def build(num_groups: int = 32, **config: Any) -> torch.nn.Module:
+    """Meta's decoder in train mode. ``num_groups`` != 32 (ours is configurable, theirs is fixed at
+    32 inside `SparseSubdivideBlock3d`) is set through that class's default argument while building."""
     cls, _ = load()
-    model = cls(**config, representation_config={"use_color": False}, device="cpu")
+    from sam3d_objects.model.backbone.tdfy_dit.models.structured_latent_vae import decoder_mesh
+
+    block_init = decoder_mesh.SparseSubdivideBlock3d.__init__
+    saved = block_init.__defaults__
+    block_init.__defaults__ = (None, num_groups)
+    try:
+        model = cls(**config, representation_config={"use_color": False}, device="cpu")
+    finally:
+        block_init.__defaults__ = saved
     return model.train()
 
 

@@ -142,3 +142,21 @@ def test_sparse_tensor_validation() -> None:
         SparseTensor(torch.zeros(3, 2), torch.zeros(2, 4, dtype=torch.int32))
     with pytest.raises(TypeError, match="integer"):
         SparseTensor(torch.zeros(2, 2), torch.zeros(2, 4))
+
+
+def test_neighbour_table_dense_and_sorted_lookup_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lora_sam3d.sparse import conv
+
+    x = random_sparse(res=9, p=0.4)
+    dense = neighbour_table(x.coords, 3)
+    monkeypatch.setattr(conv, "_DENSE_LOOKUP_CELLS", 0)
+    assert torch.equal(neighbour_table(x.coords, 3), dense)
+
+
+def test_subdivided_conv_equals_conv_of_subdivision() -> None:
+    x = random_sparse(res=6, p=0.3)
+    conv = SparseConv3d(6, 5, 3).double()
+    expected = conv(SparseSubdivide()(x))
+    got = conv.forward_subdivided(x)
+    assert torch.equal(got.coords, expected.coords)
+    torch.testing.assert_close(got.feats, expected.feats)

@@ -121,9 +121,12 @@ class SparseSubdivideBlock3d(nn.Module):
         )
 
     def forward(self, x: SparseTensor) -> SparseTensor:
-        h = self.sub(self.act_layers(x))
-        x = self.sub(x)
-        return self.out_layers(h) + self.skip_connection(x)
+        # Same function as the reference's out_layers(sub(act(x))) + skip(sub(x)); the first conv
+        # and the pointwise skip run on the parent voxels (see SparseConv3d.forward_subdivided).
+        h = self.out_layers[0].forward_subdivided(self.act_layers(x))
+        for layer in self.out_layers[1:]:
+            h = layer(h)
+        return h + self.sub(self.skip_connection(x))
 
 
 class SLatMeshDecoder(nn.Module):

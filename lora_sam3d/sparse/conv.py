@@ -18,11 +18,14 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from lora_sam3d.sparse.tensor import SparseTensor
 
 # Rows per im2col chunk are chosen so one gathered block stays near this many elements.
 _CHUNK_ELEMENTS = 1 << 24
+# Neighbour lookup through a dense index volume up to this many cells (int64: 256 MiB), else sorting.
+_DENSE_LOOKUP_CELLS = 1 << 25
 
 
 def neighbour_table(coords: torch.Tensor, kernel_size: int) -> torch.Tensor:
@@ -36,14 +39,18 @@ def neighbour_table(coords: torch.Tensor, kernel_size: int) -> torch.Tensor:
     c = coords.long()
     size = int(c[:, 1:].max().item()) + 2 * r + 1 if n else 1
     key = ((c[:, 0] * size + c[:, 1] + r) * size + c[:, 2] + r) * size + c[:, 3] + r
-    sorted_key, perm = torch.sort(key)
     d = torch.arange(-r, r + 1, device=coords.device)
     dx, dy, dz = torch.meshgrid(d, d, d, indexing="ij")
     delta = ((dx * size + dy) * size + dz).reshape(-1)
     query = key[:, None] + delta[None, :]
+    cells = (int(c[-1, 0].item()) + 1) * size**3 if n else 0
+    if cells <= _DENSE_LOOKUP_CELLS:  # a dense index volume: one gather
+        volume = torch.full((cells,), n, dtype=torch.long, device=coords.device)
+        volume[key] = torch.arange(n, device=coords.device)
+        return volume[query]
+    sorted_key, perm = torch.sort(key)  # large grids: binary search in the sorted keys
     pos = torch.searchsorted(sorted_key, query).clamp_max(max(n - 1, 0))
-    found = sorted_key[pos] == query
-    return torch.where(found, perm[pos], torch.full_like(pos, n))
+    return torch.where(sorted_key[pos] == query, perm[pos], torch.full_like(pos, n))
 
 
 def _chunks(n: int, width: int) -> list[slice]:
@@ -64,7 +71,7 @@ class _SubMConv(torch.autograd.Function):
         x_pad = torch.cat([x, x.new_zeros(1, cin)])
         out = x.new_empty(n, cout)
         for rows in _chunks(n, kk * cin):
-            cols = x_pad[table[rows]].reshape(-1, kk * cin)
+            cols = x_pad.index_select(0, table[rows].reshape(-1)).view(-1, kk * cin)
             if bias is not None:
                 torch.addmm(bias, cols, w2.t(), out=out[rows])
             else:
@@ -88,7 +95,7 @@ class _SubMConv(torch.autograd.Function):
             g = grad[rows]
             idx = table[rows]
             if need_w:
-                cols = x_pad[idx].reshape(-1, kk * cin)
+                cols = x_pad.index_select(0, idx.reshape(-1)).view(-1, kk * cin)
                 grad_w2.addmm_(g.t(), cols)
             if need_x:
                 grad_x_pad.index_add_(0, idx.reshape(-1), (g @ w2).view(-1, cin))
@@ -149,6 +156,37 @@ class SparseConv3d(nn.Module):
             table = x.cached(f"submconv_table_{k}", lambda: neighbour_table(x.coords, k))
             out = _SubMConv.apply(feats, weight, bias, table)
         return x.replace(out)
+
+    def forward_subdivided(self, x: SparseTensor) -> SparseTensor:
+        """``self(subdivide(x))`` computed on the parent voxels, 8x less gathering.
+
+        Children of one parent share its features and every child of an occupied parent exists,
+        so the child at 2p + o sees, through kernel offset d, the parent p + floor((o + d) / 2).
+        The 3x3x3 kernel thus folds into eight 3x3x3 kernels on the parent grid, one per child
+        position; the result is laid out in `SparseSubdivide`'s child order.
+        """
+        if self.conv.kernel_size != 3:
+            raise ValueError("forward_subdivided needs a 3x3x3 kernel")
+        feats, weight, bias = x.feats, self.conv.weight, self.conv.bias
+        device = feats.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else feats.dtype
+        cout, cin = self.conv.out_channels, self.conv.in_channels
+        folding = x.cached("subdivision_map", lambda: _subdivision_map(feats.device)).to(dtype)
+        folded = torch.einsum("oed,cdi->ocei", folding, weight.to(dtype).reshape(cout, 27, cin))
+        folded_bias = bias.to(dtype).repeat(8) if bias is not None else None
+        table = x.cached("submconv_table_3", lambda: neighbour_table(x.coords, 3))
+        out = _SubMConv.apply(feats.to(dtype), folded.reshape(8 * cout, 27, cin), folded_bias, table)
+        children = SparseSubdivide()(x.replace(feats[:, :0]))
+        return children.replace(out.reshape(-1, cout))
+
+
+def _subdivision_map(device: torch.device) -> torch.Tensor:
+    """(8, 27, 27) 0/1: child offset o, parent offset e, kernel offset d with floor((o + d) / 2) == e per axis."""
+    o = torch.stack(torch.meshgrid(*[torch.arange(2)] * 3, indexing="ij"), -1).reshape(8, 1, 3)
+    d = torch.stack(torch.meshgrid(*[torch.arange(-1, 2)] * 3, indexing="ij"), -1).reshape(1, 27, 3)
+    e = torch.div(o + d, 2, rounding_mode="floor") + 1  # (8, 27, 3) in {0, 1, 2}
+    e_index = (e[..., 0] * 9 + e[..., 1] * 3 + e[..., 2]).long()  # (8, 27_d)
+    return F.one_hot(e_index, 27).permute(0, 2, 1).float().to(device)  # (8, 27_e, 27_d)
 
 
 class SparseSubdivide(nn.Module):
