@@ -286,3 +286,24 @@ def test_marching_cubes_sphere_and_world_mapping() -> None:
     face_normals = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
     assert (np.einsum("ij,ij->i", face_normals, tri.mean(1) - centre) > 0).mean() > 0.99
     assert marching_cubes(torch.ones(5, 5, 5)).is_empty
+
+
+@pytest.mark.parametrize("name", ["tiny", "reference"])
+def test_model_configs_build_through_jsonargparse(name: str) -> None:
+    from pathlib import Path
+
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_subclass_arguments(SLatMeshDecoder, "model")
+    path = Path(__file__).parents[1] / "configs" / "model" / f"{name}.yaml"
+    cfg = parser.parse_args([f"--model={path}"])
+    if name == "reference":
+        assert cfg.model.init_args.model_channels == 768 and cfg.model.init_args.num_blocks == 12
+        model = SLatMeshDecoder(**{**cfg.model.init_args, "model_channels": 256, "num_blocks": 1, "num_heads": 4})
+        assert model.resolution == 64
+    else:
+        model = parser.instantiate(cfg).model
+        assert isinstance(model, SLatMeshDecoder) and model.resolution == 16
+        feats, coords = shell_input(resolution=16)
+        assert model(SparseTensor(feats, coords)).feats.shape == (64 * len(coords), 53)
