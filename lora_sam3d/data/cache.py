@@ -1,0 +1,227 @@
+"""Per-case cache of preprocessed volumes, so each NIfTI is decoded and resampled once.
+
+One folder per case, ``<cache_dir>/<case_id>-<key>/``, written to a temporary folder and renamed
+into place (a crash never leaves a half-written entry that looks complete). The key hashes the
+content of the case's source files, the preprocessing settings, the class list and the cache
+format version, so a changed file or setting rebuilds only the cases it touches; older entries of
+the same case are removed after a rebuild. Arrays are plain ``.npy`` files read through memory
+maps: a training sample touches one slice and one small SDF crop, not the whole volume.
+
+Contents: ``image.npy`` (float16, normalised), ``labels.npy`` (uint32 class bits), per class
+``sdf_<c>.npy`` (float16 signed distance in mm, negative inside, truncated, on a crop around
+the structure) and ``meta.json`` (affine, spacing, per-class voxel counts, bounding box,
+per-axis slice areas, SDF crop origin).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from lora_sam3d.data.cases import Case
+from lora_sam3d.data.volume import Preprocessing, load_volume
+
+CACHE_VERSION = 1
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class FileHashes:
+    """Content hashes of source files, remembered by (path, size, mtime) in ``<cache_dir>/file_hashes.json``.
+
+    A large dataset is hashed once; later runs re-read only files whose size or time changed.
+    """
+
+    def __init__(self, cache_dir: Path) -> None:
+        self.path = cache_dir / "file_hashes.json"
+        try:
+            self.known: dict[str, list[Any]] = json.loads(self.path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            self.known = {}
+        self.dirty = False
+
+    def __call__(self, path: Path) -> str:
+        st = path.stat()
+        stamp = [st.st_size, st.st_mtime_ns]
+        entry = self.known.get(str(path.resolve()))
+        if entry and entry[:2] == stamp:
+            return entry[2]
+        digest = file_sha256(path)
+        self.known[str(path.resolve())] = [*stamp, digest]
+        self.dirty = True
+        return digest
+
+    def save(self) -> None:
+        if self.dirty:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self.known))
+            os.replace(tmp, self.path)
+            self.dirty = False
+
+
+def case_key(
+    case: Case, classes: list[str], prep: Preprocessing, sdf_truncation_mm: float, hashes: FileHashes
+) -> str:
+    payload = {
+        "version": CACHE_VERSION,
+        "preprocessing": asdict(prep),
+        "classes": [[bit, classes[bit], case.class_masks[bit][1]] for bit in sorted(case.class_masks)],
+        "sdf_truncation_mm": sdf_truncation_mm,
+        "files": {p.relative_to(case.image.parent).as_posix(): hashes(p) for p in case.files},
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def signed_distance_mm(mask: np.ndarray, spacing_mm: float) -> np.ndarray:
+    """Signed distance to the mask's boundary in mm (negative inside), exact Euclidean (scipy EDT).
+
+    The boundary sits half a voxel outside the outermost mask voxel centres: a voxel next to the
+    structure reads +spacing/2, the structure's border voxels -spacing/2.
+    """
+    outside = ndimage.distance_transform_edt(~mask, sampling=spacing_mm)
+    inside = ndimage.distance_transform_edt(mask, sampling=spacing_mm)
+    return np.where(mask, -(inside - 0.5 * spacing_mm), outside - 0.5 * spacing_mm)
+
+
+def _class_sdf(mask: np.ndarray, spacing_mm: float, truncation_mm: float) -> tuple[np.ndarray, list[int]]:
+    """Truncated SDF on the structure's bounding box grown by the truncation; returns (crop, origin)."""
+    nz = np.nonzero(mask)
+    margin = int(np.ceil(truncation_mm / spacing_mm)) + 2
+    lo = [max(0, int(a.min()) - margin) for a in nz]
+    hi = [min(s, int(a.max()) + margin + 1) for a, s in zip(nz, mask.shape, strict=True)]
+    crop = mask[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+    sdf = np.clip(signed_distance_mm(crop, spacing_mm), -truncation_mm, truncation_mm)
+    return sdf.astype(np.float16), lo
+
+
+def _atomic_dir(final: Path, write: Any) -> None:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    try:
+        write(tmp)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def build_case(
+    case: Case,
+    classes: list[str],
+    prep: Preprocessing,
+    cache_dir: Path,
+    sdf_truncation_mm: float = 10.0,
+    hashes: FileHashes | None = None,
+) -> Path:
+    """Return the cache folder of ``case``, building it if missing or stale."""
+    own = hashes is None
+    hashes = hashes or FileHashes(cache_dir)
+    key = case_key(case, classes, prep, sdf_truncation_mm, hashes)
+    if own:
+        hashes.save()
+    final = cache_dir / f"{case.case_id}-{key}"
+    if (final / "meta.json").is_file():
+        return final
+    volume = load_volume(case.image, case.class_masks, prep)
+
+    def write(tmp: Path) -> None:
+        np.save(tmp / "image.npy", volume.image.astype(np.float16))
+        np.save(tmp / "labels.npy", volume.labels)
+        per_class: dict[str, Any] = {}
+        for bit in sorted(case.class_masks):
+            mask = (volume.labels >> np.uint32(bit)) & 1 == 1
+            voxels = int(mask.sum())
+            info: dict[str, Any] = {"name": classes[bit], "voxels": voxels}
+            if voxels:
+                nz = np.nonzero(mask)
+                lo = [int(a.min()) for a in nz]
+                hi = [int(a.max()) for a in nz]
+                sdf, origin = _class_sdf(mask, prep.spacing_mm, sdf_truncation_mm)
+                np.save(tmp / f"sdf_{bit}.npy", sdf)
+                info |= {
+                    "bbox_min": lo,
+                    "bbox_max": hi,
+                    "extent_mm": float((np.array(hi) - np.array(lo) + 1).max() * prep.spacing_mm),
+                    "slice_areas": [
+                        mask.sum(axis=tuple(a for a in range(3) if a != ax)).tolist() for ax in range(3)
+                    ],
+                    "sdf_origin": origin,
+                }
+            per_class[str(bit)] = info
+        meta = {
+            "version": CACHE_VERSION,
+            "key": key,
+            "case_id": case.case_id,
+            "image": str(case.image),
+            "affine": volume.affine.tolist(),
+            "spacing_mm": prep.spacing_mm,
+            "shape": list(volume.image.shape),
+            "sdf_truncation_mm": sdf_truncation_mm,
+            "classes": per_class,
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta))
+
+    _atomic_dir(final, write)
+    for stale in cache_dir.glob(f"{case.case_id}-*"):
+        if stale != final and stale.is_dir() and not stale.name.startswith("."):
+            shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+@dataclass
+class CachedCase:
+    """Read access to one cache folder; arrays are memory-mapped on first use."""
+
+    path: Path
+
+    @cached_property
+    def meta(self) -> dict[str, Any]:
+        return json.loads((self.path / "meta.json").read_text())
+
+    @property
+    def case_id(self) -> str:
+        return self.meta["case_id"]
+
+    @cached_property
+    def affine(self) -> np.ndarray:
+        return np.asarray(self.meta["affine"], dtype=np.float64)
+
+    @property
+    def spacing_mm(self) -> float:
+        return float(self.meta["spacing_mm"])
+
+    @cached_property
+    def image(self) -> np.ndarray:
+        return np.load(self.path / "image.npy", mmap_mode="r")
+
+    @cached_property
+    def labels(self) -> np.ndarray:
+        return np.load(self.path / "labels.npy", mmap_mode="r")
+
+    def class_info(self, bit: int) -> dict[str, Any]:
+        return self.meta["classes"][str(bit)]
+
+    def sdf(self, bit: int) -> tuple[np.ndarray, np.ndarray]:
+        """(crop, origin voxel) of the class's truncated SDF in mm."""
+        crop = np.load(self.path / f"sdf_{bit}.npy", mmap_mode="r")
+        return crop, np.asarray(self.class_info(bit)["sdf_origin"])
+
+    def __getstate__(self) -> dict[str, Any]:  # memory maps are reopened in each DataLoader worker
+        return {"path": self.path}

@@ -1,0 +1,146 @@
+"""Finding cases on disk: TotalSegmentator's release layout and its cropped layout, plus `meta.csv` splits.
+
+Release layout (v1 and v2)::
+
+    <root>/meta.csv                          ';'-separated, maybe a UTF-8 BOM: image_id;...;split;...
+    <root>/s0001/ct.nii.gz
+    <root>/s0001/segmentations/<class>.nii.gz   one binary mask per class
+
+Cropped layout (integer label maps; class values from the config)::
+
+    <root>/s0001/s0001-image.nii.gz
+    <root>/s0001/s0001-label.nii.gz
+"""
+
+from __future__ import annotations
+
+import csv
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from lora_sam3d.data.volume import MAX_CLASSES, DataError
+
+SPLITS = ("train", "val", "test")
+Layout = Literal["auto", "totalsegmentator", "cropped"]
+
+
+@dataclass
+class Case:
+    """One scan: its image file and, per class bit, the label file and value to read."""
+
+    case_id: str
+    image: Path
+    class_masks: dict[int, tuple[Path, int | None]] = field(default_factory=dict)
+    split: str | None = None
+
+    @property
+    def files(self) -> list[Path]:
+        return [self.image, *sorted({p for p, _ in self.class_masks.values()})]
+
+
+def read_meta_splits(root: Path) -> dict[str, str]:
+    """``image_id -> split`` from ``<root>/meta.csv`` ({} if absent)."""
+    path = root / "meta.csv"
+    if not path.is_file():
+        return {}
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        sample = f.read(4096)
+        f.seek(0)
+        delimiter = ";" if sample.count(";") >= sample.count(",") else ","
+        reader = csv.DictReader(f, delimiter=delimiter)
+        fields = [h.strip() for h in reader.fieldnames or []]
+        if "image_id" not in fields or "split" not in fields:
+            raise DataError(f"{path} must have columns 'image_id' and 'split'; found {fields}")
+        splits = {}
+        for line, row in enumerate(reader, start=2):
+            row = {k.strip(): (v or "").strip() for k, v in row.items() if k}
+            split = row["split"]
+            if split not in SPLITS:
+                raise DataError(
+                    f"{path} line {line}: split {split!r} for {row['image_id']!r}, expected one of {SPLITS}"
+                )
+            splits[row["image_id"]] = split
+    return splits
+
+
+def _detect_layout(case_dir: Path) -> str | None:
+    if (case_dir / "ct.nii.gz").is_file() or (case_dir / "segmentations").is_dir():
+        return "totalsegmentator"
+    if (case_dir / f"{case_dir.name}-image.nii.gz").is_file():
+        return "cropped"
+    return None
+
+
+def discover_cases(
+    root: str | Path,
+    classes: Sequence[str],
+    layout: Layout = "auto",
+    label_values: Mapping[str, int] | None = None,
+    on_bad_case: Literal["error", "skip"] = "error",
+) -> list[Case]:
+    """All cases under ``root`` with the files for ``classes``, sorted by id, splits from meta.csv.
+
+    Missing files raise `DataError` naming them, or (``on_bad_case='skip'``) skip the case with a
+    warning.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data root {root} does not exist or is not a folder")
+    if not classes:
+        raise DataError("no classes given: name at least one structure (e.g. heart_ventricle_left)")
+    if len(classes) > MAX_CLASSES:
+        raise DataError(f"{len(classes)} classes given; at most {MAX_CLASSES} are supported")
+    if len(set(classes)) != len(classes):
+        raise DataError(f"classes has duplicates: {list(classes)}")
+    splits = read_meta_splits(root)
+    cases, skipped = [], []
+    for case_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        kind = layout if layout != "auto" else _detect_layout(case_dir)
+        if kind is None:
+            continue
+        try:
+            case = _case_from_dir(case_dir, kind, classes, label_values)
+        except DataError as err:
+            if on_bad_case == "error":
+                raise
+            warnings.warn(f"skipping case {case_dir.name}: {err}", stacklevel=2)
+            skipped.append(case_dir.name)
+            continue
+        case.split = splits.get(case.case_id)
+        cases.append(case)
+    if not cases:
+        raise DataError(
+            f"no cases found in {root}: expected sXXXX/ct.nii.gz with sXXXX/segmentations/<class>.nii.gz "
+            f"(TotalSegmentator layout) or sXXXX/sXXXX-image.nii.gz with sXXXX-label.nii.gz (cropped layout)"
+            + (f"; {len(skipped)} cases skipped as bad" if skipped else "")
+        )
+    return cases
+
+
+def _case_from_dir(
+    case_dir: Path, kind: str, classes: Sequence[str], label_values: Mapping[str, int] | None
+) -> Case:
+    cid = case_dir.name
+    if kind == "totalsegmentator":
+        image = case_dir / "ct.nii.gz"
+        masks = {
+            bit: (case_dir / "segmentations" / f"{name}.nii.gz", None) for bit, name in enumerate(classes)
+        }
+    elif kind == "cropped":
+        if not label_values:
+            raise DataError("the cropped layout needs label_values: a mapping class name -> integer label")
+        unknown = [c for c in classes if c not in label_values]
+        if unknown:
+            raise DataError(f"classes {unknown} have no entry in label_values {dict(label_values)}")
+        image = case_dir / f"{cid}-image.nii.gz"
+        label = case_dir / f"{cid}-label.nii.gz"
+        masks = {bit: (label, int(label_values[name])) for bit, name in enumerate(classes)}
+    else:
+        raise DataError(f"unknown layout {kind!r}: expected 'auto', 'totalsegmentator' or 'cropped'")
+    missing = [str(p) for p in [image, *{p for p, _ in masks.values()}] if not p.is_file()]
+    if missing:
+        raise DataError(f"case {cid}: missing files {sorted(missing)}")
+    return Case(cid, image, masks)

@@ -1,0 +1,289 @@
+"""Step 2 of the data flow: slice samples of cached cases, with their frame and 3D targets.
+
+One sample = (case, class, axis, index). Deterministic for a seed whatever the number of
+DataLoader workers: every random choice comes from a generator seeded by (seed, epoch, item).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from lora_sam3d.data.cache import CachedCase, FileHashes, build_case
+from lora_sam3d.data.cases import SPLITS, Case, Layout, discover_cases
+from lora_sam3d.data.frame import (
+    Frame,
+    make_frame,
+    plane_axes,
+    sample_occupancy,
+    sample_sdf,
+    sample_slice,
+    slice_pointmap,
+)
+from lora_sam3d.data.volume import DataError, Preprocessing
+
+SamplingMethod = Literal["random_axis", "uniform", "central", "all"]
+AXIS_NAMES = ("sagittal", "coronal", "axial")
+
+
+def assign_splits(
+    cases: list[Case], seed: int = 0, fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
+) -> None:
+    """Give every case without a split (no meta.csv entry) one, by a seeded shuffle of case ids."""
+    todo = sorted(c.case_id for c in cases if c.split is None)
+    if not todo:
+        return
+    order = np.random.default_rng(seed).permutation(len(todo))
+    n_train = max(1, round(fractions[0] * len(todo)))
+    n_val = round(fractions[1] * len(todo)) if len(todo) > 2 else 0
+    by_id = {c.case_id: c for c in cases}
+    for rank, i in enumerate(order):
+        by_id[todo[i]].split = "train" if rank < n_train else "val" if rank < n_train + n_val else "test"
+
+
+def class_extents_mm(cached: Sequence[CachedCase], classes: Sequence[str]) -> dict[str, float]:
+    """Per class, the largest bounding-box side (mm) over the given cases (use the training split)."""
+    out: dict[str, float] = {}
+    for bit, name in enumerate(classes):
+        values = [c.class_info(bit).get("extent_mm", 0.0) for c in cached]
+        values = [v for v in values if v > 0]
+        if values:
+            out[name] = float(max(values))
+    return out
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack tensors; keep strings (case ids, class names) as lists."""
+    out: dict[str, Any] = {}
+    for key in samples[0]:
+        values = [s[key] for s in samples]
+        out[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
+    return out
+
+
+class TS_SAM3D_Dataset(Dataset):
+    """Slice samples from TotalSegmentator-layout (or cropped-layout) NIfTI data.
+
+    Args:
+        root: data folder (see `lora_sam3d.data.cases`).
+        classes: structure names; their order fixes the class indices.
+        split: ``train``/``val``/``test`` or None for all cases. Splits come from ``meta.csv``,
+            else from a seeded 70/15/15 shuffle of case ids (never by slice).
+        slice_sampling_method: ``random_axis`` (each item a random axis and slice, for training),
+            ``uniform`` (``slices_per_axis`` evenly spaced slices per axis), ``central`` (the slice
+            through the mask's centroid, per axis), ``all`` (every valid slice).
+        resolution: the decoder's latent resolution R; targets are on the (4R+1)^3 vertex grid
+            (SDF) and the (4R)^3 cells (occupancy).
+        spacing: isotropic voxel size in mm.
+        cache_dir: where preprocessed cases go (default ``<root>/.cache``).
+        augment: intensity augmentation (contrast, brightness, noise) of the input slice.
+        seed: base of every random choice.
+        axes: slice axes to use (0 sagittal, 1 coronal, 2 axial).
+        min_occupancy: a slice is valid when its mask area is at least this fraction of the
+            class's largest area along that axis.
+        samples_per_class: items per (case, class) for ``random_axis``.
+        slices_per_axis: slices per axis for ``uniform``.
+        slice_size: pixels of the input slice (default 4R).
+        extent_mm: per-class frame extent; missing classes get the training-split statistic.
+        frame_scale: frame side = ``frame_scale * extent_mm`` (2 keeps the whole structure in
+            the cube wherever the slice cuts it).
+        sdf_truncation_mm: SDF targets are clipped to +- this.
+        layout, label_values, modality, ct_window_hu, on_bad_case: see `discover_cases` and
+            `Preprocessing`.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        classes: Sequence[str],
+        split: str | None = None,
+        slice_sampling_method: SamplingMethod = "random_axis",
+        resolution: int = 16,
+        spacing: float = 1.5,
+        cache_dir: str | Path | None = None,
+        augment: bool = False,
+        seed: int = 0,
+        axes: Sequence[int] = (0, 1, 2),
+        min_occupancy: float = 0.2,
+        samples_per_class: int = 8,
+        slices_per_axis: int = 5,
+        slice_size: int | None = None,
+        extent_mm: Mapping[str, float] | None = None,
+        frame_scale: float = 2.0,
+        sdf_truncation_mm: float = 10.0,
+        layout: Layout = "auto",
+        label_values: Mapping[str, int] | None = None,
+        modality: Literal["ct", "mr"] = "ct",
+        ct_window_hu: tuple[float, float] = (-200.0, 400.0),
+        on_bad_case: Literal["error", "skip"] = "error",
+    ) -> None:
+        if split is not None and split not in SPLITS:
+            raise DataError(f"split must be one of {SPLITS} or None, got {split!r}")
+        if slice_sampling_method not in ("random_axis", "uniform", "central", "all"):
+            raise DataError(
+                f"slice_sampling_method must be random_axis, uniform, central or all; got {slice_sampling_method!r}"
+            )
+        for a in axes:
+            plane_axes(a)
+        self.root = Path(root)
+        self.classes = list(classes)
+        self.split = split
+        self.method = slice_sampling_method
+        self.resolution = resolution
+        self.augment = augment
+        self.seed = seed
+        self.epoch = 0
+        self.axes = tuple(axes)
+        self.min_occupancy = min_occupancy
+        self.samples_per_class = samples_per_class
+        self.slices_per_axis = slices_per_axis
+        self.slice_size = slice_size or 4 * resolution
+        self.frame_scale = frame_scale
+        self.sdf_truncation_mm = sdf_truncation_mm
+        self.prep = Preprocessing(spacing_mm=spacing, modality=modality, ct_window_hu=tuple(ct_window_hu))  # type: ignore[arg-type]
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else self.root / ".cache"
+
+        cases = discover_cases(self.root, self.classes, layout, label_values, on_bad_case)
+        assign_splits(cases, seed)
+        wanted = [c for c in cases if split is None or c.split == split]
+        if not wanted:
+            raise DataError(f"no cases of split {split!r} in {self.root}")
+        train = [c for c in cases if c.split == "train"]
+        hashes = FileHashes(self.cache_dir)
+        built: dict[str, CachedCase] = {}
+        for case in {c.case_id: c for c in [*wanted, *train]}.values():
+            built[case.case_id] = CachedCase(
+                build_case(case, self.classes, self.prep, self.cache_dir, sdf_truncation_mm, hashes)
+            )
+        hashes.save()
+        self.cases = [built[c.case_id] for c in wanted]
+        self.case_splits = {c.case_id: c.split for c in cases}
+        stats = class_extents_mm([built[c.case_id] for c in train] or self.cases, self.classes)
+        self.extent_mm = {**stats, **(extent_mm or {})}
+        missing = [c for c in self.classes if c not in self.extent_mm]
+        if missing:
+            raise DataError(
+                f"classes {missing} have no voxels in any training case of {self.root} and no extent_mm in the config"
+            )
+        self.items = self._enumerate()
+        if not self.items:
+            raise DataError(f"no valid slices for classes {self.classes} in split {split!r} of {self.root}")
+
+    # -- enumeration ------------------------------------------------------------------------------
+    def _valid_indices(self, case: CachedCase, bit: int, axis: int) -> np.ndarray:
+        areas = np.asarray(case.class_info(bit)["slice_areas"][axis])
+        return np.flatnonzero(areas >= max(1.0, self.min_occupancy * areas.max()))
+
+    def _enumerate(self) -> list[tuple[int, int, int, int]]:
+        """(case index, class bit, axis, slice index); axis/index -1 = drawn per item (random_axis)."""
+        items = []
+        empty = []
+        for ci, case in enumerate(self.cases):
+            for bit in range(len(self.classes)):
+                if case.class_info(bit)["voxels"] == 0:
+                    empty.append(f"{case.case_id}/{self.classes[bit]}")
+                    continue
+                if self.method == "random_axis":
+                    items += [(ci, bit, -1, -1)] * self.samples_per_class
+                    continue
+                for axis in self.axes:
+                    valid = self._valid_indices(case, bit, axis)
+                    if self.method == "all":
+                        chosen = valid
+                    elif self.method == "central":
+                        areas = np.asarray(case.class_info(bit)["slice_areas"][axis], dtype=float)
+                        centroid = (areas * np.arange(len(areas))).sum() / areas.sum()
+                        chosen = valid[[np.abs(valid - centroid).argmin()]]
+                    else:
+                        pick = np.linspace(0, len(valid) - 1, min(self.slices_per_axis, len(valid)))
+                        chosen = valid[np.unique(np.round(pick).astype(int))]
+                    items += [(ci, bit, axis, int(i)) for i in chosen]
+        if empty:
+            warnings.warn(
+                f"{len(empty)} (case, class) pairs have no voxels and are left out: {empty[:10]}",
+                stacklevel=3,
+            )
+        return items
+
+    def set_epoch(self, epoch: int) -> None:
+        """Vary random_axis draws and augmentation by epoch (call before the epoch's DataLoader starts)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    # -- one sample -------------------------------------------------------------------------------
+    def __getitem__(self, item: int) -> dict[str, Any]:
+        ci, bit, axis, index = self.items[item]
+        case = self.cases[ci]
+        rng = np.random.default_rng([self.seed, self.epoch, item])
+        if axis < 0:
+            axis = int(rng.choice(self.axes))
+            index = int(rng.choice(self._valid_indices(case, bit, axis)))
+        return self.make_sample(case, bit, axis, index, rng)
+
+    def make_sample(
+        self, case: CachedCase, bit: int, axis: int, index: int, rng: np.random.Generator | None = None
+    ) -> dict[str, Any]:
+        name = self.classes[bit]
+        side_mm = self.frame_scale * self.extent_mm[name]
+        sample, frame = slice_inputs(
+            case.image, case.labels, bit, case.affine, case.spacing_mm, axis, index, side_mm, self.slice_size,
+            rng if self.augment else None,
+        )  # fmt: skip
+        n = 4 * self.resolution
+        crop, origin = case.sdf(bit)
+        sample["gt_sdf"] = torch.from_numpy(
+            sample_sdf(frame, crop, origin, n + 1, self.sdf_truncation_mm, side_mm)
+        )
+        sample["gt_occupancy"] = torch.from_numpy(sample_occupancy(frame, crop, origin, n))
+        sample |= {"case_id": case.case_id, "class_name": name, "class_index": torch.tensor(bit)}
+        return sample
+
+
+def slice_inputs(
+    image: np.ndarray,
+    labels: np.ndarray,
+    bit: int,
+    affine: np.ndarray,
+    spacing_mm: float,
+    axis: int,
+    index: int,
+    side_mm: float,
+    slice_size: int,
+    rng: np.random.Generator | None = None,
+) -> tuple[dict[str, Any], Frame]:
+    """The model's inputs for one slice (no 3D ground truth is read) and the frame they define.
+
+    ``image`` and ``labels`` are the canonical isotropic volume and its class bits; only the slice
+    ``index`` along ``axis`` is read. With ``rng``, the input intensities are augmented.
+    """
+    shape = image.shape
+    if not 0 <= index < shape[axis]:
+        raise DataError(f"slice index {index} is outside axis {axis} of a volume of shape {tuple(shape)}")
+    take: list[Any] = [slice(None)] * 3
+    take[axis] = index
+    mask2d = (np.asarray(labels[tuple(take)]) >> np.uint32(bit)) & 1 == 1
+    frame = make_frame(mask2d, axis, index, side_mm, spacing_mm, affine)
+    plane = sample_slice(frame, np.asarray(image[tuple(take)]), axis, slice_size, order=1)
+    mask = sample_slice(frame, mask2d.astype(np.float32), axis, slice_size, order=0) > 0.5
+    if rng is not None:
+        plane = np.clip(plane * rng.uniform(0.85, 1.15) + rng.uniform(-0.05, 0.05), 0, 1)
+        plane = plane + rng.normal(0, 0.01, plane.shape)
+    sample = {
+        "image": torch.from_numpy(np.repeat(plane[None].astype(np.float32), 3, axis=0)),
+        "mask": torch.from_numpy(mask),
+        "pointmap": torch.from_numpy(slice_pointmap(frame, axis, slice_size, mask)),
+        "affine": torch.from_numpy(np.array(affine, dtype=np.float64)),
+        "frame_to_world": torch.from_numpy(frame.frame_to_world),
+        "axis": torch.tensor(axis),
+        "index": torch.tensor(index),
+        "spacing_mm": torch.tensor(spacing_mm, dtype=torch.float64),
+    }
+    return sample, frame

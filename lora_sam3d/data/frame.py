@@ -1,0 +1,125 @@
+"""Steps 3-4 of the data flow: the reconstruction cube from one slice and its mask, and targets in it.
+
+The frame is placed from the input slice and mask only, never from the 3D ground truth (which does
+not exist at inference): in-plane centre = mask centroid, out-of-plane centre = the slice's
+position, side = a per-class physical extent (a training-split statistic, or given). Its axes are
+the voxel axes of the canonical, isotropic grid, so ``frame_to_world`` = grid affine @ (scale
+by the side in voxels, translate to the centre). Normalised frame coordinates u lie in
+[-0.5, 0.5]^3; the decoder's vertex grid (4R+1)^3 sits at ``u = i / 4R - 0.5`` and its cells
+(4R)^3 at ``u = (i + 0.5) / 4R - 0.5``. Sampling uses scipy.ndimage.map_coordinates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from lora_sam3d.data.volume import DataError
+
+
+def plane_axes(axis: int) -> tuple[int, int]:
+    """The two voxel axes spanning a slice normal to ``axis`` (in increasing order)."""
+    if axis not in (0, 1, 2):
+        raise DataError(f"slice axis must be 0 (sagittal), 1 (coronal) or 2 (axial), got {axis!r}")
+    p, q = (a for a in range(3) if a != axis)
+    return p, q
+
+
+@dataclass(frozen=True)
+class Frame:
+    """A cube in the voxel grid: centre (voxel coordinates, float) and side (voxels)."""
+
+    centre_vox: tuple[float, float, float]
+    side_vox: float
+    grid_affine: np.ndarray  # (4, 4) voxel -> world mm of the canonical isotropic grid
+
+    @property
+    def frame_to_voxel(self) -> np.ndarray:
+        m = np.eye(4)
+        m[:3, :3] *= self.side_vox
+        m[:3, 3] = self.centre_vox
+        return m
+
+    @property
+    def frame_to_world(self) -> np.ndarray:
+        """(4, 4): normalised frame coordinates [-0.5, 0.5]^3 -> world RAS mm."""
+        return self.grid_affine @ self.frame_to_voxel
+
+    def to_voxel(self, u: np.ndarray) -> np.ndarray:
+        """(..., 3) frame coordinates -> voxel coordinates."""
+        return np.asarray(self.centre_vox) + self.side_vox * u
+
+
+def make_frame(
+    mask2d: np.ndarray, axis: int, index: int, side_mm: float, spacing_mm: float, grid_affine: np.ndarray
+) -> Frame:
+    """The frame for a slice: ``mask2d`` is the class mask on that slice (plane axes in order)."""
+    pts = np.argwhere(mask2d)
+    if len(pts) == 0:
+        raise DataError(f"the mask on slice axis={axis} index={index} is empty: cannot place a frame")
+    p, q = plane_axes(axis)
+    centre = [0.0, 0.0, 0.0]
+    centre[axis] = float(index)
+    centre[p], centre[q] = (float(v) for v in pts.mean(axis=0))
+    return Frame(tuple(centre), side_mm / spacing_mm, np.asarray(grid_affine, dtype=np.float64))  # type: ignore[arg-type]
+
+
+def grid_points(n: int, cells: bool) -> np.ndarray:
+    """(n, n, n, 3) frame coordinates of a vertex grid (n = 4R + 1) or of cell centres (n = 4R)."""
+    axis = (np.arange(n) + 0.5) / n - 0.5 if cells else np.arange(n) / (n - 1) - 0.5
+    return np.stack(np.meshgrid(axis, axis, axis, indexing="ij"), axis=-1)
+
+
+def sample_sdf(
+    frame: Frame, sdf_crop: np.ndarray, crop_origin: np.ndarray, n: int, truncation_mm: float, side_mm: float
+) -> np.ndarray:
+    """(n, n, n) float32 SDF at the frame's vertex grid, in frame units (mm / side), truncated.
+
+    Trilinear in the stored (already truncated) SDF; points outside the stored crop are outside
+    the structure by at least the truncation.
+    """
+    vox = frame.to_voxel(grid_points(n, cells=False)) - crop_origin
+    values = ndimage.map_coordinates(
+        np.asarray(sdf_crop, dtype=np.float32),
+        vox.reshape(-1, 3).T,
+        order=1,
+        mode="constant",
+        cval=truncation_mm,
+    )
+    return (np.clip(values, -truncation_mm, truncation_mm) / side_mm).reshape(n, n, n).astype(np.float32)
+
+
+def sample_occupancy(frame: Frame, sdf_crop: np.ndarray, crop_origin: np.ndarray, n: int) -> np.ndarray:
+    """(n, n, n) bool: is the nearest voxel to each cell centre inside the structure."""
+    vox = frame.to_voxel(grid_points(n, cells=True)) - crop_origin
+    values = ndimage.map_coordinates(
+        np.asarray(sdf_crop, dtype=np.float32), vox.reshape(-1, 3).T, order=0, mode="constant", cval=1.0
+    )
+    return (values < 0).reshape(n, n, n)
+
+
+def sample_slice(frame: Frame, plane: np.ndarray, axis: int, size: int, order: int) -> np.ndarray:
+    """(size, size) resampling of a 2D slice (plane axes in order) over the frame's central square."""
+    u = (np.arange(size) + 0.5) / size - 0.5
+    p, q = plane_axes(axis)
+    cp = frame.centre_vox[p] + frame.side_vox * u
+    cq = frame.centre_vox[q] + frame.side_vox * u
+    coords = np.stack(np.meshgrid(cp, cq, indexing="ij"), axis=0)
+    return ndimage.map_coordinates(
+        np.asarray(plane, dtype=np.float32), coords, order=order, mode="constant", cval=0.0
+    )
+
+
+def slice_pointmap(frame: Frame, axis: int, size: int, mask: np.ndarray) -> np.ndarray:
+    """(3, size, size) world RAS mm of each pixel of the frame's central square; NaN off the mask."""
+    u = (np.arange(size) + 0.5) / size - 0.5
+    p, q = plane_axes(axis)
+    uvw = np.zeros((size, size, 3))
+    uvw[..., p], uvw[..., q] = np.meshgrid(u, u, indexing="ij")
+    world = (frame.frame_to_world @ np.concatenate([uvw, np.ones((size, size, 1))], axis=-1)[..., None])[
+        ..., :3, 0
+    ]
+    world[~mask.astype(bool)] = np.nan
+    return world.transpose(2, 0, 1).astype(np.float32)

@@ -1,0 +1,264 @@
+"""Synthetic CT phantoms written as real NIfTI files in TotalSegmentator's layouts.
+
+Two generators: heart phantoms (five structures named as TotalSegmentator v1's heart classes, in
+a CT-like body with fat, muscle, lungs, contrast-enhanced blood and noise, in Hounsfield units)
+and generic shapes (ellipsoid, box, superquadric, torus) for pretraining a base decoder. Every
+case differs in size, position, orientation and a smooth random deformation of each shape; every
+file has a non-trivial affine (anisotropic spacing, a flipped axis, an oblique rotation), so the
+reorientation and resampling code is exercised for real. Shapes are implicit functions evaluated
+at each voxel centre's world position: the ground truth is exact in millimetres.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Literal
+
+import nibabel as nib
+import numpy as np
+
+HEART_CLASSES = (
+    "heart_myocardium",
+    "heart_atrium_left",
+    "heart_ventricle_left",
+    "heart_atrium_right",
+    "heart_ventricle_right",
+)
+SHAPE_CLASSES = ("ellipsoid", "box", "superquadric", "torus")
+PhantomKind = Literal["heart", "shapes"]
+
+
+def _rotation(rng: np.random.Generator, max_deg: float) -> np.ndarray:
+    """A random rotation of at most ``max_deg`` degrees about a random axis (Rodrigues)."""
+    axis = rng.normal(size=3)
+    axis /= np.linalg.norm(axis)
+    angle = math.radians(rng.uniform(-max_deg, max_deg))
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    return np.eye(3) + math.sin(angle) * k + (1 - math.cos(angle)) * k @ k
+
+
+def grid_affine(shape: Sequence[int], spacing: Sequence[float], rng: np.random.Generator) -> np.ndarray:
+    """Voxel -> world affine: anisotropic spacing, x flipped (as in LPS-stored scans), an oblique tilt,
+    and the grid centre near the world origin."""
+    linear = _rotation(rng, 12.0) @ np.diag([-spacing[0], spacing[1], spacing[2]])
+    affine = np.eye(4)
+    affine[:3, :3] = linear
+    centre = (np.asarray(shape) - 1) / 2
+    affine[:3, 3] = -linear @ centre + rng.uniform(-5, 5, 3)
+    return affine
+
+
+def world_points(shape: Sequence[int], affine: np.ndarray) -> np.ndarray:
+    idx = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1).astype(np.float64)
+    return idx @ affine[:3, :3].T + affine[:3, 3]
+
+
+class Deformation:
+    """A smooth random field (sum of a few plane waves), added to a shape's implicit function."""
+
+    def __init__(
+        self, rng: np.random.Generator, amplitude: float = 0.08, wavelength_mm: float = 70.0
+    ) -> None:
+        self.waves = []
+        for _ in range(3):
+            direction = rng.normal(size=3)
+            direction /= np.linalg.norm(direction)
+            k = 2 * math.pi / (wavelength_mm * rng.uniform(0.7, 1.4)) * direction
+            self.waves.append((k, rng.uniform(0, 2 * math.pi), amplitude * rng.uniform(0.5, 1.0)))
+
+    def __call__(self, p: np.ndarray) -> np.ndarray:
+        return sum(a * np.sin(p @ k + phase) for k, phase, a in self.waves)
+
+
+def ellipsoid(
+    centre: np.ndarray, radii: Sequence[float], rot: np.ndarray, deform: Deformation
+) -> Callable[[np.ndarray], np.ndarray]:
+    """Implicit function (negative inside) of a deformed, rotated ellipsoid."""
+    scale = 1.0 / np.asarray(radii)
+
+    def f(p: np.ndarray) -> np.ndarray:
+        local = (p - centre) @ rot
+        return np.linalg.norm(local * scale, axis=-1) - 1.0 + deform(p)
+
+    return f
+
+
+def _superquadric(
+    centre: np.ndarray, radii: Sequence[float], rot: np.ndarray, deform: Deformation, exponent: float
+) -> Callable[[np.ndarray], np.ndarray]:
+    scale = 1.0 / np.asarray(radii)
+
+    def f(p: np.ndarray) -> np.ndarray:
+        local = np.abs((p - centre) @ rot * scale)
+        return (local**exponent).sum(-1) ** (1 / exponent) - 1.0 + deform(p)
+
+    return f
+
+
+def _torus(
+    centre: np.ndarray, major: float, minor: float, rot: np.ndarray, deform: Deformation
+) -> Callable[[np.ndarray], np.ndarray]:
+    def f(p: np.ndarray) -> np.ndarray:
+        local = (p - centre) @ rot
+        ring = np.sqrt(local[..., 0] ** 2 + local[..., 1] ** 2) - major
+        return np.sqrt(ring**2 + local[..., 2] ** 2) / minor - 1.0 + deform(p)
+
+    return f
+
+
+def heart_case(
+    shape: Sequence[int], spacing: Sequence[float], rng: np.random.Generator
+) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
+    """One heart phantom: (HU image int16, {class: bool mask}, affine)."""
+    affine = grid_affine(shape, spacing, rng)
+    p = world_points(shape, affine)
+    size = rng.uniform(0.8, 1.15)
+    heart_rot = _rotation(rng, 25.0)
+    centre = rng.uniform(-8, 8, 3)
+
+    def place(offset: Sequence[float]) -> np.ndarray:
+        return centre + heart_rot @ (np.asarray(offset) * size)
+
+    def shape_of(offset: Sequence[float], radii: Sequence[float]) -> np.ndarray:
+        f = ellipsoid(
+            place(offset), np.asarray(radii) * size * rng.uniform(0.9, 1.1, 3), heart_rot, Deformation(rng)
+        )
+        return f(p) < 0
+
+    lv = shape_of((12, -4, -8), (20, 19, 32))
+    wall = shape_of((12, -4, -8), (29, 28, 40))
+    rv = shape_of((-20, 6, -10), (19, 26, 30))
+    la = shape_of((12, 18, 30), (17, 15, 13))
+    ra = shape_of((-20, 16, 26), (17, 17, 15))
+    myo = wall & ~lv
+    rv &= ~wall
+    la &= ~(wall | rv)
+    ra &= ~(wall | rv | la)
+    masks = {
+        "heart_myocardium": myo,
+        "heart_atrium_left": la,
+        "heart_ventricle_left": lv,
+        "heart_atrium_right": ra,
+        "heart_ventricle_right": rv,
+    }
+    body = ellipsoid(np.zeros(3), (170, 130, 1e4), np.eye(3), Deformation(rng, 0.02, 200))(p) < 0
+    fat = body & ~(ellipsoid(np.zeros(3), (155, 115, 1e4), np.eye(3), Deformation(rng, 0.02, 200))(p) < 0)
+    lungs = np.zeros(body.shape, dtype=bool)
+    for side in (-1, 1):
+        lungs |= (
+            ellipsoid(
+                centre + np.array([side * 75, 10, 10]), (45, 60, 90), np.eye(3), Deformation(rng, 0.05)
+            )(p)
+            < 0
+        )
+    hu = np.full(body.shape, -1000.0)
+    hu[body] = 45.0
+    hu[fat] = -100.0
+    hu[lungs & body] = -820.0
+    hu[myo] = 110.0
+    for m in (lv, rv, la, ra):
+        hu[m] = 320.0
+    hu += rng.normal(0, 18, hu.shape)
+    return np.round(hu).astype(np.int16), masks, affine
+
+
+def shapes_case(
+    shape: Sequence[int], spacing: Sequence[float], rng: np.random.Generator
+) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
+    """One generic-shapes case: the four shapes placed apart, random size, orientation and deformation."""
+    affine = grid_affine(shape, spacing, rng)
+    p = world_points(shape, affine)
+    extent = np.abs(affine[:3, :3] @ (np.asarray(shape) - 1)).min() / 2
+    slots = np.array([[-1, -1, 0], [1, -1, 0], [-1, 1, 0], [1, 1, 0]], dtype=float) * extent * 0.45
+    slots = slots[rng.permutation(4)] + rng.uniform(-4, 4, (4, 3))
+    r = extent * 0.3
+    makers = {
+        "ellipsoid": lambda c: ellipsoid(
+            c, rng.uniform(0.5, 1.0, 3) * r, _rotation(rng, 90), Deformation(rng)
+        ),
+        "box": lambda c: _superquadric(
+            c, rng.uniform(0.45, 0.8, 3) * r, _rotation(rng, 90), Deformation(rng, 0.04), 8.0
+        ),
+        "superquadric": lambda c: _superquadric(
+            c, rng.uniform(0.5, 0.9, 3) * r, _rotation(rng, 90), Deformation(rng), rng.uniform(1.0, 1.6)
+        ),
+        "torus": lambda c: _torus(
+            c,
+            r * rng.uniform(0.5, 0.65),
+            r * rng.uniform(0.2, 0.3),
+            _rotation(rng, 90),
+            Deformation(rng, 0.05),
+        ),
+    }
+    masks = {}
+    taken = np.zeros(tuple(shape), dtype=bool)
+    for name, slot in zip(SHAPE_CLASSES, slots, strict=True):
+        m = (makers[name](slot)(p) < 0) & ~taken
+        masks[name] = m
+        taken |= m
+    hu = np.full(tuple(shape), 30.0) + rng.normal(0, 18, tuple(shape))
+    for i, name in enumerate(SHAPE_CLASSES):
+        hu[masks[name]] += 150.0 + 40 * i
+    return np.round(hu).astype(np.int16), masks, affine
+
+
+def _save(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
+    img = nib.Nifti1Image(array, affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    tmp = path.with_name(f".{path.name}.tmp.nii.gz")
+    nib.save(img, str(tmp))
+    tmp.replace(path)
+
+
+def write_phantoms(
+    root: str | Path,
+    n_cases: int = 12,
+    kind: PhantomKind = "heart",
+    layout: Literal["totalsegmentator", "cropped"] = "totalsegmentator",
+    shape: Sequence[int] = (96, 96, 64),
+    spacing: Sequence[float] = (1.6, 1.6, 2.5),
+    seed: int = 0,
+    split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2),
+) -> list[str]:
+    """Write ``n_cases`` phantoms under ``root`` plus ``meta.csv`` (with a UTF-8 BOM, ';'-separated,
+    as TotalSegmentator's). Returns the case ids. The cropped layout stores one integer label map
+    with values 1..5 in the order of the class list (see `phantom_label_values`)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    make = heart_case if kind == "heart" else shapes_case
+    classes = HEART_CLASSES if kind == "heart" else SHAPE_CLASSES
+    ids = [f"s{i + 1:04d}" for i in range(n_cases)]
+    n_train = max(1, round(split_fractions[0] * n_cases))
+    n_val = max(1, round(split_fractions[1] * n_cases)) if n_cases >= 3 else 0
+    splits = ["train"] * n_train + ["val"] * n_val + ["test"] * (n_cases - n_train - n_val)
+    for case_id, seed_i in zip(ids, range(n_cases), strict=True):
+        rng = np.random.default_rng([seed, seed_i, 0 if kind == "heart" else 1])
+        hu, masks, affine = make(shape, spacing, rng)
+        case_dir = root / case_id
+        case_dir.mkdir(exist_ok=True)
+        if layout == "totalsegmentator":
+            (case_dir / "segmentations").mkdir(exist_ok=True)
+            _save(hu, affine, case_dir / "ct.nii.gz")
+            for name, m in masks.items():
+                _save(m.astype(np.uint8), affine, case_dir / "segmentations" / f"{name}.nii.gz")
+        else:
+            label = np.zeros(hu.shape, dtype=np.uint8)
+            for value, name in enumerate(classes, start=1):
+                label[masks[name]] = value
+            _save(hu, affine, case_dir / f"{case_id}-image.nii.gz")
+            _save(label, affine, case_dir / f"{case_id}-label.nii.gz")
+    with (root / "meta.csv").open("w", newline="", encoding="utf-8-sig") as f:
+        writer = csv.writer(f, delimiter=";")
+        writer.writerow(["image_id", "age", "gender", "institute", "study_type", "split"])
+        for case_id, split in zip(ids, splits, strict=True):
+            writer.writerow([case_id, 60, "f", "phantom", "ct thorax", split])
+    return ids
+
+
+def phantom_label_values(kind: PhantomKind = "heart") -> dict[str, int]:
+    classes = HEART_CLASSES if kind == "heart" else SHAPE_CLASSES
+    return {name: i for i, name in enumerate(classes, start=1)}
