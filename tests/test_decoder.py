@@ -300,7 +300,9 @@ def test_model_configs_build_through_jsonargparse(name: str) -> None:
     cfg = parser.parse_args([f"--model={path}"])
     if name == "reference":
         assert cfg.model.init_args.model_channels == 768 and cfg.model.init_args.num_blocks == 12
-        model = SLatMeshDecoder(**{**cfg.model.init_args, "model_channels": 256, "num_blocks": 1, "num_heads": 4})
+        model = SLatMeshDecoder(
+            **{**cfg.model.init_args, "model_channels": 256, "num_blocks": 1, "num_heads": 4}
+        )
         assert model.resolution == 64
     else:
         model = parser.instantiate(cfg).model

@@ -40,8 +40,10 @@ def assign_splits(
     if not todo:
         return
     order = np.random.default_rng(seed).permutation(len(todo))
-    n_train = max(1, round(fractions[0] * len(todo)))
-    n_val = round(fractions[1] * len(todo)) if len(todo) > 2 else 0
+    n = len(todo)
+    n_val = max(1, round(fractions[1] * n)) if n >= 3 else 0
+    n_test = max(1, round(fractions[2] * n)) if n >= 3 else 0
+    n_train = n - n_val - n_test  # with 3+ cases every split gets at least one
     by_id = {c.case_id: c for c in cases}
     for rank, i in enumerate(order):
         by_id[todo[i]].split = "train" if rank < n_train else "val" if rank < n_train + n_val else "test"

@@ -86,7 +86,10 @@ def load_nifti(path: str | Path, what: str = "image") -> nib.Nifti1Image:
     affine = img.affine
     if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise DataError(f"{what} file {path} has a non-invertible or non-finite affine:\n{affine}")
-    return nib.as_closest_canonical(img)
+    try:  # reorienting reads the voxels when the axes must change
+        return nib.as_closest_canonical(img)
+    except Exception as err:
+        raise DataError(f"{what} file {path} cannot be read (truncated or corrupt?): {err}") from err
 
 
 def read_array(img: nib.Nifti1Image, path: str | Path, what: str, dtype: type = np.float32) -> np.ndarray:

@@ -1,0 +1,392 @@
+"""Data flow steps 1-4 on real NIfTI files: volumes, cache, splits, frames, targets, phantoms, bad input."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from lora_sam3d.data import (
+    HEART_CLASSES,
+    DataError,
+    PhantomSpec,
+    PredictItem,
+    Preprocessing,
+    TS_SAM3D_Dataset,
+    TSDataModule,
+    collate,
+    discover_cases,
+    load_volume,
+    phantom_label_values,
+    write_phantoms,
+)
+from lora_sam3d.data.phantoms import grid_affine
+
+SMALL = dict(shape=(56, 56, 40), spacing=(1.8, 1.8, 2.6))
+
+
+@pytest.fixture(scope="module")
+def phantom_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("phantoms")
+    write_phantoms(root, n_cases=5, **SMALL)
+    return root
+
+
+def dataset(root: Path, **kw) -> TS_SAM3D_Dataset:
+    args = dict(
+        classes=HEART_CLASSES, resolution=8, spacing=2.0, cache_dir=root.parent / f"{root.name}-cache"
+    )
+    return TS_SAM3D_Dataset(root, **(args | kw))
+
+
+def save(array: np.ndarray, affine: np.ndarray, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(array, affine), str(path))
+    return path
+
+
+def sphere_case(
+    root: Path, case_id: str, centre_mm: np.ndarray, radius_mm: float, affine: np.ndarray, shape
+) -> None:
+    idx = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1)
+    world = idx @ affine[:3, :3].T + affine[:3, 3]
+    inside = np.linalg.norm(world - centre_mm, axis=-1) < radius_mm
+    save(np.where(inside, 300, 0).astype(np.int16), affine, root / case_id / "ct.nii.gz")
+    save(inside.astype(np.uint8), affine, root / case_id / "segmentations" / "ball.nii.gz")
+
+
+# ---------------------------------------------------------------------------------------------
+# Volumes
+
+
+def test_reorient_and_resample_keep_world_positions(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    shape = (40, 44, 30)
+    affine = grid_affine(shape, (1.3, 1.1, 2.2), rng)  # flipped x, oblique, anisotropic
+    centre = affine[:3, :3] @ np.array([17.0, 25.0, 12.0]) + affine[:3, 3]
+    sphere_case(tmp_path, "s0001", centre, 6.0, affine, shape)
+    vol = load_volume(
+        tmp_path / "s0001" / "ct.nii.gz",
+        {0: (tmp_path / "s0001" / "segmentations" / "ball.nii.gz", None)},
+        Preprocessing(1.0),
+    )
+    assert np.allclose(np.linalg.norm(vol.affine[:3, :3], axis=0), 1.0), "isotropic 1 mm"
+    assert np.all(np.diag(vol.affine[:3, :3]) > 0), "closest canonical orientation is RAS"
+    got = vol.affine[:3, :3] @ np.argwhere(vol.labels > 0).mean(0) + vol.affine[:3, 3]
+    assert np.linalg.norm(got - centre) < 0.5, "the structure stays at its world position (mm)"
+    assert vol.image.min() >= 0 and vol.image.max() <= 1
+
+
+def test_sdf_of_a_sphere_is_within_half_a_voxel(tmp_path: Path) -> None:
+    shape = (48, 48, 48)
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    affine[:3, 3] = -24
+    centre, radius = np.array([1.3, -2.1, 0.7]), 11.0
+    sphere_case(tmp_path, "s0001", centre, radius, affine, shape)
+    ds = TS_SAM3D_Dataset(
+        tmp_path, ["ball"], resolution=8, spacing=1.0, slice_sampling_method="central", cache_dir=tmp_path / "c",
+        extent_mm={"ball": 24.0}, sdf_truncation_mm=6.0,
+    )  # fmt: skip
+    sample = ds[0]
+    side = 2 * 24.0
+    n = 33
+    axis = np.arange(n) / (n - 1) - 0.5
+    u = np.stack(np.meshgrid(axis, axis, axis, indexing="ij"), -1)
+    f2w = sample["frame_to_world"].numpy()
+    world = u @ f2w[:3, :3].T + f2w[:3, 3]
+    analytic = np.linalg.norm(world - centre, axis=-1) - radius
+    got = sample["gt_sdf"].numpy() * side
+    near = np.abs(analytic) < 6.0 - 1.0
+    assert near.sum() > 1000
+    err = np.abs(got[near] - analytic[near])
+    assert err.max() <= 0.5 + 1e-6, f"max SDF error {err.max():.3f} mm (voxel 1 mm)"
+    assert np.allclose(got[analytic > 8.0], 6.0, atol=1e-4), "truncated outside"
+    occ = sample["gt_occupancy"].numpy()
+    cells = (np.arange(32) + 0.5) / 32 - 0.5
+    uc = np.stack(np.meshgrid(cells, cells, cells, indexing="ij"), -1)
+    d = np.linalg.norm(uc @ f2w[:3, :3].T + f2w[:3, 3] - centre, axis=-1) - radius
+    assert np.all(occ[d < -1.0]) and not np.any(occ[d > 1.0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Samples
+
+
+def test_sample_keys_shapes_and_pointmap(phantom_root: Path) -> None:
+    ds = dataset(phantom_root, split="train")
+    s = ds[0]
+    assert (
+        s["image"].shape == (3, 32, 32) and s["mask"].shape == (32, 32) and s["pointmap"].shape == (3, 32, 32)
+    )
+    assert s["gt_sdf"].shape == (33, 33, 33) and s["gt_occupancy"].shape == (32, 32, 32)
+    assert s["frame_to_world"].shape == (4, 4) and s["class_name"] in HEART_CLASSES
+    pm = s["pointmap"].numpy()
+    assert np.isnan(pm[:, ~s["mask"].numpy()]).all() and np.isfinite(pm[:, s["mask"].numpy()]).all()
+    vox = np.linalg.inv(s["affine"].numpy()) @ np.vstack(
+        [pm[:, s["mask"].numpy()], np.ones((1, int(s["mask"].sum())))]
+    )
+    assert np.allclose(vox[int(s["axis"])], int(s["index"]), atol=1e-6), "pointmap lies on the slice plane"
+    batch = collate([ds[i] for i in range(3)])
+    assert batch["gt_sdf"].shape == (3, 33, 33, 33) and len(batch["case_id"]) == 3
+
+
+def test_frame_ignores_3d_label_away_from_slice(phantom_root: Path, tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    shutil.copytree(phantom_root, root)
+    ds = dataset(root, split="val", slice_sampling_method="central")
+    before = ds[0]
+    case_id, axis, index, bit = (
+        before["case_id"],
+        int(before["axis"]),
+        int(before["index"]),
+        int(before["class_index"]),
+    )
+    label_path = root / case_id / "segmentations" / f"{before['class_name']}.nii.gz"
+    img = nib.load(str(label_path))
+    data = np.asarray(img.dataobj).copy()
+    # Grow the structure everywhere more than 4 voxels (of the resampled grid) away from the slice.
+    vox = np.stack(np.meshgrid(*[np.arange(n) for n in data.shape], indexing="ij"), -1)
+    world = vox @ img.affine[:3, :3].T + img.affine[:3, 3]
+    to_grid = np.linalg.inv(before["affine"].numpy())
+    along = (world @ to_grid[:3, :3].T + to_grid[:3, 3])[..., axis]
+    data[(np.abs(along - index) > 4) & (np.roll(data, 3, axis=0) > 0)] = 1
+    nib.save(nib.Nifti1Image(data, img.affine), str(label_path))
+    rebuilt = dataset(root, split="val", slice_sampling_method="central")
+    assert rebuilt.extent_mm == ds.extent_mm, "extents come from the training split only"
+    after = rebuilt.make_sample(rebuilt.cases[0], bit, axis, index)
+    assert torch.equal(after["frame_to_world"], before["frame_to_world"])
+    assert torch.equal(after["image"], before["image"]) and torch.equal(after["mask"], before["mask"])
+    assert not torch.equal(after["gt_occupancy"], before["gt_occupancy"]), "the 3D target did change"
+
+
+def test_sampling_methods(phantom_root: Path) -> None:
+    central = dataset(phantom_root, split="train", slice_sampling_method="central")
+    assert len(central) == 3 * 5 * 3  # cases x classes x axes
+    uniform = dataset(phantom_root, split="train", slice_sampling_method="uniform", slices_per_axis=4)
+    everything = dataset(phantom_root, split="train", slice_sampling_method="all", axes=(2,))
+    assert len(central) < len(uniform) <= 4 * len(central) < len(everything) * 3
+    for _, bit, axis, index in everything.items:
+        assert everything.cases[0] is not None and axis == 2
+        del bit, index
+    rand = dataset(phantom_root, split="train", samples_per_class=2)
+    assert len(rand) == 3 * 5 * 2
+    loose = dataset(phantom_root, split="train", slice_sampling_method="all", min_occupancy=0.0)
+    strict = dataset(phantom_root, split="train", slice_sampling_method="all", min_occupancy=0.5)
+    assert len(strict) < len(loose)
+
+
+def test_deterministic_with_workers(phantom_root: Path) -> None:
+    ds = dataset(phantom_root, split="train", samples_per_class=1, augment=True)
+    batches = []
+    for workers in (0, 2):
+        loader = DataLoader(ds, batch_size=4, num_workers=workers, collate_fn=collate)
+        batches.append([b for _, b in zip(range(2), loader, strict=False)])
+    for a, b in zip(*batches, strict=True):
+        assert (
+            a["case_id"] == b["case_id"]
+            and torch.equal(a["axis"], b["axis"])
+            and torch.equal(a["index"], b["index"])
+        )
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["gt_sdf"], b["gt_sdf"])
+    ds.set_epoch(1)
+    assert [int(ds[i]["index"]) for i in range(6)] != [int(x) for x in batches[0][0]["index"]] + [
+        int(x) for x in batches[0][1]["index"][:2]
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Splits, layouts, cache
+
+
+def test_splits_are_by_case_from_meta_csv(phantom_root: Path, tmp_path: Path) -> None:
+    splits = {s: {c.case_id for c in dataset(phantom_root, split=s).cases} for s in ("train", "val", "test")}
+    assert splits == {"train": {"s0001", "s0002", "s0003"}, "val": {"s0004"}, "test": {"s0005"}}
+    assert (phantom_root / "meta.csv").read_bytes().startswith(b"\xef\xbb\xbf"), (
+        "phantoms write a BOM like the release"
+    )
+    root = tmp_path / "nometa"
+    shutil.copytree(phantom_root, root)
+    (root / "meta.csv").unlink()
+    seeded = {s: {c.case_id for c in dataset(root, split=s).cases} for s in ("train", "val", "test")}
+    assert set().union(*seeded.values()) == {f"s000{i}" for i in range(1, 6)}
+    assert sum(len(v) for v in seeded.values()) == 5, "each case in exactly one split"
+    assert seeded == {s: {c.case_id for c in dataset(root, split=s).cases} for s in ("train", "val", "test")}
+
+
+def test_cropped_layout_matches_release_layout(tmp_path: Path) -> None:
+    write_phantoms(tmp_path / "ts", n_cases=2, **SMALL)
+    write_phantoms(tmp_path / "crop", n_cases=2, layout="cropped", **SMALL)
+    a = dataset(tmp_path / "ts", slice_sampling_method="central")
+    b = dataset(tmp_path / "crop", slice_sampling_method="central", label_values=phantom_label_values())
+    assert np.array_equal(np.asarray(a.cases[0].labels), np.asarray(b.cases[0].labels))
+    assert torch.equal(a[4]["gt_sdf"], b[4]["gt_sdf"])
+    with pytest.raises(DataError, match="cropped layout needs label_values"):
+        dataset(tmp_path / "crop")
+
+
+def test_cache_rebuilds_only_what_changed(phantom_root: Path, tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    shutil.copytree(phantom_root, root)
+    cache = tmp_path / "cache"
+    TS_SAM3D_Dataset(root, HEART_CLASSES, resolution=8, spacing=2.0, cache_dir=cache)
+    first = {p.name for p in cache.iterdir() if p.is_dir()}
+    assert len(first) == 5 and not [p for p in cache.iterdir() if p.name.startswith(".")]
+    img = nib.load(str(root / "s0002" / "ct.nii.gz"))
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj) + 5, img.affine), str(root / "s0002" / "ct.nii.gz"))
+    TS_SAM3D_Dataset(root, HEART_CLASSES, resolution=8, spacing=2.0, cache_dir=cache)
+    second = {p.name for p in cache.iterdir() if p.is_dir()}
+    assert len(second) == 5 and first - second == {n for n in first if n.startswith("s0002")}
+    TS_SAM3D_Dataset(root, HEART_CLASSES, resolution=8, spacing=2.5, cache_dir=cache)
+    third = {p.name for p in cache.iterdir() if p.is_dir()}
+    assert not third & second, "a changed setting rebuilds every case"
+
+
+# ---------------------------------------------------------------------------------------------
+# DataModule
+
+
+def test_datamodule_writes_phantoms_and_splits(tmp_path: Path) -> None:
+    dm = TSDataModule(
+        str(tmp_path / "empty"), list(HEART_CLASSES), resolution=8, spacing=2.0, batch_size=2,
+        phantoms=PhantomSpec(n_cases=4, shape=(48, 48, 32)), eval_sampling="central",
+    )  # fmt: skip
+    dm.prepare_data()
+    assert (tmp_path / "empty" / "meta.csv").is_file()
+    dm.setup("fit")
+    dm.setup("test")
+    ids = {s: {c.case_id for c in dm.datasets[s].cases} for s in ("train", "val", "test")}
+    assert (
+        not (ids["train"] & ids["val"])
+        and not (ids["train"] & ids["test"])
+        and not (ids["val"] & ids["test"])
+    )
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (2, 3, 32, 32)
+    assert set(dm.extent_mm) == set(HEART_CLASSES)
+
+
+def test_predict_items_reproduce_dataset_inputs(phantom_root: Path) -> None:
+    ds = dataset(phantom_root, split="test", slice_sampling_method="central")
+    s = ds[2]
+    item = PredictItem(
+        image=str(phantom_root / s["case_id"] / "ct.nii.gz"),
+        axis=int(s["axis"]),
+        index=int(s["index"]),
+        mask=str(phantom_root / s["case_id"] / "segmentations" / f"{s['class_name']}.nii.gz"),
+        class_name=s["class_name"],
+    )
+    dm = TSDataModule(
+        str(phantom_root), list(HEART_CLASSES), cache_dir=str(phantom_root.parent / f"{phantom_root.name}-cache"),
+        resolution=8, spacing=2.0, predict_items=[item],
+    )  # fmt: skip
+    dm.setup("predict")
+    p = next(iter(dm.predict_dataloader()))
+    assert "gt_sdf" not in p
+    assert torch.equal(p["frame_to_world"][0], s["frame_to_world"])
+    torch.testing.assert_close(p["image"][0], s["image"], atol=1e-3, rtol=0)  # cache stores float16
+    assert torch.equal(p["mask"][0], s["mask"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_bad_inputs_name_the_file(phantom_root: Path, tmp_path: Path) -> None:
+    def fresh(name: str) -> Path:
+        root = tmp_path / name
+        shutil.copytree(phantom_root, root, ignore=shutil.ignore_patterns("s0002", "s0003", "s0004", "s0005"))
+        return root
+
+    def expect(root: Path, pattern: str, **kw) -> None:
+        with pytest.raises(DataError, match=pattern):
+            dataset(root, **kw)
+        assert not [p for p in (root.parent / f"{root.name}-cache").glob("*") if p.name.endswith(".tmp")]
+
+    root = fresh("missing")
+    (root / "s0001" / "ct.nii.gz").unlink()
+    expect(root, r"case s0001: missing files .*s0001/ct\.nii\.gz")
+
+    root = fresh("truncated")
+    path = root / "s0001" / "ct.nii.gz"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    expect(root, r"image file .*s0001/ct\.nii\.gz cannot be read \(truncated or corrupt\?\)")
+
+    root = fresh("garbage")
+    (root / "s0001" / "ct.nii.gz").write_bytes(gzip.compress(b"not a nifti at all" * 50))
+    expect(root, r"image file .*s0001/ct\.nii\.gz is not a readable NIfTI")
+
+    root = fresh("shape")
+    lab = root / "s0001" / "segmentations" / "heart_myocardium.nii.gz"
+    img = nib.load(str(lab))
+    save(np.asarray(img.dataobj)[:-2], img.affine, lab)
+    expect(root, r"label .*heart_myocardium\.nii\.gz has shape .* but image .*ct\.nii\.gz has")
+
+    root = fresh("affine")
+    img = nib.load(str(lab := root / "s0001" / "segmentations" / "heart_myocardium.nii.gz"))
+    shifted = img.affine.copy()
+    shifted[0, 3] += 5
+    save(np.asarray(img.dataobj), shifted, lab)
+    expect(root, r"label .*heart_myocardium\.nii\.gz and image .*ct\.nii\.gz have different affines")
+
+    root = fresh("nan")
+    img = nib.load(str(root / "s0001" / "ct.nii.gz"))
+    data = np.asarray(img.dataobj).astype(np.float32)
+    data[3, 3, 3] = np.nan
+    save(data, img.affine, root / "s0001" / "ct.nii.gz")
+    expect(root, r"image .*ct\.nii\.gz has 1 NaN/inf voxels")
+
+    root = fresh("twod")
+    save(np.zeros((10, 10), np.int16), np.eye(4), root / "s0001" / "ct.nii.gz")
+    expect(root, r"image file .*ct\.nii\.gz has shape \(10, 10\): expected a 3D volume")
+
+    root = fresh("fourd")
+    save(np.zeros((10, 10, 10, 2), np.int16), np.eye(4), root / "s0001" / "ct.nii.gz")
+    expect(root, r"has shape \(10, 10, 10, 2\): expected a 3D volume")
+
+    root = fresh("singular")
+    singular = np.eye(4)
+    singular[2, 2] = 0
+    img = nib.Nifti1Image(np.zeros((10, 10, 10), np.int16), None)
+    img.header.set_sform(singular, code=2)  # nibabel cannot store it as a qform
+    img.header.set_qform(np.eye(4), code=0)
+    nib.save(img, str(root / "s0001" / "ct.nii.gz"))
+    expect(root, r"image file .*ct\.nii\.gz has a non-invertible or non-finite affine")
+
+    (tmp_path / "nothing").mkdir()
+    expect(tmp_path / "nothing", r"no cases found in .*nothing")
+    expect(tmp_path / "absent", r"data root .*absent does not exist")
+
+    root = fresh("badsplit")
+    (root / "meta.csv").write_text("image_id;split\ns0001;training\n")
+    expect(root, r"meta\.csv line 2: split 'training' for 's0001'")
+
+    root = fresh("noclass")
+    expect(
+        root, r"missing files .*segmentations/heart_atrium_middle\.nii\.gz", classes=["heart_atrium_middle"]
+    )
+    lab = root / "s0001" / "segmentations" / "heart_atrium_left.nii.gz"
+    img = nib.load(str(lab))
+    save(np.zeros(img.shape, np.uint8), img.affine, lab)
+    expect(root, r"classes \['heart_atrium_left'\] have no voxels in any training case", split="train")
+    # Empty in one case only: that (case, class) pair is left out with a warning.
+    shutil.copytree(phantom_root / "s0002", root / "s0002")
+    with pytest.warns(UserWarning, match=r"1 \(case, class\) pairs have no voxels.*s0001/heart_atrium_left"):
+        ds = dataset(root, split="train", slice_sampling_method="central")
+    assert ("s0001", "heart_atrium_left") not in {
+        (ds.cases[c].case_id, HEART_CLASSES[b]) for c, b, _, _ in ds.items
+    }
+
+
+def test_bad_cases_can_be_skipped(phantom_root: Path, tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    shutil.copytree(phantom_root, root)
+    (root / "s0003" / "ct.nii.gz").unlink()
+    with pytest.warns(UserWarning, match="skipping case s0003"):
+        cases = discover_cases(root, HEART_CLASSES, on_bad_case="skip")
+    assert [c.case_id for c in cases] == ["s0001", "s0002", "s0004", "s0005"]
