@@ -27,6 +27,15 @@ SPLITS = ("train", "val", "test")
 Layout = Literal["auto", "totalsegmentator", "cropped"]
 
 
+def split_counts(n: int, fractions: tuple[float, float, float]) -> tuple[int, int, int]:
+    """Train/val/test sizes for ``n`` cases; with 3 or more, every split gets at least one."""
+    if n < 3:
+        return n, 0, 0
+    n_val = max(1, round(fractions[1] * n))
+    n_test = max(1, round(fractions[2] * n))
+    return n - n_val - n_test, n_val, n_test
+
+
 @dataclass
 class Case:
     """One scan: its image file and, per class bit, the label file and value to read."""

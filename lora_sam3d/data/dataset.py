@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from lora_sam3d.data.cache import CachedCase, FileHashes, build_case
-from lora_sam3d.data.cases import SPLITS, Case, Layout, discover_cases
+from lora_sam3d.data.cases import SPLITS, Case, Layout, discover_cases, split_counts
 from lora_sam3d.data.frame import (
     Frame,
     make_frame,
@@ -40,10 +40,7 @@ def assign_splits(
     if not todo:
         return
     order = np.random.default_rng(seed).permutation(len(todo))
-    n = len(todo)
-    n_val = max(1, round(fractions[1] * n)) if n >= 3 else 0
-    n_test = max(1, round(fractions[2] * n)) if n >= 3 else 0
-    n_train = n - n_val - n_test  # with 3+ cases every split gets at least one
+    n_train, n_val, _ = split_counts(len(todo), fractions)
     by_id = {c.case_id: c for c in cases}
     for rank, i in enumerate(order):
         by_id[todo[i]].split = "train" if rank < n_train else "val" if rank < n_train + n_val else "test"

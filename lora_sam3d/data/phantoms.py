@@ -20,6 +20,8 @@ from typing import Literal
 import nibabel as nib
 import numpy as np
 
+from lora_sam3d.data.cases import split_counts
+
 HEART_CLASSES = (
     "heart_myocardium",
     "heart_atrium_left",
@@ -232,9 +234,8 @@ def write_phantoms(
     make = heart_case if kind == "heart" else shapes_case
     classes = HEART_CLASSES if kind == "heart" else SHAPE_CLASSES
     ids = [f"s{i + 1:04d}" for i in range(n_cases)]
-    n_train = max(1, round(split_fractions[0] * n_cases))
-    n_val = max(1, round(split_fractions[1] * n_cases)) if n_cases >= 3 else 0
-    splits = ["train"] * n_train + ["val"] * n_val + ["test"] * (n_cases - n_train - n_val)
+    n_train, n_val, n_test = split_counts(n_cases, split_fractions)
+    splits = ["train"] * n_train + ["val"] * n_val + ["test"] * n_test
     for case_id, seed_i in zip(ids, range(n_cases), strict=True):
         rng = np.random.default_rng([seed, seed_i, 0 if kind == "heart" else 1])
         hu, masks, affine = make(shape, spacing, rng)
