@@ -1,21 +1,50 @@
-"""Entry point of the `lora-sam3d` command.
+"""The `lora-sam3d` command: a LightningCLI (fit, validate, test, predict) plus `phantoms` and `export`.
 
-Available now: ``phantoms`` (write synthetic data in TotalSegmentator's layouts). The training
-commands (fit / validate / test / predict, a LightningCLI) arrive with the training module; until
-then they say so instead of pretending to train.
+A YAML file is the whole experiment (`configs/demo.yaml`). The data module's resolution is linked
+from the decoder's and its class list to the model's, so the two cannot disagree. Errors from bad
+paths or settings print one line (set LORA_SAM3D_DEBUG=1 for the traceback).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
+from typing import Any
 
 from lora_sam3d import __version__
 
-TRAINING_COMMANDS = ("fit", "validate", "test", "predict")
+TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
 
 
-def _phantoms(args: argparse.Namespace) -> int:
+def _decoder_resolution(decoder: dict[str, Any] | None) -> int:
+    from lora_sam3d.module import TINY_DECODER
+
+    return int({**TINY_DECODER, **(decoder or {})}["resolution"])
+
+
+def _lightning_cli(args: list[str] | None) -> None:
+    from lightning.pytorch.cli import LightningCLI
+
+    from lora_sam3d.data import TSDataModule
+    from lora_sam3d.module import LoRAMeshDecoderModule
+
+    class LoRASAM3DCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser: Any) -> None:
+            parser.link_arguments("data.classes", "model.classes")
+            parser.link_arguments("model.decoder", "data.resolution", compute_fn=_decoder_resolution)
+
+    LoRASAM3DCLI(
+        LoRAMeshDecoderModule,
+        TSDataModule,
+        args=args,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"prog": "lora-sam3d"},
+    )
+
+
+def _phantoms(args: argparse.Namespace) -> None:
     from lora_sam3d.data.phantoms import write_phantoms
 
     ids = write_phantoms(
@@ -25,17 +54,34 @@ def _phantoms(args: argparse.Namespace) -> int:
     print(
         f"wrote {len(ids)} {args.kind} phantoms ({args.layout} layout) to {args.root}: {ids[0]} .. {ids[-1]}"
     )
-    return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def _export(args: argparse.Namespace) -> None:
+    from lora_sam3d.callbacks import save_merged_decoder
+    from lora_sam3d.lora import save_adapter
+    from lora_sam3d.module import LoRAMeshDecoderModule
+
+    ckpt = Path(args.ckpt_path)
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"checkpoint {ckpt} does not exist")
+    module = LoRAMeshDecoderModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=False)
+    out = Path(args.output)
+    written = [save_merged_decoder(module, out / "decoder-merged.safetensors")]
+    if module.hparams.finetune == "lora":
+        written.append(save_adapter(module.decoder, out / "adapter", modules_to_save=module.hparams.unfreeze or [],
+                                    base_model_name_or_path=module.hparams.base_checkpoint))  # fmt: skip
+    for path in written:
+        print(f"wrote {path}")
+
+
+def _extra_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lora-sam3d",
         description="LoRA fine-tuning of SAM 3D Objects' mesh decoder on medical volumes.",
-        epilog="fit, validate, test and predict are not built yet.",
+        epilog="Training: lora-sam3d {fit,validate,test,predict} --config configs/demo.yaml (see --help of each).",
     )
     parser.add_argument("--version", action="version", version=f"lora-sam3d {__version__}")
-    sub = parser.add_subparsers(dest="command")
+    sub = parser.add_subparsers(dest="command", metavar="{fit,validate,test,predict,phantoms,export}")
     ph = sub.add_parser("phantoms", help="write synthetic CT phantoms (NIfTI, TotalSegmentator layout)")
     ph.add_argument("--root", required=True, help="output folder")
     ph.add_argument("--kind", choices=("heart", "shapes"), default="heart")
@@ -45,17 +91,33 @@ def main(argv: list[str] | None = None) -> int:
     ph.add_argument("--spacing", type=float, nargs=3, default=(1.6, 1.6, 2.5), metavar=("SX", "SY", "SZ"))
     ph.add_argument("--seed", type=int, default=0)
     ph.set_defaults(run=_phantoms)
-    for name in TRAINING_COMMANDS:
-        sub.add_parser(name, help="not available yet")
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in TRAINING_COMMANDS:
-        print(f"lora-sam3d: '{argv[0]}' is not available in this version yet.", file=sys.stderr)
-        return 2
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
+    ex = sub.add_parser("export", help="merge a trained checkpoint: decoder-merged.safetensors + adapter/")
+    ex.add_argument("--ckpt_path", required=True)
+    ex.add_argument("--output", required=True, help="output folder")
+    ex.set_defaults(run=_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    explicit = argv is not None
+    argv = list(argv) if explicit else sys.argv[1:]
+    try:
+        if argv and argv[0] in TRAINER_COMMANDS:
+            _lightning_cli(argv if explicit else None)
+            return 0
+        parser = _extra_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 0
+        args.run(args)
         return 0
-    return args.run(args)
+    except (FileNotFoundError, ValueError, KeyError, TypeError) as err:
+        if os.environ.get("LORA_SAM3D_DEBUG"):
+            raise
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"lora-sam3d: error: {type(err).__name__}: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -30,6 +29,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
+
+from lora_sam3d.atomic import atomic_write
 
 __all__ = [
     "ADAPTER_CONFIG_NAME",
@@ -48,6 +49,7 @@ __all__ = [
     "load_lora_state_dict",
     "lora_layers",
     "merge_lora_weights",
+    "read_adapter_config",
     "save_adapter",
     "setup_lora_for_medical_finetuning",
     "unload_lora",
@@ -582,17 +584,6 @@ def base_fingerprint(model: nn.Module, exclude_modules: Iterable[str] = ()) -> s
     return digest.hexdigest()
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_adapter(
     model: nn.Module,
     directory: str | os.PathLike[str],
@@ -648,9 +639,25 @@ def save_adapter(
             "base_fingerprint": base_fingerprint(model, extra),
         },
     }
-    _atomic_write(out / ADAPTER_WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    _atomic_write(out / ADAPTER_CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(peft_config, indent=2)))
+    atomic_write(out / ADAPTER_WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    atomic_write(out / ADAPTER_CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(peft_config, indent=2)))
     return out
+
+
+def read_adapter_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """The parsed ``adapter_config.json`` of an adapter folder we wrote; errors name the file."""
+    cfg_path = Path(directory) / ADAPTER_CONFIG_NAME
+    if not cfg_path.is_file():
+        raise FileNotFoundError(
+            f"{cfg_path} does not exist (an adapter folder holds {ADAPTER_CONFIG_NAME} and {ADAPTER_WEIGHTS_NAME})"
+        )
+    try:
+        meta = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{cfg_path} is not valid JSON: {err}") from err
+    if not isinstance(meta.get("lora_sam3d"), dict) or "config" not in meta["lora_sam3d"]:
+        raise ValueError(f"{cfg_path} has no 'lora_sam3d' section; not an adapter written by lora_sam3d")
+    return meta
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike[str], check_base: bool = True) -> list[str]:
@@ -661,22 +668,11 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike[str], check_base
     or when keys or shapes do not match. Returns the names of the adapted modules.
     """
     src = Path(directory)
-    cfg_path, weights_path = src / ADAPTER_CONFIG_NAME, src / ADAPTER_WEIGHTS_NAME
-    for p in (cfg_path, weights_path):
-        if not p.is_file():
-            raise FileNotFoundError(
-                f"load_adapter: {p} does not exist (expected {ADAPTER_CONFIG_NAME} and "
-                f"{ADAPTER_WEIGHTS_NAME} in {src})"
-            )
-    try:
-        meta = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"load_adapter: {cfg_path} is not valid JSON: {err}") from err
-    ours = meta.get("lora_sam3d")
-    if not isinstance(ours, dict) or "config" not in ours:
-        raise ValueError(
-            f"load_adapter: {cfg_path} has no 'lora_sam3d' section; not an adapter written by lora_sam3d"
-        )
+    weights_path = src / ADAPTER_WEIGHTS_NAME
+    meta = read_adapter_config(src)
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"load_adapter: {weights_path} does not exist")
+    ours = meta["lora_sam3d"]
     config = LoRAConfig.from_dict(ours["config"])
     if check_base and ours.get("base_fingerprint"):
         found = base_fingerprint(model, meta.get("modules_to_save") or ())

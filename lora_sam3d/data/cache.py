@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
@@ -28,6 +26,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from lora_sam3d.atomic import atomic_dir, atomic_write
 from lora_sam3d.data.cases import Case
 from lora_sam3d.data.volume import Preprocessing, load_volume
 
@@ -69,10 +68,8 @@ class FileHashes:
 
     def save(self) -> None:
         if self.dirty:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(self.known))
-            os.replace(tmp, self.path)
+            text = json.dumps(self.known)
+            atomic_write(self.path, lambda tmp: tmp.write_text(text))
             self.dirty = False
 
 
@@ -109,17 +106,6 @@ def _class_sdf(mask: np.ndarray, spacing_mm: float, truncation_mm: float) -> tup
     crop = mask[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
     sdf = np.clip(signed_distance_mm(crop, spacing_mm), -truncation_mm, truncation_mm)
     return sdf.astype(np.float16), lo
-
-
-def _atomic_dir(final: Path, write: Any) -> None:
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
-    try:
-        write(tmp)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def build_case(
@@ -178,7 +164,7 @@ def build_case(
         }
         (tmp / "meta.json").write_text(json.dumps(meta))
 
-    _atomic_dir(final, write)
+    atomic_dir(final, write)
     for stale in cache_dir.glob(f"{case.case_id}-*"):
         if stale != final and stale.is_dir() and not stale.name.startswith("."):
             shutil.rmtree(stale, ignore_errors=True)

@@ -13,12 +13,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
-import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lora_sam3d.data.cache import FileHashes, build_case
 from lora_sam3d.data.cases import Layout, discover_cases
-from lora_sam3d.data.dataset import SamplingMethod, TS_SAM3D_Dataset, collate, slice_inputs
+from lora_sam3d.data.dataset import (
+    EpochShuffleSampler,
+    SamplingMethod,
+    TS_SAM3D_Dataset,
+    collate,
+    slice_inputs,
+)
 from lora_sam3d.data.phantoms import PhantomKind, write_phantoms
 from lora_sam3d.data.volume import DataError, Preprocessing, load_volume
 
@@ -107,7 +112,8 @@ class TSDataModule(L.LightningDataModule):
     Args:
         phantoms: if given and ``root`` holds no case, `prepare_data` writes synthetic phantoms there.
         train_sampling / eval_sampling: slice sampling for the training split and for val/test.
-        predict_items: reconstruction requests on new scans for ``predict``.
+        predict_items: reconstruction requests on new scans for ``predict``; without them,
+            ``predict`` runs on ``predict_split`` (with ground truth, so metrics are written too).
         batch_size, num_workers: DataLoader settings (workers are persistent when > 0).
     """
 
@@ -139,6 +145,7 @@ class TSDataModule(L.LightningDataModule):
         on_bad_case: Literal["error", "skip"] = "error",
         phantoms: PhantomSpec | None = None,
         predict_items: list[PredictItem] | None = None,
+        predict_split: Literal["train", "val", "test"] | None = "test",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -186,6 +193,15 @@ class TSDataModule(L.LightningDataModule):
                 self.datasets[split] = TS_SAM3D_Dataset(
                     split=split, slice_sampling_method=h.eval_sampling, **args
                 )
+        if (
+            stage in ("predict", None)
+            and not h.predict_items
+            and h.predict_split
+            and "predict" not in self.datasets
+        ):
+            self.datasets["predict"] = TS_SAM3D_Dataset(
+                split=h.predict_split, slice_sampling_method=h.eval_sampling, **args
+            )
         if stage in ("predict", None) and h.predict_items and "predict" not in self.datasets:
             reference = self.datasets.get("train") or TS_SAM3D_Dataset(split="train", **args)
             items = [i if isinstance(i, PredictItem) else PredictItem(**i) for i in h.predict_items]
@@ -205,14 +221,14 @@ class TSDataModule(L.LightningDataModule):
         if split not in self.datasets:
             raise RuntimeError(f"no {split} dataset: call setup() with the matching stage first")
         h = self.hparams
+        dataset = self.datasets[split]
         return DataLoader(
-            self.datasets[split],
+            dataset,
             batch_size=h.batch_size,
-            shuffle=shuffle,
+            sampler=EpochShuffleSampler(len(dataset), h.seed) if shuffle else None,  # type: ignore[arg-type]
             num_workers=h.num_workers,
             persistent_workers=h.num_workers > 0,
             collate_fn=collate,
-            generator=torch.Generator().manual_seed(h.seed) if shuffle else None,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -2,18 +2,21 @@
 
 One sample = (case, class, axis, index). Deterministic for a seed whatever the number of
 DataLoader workers: every random choice comes from a generator seeded by (seed, epoch, item).
+The epoch travels inside the index (`EpochShuffleSampler`), so persistent workers and resumed
+runs see the same draws as an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from scipy import ndimage
+from torch.utils.data import Dataset, Sampler
 
 from lora_sam3d.data.cache import CachedCase, FileHashes, build_case
 from lora_sam3d.data.cases import SPLITS, Case, Layout, discover_cases, split_counts
@@ -64,6 +67,28 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         values = [s[key] for s in samples]
         out[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
     return out
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A shuffle that depends only on (seed, epoch); yields ``epoch * n + k`` so the dataset knows the epoch.
+
+    Lightning calls ``set_epoch`` on samplers at each epoch start, also after resuming from a
+    checkpoint, so a resumed run sees exactly the order (and random draws) of an uninterrupted one.
+    """
+
+    def __init__(self, length: int, seed: int = 0) -> None:
+        self.length, self.seed, self.epoch = length, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        offset = self.epoch * self.length
+        return iter((offset + torch.randperm(self.length, generator=g)).tolist())
 
 
 class TS_SAM3D_Dataset(Dataset):
@@ -137,7 +162,6 @@ class TS_SAM3D_Dataset(Dataset):
         self.resolution = resolution
         self.augment = augment
         self.seed = seed
-        self.epoch = 0
         self.axes = tuple(axes)
         self.min_occupancy = min_occupancy
         self.samples_per_class = samples_per_class
@@ -210,18 +234,17 @@ class TS_SAM3D_Dataset(Dataset):
             )
         return items
 
-    def set_epoch(self, epoch: int) -> None:
-        """Vary random_axis draws and augmentation by epoch (call before the epoch's DataLoader starts)."""
-        self.epoch = epoch
-
     def __len__(self) -> int:
         return len(self.items)
 
     # -- one sample -------------------------------------------------------------------------------
     def __getitem__(self, item: int) -> dict[str, Any]:
-        ci, bit, axis, index = self.items[item]
+        """Item ``k`` of epoch ``e`` may be asked as ``e * len(self) + k`` (see `EpochShuffleSampler`):
+        random_axis draws and augmentation then vary by epoch, reproducibly."""
+        epoch, local = divmod(int(item), len(self.items))
+        ci, bit, axis, index = self.items[local]
         case = self.cases[ci]
-        rng = np.random.default_rng([self.seed, self.epoch, item])
+        rng = np.random.default_rng([self.seed, epoch, local])
         if axis < 0:
             axis = int(rng.choice(self.axes))
             index = int(rng.choice(self._valid_indices(case, bit, axis)))
@@ -242,8 +265,23 @@ class TS_SAM3D_Dataset(Dataset):
             sample_sdf(frame, crop, origin, n + 1, self.sdf_truncation_mm, side_mm)
         )
         sample["gt_occupancy"] = torch.from_numpy(sample_occupancy(frame, crop, origin, n))
-        sample |= {"case_id": case.case_id, "class_name": name, "class_index": torch.tensor(bit)}
+        sample |= {
+            "case_id": case.case_id,
+            "class_name": name,
+            "class_index": torch.tensor(bit),
+            "source_image": case.meta["image"],
+        }
         return sample
+
+
+def mask_signed_distance(mask: np.ndarray) -> np.ndarray:
+    """(S, S) float32 signed distance to the mask's border in frame units (pixels / S), negative inside."""
+    size = mask.shape[0]
+    if not mask.any():
+        return np.full(mask.shape, 1.0, dtype=np.float32)
+    outside = ndimage.distance_transform_edt(~mask)
+    inside = ndimage.distance_transform_edt(mask)
+    return (np.where(mask, -(inside - 0.5), outside - 0.5) / size).astype(np.float32)
 
 
 def slice_inputs(
@@ -278,6 +316,7 @@ def slice_inputs(
     sample = {
         "image": torch.from_numpy(np.repeat(plane[None].astype(np.float32), 3, axis=0)),
         "mask": torch.from_numpy(mask),
+        "mask_distance": torch.from_numpy(mask_signed_distance(mask)),
         "pointmap": torch.from_numpy(slice_pointmap(frame, axis, slice_size, mask)),
         "affine": torch.from_numpy(np.array(affine, dtype=np.float64)),
         "frame_to_world": torch.from_numpy(frame.frame_to_world),

@@ -20,6 +20,7 @@ from typing import Literal
 import nibabel as nib
 import numpy as np
 
+from lora_sam3d.atomic import atomic_write
 from lora_sam3d.data.cases import split_counts
 
 HEART_CLASSES = (
@@ -211,9 +212,7 @@ def _save(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
     img = nib.Nifti1Image(array, affine)
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
-    tmp = path.with_name(f".{path.name}.tmp.nii.gz")
-    nib.save(img, str(tmp))
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: nib.save(img, str(tmp)))
 
 
 def write_phantoms(

@@ -1,0 +1,182 @@
+"""Lightning callbacks that write what users keep: adapters, predicted meshes and masks, a merged decoder."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from safetensors.torch import save_file
+
+from lora_sam3d.atomic import atomic_write
+from lora_sam3d.lora import save_adapter
+from lora_sam3d.writers import (
+    CoordinateSystem,
+    mask_on_source_grid,
+    preview_png,
+    write_mesh,
+    write_nifti,
+)
+
+
+def _output_dir(trainer: L.Trainer, name: str) -> Path:
+    ckpt = getattr(trainer, "checkpoint_callback", None)
+    base = (
+        Path(ckpt.dirpath)
+        if ckpt is not None and getattr(ckpt, "dirpath", None)
+        else Path(trainer.default_root_dir)
+    )
+    return base / name
+
+
+class AdapterCheckpoint(L.Callback):
+    """After each validation, write ``adapter-last/`` and (when ``monitor`` improves) ``adapter-best/``.
+
+    Each folder holds ``adapter_model.safetensors`` + ``adapter_config.json`` (PEFT's layout, see
+    `lora_sam3d.lora.save_adapter`), next to Lightning's checkpoints; written atomically, on rank 0.
+    """
+
+    def __init__(
+        self, monitor: str = "val/dice", mode: Literal["max", "min"] = "max", dirpath: str | None = None
+    ) -> None:
+        self.monitor, self.mode, self.dirpath = monitor, mode, dirpath
+        self.best: float | None = None
+
+    def _save(self, trainer: L.Trainer, module: Any, name: str) -> None:
+        out = Path(self.dirpath) / name if self.dirpath else _output_dir(trainer, name)
+        save_adapter(
+            module.decoder, out, modules_to_save=module.hparams.unfreeze or [],
+            base_model_name_or_path=module.hparams.base_checkpoint,
+        )  # fmt: skip
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if (
+            trainer.sanity_checking
+            or not trainer.is_global_zero
+            or pl_module.hparams.get("finetune") != "lora"
+        ):
+            return
+        self._save(trainer, pl_module, "adapter-last")
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None or not math.isfinite(float(value)):
+            return
+        value = float(value)
+        better = self.best is None or (value > self.best if self.mode == "max" else value < self.best)
+        if better:
+            self.best = value
+            self._save(trainer, pl_module, "adapter-best")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best = state_dict.get("best")
+
+
+class MergeOnEnd(L.Callback):
+    """At the end of fit, write the decoder with LoRA merged in (``decoder-merged.safetensors``), rank 0.
+
+    The file has the reference's names and layout: Meta's `SLatMeshDecoder` loads it as it is.
+    """
+
+    def __init__(self, filename: str = "decoder-merged.safetensors") -> None:
+        self.filename = filename
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            save_merged_decoder(pl_module, _output_dir(trainer, self.filename))
+
+
+def save_merged_decoder(module: Any, path: Path) -> Path:
+    merged = module.merged_decoder()
+    tensors = {k: v.detach().cpu().contiguous() for k, v in merged.state_dict().items()}
+    metadata = {"format": "pt", "decoder": json.dumps(module.decoder_config)}
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+class MeshPredictionWriter(BasePredictionWriter):
+    """Per predicted sample: a mesh in world coordinates, the mask as NIfTI on the source scan's grid,
+    a PNG preview; at the end, ``metrics.csv`` and ``metrics.json`` when ground truth existed.
+
+    Args:
+        output_dir: where to write (default ``<trainer.default_root_dir>/predictions``).
+        mesh_format: ``ply`` (default), ``stl`` or ``obj``.
+        coordinate_system: ``RAS`` (default) or ``LPS`` for the mesh vertices, stated in the file.
+        write_nifti / write_png: turn those outputs off.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | None = None,
+        mesh_format: Literal["ply", "stl", "obj"] = "ply",
+        coordinate_system: CoordinateSystem = "RAS",
+        write_nifti: bool = True,
+        write_png: bool = True,
+    ) -> None:
+        super().__init__(write_interval="batch")
+        self.output_dir = output_dir
+        self.mesh_format, self.coordinate_system = mesh_format, coordinate_system
+        self.write_nifti_files, self.write_png = write_nifti, write_png
+        self.rows: list[dict[str, Any]] = []
+        self.written: list[Path] = []
+
+    def _dir(self, trainer: L.Trainer) -> Path:
+        return Path(self.output_dir) if self.output_dir else Path(trainer.default_root_dir) / "predictions"
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.rows, self.written = [], []
+
+    def write_on_batch_end(
+        self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx
+    ) -> None:  # type: ignore[override]
+        out = self._dir(trainer)
+        for record in prediction:
+            stem = f"{record['case_id']}_{record['class_name']}_axis{record['axis']}_slice{record['index']}"
+            if not record["mesh"].is_empty:
+                self.written.append(
+                    write_mesh(record["mesh"], out / f"{stem}.{self.mesh_format}", self.coordinate_system)
+                )
+            if self.write_nifti_files and record.get("source_image"):
+                img = mask_on_source_grid(record["sdf"], record["frame_to_world"], record["source_image"])
+                self.written.append(write_nifti(img, out / f"{stem}_mask.nii.gz"))
+            if self.write_png:
+                title = f"{stem}  input | prediction (red) vs truth (green)"
+                png = preview_png(
+                    record["image"], record["mask"], record["sdf"], record["axis"], record.get("gt_sdf"),
+                    out / f"{stem}.png", title,
+                )  # fmt: skip
+                self.written.append(png)
+            if "metrics" in record:
+                self.rows.append({"case_id": record["case_id"], "class_name": record["class_name"],
+                                  "axis": record["axis"], "index": record["index"], **record["metrics"]})  # fmt: skip
+
+    def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.rows:
+            return
+        out = self._dir(trainer)
+        suffix = "" if trainer.world_size == 1 else f"_rank{trainer.global_rank}"
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(self.rows[0]))
+        writer.writeheader()
+        writer.writerows(self.rows)
+        text = buf.getvalue()
+        self.written.append(atomic_write(out / f"metrics{suffix}.csv", lambda tmp: tmp.write_text(text)))
+        summary = {"samples": self.rows, "mean": _means(self.rows)}
+        js = json.dumps(summary, indent=2, allow_nan=True)
+        self.written.append(atomic_write(out / f"metrics{suffix}.json", lambda tmp: tmp.write_text(js)))
+
+
+def _means(rows: list[dict[str, Any]]) -> dict[str, float]:
+    keys = [k for k in rows[0] if k not in ("case_id", "class_name", "axis", "index")]
+    out = {}
+    for k in keys:
+        values = torch.tensor([float(r[k]) for r in rows], dtype=torch.float64)
+        finite = values[torch.isfinite(values)]
+        out[k] = float(finite.mean()) if len(finite) else math.nan
+    return out

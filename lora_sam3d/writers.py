@@ -1,0 +1,133 @@
+"""Files a user opens: meshes (PLY/STL/OBJ via trimesh), a NIfTI mask on the source scan's grid, PNG previews.
+
+Every file is written to a temporary name and renamed, so an interrupted run leaves no
+half-written file under a final name. Meshes carry their coordinate system in the header
+(``SPACE=RAS`` or ``SPACE=LPS``, the convention 3D Slicer reads; Slicer assumes LPS otherwise).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+from lora_sam3d.atomic import atomic_write
+from lora_sam3d.models.mesh import Mesh
+
+CoordinateSystem = Literal["RAS", "LPS"]
+MeshFormat = Literal["ply", "stl", "obj"]
+
+
+def mesh_bytes(mesh: Mesh, fmt: MeshFormat = "ply", coordinate_system: CoordinateSystem = "RAS") -> bytes:
+    """Encode a world-RAS mesh; LPS flips x and y (a rotation: face winding stays outward)."""
+    import trimesh
+
+    vertices, normals = mesh.vertices.astype(np.float64), mesh.normals.astype(np.float64)
+    if coordinate_system == "LPS":
+        flip = np.array([-1.0, -1.0, 1.0])
+        vertices, normals = vertices * flip, normals * flip
+    elif coordinate_system != "RAS":
+        raise ValueError(f"coordinate_system must be 'RAS' or 'LPS', got {coordinate_system!r}")
+    tm = trimesh.Trimesh(vertices, mesh.faces, vertex_normals=normals, process=False)
+    tag = f"SPACE={coordinate_system}"
+    if fmt == "ply":
+        data = trimesh.exchange.ply.export_ply(tm, encoding="binary", vertex_normal=True)
+        first = data.index(b"\n", data.index(b"format")) + 1
+        return data[:first] + f"comment {tag}\n".encode() + data[first:]
+    if fmt == "stl":
+        data = trimesh.exchange.stl.export_stl(tm)
+        return tag.encode().ljust(80, b" ") + data[80:]
+    if fmt == "obj":
+        return f"# {tag}\n".encode() + trimesh.exchange.obj.export_obj(tm, include_normals=True).encode()
+    raise ValueError(f"mesh format must be ply, stl or obj, got {fmt!r}")
+
+
+def write_mesh(mesh: Mesh, path: Path, coordinate_system: CoordinateSystem = "RAS") -> Path:
+    fmt = path.suffix.lstrip(".").lower()
+    data = mesh_bytes(mesh, fmt, coordinate_system)  # type: ignore[arg-type]
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def mask_on_source_grid(
+    sdf: np.ndarray, frame_to_world: np.ndarray, source_image: str | Path
+) -> nib.Nifti1Image:
+    """The predicted inside (SDF < 0) resampled onto the source scan's own voxel grid, uint8.
+
+    Only the header of the source is read (shape and affine). Trilinear in the SDF vertex grid;
+    voxels outside the frame are 0.
+    """
+    src = nib.load(str(source_image))
+    shape, affine = src.shape[:3], src.affine
+    n = sdf.shape[0] - 1
+    world_to_frame = np.linalg.inv(frame_to_world)
+    corners = np.array([[x, y, z, 1.0] for x in (-0.5, 0.5) for y in (-0.5, 0.5) for z in (-0.5, 0.5)])
+    vox = (np.linalg.inv(affine) @ frame_to_world @ corners.T)[:3]
+    lo = np.clip(np.floor(vox.min(1)).astype(int), 0, np.array(shape) - 1)
+    hi = np.clip(np.ceil(vox.max(1)).astype(int) + 1, 0, np.array(shape))
+    out = np.zeros(shape, dtype=np.uint8)
+    if np.any(hi <= lo):
+        return nib.Nifti1Image(out, affine)
+    ijk = np.stack(np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi, strict=True)], indexing="ij"), -1)
+    world = ijk @ affine[:3, :3].T + affine[:3, 3]
+    u = world @ world_to_frame[:3, :3].T + world_to_frame[:3, 3]
+    grid = (u + 0.5) * n
+    values = ndimage.map_coordinates(
+        sdf.astype(np.float32), grid.reshape(-1, 3).T, order=1, mode="constant", cval=1.0
+    )
+    out[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = (values.reshape(ijk.shape[:3]) < 0).astype(np.uint8)
+    img = nib.Nifti1Image(out, affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    return img
+
+
+def write_nifti(img: nib.Nifti1Image, path: Path) -> Path:
+    return atomic_write(path, lambda tmp: nib.save(img, str(tmp)))
+
+
+def _plane(volume: np.ndarray, axis: int) -> np.ndarray:
+    take: list[slice | int] = [slice(None)] * 3
+    take[axis] = volume.shape[axis] // 2
+    return volume[tuple(take)]
+
+
+def preview_png(
+    image: np.ndarray,
+    mask: np.ndarray,
+    sdf: np.ndarray,
+    axis: int,
+    gt_sdf: np.ndarray | None,
+    path: Path,
+    title: str,
+) -> Path:
+    """Three panels: the input slice with its mask (red outline), then the two orthogonal planes through
+    the frame's centre with the prediction (red) and ground truth (green; overlap yellow)."""
+    from PIL import Image, ImageDraw
+
+    size = 192
+
+    def to_rgb(a: np.ndarray) -> np.ndarray:
+        return np.repeat((np.clip(a, 0, 1) * 255).astype(np.uint8)[..., None], 3, axis=-1)
+
+    slice_rgb = to_rgb(image)
+    edge = mask & ~ndimage.binary_erosion(mask)
+    slice_rgb[edge] = [255, 40, 40]
+    panels = [slice_rgb]
+    for other in (a for a in range(3) if a != axis):
+        pred = _plane(sdf, other) < 0
+        rgb = np.zeros((*pred.shape, 3), dtype=np.uint8)
+        rgb[..., 0] = pred * 230
+        if gt_sdf is not None:
+            rgb[..., 1] = (_plane(gt_sdf, other) < 0) * 200
+        panels.append(rgb)
+    tiles = [
+        Image.fromarray(np.ascontiguousarray(np.rot90(p))).resize((size, size), Image.NEAREST) for p in panels
+    ]
+    canvas = Image.new("RGB", (size * 3, size + 18), (20, 20, 20))
+    for i, tile in enumerate(tiles):
+        canvas.paste(tile, (i * size, 18))
+    ImageDraw.Draw(canvas).text((4, 3), title, fill=(230, 230, 230))
+    return atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"))
