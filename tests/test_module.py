@@ -1,0 +1,160 @@
+"""The LightningModule's contract, the latent encoder and the metrics' empty-mask rules."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from lora_sam3d.data import TSDataModule, collate, write_phantoms
+from lora_sam3d.latent import SliceUnprojection
+from lora_sam3d.lora import LoRAConfig, lora_layers, save_adapter
+from lora_sam3d.metrics import MeshMetrics, chamfer_mm, overlap, surface_distances
+from lora_sam3d.module import LoRAMeshDecoderModule
+from lora_sam3d.writers import mesh_bytes
+
+DECODER = dict(resolution=8, model_channels=64, num_blocks=2, num_heads=4, num_groups=8)
+CLASSES = ["heart_ventricle_left", "heart_myocardium"]
+
+
+@pytest.fixture(scope="module")
+def datamodule(tmp_path_factory: pytest.TempPathFactory) -> TSDataModule:
+    root = tmp_path_factory.mktemp("mod") / "data"
+    write_phantoms(root, n_cases=4, shape=(48, 48, 32))
+    dm = TSDataModule(str(root), CLASSES, resolution=8, spacing=2.0, batch_size=2, eval_sampling="central",
+                      samples_per_class=2)  # fmt: skip
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def trainer(tmp_path: Path, **kw) -> L.Trainer:
+    args = dict(max_epochs=1, limit_train_batches=2, limit_val_batches=1, logger=False, enable_checkpointing=False,
+                enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, accelerator="cpu")  # fmt: skip
+    return L.Trainer(**(args | kw))
+
+
+def test_optimizer_gets_only_lora_and_unfrozen(datamodule: TSDataModule, tmp_path: Path) -> None:
+    module = LoRAMeshDecoderModule(decoder=DECODER, unfreeze=["out_layer"], classes=CLASSES)
+    t = trainer(tmp_path)
+    t.fit(module, datamodule=datamodule)
+    params = {id(p) for group in t.optimizers[0].param_groups for p in group["params"]}
+    names = sorted(n for n, p in module.named_parameters() if id(p) in params)
+    expected = sorted(
+        [f"decoder.{n}.lora_{ab}" for n in lora_layers(module.decoder) for ab in "AB"]
+        + ["decoder.out_layer.weight", "decoder.out_layer.bias"]
+    )
+    assert names == expected
+    # fit, then validate in the same process: LoRA is not injected twice.
+    before = sorted(lora_layers(module.decoder))
+    t.validate(module, datamodule=datamodule)
+    assert sorted(lora_layers(module.decoder)) == before
+    assert not any(
+        "lora" in n for n, _ in lora_layers(module.decoder)["blocks.0.attn.to_qkv"].named_modules() if n
+    )
+
+
+def test_checkpoint_mismatches_fail_loudly(datamodule: TSDataModule, tmp_path: Path) -> None:
+    module = LoRAMeshDecoderModule(decoder=DECODER, classes=CLASSES)
+    t = trainer(tmp_path)
+    t.fit(module, datamodule=datamodule)
+    path = tmp_path / "m.ckpt"
+    t.save_checkpoint(path)
+    ok = LoRAMeshDecoderModule.load_from_checkpoint(path, weights_only=False)
+    assert torch.equal(ok.decoder.blocks[0].attn.to_qkv.lora_B, module.decoder.blocks[0].attn.to_qkv.lora_B)
+    with pytest.raises(ValueError, match=r"mis-shaped.*lora_A: checkpoint \(4, 64\), model \(8, 64\)"):
+        LoRAMeshDecoderModule.load_from_checkpoint(path, weights_only=False, lora=LoRAConfig(rank=8))
+    with pytest.raises(ValueError, match=r"missing \['decoder.out_layer.bias'"):
+        LoRAMeshDecoderModule.load_from_checkpoint(path, weights_only=False, unfreeze=["out_layer"])
+    with pytest.raises(ValueError, match="trained on another base decoder"):
+        LoRAMeshDecoderModule.load_from_checkpoint(path, weights_only=False, base_seed=1)
+    with pytest.raises(ValueError, match="'lora' fine-tune but the model is configured for 'full'"):
+        LoRAMeshDecoderModule.load_from_checkpoint(path, weights_only=False, finetune="full")
+
+
+def test_adapter_folder_reproduces_the_model(datamodule: TSDataModule, tmp_path: Path) -> None:
+    module = LoRAMeshDecoderModule(decoder=DECODER, classes=CLASSES, unfreeze=["out_layer"])
+    trainer(tmp_path).fit(module, datamodule=datamodule)
+    save_adapter(module.decoder, tmp_path / "adapter", modules_to_save=["out_layer"])
+    again = LoRAMeshDecoderModule(decoder=DECODER, classes=CLASSES, adapter=str(tmp_path / "adapter"))
+    again.configure_adapters()
+    batch = collate([datamodule.datasets["val"][i] for i in range(2)])
+    with torch.no_grad():
+        torch.testing.assert_close(again(batch), module(batch))
+
+
+def test_slice_unprojection_features(datamodule: TSDataModule) -> None:
+    batch = collate([datamodule.datasets["val"][i] for i in range(3)])
+    dense = SliceUnprojection(8)(batch)
+    assert dense.feats.shape == (3 * 512, 8) and dense.batch_size == 3
+    coords = dense.coords.long()
+    for b in range(3):
+        rows = coords[:, 0] == b
+        axis = int(batch["axis"][b])
+        u = dense.feats[rows, 4:7]
+        assert torch.allclose(u, (coords[rows, 1:].float() + 0.5) / 8 - 0.5)
+        assert torch.allclose(dense.feats[rows, 3], u[:, axis]), "signed distance to the slice plane"
+        inside = dense.feats[rows, 0] > 0.99
+        assert (dense.feats[rows, 2][inside] < 0).all(), "2D distance negative inside the mask"
+    band = SliceUnprojection(8, band=0.0)(batch)
+    assert 0 < band.feats.shape[0] < dense.feats.shape[0]
+    assert (band.feats[:, 2] <= 0).all()
+
+
+def test_metric_empty_mask_rules_and_monai_values() -> None:
+    gt = torch.zeros(20, 20, 20, dtype=torch.bool)
+    gt[5:15, 5:15, 5:15] = True
+    pred = torch.zeros_like(gt)
+    pred[6:15, 5:15, 5:16] = True
+    dice, iou = overlap(pred, gt)
+    inter = 9 * 10 * 10
+    assert dice == pytest.approx(2 * inter / (990 + 1000)) and iou == pytest.approx(
+        inter / (990 + 1000 - inter)
+    )
+    hd95, assd, nsd = surface_distances(pred, gt, 2.0, 3.0)
+    assert hd95 == pytest.approx(2.0) and 0 < assd < 2.0 and 0.5 < nsd <= 1.0
+    assert all(
+        math.isnan(v)
+        for v in (*overlap(pred, ~torch.ones_like(gt)), *surface_distances(pred, ~torch.ones_like(gt), 1, 3))
+    )
+    assert surface_distances(torch.zeros_like(gt), gt, 1.0, 3.0) == (math.inf, math.inf, 0.0)
+
+    metric = MeshMetrics(["a", "b"])
+    empty = torch.zeros_like(gt)
+    metric.update(torch.stack([pred, empty, pred]), torch.stack([gt, gt, empty]), torch.tensor([2.0, 2.0, 2.0]),
+                  torch.tensor([0, 0, 1]))  # fmt: skip
+    out = metric.compute()
+    assert out["dice/a"] == pytest.approx(dice / 2), "empty prediction counts as Dice 0"
+    assert out["hd95_mm/a"] == pytest.approx(hd95), "failures are not averaged as infinity"
+    assert out["failures/a"] == 1 and out["failures/b"] == 0
+    assert math.isnan(out["dice/b"]), "empty ground truth is left out"
+    assert out["dice"] == pytest.approx(dice / 2), "mean over classes with values"
+
+
+def test_chamfer() -> None:
+    a = np.array([[0.0, 0, 0], [1, 0, 0]])
+    b = np.array([[0.0, 0, 1]])
+    assert chamfer_mm(a, b) == pytest.approx(0.5 * ((1 + math.sqrt(2)) / 2 + 1))
+    assert chamfer_mm(np.zeros((0, 3)), b) == math.inf
+
+
+def test_mesh_files_state_their_coordinate_system() -> None:
+    from lora_sam3d.models import marching_cubes
+
+    axis = torch.linspace(-0.5, 0.5, 17)
+    grid = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1).norm(dim=-1) - 0.3
+    mesh = marching_cubes(grid)
+    assert b"comment SPACE=RAS" in mesh_bytes(mesh, "ply", "RAS")[:100]
+    assert mesh_bytes(mesh, "stl", "LPS")[:9] == b"SPACE=LPS"
+    assert mesh_bytes(mesh, "obj", "RAS").startswith(b"# SPACE=RAS")
+    import io
+
+    import trimesh
+
+    lps = trimesh.load(io.BytesIO(mesh_bytes(mesh, "ply", "LPS")), file_type="ply", process=False)
+    assert np.allclose(lps.vertices[:, :2], -mesh.vertices[:, :2], atol=1e-6)
+    assert lps.is_winding_consistent and lps.volume > 0, "LPS flip keeps outward winding"
