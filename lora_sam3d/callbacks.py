@@ -12,6 +12,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities import rank_zero_info
 from safetensors.torch import save_file
 
 from lora_sam3d.atomic import atomic_write
@@ -79,6 +80,43 @@ class AdapterCheckpoint(L.Callback):
         self.best = state_dict.get("best")
 
 
+class RunSummary(L.Callback):
+    """At the end of fit, write ``run_summary.json`` beside the checkpoints: wall time of fit, peak
+    resident memory of the process (Linux ``VmHWM``), parameter counts and the adapter's size."""
+
+    def __init__(self) -> None:
+        self.start = 0.0
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import time
+
+        self.start = time.perf_counter()
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import time
+
+        from lora_sam3d.lora import count_parameters
+
+        if not trainer.is_global_zero:
+            return
+        peak = None
+        status = Path("/proc/self/status")
+        if status.is_file():
+            for line in status.read_text().splitlines():
+                if line.startswith("VmHWM"):
+                    peak = int(line.split()[1]) * 1024
+        adapter = _output_dir(trainer, "adapter-best") / "adapter_model.safetensors"
+        summary = {
+            "train_seconds": time.perf_counter() - self.start,
+            "peak_rss_bytes": peak,
+            "global_step": trainer.global_step,
+            **{f"{k}_params": v for k, v in count_parameters(pl_module).items()},
+            "adapter_bytes": adapter.stat().st_size if adapter.is_file() else None,
+        }
+        text = json.dumps(summary, indent=2)
+        atomic_write(_output_dir(trainer, "run_summary.json"), lambda tmp: tmp.write_text(text))
+
+
 class MergeOnEnd(L.Callback):
     """At the end of fit, write the decoder with LoRA merged in (``decoder-merged.safetensors``), rank 0.
 
@@ -101,8 +139,9 @@ def save_merged_decoder(module: Any, path: Path) -> Path:
 
 
 class MeshPredictionWriter(BasePredictionWriter):
-    """Per predicted sample: a mesh in world coordinates, the mask as NIfTI on the source scan's grid,
-    a PNG preview; at the end, ``metrics.csv`` and ``metrics.json`` when ground truth existed.
+    """Per predicted sample: a mesh in world coordinates (and ``_truth`` beside it when ground truth
+    exists), the mask as NIfTI on the source scan's grid, a PNG preview; at the end,
+    ``metrics.csv`` and ``metrics.json`` when ground truth existed.
 
     Args:
         output_dir: where to write (default ``<trainer.default_root_dir>/predictions``).
@@ -142,6 +181,12 @@ class MeshPredictionWriter(BasePredictionWriter):
                 self.written.append(
                     write_mesh(record["mesh"], out / f"{stem}.{self.mesh_format}", self.coordinate_system)
                 )
+            if record.get("gt_mesh") is not None and not record["gt_mesh"].is_empty:
+                self.written.append(
+                    write_mesh(
+                        record["gt_mesh"], out / f"{stem}_truth.{self.mesh_format}", self.coordinate_system
+                    )
+                )
             if self.write_nifti_files and record.get("source_image"):
                 img = mask_on_source_grid(record["sdf"], record["frame_to_world"], record["source_image"])
                 self.written.append(write_nifti(img, out / f"{stem}_mask.nii.gz"))
@@ -170,6 +215,26 @@ class MeshPredictionWriter(BasePredictionWriter):
         summary = {"samples": self.rows, "mean": _means(self.rows)}
         js = json.dumps(summary, indent=2, allow_nan=True)
         self.written.append(atomic_write(out / f"metrics{suffix}.json", lambda tmp: tmp.write_text(js)))
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        counts: dict[str, int] = {}
+        for path in self.written:
+            kind = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
+            counts[kind] = counts.get(kind, 0) + 1
+        summary = ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items()))
+        rank_zero_info(f"predictions written to {self._dir(trainer)}: {summary}")
+        if self.rows:
+            means = _means(self.rows)
+            rank_zero_info(
+                "mean over {} samples: Dice {:.3f}, HD95 {:.1f} mm, ASSD {:.1f} mm, NSD@{}mm {:.3f}".format(
+                    len(self.rows),
+                    means["dice"],
+                    means["hd95_mm"],
+                    means["assd_mm"],
+                    pl_module.hparams.get("nsd_tolerance_mm", 3.0),
+                    means["nsd"],
+                )
+            )
 
 
 def _means(rows: list[dict[str, Any]]) -> dict[str, float]:

@@ -43,6 +43,26 @@ TINY_DECODER: dict[str, Any] = {
 }
 
 
+def resolve_checkpoint(path: str) -> str:
+    """``builtin:<name>`` -> the shipped ``lora_sam3d/assets/<name>.safetensors``; other paths unchanged."""
+    if not path.startswith("builtin:"):
+        return path
+    from importlib.resources import files
+
+    name = path.removeprefix("builtin:")
+    found = files("lora_sam3d.assets") / f"{name}.safetensors"
+    if not found.is_file():
+        available = sorted(
+            p.name.removesuffix(".safetensors")
+            for p in files("lora_sam3d.assets").iterdir()
+            if p.name.endswith(".safetensors")
+        )
+        raise FileNotFoundError(
+            f"no shipped decoder {path!r}; available: {['builtin:' + a for a in available]}"
+        )
+    return str(found)
+
+
 def default_optimizer(params: Any) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
 
@@ -52,7 +72,8 @@ class LoRAMeshDecoderModule(L.LightningModule):
 
     Args:
         decoder: `SLatMeshDecoder` arguments (default: the tiny CPU config).
-        base_checkpoint: base weights (our safetensors or Meta's ``slat_decoder_mesh`` file).
+        base_checkpoint: base weights (our safetensors or Meta's ``slat_decoder_mesh`` file);
+            ``builtin:<name>`` names a decoder shipped in ``lora_sam3d/assets`` (``builtin:shapes``).
         base_seed: without ``base_checkpoint``, the decoder is initialised from this seed, so a
             checkpoint or adapter of it can be loaded again in another process.
         finetune: ``lora`` (base frozen, adapters trained) or ``full`` (every decoder weight).
@@ -108,7 +129,9 @@ class LoRAMeshDecoderModule(L.LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.decoder_config = {**TINY_DECODER, **(decoder or {})}
         if base_checkpoint:
-            self.decoder = SLatMeshDecoder.from_pretrained(base_checkpoint, **self.decoder_config)
+            self.decoder = SLatMeshDecoder.from_pretrained(
+                resolve_checkpoint(base_checkpoint), **self.decoder_config
+            )
         else:  # a random base must be the same in every process that loads an adapter for it
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(base_seed)
