@@ -158,3 +158,20 @@ def test_mesh_files_state_their_coordinate_system() -> None:
     lps = trimesh.load(io.BytesIO(mesh_bytes(mesh, "ply", "LPS")), file_type="ply", process=False)
     assert np.allclose(lps.vertices[:, :2], -mesh.vertices[:, :2], atol=1e-6)
     assert lps.is_winding_consistent and lps.volume > 0, "LPS flip keeps outward winding"
+
+
+def test_shipped_base_decoder_loads() -> None:
+    import json
+    from importlib.resources import files
+
+    meta = json.loads((files("lora_sam3d.assets") / "shapes.json").read_text())
+    module = LoRAMeshDecoderModule(
+        decoder=dict(resolution=8, model_channels=64, num_blocks=4, num_heads=4, num_groups=8),
+        base_checkpoint="builtin:shapes", classes=CLASSES,
+    )  # fmt: skip
+    assert "lora-sam3d fit --config configs/pretrain_shapes.yaml" in meta["command"]
+    assert module.decoder.out_layer.weight.abs().sum() > 0, "trained weights, not the zero-initialised head"
+    with pytest.raises(
+        FileNotFoundError, match=r"no shipped decoder 'builtin:nope'; available: \['builtin:shapes'\]"
+    ):
+        LoRAMeshDecoderModule(decoder=DECODER, base_checkpoint="builtin:nope")
