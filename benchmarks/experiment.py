@@ -211,10 +211,9 @@ def plot_meshes(predictions: Path, path: Path) -> None:
             ax.plot_trisurf(g[:, 0], g[:, 1], g[:, 2], triangles=gf, color=(0.2, 0.7, 0.2, 0.25), linewidth=0)
         ax.set_title(f"{row['class_name'].replace('heart_', '')}\nDice {float(row['dice']):.2f}", fontsize=8)
         ax.set_axis_off()
-    fig.suptitle(
-        f"{case}: predicted (red) vs true (green) surfaces, RAS mm, from one axial slice each", fontsize=9
-    )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 0.9))
+    caption = f"{case}: predicted (red) vs true (green) surfaces, RAS mm, from one axial slice each"
+    fig.text(0.5, 0.02, caption, ha="center", fontsize=9)
     fig.savefig(path)
 
 
