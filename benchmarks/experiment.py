@@ -120,7 +120,7 @@ def main() -> None:
         if adapter is None and ckpt.is_file():
             import torch
 
-            state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+            state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
             adapter = sum(v.numel() * v.element_size() for v in state.values())
         results.append({
             "name": VARIANTS[key]["name"],

@@ -64,7 +64,7 @@ def _export(args: argparse.Namespace) -> None:
     ckpt = Path(args.ckpt_path)
     if not ckpt.is_file():
         raise FileNotFoundError(f"checkpoint {ckpt} does not exist")
-    module = LoRAMeshDecoderModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=False)
+    module = LoRAMeshDecoderModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
     out = Path(args.output)
     written = [save_merged_decoder(module, out / "decoder-merged.safetensors")]
     if module.hparams.finetune == "lora":

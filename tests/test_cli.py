@@ -89,14 +89,14 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_fit_writes_small_lora_checkpoints_and_adapters(trained: Path) -> None:
     ckpt_dir = trained / "run" / "checkpoints"
-    ckpt = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=True)
     keys = set(ckpt["state_dict"])
     assert keys and all(".lora_A" in k or ".lora_B" in k for k in keys), sorted(keys)[:5]
     assert ckpt["lora_sam3d"]["finetune"] == "lora" and len(ckpt["lora_sam3d"]["base_fingerprint"]) == 64
     full = run("fit", "--config", str(write_config(trained, "full", epochs=1, finetune="full")))
     assert full.returncode == 0, full.stderr[-3000:]
     full_ckpt = torch.load(
-        trained / "full" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
+        trained / "full" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True
     )
     lora_bytes = sum(v.numel() * v.element_size() for v in ckpt["state_dict"].values())
     full_bytes = sum(v.numel() * v.element_size() for v in full_ckpt["state_dict"].values())
@@ -169,7 +169,7 @@ def test_export_merges_and_matches_the_lora_model(trained: Path) -> None:
     ckpt = trained / "run" / "checkpoints" / "last.ckpt"
     result = run("export", "--ckpt_path", str(ckpt), "--output", str(trained / "export"))
     assert result.returncode == 0, result.stderr[-3000:]
-    module = LoRAMeshDecoderModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=False)
+    module = LoRAMeshDecoderModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
     merged = SLatMeshDecoder(**module.decoder_config)
     merged.load_state_dict(load_file(str(trained / "export" / "decoder-merged.safetensors")))
     ds = TS_SAM3D_Dataset(trained / "data", ["heart_ventricle_left"], split="val", resolution=8, spacing=2.0,

@@ -64,16 +64,16 @@ def test_checkpoint_mismatches_fail_loudly(datamodule: TSDataModule, tmp_path: P
     t.fit(module, datamodule=datamodule)
     path = tmp_path / "m.ckpt"
     t.save_checkpoint(path)
-    ok = LoRAMeshDecoderModule.load_from_checkpoint(path, weights_only=False)
+    ok = LoRAMeshDecoderModule.load_from_checkpoint(path, weights_only=True)
     assert torch.equal(ok.decoder.blocks[0].attn.to_qkv.lora_B, module.decoder.blocks[0].attn.to_qkv.lora_B)
     with pytest.raises(ValueError, match=r"mis-shaped.*lora_A: checkpoint \(4, 64\), model \(8, 64\)"):
-        LoRAMeshDecoderModule.load_from_checkpoint(path, weights_only=False, lora=LoRAConfig(rank=8))
+        LoRAMeshDecoderModule.load_from_checkpoint(path, weights_only=True, lora=LoRAConfig(rank=8))
     with pytest.raises(ValueError, match=r"missing \['decoder.out_layer.bias'"):
-        LoRAMeshDecoderModule.load_from_checkpoint(path, weights_only=False, unfreeze=["out_layer"])
+        LoRAMeshDecoderModule.load_from_checkpoint(path, weights_only=True, unfreeze=["out_layer"])
     with pytest.raises(ValueError, match="trained on another base decoder"):
-        LoRAMeshDecoderModule.load_from_checkpoint(path, weights_only=False, base_seed=1)
+        LoRAMeshDecoderModule.load_from_checkpoint(path, weights_only=True, base_seed=1)
     with pytest.raises(ValueError, match="'lora' fine-tune but the model is configured for 'full'"):
-        LoRAMeshDecoderModule.load_from_checkpoint(path, weights_only=False, finetune="full")
+        LoRAMeshDecoderModule.load_from_checkpoint(path, weights_only=True, finetune="full")
 
 
 def test_adapter_folder_reproduces_the_model(datamodule: TSDataModule, tmp_path: Path) -> None:
