@@ -12,6 +12,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from safetensors.torch import save_file
 
@@ -37,7 +38,7 @@ def _output_dir(trainer: L.Trainer, name: str) -> Path:
 
 
 class AdapterCheckpoint(L.Callback):
-    """After each validation, write ``adapter-last/`` and (when ``monitor`` improves) ``adapter-best/``.
+    """After each validation during ``fit``, write ``adapter-last/`` and (when ``monitor`` improves) ``adapter-best/``.
 
     Each folder holds ``adapter_model.safetensors`` + ``adapter_config.json`` (PEFT's layout, see
     `lora_sam3d.lora.save_adapter`), next to Lightning's checkpoints; written atomically, on rank 0.
@@ -58,7 +59,8 @@ class AdapterCheckpoint(L.Callback):
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if (
-            trainer.sanity_checking
+            trainer.state.fn != TrainerFn.FITTING
+            or trainer.sanity_checking
             or not trainer.is_global_zero
             or pl_module.hparams.get("finetune") != "lora"
         ):

@@ -17,7 +17,6 @@ import torch
 from torchmetrics import Metric
 
 METRICS = ("dice", "iou", "hd95_mm", "assd_mm", "nsd", "chamfer_mm")
-DISTANCES = ("hd95_mm", "assd_mm", "chamfer_mm")
 
 
 def overlap(pred: torch.Tensor, gt: torch.Tensor) -> tuple[float, float]:
