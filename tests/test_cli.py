@@ -207,3 +207,18 @@ def test_phantoms_command(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "wrote 3 heart phantoms" in result.stdout
     assert [c.split for c in discover_cases(tmp_path / "d", HEART_CLASSES)] == ["train", "val", "test"]
+
+
+def test_ddp_fit_on_two_cpu_processes(tmp_path: Path) -> None:
+    """Lightning's DDP (gloo) through the CLI: LoRA-only checkpoint, adapters written, finite synced metrics."""
+    (tmp_path / "ddp.yaml").write_text((Path(__file__).parents[1] / "configs" / "ddp.yaml").read_text())
+    cfg = write_config(tmp_path, "ddp", epochs=1)
+    result = run("fit", "--config", str(cfg), "--config", str(tmp_path / "ddp.yaml"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    ckpt = torch.load(tmp_path / "ddp" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert all(".lora_" in k for k in ckpt["state_dict"])
+    assert (tmp_path / "ddp" / "checkpoints" / "adapter-last" / "adapter_model.safetensors").is_file()
+    metrics = next((tmp_path / "ddp").glob("lightning_logs/*/metrics.csv"))
+    rows = [r for r in csv.DictReader(metrics.open()) if r.get("val/dice")]
+    assert rows and np.isfinite(float(rows[-1]["val/dice"]))
+    assert not list((tmp_path / "ddp" / "checkpoints").glob(".*.tmp*")), "no half-written files left"

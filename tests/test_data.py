@@ -26,7 +26,7 @@ from lora_sam3d.data import (
     phantom_label_values,
     write_phantoms,
 )
-from lora_sam3d.data.dataset import EpochShuffleSampler
+from lora_sam3d.data.dataset import EpochOffsetDistributedSampler, EpochShuffleSampler
 from lora_sam3d.data.phantoms import grid_affine
 
 SMALL = dict(shape=(56, 56, 40), spacing=(1.8, 1.8, 2.6))
@@ -205,6 +205,14 @@ def test_deterministic_with_workers(phantom_root: Path) -> None:
     again = EpochShuffleSampler(len(ds), seed=3)
     again.set_epoch(2)
     assert list(again) == order, "the order depends on (seed, epoch) only: a resumed run sees the same"
+    shards = []
+    for rank in (0, 1):
+        dist = EpochOffsetDistributedSampler(ds, num_replicas=2, rank=rank, shuffle=True, seed=3)
+        dist.set_epoch(2)
+        shards.append(list(dist))
+    overlap = set(shards[0]) & set(shards[1])
+    assert len(overlap) <= len(ds) % 2, "DDP shards are disjoint (but for DistributedSampler's padding)"
+    assert set(shards[0]) | set(shards[1]) == set(range(2 * len(ds), 3 * len(ds))), "and carry the epoch"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,11 +13,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lora_sam3d.data.cache import FileHashes, build_case
 from lora_sam3d.data.cases import Layout, discover_cases
 from lora_sam3d.data.dataset import (
+    EpochOffsetDistributedSampler,
     EpochShuffleSampler,
     SamplingMethod,
     TS_SAM3D_Dataset,
@@ -222,10 +224,15 @@ class TSDataModule(L.LightningDataModule):
             raise RuntimeError(f"no {split} dataset: call setup() with the matching stage first")
         h = self.hparams
         dataset = self.datasets[split]
+        sampler: Any = None
+        if shuffle and torch.distributed.is_available() and torch.distributed.is_initialized():
+            sampler = EpochOffsetDistributedSampler(dataset, shuffle=True, seed=h.seed)
+        elif shuffle:
+            sampler = EpochShuffleSampler(len(dataset), h.seed)  # type: ignore[arg-type]
         return DataLoader(
             dataset,
             batch_size=h.batch_size,
-            sampler=EpochShuffleSampler(len(dataset), h.seed) if shuffle else None,  # type: ignore[arg-type]
+            sampler=sampler,
             num_workers=h.num_workers,
             persistent_workers=h.num_workers > 0,
             collate_fn=collate,

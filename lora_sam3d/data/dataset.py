@@ -16,7 +16,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from scipy import ndimage
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 from lora_sam3d.data.cache import CachedCase, FileHashes, build_case
 from lora_sam3d.data.cases import SPLITS, Case, Layout, discover_cases, split_counts
@@ -89,6 +89,19 @@ class EpochShuffleSampler(Sampler[int]):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         offset = self.epoch * self.length
         return iter((offset + torch.randperm(self.length, generator=g)).tolist())
+
+
+class EpochOffsetDistributedSampler(DistributedSampler):
+    """`DistributedSampler` (one shard per process, order from (seed, epoch)) that also yields
+    ``epoch * n + k``, so random draws vary by epoch under DDP as they do on one process.
+
+    Being a `DistributedSampler`, Lightning neither wraps nor replaces it and calls its
+    ``set_epoch`` at every epoch start.
+    """
+
+    def __iter__(self) -> Iterator[int]:
+        offset = self.epoch * len(self.dataset)  # type: ignore[arg-type]
+        return (offset + i for i in super().__iter__())
 
 
 class TS_SAM3D_Dataset(Dataset):
