@@ -688,7 +688,6 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike[str], check_base
     if not has_lora(model):
         names = sorted(ours.get("layers", {}))
         inject_lora(model, config, target_modules=lambda n, _m: n in names)
-        model._lora_config = config  # type: ignore[assignment]
     lora_sd, extra = {}, {}
     for key, value in tensors.items():
         bare = key.removeprefix(_PEFT_PREFIX)

@@ -220,20 +220,27 @@ class LoRAMeshDecoderModule(L.LightningModule):
         self.log("loss", terms["loss"], prog_bar=True, logger=False, batch_size=len(batch["case_id"]))
         return terms["loss"]
 
-    def _evaluate(self, batch: dict[str, Any], stage: str, metrics: MeshMetrics) -> dict[str, Any]:
+    def _compare(self, sdf: torch.Tensor, batch: dict[str, Any]) -> dict[str, Any]:
+        """Everything the metrics compare, for a batch with ground truth: cell occupancies (CPU), the
+        cell spacing in mm, and both surfaces as world-space meshes."""
+        n = 4 * self.resolution
+        return {
+            "pred": (occupancy_logits(sdf, n) > 0).cpu(),
+            "gt": batch["gt_occupancy"].bool().cpu(),
+            "spacing_mm": (frame_side_mm(batch["frame_to_world"]) / n).cpu(),
+            "pred_meshes": meshes_in_world(sdf, batch["frame_to_world"]),
+            "gt_meshes": meshes_in_world(batch["gt_sdf"], batch["frame_to_world"]),
+        }
+
+    def _evaluate(self, batch: dict[str, Any], stage: str, metrics: MeshMetrics) -> None:
         sdf = self(batch)
         terms = self.losses(sdf, batch)
         self.log_dict({f"{stage}/{k}": v for k, v in terms.items()}, batch_size=len(batch["case_id"]))
-        pred = occupancy_logits(sdf, 4 * self.resolution) > 0
-        gt = batch["gt_occupancy"].bool()
-        spacing = frame_side_mm(batch["frame_to_world"]) / (4 * self.resolution)
-        pred_meshes = meshes_in_world(sdf, batch["frame_to_world"])
-        gt_meshes = meshes_in_world(batch["gt_sdf"], batch["frame_to_world"])
+        c = self._compare(sdf, batch)
         metrics.update(
-            pred.cpu(), gt.cpu(), spacing.cpu(), batch["class_index"].cpu(),
-            [m.vertices for m in pred_meshes], [m.vertices for m in gt_meshes],
+            c["pred"], c["gt"], c["spacing_mm"], batch["class_index"].cpu(),
+            [m.vertices for m in c["pred_meshes"]], [m.vertices for m in c["gt_meshes"]],
         )  # fmt: skip
-        return {"sdf": sdf, "pred_meshes": pred_meshes, "gt_meshes": gt_meshes}
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         assert self.val_metrics is not None
@@ -260,9 +267,9 @@ class LoRAMeshDecoderModule(L.LightningModule):
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
         """Per sample: the mesh in world RAS mm, the SDF grid, the frame, and metrics when ground truth exists."""
         sdf = self(batch)
-        meshes = meshes_in_world(sdf, batch["frame_to_world"])
         has_gt = "gt_sdf" in batch
-        gt_meshes = meshes_in_world(batch["gt_sdf"], batch["frame_to_world"]) if has_gt else None
+        c = self._compare(sdf, batch) if has_gt else None
+        meshes = c["pred_meshes"] if c is not None else meshes_in_world(sdf, batch["frame_to_world"])
         out = []
         for i, mesh in enumerate(meshes):
             record: dict[str, Any] = {
@@ -277,15 +284,14 @@ class LoRAMeshDecoderModule(L.LightningModule):
                 "mask": batch["mask"][i].cpu().numpy(),
                 "mesh": mesh,
             }
-            if has_gt and gt_meshes is not None:
+            if c is not None:
                 record["gt_sdf"] = batch["gt_sdf"][i].cpu().numpy()
-                record["gt_mesh"] = gt_meshes[i]
+                record["gt_mesh"] = c["gt_meshes"][i]
                 metric = MeshMetrics([record["class_name"]], self.hparams.nsd_tolerance_mm)
-                spacing = frame_side_mm(batch["frame_to_world"][i : i + 1]) / (4 * self.resolution)
+                one = slice(i, i + 1)
                 metric.update(
-                    (occupancy_logits(sdf[i : i + 1], 4 * self.resolution) > 0).cpu(),
-                    batch["gt_occupancy"][i : i + 1].bool().cpu(), spacing.cpu(), torch.zeros(1, dtype=torch.long),
-                    [mesh.vertices], [gt_meshes[i].vertices],
+                    c["pred"][one], c["gt"][one], c["spacing_mm"][one], torch.zeros(1, dtype=torch.long),
+                    [mesh.vertices], [c["gt_meshes"][i].vertices],
                 )  # fmt: skip
                 values = metric.compute()
                 record["metrics"] = {k: float(v) for k, v in values.items() if "/" not in k}
