@@ -1,4 +1,8 @@
-"""Write-then-rename, so an interrupted run never leaves a half-written file under its final name."""
+"""Write-then-rename, so an interrupted run never leaves a half-written file under its final name.
+
+The temporary file is flushed to disk (fsync) before the rename, so after a crash of the machine,
+not only of the process, the final name holds either the old or the whole new content.
+"""
 
 from __future__ import annotations
 
@@ -28,6 +32,8 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
     os.close(fd)
     try:
         write(Path(tmp))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:

@@ -145,6 +145,10 @@ class MeshPredictionWriter(BasePredictionWriter):
     exists), the mask as NIfTI on the source scan's grid, a PNG preview; at the end,
     ``metrics.csv`` and ``metrics.json`` when ground truth existed.
 
+    Under DDP each process writes the files of the samples it predicted (each sample is predicted
+    by exactly one process, so no file is written twice) and rank 0 alone writes the metrics of
+    all samples, gathered from every process.
+
     Args:
         output_dir: where to write (default ``<trainer.default_root_dir>/predictions``).
         mesh_format: ``ply`` (default), ``stl`` or ``obj``.
@@ -204,19 +208,26 @@ class MeshPredictionWriter(BasePredictionWriter):
                                   "axis": record["axis"], "index": record["index"], **record["metrics"]})  # fmt: skip
 
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self.rows:
+        """Gather every process's per-sample metrics; rank 0 writes ``metrics.csv`` and ``metrics.json``."""
+        if trainer.world_size > 1 and torch.distributed.is_initialized():
+            gathered: list[list[dict[str, Any]]] = [[] for _ in range(trainer.world_size)]
+            torch.distributed.all_gather_object(gathered, self.rows)
+            self.rows = sorted(
+                (r for rows in gathered for r in rows),
+                key=lambda r: (r["case_id"], r["class_name"], r["axis"], r["index"]),
+            )
+        if not self.rows or not trainer.is_global_zero:
             return
         out = self._dir(trainer)
-        suffix = "" if trainer.world_size == 1 else f"_rank{trainer.global_rank}"
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=list(self.rows[0]))
         writer.writeheader()
         writer.writerows(self.rows)
         text = buf.getvalue()
-        self.written.append(atomic_write(out / f"metrics{suffix}.csv", lambda tmp: tmp.write_text(text)))
+        self.written.append(atomic_write(out / "metrics.csv", lambda tmp: tmp.write_text(text)))
         summary = {"samples": self.rows, "mean": _means(self.rows)}
         js = json.dumps(summary, indent=2, allow_nan=True)
-        self.written.append(atomic_write(out / f"metrics{suffix}.json", lambda tmp: tmp.write_text(js)))
+        self.written.append(atomic_write(out / "metrics.json", lambda tmp: tmp.write_text(js)))
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         counts: dict[str, int] = {}

@@ -2,7 +2,8 @@
 
 A YAML file is the whole experiment (`configs/demo.yaml`). The data module's resolution is linked
 from the decoder's and its class list to the model's, so the two cannot disagree. Errors from bad
-paths or settings print one line (set LORA_SAM3D_DEBUG=1 for the traceback).
+paths or settings print one line (set LORA_SAM3D_DEBUG=1 for the traceback). Checkpoints are
+written by `AtomicCheckpointIO` unless the config names other ``trainer.plugins``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ def _decoder_resolution(decoder: dict[str, Any] | None) -> int:
 def _lightning_cli(args: list[str] | None) -> None:
     from lightning.pytorch.cli import LightningCLI
 
+    from lora_sam3d.checkpoint_io import AtomicCheckpointIO
     from lora_sam3d.data import TSDataModule
     from lora_sam3d.module import LoRAMeshDecoderModule
 
@@ -39,6 +41,7 @@ def _lightning_cli(args: list[str] | None) -> None:
         LoRAMeshDecoderModule,
         TSDataModule,
         args=args,
+        trainer_defaults={"plugins": [AtomicCheckpointIO()]},
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"prog": "lora-sam3d"},
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Any
 
 import numpy as np
 import torch
@@ -80,8 +81,10 @@ class MeshMetrics(Metric):
 
     full_state_update = False
 
-    def __init__(self, classes: list[str], nsd_tolerance_mm: float = 3.0) -> None:
-        super().__init__()
+    def __init__(self, classes: list[str], nsd_tolerance_mm: float = 3.0, **kwargs: Any) -> None:
+        super().__init__(
+            **kwargs
+        )  # torchmetrics options, e.g. sync_on_compute=False for one process's samples
         self.classes = list(classes)
         self.nsd_tolerance_mm = nsd_tolerance_mm
         c = len(self.classes)

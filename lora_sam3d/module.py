@@ -16,6 +16,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.nn import functional as F
 
 from lora_sam3d.latent import make_encoder
@@ -76,6 +77,9 @@ class LoRAMeshDecoderModule(L.LightningModule):
             ``builtin:<name>`` names a decoder shipped in ``lora_sam3d/assets`` (``builtin:shapes``).
         base_seed: without ``base_checkpoint``, the decoder is initialised from this seed, so a
             checkpoint or adapter of it can be loaded again in another process.
+        adapter_seed: the LoRA A matrices are initialised from this seed, in a forked RNG, so
+            adapters start the same whatever ran before them: one process or several under DDP,
+            the CLI or a notebook.
         finetune: ``lora`` (base frozen, adapters trained) or ``full`` (every decoder weight).
         lora: the adapters (default `LoRAConfig()`: r=4, alpha=8 on ``to_qkv`` and ``to_out``).
         unfreeze: module names trained as well in ``lora`` mode (e.g. ``["out_layer"]``).
@@ -90,6 +94,10 @@ class LoRAMeshDecoderModule(L.LightningModule):
         sdf_truncation: SDF clamp for the L1 term, frame units.
         classes: class names for per-class metrics (linked from the data module by the CLI).
         nsd_tolerance_mm: tolerance of the normalised surface Dice.
+        on_nonfinite: what a non-finite training loss or gradient does: ``raise`` (default) stops
+            the run with a `FloatingPointError` naming the step, the loss terms and the cases;
+            ``skip`` leaves that step's weights and optimizer state unchanged, warns, and counts
+            it in ``train/skipped_steps``. Under DDP the processes decide together.
         optimizer, scheduler: LightningCLI callables, given the trainable parameters only.
     """
 
@@ -98,6 +106,7 @@ class LoRAMeshDecoderModule(L.LightningModule):
         decoder: dict[str, Any] | None = None,
         base_checkpoint: str | None = None,
         base_seed: int = 0,
+        adapter_seed: int = 0,
         finetune: Literal["lora", "full"] = "lora",
         lora: LoRAConfig | None = None,
         unfreeze: list[str] | None = None,
@@ -111,12 +120,15 @@ class LoRAMeshDecoderModule(L.LightningModule):
         sdf_truncation: float = 0.1,
         classes: list[str] | None = None,
         nsd_tolerance_mm: float = 3.0,
+        on_nonfinite: Literal["raise", "skip"] = "raise",
         optimizer: OptimizerCallable = default_optimizer,
         scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
         if finetune not in ("lora", "full"):
             raise ValueError(f"finetune must be 'lora' or 'full', got {finetune!r}")
+        if on_nonfinite not in ("raise", "skip"):
+            raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "lora"])
         if isinstance(lora, dict):  # from a checkpoint's hyper-parameters
             lora = LoRAConfig.from_dict(lora)
@@ -143,6 +155,7 @@ class LoRAMeshDecoderModule(L.LightningModule):
         self.strict_loading = False  # partial checkpoints: on_load_checkpoint checks every key itself
         self.val_metrics: MeshMetrics | None = None
         self.test_metrics: MeshMetrics | None = None
+        self.skipped_steps = 0
 
     # -- adapters -------------------------------------------------------------------------------
     def configure_adapters(self) -> None:
@@ -151,7 +164,17 @@ class LoRAMeshDecoderModule(L.LightningModule):
             self.decoder.requires_grad_(True)
             return
         if not has_lora(self.decoder):
-            inject_lora(self.decoder, self.lora_config)
+            unfrozen = self.hparams.unfreeze or []
+            if not self.decoder.out_layer.weight.any() and not any(
+                n.startswith("out_layer") for n in unfrozen
+            ):
+                rank_zero_warn(
+                    "the base decoder's out_layer is all zeros (as freshly initialised), so every LoRA "
+                    "gradient is zero: give model.base_checkpoint or add 'out_layer' to model.unfreeze"
+                )
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.hparams.adapter_seed)
+                inject_lora(self.decoder, self.lora_config)
             if self.hparams.adapter:
                 load_adapter(self.decoder, self.hparams.adapter)
         freeze_base_params(self.decoder)
@@ -210,15 +233,38 @@ class LoRAMeshDecoderModule(L.LightningModule):
         total = h.sdf_weight * sdf_l1 + h.occupancy_weight * bce + h.dice_weight * dice
         return {"loss": total, "sdf_l1": sdf_l1, "occupancy_bce": bce, "soft_dice": dice}
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         terms = self.losses(self(batch), batch)
-        if not torch.isfinite(terms["loss"]):
-            raise FloatingPointError(f"non-finite training loss at step {self.global_step}: {terms}")
-        self.log_dict(
-            {f"train/{k}": v for k, v in terms.items()}, prog_bar=False, batch_size=len(batch["case_id"])
-        )
-        self.log("loss", terms["loss"], prog_bar=True, logger=False, batch_size=len(batch["case_id"]))
+        n = len(batch["case_id"])
+        finite = bool(torch.isfinite(terms["loss"]))
+        if self._trainer is not None:  # every process must take the same branch under DDP
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if not finite:
+            values = {k: float(v.detach()) for k, v in terms.items()}
+            where = f"at step {self.global_step} (cases {sorted(set(batch['case_id']))})"
+            self._nonfinite(f"non-finite training loss {where}: {values}")
+            return None  # Lightning then skips backward and the optimizer step
+        self.log_dict({f"train/{k}": v for k, v in terms.items()}, prog_bar=False, batch_size=n)
+        self.log("loss", terms["loss"], prog_bar=True, logger=False, batch_size=n)
         return terms["loss"]
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """A finite loss can still give inf/NaN gradients (overflow): same rule as the loss."""
+        bad = [
+            n for n, p in self.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()
+        ]
+        if bad:
+            self._nonfinite(
+                f"non-finite gradients at step {self.global_step} in {len(bad)} tensors: {bad[:5]}"
+            )
+            optimizer.zero_grad(set_to_none=True)  # parameters without a gradient are not updated
+
+    def _nonfinite(self, message: str) -> None:
+        if self.hparams.on_nonfinite == "raise":
+            raise FloatingPointError(f"{message}; set model.on_nonfinite: skip to skip such steps")
+        self.skipped_steps += 1
+        rank_zero_warn(f"{message}; step skipped ({self.skipped_steps} so far)")
+        self.log("train/skipped_steps", float(self.skipped_steps), reduce_fx="max")
 
     def _compare(self, sdf: torch.Tensor, batch: dict[str, Any]) -> dict[str, Any]:
         """Everything the metrics compare, for a batch with ground truth: cell occupancies (CPU), the
@@ -235,7 +281,9 @@ class LoRAMeshDecoderModule(L.LightningModule):
     def _evaluate(self, batch: dict[str, Any], stage: str, metrics: MeshMetrics) -> None:
         sdf = self(batch)
         terms = self.losses(sdf, batch)
-        self.log_dict({f"{stage}/{k}": v for k, v in terms.items()}, batch_size=len(batch["case_id"]))
+        self.log_dict(
+            {f"{stage}/{k}": v for k, v in terms.items()}, batch_size=len(batch["case_id"]), sync_dist=True
+        )
         c = self._compare(sdf, batch)
         metrics.update(
             c["pred"], c["gt"], c["spacing_mm"], batch["class_index"].cpu(),
@@ -287,7 +335,10 @@ class LoRAMeshDecoderModule(L.LightningModule):
             if c is not None:
                 record["gt_sdf"] = batch["gt_sdf"][i].cpu().numpy()
                 record["gt_mesh"] = c["gt_meshes"][i]
-                metric = MeshMetrics([record["class_name"]], self.hparams.nsd_tolerance_mm)
+                # this sample's own values: no averaging with what other DDP processes predicted
+                metric = MeshMetrics(
+                    [record["class_name"]], self.hparams.nsd_tolerance_mm, sync_on_compute=False
+                )
                 one = slice(i, i + 1)
                 metric.update(
                     c["pred"][one], c["gt"][one], c["spacing_mm"][one], torch.zeros(1, dtype=torch.long),

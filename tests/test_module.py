@@ -18,6 +18,9 @@ from lora_sam3d.module import LoRAMeshDecoderModule
 from lora_sam3d.writers import mesh_bytes
 
 DECODER = dict(resolution=8, model_channels=64, num_blocks=2, num_heads=4, num_groups=8)
+SHIPPED = dict(
+    decoder=dict(DECODER, num_blocks=4), base_checkpoint="builtin:shapes"
+)  # a base that has learned
 CLASSES = ["heart_ventricle_left", "heart_myocardium"]
 
 
@@ -175,3 +178,49 @@ def test_shipped_base_decoder_loads() -> None:
         FileNotFoundError, match=r"no shipped decoder 'builtin:nope'; available: \['builtin:shapes'\]"
     ):
         LoRAMeshDecoderModule(decoder=DECODER, base_checkpoint="builtin:nope")
+
+
+class PoisonedModule(LoRAMeshDecoderModule):
+    """A fault, not a stand-in: the real module whose loss turns NaN at chosen steps (as a corrupt
+    sample or an overflow would make it)."""
+
+    poison_steps: tuple[int, ...] = (1,)
+
+    def losses(self, sdf: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
+        terms = super().losses(sdf, batch)
+        if self.training and self.global_step in self.poison_steps:
+            terms["loss"] = terms["loss"] * float("nan")
+        return terms
+
+
+def lora_state(module: LoRAMeshDecoderModule) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def test_nonfinite_loss_raises_or_skips_the_step(datamodule: TSDataModule, tmp_path: Path) -> None:
+    raising = PoisonedModule(**SHIPPED, classes=CLASSES)
+    with pytest.raises(
+        FloatingPointError, match=r"non-finite training loss at step 1 \(cases \[.*on_nonfinite: skip"
+    ):
+        trainer(tmp_path, limit_train_batches=3).fit(raising, datamodule=datamodule)
+
+    # skip: the poisoned step changes nothing, so the run equals one that never saw that batch's update
+    skipping = PoisonedModule(**SHIPPED, classes=CLASSES, on_nonfinite="skip")
+    seen: list[dict[str, torch.Tensor]] = []
+
+    class Snapshot(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
+            seen.append(lora_state(pl_module))
+
+    t = trainer(tmp_path, limit_train_batches=3, callbacks=[Snapshot()])
+    with pytest.warns(UserWarning, match="step skipped"):
+        t.fit(skipping, datamodule=datamodule)
+    assert skipping.skipped_steps == 1 and len(seen) == 3
+    for k in seen[0]:
+        assert torch.equal(seen[1][k], seen[0][k]), f"{k} changed on the skipped step"
+        assert torch.isfinite(seen[2][k]).all()
+    assert any(not torch.equal(seen[2][k], seen[1][k]) for k in seen[0]), "training goes on after the skip"
+    state = t.optimizers[0].state
+    assert all(int(s["step"]) == 2 for s in state.values()), (
+        "optimizer state not advanced by the skipped step"
+    )

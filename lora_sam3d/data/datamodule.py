@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset
 
 from lora_sam3d.data.cache import FileHashes, build_case
@@ -225,10 +226,13 @@ class TSDataModule(L.LightningDataModule):
         h = self.hparams
         dataset = self.datasets[split]
         sampler: Any = None
-        if shuffle and torch.distributed.is_available() and torch.distributed.is_initialized():
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if shuffle and distributed:
             sampler = EpochOffsetDistributedSampler(dataset, shuffle=True, seed=h.seed)
         elif shuffle:
             sampler = EpochShuffleSampler(len(dataset), h.seed)  # type: ignore[arg-type]
+        elif distributed:  # each sample once over all processes (Lightning's default would pad with repeats)
+            sampler = UnrepeatedDistributedSampler(dataset, shuffle=False)
         return DataLoader(
             dataset,
             batch_size=h.batch_size,

@@ -8,6 +8,7 @@ runs see the same draws as an uninterrupted run.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -85,23 +86,34 @@ class EpochShuffleSampler(Sampler[int]):
     def __len__(self) -> int:
         return self.length
 
+    @staticmethod
+    def order(length: int, seed: int, epoch: int) -> list[int]:
+        """The epoch's permutation of ``range(length)``, already offset by ``epoch * length``."""
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        return (epoch * length + torch.randperm(length, generator=g)).tolist()
+
     def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        offset = self.epoch * self.length
-        return iter((offset + torch.randperm(self.length, generator=g)).tolist())
+        return iter(self.order(self.length, self.seed, self.epoch))
 
 
 class EpochOffsetDistributedSampler(DistributedSampler):
-    """`DistributedSampler` (one shard per process, order from (seed, epoch)) that also yields
-    ``epoch * n + k``, so random draws vary by epoch under DDP as they do on one process.
+    """`DistributedSampler` over `EpochShuffleSampler`'s order: process ``r`` of ``w`` takes items
+    ``r, r + w, ...`` of the one-process order (padded by wrapping around, as torch does), so with
+    ``w`` processes of batch ``b`` each optimizer step sees the same samples as one process with batch
+    ``w * b``, and random draws vary by epoch as they do on one process.
 
     Being a `DistributedSampler`, Lightning neither wraps nor replaces it and calls its
     ``set_epoch`` at every epoch start.
     """
 
     def __iter__(self) -> Iterator[int]:
-        offset = self.epoch * len(self.dataset)  # type: ignore[arg-type]
-        return (offset + i for i in super().__iter__())
+        n = len(self.dataset)  # type: ignore[arg-type]
+        order = EpochShuffleSampler.order(n, self.seed, self.epoch) if self.shuffle else list(range(n))
+        if self.drop_last:
+            order = order[: self.total_size]
+        else:
+            order += (order * math.ceil(self.total_size / max(n, 1)))[: self.total_size - n]
+        return iter(order[self.rank : self.total_size : self.num_replicas])
 
 
 class TS_SAM3D_Dataset(Dataset):
