@@ -8,12 +8,16 @@ the final name, so a run killed during that copy leaves a truncated ``last.ckpt`
 renaming it there is atomic on every POSIX filesystem. The temporary name starts with a dot, so
 Lightning's search for ``last*.ckpt`` never takes it for a checkpoint.
 
+Loading turns torch's errors for truncated files and for pickles that would run code into one
+`ValueError` that names the file and says which it is.
+
 The `lora-sam3d` command installs it by default (``trainer.plugins``); Python users pass
 ``Trainer(plugins=[AtomicCheckpointIO()])``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +26,7 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from lora_sam3d.atomic import atomic_write
+from lora_sam3d.models.decoder import unreadable
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -36,3 +41,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             super().save_checkpoint(checkpoint, path)
             return
         atomic_write(Path(path), lambda tmp: torch.save(checkpoint, tmp))
+
+    def load_checkpoint(
+        self,
+        path: _PATH,
+        map_location: Callable | None = lambda storage, loc: storage,
+        weights_only: bool | None = None,
+    ) -> dict[str, Any]:
+        if not Path(path).is_file() and "://" not in str(path):
+            raise FileNotFoundError(f"checkpoint {path} does not exist")
+        try:
+            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        except FileNotFoundError:
+            raise
+        except Exception as err:
+            raise unreadable(path, err) from err

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,8 +29,8 @@ def _decoder_resolution(decoder: dict[str, Any] | None) -> int:
 def _lightning_cli(args: list[str] | None) -> None:
     from lightning.pytorch.cli import LightningCLI
 
-    from lora_sam3d.checkpoint_io import AtomicCheckpointIO
     from lora_sam3d.data import TSDataModule
+    from lora_sam3d.models.decoder import unreadable
     from lora_sam3d.module import LoRAMeshDecoderModule
 
     class LoRASAM3DCLI(LightningCLI):
@@ -37,11 +38,20 @@ def _lightning_cli(args: list[str] | None) -> None:
             parser.link_arguments("data.classes", "model.classes")
             parser.link_arguments("model.decoder", "data.resolution", compute_fn=_decoder_resolution)
 
+        def _parse_ckpt_path(self) -> None:
+            """LightningCLI reads ``--ckpt_path``'s hyper-parameters (they then define the model);
+            a file torch cannot read gets our one-line error instead of a traceback."""
+            try:
+                super()._parse_ckpt_path()
+            except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as err:
+                path = self.config[self.config.subcommand].get("ckpt_path")
+                raise unreadable(path, err) from err
+
     LoRASAM3DCLI(
         LoRAMeshDecoderModule,
         TSDataModule,
         args=args,
-        trainer_defaults={"plugins": [AtomicCheckpointIO()]},
+        trainer_defaults={"plugins": [{"class_path": "lora_sam3d.checkpoint_io.AtomicCheckpointIO"}]},
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"prog": "lora-sam3d"},
     )
@@ -62,12 +72,16 @@ def _phantoms(args: argparse.Namespace) -> None:
 def _export(args: argparse.Namespace) -> None:
     from lora_sam3d.callbacks import save_merged_decoder
     from lora_sam3d.lora import save_adapter
+    from lora_sam3d.models.decoder import unreadable
     from lora_sam3d.module import LoRAMeshDecoderModule
 
     ckpt = Path(args.ckpt_path)
     if not ckpt.is_file():
         raise FileNotFoundError(f"checkpoint {ckpt} does not exist")
-    module = LoRAMeshDecoderModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
+    try:
+        module = LoRAMeshDecoderModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as err:
+        raise unreadable(ckpt, err) from err
     out = Path(args.output)
     written = [save_merged_decoder(module, out / "decoder-merged.safetensors")]
     if module.hparams.finetune == "lora":

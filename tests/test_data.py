@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import shutil
 from pathlib import Path
 
@@ -312,85 +311,14 @@ def test_predict_items_reproduce_dataset_inputs(phantom_root: Path) -> None:
 # Bad input
 
 
-def test_bad_inputs_name_the_file(phantom_root: Path, tmp_path: Path) -> None:
-    def fresh(name: str) -> Path:
-        root = tmp_path / name
-        shutil.copytree(phantom_root, root, ignore=shutil.ignore_patterns("s0002", "s0003", "s0004", "s0005"))
-        return root
-
-    def expect(root: Path, pattern: str, **kw) -> None:
-        with pytest.raises(DataError, match=pattern):
-            dataset(root, **kw)
-        assert not [p for p in (root.parent / f"{root.name}-cache").glob("*") if p.name.endswith(".tmp")]
-
-    root = fresh("missing")
-    (root / "s0001" / "ct.nii.gz").unlink()
-    expect(root, r"case s0001: missing files .*s0001/ct\.nii\.gz")
-
-    root = fresh("truncated")
-    path = root / "s0001" / "ct.nii.gz"
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    expect(root, r"image file .*s0001/ct\.nii\.gz cannot be read \(truncated or corrupt\?\)")
-
-    root = fresh("garbage")
-    (root / "s0001" / "ct.nii.gz").write_bytes(gzip.compress(b"not a nifti at all" * 50))
-    expect(root, r"image file .*s0001/ct\.nii\.gz is not a readable NIfTI")
-
-    root = fresh("shape")
-    lab = root / "s0001" / "segmentations" / "heart_myocardium.nii.gz"
-    img = nib.load(str(lab))
-    save(np.asarray(img.dataobj)[:-2], img.affine, lab)
-    expect(root, r"label .*heart_myocardium\.nii\.gz has shape .* but image .*ct\.nii\.gz has")
-
-    root = fresh("affine")
-    img = nib.load(str(lab := root / "s0001" / "segmentations" / "heart_myocardium.nii.gz"))
-    shifted = img.affine.copy()
-    shifted[0, 3] += 5
-    save(np.asarray(img.dataobj), shifted, lab)
-    expect(root, r"label .*heart_myocardium\.nii\.gz and image .*ct\.nii\.gz have different affines")
-
-    root = fresh("nan")
-    img = nib.load(str(root / "s0001" / "ct.nii.gz"))
-    data = np.asarray(img.dataobj).astype(np.float32)
-    data[3, 3, 3] = np.nan
-    save(data, img.affine, root / "s0001" / "ct.nii.gz")
-    expect(root, r"image .*ct\.nii\.gz has 1 NaN/inf voxels")
-
-    root = fresh("twod")
-    save(np.zeros((10, 10), np.int16), np.eye(4), root / "s0001" / "ct.nii.gz")
-    expect(root, r"image file .*ct\.nii\.gz has shape \(10, 10\): expected a 3D volume")
-
-    root = fresh("fourd")
-    save(np.zeros((10, 10, 10, 2), np.int16), np.eye(4), root / "s0001" / "ct.nii.gz")
-    expect(root, r"has shape \(10, 10, 10, 2\): expected a 3D volume")
-
-    root = fresh("singular")
-    singular = np.eye(4)
-    singular[2, 2] = 0
-    img = nib.Nifti1Image(np.zeros((10, 10, 10), np.int16), None)
-    img.header.set_sform(singular, code=2)  # nibabel cannot store it as a qform
-    img.header.set_qform(np.eye(4), code=0)
-    nib.save(img, str(root / "s0001" / "ct.nii.gz"))
-    expect(root, r"image file .*ct\.nii\.gz has a non-invertible or non-finite affine")
-
-    (tmp_path / "nothing").mkdir()
-    expect(tmp_path / "nothing", r"no cases found in .*nothing")
-    expect(tmp_path / "absent", r"data root .*absent does not exist")
-
-    root = fresh("badsplit")
-    (root / "meta.csv").write_text("image_id;split\ns0001;training\n")
-    expect(root, r"meta\.csv line 2: split 'training' for 's0001'")
-
-    root = fresh("noclass")
-    expect(
-        root, r"missing files .*segmentations/heart_atrium_middle\.nii\.gz", classes=["heart_atrium_middle"]
-    )
+def test_class_empty_in_one_case_is_left_out_with_a_warning(phantom_root: Path, tmp_path: Path) -> None:
+    # Bad data that stops a run: tests/test_bad_inputs.py. Empty in one case only is not an error:
+    # that (case, class) pair is left out with a warning.
+    root = tmp_path / "data"
+    shutil.copytree(phantom_root, root, ignore=shutil.ignore_patterns("s0003", "s0004", "s0005"))
     lab = root / "s0001" / "segmentations" / "heart_atrium_left.nii.gz"
     img = nib.load(str(lab))
     save(np.zeros(img.shape, np.uint8), img.affine, lab)
-    expect(root, r"classes \['heart_atrium_left'\] have no voxels in any training case", split="train")
-    # Empty in one case only: that (case, class) pair is left out with a warning.
-    shutil.copytree(phantom_root / "s0002", root / "s0002")
     with pytest.warns(UserWarning, match=r"1 \(case, class\) pairs have no voxels.*s0001/heart_atrium_left"):
         ds = dataset(root, split="train", slice_sampling_method="central")
     assert ("s0001", "heart_atrium_left") not in {

@@ -83,25 +83,29 @@ class PredictionDataset(Dataset):
             raise DataError(
                 f"predict items name classes {unknown} with no frame extent; known: {sorted(self.extent_mm)}"
             )
+        for k, item in enumerate(self.items, start=1):  # what can be checked without reading volumes
+            for kind in ("image", "mask"):
+                if not Path(getattr(item, kind)).is_file():
+                    raise DataError(f"predict item {k}: {kind} {getattr(item, kind)} does not exist")
+            if item.axis not in (0, 1, 2):
+                raise DataError(
+                    f"predict item {k}: axis {item.axis!r}; expected 0 (sagittal), 1 (coronal) or 2 (axial)"
+                )
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         item = self.items[i]
-        volume = load_volume(item.image, {0: (Path(item.mask), item.label_value)}, self.prep)
-        side_mm = self.frame_scale * self.extent_mm[item.class_name]
-        sample, _ = slice_inputs(
-            volume.image,
-            volume.labels,
-            0,
-            volume.affine,
-            volume.spacing_mm,
-            item.axis,
-            item.index,
-            side_mm,
-            self.slice_size,
-        )
+        try:
+            volume = load_volume(item.image, {0: (Path(item.mask), item.label_value)}, self.prep)
+            side_mm = self.frame_scale * self.extent_mm[item.class_name]
+            sample, _ = slice_inputs(
+                volume.image, volume.labels, 0, volume.affine, volume.spacing_mm, item.axis, item.index,
+                side_mm, self.slice_size,
+            )  # fmt: skip
+        except DataError as err:
+            raise DataError(f"predict item {i + 1} (image {item.image}, mask {item.mask}): {err}") from err
         return sample | {
             "case_id": Path(item.image).name,
             "class_name": item.class_name,

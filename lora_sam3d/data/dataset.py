@@ -328,10 +328,15 @@ def slice_inputs(
     """
     shape = image.shape
     if not 0 <= index < shape[axis]:
-        raise DataError(f"slice index {index} is outside axis {axis} of a volume of shape {tuple(shape)}")
+        raise DataError(
+            f"slice index {index} is outside axis {axis} of the canonical (RAS) volume resampled to "
+            f"{spacing_mm} mm, of shape {tuple(shape)} (0..{shape[axis] - 1} along axis {axis})"
+        )
     take: list[Any] = [slice(None)] * 3
     take[axis] = index
     mask2d = (np.asarray(labels[tuple(take)]) >> np.uint32(bit)) & 1 == 1
+    if not mask2d.any():
+        raise DataError(f"the mask has no voxels on slice {index} along axis {axis}")
     frame = make_frame(mask2d, axis, index, side_mm, spacing_mm, affine)
     plane = sample_slice(frame, np.asarray(image[tuple(take)]), axis, slice_size, order=1)
     mask = sample_slice(frame, mask2d.astype(np.float32), axis, slice_size, order=0) > 0.5

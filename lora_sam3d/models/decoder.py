@@ -266,7 +266,18 @@ class SLatMeshDecoder(nn.Module):
         """
         model = cls(**config)
         state = load_weights(path)
-        state = _strip_prefix(state, set(model.state_dict()))
+        own = model.state_dict()
+        state = _strip_prefix(state, set(own))
+        shapes = [
+            f"{k}: file {tuple(v.shape)}, model {tuple(own[k].shape)}"
+            for k, v in state.items()
+            if k in own and v.shape != own[k].shape
+        ]
+        if shapes:
+            raise ValueError(
+                f"{path} holds weights of another decoder size than SLatMeshDecoder({config}): "
+                f"{len(shapes)} tensors differ, e.g. {'; '.join(shapes[:3])} (check model.decoder)"
+            )
         result = model.load_state_dict(state, strict=False)
         if strict and (result.missing_keys or result.unexpected_keys):
             raise KeyError(
@@ -275,6 +286,20 @@ class SLatMeshDecoder(nn.Module):
                 f"unexpected keys {result.unexpected_keys[:20]}{' ...' if len(result.unexpected_keys) > 20 else ''}"
             )
         return model
+
+
+def unreadable(path: str | os.PathLike[str], err: BaseException) -> ValueError:
+    """A one-line error for a weights file that torch or safetensors could not read, saying why."""
+    text = str(err)
+    if "Weights only load failed" in text:
+        reason = (
+            "it holds Python objects beyond tensors and plain types, which could run code when "
+            "unpickled; refused (torch.load weights_only=True). Re-save it as safetensors or tensors only"
+        )
+    else:
+        first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+        reason = f"truncated or corrupt? ({type(err).__name__}: {first[:200]})"
+    return ValueError(f"cannot read checkpoint {path}: {reason}")
 
 
 def load_weights(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
@@ -290,7 +315,7 @@ def load_weights(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise ValueError(f"cannot read checkpoint {path}: {err}") from err
+        raise unreadable(path, err) from err
     for key in ("state_dict", "model", "module"):
         if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
             state = state[key]

@@ -1,0 +1,575 @@
+"""Every bad input the data, model and CLI layers know of, fed through the `lora-sam3d` command.
+
+Each case breaks one thing in an otherwise good setup (phantom data, a trained LoRA checkpoint and
+adapter, a full fine-tune checkpoint) and asserts what a user sees: exit status 2, one line
+``lora-sam3d: error: ...`` (or jsonargparse's usage error for config keys and types) that names
+the file, key or value and says what was expected; no traceback; no temporary file left behind;
+and the files already written (checkpoints, adapters, earlier predictions) unchanged. The README's
+reliability section counts these cases.
+
+`main()` is called in this process: it is the console script's own entry point, and this keeps
+forty runs of the CLI within seconds.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import pickle
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import yaml
+
+from lora_sam3d.cli import main
+
+CONFIG = """
+seed_everything: 0
+trainer:
+  max_epochs: 1
+  accelerator: cpu
+  devices: 1
+  default_root_dir: {out}
+  limit_train_batches: 1
+  limit_val_batches: 1
+  enable_progress_bar: false
+  enable_model_summary: false
+  logger: false
+  callbacks:
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {{dirpath: {out}/checkpoints, save_last: true}}
+    - class_path: lora_sam3d.callbacks.AdapterCheckpoint
+    - class_path: lora_sam3d.callbacks.MeshPredictionWriter
+      init_args: {{output_dir: {out}/predictions, write_png: false}}
+model:
+  decoder: {{resolution: 8, model_channels: 64, num_blocks: 4, num_heads: 4, num_groups: 8}}
+  base_checkpoint: builtin:shapes
+  finetune: lora
+data:
+  root: {data}
+  classes: [heart_ventricle_left, heart_myocardium]
+  batch_size: 2
+  spacing: 2.0
+  eval_sampling: central
+  samples_per_class: 1
+"""
+
+
+@dataclass
+class Setup:
+    root: Path  # a folder of this test module
+    data: Path  # good phantom data (4 cases)
+    out: Path  # a trained LoRA run: checkpoints/last.ckpt, checkpoints/adapter-last/, predictions/
+    full_ckpt: Path  # a full fine-tune's checkpoint
+
+    @property
+    def ckpt(self) -> Path:
+        return self.out / "checkpoints" / "last.ckpt"
+
+    @property
+    def adapter(self) -> Path:
+        return self.out / "checkpoints" / "adapter-last"
+
+    def config(self, name: str, edit: Callable[[dict], None] | None = None, data: Path | None = None) -> str:
+        cfg = yaml.safe_load(CONFIG.format(out=self.root / name, data=data or self.data))
+        if edit is not None:
+            edit(cfg)
+        path = self.root / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return str(path)
+
+    def broken_data(self, name: str, breaking: Callable[[Path], None]) -> Path:
+        """A copy of the good data (two cases, no cache) with ``breaking(case s0001)`` applied."""
+        root = self.root / f"data-{name}"
+        shutil.copytree(self.data, root, ignore=shutil.ignore_patterns("s0003", "s0004", ".cache"))
+        breaking(root / "s0001")
+        return root
+
+
+def cli(*argv: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    try:
+        code = main(list(argv))
+    except SystemExit as exit_:  # jsonargparse's usage errors
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    return code, capsys.readouterr().err
+
+
+def fingerprint(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory, capsys_module: None = None) -> Setup:
+    root = tmp_path_factory.mktemp("bad")
+    from lora_sam3d.data import write_phantoms
+
+    write_phantoms(root / "data", n_cases=4, shape=(48, 48, 32))
+    s = Setup(root, root / "data", root / "good", root / "full" / "checkpoints" / "last.ckpt")
+    assert main(["fit", "--config", s.config("good")]) == 0
+    assert main(["predict", "--config", s.config("good"), "--ckpt_path", str(s.ckpt)]) == 0
+
+    def full(cfg: dict) -> None:
+        cfg["model"]["finetune"] = "full"
+
+    assert main(["fit", "--config", s.config("full", full)]) == 0
+    return s
+
+
+# -- how to break things ----------------------------------------------------------------------------
+def save_nifti(data: np.ndarray, affine: np.ndarray, path: Path) -> None:
+    nib.save(nib.Nifti1Image(data, affine), str(path))
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def edit_label(case: Path, change: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]) -> None:
+    path = case / "segmentations" / "heart_myocardium.nii.gz"
+    img = nib.load(str(path))
+    save_nifti(*change(np.asarray(img.dataobj), img.affine.copy()), path)
+
+
+def edit_image(case: Path, change: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]) -> None:
+    path = case / "ct.nii.gz"
+    img = nib.load(str(path))
+    save_nifti(*change(np.asarray(img.dataobj), img.affine.copy()), path)
+
+
+def shifted(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    affine[0, 3] += 5
+    return data, affine
+
+
+def with_nan(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    data = data.astype(np.float32)
+    data[3, 3, 3] = np.nan
+    return data, affine
+
+
+def singular_affine(case: Path) -> None:
+    img = nib.Nifti1Image(np.zeros((10, 10, 10), np.int16), None)
+    singular = np.eye(4)
+    singular[2, 2] = 0
+    img.header.set_sform(singular, code=2)
+    img.header.set_qform(np.eye(4), code=0)
+    nib.save(img, str(case / "ct.nii.gz"))
+
+
+def empty_label(case: Path) -> None:
+    for other in case.parent.iterdir():
+        if other.is_dir():
+            edit_label(other, lambda d, a: (np.zeros_like(d), a))
+
+
+DATA_CASES: dict[str, tuple[Callable[[Path], None], str]] = {
+    "missing image": (lambda c: (c / "ct.nii.gz").unlink(), r"case s0001: missing files .*s0001/ct\.nii\.gz"),
+    "truncated image": (
+        lambda c: truncate(c / "ct.nii.gz"),
+        r"s0001/ct\.nii\.gz cannot be read \(truncated or corrupt\?\)",
+    ),
+    "not a NIfTI": (
+        lambda c: (c / "ct.nii.gz").write_bytes(gzip.compress(b"not a nifti" * 50)),
+        r"s0001/ct\.nii\.gz is not a readable NIfTI",
+    ),
+    "label shape": (
+        lambda c: edit_label(c, lambda d, a: (d[:-2], a)),
+        r"heart_myocardium\.nii\.gz has shape .* but image .*ct\.nii\.gz has",
+    ),
+    "label affine": (
+        lambda c: edit_label(c, shifted),
+        r"heart_myocardium\.nii\.gz and image .*ct\.nii\.gz have different affines",
+    ),
+    "NaN voxels": (lambda c: edit_image(c, with_nan), r"ct\.nii\.gz has 1 NaN/inf voxels"),
+    "2D image": (
+        lambda c: save_nifti(np.zeros((10, 10), np.int16), np.eye(4), c / "ct.nii.gz"),
+        r"ct\.nii\.gz has shape \(10, 10\): expected a 3D volume",
+    ),
+    "4D image": (
+        lambda c: save_nifti(np.zeros((10, 10, 10, 2), np.int16), np.eye(4), c / "ct.nii.gz"),
+        r"ct\.nii\.gz has shape \(10, 10, 10, 2\): expected a 3D volume",
+    ),
+    "singular affine": (singular_affine, r"ct\.nii\.gz has a non-invertible or non-finite affine"),
+    "bad split in meta.csv": (
+        lambda c: (c.parent / "meta.csv").write_text("image_id;split\ns0001;training\ns0002;val\n"),
+        r"meta\.csv line 2: split 'training' for 's0001'",
+    ),
+    "class empty in every training case": (
+        empty_label,
+        r"classes \['heart_myocardium'\] have no voxels in any training case",
+    ),
+    "no cases": (
+        lambda c: [shutil.rmtree(p) for p in c.parent.iterdir() if p.is_dir()],
+        r"no cases found in .*data-no-cases",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(DATA_CASES))
+def test_bad_data(setup: Setup, name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    breaking, pattern = DATA_CASES[name]
+    data = setup.broken_data(name.replace(" ", "-"), breaking)
+    expect_error(
+        setup,
+        cli("fit", "--config", setup.config(f"run-{name.replace(' ', '-')}", data=data), capsys=capsys),
+        pattern,
+    )
+
+
+def expect_error(setup: Setup, result: tuple[int, str], pattern: str) -> None:
+    import re
+
+    code, err = result
+    assert code == 2, err[-2000:]
+    assert "Traceback" not in err, err[-2000:]
+    assert re.search(pattern, err, re.S), f"{pattern!r} not in {err[-1500:]!r}"
+    leftovers = [p for p in setup.root.rglob(".*") if ".tmp" in p.name]
+    assert not leftovers, f"half-written files left: {leftovers}"
+
+
+def set_in(*keys_value: object) -> Callable[[dict], None]:
+    *keys, value = keys_value
+
+    def edit(cfg: dict) -> None:
+        node = cfg
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+
+    return edit
+
+
+def broken_copy(setup: Setup, src: Path, name: str, breaking: Callable[[Path], None]) -> Path:
+    dst = setup.root / "broken" / name / src.name
+    if src.is_dir():
+        shutil.copytree(src, dst)
+    else:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, dst)
+    breaking(dst)
+    return dst
+
+
+class RunsCode:
+    """A pickle that would create a marker file when unpickled: loading must refuse it."""
+
+    marker = ""
+
+    def __reduce__(self) -> tuple:
+        return (Path.touch, (Path(self.marker),))
+
+
+def code_pickle(path: Path) -> None:
+    RunsCode.marker = str(path.with_suffix(".ran"))
+    with path.open("wb") as f:
+        pickle.dump({"state_dict": RunsCode()}, f)
+
+
+def fit_with(setup: Setup, name: str, edit: Callable[[dict], None]) -> list[str]:
+    return ["fit", "--config", setup.config(name, edit)]
+
+
+def predict_from(
+    setup: Setup, name: str, ckpt: Path | str, edit: Callable[[dict], None] | None = None
+) -> list[str]:
+    return ["predict", "--config", setup.config(name, edit), "--ckpt_path", str(ckpt)]
+
+
+def with_adapter(adapter: Path) -> Callable[[dict], None]:
+    return set_in("model", "adapter", str(adapter))
+
+
+def predict_items(s: Setup, name: str, **change: object) -> list[str]:
+    """``predict`` on a good request for test case s0004, with one field changed."""
+    small = s.root / "small.nii.gz"
+    case = s.data / "s0004"
+    if not small.exists():
+        save_nifti(np.zeros((20, 20, 20), np.int16), np.eye(4), small)
+        scan = nib.load(str(case / "ct.nii.gz"))
+        save_nifti(np.zeros(scan.shape, np.uint8), scan.affine, s.root / "empty_mask.nii.gz")
+    item = {"image": str(case / "ct.nii.gz"), "mask": str(case / "segmentations" / "heart_myocardium.nii.gz"),
+            "axis": 2, "index": 20, "class_name": "heart_myocardium"} | change  # fmt: skip
+    return predict_from(s, name, s.ckpt, set_in("data", "predict_items", [item]))
+
+
+def base_replaced(s: Setup) -> list[str]:
+    """Fit on a copy of the shipped base, then change that file: its checkpoint no longer fits it."""
+    from safetensors.torch import load_file, save_file
+
+    from lora_sam3d.module import resolve_checkpoint
+
+    base = s.root / "replaced" / "shapes.safetensors"
+    base.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(resolve_checkpoint("builtin:shapes"), base)
+    assert main(fit_with(s, "replaced", set_in("model", "base_checkpoint", str(base)))) == 0
+    weights = load_file(str(base))
+    weights["out_layer.bias"] = weights["out_layer.bias"] + 0.01
+    save_file(weights, str(base))
+    return predict_from(s, "replaced-predict", s.root / "replaced" / "checkpoints" / "last.ckpt")
+
+
+def rewrite_rank(adapter: Path, rank: int) -> None:
+    path = adapter / "adapter_config.json"
+    meta = json.loads(path.read_text())
+    meta["r"] = rank
+    meta["lora_sam3d"]["config"]["rank"] = rank
+    path.write_text(json.dumps(meta))
+
+
+RUN_CASES: dict[str, tuple[Callable[[Setup], list[str]], str]] = {
+    # configuration
+    "missing config file": (lambda s: ["fit", "--config", str(s.root / "nope.yaml")], r"nope\.yaml"),
+    "wrong config key": (lambda s: ["fit", "--config", s.config("k"), "--model.rank", "4"], r"model\.rank"),
+    "wrong value type": (
+        lambda s: fit_with(s, "t", set_in("data", "batch_size", "eight")),
+        r"\"data\.batch_size\":\s+Expected a <class 'int'>\. Got value: eight",
+    ),
+    "unknown fine-tuning mode": (
+        lambda s: fit_with(s, "f", set_in("model", "finetune", "partial")),
+        r"\"model\.finetune\":\s+Expected a typing\.Literal\['lora', 'full'\]\. Got value: partial",
+    ),
+    "unknown class name": (
+        lambda s: fit_with(s, "c", set_in("data", "classes", ["heart_atrium_middle"])),
+        r"missing files .*heart_atrium_middle\.nii\.gz",
+    ),
+    "unfreeze an absent module": (
+        lambda s: fit_with(s, "u", set_in("model", "unfreeze", ["head"])),
+        r"unfreeze: the decoder has no module 'head'",
+    ),
+    "on_nonfinite value": (
+        lambda s: fit_with(s, "n", set_in("model", "on_nonfinite", "ignore")),
+        r"\"model\.on_nonfinite\":\s+Expected a typing\.Literal\['raise', 'skip'\]\. Got value: ignore",
+    ),
+    "LoRA rank 0": (
+        lambda s: fit_with(s, "r", set_in("model", "lora", {"rank": 0})),
+        r"rank must be a positive integer",
+    ),
+    "LoRA target absent": (
+        lambda s: fit_with(s, "tg", set_in("model", "lora", {"target_modules": ["query"]})),
+        r"no module matched target_modules=\['query'\]",
+    ),
+    "missing data root": (
+        lambda s: fit_with(s, "d", set_in("data", "root", str(s.root / "absent"))),
+        r"data root .*absent does not exist",
+    ),
+    # base decoder
+    "missing base checkpoint": (
+        lambda s: fit_with(s, "b1", set_in("model", "base_checkpoint", str(s.root / "base.safetensors"))),
+        r"checkpoint .*base\.safetensors does not exist",
+    ),
+    "unknown shipped base": (
+        lambda s: fit_with(s, "b2", set_in("model", "base_checkpoint", "builtin:nope")),
+        r"no shipped decoder 'builtin:nope'; available: \['builtin:shapes'\]",
+    ),
+    "truncated base checkpoint": (
+        lambda s: fit_with(
+            s, "b3", set_in("model", "base_checkpoint", str(broken_copy(s, s.full_ckpt, "b3", truncate)))
+        ),
+        r"cannot read checkpoint .*b3/last\.ckpt",
+    ),
+    "base for another decoder size": (
+        lambda s: fit_with(
+            s,
+            "b4",
+            set_in(
+                "model", "decoder", {"resolution": 8, "model_channels": 96, "num_blocks": 4, "num_groups": 12}
+            ),
+        ),
+        r"shapes\.safetensors holds weights of another decoder size .* tensors differ, e\.g\. blocks\.0\.attn\.to_out\.bias: file \(64,\), model \(96,\)",
+    ),
+    "base checkpoint that runs code": (
+        lambda s: fit_with(
+            s, "b5", set_in("model", "base_checkpoint", str(broken_copy(s, s.full_ckpt, "b5", code_pickle)))
+        ),
+        r"cannot read checkpoint .*b5/last\.ckpt: it holds Python objects .* refused \(torch\.load weights_only=True\)",
+    ),
+    # Lightning checkpoints
+    "missing checkpoint": (lambda s: predict_from(s, "c1", s.root / "none.ckpt"), r"none\.ckpt"),
+    "truncated checkpoint": (
+        lambda s: predict_from(s, "c2", broken_copy(s, s.ckpt, "c2", truncate)),
+        r"cannot read checkpoint .*c2/last\.ckpt: truncated or corrupt\?",
+    ),
+    "checkpoint that runs code": (
+        lambda s: predict_from(s, "c3", broken_copy(s, s.ckpt, "c3", code_pickle)),
+        r"cannot read checkpoint .*c3/last\.ckpt: it holds Python objects",
+    ),
+    "base replaced since training": (
+        base_replaced,
+        r"trained on another base decoder .*base_checkpoint was '.*replaced/shapes\.safetensors'",
+    ),
+    # adapters
+    "missing adapter": (
+        lambda s: fit_with(s, "a1", with_adapter(s.root / "no-adapter")),
+        r"no-adapter/adapter_config\.json does not exist",
+    ),
+    "truncated adapter weights": (
+        lambda s: fit_with(
+            s,
+            "a2",
+            with_adapter(
+                broken_copy(s, s.adapter, "a2", lambda d: truncate(d / "adapter_model.safetensors"))
+            ),
+        ),
+        r"cannot read .*a2/adapter-last/adapter_model\.safetensors",
+    ),
+    "corrupt adapter config": (
+        lambda s: fit_with(
+            s,
+            "a3",
+            with_adapter(
+                broken_copy(s, s.adapter, "a3", lambda d: (d / "adapter_config.json").write_text("{not json"))
+            ),
+        ),
+        r"a3/adapter-last/adapter_config\.json",
+    ),
+    "adapter of another base": (
+        lambda s: fit_with(
+            s, "a4", lambda cfg: (with_adapter(s.adapter)(cfg), set_in("model", "base_checkpoint", None)(cfg))
+        ),
+        r"trained on another base model",
+    ),
+    "adapter of another rank": (
+        lambda s: fit_with(
+            s, "a5", with_adapter(broken_copy(s, s.adapter, "a5", lambda d: rewrite_rank(d, 8)))
+        ),
+        r"adapter-last.*expected \(8, 64\), got \(4, 64\)",
+    ),
+    # reconstruction requests on new scans (data.predict_items)
+    "predict item image missing": (
+        lambda s: predict_items(s, "p1", image=str(s.root / "scan.nii.gz")),
+        r"predict item 1: image .*scan\.nii\.gz does not exist",
+    ),
+    "predict item axis": (
+        lambda s: predict_items(s, "p2", axis=3),
+        r"predict item 1: axis 3; expected 0 \(sagittal\), 1 \(coronal\) or 2 \(axial\)",
+    ),
+    "predict item slice outside the scan": (
+        lambda s: predict_items(s, "p3", index=500),
+        r"predict item 1 \(image .*s0004/ct\.nii\.gz, .*\): slice index 500 is outside axis 2 .* \(0\.\.\d+ along axis 2\)",
+    ),
+    "predict item mask of another grid": (
+        lambda s: predict_items(
+            s,
+            "p4",
+            mask=str(s.data / "s0001" / "segmentations" / "heart_myocardium.nii.gz"),
+            image=str(s.root / "small.nii.gz"),
+        ),
+        r"heart_myocardium\.nii\.gz has shape .* but image .*small\.nii\.gz has",
+    ),
+    "predict item empty mask slice": (
+        lambda s: predict_items(s, "p5", mask=str(s.root / "empty_mask.nii.gz")),
+        r"predict item 1 \(.*mask .*empty_mask\.nii\.gz\): the mask has no voxels on slice 20 along axis 2",
+    ),
+    "predict item unknown class": (
+        lambda s: predict_items(s, "p6", class_name="liver"),
+        r"predict items name classes \['liver'\] with no frame extent",
+    ),
+    # export
+    "export of a missing checkpoint": (
+        lambda s: ["export", "--ckpt_path", str(s.root / "x.ckpt"), "--output", str(s.root / "e1")],
+        r"x\.ckpt does not exist",
+    ),
+    "export of a truncated checkpoint": (
+        lambda s: [
+            "export",
+            "--ckpt_path",
+            str(broken_copy(s, s.ckpt, "e2", truncate)),
+            "--output",
+            str(s.root / "e2"),
+        ],
+        r"cannot read checkpoint .*e2/last\.ckpt: truncated or corrupt\?",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(RUN_CASES))
+def test_bad_run_inputs(setup: Setup, name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    make, pattern = RUN_CASES[name]
+    argv = make(setup)
+    before = fingerprint(setup.out)
+    expect_error(setup, cli(*argv, capsys=capsys), pattern)
+    assert fingerprint(setup.out) == before, "a failed run changed the trained run's files"
+    assert not list(setup.root.rglob("*.ran")), "a checkpoint ran code on load"
+
+
+def load_ckpt(path: Path, **override: object) -> None:
+    from lora_sam3d.module import LoRAMeshDecoderModule
+
+    LoRAMeshDecoderModule.load_from_checkpoint(path, map_location="cpu", weights_only=True, **override)
+
+
+def load_adapter_into(adapter: Path, **lora: object) -> None:
+    """The adapter loaded into the shipped base injected with LoRA of the given settings."""
+    from lora_sam3d.lora import LoRAConfig, inject_lora, load_adapter
+    from lora_sam3d.models import SLatMeshDecoder
+    from lora_sam3d.module import resolve_checkpoint
+
+    size = yaml.safe_load(CONFIG.format(out="o", data="d"))["model"]["decoder"] | {"latent_channels": 8}
+    decoder = SLatMeshDecoder.from_pretrained(resolve_checkpoint("builtin:shapes"), **size)
+    inject_lora(decoder, LoRAConfig(**lora))  # type: ignore[arg-type]
+    load_adapter(decoder, adapter)
+
+
+# Python API: a checkpoint or adapter loaded into a model configured otherwise (through the CLI,
+# ``--ckpt_path`` defines the model from the checkpoint's own hyper-parameters, so these cannot arise).
+API_CASES: dict[str, tuple[Callable[[Setup], None], type[Exception], str]] = {
+    "checkpoint of another rank": (
+        lambda s: load_ckpt(s.ckpt, lora={"rank": 8}),
+        ValueError,
+        r"mis-shaped .*lora_A: checkpoint \(4, 64\), model \(8, 64\)",
+    ),
+    "checkpoint of other targets": (
+        lambda s: load_ckpt(s.ckpt, lora={"target_modules": ["to_qkv"]}),
+        ValueError,
+        r"unexpected \[.*to_out\.lora_A",
+    ),
+    "checkpoint with other trained heads": (
+        lambda s: load_ckpt(s.ckpt, unfreeze=["out_layer"]),
+        ValueError,
+        r"missing \['decoder\.out_layer\.bias'",
+    ),
+    "checkpoint of another base": (
+        lambda s: load_ckpt(s.ckpt, base_checkpoint=None),
+        ValueError,
+        r"trained on another base decoder .*base_checkpoint was 'builtin:shapes'",
+    ),
+    "LoRA checkpoint where a full fine-tune is expected": (
+        lambda s: load_ckpt(s.ckpt, finetune="full"),
+        ValueError,
+        r"'lora' fine-tune but the model is configured for 'full'",
+    ),
+    "full fine-tune where LoRA is expected": (
+        lambda s: load_ckpt(s.full_ckpt, finetune="lora"),
+        ValueError,
+        r"'full' fine-tune but the model is configured for 'lora'; set model\.finetune: full",
+    ),
+    "adapter into LoRA of another rank": (
+        lambda s: load_adapter_into(s.adapter, rank=8),
+        KeyError,
+        r"adapter-last.*expected \(8, 64\), got \(4, 64\)",
+    ),
+    "adapter into LoRA of other targets": (
+        lambda s: load_adapter_into(s.adapter, target_modules=["to_qkv"]),
+        KeyError,
+        r"unexpected keys \[.*to_out",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(API_CASES))
+def test_bad_api_inputs(setup: Setup, name: str) -> None:
+    call, error, pattern = API_CASES[name]
+    before = fingerprint(setup.out)
+    with pytest.raises(error, match=pattern):
+        call(setup)
+    assert fingerprint(setup.out) == before
