@@ -4,7 +4,10 @@ Every variant starts from `configs/demo.yaml` (shipped base `builtin:shapes`, he
 only the settings below changed; each is trained with `lora-sam3d fit` and scored with
 `lora-sam3d test` on the held-out test cases (split by case). Writes `docs/experiment.json`,
 `docs/experiment_dice.png` (validation Dice against step) and `docs/experiment_meshes.png`
-(predicted vs true surfaces for one test case), and prints a Markdown table.
+(predicted vs true surfaces for one test case), and prints a Markdown table. Each variant's
+per-sample test Dice (from `lora-sam3d predict` on the test split) is paired with the base's on
+the same samples: the mean gain comes with a 95% interval from a bootstrap over test *cases*
+(samples of one case are not independent), and the share of samples that improved.
 
     python benchmarks/experiment.py [--variants a b c d e] [--out outputs/experiment]
 """
@@ -94,6 +97,7 @@ def main() -> None:
     out = (ROOT / args.out).resolve()
     results = []
     curves: dict[str, list[tuple[int, float]]] = {}
+    per_sample: dict[str, dict[tuple[str, ...], float]] = {}
     for key in args.variants:
         cfg = variant_config(key, out)
         run = out / key
@@ -102,12 +106,16 @@ def main() -> None:
         if VARIANTS[key].get("train", True):
             cli("fit", "--config", str(rel))
             summary = json.loads((run / "checkpoints" / "run_summary.json").read_text())
-            cli("test", "--config", str(rel), "--ckpt_path", str(run / "checkpoints" / "best.ckpt"))
+            best = ("--ckpt_path", str(run / "checkpoints" / "best.ckpt"))
+            cli("test", "--config", str(rel), *best)
+            cli("predict", "--config", str(rel), *best)
             command = f"lora-sam3d fit --config configs/demo.yaml {flags(VARIANTS[key]['model'])}".strip()
         else:
             cli("validate", "--config", str(rel))
             cli("test", "--config", str(rel))
+            cli("predict", "--config", str(rel))
             command = "lora-sam3d test --config configs/demo.yaml"
+        per_sample[key] = sample_dice(run / "predictions" / "metrics.csv")
         logs = metrics_rows(run)
         test_rows = logs[-1]
         if VARIANTS[key].get("train", True):
@@ -137,15 +145,47 @@ def main() -> None:
             "peak_mem_bytes": summary.get("peak_rss_bytes"),
             "command": command,
         })  # fmt: skip
+        if key != "a" and "a" in per_sample:
+            results[-1].update(paired_gain(per_sample[key], per_sample["a"]))
         print(json.dumps(results[-1], indent=2), flush=True)
     docs = ROOT / "docs"
     (docs / "experiment.json").write_text(json.dumps(results, indent=2))
     plot_curves(curves, docs / "experiment_dice.png")
     if "b" in args.variants:
-        cli("predict", "--config", str(variant_config("b", out).relative_to(ROOT)),
-            "--ckpt_path", str(out / "b" / "checkpoints" / "best.ckpt"))  # fmt: skip
         plot_meshes(out / "b" / "predictions", docs / "experiment_meshes.png")
     print_table(results)
+
+
+def sample_dice(metrics_csv: Path) -> dict[tuple[str, ...], float]:
+    """(case, class, axis, index) -> Dice of one predicted test sample."""
+    with metrics_csv.open() as f:
+        return {
+            (r["case_id"], r["class_name"], r["axis"], r["index"]): float(r["dice"])
+            for r in csv.DictReader(f)
+        }
+
+
+def paired_gain(
+    variant: dict[tuple[str, ...], float], base: dict[tuple[str, ...], float], draws: int = 10_000
+) -> dict[str, Any]:
+    """Mean per-sample Dice gain over the base with a 95% bootstrap interval over test cases."""
+    keys = sorted(variant.keys() & base.keys())
+    cases = sorted({k[0] for k in keys})
+    diffs = {c: np.array([variant[k] - base[k] for k in keys if k[0] == c]) for c in cases}
+    rng = np.random.default_rng(0)
+    means = []
+    for _ in range(draws):
+        pick = rng.choice(len(cases), len(cases))
+        means.append(np.concatenate([diffs[cases[i]] for i in pick]).mean())
+    all_diffs = np.concatenate(list(diffs.values()))
+    low, high = np.percentile(means, [2.5, 97.5])
+    return {
+        "dice_gain_over_base": float(all_diffs.mean()),
+        "dice_gain_ci95": [float(low), float(high)],
+        "samples_improved": f"{int((all_diffs > 0).sum())}/{len(all_diffs)}",
+        "paired_samples": len(all_diffs),
+        "test_cases": len(cases),
+    }
 
 
 def flags(model: dict[str, Any], prefix: str = "--model.") -> str:
@@ -218,6 +258,15 @@ def plot_meshes(predictions: Path, path: Path) -> None:
 
 
 def print_table(results: list[dict[str, Any]]) -> None:
+    print("| variant | Dice gain over (a) | 95% interval (bootstrap over cases) | samples improved |")
+    print("|---|---|---|---|")
+    for r in results:
+        if "dice_gain_over_base" in r:
+            low, high = r["dice_gain_ci95"]
+            print(
+                f"| {r['name']} | {r['dice_gain_over_base']:+.3f} | [{low:+.3f}, {high:+.3f}] | {r['samples_improved']} |"
+            )
+    print()
     print(
         "| variant | mean Dice | HD95 mm | ASSD mm | NSD@3mm | Chamfer mm | trainable params | adapter bytes | train s | peak RSS MiB |"
     )

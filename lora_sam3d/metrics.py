@@ -82,9 +82,8 @@ class MeshMetrics(Metric):
     full_state_update = False
 
     def __init__(self, classes: list[str], nsd_tolerance_mm: float = 3.0, **kwargs: Any) -> None:
-        super().__init__(
-            **kwargs
-        )  # torchmetrics options, e.g. sync_on_compute=False for one process's samples
+        # kwargs: torchmetrics options, e.g. sync_on_compute=False for one process's own samples
+        super().__init__(**kwargs)
         self.classes = list(classes)
         self.nsd_tolerance_mm = nsd_tolerance_mm
         c = len(self.classes)

@@ -250,14 +250,12 @@ class LoRAMeshDecoderModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """A finite loss can still give inf/NaN gradients (overflow): same rule as the loss."""
-        bad = [
-            n for n, p in self.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()
-        ]
-        if bad:
-            self._nonfinite(
-                f"non-finite gradients at step {self.global_step} in {len(bad)} tensors: {bad[:5]}"
-            )
-            optimizer.zero_grad(set_to_none=True)  # parameters without a gradient are not updated
+        grads = {n: p.grad for n, p in self.named_parameters() if p.grad is not None}
+        if not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads.values()]).all()):
+            return  # one device sync per step, not one per tensor
+        bad = [n for n, g in grads.items() if not torch.isfinite(g).all()]
+        self._nonfinite(f"non-finite gradients at step {self.global_step} in {len(bad)} tensors: {bad[:5]}")
+        optimizer.zero_grad(set_to_none=True)  # parameters without a gradient are not updated
 
     def _nonfinite(self, message: str) -> None:
         if self.hparams.on_nonfinite == "raise":

@@ -206,3 +206,27 @@ def test_nonfinite_loss_raises_or_skips_the_step(datamodule: TSDataModule, tmp_p
     assert all(int(s["step"]) == 2 for s in state.values()), (
         "optimizer state not advanced by the skipped step"
     )
+
+
+class PoisonedGradients(LoRAMeshDecoderModule):
+    """The real module whose gradients overflow at step 1 while the loss stays finite."""
+
+    def on_after_backward(self) -> None:
+        if self.global_step == 1:
+            next(p for p in self.parameters() if p.grad is not None).grad[0] = float("inf")
+
+
+def test_nonfinite_gradients_raise_or_skip_the_step(datamodule: TSDataModule, tmp_path: Path) -> None:
+    with pytest.raises(
+        FloatingPointError, match=r"non-finite gradients at step 1 in 1 tensors: \['decoder\."
+    ):
+        trainer(tmp_path, limit_train_batches=2).fit(
+            PoisonedGradients(**SHIPPED, classes=CLASSES), datamodule=datamodule
+        )
+    skipping = PoisonedGradients(**SHIPPED, classes=CLASSES, on_nonfinite="skip")
+    t = trainer(tmp_path, limit_train_batches=3)
+    with pytest.warns(UserWarning, match="non-finite gradients at step 1.*step skipped"):
+        t.fit(skipping, datamodule=datamodule)
+    assert skipping.skipped_steps == 1
+    assert all(int(s["step"]) == 2 for s in t.optimizers[0].state.values())
+    assert all(torch.isfinite(p).all() for p in skipping.parameters())
