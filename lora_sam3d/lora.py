@@ -646,6 +646,12 @@ def save_adapter(
 
 def read_adapter_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
     """The parsed ``adapter_config.json`` of an adapter folder we wrote; errors name the file."""
+    if Path(directory).is_file():
+        raise ValueError(
+            f"{directory} is a file, but an adapter is a folder holding {ADAPTER_CONFIG_NAME} and "
+            f"{ADAPTER_WEIGHTS_NAME} (a Lightning checkpoint goes to --ckpt_path, whole decoder weights "
+            "to model.base_checkpoint)"
+        )
     cfg_path = Path(directory) / ADAPTER_CONFIG_NAME
     if not cfg_path.is_file():
         raise FileNotFoundError(

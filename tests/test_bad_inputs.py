@@ -412,6 +412,10 @@ RUN_CASES: dict[str, tuple[Callable[[Setup], list[str]], str]] = {
         lambda s: fit_with(s, "a1", with_adapter(s.root / "no-adapter")),
         r"no-adapter/adapter_config\.json does not exist",
     ),
+    "full fine-tune checkpoint given as adapter": (
+        lambda s: fit_with(s, "a6", with_adapter(s.full_ckpt)),
+        r"full/checkpoints/last\.ckpt is a file, but an adapter is a folder .* goes to --ckpt_path",
+    ),
     "truncated adapter weights": (
         lambda s: fit_with(
             s,
