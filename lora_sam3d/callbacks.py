@@ -231,7 +231,11 @@ class MeshPredictionWriter(BasePredictionWriter):
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         counts: dict[str, int] = {}
-        for path in self.written:
+        written = [self.written]
+        if trainer.world_size > 1 and torch.distributed.is_initialized():  # count every process's files
+            written = [[] for _ in range(trainer.world_size)]
+            torch.distributed.all_gather_object(written, self.written)
+        for path in (p for paths in written for p in paths):
             kind = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
             counts[kind] = counts.get(kind, 0) + 1
         summary = ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items()))

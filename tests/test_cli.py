@@ -323,17 +323,22 @@ def test_ddp_on_two_cpu_processes_equals_one_process(tmp_path: Path) -> None:
         "--ckpt_path",
         ckpt,
     )
-    results = {}
+    results, summaries = {}, {}
     for name, extra in (("one-eval", []), ("two-eval", ["--config", str(ddp)])):
         cfg = ["--config", str(variant_config(tmp_path, name, epochs=1, batch_size=2)), *extra]
         for command in ("validate", "predict"):
             done = run(command, *cfg, *every)
             assert done.returncode == 0, done.stderr[-3000:]
+        summaries[name] = [
+            line for line in (done.stdout + done.stderr).splitlines() if "predictions written" in line
+        ]
         results[name] = (
             logged(tmp_path / name, "val/"),
             json.loads((tmp_path / name / "predictions" / "metrics.json").read_text())["samples"],
         )
     (val_one, pred_one), (val_two, pred_two) = results["one-eval"], results["two-eval"]
+    counts = [line.split(": ", 1)[-1] for line in summaries["one-eval"] + summaries["two-eval"]]
+    assert len(counts) == 2 and counts[0] == counts[1], "the summary counts every process's files"
     assert val_one.keys() == val_two.keys() and "val/dice" in val_one
     for key, value in val_one.items():
         assert val_two[key] == pytest.approx(value, rel=1e-5, abs=1e-6, nan_ok=True), key
