@@ -1,4 +1,5 @@
-"""Every bad input the data, model and CLI layers know of, fed through the `lora-sam3d` command.
+"""Every bad input the data, model and CLI layers know of, fed through the `lora-sam3d` command
+(and through the Python API for the mismatches the command cannot produce).
 
 Each case breaks one thing in an otherwise good setup (phantom data, a trained LoRA checkpoint and
 adapter, a full fine-tune checkpoint) and asserts what a user sees: exit status 2, one line
@@ -8,7 +9,7 @@ and the files already written (checkpoints, adapters, earlier predictions) uncha
 reliability section counts these cases.
 
 `main()` is called in this process: it is the console script's own entry point, and this keeps
-forty runs of the CLI within seconds.
+some fifty runs of the CLI within seconds.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import pytest
 import yaml
 
 from lora_sam3d.cli import main
+from lora_sam3d.data import write_phantoms
 
 CONFIG = """
 seed_everything: 0
@@ -109,10 +111,8 @@ def fingerprint(folder: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory, capsys_module: None = None) -> Setup:
+def setup(tmp_path_factory: pytest.TempPathFactory) -> Setup:
     root = tmp_path_factory.mktemp("bad")
-    from lora_sam3d.data import write_phantoms
-
     write_phantoms(root / "data", n_cases=4, shape=(48, 48, 32))
     s = Setup(root, root / "data", root / "good", root / "full" / "checkpoints" / "last.ckpt")
     assert main(["fit", "--config", s.config("good")]) == 0
