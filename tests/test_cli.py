@@ -79,10 +79,17 @@ def write_config(tmp: Path, name: str, epochs: int = 1, finetune: str = "lora") 
 
 
 def variant_config(
-    tmp: Path, name: str, file: str | None = None, callbacks: list[dict] = (), epochs: int = 2, **data: object
+    tmp: Path,
+    name: str,
+    file: str | None = None,
+    callbacks: list[dict] = (),
+    epochs: int = 2,
+    checkpoint: dict | None = None,
+    **data: object,
 ) -> Path:
-    """The test config writing to ``tmp/name``, with extra callbacks and data settings."""
+    """The test config writing to ``tmp/name``, with extra callbacks, ModelCheckpoint and data settings."""
     cfg = yaml.safe_load(CONFIG.format(epochs=epochs, out=tmp / name, data=tmp / "data", finetune="lora"))
+    cfg["trainer"]["callbacks"][0]["init_args"].update(checkpoint or {})
     cfg["trainer"]["callbacks"] += list(callbacks)
     cfg["data"].update(data)
     path = tmp / f"{file or name}.yaml"
@@ -236,30 +243,41 @@ def test_phantoms_command(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "fault",
-    [{"at_step": 4}, {"in_save_of": "last.ckpt", "nth": 2}],
-    ids=["mid-epoch", "mid-checkpoint-write"],
+    ("fault", "every_step", "last_epoch"),
+    [
+        ({"at_step": 4}, False, 0),
+        ({"in_save_of": "last.ckpt", "nth": 2}, False, 0),
+        ({"at_step": 5}, True, 1),
+    ],
+    ids=["mid-epoch", "mid-checkpoint-write", "mid-epoch-with-step-checkpoints"],
 )
-def test_killed_run_resumes_to_the_uninterrupted_weights(trained: Path, fault: dict) -> None:
-    """SIGKILL (kill -9) in epoch 1 of 2, either at its second step or while ``last.ckpt`` of epoch 1
-    is being written; ``--ckpt_path last`` then resumes from epoch 0's checkpoint and ends on the
-    weights of the uninterrupted run ("run", same config)."""
-    name = "killed-" + "-".join(map(str, fault.values()))
+def test_killed_run_resumes_to_the_uninterrupted_weights(
+    trained: Path, fault: dict, every_step: bool, last_epoch: int
+) -> None:
+    """SIGKILL (kill -9) in epoch 1 of 2: at its second step, or while ``last.ckpt`` of epoch 1 is
+    being written, or at its third step with a checkpoint after every step. ``--ckpt_path last``
+    resumes from the last complete checkpoint (epoch 0's end, or mid-epoch 1 after its second
+    batch) and ends on the weights of the uninterrupted run ("run", same config)."""
+    name = "killed-" + "-".join(map(str, fault.values())) + ("-steps" if every_step else "")
+    steps = {"every_n_train_steps": 1, "filename": "{epoch}-{step}"} if every_step else {}
     killing = variant_config(
-        trained, name, f"{name}-kill", [{"class_path": "faults.Kill", "init_args": fault}]
+        trained, name, f"{name}-kill", [{"class_path": "faults.Kill", "init_args": fault}], checkpoint=steps
     )
     killed = run("fit", "--config", str(killing))
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     ckpts = trained / name / "checkpoints"
     for path in ckpts.glob("[!.]*.ckpt"):  # whatever carries a checkpoint's name is complete
         torch.load(path, map_location="cpu", weights_only=True)
-    assert torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=True)["epoch"] == 0
+    assert torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=True)["epoch"] == last_epoch
+    at_kill = trained_tensors(ckpts / "last.ckpt")
     if "in_save_of" in fault:
         partial = list(ckpts.glob(".last.ckpt.*"))
         assert len(partial) == 1, "the half-written file sits beside, under a temporary name"
         with pytest.raises((RuntimeError, OSError)):  # truncated: torch refuses it
             torch.load(partial[0], map_location="cpu", weights_only=True)
-    resumed = run("fit", "--config", str(variant_config(trained, name)), "--ckpt_path", "last")
+    resumed = run(
+        "fit", "--config", str(variant_config(trained, name, checkpoint=steps)), "--ckpt_path", "last"
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     final, reference = (
         trained_tensors(ckpts / "last.ckpt"),
@@ -268,7 +286,7 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(trained: Path, fault: d
     assert final.keys() == reference.keys()
     for key in reference:  # deterministic CPU run: equal up to float32 summation order
         torch.testing.assert_close(final[key], reference[key], rtol=0, atol=1e-6, msg=key)
-    assert any(not torch.equal(final[k], trained_tensors(ckpts / "epoch=0.ckpt")[k]) for k in final)
+    assert any(not torch.equal(final[k], at_kill[k]) for k in final), "training went on after the resume"
 
 
 def logged(out: Path, prefix: str) -> dict[str, float]:

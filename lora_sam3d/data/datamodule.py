@@ -7,7 +7,7 @@ is needed here; the sparse latent is built on the device by the module.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +22,7 @@ from lora_sam3d.data.cases import Layout, discover_cases
 from lora_sam3d.data.dataset import (
     EpochOffsetDistributedSampler,
     EpochShuffleSampler,
+    ResumableSampler,
     SamplingMethod,
     TS_SAM3D_Dataset,
     collate,
@@ -58,6 +59,31 @@ class PredictItem:
     mask: str
     class_name: str
     label_value: int | None = None
+
+
+class ResumableDataLoader(DataLoader):
+    """The training loader, with its place in the epoch saved in Lightning checkpoints.
+
+    Lightning stores ``state_dict()`` of loaders that have one and hands it back through
+    ``load_state_dict`` when resuming; here that is (epoch, batches done), read from the trainer's
+    own progress counters at save time (the loader itself runs a batch ahead: Lightning
+    prefetches). A run resumed from a mid-epoch checkpoint (``ModelCheckpoint(every_n_train_steps=N)``)
+    then continues with the next batch of that epoch instead of replaying its first batches.
+    """
+
+    def __init__(
+        self, *args: Any, position: Callable[[], tuple[int, int]] | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.position = position
+
+    def state_dict(self) -> dict[str, int]:
+        epoch, batches = self.position() if self.position is not None else (0, 0)
+        return {"epoch": epoch, "batches": batches}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if isinstance(self.sampler, ResumableSampler) and self.batch_size:
+            self.sampler.resume(int(state["epoch"]), int(state["batches"]) * self.batch_size)
 
 
 class PredictionDataset(Dataset):
@@ -237,14 +263,21 @@ class TSDataModule(L.LightningDataModule):
             sampler = EpochShuffleSampler(len(dataset), h.seed)  # type: ignore[arg-type]
         elif distributed:  # each sample once over all processes (Lightning's default would pad with repeats)
             sampler = UnrepeatedDistributedSampler(dataset, shuffle=False)
-        return DataLoader(
+        loader = ResumableDataLoader if shuffle else DataLoader
+        extra = {"position": self._train_position} if shuffle else {}
+        return loader(
             dataset,
             batch_size=h.batch_size,
             sampler=sampler,
             num_workers=h.num_workers,
             persistent_workers=h.num_workers > 0,
             collate_fn=collate,
+            **extra,
         )
+
+    def _train_position(self) -> tuple[int, int]:
+        """(epoch, training batches processed in it) from the trainer, at checkpoint time."""
+        return self.trainer.current_epoch, self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

@@ -70,11 +70,29 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-class EpochShuffleSampler(Sampler[int]):
+class ResumableSampler:
+    """Skip the first items of one epoch once: where a run interrupted mid-epoch stopped."""
+
+    epoch: int
+    _resume: tuple[int, int] | None = None
+
+    def resume(self, epoch: int, skip: int) -> None:
+        """In ``epoch``, leave out the first ``skip`` items this process would have yielded."""
+        self._resume = (epoch, skip)
+
+    def _skipped(self, order: list[int]) -> list[int]:
+        if self._resume is not None and self._resume[0] == self.epoch:
+            order = order[self._resume[1] :]
+            self._resume = None
+        return order
+
+
+class EpochShuffleSampler(ResumableSampler, Sampler[int]):
     """A shuffle that depends only on (seed, epoch); yields ``epoch * n + k`` so the dataset knows the epoch.
 
     Lightning calls ``set_epoch`` on samplers at each epoch start, also after resuming from a
-    checkpoint, so a resumed run sees exactly the order (and random draws) of an uninterrupted one.
+    checkpoint, so a resumed run sees exactly the order (and random draws) of an uninterrupted one;
+    from a mid-epoch checkpoint, `resume` makes it continue where the run stopped.
     """
 
     def __init__(self, length: int, seed: int = 0) -> None:
@@ -93,10 +111,10 @@ class EpochShuffleSampler(Sampler[int]):
         return (epoch * length + torch.randperm(length, generator=g)).tolist()
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.order(self.length, self.seed, self.epoch))
+        return iter(self._skipped(self.order(self.length, self.seed, self.epoch)))
 
 
-class EpochOffsetDistributedSampler(DistributedSampler):
+class EpochOffsetDistributedSampler(ResumableSampler, DistributedSampler):
     """`DistributedSampler` over `EpochShuffleSampler`'s order: process ``r`` of ``w`` takes items
     ``r, r + w, ...`` of the one-process order (padded by wrapping around, as torch does), so with
     ``w`` processes of batch ``b`` each optimizer step sees the same samples as one process with batch
@@ -113,7 +131,7 @@ class EpochOffsetDistributedSampler(DistributedSampler):
             order = order[: self.total_size]
         else:
             order += (order * math.ceil(self.total_size / max(n, 1)))[: self.total_size - n]
-        return iter(order[self.rank : self.total_size : self.num_replicas])
+        return iter(self._skipped(order[self.rank : self.total_size : self.num_replicas]))
 
 
 class TS_SAM3D_Dataset(Dataset):
