@@ -209,11 +209,9 @@ class MeshPredictionWriter(BasePredictionWriter):
 
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Gather every process's per-sample metrics; rank 0 writes ``metrics.csv`` and ``metrics.json``."""
-        if trainer.world_size > 1 and torch.distributed.is_initialized():
-            gathered: list[list[dict[str, Any]]] = [[] for _ in range(trainer.world_size)]
-            torch.distributed.all_gather_object(gathered, self.rows)
+        if trainer.world_size > 1:
             self.rows = sorted(
-                (r for rows in gathered for r in rows),
+                _from_all_processes(trainer, self.rows),
                 key=lambda r: (r["case_id"], r["class_name"], r["axis"], r["index"]),
             )
         if not self.rows or not trainer.is_global_zero:
@@ -231,11 +229,7 @@ class MeshPredictionWriter(BasePredictionWriter):
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         counts: dict[str, int] = {}
-        written = [self.written]
-        if trainer.world_size > 1 and torch.distributed.is_initialized():  # count every process's files
-            written = [[] for _ in range(trainer.world_size)]
-            torch.distributed.all_gather_object(written, self.written)
-        for path in (p for paths in written for p in paths):
+        for path in _from_all_processes(trainer, self.written):  # every process's files
             kind = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
             counts[kind] = counts.get(kind, 0) + 1
         summary = ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items()))
@@ -252,6 +246,15 @@ class MeshPredictionWriter(BasePredictionWriter):
                     means["nsd"],
                 )
             )
+
+
+def _from_all_processes(trainer: L.Trainer, items: list[Any]) -> list[Any]:
+    """The concatenation of ``items`` over all processes (just ``items`` without a process group)."""
+    if trainer.world_size == 1 or not torch.distributed.is_initialized():
+        return list(items)
+    gathered: list[list[Any]] = [[] for _ in range(trainer.world_size)]
+    torch.distributed.all_gather_object(gathered, items)
+    return [item for part in gathered for item in part]
 
 
 def _means(rows: list[dict[str, Any]]) -> dict[str, float]:

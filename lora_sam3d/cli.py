@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import pickle
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ def _lightning_cli(args: list[str] | None) -> None:
     from lightning.pytorch.cli import LightningCLI
 
     from lora_sam3d.data import TSDataModule
-    from lora_sam3d.models.decoder import unreadable
+    from lora_sam3d.models.decoder import READ_ERRORS, unreadable
     from lora_sam3d.module import LoRAMeshDecoderModule
 
     class LoRASAM3DCLI(LightningCLI):
@@ -43,7 +42,7 @@ def _lightning_cli(args: list[str] | None) -> None:
             a file torch cannot read gets our one-line error instead of a traceback."""
             try:
                 super()._parse_ckpt_path()
-            except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as err:
+            except READ_ERRORS as err:
                 path = self.config[self.config.subcommand].get("ckpt_path")
                 raise unreadable(path, err) from err
 
@@ -72,7 +71,7 @@ def _phantoms(args: argparse.Namespace) -> None:
 def _export(args: argparse.Namespace) -> None:
     from lora_sam3d.callbacks import save_merged_decoder
     from lora_sam3d.lora import save_adapter
-    from lora_sam3d.models.decoder import unreadable
+    from lora_sam3d.models.decoder import READ_ERRORS, unreadable
     from lora_sam3d.module import LoRAMeshDecoderModule
 
     ckpt = Path(args.ckpt_path)
@@ -80,7 +79,7 @@ def _export(args: argparse.Namespace) -> None:
         raise FileNotFoundError(f"checkpoint {ckpt} does not exist")
     try:
         module = LoRAMeshDecoderModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as err:
+    except READ_ERRORS as err:
         raise unreadable(ckpt, err) from err
     out = Path(args.output)
     written = [save_merged_decoder(module, out / "decoder-merged.safetensors")]

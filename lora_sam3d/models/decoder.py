@@ -10,6 +10,7 @@ vertex SDF grid and a mesh is `lora_sam3d.models.mesh`'s job.
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -286,6 +287,10 @@ class SLatMeshDecoder(nn.Module):
                 f"unexpected keys {result.unexpected_keys[:20]}{' ...' if len(result.unexpected_keys) > 20 else ''}"
             )
         return model
+
+
+READ_ERRORS = (RuntimeError, OSError, EOFError, pickle.UnpicklingError)
+"""What torch.load raises for truncated, corrupt or code-carrying files (see `unreadable`)."""
 
 
 def unreadable(path: str | os.PathLike[str], err: BaseException) -> ValueError:
