@@ -98,6 +98,26 @@ def main() -> None:
               f"| tiny LoRA training step | {data['tiny_train_samples_per_s']:.1f} samples/s |",
               f"| loading / training, 2 workers | {data['loading_speedup_vs_training_2w']:.1f}x |", "", END]  # fmt: skip
 
+    c2f = run("coarse_to_fine.py", ["--repeats", "1" if quick else "3"] + (["--skip-reference"] if quick else []),
+              tmp / "c2f.json")  # fmt: skip
+    lines[-1:-1] = ["### Coarse to fine vs one stage (`benchmarks/coarse_to_fine.py`)", "",
+                    f"LoRA training step, demo size, batch {c2f['batch']} (heart phantoms):", "",
+                    "| design | decoder input voxels / sample | step s | ms / sample | x one-stage R=8 |",
+                    "|---|---:|---:|---:|---:|"]  # fmt: skip
+    lines[-1:-1] = [
+        f"| {r['design']} | {r['active_voxels_per_sample']:.0f} | {r['step_s']:.3f} | "
+        f"{1e3 * r['step_s_per_sample']:.0f} | {r['x_one_stage_r8']:.2f} |"
+        for r in c2f["demo"]
+    ]
+    if "reference" in c2f:
+        ref = c2f["reference"]
+        lines[-1:-1] = ["", f"Reference size (R = 64, 768 channels, 12 blocks, LoRA, gradient checkpointing), CPU: "
+                        f"active voxels per heart-structure sample {ref['active_voxels_per_sample']}; the largest, "
+                        f"{ref['measured_active_voxels']:,} cells -> {ref['output_voxels']:,} output voxels, "
+                        f"forward + backward {ref['fwd_bwd_s']:.1f} s, peak RSS {ref['peak_rss_bytes'] / 2**30:.2f} GiB "
+                        f"(the dense one-stage input would be {ref['dense_input_voxels']:,} -> {ref['dense_output_voxels']:,})."]  # fmt: skip
+    lines.insert(-1, "")
+
     text = DOC.read_text() if DOC.is_file() else "# Benchmarks\n"
     section = "\n".join(lines)
     if BEGIN in text and END in text:

@@ -17,7 +17,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from safetensors.torch import save_file
 
 from lora_sam3d.atomic import atomic_write
-from lora_sam3d.lora import save_adapter
+from lora_sam3d.models.structure import STRUCTURE_PREFIX
+from lora_sam3d.module import save_module_adapter
 from lora_sam3d.writers import (
     CoordinateSystem,
     mask_on_source_grid,
@@ -40,8 +41,10 @@ def _output_dir(trainer: L.Trainer, name: str) -> Path:
 class AdapterCheckpoint(L.Callback):
     """After each validation during ``fit``, write ``adapter-last/`` and (when ``monitor`` improves) ``adapter-best/``.
 
-    Each folder holds ``adapter_model.safetensors`` + ``adapter_config.json`` (PEFT's layout, see
-    `lora_sam3d.lora.save_adapter`), next to Lightning's checkpoints; written atomically, on rank 0.
+    Each folder holds the decoder's ``adapter_model.safetensors`` + ``adapter_config.json`` (PEFT's
+    layout, see `lora_sam3d.lora.save_adapter`) and stage 1's adapter in ``structure/`` (see
+    `lora_sam3d.module.save_module_adapter`), next to Lightning's checkpoints; written atomically,
+    on rank 0.
     """
 
     def __init__(
@@ -52,10 +55,7 @@ class AdapterCheckpoint(L.Callback):
 
     def _save(self, trainer: L.Trainer, module: Any, name: str) -> None:
         out = Path(self.dirpath) / name if self.dirpath else _output_dir(trainer, name)
-        save_adapter(
-            module.decoder, out, modules_to_save=module.hparams.unfreeze or [],
-            base_model_name_or_path=module.hparams.base_checkpoint,
-        )  # fmt: skip
+        save_module_adapter(module, out)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if (
@@ -134,8 +134,13 @@ class MergeOnEnd(L.Callback):
 
 
 def save_merged_decoder(module: Any, path: Path) -> Path:
+    """The decoder with LoRA merged, in Meta's names, plus stage 1 (merged) under ``structure.``: a
+    complete base for ``model.base_checkpoint``; Meta's loader (non-strict) reads the decoder part."""
     merged = module.merged_decoder()
     tensors = {k: v.detach().cpu().contiguous() for k, v in merged.state_dict().items()}
+    if module.uses_structure:
+        structure = module.merged_structure().state_dict()
+        tensors |= {f"{STRUCTURE_PREFIX}{k}": v.detach().cpu().contiguous() for k, v in structure.items()}
     metadata = {"format": "pt", "decoder": json.dumps(module.decoder_config)}
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 

@@ -25,12 +25,14 @@ def _decoder_resolution(decoder: dict[str, Any] | None) -> int:
     return int({**TINY_DECODER, **(decoder or {})}["resolution"])
 
 
-def _lightning_cli(args: list[str] | None) -> None:
+def _lightning_cli(args: list[str] | None, model_class: type | None = None) -> None:
+    """LightningCLI over `LoRAMeshDecoderModule` (or a subclass with the same arguments, e.g. a baseline)."""
+    import torch
     from lightning.pytorch.cli import LightningCLI
 
     from lora_sam3d.data import TSDataModule
     from lora_sam3d.models.decoder import READ_ERRORS, unreadable
-    from lora_sam3d.module import LoRAMeshDecoderModule
+    from lora_sam3d.module import LoRAMeshDecoderModule, check_design
 
     class LoRASAM3DCLI(LightningCLI):
         def add_arguments_to_parser(self, parser: Any) -> None:
@@ -40,14 +42,22 @@ def _lightning_cli(args: list[str] | None) -> None:
         def _parse_ckpt_path(self) -> None:
             """LightningCLI reads ``--ckpt_path``'s hyper-parameters (they then define the model);
             a file torch cannot read gets our one-line error instead of a traceback."""
+            path = (
+                self.config[self.config.subcommand].get("ckpt_path")
+                if self.config.get("subcommand")
+                else None
+            )
             try:
+                if path and Path(path).is_file():  # before its hyper-parameters reach the parser
+                    meta = torch.load(path, weights_only=True, map_location="cpu").get("lora_sam3d")
+                    if isinstance(meta, dict):
+                        check_design(meta)
                 super()._parse_ckpt_path()
             except READ_ERRORS as err:
-                path = self.config[self.config.subcommand].get("ckpt_path")
                 raise unreadable(path, err) from err
 
     LoRASAM3DCLI(
-        LoRAMeshDecoderModule,
+        model_class or LoRAMeshDecoderModule,
         TSDataModule,
         args=args,
         trainer_defaults={"plugins": [{"class_path": "lora_sam3d.checkpoint_io.AtomicCheckpointIO"}]},
@@ -70,9 +80,8 @@ def _phantoms(args: argparse.Namespace) -> None:
 
 def _export(args: argparse.Namespace) -> None:
     from lora_sam3d.callbacks import save_merged_decoder
-    from lora_sam3d.lora import save_adapter
     from lora_sam3d.models.decoder import READ_ERRORS, unreadable
-    from lora_sam3d.module import LoRAMeshDecoderModule
+    from lora_sam3d.module import LoRAMeshDecoderModule, save_module_adapter
 
     ckpt = Path(args.ckpt_path)
     if not ckpt.is_file():
@@ -84,8 +93,7 @@ def _export(args: argparse.Namespace) -> None:
     out = Path(args.output)
     written = [save_merged_decoder(module, out / "decoder-merged.safetensors")]
     if module.hparams.finetune == "lora":
-        written.append(save_adapter(module.decoder, out / "adapter", modules_to_save=module.hparams.unfreeze or [],
-                                    base_model_name_or_path=module.hparams.base_checkpoint))  # fmt: skip
+        written.append(save_module_adapter(module, out / "adapter"))
     for path in written:
         print(f"wrote {path}")
 

@@ -1,10 +1,11 @@
-"""Step 5 of the data flow: a batch of slice samples -> the decoder's sparse input (coords, 8 features).
+"""Step 5 of the data flow, the evidence: a batch of slice samples -> what stage 1 reads.
 
-`SliceUnprojection` (default, no parameters) gives every voxel of the R^3 frame grid features read
-from the slice at its orthogonal projection; the decoder learns the 3D shape prior from them.
-`PrecomputedLatents` reads structured latents exported from Meta's SAM 3D pipeline (its
-`sample_sparse_structure` + `sample_slat` outputs), for users who run the real SAM 3D upstream.
-Both build the tensor on the batch's device: nothing to move by hand.
+`SliceUnprojection` (no parameters) gives every cell of the R^3 frame grid 8 features read from the
+slice at the cell's orthogonal projection, as a dense (B, 8, R, R, R) tensor; stage 1
+(`lora_sam3d.models.structure`) turns it into occupancy and the decoder's latent. `PrecomputedLatents`
+reads structured latents exported from Meta's SAM 3D pipeline (its `sample_sparse_structure` +
+`sample_slat` outputs), which replace both stages' choice of voxels and latents. Both build
+tensors on the batch's device: nothing to move by hand.
 """
 
 from __future__ import annotations
@@ -27,27 +28,19 @@ def latent_cell_centres(resolution: int, device: torch.device | str = "cpu") -> 
 
 
 class SliceUnprojection:
-    """Unproject the input slice into the frame: 8 features per voxel of the R^3 grid.
+    """Unproject the input slice into the frame: (B, 8, R, R, R) features on the R^3 grid.
 
     Features: mask, intensity and signed 2D distance to the mask border, each read (bilinear) at
-    the voxel's projection onto the slice; the voxel's signed distance to the slice plane; its
+    the cell's projection onto the slice; the cell's signed distance to the slice plane; its
     position (3); and the mask damped by the distance to the plane (``exp(-(d / plane_decay)^2)``),
-    which tells the decoder where the slice is direct evidence. All in frame units.
-
-    Args:
-        resolution: R of the decoder.
-        band: keep only voxels whose projection lies within this 2D distance of the mask (frame
-            units); None keeps the dense R^3 grid. A band makes the structure a prism around the
-            mask's footprint: fewer voxels, a smaller decoder output.
-        plane_decay: width of the slice-evidence feature.
+    which says where the slice is direct evidence. All in frame units.
     """
 
-    def __init__(self, resolution: int, band: float | None = None, plane_decay: float = 0.1) -> None:
+    def __init__(self, resolution: int, plane_decay: float = 0.1) -> None:
         self.resolution = resolution
-        self.band = band
         self.plane_decay = plane_decay
 
-    def __call__(self, batch: dict[str, Any]) -> SparseTensor:
+    def __call__(self, batch: dict[str, Any]) -> torch.Tensor:
         image, mask, distance, axis = batch["image"], batch["mask"], batch["mask_distance"], batch["axis"]
         b, device, r = image.shape[0], image.device, self.resolution
         u = latent_cell_centres(r, device).expand(b, -1, -1)  # (B, R^3, 3)
@@ -63,15 +56,8 @@ class SliceUnprojection:
         m, intensity, dist2d = read.unbind(1)  # (B, R^3) each
         d_plane = (u * normal[:, None, :]).sum(-1)
         evidence = m * torch.exp(-((d_plane / self.plane_decay) ** 2))
-        feats = torch.stack(
-            [m, intensity, dist2d, d_plane, u[..., 0], u[..., 1], u[..., 2], evidence], dim=-1
-        )
-        keep = torch.ones_like(m, dtype=torch.bool) if self.band is None else dist2d <= self.band
-        index = torch.arange(r**3, device=device)
-        xyz = torch.stack([index // (r * r), (index // r) % r, index % r], dim=-1)
-        batch_idx, cell = torch.nonzero(keep, as_tuple=True)
-        coords = torch.cat([batch_idx[:, None], xyz[cell]], dim=1).int()
-        return SparseTensor(feats[batch_idx, cell], coords, batch_size=b)
+        feats = torch.stack([m, intensity, dist2d, d_plane, u[..., 0], u[..., 1], u[..., 2], evidence], dim=1)
+        return feats.view(b, LATENT_CHANNELS, r, r, r)
 
 
 class PrecomputedLatents:
@@ -120,11 +106,9 @@ class PrecomputedLatents:
         )
 
 
-def make_encoder(
-    kind: str, resolution: int, band: float | None = None, latents_dir: str | None = None
-) -> Any:
+def make_encoder(kind: str, resolution: int, latents_dir: str | None = None) -> Any:
     if kind == "slice":
-        return SliceUnprojection(resolution, band=band)
+        return SliceUnprojection(resolution)
     if kind == "precomputed":
         if latents_dir is None:
             raise ValueError("latent encoder 'precomputed' needs latents_dir")

@@ -1,4 +1,4 @@
-"""Low-rank adapters (LoRA) for the linears of the mesh decoder.
+"""Low-rank adapters (LoRA) for the linears of the mesh decoder and the convolutions of stage 1.
 
 Why a module of our own instead of PEFT: the decoder's linears take sparse tensors (a `SparseLinear`
 is an `nn.Linear` whose forward receives an object with `.feats`), SAM 3D fuses q, k and v into one
@@ -10,6 +10,9 @@ The layer keeps the wrapped layer's `weight` and `bias` parameters as its own (s
 copy), adds `lora_A` (r, in) and `lora_B` (out, r), and computes
 ``W x + b + s * B (A dropout(x))`` with ``s = alpha / r`` (or ``alpha / sqrt(r)``, rsLoRA) in one
 fused ``addmm`` on the base output, so no full-size temporary is made for the LoRA path.
+`LoRAConv3d` does the same for the dense 3D convolutions of the sparse-structure stage, as PEFT
+does for convolutions: ``lora_A`` is a convolution with the base's kernel (r, in, k, k, k) and
+``lora_B`` a 1x1x1 convolution (out, r, 1, 1, 1), so its files are PEFT's too.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ __all__ = [
     "ADAPTER_CONFIG_NAME",
     "ADAPTER_WEIGHTS_NAME",
     "LoRAConfig",
+    "LoRAConv3d",
     "LoRALinear",
     "LoadResult",
     "base_fingerprint",
@@ -313,16 +317,97 @@ class _FusedLoRA(torch.autograd.Function):
         return grad_x, grad_w, grad_b, grad_a, grad_bb, None
 
 
+class LoRAConv3d(nn.Module):
+    """A frozen ``nn.Conv3d`` plus a trainable low-rank update ``s * B(A(x))``.
+
+    ``lora_A`` (r, in/groups, k, k, k) convolves with the base's kernel, stride, padding and
+    dilation; ``lora_B`` (out, r, 1, 1, 1) mixes the r channels back. ``weight``/``bias`` are the
+    wrapped layer's own, so base state-dict names are unchanged.
+    """
+
+    def __init__(
+        self,
+        base: nn.Conv3d,
+        rank: int = 4,
+        alpha: float = 8.0,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+    ) -> None:
+        super().__init__()
+        if not isinstance(base, nn.Conv3d) or isinstance(base, LoRAConv3d):
+            raise TypeError(f"LoRAConv3d wraps an nn.Conv3d, got {type(base).__name__}")
+        if base.groups != 1:
+            raise ValueError("LoRAConv3d supports groups=1 convolutions only")
+        if rank <= 0:
+            raise ValueError(f"rank must be positive, got {rank}")
+        self.in_channels, self.out_channels = base.in_channels, base.out_channels
+        self.rank, self.alpha, self.use_rslora = rank, float(alpha), use_rslora
+        self.scaling = self.alpha / (math.sqrt(rank) if use_rslora else rank)
+        self.enabled_slices = None
+        self.weight = base.weight
+        self.bias = base.bias
+        object.__setattr__(self, "_base", base)
+        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_channels, *base.kernel_size, **factory))
+        self.lora_B = nn.Parameter(torch.empty(self.out_channels, rank, 1, 1, 1, **factory))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    def delta_weight(self) -> torch.Tensor:
+        """The (out, in, k, k, k) update ``s * B A``, in fp32."""
+        a = self.lora_A.float().flatten(1)
+        return (self.lora_B.float().flatten(1) @ a).view_as(self.weight) * self.scaling
+
+    @property
+    def merged_weight(self) -> torch.Tensor:
+        return (self.weight.float() + self.delta_weight()).to(self.weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base: nn.Conv3d = self._base  # type: ignore[assignment]
+        out = F.conv3d(x, self.weight, self.bias, base.stride, base.padding, base.dilation)
+        low = F.conv3d(
+            self.dropout(x), self.lora_A.to(x.dtype), None, base.stride, base.padding, base.dilation
+        )
+        return out + F.conv3d(low, self.lora_B.to(x.dtype)) * self.scaling
+
+    def merge(self) -> nn.Conv3d:
+        merged = copy.deepcopy(self._base)
+        merged.weight = nn.Parameter(
+            self.merged_weight.detach().clone(), requires_grad=self.weight.requires_grad
+        )
+        if self.bias is not None:
+            merged.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=self.bias.requires_grad)
+        return merged
+
+    def unload(self) -> nn.Conv3d:
+        return self._base  # type: ignore[return-value]
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_channels={self.in_channels}, out_channels={self.out_channels}, rank={self.rank}, "
+            f"alpha={self.alpha}, scaling={self.scaling:.4g}"
+        )
+
+
+LoRALayer = LoRALinear | LoRAConv3d
+LORA_LAYER_TYPES = (LoRALinear, LoRAConv3d)
+ADAPTABLE_TYPES = (nn.Linear, nn.Conv3d)
+
+
 # ----------------------------------------------------------------------------------------------
 # Finding and replacing modules
 
 
-def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+def lora_layers(model: nn.Module) -> dict[str, LoRALayer]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LORA_LAYER_TYPES)}
 
 
 def has_lora(model: nn.Module) -> bool:
-    return any(isinstance(m, LoRALinear) for m in model.modules())
+    return any(isinstance(m, LORA_LAYER_TYPES) for m in model.modules())
 
 
 def _compile_selector(selector: Selector | None) -> Callable[[str, nn.Module], bool] | None:
@@ -353,14 +438,15 @@ def inject_lora(
     dropout: float | None = None,
     exclude_modules: Selector | None = None,
 ) -> list[str]:
-    """Replace the selected linears of ``model`` in place by `LoRALinear`; return their names.
+    """Replace the selected linears (`LoRALinear`) and 3D convolutions (`LoRAConv3d`) of ``model`` in
+    place; return their names.
 
     Call forms: ``inject_lora(model, LoRAConfig(...))``, or the original
     ``inject_lora(model, target_modules=['to_qkv', 'to_out'], rank=4, alpha=8)``, where
     ``target_modules`` may also be a regex string or a callable ``(name, module) -> bool``.
     Keyword arguments override the config's fields. Raises ``ValueError`` when nothing matches,
     when a match is already a LoRA layer (no double wrap), and ``TypeError`` when a match is not
-    an ``nn.Linear``; the messages list the names and types.
+    an ``nn.Linear`` or ``nn.Conv3d``; the messages list the names and types.
     """
     config = copy.deepcopy(config) if config is not None else LoRAConfig()
     overrides = {"rank": rank, "alpha": alpha, "dropout": dropout}
@@ -386,13 +472,13 @@ def inject_lora(
         if select(name, module) and not (exclude is not None and exclude(name, module)):
             matches.append((name, module))
     if not matches:
-        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        linears = [n for n, m in model.named_modules() if isinstance(m, ADAPTABLE_TYPES)]
         raise ValueError(
             f"inject_lora: no module matched target_modules={config.target_modules!r} "
             f"(exclude={config.exclude_modules!r}); linear layers in this model: {linears[:12]}"
             + (" ..." if len(linears) > 12 else "")
         )
-    already = [n for n, m in matches if isinstance(m, LoRALinear)]
+    already = [n for n, m in matches if isinstance(m, LORA_LAYER_TYPES)]
     if already:
         raise ValueError(f"inject_lora: these modules already have LoRA (call unload_lora first): {already}")
     # A substring such as "mlp" also matches containers and their activations: wrap the linears,
@@ -400,19 +486,26 @@ def inject_lora(
     matched = {n for n, _ in matches}
     leaves, wrong = [], []
     for name, module in matches:
-        if isinstance(module, nn.Linear):
+        if isinstance(module, ADAPTABLE_TYPES):
             leaves.append((name, module))
-        elif not any(isinstance(m, nn.Linear) for m in module.modules()) and not any(
+        elif not any(isinstance(m, ADAPTABLE_TYPES) for m in module.modules()) and not any(
             name.startswith(f"{other}.") for other in matched
         ):
             wrong.append((name, type(module).__name__))
     if wrong:
-        raise TypeError(f"inject_lora: matched modules that are not nn.Linear layers: {wrong}")
+        raise TypeError(f"inject_lora: matched modules that are not nn.Linear or nn.Conv3d layers: {wrong}")
     if not leaves:
         raise ValueError(
-            f"inject_lora: target_modules={config.target_modules!r} matched no nn.Linear, only {sorted(matched)}"
+            f"inject_lora: target_modules={config.target_modules!r} matched no nn.Linear or nn.Conv3d, "
+            f"only {sorted(matched)}"
         )
     for name, module in leaves:
+        if isinstance(module, nn.Conv3d):
+            conv_layer = LoRAConv3d(
+                module, config.rank_for(name), config.alpha_for(name), config.dropout, config.use_rslora
+            )
+            _set_submodule(model, name, conv_layer)
+            continue
         layer = LoRALinear(
             module,
             rank=config.rank_for(name),
@@ -426,7 +519,7 @@ def inject_lora(
     return [n for n, _ in leaves]
 
 
-def _replace_lora_layers(model: nn.Module, make: Callable[[LoRALinear], nn.Module]) -> nn.Module:
+def _replace_lora_layers(model: nn.Module, make: Callable[[Any], nn.Module]) -> nn.Module:
     for name, layer in lora_layers(model).items():
         _set_submodule(model, name, make(layer))
     if hasattr(model, "_lora_config"):
@@ -440,13 +533,13 @@ def merge_lora_weights(model: nn.Module, inplace: bool = True) -> nn.Module:
     ``inplace=False`` merges a deep copy and leaves ``model`` untouched. Returns the merged model.
     """
     target = model if inplace else copy.deepcopy(model)
-    return _replace_lora_layers(target, LoRALinear.merge)
+    return _replace_lora_layers(target, lambda layer: layer.merge())
 
 
 def unload_lora(model: nn.Module, inplace: bool = True) -> nn.Module:
     """Remove every LoRA layer, restoring the wrapped layers with their base weights."""
     target = model if inplace else copy.deepcopy(model)
-    return _replace_lora_layers(target, LoRALinear.unload)
+    return _replace_lora_layers(target, lambda layer: layer.unload())
 
 
 # ----------------------------------------------------------------------------------------------

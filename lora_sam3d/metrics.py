@@ -1,5 +1,9 @@
 """3D metrics in millimetres, as torchmetrics `Metric`s (distributed-safe through their state).
 
+Scores are computed on the source scan's own voxel grid at its own, possibly anisotropic,
+spacing (the predicted surface voxelised there, against the scan's own mask), as
+TotalSegmentator's evaluation does, so numbers do not depend on the decoder's resolution.
+`sample_metrics` computes one sample's values; `MeshMetrics` only accumulates them.
 The functional core leans on the field's references: MONAI's `compute_hausdorff_distance`
 (percentile 95), `compute_average_surface_distance` (symmetric) and `compute_surface_dice`, with
 the voxel spacing in mm. Empty masks follow one rule for every metric: ground truth empty -> the
@@ -20,7 +24,10 @@ from torchmetrics import Metric
 METRICS = ("dice", "iou", "hd95_mm", "assd_mm", "nsd", "chamfer_mm")
 
 
-def overlap(pred: torch.Tensor, gt: torch.Tensor) -> tuple[float, float]:
+Spacing = float | tuple[float, float, float] | np.ndarray
+
+
+def overlap(pred: torch.Tensor | np.ndarray, gt: torch.Tensor | np.ndarray) -> tuple[float, float]:
     """Dice and IoU of two boolean volumes; NaN when the ground truth is empty."""
     g = int(gt.sum())
     if g == 0:
@@ -31,11 +38,13 @@ def overlap(pred: torch.Tensor, gt: torch.Tensor) -> tuple[float, float]:
 
 
 def surface_distances(
-    pred: torch.Tensor, gt: torch.Tensor, spacing_mm: float, tolerance_mm: float
+    pred: torch.Tensor | np.ndarray, gt: torch.Tensor | np.ndarray, spacing_mm: Spacing, tolerance_mm: float
 ) -> tuple[float, float, float]:
-    """(HD95 mm, ASSD mm, NSD at ``tolerance_mm``) of two boolean volumes on an isotropic grid (MONAI).
+    """(HD95 mm, ASSD mm, NSD at ``tolerance_mm``) of two boolean volumes (MONAI).
 
-    Ground truth empty -> all NaN; prediction empty -> (inf, inf, 0.0).
+    ``spacing_mm``: one voxel size, or one per axis. Both volumes are first cropped to the box
+    holding either (plus one voxel), which changes no distance. Ground truth empty -> all NaN;
+    prediction empty -> (inf, inf, 0.0).
     """
     from monai.metrics import (
         compute_average_surface_distance,
@@ -47,15 +56,21 @@ def surface_distances(
         return math.nan, math.nan, math.nan
     if not pred.any():
         return math.inf, math.inf, 0.0
-    p = pred[None, None].float().cpu()
-    g = gt[None, None].float().cpu()
+    pred, gt = torch.as_tensor(np.asarray(pred)), torch.as_tensor(np.asarray(gt))
+    nz = torch.nonzero(pred | gt)
+    lo = (nz.min(0).values - 1).clamp_min(0).tolist()
+    hi = (nz.max(0).values + 2).tolist()
+    box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+    p = pred[box][None, None].float()
+    g = gt[box][None, None].float()
+    spacing = [float(v) for v in np.broadcast_to(np.asarray(spacing_mm, dtype=float), (3,))]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        hd95 = compute_hausdorff_distance(p, g, include_background=True, percentile=95, spacing=spacing_mm)
+        hd95 = compute_hausdorff_distance(p, g, include_background=True, percentile=95, spacing=spacing)
         assd = compute_average_surface_distance(
-            p, g, include_background=True, symmetric=True, spacing=spacing_mm
+            p, g, include_background=True, symmetric=True, spacing=spacing
         )
-        nsd = compute_surface_dice(p, g, [tolerance_mm], include_background=True, spacing=spacing_mm)
+        nsd = compute_surface_dice(p, g, [tolerance_mm], include_background=True, spacing=spacing)
     return float(hd95), float(assd), float(nsd)
 
 
@@ -68,6 +83,28 @@ def chamfer_mm(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor, chunk
     ab = torch.cat([torch.cdist(x, tb).min(1).values for x in ta.split(chunk)])
     ba = torch.cat([torch.cdist(x, ta).min(1).values for x in tb.split(chunk)])
     return 0.5 * float(ab.mean() + ba.mean())
+
+
+def sample_metrics(
+    pred: np.ndarray | torch.Tensor,
+    gt: np.ndarray | torch.Tensor,
+    spacing_mm: Spacing,
+    tolerance_mm: float = 3.0,
+    pred_points: np.ndarray | None = None,
+    gt_points: np.ndarray | None = None,
+) -> dict[str, float]:
+    """One sample's Dice, IoU, HD95, ASSD, NSD (and Chamfer when both surfaces are given, in mm).
+
+    ``pred``, ``gt``: boolean volumes on one grid of voxel size ``spacing_mm`` (scalar or per axis).
+    Empty ground truth -> NaN (left out); empty prediction -> Dice/IoU/NSD 0 and infinite
+    distances (counted as a failure by `MeshMetrics`).
+    """
+    dice, iou = overlap(pred, gt)
+    hd95, assd, nsd = surface_distances(pred, gt, spacing_mm, tolerance_mm)
+    values = {"dice": dice, "iou": iou, "hd95_mm": hd95, "assd_mm": assd, "nsd": nsd}
+    if pred_points is not None and gt_points is not None:
+        values["chamfer_mm"] = chamfer_mm(pred_points, gt_points)
+    return values
 
 
 class MeshMetrics(Metric):
@@ -104,23 +141,10 @@ class MeshMetrics(Metric):
         if failed:
             self.failures[class_index] += 1
 
-    def update(
-        self,
-        pred: torch.Tensor,
-        gt: torch.Tensor,
-        spacing_mm: torch.Tensor,
-        class_index: torch.Tensor,
-        pred_points: list[np.ndarray] | None = None,
-        gt_points: list[np.ndarray] | None = None,
-    ) -> None:
-        """``pred``, ``gt``: (B, n, n, n) bool; ``spacing_mm``: (B,) voxel size; points: surfaces in mm."""
-        for i in range(pred.shape[0]):
-            dice, iou = overlap(pred[i], gt[i])
-            hd95, assd, nsd = surface_distances(pred[i], gt[i], float(spacing_mm[i]), self.nsd_tolerance_mm)
-            values = {"dice": dice, "iou": iou, "hd95_mm": hd95, "assd_mm": assd, "nsd": nsd}
-            if pred_points is not None and gt_points is not None:
-                values["chamfer_mm"] = chamfer_mm(pred_points[i], gt_points[i])
-            self.add(int(class_index[i]), values)
+    def update(self, values: list[dict[str, float]], class_index: torch.Tensor | list[int]) -> None:
+        """Accumulate samples' values (from `sample_metrics`) with their class indices."""
+        for v, c in zip(values, class_index, strict=True):
+            self.add(int(c), v)
 
     def compute(self) -> dict[str, torch.Tensor]:
         means = self.sums / self.counts.clamp_min(1)

@@ -1,6 +1,10 @@
-"""`LoRAMeshDecoderModule`: the decoder, its adapters and the step logic, as a LightningModule.
+"""`LoRAMeshDecoderModule`: the two stages, their adapters and the step logic, as a LightningModule.
 
-It holds the model and the losses and nothing else: data come from `TSDataModule`, files are
+Coarse to fine, as SAM 3D Objects: stage 1 (`SparseStructureNet`) reads the slice evidence on the
+R^3 grid and predicts occupancy and latents; the mesh decoder runs on the band of active cells
+around the predicted surface only and subdivides them 4x. Both belong to the base: with
+``finetune: lora`` both adapt through LoRA (stage 1 on its convolutions) unless
+``structure_finetune: full``. It holds the model and the losses and nothing else: data come from `TSDataModule`, files are
 written by callbacks. LoRA is injected once (in `setup`, or when a checkpoint is loaded), so fit
 followed by validate/test/predict in one process never wraps twice. Checkpoints keep only the
 trainable tensors plus a description of themselves (fine-tuning mode, LoRA config, the base
@@ -9,7 +13,9 @@ weights' fingerprint); loading checks every key and the base, and fails loudly o
 
 from __future__ import annotations
 
-from dataclasses import asdict
+import hashlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -19,7 +25,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.nn import functional as F
 
-from lora_sam3d.latent import make_encoder
+from lora_sam3d.latent import PrecomputedLatents, make_encoder
 from lora_sam3d.lora import (
     LoRAConfig,
     base_fingerprint,
@@ -30,9 +36,16 @@ from lora_sam3d.lora import (
     merge_lora_weights,
     read_adapter_config,
 )
-from lora_sam3d.metrics import MeshMetrics
-from lora_sam3d.models import SLatMeshDecoder, marching_cubes, vertex_sdf_grid
-from lora_sam3d.models.mesh import Mesh
+from lora_sam3d.metrics import MeshMetrics, sample_metrics
+from lora_sam3d.models import SLatMeshDecoder, load_weights, marching_cubes, vertex_sdf_grid
+from lora_sam3d.models.mesh import Mesh, mask_surface, sdf_on_grid
+from lora_sam3d.models.structure import (
+    STRUCTURE_PREFIX,
+    SparseStructureNet,
+    active_latent,
+    surface_band,
+    vertex_fill,
+)
 
 TINY_DECODER: dict[str, Any] = {
     "resolution": 16,
@@ -42,6 +55,28 @@ TINY_DECODER: dict[str, Any] = {
     "num_heads": 4,
     "num_groups": 16,
 }
+STRUCTURE_LORA_TARGETS = r"(enc|dec)\d\.[03]|head"
+"""Every convolution of `SparseStructureNet` (full-match regex on module names)."""
+
+
+@dataclass
+class Reconstruction:
+    """What the model returns for a batch.
+
+    Attributes:
+        sdf: (B, 4R+1, 4R+1, 4R+1) vertex SDF grid in frame units, negative inside.
+        coarse_logits: (B, R, R, R) stage-1 occupancy logits (None with precomputed latents).
+        active: (B, R, R, R) bool, the cells the decoder ran on (None with precomputed latents).
+    """
+
+    sdf: torch.Tensor
+    coarse_logits: torch.Tensor | None = None
+    active: torch.Tensor | None = None
+
+    def active_counts(self) -> list[int]:
+        if self.active is None:
+            return []
+        return self.active.flatten(1).sum(1).tolist()
 
 
 def resolve_checkpoint(path: str) -> str:
@@ -69,54 +104,65 @@ def default_optimizer(params: Any) -> torch.optim.Optimizer:
 
 
 class LoRAMeshDecoderModule(L.LightningModule):
-    """Fine-tune SAM 3D's mesh decoder with LoRA (or fully) on slice samples.
+    """Fine-tune the two stages (sparse structure + SAM 3D's mesh decoder) with LoRA, or fully.
 
     Args:
         decoder: `SLatMeshDecoder` arguments (default: the tiny CPU config).
-        base_checkpoint: base weights (our safetensors or Meta's ``slat_decoder_mesh`` file);
-            ``builtin:<name>`` names a decoder shipped in ``lora_sam3d/assets`` (``builtin:shapes``).
-        base_seed: without ``base_checkpoint``, the decoder is initialised from this seed, so a
+        structure: `SparseStructureNet` arguments (``channels``, ``num_groups``).
+        base_checkpoint: base weights: our safetensors (decoder keys plus stage-1 keys under
+            ``structure.``) or Meta's ``slat_decoder_mesh`` file (decoder only: stage 1 then starts
+            from ``base_seed`` and must train, ``structure_finetune: full``);
+            ``builtin:<name>`` names a base shipped in ``lora_sam3d/assets`` (``builtin:shapes``).
+        base_seed: without ``base_checkpoint``, both stages are initialised from this seed, so a
             checkpoint or adapter of it can be loaded again in another process.
         adapter_seed: the LoRA A matrices are initialised from this seed, in a forked RNG, so
-            adapters start the same whatever ran before them: one process or several under DDP,
-            the CLI or a notebook.
-        finetune: ``lora`` (base frozen, adapters trained) or ``full`` (every decoder weight).
-        lora: the adapters (default `LoRAConfig()`: r=4, alpha=8 on ``to_qkv`` and ``to_out``).
-        unfreeze: module names trained as well in ``lora`` mode (e.g. ``["out_layer"]``).
-        adapter: an adapter folder (``adapter_model.safetensors`` + ``adapter_config.json``) to
-            start from, e.g. for ``predict`` without a checkpoint; its LoRA config and trained
-            heads replace ``lora`` and ``unfreeze``, and its base fingerprint is checked.
-        latent_encoder: ``slice`` (`SliceUnprojection`) or ``precomputed`` (Meta's SAM 3D latents
-            in ``latents_dir``); ``latent_band`` limits the slice unprojection to a prism around
-            the mask (frame units), None = dense.
-        sdf_weight, occupancy_weight, dice_weight: loss terms: truncated L1 on the vertex SDF,
-            occupancy BCE and soft Dice on the cells.
+            adapters start the same whatever ran before them.
+        finetune: ``lora`` (base frozen, adapters trained) or ``full`` (every weight of both stages).
+        structure_finetune: with ``finetune: lora``, how stage 1 trains: ``lora`` (adapters on its
+            convolutions, the default) or ``full``.
+        lora: the decoder's adapters (default `LoRAConfig()`: r=4, alpha=8 on ``to_qkv`` and ``to_out``).
+        structure_lora: stage 1's adapters (default r=2, alpha=4 on every convolution,
+            `STRUCTURE_LORA_TARGETS`), used with ``structure_finetune: lora``.
+        unfreeze: decoder module names trained as well in ``lora`` mode (e.g. ``["out_layer"]``).
+        adapter: an adapter folder to start from (e.g. for ``predict`` without a checkpoint).
+        latent_encoder: ``slice`` (both stages from the slice) or ``precomputed`` (Meta's SAM 3D
+            structured latents in ``latents_dir`` replace stage 1).
+        active_margin: the decoder runs on cells within this many cells of stage 1's surface.
+        train_active: the cells the decoder trains on: ``predicted`` (stage 1's band), ``truth``
+            (the band around the true coarse surface) or ``union`` of both (default).
+        max_active_voxels: an error is raised when a batch has more active cells (None: no cap).
+        sdf_weight, occupancy_weight, dice_weight: decoder loss terms: truncated L1 on the vertex
+            SDF, occupancy BCE and soft Dice on the fine cells.
+        structure_weight: weight of stage 1's occupancy BCE + soft Dice on the R^3 cells.
         sdf_truncation: SDF clamp for the L1 term, frame units.
         classes: class names for per-class metrics (linked from the data module by the CLI).
         nsd_tolerance_mm: tolerance of the normalised surface Dice.
-        on_nonfinite: what a non-finite training loss or gradient does: ``raise`` (default) stops
-            the run with a `FloatingPointError` naming the step, the loss terms and the cases;
-            ``skip`` leaves that step's weights and optimizer state unchanged, warns, and counts
-            it in ``train/skipped_steps``. Under DDP the processes decide together.
+        on_nonfinite: ``raise`` (default) or ``skip`` a step whose loss or gradients are not finite.
         optimizer, scheduler: LightningCLI callables, given the trainable parameters only.
     """
 
     def __init__(
         self,
         decoder: dict[str, Any] | None = None,
+        structure: dict[str, Any] | None = None,
         base_checkpoint: str | None = None,
         base_seed: int = 0,
         adapter_seed: int = 0,
         finetune: Literal["lora", "full"] = "lora",
+        structure_finetune: Literal["lora", "full"] = "lora",
         lora: LoRAConfig | None = None,
+        structure_lora: LoRAConfig | None = None,
         unfreeze: list[str] | None = None,
         adapter: str | None = None,
         latent_encoder: Literal["slice", "precomputed"] = "slice",
-        latent_band: float | None = None,
         latents_dir: str | None = None,
+        active_margin: int = 1,
+        train_active: Literal["predicted", "truth", "union"] = "union",
+        max_active_voxels: int | None = None,
         sdf_weight: float = 1.0,
         occupancy_weight: float = 1.0,
         dice_weight: float = 0.5,
+        structure_weight: float = 1.0,
         sdf_truncation: float = 0.1,
         classes: list[str] | None = None,
         nsd_tolerance_mm: float = 3.0,
@@ -125,44 +171,96 @@ class LoRAMeshDecoderModule(L.LightningModule):
         scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
-        if finetune not in ("lora", "full"):
-            raise ValueError(f"finetune must be 'lora' or 'full', got {finetune!r}")
-        if on_nonfinite not in ("raise", "skip"):
-            raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
-        self.save_hyperparameters(ignore=["optimizer", "scheduler", "lora"])
+        for name, value, allowed in (
+            ("finetune", finetune, ("lora", "full")),
+            ("structure_finetune", structure_finetune, ("lora", "full")),
+            ("on_nonfinite", on_nonfinite, ("raise", "skip")),
+            ("train_active", train_active, ("predicted", "truth", "union")),
+        ):
+            if value not in allowed:
+                raise ValueError(f"model.{name} must be one of {list(allowed)}, got {value!r}")
+        if not (isinstance(active_margin, int) and active_margin >= 1):
+            raise ValueError(f"model.active_margin must be an integer >= 1 (cells), got {active_margin!r}")
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", "lora", "structure_lora"])
         if isinstance(lora, dict):  # from a checkpoint's hyper-parameters
             lora = LoRAConfig.from_dict(lora)
+        if isinstance(structure_lora, dict):
+            structure_lora = LoRAConfig.from_dict(structure_lora)
         self.lora_config = lora if lora is not None else LoRAConfig()
+        self.structure_lora_config = structure_lora or LoRAConfig(
+            2, 4.0, target_modules=STRUCTURE_LORA_TARGETS
+        )
         if adapter:
             meta = read_adapter_config(adapter)
             self.lora_config = LoRAConfig.from_dict(meta["lora_sam3d"]["config"])
             self.hparams["unfreeze"] = list(meta.get("modules_to_save") or [])
         self.hparams["lora"] = asdict(self.lora_config)
+        self.hparams["structure_lora"] = asdict(self.structure_lora_config)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.decoder_config = {**TINY_DECODER, **(decoder or {})}
+        self.structure_config = {
+            "latent_channels": self.decoder_config["latent_channels"],
+            **(structure or {}),
+        }
+        with torch.random.fork_rng(devices=[]):  # a random base must be the same in every process
+            torch.manual_seed(base_seed)
+            self.decoder = SLatMeshDecoder(**self.decoder_config)
+            self.structure = SparseStructureNet(**self.structure_config)
+        self.structure_in_base = base_checkpoint is None
         if base_checkpoint:
-            self.decoder = SLatMeshDecoder.from_pretrained(
-                resolve_checkpoint(base_checkpoint), **self.decoder_config
+            self._load_base(resolve_checkpoint(base_checkpoint))
+        self.uses_structure = latent_encoder == "slice"
+        if (
+            self.uses_structure
+            and not self.structure_in_base
+            and finetune == "lora"
+            and structure_finetune == "lora"
+        ):
+            raise ValueError(
+                f"base_checkpoint {base_checkpoint} has no stage-1 (sparse structure) weights, so LoRA has "
+                "nothing to adapt there: set model.structure_finetune: full to train stage 1 from scratch"
             )
-        else:  # a random base must be the same in every process that loads an adapter for it
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(base_seed)
-                self.decoder = SLatMeshDecoder(**self.decoder_config)
-        self.base_fingerprint = base_fingerprint(self.decoder)
+        self.base_fingerprint = hashlib.sha256(
+            (base_fingerprint(self.decoder) + base_fingerprint(self.structure)).encode()
+        ).hexdigest()
         self.resolution = self.decoder.resolution
-        self.encoder = make_encoder(latent_encoder, self.resolution, latent_band, latents_dir)
+        self.encoder = make_encoder(latent_encoder, self.resolution, latents_dir)
         self.classes = list(classes) if classes else None
         self.strict_loading = False  # partial checkpoints: on_load_checkpoint checks every key itself
         self.val_metrics: MeshMetrics | None = None
         self.test_metrics: MeshMetrics | None = None
         self.skipped_steps = 0
 
+    def _load_base(self, path: str) -> None:
+        state = load_weights(path)
+        structure = {
+            k.removeprefix(STRUCTURE_PREFIX): v for k, v in state.items() if k.startswith(STRUCTURE_PREFIX)
+        }
+        self.decoder = SLatMeshDecoder.from_state_dict(state, path, **self.decoder_config)
+        if structure:
+            own = self.structure.state_dict()
+            bad = sorted(set(own) ^ set(structure)) + sorted(
+                k for k in set(own) & set(structure) if own[k].shape != structure[k].shape
+            )
+            if bad:
+                raise ValueError(
+                    f"{path}: stage-1 weights do not fit SparseStructureNet({self.structure_config}): "
+                    f"keys missing, unexpected or mis-shaped: {bad[:10]} (check model.structure)"
+                )
+            self.structure.load_state_dict(structure)
+            self.structure_in_base = True
+
     # -- adapters -------------------------------------------------------------------------------
     def configure_adapters(self) -> None:
-        """Inject LoRA and set what trains; idempotent."""
+        """Inject LoRA and set what trains; idempotent.
+
+        Called from `setup` and from `on_load_checkpoint`: ``load_from_checkpoint`` restores the
+        state before any ``setup`` runs, so the LoRA tensors must exist by then.
+        """
         if self.hparams.finetune == "full":
-            self.decoder.requires_grad_(True)
+            self.requires_grad_(True)
             return
+        lora_structure = self.uses_structure and self.hparams.structure_finetune == "lora"
         if not has_lora(self.decoder):
             unfrozen = self.hparams.unfreeze or []
             if not self.decoder.out_layer.weight.any() and not any(
@@ -175,9 +273,14 @@ class LoRAMeshDecoderModule(L.LightningModule):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.hparams.adapter_seed)
                 inject_lora(self.decoder, self.lora_config)
+                if lora_structure:
+                    inject_lora(self.structure, self.structure_lora_config)
             if self.hparams.adapter:
-                load_adapter(self.decoder, self.hparams.adapter)
+                load_module_adapter(self, self.hparams.adapter)
         freeze_base_params(self.decoder)
+        freeze_base_params(self.structure)
+        if self.uses_structure and self.hparams.structure_finetune == "full":
+            self.structure.requires_grad_(True)
         for name in self.hparams.unfreeze or []:
             try:
                 self.decoder.get_submodule(name).requires_grad_(True)
@@ -214,27 +317,32 @@ class LoRAMeshDecoderModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}
 
     # -- forward and losses ---------------------------------------------------------------------
-    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
-        """(B, 4R+1, 4R+1, 4R+1) vertex SDF grid (frame units, negative inside, +1 where no voxel reaches)."""
-        latent = self.encoder(batch)
-        return vertex_sdf_grid(self.decoder(latent), 4 * self.resolution)
-
-    def losses(self, sdf: torch.Tensor, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        h = self.hparams
-        tau = h.sdf_truncation
-        gt = batch["gt_sdf"].to(sdf.dtype)
-        sdf_l1 = (sdf.clamp(-tau, tau) - gt.clamp(-tau, tau)).abs().mean()
-        logits = occupancy_logits(sdf, 4 * self.resolution)
-        target = batch["gt_occupancy"].to(logits.dtype)
-        bce = F.binary_cross_entropy_with_logits(logits, target)
-        prob = torch.sigmoid(logits).flatten(1)
-        inter = (prob * target.flatten(1)).sum(1)
-        dice = 1 - ((2 * inter + 1) / (prob.sum(1) + target.flatten(1).sum(1) + 1)).mean()
-        total = h.sdf_weight * sdf_l1 + h.occupancy_weight * bce + h.dice_weight * dice
-        return {"loss": total, "sdf_l1": sdf_l1, "occupancy_bce": bce, "soft_dice": dice}
+    def forward(self, batch: dict[str, Any]) -> Reconstruction:
+        """Stage 1 on the slice evidence, then the decoder on the active band (see `Reconstruction`)."""
+        n = 4 * self.resolution
+        if isinstance(self.encoder, PrecomputedLatents):
+            return Reconstruction(vertex_sdf_grid(self.decoder(self.encoder(batch)), n))
+        logits, latent = self.structure(self.encoder(batch))
+        occupancy = logits.detach() > 0
+        margin = self.hparams.active_margin
+        active = surface_band(occupancy, margin)
+        if self.training and self.hparams.train_active != "predicted" and "gt_coarse_occupancy" in batch:
+            truth = surface_band(batch["gt_coarse_occupancy"].bool(), margin)
+            active = truth if self.hparams.train_active == "truth" else active | truth
+        count, cap = int(active.sum()), self.hparams.max_active_voxels
+        if cap is not None and count > cap:
+            raise ValueError(
+                f"{count} active voxels in this batch exceed model.max_active_voxels={cap}: lower "
+                "data.batch_size or model.active_margin, or raise the cap"
+            )
+        fill = vertex_fill(occupancy, n).to(latent.dtype)
+        if count == 0:
+            return Reconstruction(fill, logits, active)
+        out = self.decoder(active_latent(active, latent))
+        return Reconstruction(vertex_sdf_grid(out, n, fill), logits, active)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
-        terms = self.losses(self(batch), batch)
+        terms = reconstruction_losses(self(batch), batch, self.hparams, 4 * self.resolution)
         n = len(batch["case_id"])
         finite = bool(torch.isfinite(terms["loss"]))
         if self._trainer is not None:  # every process must take the same branch under DDP
@@ -264,29 +372,48 @@ class LoRAMeshDecoderModule(L.LightningModule):
         rank_zero_warn(f"{message}; step skipped ({self.skipped_steps} so far)")
         self.log("train/skipped_steps", float(self.skipped_steps), reduce_fx="max")
 
-    def _compare(self, sdf: torch.Tensor, batch: dict[str, Any]) -> dict[str, Any]:
-        """Everything the metrics compare, for a batch with ground truth: cell occupancies (CPU), the
-        cell spacing in mm, and both surfaces as world-space meshes."""
-        n = 4 * self.resolution
-        return {
-            "pred": (occupancy_logits(sdf, n) > 0).cpu(),
-            "gt": batch["gt_occupancy"].bool().cpu(),
-            "spacing_mm": (frame_side_mm(batch["frame_to_world"]) / n).cpu(),
-            "pred_meshes": meshes_in_world(sdf, batch["frame_to_world"]),
-            "gt_meshes": meshes_in_world(batch["gt_sdf"], batch["frame_to_world"]),
-        }
+    def _score(self, rec: Reconstruction, batch: dict[str, Any]) -> list[tuple[Mesh, Mesh, dict[str, float]]]:
+        """Per sample with ground truth: predicted mesh, true mesh (world mm) and metrics on the scan's grid."""
+        counts = rec.active_counts()
+        out = []
+        for i, mesh in enumerate(meshes_in_world(rec.sdf, batch["frame_to_world"])):
+            if counts and counts[i] == 0:
+                rank_zero_warn(
+                    f"stage 1 found no surface for {batch['case_id'][i]}/{batch['class_name'][i]} "
+                    f"(axis {int(batch['axis'][i])}, slice {int(batch['index'][i])}): scored as a failure"
+                )
+            native = batch["native"][i]
+            pred = sdf_on_grid(
+                rec.sdf[i].detach().float().cpu().numpy(), batch["frame_to_world"][i].cpu().numpy(),
+                native["affine"], native["gt"].shape,
+            )  # fmt: skip
+            truth = mask_surface(native["gt"], native["affine"])
+            values = sample_metrics(
+                pred,
+                native["gt"],
+                native["spacing_mm"],
+                self.hparams.nsd_tolerance_mm,
+                mesh.vertices,
+                truth.vertices,
+            )
+            out.append((mesh, truth, values))
+        return out
 
     def _evaluate(self, batch: dict[str, Any], stage: str, metrics: MeshMetrics) -> None:
-        sdf = self(batch)
-        terms = self.losses(sdf, batch)
-        self.log_dict(
-            {f"{stage}/{k}": v for k, v in terms.items()}, batch_size=len(batch["case_id"]), sync_dist=True
+        rec = self(batch)
+        terms = reconstruction_losses(rec, batch, self.hparams, 4 * self.resolution)
+        n = len(batch["case_id"])
+        diagnostics = {f"{stage}/{k}": v for k, v in terms.items()}
+        if rec.active is not None:
+            diagnostics[f"{stage}/active_voxels"] = rec.active.flatten(1).sum(1).float().mean()
+            diagnostics[f"{stage}/frame_coarse_dice"] = hard_dice(
+                rec.coarse_logits > 0, batch["gt_coarse_occupancy"]
+            )
+        diagnostics[f"{stage}/frame_dice"] = hard_dice(
+            occupancy_logits(rec.sdf, 4 * self.resolution) > 0, batch["gt_occupancy"]
         )
-        c = self._compare(sdf, batch)
-        metrics.update(
-            c["pred"], c["gt"], c["spacing_mm"], batch["class_index"].cpu(),
-            [m.vertices for m in c["pred_meshes"]], [m.vertices for m in c["gt_meshes"]],
-        )  # fmt: skip
+        self.log_dict(diagnostics, batch_size=n, sync_dist=True)
+        metrics.update([v for _, _, v in self._score(rec, batch)], batch["class_index"].cpu())
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         assert self.val_metrics is not None
@@ -312,10 +439,10 @@ class LoRAMeshDecoderModule(L.LightningModule):
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
         """Per sample: the mesh in world RAS mm, the SDF grid, the frame, and metrics when ground truth exists."""
-        sdf = self(batch)
-        has_gt = "gt_sdf" in batch
-        c = self._compare(sdf, batch) if has_gt else None
-        meshes = c["pred_meshes"] if c is not None else meshes_in_world(sdf, batch["frame_to_world"])
+        rec = self(batch)
+        sdf = rec.sdf
+        scored = self._score(rec, batch) if "native" in batch else None
+        meshes = [m for m, _, _ in scored] if scored else meshes_in_world(sdf, batch["frame_to_world"])
         out = []
         for i, mesh in enumerate(meshes):
             record: dict[str, Any] = {
@@ -330,21 +457,11 @@ class LoRAMeshDecoderModule(L.LightningModule):
                 "mask": batch["mask"][i].cpu().numpy(),
                 "mesh": mesh,
             }
-            if c is not None:
+            if scored is not None:
+                _, truth, values = scored[i]
                 record["gt_sdf"] = batch["gt_sdf"][i].cpu().numpy()
-                record["gt_mesh"] = c["gt_meshes"][i]
-                # this sample's own values: no averaging with what other DDP processes predicted
-                metric = MeshMetrics(
-                    [record["class_name"]], self.hparams.nsd_tolerance_mm, sync_on_compute=False
-                )
-                one = slice(i, i + 1)
-                metric.update(
-                    c["pred"][one], c["gt"][one], c["spacing_mm"][one], torch.zeros(1, dtype=torch.long),
-                    [mesh.vertices], [c["gt_meshes"][i].vertices],
-                )  # fmt: skip
-                values = metric.compute()
-                record["metrics"] = {k: float(v) for k, v in values.items() if "/" not in k}
-                record["metrics"]["failed"] = float(values[f"failures/{record['class_name']}"])
+                record["gt_mesh"] = truth
+                record["metrics"] = {**values, "failed": float(any(np.isinf(v) for v in values.values()))}
             out.append(record)
         return out
 
@@ -353,10 +470,14 @@ class LoRAMeshDecoderModule(L.LightningModule):
         trainable = set(self.trainable_names())
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint["lora_sam3d"] = {
+            "design": DESIGN,
             "finetune": self.hparams.finetune,
+            "structure_finetune": self.hparams.structure_finetune,
             "lora": asdict(self.lora_config),
+            "structure_lora": asdict(self.structure_lora_config),
             "unfreeze": list(self.hparams.unfreeze or []),
             "decoder": self.decoder_config,
+            "structure": self.structure_config,
             "base_checkpoint": self.hparams.base_checkpoint,
             "base_fingerprint": self.base_fingerprint,
             "trainable": sorted(trainable),
@@ -366,14 +487,16 @@ class LoRAMeshDecoderModule(L.LightningModule):
         meta = checkpoint.get("lora_sam3d")
         if not isinstance(meta, dict):
             raise ValueError("this checkpoint was not written by lora-sam3d (no 'lora_sam3d' section)")
-        if meta["finetune"] != self.hparams.finetune:
-            raise ValueError(
-                f"checkpoint is a '{meta['finetune']}' fine-tune but the model is configured for "
-                f"'{self.hparams.finetune}'; set model.finetune: {meta['finetune']}"
-            )
+        check_design(meta)
+        for key in ("finetune", "structure_finetune"):
+            if meta[key] != self.hparams[key]:
+                raise ValueError(
+                    f"checkpoint has {key} '{meta[key]}' but the model is configured for "
+                    f"'{self.hparams[key]}'; set model.{key}: {meta[key]}"
+                )
         if meta["base_fingerprint"] != self.base_fingerprint:
             raise ValueError(
-                f"checkpoint was trained on another base decoder (fingerprint {meta['base_fingerprint'][:12]}..., "
+                f"checkpoint was trained on another base (fingerprint {meta['base_fingerprint'][:12]}..., "
                 f"this model {self.base_fingerprint[:12]}...; base_checkpoint was {meta.get('base_checkpoint')!r})"
             )
         self.configure_adapters()
@@ -394,23 +517,111 @@ class LoRAMeshDecoderModule(L.LightningModule):
                     for t, v in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes))
                     if v
                 )
-                + " (check model.lora / model.unfreeze against the checkpoint's)"
+                + " (check model.lora / model.unfreeze / model.structure against the checkpoint's)"
             )
 
     def merged_decoder(self) -> SLatMeshDecoder:
         """A copy of the decoder with LoRA merged into the base weights (the module is untouched)."""
         return merge_lora_weights(self.decoder, inplace=False)  # type: ignore[return-value]
 
+    def merged_structure(self) -> SparseStructureNet:
+        """A copy of stage 1 with LoRA merged into its base weights."""
+        return merge_lora_weights(self.structure, inplace=False)  # type: ignore[return-value]
+
+
+DESIGN = "coarse-to-fine-1"
+"""Checkpoints carry this; those of the one-stage design (none) are refused with a clear error."""
+
+
+def check_design(meta: dict[str, Any]) -> None:
+    """Refuse a checkpoint's ``lora_sam3d`` section written by another model design, saying so."""
+    if meta.get("design") != DESIGN:
+        raise ValueError(
+            "this checkpoint is from the earlier one-stage design (the decoder read a dense slice "
+            "unprojection); the coarse-to-fine model (stage 1 + decoder on the active band) cannot "
+            "use it: train again with this version"
+        )
+
+
+STRUCTURE_ADAPTER = "structure"
+"""Sub-folder of an adapter folder holding stage 1's adapter (or ``structure.safetensors``, full weights)."""
+
+
+def save_module_adapter(module: LoRAMeshDecoderModule, directory: str | Path) -> Path:
+    """The decoder's adapter in PEFT's layout at ``directory`` (loadable onto the decoder alone), and
+    stage 1's beside it: its LoRA adapter in ``structure/``, or its full weights when trained fully."""
+    from safetensors.torch import save_file
+
+    from lora_sam3d.atomic import atomic_write
+    from lora_sam3d.lora import save_adapter
+
+    out = Path(directory)
+    save_adapter(module.decoder, out, modules_to_save=module.hparams.unfreeze or [],
+                 base_model_name_or_path=module.hparams.base_checkpoint)  # fmt: skip
+    if has_lora(module.structure):
+        save_adapter(module.structure, out / STRUCTURE_ADAPTER)
+    elif module.uses_structure and module.hparams.structure_finetune == "full":
+        tensors = {k: v.detach().contiguous() for k, v in module.structure.state_dict().items()}
+        atomic_write(out / f"{STRUCTURE_ADAPTER}.safetensors", lambda tmp: save_file(tensors, str(tmp)))
+    return out
+
+
+def load_module_adapter(module: LoRAMeshDecoderModule, directory: str | Path) -> None:
+    """Load what `save_module_adapter` wrote into both stages."""
+    from safetensors.torch import load_file
+
+    src = Path(directory)
+    load_adapter(module.decoder, src)
+    if (src / STRUCTURE_ADAPTER).is_dir():
+        load_adapter(module.structure, src / STRUCTURE_ADAPTER)
+    elif (src / f"{STRUCTURE_ADAPTER}.safetensors").is_file():
+        module.structure.load_state_dict(load_file(str(src / f"{STRUCTURE_ADAPTER}.safetensors")))
+    elif module.uses_structure:
+        raise FileNotFoundError(
+            f"{src} holds no stage-1 adapter ({STRUCTURE_ADAPTER}/ or {STRUCTURE_ADAPTER}.safetensors): "
+            "it was written by the one-stage design or for precomputed latents"
+        )
+
+
+def soft_dice_loss(prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    inter = (prob.flatten(1) * target.flatten(1)).sum(1)
+    return 1 - ((2 * inter + 1) / (prob.flatten(1).sum(1) + target.flatten(1).sum(1) + 1)).mean()
+
+
+def hard_dice(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of the Dice of two boolean grids (frame-grid training diagnostic)."""
+    p, g = pred.flatten(1).float(), gt.flatten(1).float()
+    return ((2 * (p * g).sum(1) + 1e-6) / (p.sum(1) + g.sum(1) + 1e-6)).mean()
+
+
+def reconstruction_losses(
+    rec: Reconstruction, batch: dict[str, Any], h: Any, n: int
+) -> dict[str, torch.Tensor]:
+    """Decoder terms (truncated SDF L1, cell occupancy BCE and soft Dice on the (4R)^3 cells) plus stage 1's
+    occupancy BCE and soft Dice on the R^3 cells; ``h`` holds the weights (the module's hparams)."""
+    tau = h.sdf_truncation
+    sdf = rec.sdf
+    gt = batch["gt_sdf"].to(sdf.dtype)
+    sdf_l1 = (sdf.clamp(-tau, tau) - gt.clamp(-tau, tau)).abs().mean()
+    logits = occupancy_logits(sdf, n)
+    target = batch["gt_occupancy"].to(logits.dtype)
+    bce = F.binary_cross_entropy_with_logits(logits, target)
+    dice = soft_dice_loss(torch.sigmoid(logits), target)
+    total = h.sdf_weight * sdf_l1 + h.occupancy_weight * bce + h.dice_weight * dice
+    terms = {"sdf_l1": sdf_l1, "occupancy_bce": bce, "soft_dice": dice}
+    if rec.coarse_logits is not None:
+        coarse = batch["gt_coarse_occupancy"].to(rec.coarse_logits.dtype)
+        s_bce = F.binary_cross_entropy_with_logits(rec.coarse_logits, coarse)
+        s_dice = soft_dice_loss(torch.sigmoid(rec.coarse_logits), coarse)
+        total = total + h.structure_weight * (s_bce + s_dice)
+        terms |= {"structure_bce": s_bce, "structure_dice": s_dice}
+    return {"loss": total, **terms}
+
 
 def occupancy_logits(sdf: torch.Tensor, n: int) -> torch.Tensor:
     """(B, n, n, n) logits of each cell being inside, from the mean SDF of its 8 corners, in voxel units."""
     cell = F.avg_pool3d(sdf[:, None], kernel_size=2, stride=1)[:, 0]
     return -cell * n
-
-
-def frame_side_mm(frame_to_world: torch.Tensor) -> torch.Tensor:
-    """(B,) side of each frame cube in mm (the length of its first axis)."""
-    return frame_to_world[:, :3, 0].double().norm(dim=-1)
 
 
 def meshes_in_world(sdf: torch.Tensor, frame_to_world: torch.Tensor) -> list[Mesh]:

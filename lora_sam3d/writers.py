@@ -15,7 +15,7 @@ import numpy as np
 from scipy import ndimage
 
 from lora_sam3d.atomic import atomic_write
-from lora_sam3d.models.mesh import Mesh
+from lora_sam3d.models.mesh import Mesh, sdf_on_grid
 
 CoordinateSystem = Literal["RAS", "LPS"]
 MeshFormat = Literal["ply", "stl", "obj"]
@@ -56,28 +56,11 @@ def mask_on_source_grid(
 ) -> nib.Nifti1Image:
     """The predicted inside (SDF < 0) resampled onto the source scan's own voxel grid, uint8.
 
-    Only the header of the source is read (shape and affine). Trilinear in the SDF vertex grid;
-    voxels outside the frame are 0.
+    Only the header of the source is read (shape and affine); see `sdf_on_grid`.
     """
     src = nib.load(str(source_image))
     shape, affine = src.shape[:3], src.affine
-    n = sdf.shape[0] - 1
-    world_to_frame = np.linalg.inv(frame_to_world)
-    corners = np.array([[x, y, z, 1.0] for x in (-0.5, 0.5) for y in (-0.5, 0.5) for z in (-0.5, 0.5)])
-    vox = (np.linalg.inv(affine) @ frame_to_world @ corners.T)[:3]
-    lo = np.clip(np.floor(vox.min(1)).astype(int), 0, np.array(shape) - 1)
-    hi = np.clip(np.ceil(vox.max(1)).astype(int) + 1, 0, np.array(shape))
-    out = np.zeros(shape, dtype=np.uint8)
-    if np.any(hi <= lo):
-        return nib.Nifti1Image(out, affine)
-    ijk = np.stack(np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi, strict=True)], indexing="ij"), -1)
-    world = ijk @ affine[:3, :3].T + affine[:3, 3]
-    u = world @ world_to_frame[:3, :3].T + world_to_frame[:3, 3]
-    grid = (u + 0.5) * n
-    values = ndimage.map_coordinates(
-        sdf.astype(np.float32), grid.reshape(-1, 3).T, order=1, mode="constant", cval=1.0
-    )
-    out[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = (values.reshape(ijk.shape[:3]) < 0).astype(np.uint8)
+    out = sdf_on_grid(sdf, frame_to_world, affine, shape).astype(np.uint8)
     img = nib.Nifti1Image(out, affine)
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)

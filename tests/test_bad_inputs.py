@@ -26,6 +26,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from lora_sam3d.cli import main
@@ -50,7 +51,7 @@ trainer:
     - class_path: lora_sam3d.callbacks.MeshPredictionWriter
       init_args: {{output_dir: {out}/predictions, write_png: false}}
 model:
-  decoder: {{resolution: 8, model_channels: 64, num_blocks: 4, num_heads: 4, num_groups: 8}}
+  decoder: {{resolution: 16, model_channels: 64, num_blocks: 4, num_heads: 4, num_groups: 8}}
   base_checkpoint: builtin:shapes
   finetune: lora
 data:
@@ -191,6 +192,14 @@ DATA_CASES: dict[str, tuple[Callable[[Path], None], str]] = {
         r"heart_myocardium\.nii\.gz and image .*ct\.nii\.gz have different affines",
     ),
     "NaN voxels": (lambda c: edit_image(c, with_nan), r"ct\.nii\.gz has 1 NaN/inf voxels"),
+    "fractional float label": (
+        lambda c: edit_label(c, lambda d, a: (d.astype(np.float32) * 0.5, a)),
+        r"heart_myocardium\.nii\.gz has \d+ voxels that are not integers \(e\.g\. \[0\.5\]\)",
+    ),
+    "NaN in a label": (
+        lambda c: edit_label(c, with_nan),
+        r"label .*heart_myocardium\.nii\.gz has 1 NaN/inf voxels: a mask must hold integers",
+    ),
     "2D image": (
         lambda c: save_nifti(np.zeros((10, 10), np.int16), np.eye(4), c / "ct.nii.gz"),
         r"ct\.nii\.gz has shape \(10, 10\): expected a 3D volume",
@@ -302,6 +311,18 @@ def predict_items(s: Setup, name: str, **change: object) -> list[str]:
     return predict_from(s, name, s.ckpt, set_in("data", "predict_items", [item]))
 
 
+def one_stage(path: Path) -> None:
+    """What a checkpoint of the one-stage design holds: no design tag, decoder LoRA tensors only."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt["lora_sam3d"].pop("design")
+    ckpt["state_dict"] = {k: v for k, v in ckpt["state_dict"].items() if k.startswith("decoder.")}
+    hparams = ckpt["hyper_parameters"]
+    for key in ("structure", "structure_finetune", "active_margin", "train_active", "max_active_voxels"):
+        hparams.pop(key, None)
+    hparams["latent_band"] = None
+    torch.save(ckpt, path)
+
+
 def base_replaced(s: Setup) -> list[str]:
     """Fit on a copy of the shipped base, then change that file: its checkpoint no longer fits it."""
     from safetensors.torch import load_file, save_file
@@ -399,13 +420,17 @@ RUN_CASES: dict[str, tuple[Callable[[Setup], list[str]], str]] = {
         lambda s: predict_from(s, "c2", broken_copy(s, s.ckpt, "c2", truncate)),
         r"cannot read checkpoint .*c2/last\.ckpt: truncated or corrupt\?",
     ),
+    "checkpoint of the one-stage design": (
+        lambda s: predict_from(s, "c4", broken_copy(s, s.ckpt, "c4", one_stage)),
+        r"this checkpoint is from the earlier one-stage design",
+    ),
     "checkpoint that runs code": (
         lambda s: predict_from(s, "c3", broken_copy(s, s.ckpt, "c3", code_pickle)),
         r"cannot read checkpoint .*c3/last\.ckpt: it holds Python objects",
     ),
     "base replaced since training": (
         base_replaced,
-        r"trained on another base decoder .*base_checkpoint was '.*replaced/shapes\.safetensors'",
+        r"trained on another base .*base_checkpoint was '.*replaced/shapes\.safetensors'",
     ),
     # adapters
     "missing adapter": (
@@ -545,17 +570,17 @@ API_CASES: dict[str, tuple[Callable[[Setup], None], type[Exception], str]] = {
     "checkpoint of another base": (
         lambda s: load_ckpt(s.ckpt, base_checkpoint=None),
         ValueError,
-        r"trained on another base decoder .*base_checkpoint was 'builtin:shapes'",
+        r"trained on another base .*base_checkpoint was 'builtin:shapes'",
     ),
     "LoRA checkpoint where a full fine-tune is expected": (
         lambda s: load_ckpt(s.ckpt, finetune="full"),
         ValueError,
-        r"'lora' fine-tune but the model is configured for 'full'",
+        r"checkpoint has finetune 'lora' but the model is configured for 'full'",
     ),
     "full fine-tune where LoRA is expected": (
         lambda s: load_ckpt(s.full_ckpt, finetune="lora"),
         ValueError,
-        r"'full' fine-tune but the model is configured for 'lora'; set model\.finetune: full",
+        r"checkpoint has finetune 'full' but the model is configured for 'lora'; set model\.finetune: full",
     ),
     "adapter into LoRA of another rank": (
         lambda s: load_adapter_into(s.adapter, rank=8),

@@ -134,6 +134,34 @@ def test_sample_keys_shapes_and_pointmap(phantom_root: Path) -> None:
     assert np.allclose(vox[int(s["axis"])], int(s["index"]), atol=1e-6), "pointmap lies on the slice plane"
     batch = collate([ds[i] for i in range(3)])
     assert batch["gt_sdf"].shape == (3, 33, 33, 33) and len(batch["case_id"]) == 3
+    assert s["gt_coarse_occupancy"].shape == (8, 8, 8) and s["gt_coarse_occupancy"].any()
+    native = s["native"]
+    bit = HEART_CLASSES.index(s["class_name"])
+    assert native["gt"].sum() == ds.cases[0].class_info(bit)["native_voxels"], (
+        "the whole structure is in the box"
+    )
+    assert np.allclose(native["spacing_mm"], [1.8, 1.8, 2.6]), "scored at the source file's own spacing"
+
+
+def test_float_masks_read_as_the_integers_they_mean(phantom_root: Path, tmp_path: Path) -> None:
+    """Masks written as float64 by other tools, with values 1 +- 1e-6: the same voxels as the integer mask."""
+    root = tmp_path / "data"
+    shutil.copytree(phantom_root, root)
+    reference = dataset(phantom_root, split=None, cache_dir=tmp_path / "c1")
+    for case in root.iterdir():
+        if not case.is_dir():
+            continue
+        for label in (case / "segmentations").iterdir():
+            img = nib.load(str(label))
+            data = np.asarray(img.dataobj).astype(np.float64)
+            noise = np.random.default_rng(0).uniform(-1e-6, 1e-6, data.shape)
+            nib.save(nib.Nifti1Image(data + noise * (data > 0), img.affine), str(label))
+    assert nib.load(str(next(root.glob("*/segmentations/*.nii.gz")))).get_data_dtype() == np.float64
+    floated = dataset(root, split=None, cache_dir=tmp_path / "c2")
+    for a, b in zip(reference.cases, floated.cases, strict=True):
+        for bit in range(len(HEART_CLASSES)):
+            assert a.class_info(bit)["native_voxels"] == b.class_info(bit)["native_voxels"] > 0
+            assert a.class_info(bit)["voxels"] == b.class_info(bit)["voxels"]
 
 
 def test_frame_ignores_3d_label_away_from_slice(phantom_root: Path, tmp_path: Path) -> None:

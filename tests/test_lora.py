@@ -16,6 +16,7 @@ from lora_sam3d.lora import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
     LoRAConfig,
+    LoRAConv3d,
     LoRALinear,
     base_fingerprint,
     count_parameters,
@@ -251,7 +252,9 @@ def test_selection_by_regex_callable_exclude_and_patterns(model: TinyDecoder) ->
 def test_selection_errors_name_modules(model: TinyDecoder) -> None:
     with pytest.raises(ValueError, match=r"no module matched target_modules=\['nope'\].*to_qkv"):
         inject_lora(model, target_modules=["nope"])
-    with pytest.raises(TypeError, match=r"not nn.Linear layers: \[\('blocks.0.norm1', 'LayerNorm'\)"):
+    with pytest.raises(
+        TypeError, match=r"not nn.Linear or nn.Conv3d layers: \[\('blocks.0.norm1', 'LayerNorm'\)"
+    ):
         inject_lora(model, target_modules=["norm1"])
     inject_lora(model)
     with pytest.raises(ValueError, match=r"already have LoRA.*blocks.0.attn.to_qkv"):
@@ -527,3 +530,35 @@ def test_dropout_path_and_autocast() -> None:
         out = layer.eval()(x)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), expected, rtol=0.05, atol=0.05)
+
+
+def test_conv3d_adapter_matches_peft_and_merges(tmp_path) -> None:
+    """Stage 1's convolutions: our LoRAConv3d computes PEFT's Conv3d LoRA, merges exactly, and its
+    adapter file loads into a PEFT model."""
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+
+    torch.manual_seed(7)
+    net = nn.Sequential()
+    net.add_module("conv", nn.Conv3d(5, 6, 3, stride=2, padding=1))
+    net.add_module("head", nn.Conv3d(6, 3, 1))
+    ours = copy.deepcopy(net)
+    names = inject_lora(ours, rank=2, alpha=3, target_modules=["conv", "head"])
+    assert names == ["conv", "head"] and isinstance(ours.conv, LoRAConv3d)
+    assert ours.conv.lora_A.shape == (2, 5, 3, 3, 3) and ours.conv.lora_B.shape == (6, 2, 1, 1, 1)
+    x = torch.randn(2, 5, 8, 8, 8)
+    torch.testing.assert_close(ours(x), net(x))  # a fresh adapter changes nothing
+    randomize_lora(ours)
+    save_adapter(ours, tmp_path)
+    peft_model = get_peft_model(
+        copy.deepcopy(net), LoraConfig(r=2, lora_alpha=3, target_modules=["conv", "head"])
+    )
+    result = set_peft_model_state_dict(peft_model, load_file(str(tmp_path / ADAPTER_WEIGHTS_NAME)))
+    assert not result.unexpected_keys
+    torch.testing.assert_close(peft_model(x), ours(x), rtol=1e-5, atol=1e-5)
+    merged = merge_lora_weights(ours, inplace=False)
+    assert type(merged.conv) is nn.Conv3d
+    torch.testing.assert_close(merged(x), ours(x), rtol=1e-5, atol=1e-5)
+    freeze_base_params(ours)
+    assert sorted(n for n, p in ours.named_parameters() if p.requires_grad) == [
+        "conv.lora_A", "conv.lora_B", "head.lora_A", "head.lora_B"
+    ]  # fmt: skip

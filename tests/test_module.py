@@ -1,4 +1,4 @@
-"""The LightningModule's contract, the latent encoder and the metrics' empty-mask rules."""
+"""The LightningModule's contract, the two stages, the slice evidence and the metrics' rules."""
 
 from __future__ import annotations
 
@@ -12,15 +12,13 @@ import torch
 
 from lora_sam3d.data import TSDataModule, collate, write_phantoms
 from lora_sam3d.latent import SliceUnprojection
-from lora_sam3d.lora import lora_layers, save_adapter
-from lora_sam3d.metrics import MeshMetrics, chamfer_mm, overlap, surface_distances
-from lora_sam3d.module import LoRAMeshDecoderModule
+from lora_sam3d.lora import lora_layers
+from lora_sam3d.metrics import MeshMetrics, chamfer_mm, overlap, sample_metrics, surface_distances
+from lora_sam3d.module import LoRAMeshDecoderModule, Reconstruction, save_module_adapter
 from lora_sam3d.writers import mesh_bytes
 
 DECODER = dict(resolution=8, model_channels=64, num_blocks=2, num_heads=4, num_groups=8)
-SHIPPED = dict(
-    decoder=dict(DECODER, num_blocks=4), base_checkpoint="builtin:shapes"
-)  # a base that has learned
+TRAINS = dict(decoder=DECODER, unfreeze=["out_layer"])  # LoRA gets gradients from the first step on
 CLASSES = ["heart_ventricle_left", "heart_myocardium"]
 
 
@@ -49,9 +47,11 @@ def test_optimizer_gets_only_lora_and_unfrozen(datamodule: TSDataModule, tmp_pat
     names = sorted(n for n, p in module.named_parameters() if id(p) in params)
     expected = sorted(
         [f"decoder.{n}.lora_{ab}" for n in lora_layers(module.decoder) for ab in "AB"]
+        + [f"structure.{n}.lora_{ab}" for n in lora_layers(module.structure) for ab in "AB"]
         + ["decoder.out_layer.weight", "decoder.out_layer.bias"]
     )
     assert names == expected
+    assert len(lora_layers(module.structure)) == 11, "every convolution of stage 1 has an adapter"
     # fit, then validate in the same process: LoRA is not injected twice.
     before = sorted(lora_layers(module.decoder))
     t.validate(module, datamodule=datamodule)
@@ -64,30 +64,107 @@ def test_optimizer_gets_only_lora_and_unfrozen(datamodule: TSDataModule, tmp_pat
 def test_adapter_folder_reproduces_the_model(datamodule: TSDataModule, tmp_path: Path) -> None:
     module = LoRAMeshDecoderModule(decoder=DECODER, classes=CLASSES, unfreeze=["out_layer"])
     trainer(tmp_path).fit(module, datamodule=datamodule)
-    save_adapter(module.decoder, tmp_path / "adapter", modules_to_save=["out_layer"])
+    save_module_adapter(module, tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "structure" / "adapter_model.safetensors").is_file()
     again = LoRAMeshDecoderModule(decoder=DECODER, classes=CLASSES, adapter=str(tmp_path / "adapter"))
     again.configure_adapters()
+    again.eval()
     batch = collate([datamodule.datasets["val"][i] for i in range(2)])
+    module.eval()
     with torch.no_grad():
-        torch.testing.assert_close(again(batch), module(batch))
+        torch.testing.assert_close(again(batch).sdf, module(batch).sdf)
 
 
 def test_slice_unprojection_features(datamodule: TSDataModule) -> None:
     batch = collate([datamodule.datasets["val"][i] for i in range(3)])
     dense = SliceUnprojection(8)(batch)
-    assert dense.feats.shape == (3 * 512, 8) and dense.batch_size == 3
-    coords = dense.coords.long()
+    assert dense.shape == (3, 8, 8, 8, 8)
+    centres = (torch.arange(8).float() + 0.5) / 8 - 0.5
     for b in range(3):
-        rows = coords[:, 0] == b
         axis = int(batch["axis"][b])
-        u = dense.feats[rows, 4:7]
-        assert torch.allclose(u, (coords[rows, 1:].float() + 0.5) / 8 - 0.5)
-        assert torch.allclose(dense.feats[rows, 3], u[:, axis]), "signed distance to the slice plane"
-        inside = dense.feats[rows, 0] > 0.99
-        assert (dense.feats[rows, 2][inside] < 0).all(), "2D distance negative inside the mask"
-    band = SliceUnprojection(8, band=0.0)(batch)
-    assert 0 < band.feats.shape[0] < dense.feats.shape[0]
-    assert (band.feats[:, 2] <= 0).all()
+        u = dense[b, 4:7]
+        assert torch.allclose(u[0], centres[:, None, None].expand(8, 8, 8))
+        assert torch.allclose(dense[b, 3], u[axis]), "signed distance to the slice plane"
+        inside = dense[b, 0] > 0.99
+        assert inside.any() and (dense[b, 2][inside] < 0).all(), "2D distance negative inside the mask"
+
+
+def test_stage_one_band_and_fill() -> None:
+    from lora_sam3d.models.structure import surface_band, vertex_fill
+
+    occ = torch.zeros(1, 8, 8, 8, dtype=torch.bool)
+    occ[0, 2:6, 2:6, 2:6] = True
+    band = surface_band(occ, margin=1)
+    assert band[0, 2, 3, 3] and band[0, 1, 3, 3], "both sides of the surface are active"
+    assert not band[0, 3:5, 3:5, 3:5].any() and not band[0, 0].any(), "deep inside and far outside are not"
+    assert surface_band(occ, margin=2).sum() > band.sum()
+    fill = vertex_fill(occ, 32)
+    assert fill.shape == (1, 33, 33, 33)
+    assert fill[0, 16, 16, 16] == -1 and fill[0, 0, 0, 0] == 1 and fill[0, 32, 32, 32] == 1
+
+
+def test_decoder_runs_on_the_active_band_only(datamodule: TSDataModule) -> None:
+    module = LoRAMeshDecoderModule(decoder=DECODER, classes=CLASSES).eval()
+    batch = collate([datamodule.datasets["val"][i] for i in range(2)])
+    seen: list[int] = []
+    module.decoder.register_forward_hook(lambda _m, args, _o: seen.append(args[0].feats.shape[0]))
+    with torch.no_grad():
+        rec = module(batch)
+    assert isinstance(rec, Reconstruction) and rec.sdf.shape == (2, 33, 33, 33)
+    assert rec.active is not None and rec.coarse_logits is not None
+    assert seen == [int(rec.active.sum())] and 0 < seen[0] < 2 * 8**3
+
+
+def test_active_cap_and_empty_stage_one(datamodule: TSDataModule, tmp_path: Path) -> None:
+    batch = collate([datamodule.datasets["val"][i] for i in range(2)])
+    capped = LoRAMeshDecoderModule(decoder=DECODER, classes=CLASSES, max_active_voxels=3).eval()
+    with pytest.raises(ValueError, match=r"active voxels in this batch exceed model.max_active_voxels=3"):
+        capped(batch)
+
+    class Blind(LoRAMeshDecoderModule):
+        """The real module whose stage 1 sees nothing (all logits negative), as on a hopeless slice."""
+
+        def forward(self, batch: dict) -> Reconstruction:
+            with torch.no_grad():
+                self.structure.head.bias.fill_(-1e4)
+            return super().forward(batch)
+
+    blind = Blind(decoder=DECODER, classes=CLASSES)
+    blind.setup("validate")
+    blind.eval()
+    with (
+        pytest.warns(UserWarning, match=r"stage 1 found no surface for .*scored as a failure"),
+        torch.no_grad(),
+    ):
+        blind.validation_step(batch, 0)
+    out = blind.val_metrics.compute()
+    assert sum(float(out[f"failures/{c}"]) for c in CLASSES) == 2 and float(out["dice"]) == 0.0
+
+
+def test_scores_on_the_scan_grid_do_not_depend_on_resolution(tmp_path: Path) -> None:
+    """The true SDF of the frame, scored as a prediction on the scan's own grid: near-perfect at R=8 and
+    R=16 alike, and the two agree (frame-grid numbers would follow the cell size)."""
+    from lora_sam3d.data import TS_SAM3D_Dataset
+    from lora_sam3d.models.mesh import mask_surface, sdf_on_grid
+
+    root = tmp_path / "data"
+    write_phantoms(root, n_cases=3, shape=(48, 48, 32))
+    scores = []
+    for r in (8, 16):
+        ds = TS_SAM3D_Dataset(root, CLASSES[:1], split="test", slice_sampling_method="central", resolution=r,
+                              spacing=2.0)  # fmt: skip
+        sample = ds[0]
+        native = sample["native"]
+        assert native["spacing_mm"].round(3).tolist() == [1.6, 1.6, 2.5], "the source file's own spacing"
+        pred = sdf_on_grid(sample["gt_sdf"].numpy(), sample["frame_to_world"].numpy(), native["affine"],
+                           native["gt"].shape)  # fmt: skip
+        truth = mask_surface(native["gt"], native["affine"])
+        scores.append(
+            sample_metrics(pred, native["gt"], native["spacing_mm"], 3.0, truth.vertices, truth.vertices)
+        )
+    for values in scores:
+        assert values["dice"] > 0.9 and values["hd95_mm"] <= 2.6 and values["nsd"] > 0.95
+    assert abs(scores[0]["dice"] - scores[1]["dice"]) < 0.05
 
 
 def test_metric_empty_mask_rules_and_monai_values() -> None:
@@ -108,10 +185,12 @@ def test_metric_empty_mask_rules_and_monai_values() -> None:
     )
     assert surface_distances(torch.zeros_like(gt), gt, 1.0, 3.0) == (math.inf, math.inf, 0.0)
 
+    # per-axis spacing: stretching the grid along one axis stretches distances along it
+    assert surface_distances(pred, gt, (2.0, 2.0, 4.0), 3.0)[0] == pytest.approx(4.0)
+
     metric = MeshMetrics(["a", "b"])
     empty = torch.zeros_like(gt)
-    metric.update(torch.stack([pred, empty, pred]), torch.stack([gt, gt, empty]), torch.tensor([2.0, 2.0, 2.0]),
-                  torch.tensor([0, 0, 1]))  # fmt: skip
+    metric.update([sample_metrics(p, g, 2.0) for p, g in ((pred, gt), (empty, gt), (pred, empty))], [0, 0, 1])
     out = metric.compute()
     assert out["dice/a"] == pytest.approx(dice / 2), "empty prediction counts as Dice 0"
     assert out["hd95_mm/a"] == pytest.approx(hd95), "failures are not averaged as infinity"
@@ -151,11 +230,15 @@ def test_shipped_base_decoder_loads() -> None:
 
     meta = json.loads((files("lora_sam3d.assets") / "shapes.json").read_text())
     module = LoRAMeshDecoderModule(
-        decoder=dict(resolution=8, model_channels=64, num_blocks=4, num_heads=4, num_groups=8),
+        decoder=dict(resolution=16, model_channels=64, num_blocks=4, num_heads=4, num_groups=8),
         base_checkpoint="builtin:shapes", classes=CLASSES,
     )  # fmt: skip
     assert "lora-sam3d fit --config configs/pretrain_shapes.yaml" in meta["command"]
     assert module.decoder.out_layer.weight.abs().sum() > 0, "trained weights, not the zero-initialised head"
+    assert module.structure_in_base, "stage 1 ships with the base"
+    random = LoRAMeshDecoderModule(decoder=dict(resolution=16, model_channels=64, num_blocks=4, num_heads=4,
+                                                num_groups=8), classes=CLASSES)  # fmt: skip
+    assert not torch.equal(module.structure.head.weight, random.structure.head.weight)
     with pytest.raises(
         FileNotFoundError, match=r"no shipped decoder 'builtin:nope'; available: \['builtin:shapes'\]"
     ):
@@ -168,11 +251,11 @@ class PoisonedModule(LoRAMeshDecoderModule):
 
     poison_steps: tuple[int, ...] = (1,)
 
-    def losses(self, sdf: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
-        terms = super().losses(sdf, batch)
+    def forward(self, batch: dict) -> Reconstruction:
+        rec = super().forward(batch)
         if self.training and self.global_step in self.poison_steps:
-            terms["loss"] = terms["loss"] * float("nan")
-        return terms
+            rec.sdf = rec.sdf * float("nan")
+        return rec
 
 
 def lora_state(module: LoRAMeshDecoderModule) -> dict[str, torch.Tensor]:
@@ -180,14 +263,14 @@ def lora_state(module: LoRAMeshDecoderModule) -> dict[str, torch.Tensor]:
 
 
 def test_nonfinite_loss_raises_or_skips_the_step(datamodule: TSDataModule, tmp_path: Path) -> None:
-    raising = PoisonedModule(**SHIPPED, classes=CLASSES)
+    raising = PoisonedModule(**TRAINS, classes=CLASSES)
     with pytest.raises(
         FloatingPointError, match=r"non-finite training loss at step 1 \(cases \[.*on_nonfinite: skip"
     ):
         trainer(tmp_path, limit_train_batches=3).fit(raising, datamodule=datamodule)
 
     # skip: the poisoned step changes nothing, so the run equals one that never saw that batch's update
-    skipping = PoisonedModule(**SHIPPED, classes=CLASSES, on_nonfinite="skip")
+    skipping = PoisonedModule(**TRAINS, classes=CLASSES, on_nonfinite="skip")
     seen: list[dict[str, torch.Tensor]] = []
 
     class Snapshot(L.Callback):
@@ -221,9 +304,9 @@ def test_nonfinite_gradients_raise_or_skip_the_step(datamodule: TSDataModule, tm
         FloatingPointError, match=r"non-finite gradients at step 1 in 1 tensors: \['decoder\."
     ):
         trainer(tmp_path, limit_train_batches=2).fit(
-            PoisonedGradients(**SHIPPED, classes=CLASSES), datamodule=datamodule
+            PoisonedGradients(**TRAINS, classes=CLASSES), datamodule=datamodule
         )
-    skipping = PoisonedGradients(**SHIPPED, classes=CLASSES, on_nonfinite="skip")
+    skipping = PoisonedGradients(**TRAINS, classes=CLASSES, on_nonfinite="skip")
     t = trainer(tmp_path, limit_train_batches=3)
     with pytest.warns(UserWarning, match="non-finite gradients at step 1.*step skipped"):
         t.fit(skipping, datamodule=datamodule)

@@ -9,8 +9,10 @@ maps: a training sample touches one slice and one small SDF crop, not the whole 
 
 Contents: ``image.npy`` (float16, normalised), ``labels.npy`` (uint32 class bits), per class
 ``sdf_<c>.npy`` (float16 signed distance in mm, negative inside, truncated, on a crop around
-the structure) and ``meta.json`` (affine, spacing, per-class voxel counts, bounding box,
-per-axis slice areas, SDF crop origin).
+the structure), per class ``native_<c>.npy`` (uint8 mask on the source scan's own voxels,
+reoriented to RAS but not resampled, cropped to the structure: what metrics score against) and
+``meta.json`` (affine, spacing, per-class voxel counts, bounding box, per-axis slice areas, SDF
+and native crop origins, the native grid's affine and shape).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from lora_sam3d.atomic import atomic_dir, atomic_write
 from lora_sam3d.data.cases import Case
 from lora_sam3d.data.volume import Preprocessing, load_volume
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
@@ -131,10 +133,23 @@ def build_case(
         np.save(tmp / "image.npy", volume.image.astype(np.float16))
         np.save(tmp / "labels.npy", volume.labels)
         per_class: dict[str, Any] = {}
+        assert volume.native_labels is not None and volume.native_affine is not None
         for bit in sorted(case.class_masks):
             mask = (volume.labels >> np.uint32(bit)) & 1 == 1
             voxels = int(mask.sum())
-            info: dict[str, Any] = {"name": classes[bit], "voxels": voxels}
+            native = (volume.native_labels >> np.uint32(bit)) & 1 == 1
+            info: dict[str, Any] = {
+                "name": classes[bit],
+                "voxels": voxels,
+                "native_voxels": int(native.sum()),
+            }
+            if native.any():
+                nz = np.nonzero(native)
+                lo_n = [int(a.min()) for a in nz]
+                hi_n = [int(a.max()) + 1 for a in nz]
+                crop = native[lo_n[0] : hi_n[0], lo_n[1] : hi_n[1], lo_n[2] : hi_n[2]]
+                np.save(tmp / f"native_{bit}.npy", crop.astype(np.uint8))
+                info["native_origin"] = lo_n
             if voxels:
                 nz = np.nonzero(mask)
                 lo = [int(a.min()) for a in nz]
@@ -159,6 +174,8 @@ def build_case(
             "affine": volume.affine.tolist(),
             "spacing_mm": prep.spacing_mm,
             "shape": list(volume.image.shape),
+            "native_affine": volume.native_affine.tolist(),
+            "native_shape": list(volume.native_labels.shape),
             "sdf_truncation_mm": sdf_truncation_mm,
             "classes": per_class,
         }
@@ -208,6 +225,19 @@ class CachedCase:
         """(crop, origin voxel) of the class's truncated SDF in mm."""
         crop = np.load(self.path / f"sdf_{bit}.npy", mmap_mode="r")
         return crop, np.asarray(self.class_info(bit)["sdf_origin"])
+
+    def native(self, bit: int) -> tuple[np.ndarray, np.ndarray]:
+        """(crop bool, origin voxel) of the class's mask on the source scan's own grid."""
+        crop = np.load(self.path / f"native_{bit}.npy") > 0
+        return crop, np.asarray(self.class_info(bit)["native_origin"])
+
+    @cached_property
+    def native_affine(self) -> np.ndarray:
+        return np.asarray(self.meta["native_affine"], dtype=np.float64)
+
+    @property
+    def native_shape(self) -> tuple[int, int, int]:
+        return tuple(self.meta["native_shape"])  # type: ignore[return-value]
 
     def __getstate__(self) -> dict[str, Any]:  # memory maps are reopened in each DataLoader worker
         return {"path": self.path}

@@ -252,8 +252,15 @@ class TS_SAM3D_Dataset(Dataset):
         empty = []
         for ci, case in enumerate(self.cases):
             for bit in range(len(self.classes)):
-                if case.class_info(bit)["voxels"] == 0:
-                    empty.append(f"{case.case_id}/{self.classes[bit]}")
+                info = case.class_info(bit)
+                if info["voxels"] == 0:
+                    lost = info.get("native_voxels", 0)
+                    why = (
+                        f" ({lost} voxels in the source, 0 after resampling to {case.spacing_mm} mm)"
+                        if lost
+                        else ""
+                    )
+                    empty.append(f"{case.case_id}/{self.classes[bit]}{why}")
                     continue
                 if self.method == "random_axis":
                     items += [(ci, bit, -1, -1)] * self.samples_per_class
@@ -308,6 +315,10 @@ class TS_SAM3D_Dataset(Dataset):
             sample_sdf(frame, crop, origin, n + 1, self.sdf_truncation_mm, side_mm)
         )
         sample["gt_occupancy"] = torch.from_numpy(sample_occupancy(frame, crop, origin, n))
+        sample["gt_coarse_occupancy"] = torch.from_numpy(
+            sample_occupancy(frame, crop, origin, self.resolution)
+        )
+        sample["native"] = native_target(case, bit, frame.frame_to_world)
         sample |= {
             "case_id": case.case_id,
             "class_name": name,
@@ -315,6 +326,28 @@ class TS_SAM3D_Dataset(Dataset):
             "source_image": case.meta["image"],
         }
         return sample
+
+
+def native_target(case: CachedCase, bit: int, frame_to_world: np.ndarray) -> dict[str, np.ndarray]:
+    """The scan's own ground truth for scoring one sample: ``gt`` (bool) on the source grid's box that
+    holds both the structure and the frame, that box's ``affine`` (voxel -> world mm) and the
+    per-axis ``spacing_mm`` (3,) of the source grid."""
+    crop, origin = case.native(bit)
+    affine, shape = case.native_affine, np.asarray(case.native_shape)
+    corners = np.array([[x, y, z, 1.0] for x in (-0.5, 0.5) for y in (-0.5, 0.5) for z in (-0.5, 0.5)])
+    vox = (np.linalg.inv(affine) @ frame_to_world @ corners.T)[:3]
+    lo = np.clip(np.minimum(np.floor(vox.min(1)).astype(int), origin), 0, shape)
+    hi = np.clip(np.maximum(np.ceil(vox.max(1)).astype(int) + 1, origin + crop.shape), 0, shape)
+    gt = np.zeros(tuple(hi - lo), dtype=bool)
+    start = origin - lo
+    gt[
+        start[0] : start[0] + crop.shape[0],
+        start[1] : start[1] + crop.shape[1],
+        start[2] : start[2] + crop.shape[2],
+    ] = crop
+    box_affine = affine.copy()
+    box_affine[:3, 3] = affine[:3, :3] @ lo + affine[:3, 3]
+    return {"gt": gt, "affine": box_affine, "spacing_mm": np.linalg.norm(affine[:3, :3], axis=0)}
 
 
 def mask_signed_distance(mask: np.ndarray) -> np.ndarray:

@@ -34,12 +34,17 @@ class Volume:
         labels: (X, Y, Z) uint32 bit mask, bit c set where class c is present.
         affine: (4, 4) float64 voxel index -> world RAS millimetres.
         spacing_mm: the isotropic voxel size.
+        native_labels: (X', Y', Z') uint32 class bits on the source scan's own voxels (reoriented
+            to RAS only, not resampled): what the scan's ground truth is scored on.
+        native_affine: (4, 4) voxel index -> world mm of ``native_labels``.
     """
 
     image: np.ndarray
     labels: np.ndarray
     affine: np.ndarray
     spacing_mm: float
+    native_labels: np.ndarray | None = None
+    native_affine: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,30 @@ def read_array(img: nib.Nifti1Image, path: str | Path, what: str, dtype: type = 
     except Exception as err:  # EOFError, zlib.error, OSError on truncated/corrupt .nii.gz
         raise DataError(f"{what} file {path} cannot be read (truncated or corrupt?): {err}") from err
     return data
+
+
+LABEL_TOLERANCE = 1e-3
+"""A float label value within this of an integer is read as that integer (tools that write float masks)."""
+
+
+def read_labels(img: nib.Nifti1Image, path: str | Path) -> np.ndarray:
+    """Integer label values, as the field reads masks: binary or integer; float only when every value
+    is within `LABEL_TOLERANCE` of an integer (then rounded). NaN/inf or fractional values are errors."""
+    data = read_array(img, path, "label", np.float64)
+    finite = np.isfinite(data)
+    if not finite.all():
+        raise DataError(
+            f"label {path} has {int((~finite).sum())} NaN/inf voxels: a mask must hold integers (0 = background)"
+        )
+    rounded = np.rint(data)
+    off = np.abs(data - rounded) > LABEL_TOLERANCE
+    if off.any():
+        found = np.unique(data[off])
+        raise DataError(
+            f"label {path} has {int(off.sum())} voxels that are not integers (e.g. {found[:5].tolist()}): "
+            f"expected a binary or integer mask (float values are accepted within {LABEL_TOLERANCE} of an integer)"
+        )
+    return rounded.astype(np.int32)
 
 
 def check_same_grid(
@@ -166,10 +195,11 @@ def load_volume(
         if label_path not in loaded:
             label_img = load_nifti(label_path, "label")
             check_same_grid(image_img, label_img, image_path, label_path)
-            loaded[label_path] = read_array(label_img, label_path, "label", np.int32)
+            loaded[label_path] = read_labels(label_img, label_path)
         data = loaded[label_path]
         mask = data != 0 if value is None else data == value
         labels |= mask.astype(np.uint32) << np.uint32(bit)
     image = normalise(image, prep, image_path)
+    native_labels = labels
     image, labels, affine = resample_isotropic(image, labels, image_img.affine, prep.spacing_mm)
-    return Volume(image=image, labels=labels, affine=affine, spacing_mm=prep.spacing_mm)
+    return Volume(image, labels, affine, prep.spacing_mm, native_labels, np.asarray(image_img.affine, float))

@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lora_sam3d.models.mesh import FEATS_CHANNELS
+from lora_sam3d.models.structure import STRUCTURE_PREFIX
 from lora_sam3d.sparse import (
     LayerNorm32,
     SparseConv3d,
@@ -265,10 +266,23 @@ class SLatMeshDecoder(nn.Module):
         keys is stripped. Pickled files are read with ``weights_only=True``: no code runs. With
         ``strict``, missing or unexpected keys raise an error that names them.
         """
+        return cls.from_state_dict(load_weights(path), str(path), strict, **config)
+
+    @classmethod
+    def from_state_dict(
+        cls, state: Mapping[str, torch.Tensor], source: str, strict: bool = True, **config: Any
+    ) -> SLatMeshDecoder:
+        """Build with ``config`` and load ``state`` (read from ``source``, named in errors).
+
+        Keys under ``structure.`` (stage 1, stored beside the decoder in our base files) are not the
+        decoder's and are left out, as Meta's non-strict loader leaves them.
+        """
+        path = source
         model = cls(**config)
-        state = load_weights(path)
         own = model.state_dict()
-        state = _strip_prefix(state, set(own))
+        state = _strip_prefix(
+            {k: v for k, v in state.items() if not k.startswith(STRUCTURE_PREFIX)}, set(own)
+        )
         shapes = [
             f"{k}: file {tuple(v.shape)}, model {tuple(own[k].shape)}"
             for k, v in state.items()

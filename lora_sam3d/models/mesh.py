@@ -35,11 +35,12 @@ def corner_sdf(out: SparseTensor, resolution: int) -> torch.Tensor:
     return out.feats[:, SDF_CHANNELS].float() - 1.0 / resolution
 
 
-def vertex_sdf_grid(out: SparseTensor, resolution: int) -> torch.Tensor:
+def vertex_sdf_grid(out: SparseTensor, resolution: int, fill: torch.Tensor | None = None) -> torch.Tensor:
     """(B, res+1, res+1, res+1) SDF on the vertex grid; differentiable; untouched vertices = +1.
 
     ``resolution`` is the output grid's (4R for a decoder of resolution R). Index order is
-    (x, y, z) of the sparse coordinates.
+    (x, y, z) of the sparse coordinates. ``fill`` (same shape as the result) gives the values of
+    vertices no output voxel touches (stage 1's sign in the coarse-to-fine design) instead of +1.
     """
     v = resolution + 1
     coords = out.coords.long()
@@ -52,7 +53,8 @@ def vertex_sdf_grid(out: SparseTensor, resolution: int) -> torch.Tensor:
     sdf = corner_sdf(out, resolution).reshape(-1)
     sums = sdf.new_zeros(total).index_add(0, index, sdf)
     counts = torch.bincount(index, minlength=total)
-    grid = torch.where(counts > 0, sums / counts.clamp_min(1), torch.ones_like(sums))
+    default = torch.ones_like(sums) if fill is None else fill.reshape(-1).to(sums.dtype)
+    grid = torch.where(counts > 0, sums / counts.clamp_min(1), default)
     return grid.view(out.batch_size, v, v, v)
 
 
@@ -108,6 +110,56 @@ def marching_cubes(sdf_grid: torch.Tensor | np.ndarray, level: float = 0.0) -> M
     verts, faces, normals, _ = skimage_marching_cubes(grid, level=level, spacing=(step, step, step))
     normals = -normals
     return Mesh((verts - 0.5).astype(np.float32), faces.astype(np.int64), normals.astype(np.float32))
+
+
+def sdf_on_grid(
+    sdf: np.ndarray, frame_to_world: np.ndarray, affine: np.ndarray, shape: tuple[int, ...]
+) -> np.ndarray:
+    """(shape) bool: the inside (SDF < 0) of a vertex SDF grid voxelised on another voxel grid.
+
+    ``affine`` maps that grid's voxel indices to world mm (e.g. a source scan's, any spacing or
+    orientation); each voxel centre is mapped into the frame and the SDF read trilinearly there;
+    voxels outside the frame are outside. Only the frame's bounding box of the grid is computed.
+    """
+    n = sdf.shape[0] - 1
+    shape = tuple(int(a) for a in shape[:3])
+    out = np.zeros(shape, dtype=bool)
+    corners = np.array([[x, y, z, 1.0] for x in (-0.5, 0.5) for y in (-0.5, 0.5) for z in (-0.5, 0.5)])
+    vox = (np.linalg.inv(affine) @ frame_to_world @ corners.T)[:3]
+    lo = np.clip(np.floor(vox.min(1)).astype(int), 0, np.array(shape))
+    hi = np.clip(np.ceil(vox.max(1)).astype(int) + 1, 0, np.array(shape))
+    if np.any(hi <= lo):
+        return out
+    from scipy import ndimage
+
+    ijk = np.stack(np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi, strict=True)], indexing="ij"), -1)
+    to_frame = np.linalg.inv(frame_to_world) @ affine
+    u = ijk @ to_frame[:3, :3].T + to_frame[:3, 3]
+    values = ndimage.map_coordinates(
+        np.asarray(sdf, dtype=np.float32),
+        ((u + 0.5) * n).reshape(-1, 3).T,
+        order=1,
+        mode="constant",
+        cval=1.0,
+    )
+    out[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = values.reshape(ijk.shape[:3]) < 0
+    return out
+
+
+def mask_surface(mask: np.ndarray, affine: np.ndarray) -> Mesh:
+    """The boundary of a boolean voxel mask (marching cubes at 0.5), in the world mm of ``affine``."""
+    from skimage.measure import marching_cubes as skimage_marching_cubes
+
+    if not mask.any():
+        empty = np.zeros((0, 3), dtype=np.float32)
+        return Mesh(empty, np.zeros((0, 3), dtype=np.int64), empty)
+    padded = np.pad(mask.astype(np.float32), 1)
+    # values rise inwards here, so skimage's normals point outward and faces wind the other way
+    verts, faces, normals, _ = skimage_marching_cubes(padded, level=0.5)
+    mesh = Mesh(
+        (verts - 1).astype(np.float32), faces[:, ::-1].astype(np.int64).copy(), normals.astype(np.float32)
+    )
+    return mesh.to_world(affine)
 
 
 def decode_meshes(out: SparseTensor, resolution: int) -> list[Mesh]:

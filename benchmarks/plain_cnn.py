@@ -1,0 +1,51 @@
+"""Baseline for the experiment: a plain dense 3D CNN from the same slice evidence to occupancy.
+
+No pretrained base, no sparse decoder: `SparseStructureNet`'s U-Net run densely on the frame's
+(4R)^3 cells (the decoder's output grid), trained from scratch with the same losses, data, frame
+and budget, and scored by the same code on the scan's own grid. It answers "does the pretrained
+two-stage decoder with LoRA beat what a plain network learns from these phantoms alone?".
+
+    python benchmarks/plain_cnn.py fit --config <config>    (then test / predict, as lora-sam3d)
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+
+from lora_sam3d.cli import _lightning_cli
+from lora_sam3d.latent import SliceUnprojection
+from lora_sam3d.models.structure import SparseStructureNet
+from lora_sam3d.module import LoRAMeshDecoderModule, Reconstruction
+
+
+class DenseOccupancyCNN(LoRAMeshDecoderModule):
+    """Occupancy logits on the (4R)^3 cells from a dense U-Net; the decoder and stage 1 are unused."""
+
+    def __init__(self, *args: Any, cnn_channels: int = 16, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        n = 4 * self.resolution
+        self.cells = SliceUnprojection(n)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.hparams.base_seed)
+            self.cnn = SparseStructureNet(channels=cnn_channels, latent_channels=0)
+
+    def configure_adapters(self) -> None:
+        self.requires_grad_(False)
+        self.cnn.requires_grad_(True)
+
+    def forward(self, batch: dict[str, Any]) -> Reconstruction:
+        logits, _ = self.cnn(self.cells(batch))  # (B, n, n, n) cells
+        n = logits.shape[-1]
+        # vertex values: minus the mean logit of the (up to 8) cells around each vertex, in frame units
+        padded = F.pad(logits[:, None], (1, 1, 1, 1, 1, 1), mode="replicate")
+        vertices = -F.avg_pool3d(padded, kernel_size=2, stride=1)[:, 0] / n
+        return Reconstruction(vertices)
+
+
+if __name__ == "__main__":
+    _lightning_cli(sys.argv[1:], model_class=DenseOccupancyCNN)
+    sys.exit(0)
