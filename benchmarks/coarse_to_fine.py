@@ -3,11 +3,12 @@ the reference-size decoder (R = 64, 768 channels, 12 blocks) costs on a real-siz
 
 Measured in one run on the same heart phantoms:
 - demo size (64 channels, 4 blocks): one LoRA training step (forward + backward + AdamW) of the
-  two-stage model at R = 16 (stage 1 + decoder on the active band), against the one-stage design
+  two-stage model at R = 16 (the shipped base's stage 1 + decoder on the active band), against the one-stage design
   it replaces (the decoder on the dense R^3 slice unprojection) at R = 8 (the former demo) and at
   R = 16 (what one stage would cost at the new grid);
-- reference size, LoRA, gradient checkpointing, batch 1: the active voxels of real samples (true
-  coarse surface band, margin 1), one forward + backward: time and peak resident memory; and the
+- reference size, LoRA, gradient checkpointing, batch 1: the active voxels of one central axial
+  slice per heart structure (true coarse surface band, margin 1), one forward + backward of the
+  largest: time and peak resident memory; and the
   dense input the one-stage design would need (64^3 cells, 16.8M output voxels).
 
     python benchmarks/coarse_to_fine.py [--repeats 3] [--json out.json] [--skip-reference]
@@ -60,7 +61,9 @@ def timed_steps(step: Any, params: list[torch.nn.Parameter], repeats: int) -> fl
 
 
 def two_stage(batch: dict[str, Any], repeats: int) -> dict[str, Any]:
-    module = LoRAMeshDecoderModule(decoder=dict(DEMO, resolution=16), classes=CLASSES, unfreeze=["out_layer"])
+    module = LoRAMeshDecoderModule(
+        decoder=dict(DEMO, resolution=16), base_checkpoint="builtin:shapes", classes=CLASSES
+    )
     module.configure_adapters()
     module.train()
     params = [p for p in module.parameters() if p.requires_grad]
@@ -103,10 +106,15 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def reference(root: Path, n_samples: int) -> dict[str, Any]:
-    batch = samples(root, 64, n_samples)
+def reference(root: Path) -> dict[str, Any]:
+    """One central axial slice per heart structure of a training case, framed at R = 64."""
+    ds = TS_SAM3D_Dataset(root, CLASSES, split="train", slice_sampling_method="central", resolution=64,
+                          spacing=1.5, axes=(2,))  # fmt: skip
+    n_samples = len(CLASSES)
+    batch = collate([ds[i] for i in range(n_samples)])  # items run case -> class: one per structure
     bands = surface_band(batch["gt_coarse_occupancy"].bool(), 1)
     counts = bands.flatten(1).sum(1).tolist()
+    assert batch["class_name"] == CLASSES, batch["class_name"]
     torch.manual_seed(0)
     decoder = SLatMeshDecoder(**REFERENCE)
     inject_lora(decoder, LoRAConfig())
@@ -153,7 +161,7 @@ def main() -> None:
               f"{r['x_one_stage_r8']:.2f}x one-stage R=8, {r['active_voxels_per_sample']:.0f} input voxels/sample")  # fmt: skip
     result: dict[str, Any] = {"batch": args.batch, "demo": rows}
     if not args.skip_reference:
-        ref = reference(root, 6)
+        ref = reference(root)
         result["reference"] = ref
         print(f"reference size: active voxels per sample {ref['active_voxels_per_sample']}; one sample of "
               f"{ref['measured_active_voxels']} -> {ref['output_voxels']} output voxels: fwd+bwd {ref['fwd_bwd_s']:.1f} s, "

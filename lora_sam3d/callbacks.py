@@ -84,7 +84,8 @@ class AdapterCheckpoint(L.Callback):
 
 class RunSummary(L.Callback):
     """At the end of fit, write ``run_summary.json`` beside the checkpoints: wall time of fit, peak
-    resident memory of the process (Linux ``VmHWM``), parameter counts and the adapter's size."""
+    resident memory of the process (Linux ``VmHWM``), parameter counts and the adapter's size (the
+    weight files of both stages in ``adapter-best/``)."""
 
     def __init__(self) -> None:
         self.start = 0.0
@@ -107,13 +108,15 @@ class RunSummary(L.Callback):
             for line in status.read_text().splitlines():
                 if line.startswith("VmHWM"):
                     peak = int(line.split()[1]) * 1024
-        adapter = _output_dir(trainer, "adapter-best") / "adapter_model.safetensors"
+        adapter = _output_dir(trainer, "adapter-best")  # the decoder's and stage 1's weights
         summary = {
             "train_seconds": time.perf_counter() - self.start,
             "peak_rss_bytes": peak,
             "global_step": trainer.global_step,
             **{f"{k}_params": v for k, v in count_parameters(pl_module).items()},
-            "adapter_bytes": adapter.stat().st_size if adapter.is_file() else None,
+            "adapter_bytes": sum(p.stat().st_size for p in adapter.rglob("*.safetensors"))
+            if adapter.is_dir()
+            else None,
         }
         text = json.dumps(summary, indent=2)
         atomic_write(_output_dir(trainer, "run_summary.json"), lambda tmp: tmp.write_text(text))

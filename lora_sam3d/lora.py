@@ -56,6 +56,7 @@ __all__ = [
     "read_adapter_config",
     "save_adapter",
     "setup_lora_for_medical_finetuning",
+    "state_dict_fit",
     "unload_lora",
 ]
 
@@ -615,9 +616,26 @@ def get_lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 class LoadResult(NamedTuple):
+    """How a state dict fits a model: keys it lacks, keys it has in excess, tensors of another shape."""
+
     missing: list[str]
     unexpected: list[str]
     mismatched: list[str]
+
+    def describe(self, limit: int = 10) -> str:
+        """``missing keys [...]; unexpected keys [...]; mis-shaped keys [...]`` (non-empty parts only)."""
+        parts = (("missing", self.missing), ("unexpected", self.unexpected), ("mis-shaped", self.mismatched))
+        return "; ".join(f"{label} keys {keys[:limit]}" for label, keys in parts if keys)
+
+
+def state_dict_fit(own: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]) -> LoadResult:
+    """Compare ``given`` tensors with a model's ``own``: the one check used wherever weights are loaded."""
+    mismatched = sorted(
+        f"{k}: expected {tuple(own[k].shape)}, got {tuple(given[k].shape)}"
+        for k in set(own) & set(given)
+        if tuple(own[k].shape) != tuple(given[k].shape)
+    )
+    return LoadResult(sorted(set(own) - set(given)), sorted(set(given) - set(own)), mismatched)
 
 
 def load_lora_state_dict(
@@ -631,26 +649,10 @@ def load_lora_state_dict(
     own = get_lora_state_dict(model)
     if not own:
         raise ValueError("load_lora_state_dict: the model has no LoRA layers; call inject_lora first")
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
-    mismatched = sorted(
-        f"{k}: expected {tuple(own[k].shape)}, got {tuple(state_dict[k].shape)}"
-        for k in set(own) & set(state_dict)
-        if tuple(own[k].shape) != tuple(state_dict[k].shape)
-    )
+    fit = state_dict_fit(own, state_dict)
+    missing, unexpected, mismatched = fit
     if strict and (missing or unexpected or mismatched):
-        raise KeyError(
-            "load_lora_state_dict(strict=True): "
-            + "; ".join(
-                f"{label} keys {keys}"
-                for label, keys in (
-                    ("missing", missing),
-                    ("unexpected", unexpected),
-                    ("mis-shaped", mismatched),
-                )
-                if keys
-            )
-        )
+        raise KeyError(f"load_lora_state_dict(strict=True): {fit.describe(limit=len(own) + len(state_dict))}")
     bad = {m.split(":")[0] for m in mismatched}
     params = dict(model.named_parameters())
     with torch.no_grad():

@@ -35,6 +35,7 @@ from lora_sam3d.lora import (
     load_adapter,
     merge_lora_weights,
     read_adapter_config,
+    state_dict_fit,
 )
 from lora_sam3d.metrics import MeshMetrics, sample_metrics
 from lora_sam3d.models import SLatMeshDecoder, load_weights, marching_cubes, vertex_sdf_grid
@@ -190,10 +191,15 @@ class LoRAMeshDecoderModule(L.LightningModule):
         self.structure_lora_config = structure_lora or LoRAConfig(
             2, 4.0, target_modules=STRUCTURE_LORA_TARGETS
         )
-        if adapter:
+        if adapter:  # the adapter folder's own settings replace the configured ones
             meta = read_adapter_config(adapter)
             self.lora_config = LoRAConfig.from_dict(meta["lora_sam3d"]["config"])
             self.hparams["unfreeze"] = list(meta.get("modules_to_save") or [])
+            if (Path(adapter) / STRUCTURE_ADAPTER).is_dir():
+                stage1 = read_adapter_config(Path(adapter) / STRUCTURE_ADAPTER)
+                self.structure_lora_config = LoRAConfig.from_dict(stage1["lora_sam3d"]["config"])
+            elif (Path(adapter) / f"{STRUCTURE_ADAPTER}.safetensors").is_file():
+                self.hparams["structure_finetune"] = "full"
         self.hparams["lora"] = asdict(self.lora_config)
         self.hparams["structure_lora"] = asdict(self.structure_lora_config)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
@@ -238,14 +244,11 @@ class LoRAMeshDecoderModule(L.LightningModule):
         }
         self.decoder = SLatMeshDecoder.from_state_dict(state, path, **self.decoder_config)
         if structure:
-            own = self.structure.state_dict()
-            bad = sorted(set(own) ^ set(structure)) + sorted(
-                k for k in set(own) & set(structure) if own[k].shape != structure[k].shape
-            )
-            if bad:
+            fit = state_dict_fit(self.structure.state_dict(), structure)
+            if fit.missing or fit.unexpected or fit.mismatched:
                 raise ValueError(
                     f"{path}: stage-1 weights do not fit SparseStructureNet({self.structure_config}): "
-                    f"keys missing, unexpected or mis-shaped: {bad[:10]} (check model.structure)"
+                    f"{fit.describe()} (check model.structure)"
                 )
             self.structure.load_state_dict(structure)
             self.structure_in_base = True
@@ -500,24 +503,12 @@ class LoRAMeshDecoderModule(L.LightningModule):
                 f"this model {self.base_fingerprint[:12]}...; base_checkpoint was {meta.get('base_checkpoint')!r})"
             )
         self.configure_adapters()
-        own = dict(self.named_parameters())
-        expected = set(self.trainable_names())
-        got = set(checkpoint["state_dict"])
-        missing, unexpected = sorted(expected - got), sorted(got - expected)
-        shapes = sorted(
-            f"{k}: checkpoint {tuple(checkpoint['state_dict'][k].shape)}, model {tuple(own[k].shape)}"
-            for k in expected & got
-            if tuple(checkpoint["state_dict"][k].shape) != tuple(own[k].shape)
-        )
-        if missing or unexpected or shapes:
+        params = dict(self.named_parameters())
+        fit = state_dict_fit({k: params[k] for k in self.trainable_names()}, checkpoint["state_dict"])
+        if fit.missing or fit.unexpected or fit.mismatched:
             raise ValueError(
-                "checkpoint does not fit this model: "
-                + "; ".join(
-                    f"{t} {v[:10]}"
-                    for t, v in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes))
-                    if v
-                )
-                + " (check model.lora / model.unfreeze / model.structure against the checkpoint's)"
+                f"checkpoint does not fit this model: {fit.describe()} "
+                "(check model.lora / model.unfreeze / model.structure against the checkpoint's)"
             )
 
     def merged_decoder(self) -> SLatMeshDecoder:

@@ -1,0 +1,105 @@
+"""What limits the two-stage model: an ablation on the validation split (never the test split).
+
+From one trained checkpoint, the same validation samples are scored (on each scan's own grid, as
+validation does) with parts of the pipeline swapped for the truth or removed:
+- as trained: stage 1's band (``active_margin`` cells) and stage 1's sign elsewhere;
+- wider band at inference: ``active_margin`` + 1;
+- stage 1 alone: the coarse occupancy as the surface, no decoder;
+- oracle stage 1: the true coarse occupancy decides the band and the sign, the decoder the rest
+  (how much stage 1's errors cost);
+- grid cap: the true SDF sampled on the frame's (4R+1)^3 vertex grid (what a perfect decoder at this
+  frame and resolution would score).
+
+    python benchmarks/ablation.py --ckpt outputs/experiment/b/checkpoints/best.ckpt [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lora_sam3d.data import TSDataModule
+from lora_sam3d.metrics import MeshMetrics
+from lora_sam3d.models.structure import vertex_fill
+from lora_sam3d.module import LoRAMeshDecoderModule, Reconstruction
+
+ROWS = ("as trained", "wider band at inference", "stage 1 alone", "oracle stage 1", "grid cap (true SDF)")
+
+
+class Ablated(LoRAMeshDecoderModule):
+    """The trained module with one part swapped for the truth or removed (see the rows above)."""
+
+    mode = "as trained"
+
+    def forward(self, batch: dict[str, Any]) -> Reconstruction:
+        n = 4 * self.resolution
+        if self.mode == "grid cap (true SDF)":
+            return Reconstruction(batch["gt_sdf"].float())
+        if self.mode == "stage 1 alone":
+            logits, _ = self.structure(self.encoder(batch))
+            return Reconstruction(
+                vertex_fill(logits > 0, n), logits, torch.ones_like(logits, dtype=torch.bool)
+            )
+        if self.mode == "oracle stage 1":
+            truth = batch["gt_coarse_occupancy"].bool()
+            handle = self.structure.register_forward_hook(
+                lambda _m, _a, out: (torch.where(truth, 10.0, -10.0).to(out[0].dtype), out[1])
+            )
+            try:
+                return super().forward(batch)
+            finally:
+                handle.remove()
+        return super().forward(batch)
+
+
+def score(module: Ablated, dm: TSDataModule) -> dict[str, float]:
+    metrics = MeshMetrics(module.classes or [], module.hparams.nsd_tolerance_mm)
+    actives = []
+    with torch.no_grad():
+        for batch in dm.val_dataloader():
+            rec = module(batch)
+            if rec.active is not None:
+                actives += rec.active_counts()
+            metrics.update([v for _, _, v in module._score(rec, batch)], batch["class_index"])
+    out = {k: float(v) for k, v in metrics.compute().items() if "/" not in k}
+    out |= {f"dice/{c}": float(metrics.compute()[f"dice/{c}"]) for c in module.classes or []}
+    out["active_voxels_per_sample"] = sum(actives) / max(len(actives), 1)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--ckpt", required=True)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    module = Ablated.load_from_checkpoint(args.ckpt, map_location="cpu", weights_only=True).eval()
+    ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=True)
+    data = dict(ckpt["datamodule_hyper_parameters"])
+    data["num_workers"] = 0
+    data.pop("_instantiator", None)
+    dm = TSDataModule(**data)
+    dm.setup("validate")
+    module.classes = list(data["classes"])
+    results = []
+    margin = module.hparams.active_margin
+    for row in ROWS:
+        module.mode = row
+        module.hparams.active_margin = margin + 1 if row == "wider band at inference" else margin
+        values = score(module, dm)
+        results.append({"row": row, **values})
+        print(f"{row:28s} Dice {values['dice']:.3f}  HD95 {values['hd95_mm']:.2f} mm  NSD {values['nsd']:.3f}  "
+              f"myocardium {values.get('dice/heart_myocardium', float('nan')):.3f}  "
+              f"active {values['active_voxels_per_sample']:.0f}", flush=True)  # fmt: skip
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
