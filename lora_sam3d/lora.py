@@ -260,13 +260,7 @@ class LoRALinear(nn.Module):
 
     def merge(self) -> nn.Linear:
         """A new layer of the wrapped class with ``W + s B A`` (merged in fp32, then cast)."""
-        merged = copy.deepcopy(self._base)
-        merged.weight = nn.Parameter(
-            self.merged_weight.detach().clone(), requires_grad=self.weight.requires_grad
-        )
-        if self.bias is not None:
-            merged.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=self.bias.requires_grad)
-        return merged
+        return _merged_copy(self)  # type: ignore[return-value]
 
     def unload(self) -> nn.Linear:
         """The wrapped layer, with its base weights (never modified by LoRA)."""
@@ -316,6 +310,17 @@ class _FusedLoRA(torch.autograd.Function):
         if need_bb:
             grad_bb = torch.mm(low.t(), grad).t().mul_(s)
         return grad_x, grad_w, grad_b, grad_a, grad_bb, None
+
+
+def _merged_copy(layer: Any) -> nn.Module:
+    """A copy of a LoRA layer's wrapped module holding its merged weight and its bias."""
+    merged = copy.deepcopy(layer._base)
+    merged.weight = nn.Parameter(
+        layer.merged_weight.detach().clone(), requires_grad=layer.weight.requires_grad
+    )
+    if layer.bias is not None:
+        merged.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=layer.bias.requires_grad)
+    return merged
 
 
 class LoRAConv3d(nn.Module):
@@ -376,13 +381,8 @@ class LoRAConv3d(nn.Module):
         return out + F.conv3d(low, self.lora_B.to(x.dtype)) * self.scaling
 
     def merge(self) -> nn.Conv3d:
-        merged = copy.deepcopy(self._base)
-        merged.weight = nn.Parameter(
-            self.merged_weight.detach().clone(), requires_grad=self.weight.requires_grad
-        )
-        if self.bias is not None:
-            merged.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=self.bias.requires_grad)
-        return merged
+        """A new ``nn.Conv3d`` with ``W + s B A`` (merged in fp32, then cast)."""
+        return _merged_copy(self)  # type: ignore[return-value]
 
     def unload(self) -> nn.Conv3d:
         return self._base  # type: ignore[return-value]
