@@ -40,6 +40,7 @@ __all__ = [
     "ADAPTER_WEIGHTS_NAME",
     "LoRAConfig",
     "LoRAConv3d",
+    "LoRALayer",
     "LoRALinear",
     "LoadResult",
     "base_fingerprint",
@@ -151,7 +152,62 @@ def _pattern_value(patterns: Mapping[str, Any], name: str, default: Any) -> Any:
     return default
 
 
-class LoRALinear(nn.Module):
+class LoRALayer(nn.Module):
+    """What every LoRA layer shares: the wrapped layer's own ``weight``/``bias`` (so base state-dict
+    names are unchanged), the scaling, ``lora_A`` (kaiming-uniform) and ``lora_B`` (zero), dropout
+    on the LoRA path, and merge/unload back to the wrapped class."""
+
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+
+    def _adopt(
+        self, base: nn.Module, rank: int, alpha: float, dropout: float, use_rslora: bool,
+        a_shape: tuple[int, ...], b_shape: tuple[int, ...],
+    ) -> None:  # fmt: skip
+        if rank <= 0:
+            raise ValueError(f"rank must be positive, got {rank}")
+        self.rank, self.alpha, self.use_rslora = rank, float(alpha), use_rslora
+        self.scaling = self.alpha / (math.sqrt(rank) if use_rslora else rank)
+        self.weight = base.weight
+        self.bias = base.bias
+        # The wrapped module itself (unregistered: its parameters are ours) gives back the right
+        # class (e.g. a sparse linear) on merge/unload.
+        object.__setattr__(self, "_base", base)
+        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.lora_A = nn.Parameter(torch.empty(*a_shape, **factory))
+        self.lora_B = nn.Parameter(torch.empty(*b_shape, **factory))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        """A kaiming-uniform, B zero: a fresh adapter leaves the output unchanged."""
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    def delta_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def merged_weight(self) -> torch.Tensor:
+        """``W + s B A`` in the weight's dtype, merged in fp32; the module is not changed."""
+        return (self.weight.float() + self.delta_weight()).to(self.weight.dtype)
+
+    def merge(self) -> nn.Module:
+        """A new layer of the wrapped class with ``W + s B A`` (merged in fp32, then cast)."""
+        merged = copy.deepcopy(self._base)
+        merged.weight = nn.Parameter(
+            self.merged_weight.detach().clone(), requires_grad=self.weight.requires_grad
+        )
+        if self.bias is not None:
+            merged.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=self.bias.requires_grad)
+        return merged
+
+    def unload(self) -> nn.Module:
+        """The wrapped layer, with its base weights (never modified by LoRA)."""
+        return self._base  # type: ignore[return-value]
+
+
+class LoRALinear(LoRALayer):
     """A frozen linear plus a trainable low-rank update, optionally on some slices of its output.
 
     ``weight`` and ``bias`` are the wrapped layer's own parameters, so state-dict names of the
@@ -178,20 +234,8 @@ class LoRALinear(nn.Module):
             raise TypeError(f"LoRALinear wraps an nn.Linear (or subclass), got {type(base).__name__}")
         if isinstance(base, LoRALinear):
             raise TypeError("this layer already has LoRA")
-        if rank <= 0:
-            raise ValueError(f"rank must be positive, got {rank}")
         self.in_features = base.in_features
         self.out_features = base.out_features
-        self.rank = rank
-        self.alpha = float(alpha)
-        self.use_rslora = use_rslora
-        self.scaling = self.alpha / (math.sqrt(rank) if use_rslora else rank)
-        self.weight = base.weight
-        self.bias = base.bias
-        # The wrapped module itself (unregistered: its parameters are ours) gives back the right
-        # class (e.g. a sparse linear) on merge/unload.
-        object.__setattr__(self, "_base", base)
-
         if enabled_slices is not None and all(enabled_slices):
             enabled_slices = None
         self.enabled_slices = enabled_slices
@@ -208,16 +252,9 @@ class LoRALinear(nn.Module):
             rows = torch.arange(self.out_features).view(n, -1)[list(enabled_slices)].reshape(-1)
             self.register_buffer("_rows", rows, persistent=False)
         self.n_groups = n_groups
-        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
-        self.lora_A = nn.Parameter(torch.empty(rank * n_groups, self.in_features, **factory))
-        self.lora_B = nn.Parameter(torch.empty(out_lora, rank, **factory))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.reset_lora_parameters()
-
-    def reset_lora_parameters(self) -> None:
-        """A kaiming-uniform, B zero: a fresh adapter leaves the output unchanged."""
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B)
+        self._adopt(
+            base, rank, alpha, dropout, use_rslora, (rank * n_groups, self.in_features), (out_lora, rank)
+        )
 
     def _full_B(self) -> torch.Tensor:
         """B as an (out, r * n_groups) matrix: block-diagonal over enabled slices, zero rows elsewhere."""
@@ -230,11 +267,6 @@ class LoRALinear(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         """The (out, in) update ``s * B A``, computed in fp32."""
         return self._full_B().float() @ self.lora_A.float() * self.scaling
-
-    @property
-    def merged_weight(self) -> torch.Tensor:
-        """``W + s B A`` in the weight's dtype, merged in fp32; the module is not changed."""
-        return (self.weight.float() + self.delta_weight()).to(self.weight.dtype)
 
     def _linear(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -257,14 +289,6 @@ class LoRALinear(nn.Module):
                 f"LoRALinear takes a Tensor or an object with .feats and .replace(), got {type(x).__name__}"
             )
         return x.replace(self._linear(feats))
-
-    def merge(self) -> nn.Linear:
-        """A new layer of the wrapped class with ``W + s B A`` (merged in fp32, then cast)."""
-        return _merged_copy(self)  # type: ignore[return-value]
-
-    def unload(self) -> nn.Linear:
-        """The wrapped layer, with its base weights (never modified by LoRA)."""
-        return self._base
 
     def extra_repr(self) -> str:
         slices = "" if self.enabled_slices is None else f", slices={self.enabled_slices}"
@@ -312,18 +336,7 @@ class _FusedLoRA(torch.autograd.Function):
         return grad_x, grad_w, grad_b, grad_a, grad_bb, None
 
 
-def _merged_copy(layer: Any) -> nn.Module:
-    """A copy of a LoRA layer's wrapped module holding its merged weight and its bias."""
-    merged = copy.deepcopy(layer._base)
-    merged.weight = nn.Parameter(
-        layer.merged_weight.detach().clone(), requires_grad=layer.weight.requires_grad
-    )
-    if layer.bias is not None:
-        merged.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=layer.bias.requires_grad)
-    return merged
-
-
-class LoRAConv3d(nn.Module):
+class LoRAConv3d(LoRALayer):
     """A frozen ``nn.Conv3d`` plus a trainable low-rank update ``s * B(A(x))``.
 
     ``lora_A`` (r, in/groups, k, k, k) convolves with the base's kernel, stride, padding and
@@ -344,33 +357,15 @@ class LoRAConv3d(nn.Module):
             raise TypeError(f"LoRAConv3d wraps an nn.Conv3d, got {type(base).__name__}")
         if base.groups != 1:
             raise ValueError("LoRAConv3d supports groups=1 convolutions only")
-        if rank <= 0:
-            raise ValueError(f"rank must be positive, got {rank}")
         self.in_channels, self.out_channels = base.in_channels, base.out_channels
-        self.rank, self.alpha, self.use_rslora = rank, float(alpha), use_rslora
-        self.scaling = self.alpha / (math.sqrt(rank) if use_rslora else rank)
         self.enabled_slices = None
-        self.weight = base.weight
-        self.bias = base.bias
-        object.__setattr__(self, "_base", base)
-        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
-        self.lora_A = nn.Parameter(torch.empty(rank, self.in_channels, *base.kernel_size, **factory))
-        self.lora_B = nn.Parameter(torch.empty(self.out_channels, rank, 1, 1, 1, **factory))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.reset_lora_parameters()
-
-    def reset_lora_parameters(self) -> None:
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B)
+        a_shape, b_shape = (rank, self.in_channels, *base.kernel_size), (self.out_channels, rank, 1, 1, 1)
+        self._adopt(base, rank, alpha, dropout, use_rslora, a_shape, b_shape)
 
     def delta_weight(self) -> torch.Tensor:
         """The (out, in, k, k, k) update ``s * B A``, in fp32."""
         a = self.lora_A.float().flatten(1)
         return (self.lora_B.float().flatten(1) @ a).view_as(self.weight) * self.scaling
-
-    @property
-    def merged_weight(self) -> torch.Tensor:
-        return (self.weight.float() + self.delta_weight()).to(self.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base: nn.Conv3d = self._base  # type: ignore[assignment]
@@ -380,13 +375,6 @@ class LoRAConv3d(nn.Module):
         )
         return out + F.conv3d(low, self.lora_B.to(x.dtype)) * self.scaling
 
-    def merge(self) -> nn.Conv3d:
-        """A new ``nn.Conv3d`` with ``W + s B A`` (merged in fp32, then cast)."""
-        return _merged_copy(self)  # type: ignore[return-value]
-
-    def unload(self) -> nn.Conv3d:
-        return self._base  # type: ignore[return-value]
-
     def extra_repr(self) -> str:
         return (
             f"in_channels={self.in_channels}, out_channels={self.out_channels}, rank={self.rank}, "
@@ -394,8 +382,6 @@ class LoRAConv3d(nn.Module):
         )
 
 
-LoRALayer = LoRALinear | LoRAConv3d
-LORA_LAYER_TYPES = (LoRALinear, LoRAConv3d)
 ADAPTABLE_TYPES = (nn.Linear, nn.Conv3d)
 
 
@@ -404,11 +390,11 @@ ADAPTABLE_TYPES = (nn.Linear, nn.Conv3d)
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALayer]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, LORA_LAYER_TYPES)}
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALayer)}
 
 
 def has_lora(model: nn.Module) -> bool:
-    return any(isinstance(m, LORA_LAYER_TYPES) for m in model.modules())
+    return any(isinstance(m, LoRALayer) for m in model.modules())
 
 
 def _compile_selector(selector: Selector | None) -> Callable[[str, nn.Module], bool] | None:
@@ -479,7 +465,7 @@ def inject_lora(
             f"(exclude={config.exclude_modules!r}); linear layers in this model: {linears[:12]}"
             + (" ..." if len(linears) > 12 else "")
         )
-    already = [n for n, m in matches if isinstance(m, LORA_LAYER_TYPES)]
+    already = [n for n, m in matches if isinstance(m, LoRALayer)]
     if already:
         raise ValueError(f"inject_lora: these modules already have LoRA (call unload_lora first): {already}")
     # A substring such as "mlp" also matches containers and their activations: wrap the linears,

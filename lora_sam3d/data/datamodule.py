@@ -219,7 +219,11 @@ class TSDataModule(L.LightningDataModule):
         args = self._dataset_args()
         if stage in ("fit", None) and "train" not in self.datasets:
             self.datasets["train"] = TS_SAM3D_Dataset(
-                split="train", slice_sampling_method=h.train_sampling, augment=h.augment, **args
+                split="train",
+                slice_sampling_method=h.train_sampling,
+                augment=h.augment,
+                score_targets=False,
+                **args,
             )
         for split, stages in (("val", ("fit", "validate", None)), ("test", ("test", None))):
             if stage in stages and split not in self.datasets:

@@ -31,6 +31,7 @@ from lora_sam3d.data.frame import (
     slice_pointmap,
 )
 from lora_sam3d.data.volume import DataError, Preprocessing
+from lora_sam3d.models.mesh import frame_box
 
 SamplingMethod = Literal["random_axis", "uniform", "central", "all"]
 AXIS_NAMES = ("sagittal", "coronal", "axial")
@@ -163,6 +164,8 @@ class TS_SAM3D_Dataset(Dataset):
         sdf_truncation_mm: SDF targets are clipped to +- this.
         layout, label_values, modality, ct_window_hu, on_bad_case: see `discover_cases` and
             `Preprocessing`.
+        score_targets: add ``native`` (the scan's own mask around the frame) to each sample, for
+            metrics; the data module turns it off for the training split.
     """
 
     def __init__(
@@ -189,6 +192,7 @@ class TS_SAM3D_Dataset(Dataset):
         modality: Literal["ct", "mr"] = "ct",
         ct_window_hu: tuple[float, float] = (-200.0, 400.0),
         on_bad_case: Literal["error", "skip"] = "error",
+        score_targets: bool = True,
     ) -> None:
         if split is not None and split not in SPLITS:
             raise DataError(f"split must be one of {SPLITS} or None, got {split!r}")
@@ -211,6 +215,7 @@ class TS_SAM3D_Dataset(Dataset):
         self.slices_per_axis = slices_per_axis
         self.slice_size = slice_size or 4 * resolution
         self.frame_scale = frame_scale
+        self.score_targets = score_targets
         self.sdf_truncation_mm = sdf_truncation_mm
         self.prep = Preprocessing(spacing_mm=spacing, modality=modality, ct_window_hu=tuple(ct_window_hu))  # type: ignore[arg-type]
         self.cache_dir = Path(cache_dir) if cache_dir is not None else self.root / ".cache"
@@ -318,7 +323,8 @@ class TS_SAM3D_Dataset(Dataset):
         sample["gt_coarse_occupancy"] = torch.from_numpy(
             sample_occupancy(frame, crop, origin, self.resolution)
         )
-        sample["native"] = native_target(case, bit, frame.frame_to_world)
+        if self.score_targets:  # the scan's own mask, for metrics; training never reads it
+            sample["native"] = native_target(case, bit, frame.frame_to_world)
         sample |= {
             "case_id": case.case_id,
             "class_name": name,
@@ -333,11 +339,9 @@ def native_target(case: CachedCase, bit: int, frame_to_world: np.ndarray) -> dic
     holds both the structure and the frame, that box's ``affine`` (voxel -> world mm) and the
     per-axis ``spacing_mm`` (3,) of the source grid."""
     crop, origin = case.native(bit)
-    affine, shape = case.native_affine, np.asarray(case.native_shape)
-    corners = np.array([[x, y, z, 1.0] for x in (-0.5, 0.5) for y in (-0.5, 0.5) for z in (-0.5, 0.5)])
-    vox = (np.linalg.inv(affine) @ frame_to_world @ corners.T)[:3]
-    lo = np.clip(np.minimum(np.floor(vox.min(1)).astype(int), origin), 0, shape)
-    hi = np.clip(np.maximum(np.ceil(vox.max(1)).astype(int) + 1, origin + crop.shape), 0, shape)
+    affine = case.native_affine
+    frame_lo, frame_hi = frame_box(frame_to_world, affine, case.native_shape)
+    lo, hi = np.minimum(frame_lo, origin), np.maximum(frame_hi, origin + crop.shape)
     gt = np.zeros(tuple(hi - lo), dtype=bool)
     start = origin - lo
     gt[

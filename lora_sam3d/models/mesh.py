@@ -112,6 +112,18 @@ def marching_cubes(sdf_grid: torch.Tensor | np.ndarray, level: float = 0.0) -> M
     return Mesh((verts - 0.5).astype(np.float32), faces.astype(np.int64), normals.astype(np.float32))
 
 
+def frame_box(
+    frame_to_world: np.ndarray, affine: np.ndarray, shape: tuple[int, ...]
+) -> tuple[np.ndarray, np.ndarray]:
+    """(lo, hi) voxel index bounds (hi exclusive) of the frame cube on a grid (``affine``, ``shape``)."""
+    corners = np.array([[x, y, z, 1.0] for x in (-0.5, 0.5) for y in (-0.5, 0.5) for z in (-0.5, 0.5)])
+    vox = (np.linalg.inv(affine) @ frame_to_world @ corners.T)[:3]
+    size = np.asarray(shape[:3])
+    return np.clip(np.floor(vox.min(1)).astype(int), 0, size), np.clip(
+        np.ceil(vox.max(1)).astype(int) + 1, 0, size
+    )
+
+
 def sdf_on_grid(
     sdf: np.ndarray, frame_to_world: np.ndarray, affine: np.ndarray, shape: tuple[int, ...]
 ) -> np.ndarray:
@@ -124,10 +136,7 @@ def sdf_on_grid(
     n = sdf.shape[0] - 1
     shape = tuple(int(a) for a in shape[:3])
     out = np.zeros(shape, dtype=bool)
-    corners = np.array([[x, y, z, 1.0] for x in (-0.5, 0.5) for y in (-0.5, 0.5) for z in (-0.5, 0.5)])
-    vox = (np.linalg.inv(affine) @ frame_to_world @ corners.T)[:3]
-    lo = np.clip(np.floor(vox.min(1)).astype(int), 0, np.array(shape))
-    hi = np.clip(np.ceil(vox.max(1)).astype(int) + 1, 0, np.array(shape))
+    lo, hi = frame_box(frame_to_world, affine, shape)
     if np.any(hi <= lo):
         return out
     from scipy import ndimage
