@@ -17,8 +17,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from safetensors.torch import save_file
 
 from lora_sam3d.atomic import atomic_write
+from lora_sam3d.checkpoint_io import save_module_adapter
 from lora_sam3d.models.structure import STRUCTURE_PREFIX
-from lora_sam3d.module import save_module_adapter
+from lora_sam3d.module import Prediction
 from lora_sam3d.writers import (
     CoordinateSystem,
     mask_on_source_grid,
@@ -43,7 +44,7 @@ class AdapterCheckpoint(L.Callback):
 
     Each folder holds the decoder's ``adapter_model.safetensors`` + ``adapter_config.json`` (PEFT's
     layout, see `lora_sam3d.lora.save_adapter`) and stage 1's adapter in ``structure/`` (see
-    `lora_sam3d.module.save_module_adapter`), next to Lightning's checkpoints; written atomically,
+    `lora_sam3d.checkpoint_io.save_module_adapter`), next to Lightning's checkpoints; written atomically,
     on rank 0.
     """
 
@@ -186,34 +187,46 @@ class MeshPredictionWriter(BasePredictionWriter):
         self.rows, self.written = [], []
 
     def write_on_batch_end(
-        self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx
+        self,
+        trainer,
+        pl_module,
+        prediction: list[Prediction],
+        batch_indices,
+        batch,
+        batch_idx,
+        dataloader_idx,
     ) -> None:  # type: ignore[override]
         out = self._dir(trainer)
         for record in prediction:
-            stem = f"{record['case_id']}_{record['class_name']}_axis{record['axis']}_slice{record['index']}"
-            if not record["mesh"].is_empty:
+            stem = record.stem
+            if not record.mesh.is_empty:
                 self.written.append(
-                    write_mesh(record["mesh"], out / f"{stem}.{self.mesh_format}", self.coordinate_system)
+                    write_mesh(record.mesh, out / f"{stem}.{self.mesh_format}", self.coordinate_system)
                 )
-            if record.get("gt_mesh") is not None and not record["gt_mesh"].is_empty:
+            if record.gt_mesh is not None and not record.gt_mesh.is_empty:
                 self.written.append(
                     write_mesh(
-                        record["gt_mesh"], out / f"{stem}_truth.{self.mesh_format}", self.coordinate_system
+                        record.gt_mesh, out / f"{stem}_truth.{self.mesh_format}", self.coordinate_system
                     )
                 )
-            if self.write_nifti_files and record.get("source_image"):
-                img = mask_on_source_grid(record["sdf"], record["frame_to_world"], record["source_image"])
+            if self.write_nifti_files and record.source_image:
+                img = mask_on_source_grid(record.sdf, record.frame_to_world, record.source_image)
                 self.written.append(write_nifti(img, out / f"{stem}_mask.nii.gz"))
             if self.write_png:
                 title = f"{stem}  input | prediction (red) vs truth (green)"
                 png = preview_png(
-                    record["image"], record["mask"], record["sdf"], record["axis"], record.get("gt_sdf"),
-                    out / f"{stem}.png", title,
-                )  # fmt: skip
+                    record.image,
+                    record.mask,
+                    record.sdf,
+                    record.axis,
+                    record.gt_sdf,
+                    out / f"{stem}.png",
+                    title,
+                )
                 self.written.append(png)
-            if "metrics" in record:
-                self.rows.append({"case_id": record["case_id"], "class_name": record["class_name"],
-                                  "axis": record["axis"], "index": record["index"], **record["metrics"]})  # fmt: skip
+            if record.metrics is not None:
+                self.rows.append({"case_id": record.case_id, "class_name": record.class_name,
+                                  "axis": record.axis, "index": record.index, **record.metrics})  # fmt: skip
 
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Gather every process's per-sample metrics; rank 0 writes ``metrics.csv`` and ``metrics.json``."""

@@ -30,9 +30,9 @@ def _lightning_cli(args: list[str] | None, model_class: type | None = None) -> N
     import torch
     from lightning.pytorch.cli import LightningCLI
 
+    from lora_sam3d.checkpoint_io import READ_ERRORS, check_design, unreadable
     from lora_sam3d.data import TSDataModule
-    from lora_sam3d.models.decoder import READ_ERRORS, unreadable
-    from lora_sam3d.module import LoRAMeshDecoderModule, check_design
+    from lora_sam3d.module import LoRAMeshDecoderModule
 
     class LoRASAM3DCLI(LightningCLI):
         def add_arguments_to_parser(self, parser: Any) -> None:
@@ -80,8 +80,8 @@ def _phantoms(args: argparse.Namespace) -> None:
 
 def _export(args: argparse.Namespace) -> None:
     from lora_sam3d.callbacks import save_merged_decoder
-    from lora_sam3d.models.decoder import READ_ERRORS, unreadable
-    from lora_sam3d.module import LoRAMeshDecoderModule, save_module_adapter
+    from lora_sam3d.checkpoint_io import READ_ERRORS, save_module_adapter, unreadable
+    from lora_sam3d.module import LoRAMeshDecoderModule
 
     ckpt = Path(args.ckpt_path)
     if not ckpt.is_file():

@@ -24,7 +24,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -78,9 +78,10 @@ class LoRAConfig:
         alpha: scaling numerator; the update is scaled by ``alpha / r`` (``alpha / sqrt(r)`` with
             ``use_rslora``).
         dropout: dropout probability on the LoRA path's input (training only).
-        target_modules: a list of substrings of the full module name (the original behaviour:
-            ``["to_qkv", "to_out"]``), or one regular expression full-matched against the name.
-        exclude_modules: substrings (list) or one regular expression; matching modules are skipped.
+        target_modules: a list of substrings of the full module name (``["to_qkv", "to_out"]``),
+            one regular expression full-matched against the name, or (from Python) a callable
+            ``(name, module) -> bool``.
+        exclude_modules: the same forms; matching modules are skipped.
         rank_pattern / alpha_pattern: per-module overrides, PEFT's semantics: a key ``k`` applies to
             a module whose full name matches ``(.*\\.)?k`` (so ``blocks.0.attn.to_qkv`` or just
             ``to_out``); the first matching key in insertion order wins.
@@ -93,8 +94,10 @@ class LoRAConfig:
     rank: int = 4
     alpha: float = 8.0
     dropout: float = 0.0
-    target_modules: list[str] | str = field(default_factory=lambda: ["to_qkv", "to_out"])
-    exclude_modules: list[str] | str | None = None
+    target_modules: list[str] | str | Callable[[str, nn.Module], bool] = field(
+        default_factory=lambda: ["to_qkv", "to_out"]
+    )
+    exclude_modules: list[str] | str | Callable[[str, nn.Module], bool] | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     use_rslora: bool = False
@@ -409,46 +412,35 @@ def _compile_selector(selector: Selector | None) -> Callable[[str, nn.Module], b
     return lambda name, _m: any(s in name for s in subs)
 
 
+def _exact_names(names: Iterable[str]) -> str:
+    """A regular expression that full-matches exactly these module names."""
+    return "|".join(re.escape(n) for n in sorted(names))
+
+
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, leaf = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, leaf, module)
 
 
-def inject_lora(
-    model: nn.Module,
-    config: LoRAConfig | None = None,
-    *,
-    target_modules: Selector | None = None,
-    rank: int | None = None,
-    alpha: float | None = None,
-    dropout: float | None = None,
-    exclude_modules: Selector | None = None,
-) -> list[str]:
+def inject_lora(model: nn.Module, config: LoRAConfig | None = None, **fields: Any) -> list[str]:
     """Replace the selected linears (`LoRALinear`) and 3D convolutions (`LoRAConv3d`) of ``model`` in
     place; return their names.
 
-    Call forms: ``inject_lora(model, LoRAConfig(...))``, or the original
-    ``inject_lora(model, target_modules=['to_qkv', 'to_out'], rank=4, alpha=8)``, where
-    ``target_modules`` may also be a regex string or a callable ``(name, module) -> bool``.
-    Keyword arguments override the config's fields. Raises ``ValueError`` when nothing matches,
-    when a match is already a LoRA layer (no double wrap), and ``TypeError`` when a match is not
-    an ``nn.Linear`` or ``nn.Conv3d``; the messages list the names and types.
+    Pass a `LoRAConfig`, or its fields as keywords (``inject_lora(model, target_modules=['to_qkv',
+    'to_out'], rank=4, alpha=8)`` is ``inject_lora(model, LoRAConfig(target_modules=..., rank=4,
+    alpha=8))``), not both. From Python, ``target_modules`` / ``exclude_modules`` may also be a
+    callable ``(name, module) -> bool``. Raises ``ValueError`` when nothing matches, when a match is
+    already a LoRA layer (no double wrap), and ``TypeError`` when a match is not an ``nn.Linear`` or
+    ``nn.Conv3d``; the messages list the names and types.
     """
-    config = copy.deepcopy(config) if config is not None else LoRAConfig()
-    overrides = {"rank": rank, "alpha": alpha, "dropout": dropout}
-    for key, value in overrides.items():
-        if value is not None:
-            setattr(config, key, value)
-    if exclude_modules is not None and not callable(exclude_modules):
-        config.exclude_modules = exclude_modules
-    if target_modules is not None and not callable(target_modules):
-        config.target_modules = (
-            list(target_modules) if not isinstance(target_modules, str) else target_modules
+    if config is not None and fields:
+        raise TypeError(
+            f"inject_lora: pass a LoRAConfig or its fields as keywords, not both (got {sorted(fields)})"
         )
-    config.__post_init__()
-    select = _compile_selector(target_modules if callable(target_modules) else config.target_modules)
-    exclude = _compile_selector(exclude_modules if callable(exclude_modules) else config.exclude_modules)
+    config = config if config is not None else LoRAConfig(**fields)
+    select = _compile_selector(config.target_modules)
+    exclude = _compile_selector(config.exclude_modules)
     assert select is not None
 
     inside_lora = {f"{n}." for n in lora_layers(model)}
@@ -577,7 +569,9 @@ def setup_lora_for_medical_finetuning(
     """
     if config is None:
         config = LoRAConfig(rank=rank, alpha=alpha, dropout=dropout)
-    inject_lora(model, config, target_modules=target_modules)
+    if target_modules is not None:
+        config = replace(config, target_modules=target_modules)
+    inject_lora(model, config)
     freeze_base_params(model)
     if unfreeze_output_layers:
         wanted = list(output_layers)
@@ -683,6 +677,8 @@ def save_adapter(
     if not layers:
         raise ValueError("save_adapter: the model has no LoRA layers")
     config: LoRAConfig = getattr(model, "_lora_config", None) or LoRAConfig()
+    if callable(config.target_modules) or callable(config.exclude_modules):  # JSON holds names, not code
+        config = replace(config, target_modules=_exact_names(layers), exclude_modules=None)
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {
@@ -774,7 +770,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike[str], check_base
         raise ValueError(f"load_adapter: cannot read {weights_path}: {err}") from err
     if not has_lora(model):
         names = sorted(ours.get("layers", {}))
-        inject_lora(model, config, target_modules=lambda n, _m: n in names)
+        inject_lora(model, replace(config, target_modules=_exact_names(names), exclude_modules=None))
+        model._lora_config = config  # type: ignore[assignment]
     lora_sd, extra = {}, {}
     for key, value in tensors.items():
         bare = key.removeprefix(_PEFT_PREFIX)
@@ -788,17 +785,12 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike[str], check_base
         raise KeyError(f"load_adapter: {weights_path} does not fit this model: {err.args[0]}") from None
     if extra:
         params = dict(model.named_parameters())
-        unknown = sorted(set(extra) - set(params))
-        if unknown:
+        fit = state_dict_fit({k: params[k] for k in extra if k in params}, extra)
+        if fit.unexpected or fit.mismatched:
             raise KeyError(
-                f"load_adapter: {weights_path} has tensors for modules this model lacks: {unknown}"
+                f"load_adapter: {weights_path} does not fit this model's extra modules: {fit.describe()}"
             )
         with torch.no_grad():
             for key, value in extra.items():
-                if params[key].shape != value.shape:
-                    raise KeyError(
-                        f"load_adapter: {weights_path}: {key} is {tuple(value.shape)}, "
-                        f"model expects {tuple(params[key].shape)}"
-                    )
                 params[key].copy_(value)
     return sorted(lora_layers(model))

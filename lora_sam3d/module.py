@@ -25,6 +25,14 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.nn import functional as F
 
+from lora_sam3d.checkpoint_io import (
+    DESIGN,
+    STRUCTURE_ADAPTER,
+    check_design,
+    load_module_adapter,
+    load_weights,
+    resolve_checkpoint,
+)
 from lora_sam3d.latent import PrecomputedLatents, make_encoder
 from lora_sam3d.lora import (
     LoRAConfig,
@@ -32,13 +40,12 @@ from lora_sam3d.lora import (
     freeze_base_params,
     has_lora,
     inject_lora,
-    load_adapter,
     merge_lora_weights,
     read_adapter_config,
     state_dict_fit,
 )
 from lora_sam3d.metrics import MeshMetrics, sample_metrics
-from lora_sam3d.models import SLatMeshDecoder, load_weights, marching_cubes, vertex_sdf_grid
+from lora_sam3d.models import SLatMeshDecoder, marching_cubes, vertex_sdf_grid
 from lora_sam3d.models.mesh import Mesh, mask_surface, sdf_on_grid
 from lora_sam3d.models.structure import (
     STRUCTURE_PREFIX,
@@ -80,24 +87,38 @@ class Reconstruction:
         return self.active.flatten(1).sum(1).tolist()
 
 
-def resolve_checkpoint(path: str) -> str:
-    """``builtin:<name>`` -> the shipped ``lora_sam3d/assets/<name>.safetensors``; other paths unchanged."""
-    if not path.startswith("builtin:"):
-        return path
-    from importlib.resources import files
+@dataclass
+class Prediction:
+    """One sample's result, as `predict_step` hands it to `MeshPredictionWriter`.
 
-    name = path.removeprefix("builtin:")
-    found = files("lora_sam3d.assets") / f"{name}.safetensors"
-    if not found.is_file():
-        available = sorted(
-            p.name.removesuffix(".safetensors")
-            for p in files("lora_sam3d.assets").iterdir()
-            if p.name.endswith(".safetensors")
-        )
-        raise FileNotFoundError(
-            f"no shipped decoder {path!r}; available: {['builtin:' + a for a in available]}"
-        )
-    return str(found)
+    Attributes:
+        case_id, class_name, axis, index: which slice of which case it came from.
+        source_image: the NIfTI the slice was read from (its grid receives the predicted mask).
+        frame_to_world: (4, 4) frame units -> world RAS mm.
+        sdf: (4R+1,)*3 predicted vertex SDF in frame units, negative inside.
+        image, mask: (S, S) the input slice's first channel and its mask.
+        mesh: the predicted surface in world RAS mm.
+        gt_sdf, gt_mesh, metrics: the truth and the scores, when the sample has ground truth.
+    """
+
+    case_id: str
+    class_name: str
+    axis: int
+    index: int
+    source_image: str | None
+    frame_to_world: np.ndarray
+    sdf: np.ndarray
+    image: np.ndarray
+    mask: np.ndarray
+    mesh: Mesh
+    gt_sdf: np.ndarray | None = None
+    gt_mesh: Mesh | None = None
+    metrics: dict[str, float] | None = None
+
+    @property
+    def stem(self) -> str:
+        """The file-name stem of this sample's outputs."""
+        return f"{self.case_id}_{self.class_name}_axis{self.axis}_slice{self.index}"
 
 
 def default_optimizer(params: Any) -> torch.optim.Optimizer:
@@ -108,6 +129,7 @@ class LoRAMeshDecoderModule(L.LightningModule):
     """Fine-tune the two stages (sparse structure + SAM 3D's mesh decoder) with LoRA, or fully.
 
     Args:
+        classes: class names, in the data's order (per-class metrics; the CLI links ``data.classes``).
         decoder: `SLatMeshDecoder` arguments (default: the tiny CPU config).
         structure: `SparseStructureNet` arguments (``channels``, ``num_groups``).
         base_checkpoint: base weights: our safetensors (decoder keys plus stage-1 keys under
@@ -136,7 +158,6 @@ class LoRAMeshDecoderModule(L.LightningModule):
             SDF, occupancy BCE and soft Dice on the fine cells.
         structure_weight: weight of stage 1's occupancy BCE + soft Dice on the R^3 cells.
         sdf_truncation: SDF clamp for the L1 term, frame units.
-        classes: class names for per-class metrics (linked from the data module by the CLI).
         nsd_tolerance_mm: tolerance of the normalised surface Dice.
         on_nonfinite: ``raise`` (default) or ``skip`` a step whose loss or gradients are not finite.
         optimizer, scheduler: LightningCLI callables, given the trainable parameters only.
@@ -144,6 +165,7 @@ class LoRAMeshDecoderModule(L.LightningModule):
 
     def __init__(
         self,
+        classes: list[str],
         decoder: dict[str, Any] | None = None,
         structure: dict[str, Any] | None = None,
         base_checkpoint: str | None = None,
@@ -165,7 +187,6 @@ class LoRAMeshDecoderModule(L.LightningModule):
         dice_weight: float = 0.5,
         structure_weight: float = 1.0,
         sdf_truncation: float = 0.1,
-        classes: list[str] | None = None,
         nsd_tolerance_mm: float = 3.0,
         on_nonfinite: Literal["raise", "skip"] = "raise",
         optimizer: OptimizerCallable = default_optimizer,
@@ -231,10 +252,12 @@ class LoRAMeshDecoderModule(L.LightningModule):
         ).hexdigest()
         self.resolution = self.decoder.resolution
         self.encoder = make_encoder(latent_encoder, self.resolution, latents_dir)
-        self.classes = list(classes) if classes else None
+        if not classes:
+            raise ValueError("model.classes is empty: name the structures (the command links data.classes)")
+        self.classes = list(classes)
         self.strict_loading = False  # partial checkpoints: on_load_checkpoint checks every key itself
-        self.val_metrics: MeshMetrics | None = None
-        self.test_metrics: MeshMetrics | None = None
+        self.val_metrics = MeshMetrics(self.classes, nsd_tolerance_mm)
+        self.test_metrics = MeshMetrics(self.classes, nsd_tolerance_mm)
         self.skipped_steps = 0
 
     def _load_base(self, path: str) -> None:
@@ -300,12 +323,12 @@ class LoRAMeshDecoderModule(L.LightningModule):
                 f"data resolution {data_resolution} differs from the decoder's resolution {self.resolution}: "
                 "set data.resolution and model.decoder.resolution to the same value"
             )
-        if self.classes is None:
-            self.classes = list(hparams.get("classes") or []) or None
-        if self.classes is None:
-            raise ValueError("model.classes is not set and the data module names none")
-        self.val_metrics = MeshMetrics(self.classes, self.hparams.nsd_tolerance_mm)
-        self.test_metrics = MeshMetrics(self.classes, self.hparams.nsd_tolerance_mm)
+        data_classes = hparams.get("classes") if hparams else None
+        if data_classes is not None and list(data_classes) != self.classes:
+            raise ValueError(
+                f"model.classes {self.classes} differ from data.classes {list(data_classes)}: the class "
+                "indices would not match (the command links them; give both the same list)"
+            )
 
     def trainable_names(self) -> list[str]:
         return [n for n, p in self.named_parameters() if p.requires_grad]
@@ -419,11 +442,9 @@ class LoRAMeshDecoderModule(L.LightningModule):
         metrics.update([v for _, _, v in self._score(rec, batch)], batch["class_index"].cpu())
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        assert self.val_metrics is not None
         self._evaluate(batch, "val", self.val_metrics)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        assert self.test_metrics is not None
         self._evaluate(batch, "test", self.test_metrics)
 
     def _log_metrics(self, stage: str, metrics: MeshMetrics) -> None:
@@ -433,38 +454,34 @@ class LoRAMeshDecoderModule(L.LightningModule):
         metrics.reset()
 
     def on_validation_epoch_end(self) -> None:
-        assert self.val_metrics is not None
         self._log_metrics("val", self.val_metrics)
 
     def on_test_epoch_end(self) -> None:
-        assert self.test_metrics is not None
         self._log_metrics("test", self.test_metrics)
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[Prediction]:
         """Per sample: the mesh in world RAS mm, the SDF grid, the frame, and metrics when ground truth exists."""
         rec = self(batch)
-        sdf = rec.sdf
         scored = self._score(rec, batch) if "native" in batch else None
-        meshes = [m for m, _, _ in scored] if scored else meshes_in_world(sdf, batch["frame_to_world"])
+        meshes = [m for m, _, _ in scored] if scored else meshes_in_world(rec.sdf, batch["frame_to_world"])
         out = []
         for i, mesh in enumerate(meshes):
-            record: dict[str, Any] = {
-                "case_id": batch["case_id"][i],
-                "class_name": batch["class_name"][i],
-                "axis": int(batch["axis"][i]),
-                "index": int(batch["index"][i]),
-                "source_image": batch["source_image"][i] if "source_image" in batch else None,
-                "frame_to_world": batch["frame_to_world"][i].cpu().numpy(),
-                "sdf": sdf[i].detach().float().cpu().numpy(),
-                "image": batch["image"][i, 0].cpu().numpy(),
-                "mask": batch["mask"][i].cpu().numpy(),
-                "mesh": mesh,
-            }
+            record = Prediction(
+                case_id=batch["case_id"][i],
+                class_name=batch["class_name"][i],
+                axis=int(batch["axis"][i]),
+                index=int(batch["index"][i]),
+                source_image=batch["source_image"][i] if "source_image" in batch else None,
+                frame_to_world=batch["frame_to_world"][i].cpu().numpy(),
+                sdf=rec.sdf[i].detach().float().cpu().numpy(),
+                image=batch["image"][i, 0].cpu().numpy(),
+                mask=batch["mask"][i].cpu().numpy(),
+                mesh=mesh,
+            )
             if scored is not None:
-                _, truth, values = scored[i]
-                record["gt_sdf"] = batch["gt_sdf"][i].cpu().numpy()
-                record["gt_mesh"] = truth
-                record["metrics"] = {**values, "failed": float(any(np.isinf(v) for v in values.values()))}
+                _, record.gt_mesh, values = scored[i]
+                record.gt_sdf = batch["gt_sdf"][i].cpu().numpy()
+                record.metrics = {**values, "failed": float(any(np.isinf(v) for v in values.values()))}
             out.append(record)
         return out
 
@@ -518,60 +535,6 @@ class LoRAMeshDecoderModule(L.LightningModule):
     def merged_structure(self) -> SparseStructureNet:
         """A copy of stage 1 with LoRA merged into its base weights."""
         return merge_lora_weights(self.structure, inplace=False)  # type: ignore[return-value]
-
-
-DESIGN = "coarse-to-fine-1"
-"""Checkpoints carry this; those of the one-stage design (none) are refused with a clear error."""
-
-
-def check_design(meta: dict[str, Any]) -> None:
-    """Refuse a checkpoint's ``lora_sam3d`` section written by another model design, saying so."""
-    if meta.get("design") != DESIGN:
-        raise ValueError(
-            "this checkpoint is from the earlier one-stage design (the decoder read a dense slice "
-            "unprojection); the coarse-to-fine model (stage 1 + decoder on the active band) cannot "
-            "use it: train again with this version"
-        )
-
-
-STRUCTURE_ADAPTER = "structure"
-"""Sub-folder of an adapter folder holding stage 1's adapter (or ``structure.safetensors``, full weights)."""
-
-
-def save_module_adapter(module: LoRAMeshDecoderModule, directory: str | Path) -> Path:
-    """The decoder's adapter in PEFT's layout at ``directory`` (loadable onto the decoder alone), and
-    stage 1's beside it: its LoRA adapter in ``structure/``, or its full weights when trained fully."""
-    from safetensors.torch import save_file
-
-    from lora_sam3d.atomic import atomic_write
-    from lora_sam3d.lora import save_adapter
-
-    out = Path(directory)
-    save_adapter(module.decoder, out, modules_to_save=module.hparams.unfreeze or [],
-                 base_model_name_or_path=module.hparams.base_checkpoint)  # fmt: skip
-    if has_lora(module.structure):
-        save_adapter(module.structure, out / STRUCTURE_ADAPTER)
-    elif module.uses_structure and module.hparams.structure_finetune == "full":
-        tensors = {k: v.detach().contiguous() for k, v in module.structure.state_dict().items()}
-        atomic_write(out / f"{STRUCTURE_ADAPTER}.safetensors", lambda tmp: save_file(tensors, str(tmp)))
-    return out
-
-
-def load_module_adapter(module: LoRAMeshDecoderModule, directory: str | Path) -> None:
-    """Load what `save_module_adapter` wrote into both stages."""
-    from safetensors.torch import load_file
-
-    src = Path(directory)
-    load_adapter(module.decoder, src)
-    if (src / STRUCTURE_ADAPTER).is_dir():
-        load_adapter(module.structure, src / STRUCTURE_ADAPTER)
-    elif (src / f"{STRUCTURE_ADAPTER}.safetensors").is_file():
-        module.structure.load_state_dict(load_file(str(src / f"{STRUCTURE_ADAPTER}.safetensors")))
-    elif module.uses_structure:
-        raise FileNotFoundError(
-            f"{src} holds no stage-1 adapter ({STRUCTURE_ADAPTER}/ or {STRUCTURE_ADAPTER}.safetensors): "
-            "it was written by the one-stage design or for precomputed latents"
-        )
 
 
 def soft_dice_loss(prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,85 @@
-"""Make the test helpers (`reference`) importable."""
+"""Shared test set-up: the test helpers (`reference`, `faults`) importable, and one run config.
+
+`run_config` is the one small configuration every end-to-end test starts from (the demo's model at
+a tiny data size); tests change what they are about and nothing else.
+"""
+
+from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+TEST_CLASSES = ["heart_ventricle_left", "heart_myocardium"]
+TEST_DECODER = {"resolution": 16, "model_channels": 64, "num_blocks": 4, "num_heads": 4, "num_groups": 8}
+
+
+def run_config(out: Path | str, data: Path | str, epochs: int = 1, quiet: bool = False) -> dict[str, Any]:
+    """A complete `lora-sam3d` config writing under ``out`` and reading (or writing phantoms to) ``data``.
+
+    ``quiet``: one training and one validation batch, no logger, progress bar or PNGs (for runs
+    that exist only to fail or to be read back); otherwise a CSV logger, three training batches,
+    a checkpoint per epoch and phantoms written when ``data`` is empty.
+    """
+    callbacks: list[dict[str, Any]] = [
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+         "init_args": {"dirpath": f"{out}/checkpoints", "save_last": True}},
+        {"class_path": "lora_sam3d.callbacks.AdapterCheckpoint"},
+        {"class_path": "lora_sam3d.callbacks.MeshPredictionWriter",
+         "init_args": {"output_dir": f"{out}/predictions"}},
+    ]  # fmt: skip
+    trainer: dict[str, Any] = {
+        "max_epochs": epochs, "accelerator": "cpu", "devices": 1, "default_root_dir": str(out),
+        "enable_model_summary": False, "callbacks": callbacks,
+    }  # fmt: skip
+    data_cfg: dict[str, Any] = {
+        "root": str(data), "classes": list(TEST_CLASSES), "batch_size": 2, "spacing": 2.0,
+        "eval_sampling": "central",
+    }  # fmt: skip
+    model: dict[str, Any] = {
+        "decoder": dict(TEST_DECODER),
+        "base_checkpoint": "builtin:shapes",
+        "finetune": "lora",
+    }
+    if quiet:
+        trainer |= {
+            "limit_train_batches": 1,
+            "limit_val_batches": 1,
+            "enable_progress_bar": False,
+            "logger": False,
+        }
+        callbacks[2]["init_args"]["write_png"] = False
+        data_cfg["samples_per_class"] = 1
+    else:
+        trainer |= {"deterministic": True, "limit_train_batches": 3, "limit_val_batches": 2, "log_every_n_steps": 1,
+                    "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(out)}}}  # fmt: skip
+        callbacks[0]["init_args"] |= {"save_top_k": -1, "filename": "{epoch}"}
+        model["optimizer"] = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.003}}
+        data_cfg |= {"phantoms": {"n_cases": 4, "shape": [48, 48, 32]}, "samples_per_class": 2}
+    return {"seed_everything": 0, "trainer": trainer, "model": model, "data": data_cfg}
+
+
+def write_yaml(cfg: dict[str, Any], path: Path) -> Path:
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture
+def config_file(tmp_path: Path) -> Callable[..., Path]:
+    """``config_file(name, edit=None, **run_config_args)``: `run_config` under ``tmp_path/name``,
+    changed by ``edit(cfg)``, written to ``tmp_path/name.yaml``."""
+
+    def make(name: str, edit: Callable[[dict[str, Any]], None] | None = None, **kw: Any) -> Path:
+        kw.setdefault("data", tmp_path / "data")
+        cfg = run_config(tmp_path / name, **kw)
+        if edit is not None:
+            edit(cfg)
+        return write_yaml(cfg, tmp_path / f"{name}.yaml")
+
+    return make

@@ -28,40 +28,10 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import TEST_DECODER, run_config
 
 from lora_sam3d.cli import main
 from lora_sam3d.data import write_phantoms
-
-CONFIG = """
-seed_everything: 0
-trainer:
-  max_epochs: 1
-  accelerator: cpu
-  devices: 1
-  default_root_dir: {out}
-  limit_train_batches: 1
-  limit_val_batches: 1
-  enable_progress_bar: false
-  enable_model_summary: false
-  logger: false
-  callbacks:
-    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-      init_args: {{dirpath: {out}/checkpoints, save_last: true}}
-    - class_path: lora_sam3d.callbacks.AdapterCheckpoint
-    - class_path: lora_sam3d.callbacks.MeshPredictionWriter
-      init_args: {{output_dir: {out}/predictions, write_png: false}}
-model:
-  decoder: {{resolution: 16, model_channels: 64, num_blocks: 4, num_heads: 4, num_groups: 8}}
-  base_checkpoint: builtin:shapes
-  finetune: lora
-data:
-  root: {data}
-  classes: [heart_ventricle_left, heart_myocardium]
-  batch_size: 2
-  spacing: 2.0
-  eval_sampling: central
-  samples_per_class: 1
-"""
 
 
 @dataclass
@@ -80,7 +50,7 @@ class Setup:
         return self.out / "checkpoints" / "adapter-last"
 
     def config(self, name: str, edit: Callable[[dict], None] | None = None, data: Path | None = None) -> str:
-        cfg = yaml.safe_load(CONFIG.format(out=self.root / name, data=data or self.data))
+        cfg = run_config(self.root / name, data or self.data, quiet=True)
         if edit is not None:
             edit(cfg)
         path = self.root / f"{name}.yaml"
@@ -327,7 +297,7 @@ def base_replaced(s: Setup) -> list[str]:
     """Fit on a copy of the shipped base, then change that file: its checkpoint no longer fits it."""
     from safetensors.torch import load_file, save_file
 
-    from lora_sam3d.module import resolve_checkpoint
+    from lora_sam3d.checkpoint_io import resolve_checkpoint
 
     base = s.root / "replaced" / "shapes.safetensors"
     base.parent.mkdir(parents=True, exist_ok=True)
@@ -406,7 +376,7 @@ RUN_CASES: dict[str, tuple[Callable[[Setup], list[str]], str]] = {
                 "model", "decoder", {"resolution": 8, "model_channels": 96, "num_blocks": 4, "num_groups": 12}
             ),
         ),
-        r"shapes\.safetensors holds weights of another decoder size .* tensors differ, e\.g\. blocks\.0\.attn\.to_out\.bias: file \(64,\), model \(96,\)",
+        r"shapes\.safetensors holds weights of another decoder size .* tensors differ, e\.g\. blocks\.0\.attn\.to_out\.bias: expected \(96,\), got \(64,\)",
     ),
     "base checkpoint that runs code": (
         lambda s: fit_with(
@@ -539,11 +509,11 @@ def load_ckpt(path: Path, **override: object) -> None:
 
 def load_adapter_into(adapter: Path, **lora: object) -> None:
     """The adapter loaded into the shipped base injected with LoRA of the given settings."""
+    from lora_sam3d.checkpoint_io import resolve_checkpoint
     from lora_sam3d.lora import LoRAConfig, inject_lora, load_adapter
     from lora_sam3d.models import SLatMeshDecoder
-    from lora_sam3d.module import resolve_checkpoint
 
-    size = yaml.safe_load(CONFIG.format(out="o", data="d"))["model"]["decoder"] | {"latent_channels": 8}
+    size = TEST_DECODER | {"latent_channels": 8}
     decoder = SLatMeshDecoder.from_pretrained(resolve_checkpoint("builtin:shapes"), **size)
     inject_lora(decoder, LoRAConfig(**lora))  # type: ignore[arg-type]
     load_adapter(decoder, adapter)

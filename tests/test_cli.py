@@ -15,46 +15,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import run_config, write_yaml
 
 from lora_sam3d.data import HEART_CLASSES, discover_cases
-
-CONFIG = """
-seed_everything: 0
-trainer:
-  max_epochs: {epochs}
-  accelerator: cpu
-  devices: 1
-  deterministic: true
-  default_root_dir: {out}
-  limit_train_batches: 3
-  limit_val_batches: 2
-  log_every_n_steps: 1
-  enable_model_summary: false
-  logger:
-    class_path: lightning.pytorch.loggers.CSVLogger
-    init_args: {{save_dir: {out}}}
-  callbacks:
-    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-      init_args: {{dirpath: {out}/checkpoints, save_last: true, save_top_k: -1, filename: "{{epoch}}"}}
-    - class_path: lora_sam3d.callbacks.AdapterCheckpoint
-    - class_path: lora_sam3d.callbacks.MeshPredictionWriter
-      init_args: {{output_dir: {out}/predictions}}
-model:
-  decoder: {{resolution: 16, model_channels: 64, num_blocks: 4, num_heads: 4, num_groups: 8}}
-  base_checkpoint: builtin:shapes
-  finetune: {finetune}
-  optimizer:
-    class_path: torch.optim.AdamW
-    init_args: {{lr: 0.003}}
-data:
-  root: {data}
-  classes: [heart_ventricle_left, heart_myocardium]
-  batch_size: 2
-  spacing: 2.0
-  phantoms: {{n_cases: 4, shape: [48, 48, 32]}}
-  eval_sampling: central
-  samples_per_class: 2
-"""
 
 
 def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -73,9 +36,9 @@ def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]
 
 
 def write_config(tmp: Path, name: str, epochs: int = 1, finetune: str = "lora") -> Path:
-    path = tmp / f"{name}.yaml"
-    path.write_text(CONFIG.format(epochs=epochs, out=tmp / name, data=tmp / "data", finetune=finetune))
-    return path
+    cfg = run_config(tmp / name, tmp / "data", epochs)
+    cfg["model"]["finetune"] = finetune
+    return write_yaml(cfg, tmp / f"{name}.yaml")
 
 
 def variant_config(
@@ -88,13 +51,11 @@ def variant_config(
     **data: object,
 ) -> Path:
     """The test config writing to ``tmp/name``, with extra callbacks, ModelCheckpoint and data settings."""
-    cfg = yaml.safe_load(CONFIG.format(epochs=epochs, out=tmp / name, data=tmp / "data", finetune="lora"))
+    cfg = run_config(tmp / name, tmp / "data", epochs)
     cfg["trainer"]["callbacks"][0]["init_args"].update(checkpoint or {})
     cfg["trainer"]["callbacks"] += list(callbacks)
     cfg["data"].update(data)
-    path = tmp / f"{file or name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return write_yaml(cfg, tmp / f"{file or name}.yaml")
 
 
 def trained_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -228,9 +189,7 @@ def test_export_merges_and_matches_the_lora_model(trained: Path) -> None:
 def test_errors_are_one_line(tmp_path: Path) -> None:
     missing = run("fit", "--config", str(tmp_path / "nope.yaml"))
     assert missing.returncode != 0 and "nope.yaml" in missing.stderr and "Traceback" not in missing.stderr
-    cfg = yaml.safe_load(
-        CONFIG.format(epochs=1, out=tmp_path / "o", data=tmp_path / "nodata", finetune="lora")
-    )
+    cfg = run_config(tmp_path / "o", tmp_path / "nodata")
     cfg["data"]["phantoms"] = None
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))
     bad = run("fit", "--config", str(tmp_path / "bad.yaml"))

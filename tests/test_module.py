@@ -1,21 +1,18 @@
-"""The LightningModule's contract, the two stages, the slice evidence and the metrics' rules."""
+"""The LightningModule's contract: what trains, adapters, the two stages and the slice evidence."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import pytest
 import torch
 
+from lora_sam3d.checkpoint_io import save_module_adapter
 from lora_sam3d.data import TSDataModule, collate, write_phantoms
 from lora_sam3d.latent import SliceUnprojection
 from lora_sam3d.lora import lora_layers
-from lora_sam3d.metrics import MeshMetrics, chamfer_mm, overlap, sample_metrics, surface_distances
-from lora_sam3d.module import LoRAMeshDecoderModule, Reconstruction, save_module_adapter
-from lora_sam3d.writers import mesh_bytes
+from lora_sam3d.module import LoRAMeshDecoderModule, Reconstruction
 
 DECODER = dict(resolution=8, model_channels=64, num_blocks=2, num_heads=4, num_groups=8)
 TRAINS = dict(decoder=DECODER, unfreeze=["out_layer"])  # LoRA gets gradients from the first step on
@@ -141,89 +138,6 @@ def test_active_cap_and_empty_stage_one(datamodule: TSDataModule, tmp_path: Path
     assert sum(float(out[f"failures/{c}"]) for c in CLASSES) == 2 and float(out["dice"]) == 0.0
 
 
-def test_scores_on_the_scan_grid_do_not_depend_on_resolution(tmp_path: Path) -> None:
-    """The true SDF of the frame, scored as a prediction on the scan's own grid: near-perfect at R=8 and
-    R=16 alike, and the two agree (frame-grid numbers would follow the cell size)."""
-    from lora_sam3d.data import TS_SAM3D_Dataset
-    from lora_sam3d.models.mesh import mask_surface, sdf_on_grid
-
-    root = tmp_path / "data"
-    write_phantoms(root, n_cases=3, shape=(48, 48, 32))
-    scores = []
-    for r in (8, 16):
-        ds = TS_SAM3D_Dataset(root, CLASSES[:1], split="test", slice_sampling_method="central", resolution=r,
-                              spacing=2.0)  # fmt: skip
-        sample = ds[0]
-        native = sample["native"]
-        assert native["spacing_mm"].round(3).tolist() == [1.6, 1.6, 2.5], "the source file's own spacing"
-        pred = sdf_on_grid(sample["gt_sdf"].numpy(), sample["frame_to_world"].numpy(), native["affine"],
-                           native["gt"].shape)  # fmt: skip
-        truth = mask_surface(native["gt"], native["affine"])
-        scores.append(
-            sample_metrics(pred, native["gt"], native["spacing_mm"], 3.0, truth.vertices, truth.vertices)
-        )
-    for values in scores:
-        assert values["dice"] > 0.9 and values["hd95_mm"] <= 2.6 and values["nsd"] > 0.95
-    assert abs(scores[0]["dice"] - scores[1]["dice"]) < 0.05
-
-
-def test_metric_empty_mask_rules_and_monai_values() -> None:
-    gt = torch.zeros(20, 20, 20, dtype=torch.bool)
-    gt[5:15, 5:15, 5:15] = True
-    pred = torch.zeros_like(gt)
-    pred[6:15, 5:15, 5:16] = True
-    dice, iou = overlap(pred, gt)
-    inter = 9 * 10 * 10
-    assert dice == pytest.approx(2 * inter / (990 + 1000)) and iou == pytest.approx(
-        inter / (990 + 1000 - inter)
-    )
-    hd95, assd, nsd = surface_distances(pred, gt, 2.0, 3.0)
-    assert hd95 == pytest.approx(2.0) and 0 < assd < 2.0 and 0.5 < nsd <= 1.0
-    assert all(
-        math.isnan(v)
-        for v in (*overlap(pred, ~torch.ones_like(gt)), *surface_distances(pred, ~torch.ones_like(gt), 1, 3))
-    )
-    assert surface_distances(torch.zeros_like(gt), gt, 1.0, 3.0) == (math.inf, math.inf, 0.0)
-
-    # per-axis spacing: stretching the grid along one axis stretches distances along it
-    assert surface_distances(pred, gt, (2.0, 2.0, 4.0), 3.0)[0] == pytest.approx(4.0)
-
-    metric = MeshMetrics(["a", "b"])
-    empty = torch.zeros_like(gt)
-    metric.update([sample_metrics(p, g, 2.0) for p, g in ((pred, gt), (empty, gt), (pred, empty))], [0, 0, 1])
-    out = metric.compute()
-    assert out["dice/a"] == pytest.approx(dice / 2), "empty prediction counts as Dice 0"
-    assert out["hd95_mm/a"] == pytest.approx(hd95), "failures are not averaged as infinity"
-    assert out["failures/a"] == 1 and out["failures/b"] == 0
-    assert math.isnan(out["dice/b"]), "empty ground truth is left out"
-    assert out["dice"] == pytest.approx(dice / 2), "mean over classes with values"
-
-
-def test_chamfer() -> None:
-    a = np.array([[0.0, 0, 0], [1, 0, 0]])
-    b = np.array([[0.0, 0, 1]])
-    assert chamfer_mm(a, b) == pytest.approx(0.5 * ((1 + math.sqrt(2)) / 2 + 1))
-    assert chamfer_mm(np.zeros((0, 3)), b) == math.inf
-
-
-def test_mesh_files_state_their_coordinate_system() -> None:
-    from lora_sam3d.models import marching_cubes
-
-    axis = torch.linspace(-0.5, 0.5, 17)
-    grid = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1).norm(dim=-1) - 0.3
-    mesh = marching_cubes(grid)
-    assert b"comment SPACE=RAS" in mesh_bytes(mesh, "ply", "RAS")[:100]
-    assert mesh_bytes(mesh, "stl", "LPS")[:9] == b"SPACE=LPS"
-    assert mesh_bytes(mesh, "obj", "RAS").startswith(b"# SPACE=RAS")
-    import io
-
-    import trimesh
-
-    lps = trimesh.load(io.BytesIO(mesh_bytes(mesh, "ply", "LPS")), file_type="ply", process=False)
-    assert np.allclose(lps.vertices[:, :2], -mesh.vertices[:, :2], atol=1e-6)
-    assert lps.is_winding_consistent and lps.volume > 0, "LPS flip keeps outward winding"
-
-
 def test_shipped_base_decoder_loads() -> None:
     import json
     from importlib.resources import files
@@ -242,7 +156,7 @@ def test_shipped_base_decoder_loads() -> None:
     with pytest.raises(
         FileNotFoundError, match=r"no shipped decoder 'builtin:nope'; available: \['builtin:shapes'\]"
     ):
-        LoRAMeshDecoderModule(decoder=DECODER, base_checkpoint="builtin:nope")
+        LoRAMeshDecoderModule(CLASSES, decoder=DECODER, base_checkpoint="builtin:nope")
 
 
 class PoisonedModule(LoRAMeshDecoderModule):

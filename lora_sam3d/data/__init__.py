@@ -5,6 +5,7 @@ from lora_sam3d.data.datamodule import PhantomSpec, PredictionDataset, PredictIt
 from lora_sam3d.data.dataset import TS_SAM3D_Dataset, assign_splits, collate, slice_inputs
 from lora_sam3d.data.frame import Frame, make_frame
 from lora_sam3d.data.phantoms import HEART_CLASSES, SHAPE_CLASSES, phantom_label_values, write_phantoms
+from lora_sam3d.data.settings import DataSettings
 from lora_sam3d.data.volume import DataError, Preprocessing, Volume, load_volume
 
 __all__ = [
@@ -12,6 +13,7 @@ __all__ = [
     "SHAPE_CLASSES",
     "Case",
     "DataError",
+    "DataSettings",
     "Frame",
     "PhantomSpec",
     "PredictItem",

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
@@ -241,3 +242,16 @@ class CachedCase:
 
     def __getstate__(self) -> dict[str, Any]:  # memory maps are reopened in each DataLoader worker
         return {"path": self.path}
+
+
+def cache_cases(
+    cases: Iterable[Case], classes: list[str], prep: Preprocessing, cache_dir: Path, sdf_truncation_mm: float
+) -> dict[str, CachedCase]:
+    """Build (or find) the cache entry of every case once; case id -> its `CachedCase`."""
+    hashes = FileHashes(cache_dir)
+    built = {
+        case.case_id: CachedCase(build_case(case, classes, prep, cache_dir, sdf_truncation_mm, hashes))
+        for case in {c.case_id: c for c in cases}.values()
+    }
+    hashes.save()
+    return built

@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset
 
-from lora_sam3d.data.cache import FileHashes, build_case
+from lora_sam3d.data.cache import cache_cases
 from lora_sam3d.data.cases import Layout, discover_cases
 from lora_sam3d.data.dataset import (
     EpochOffsetDistributedSampler,
@@ -29,6 +29,7 @@ from lora_sam3d.data.dataset import (
     slice_inputs,
 )
 from lora_sam3d.data.phantoms import PhantomKind, write_phantoms
+from lora_sam3d.data.settings import DataSettings
 from lora_sam3d.data.volume import DataError, Preprocessing, load_volume
 
 
@@ -139,66 +140,81 @@ class PredictionDataset(Dataset):
         }
 
 
+_DEFAULT = DataSettings()
+
+
 class TSDataModule(L.LightningDataModule):
-    """Train/val/test/predict data from a TotalSegmentator-layout folder (see `TS_SAM3D_Dataset` for the arguments).
+    """Train/val/test/predict data from a TotalSegmentator-layout folder.
+
+    The settings from ``resolution`` to ``on_bad_case`` are `DataSettings` fields (documented
+    there, defaults taken from there); they are listed flat so a config's ``data`` section names
+    them directly.
 
     Args:
-        phantoms: if given and ``root`` holds no case, `prepare_data` writes synthetic phantoms there.
+        root: data folder (see `lora_sam3d.data.cases`).
+        classes: structure names; their order fixes the class indices.
+        batch_size, num_workers: DataLoader settings (workers are persistent when > 0).
         train_sampling / eval_sampling: slice sampling for the training split and for val/test.
+        augment: intensity augmentation of the training split's input slices.
+        phantoms: if given and ``root`` holds no case, `prepare_data` writes synthetic phantoms there.
         predict_items: reconstruction requests on new scans for ``predict``; without them,
             ``predict`` runs on ``predict_split`` (with ground truth, so metrics are written too).
-        batch_size, num_workers: DataLoader settings (workers are persistent when > 0).
     """
 
     def __init__(
         self,
         root: str,
         classes: list[str],
-        cache_dir: str | None = None,
-        resolution: int = 16,
-        spacing: float = 1.5,
         batch_size: int = 4,
         num_workers: int = 0,
         train_sampling: SamplingMethod = "random_axis",
         eval_sampling: SamplingMethod = "uniform",
-        samples_per_class: int = 8,
-        slices_per_axis: int = 3,
-        axes: tuple[int, ...] = (0, 1, 2),
-        min_occupancy: float = 0.2,
-        slice_size: int | None = None,
-        extent_mm: dict[str, float] | None = None,
-        frame_scale: float = 2.0,
-        sdf_truncation_mm: float = 10.0,
-        layout: Layout = "auto",
-        label_values: dict[str, int] | None = None,
-        modality: Literal["ct", "mr"] = "ct",
-        ct_window_hu: tuple[float, float] = (-200.0, 400.0),
         augment: bool = True,
-        seed: int = 0,
-        on_bad_case: Literal["error", "skip"] = "error",
         phantoms: PhantomSpec | None = None,
         predict_items: list[PredictItem] | None = None,
         predict_split: Literal["train", "val", "test"] | None = "test",
+        resolution: int = _DEFAULT.resolution,
+        spacing: float = _DEFAULT.spacing,
+        cache_dir: str | None = _DEFAULT.cache_dir,
+        seed: int = _DEFAULT.seed,
+        axes: tuple[int, ...] = _DEFAULT.axes,
+        min_occupancy: float = _DEFAULT.min_occupancy,
+        samples_per_class: int = _DEFAULT.samples_per_class,
+        slices_per_axis: int = _DEFAULT.slices_per_axis,
+        slice_size: int | None = _DEFAULT.slice_size,
+        extent_mm: dict[str, float] | None = _DEFAULT.extent_mm,
+        frame_scale: float = _DEFAULT.frame_scale,
+        sdf_truncation_mm: float = _DEFAULT.sdf_truncation_mm,
+        layout: Layout = _DEFAULT.layout,
+        label_values: dict[str, int] | None = _DEFAULT.label_values,
+        modality: Literal["ct", "mr"] = _DEFAULT.modality,
+        ct_window_hu: tuple[float, float] = _DEFAULT.ct_window_hu,
+        on_bad_case: Literal["error", "skip"] = _DEFAULT.on_bad_case,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        for key, value in (("batch_size", batch_size), ("num_workers", num_workers)):
+            if (
+                not isinstance(value, int)
+                or isinstance(value, bool)
+                or value < (1 if key == "batch_size" else 0)
+            ):
+                raise DataError(
+                    f"data.{key} must be an integer >= {1 if key == 'batch_size' else 0}, got {value!r}"
+                )
+        self.settings = DataSettings.pick(dict(self.hparams))
         self.root = Path(root)
-        self.cache_dir = Path(cache_dir) if cache_dir else self.root / ".cache"
+        self.cache_dir = self.settings.cache_path(self.root)
         self.datasets: dict[str, Dataset] = {}
 
-    def _dataset_args(self) -> dict[str, Any]:
-        h = self.hparams
-        return dict(
-            root=self.root, classes=h.classes, resolution=h.resolution, spacing=h.spacing, cache_dir=self.cache_dir,
-            seed=h.seed, axes=h.axes, min_occupancy=h.min_occupancy, samples_per_class=h.samples_per_class,
-            slices_per_axis=h.slices_per_axis, slice_size=h.slice_size, extent_mm=h.extent_mm,
-            frame_scale=h.frame_scale, sdf_truncation_mm=h.sdf_truncation_mm, layout=h.layout,
-            label_values=h.label_values, modality=h.modality, ct_window_hu=h.ct_window_hu, on_bad_case=h.on_bad_case,
-        )  # fmt: skip
+    def _dataset(self, split: str, sampling: SamplingMethod, **kw: Any) -> TS_SAM3D_Dataset:
+        return TS_SAM3D_Dataset(
+            self.root, self.hparams.classes, split, sampling, settings=self.settings, **kw
+        )
 
     def prepare_data(self) -> None:
         """Write phantoms into an empty root (if configured), then build every case's cache once."""
-        h = self.hparams
+        h, s = self.hparams, self.settings
         has_cases = self.root.is_dir() and any(
             p.is_dir() and not p.name.startswith(".") for p in self.root.iterdir()
         )
@@ -207,44 +223,28 @@ class TSDataModule(L.LightningDataModule):
             write_phantoms(
                 self.root, spec.n_cases, spec.kind, shape=spec.shape, spacing=spec.spacing, seed=spec.seed
             )
-        cases = discover_cases(self.root, h.classes, h.layout, h.label_values, h.on_bad_case)
-        prep = Preprocessing(spacing_mm=h.spacing, modality=h.modality, ct_window_hu=tuple(h.ct_window_hu))
-        hashes = FileHashes(self.cache_dir)
-        for case in cases:
-            build_case(case, list(h.classes), prep, self.cache_dir, h.sdf_truncation_mm, hashes)
-        hashes.save()
+        cases = discover_cases(self.root, h.classes, s.layout, s.label_values, s.on_bad_case)
+        cache_cases(cases, list(h.classes), s.prep, self.cache_dir, s.sdf_truncation_mm)
 
     def setup(self, stage: str | None = None) -> None:
         h = self.hparams
-        args = self._dataset_args()
         if stage in ("fit", None) and "train" not in self.datasets:
-            self.datasets["train"] = TS_SAM3D_Dataset(
-                split="train",
-                slice_sampling_method=h.train_sampling,
-                augment=h.augment,
-                score_targets=False,
-                **args,
+            self.datasets["train"] = self._dataset(
+                "train", h.train_sampling, augment=h.augment, score_targets=False
             )
         for split, stages in (("val", ("fit", "validate", None)), ("test", ("test", None))):
             if stage in stages and split not in self.datasets:
-                self.datasets[split] = TS_SAM3D_Dataset(
-                    split=split, slice_sampling_method=h.eval_sampling, **args
-                )
-        if (
-            stage in ("predict", None)
-            and not h.predict_items
-            and h.predict_split
-            and "predict" not in self.datasets
-        ):
-            self.datasets["predict"] = TS_SAM3D_Dataset(
-                split=h.predict_split, slice_sampling_method=h.eval_sampling, **args
-            )
-        if stage in ("predict", None) and h.predict_items and "predict" not in self.datasets:
-            reference = self.datasets.get("train") or TS_SAM3D_Dataset(split="train", **args)
+                self.datasets[split] = self._dataset(split, h.eval_sampling)
+        if stage not in ("predict", None) or "predict" in self.datasets:
+            return
+        if h.predict_items:
+            reference = self.datasets.get("train") or self._dataset("train", h.train_sampling)
             items = [i if isinstance(i, PredictItem) else PredictItem(**i) for i in h.predict_items]
             self.datasets["predict"] = PredictionDataset(
-                items, reference.prep, reference.extent_mm, h.frame_scale, reference.slice_size
+                items, reference.prep, reference.extent_mm, self.settings.frame_scale, reference.slice_size
             )
+        elif h.predict_split:
+            self.datasets["predict"] = self._dataset(h.predict_split, h.eval_sampling)
 
     @property
     def extent_mm(self) -> dict[str, float]:

@@ -10,27 +10,26 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
-from scipy import ndimage
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
-from lora_sam3d.data.cache import CachedCase, FileHashes, build_case
-from lora_sam3d.data.cases import SPLITS, Case, Layout, discover_cases, split_counts
+from lora_sam3d.data.cache import CachedCase, cache_cases, signed_distance_mm
+from lora_sam3d.data.cases import SPLITS, Case, discover_cases, split_counts
 from lora_sam3d.data.frame import (
     Frame,
     make_frame,
-    plane_axes,
     sample_occupancy,
     sample_sdf,
     sample_slice,
     slice_pointmap,
 )
-from lora_sam3d.data.volume import DataError, Preprocessing
+from lora_sam3d.data.settings import DataSettings
+from lora_sam3d.data.volume import DataError
 from lora_sam3d.models.mesh import frame_box
 
 SamplingMethod = Literal["random_axis", "uniform", "central", "all"]
@@ -146,26 +145,11 @@ class TS_SAM3D_Dataset(Dataset):
         slice_sampling_method: ``random_axis`` (each item a random axis and slice, for training),
             ``uniform`` (``slices_per_axis`` evenly spaced slices per axis), ``central`` (the slice
             through the mask's centroid, per axis), ``all`` (every valid slice).
-        resolution: the decoder's latent resolution R; targets are on the (4R+1)^3 vertex grid
-            (SDF) and the (4R)^3 cells (occupancy).
-        spacing: isotropic voxel size in mm.
-        cache_dir: where preprocessed cases go (default ``<root>/.cache``).
         augment: intensity augmentation (contrast, brightness, noise) of the input slice.
-        seed: base of every random choice.
-        axes: slice axes to use (0 sagittal, 1 coronal, 2 axial).
-        min_occupancy: a slice is valid when its mask area is at least this fraction of the
-            class's largest area along that axis.
-        samples_per_class: items per (case, class) for ``random_axis``.
-        slices_per_axis: slices per axis for ``uniform``.
-        slice_size: pixels of the input slice (default 4R).
-        extent_mm: per-class frame extent; missing classes get the training-split statistic.
-        frame_scale: frame side = ``frame_scale * extent_mm`` (2 keeps the whole structure in
-            the cube wherever the slice cuts it).
-        sdf_truncation_mm: SDF targets are clipped to +- this.
-        layout, label_values, modality, ct_window_hu, on_bad_case: see `discover_cases` and
-            `Preprocessing`.
         score_targets: add ``native`` (the scan's own mask around the frame) to each sample, for
             metrics; the data module turns it off for the training split.
+        settings: the `DataSettings` (resolution, spacing, cache, frame, ...), or give its fields
+            as keywords (``resolution=16, spacing=1.5``), not both.
     """
 
     def __init__(
@@ -174,69 +158,47 @@ class TS_SAM3D_Dataset(Dataset):
         classes: Sequence[str],
         split: str | None = None,
         slice_sampling_method: SamplingMethod = "random_axis",
-        resolution: int = 16,
-        spacing: float = 1.5,
-        cache_dir: str | Path | None = None,
         augment: bool = False,
-        seed: int = 0,
-        axes: Sequence[int] = (0, 1, 2),
-        min_occupancy: float = 0.2,
-        samples_per_class: int = 8,
-        slices_per_axis: int = 5,
-        slice_size: int | None = None,
-        extent_mm: Mapping[str, float] | None = None,
-        frame_scale: float = 2.0,
-        sdf_truncation_mm: float = 10.0,
-        layout: Layout = "auto",
-        label_values: Mapping[str, int] | None = None,
-        modality: Literal["ct", "mr"] = "ct",
-        ct_window_hu: tuple[float, float] = (-200.0, 400.0),
-        on_bad_case: Literal["error", "skip"] = "error",
         score_targets: bool = True,
+        settings: DataSettings | None = None,
+        **fields: Any,
     ) -> None:
+        if settings is not None and fields:
+            raise TypeError(
+                f"TS_SAM3D_Dataset: pass DataSettings or its fields, not both (got {sorted(fields)})"
+            )
+        s = settings if settings is not None else DataSettings(**fields)
         if split is not None and split not in SPLITS:
             raise DataError(f"split must be one of {SPLITS} or None, got {split!r}")
         if slice_sampling_method not in ("random_axis", "uniform", "central", "all"):
             raise DataError(
                 f"slice_sampling_method must be random_axis, uniform, central or all; got {slice_sampling_method!r}"
             )
-        for a in axes:
-            plane_axes(a)
         self.root = Path(root)
         self.classes = list(classes)
         self.split = split
         self.method = slice_sampling_method
-        self.resolution = resolution
+        self.settings = s
+        self.resolution = s.resolution
         self.augment = augment
-        self.seed = seed
-        self.axes = tuple(axes)
-        self.min_occupancy = min_occupancy
-        self.samples_per_class = samples_per_class
-        self.slices_per_axis = slices_per_axis
-        self.slice_size = slice_size or 4 * resolution
-        self.frame_scale = frame_scale
+        self.seed = s.seed
+        self.axes = s.axes
+        self.slice_size = s.slice_size or 4 * s.resolution
         self.score_targets = score_targets
-        self.sdf_truncation_mm = sdf_truncation_mm
-        self.prep = Preprocessing(spacing_mm=spacing, modality=modality, ct_window_hu=tuple(ct_window_hu))  # type: ignore[arg-type]
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else self.root / ".cache"
+        self.prep = s.prep
+        self.cache_dir = s.cache_path(self.root)
 
-        cases = discover_cases(self.root, self.classes, layout, label_values, on_bad_case)
-        assign_splits(cases, seed)
+        cases = discover_cases(self.root, self.classes, s.layout, s.label_values, s.on_bad_case)
+        assign_splits(cases, s.seed)
         wanted = [c for c in cases if split is None or c.split == split]
         if not wanted:
             raise DataError(f"no cases of split {split!r} in {self.root}")
         train = [c for c in cases if c.split == "train"]
-        hashes = FileHashes(self.cache_dir)
-        built: dict[str, CachedCase] = {}
-        for case in {c.case_id: c for c in [*wanted, *train]}.values():
-            built[case.case_id] = CachedCase(
-                build_case(case, self.classes, self.prep, self.cache_dir, sdf_truncation_mm, hashes)
-            )
-        hashes.save()
+        built = cache_cases([*wanted, *train], self.classes, self.prep, self.cache_dir, s.sdf_truncation_mm)
         self.cases = [built[c.case_id] for c in wanted]
         self.case_splits = {c.case_id: c.split for c in cases}
         stats = class_extents_mm([built[c.case_id] for c in train] or self.cases, self.classes)
-        self.extent_mm = {**stats, **(extent_mm or {})}
+        self.extent_mm = {**stats, **(s.extent_mm or {})}
         missing = [c for c in self.classes if c not in self.extent_mm]
         if missing:
             raise DataError(
@@ -249,7 +211,7 @@ class TS_SAM3D_Dataset(Dataset):
     # -- enumeration ------------------------------------------------------------------------------
     def _valid_indices(self, case: CachedCase, bit: int, axis: int) -> np.ndarray:
         areas = np.asarray(case.class_info(bit)["slice_areas"][axis])
-        return np.flatnonzero(areas >= max(1.0, self.min_occupancy * areas.max()))
+        return np.flatnonzero(areas >= max(1.0, self.settings.min_occupancy * areas.max()))
 
     def _enumerate(self) -> list[tuple[int, int, int, int]]:
         """(case index, class bit, axis, slice index); axis/index -1 = drawn per item (random_axis)."""
@@ -268,7 +230,7 @@ class TS_SAM3D_Dataset(Dataset):
                     empty.append(f"{case.case_id}/{self.classes[bit]}{why}")
                     continue
                 if self.method == "random_axis":
-                    items += [(ci, bit, -1, -1)] * self.samples_per_class
+                    items += [(ci, bit, -1, -1)] * self.settings.samples_per_class
                     continue
                 for axis in self.axes:
                     valid = self._valid_indices(case, bit, axis)
@@ -279,7 +241,7 @@ class TS_SAM3D_Dataset(Dataset):
                         centroid = (areas * np.arange(len(areas))).sum() / areas.sum()
                         chosen = valid[[np.abs(valid - centroid).argmin()]]
                     else:
-                        pick = np.linspace(0, len(valid) - 1, min(self.slices_per_axis, len(valid)))
+                        pick = np.linspace(0, len(valid) - 1, min(self.settings.slices_per_axis, len(valid)))
                         chosen = valid[np.unique(np.round(pick).astype(int))]
                     items += [(ci, bit, axis, int(i)) for i in chosen]
         if empty:
@@ -309,7 +271,7 @@ class TS_SAM3D_Dataset(Dataset):
         self, case: CachedCase, bit: int, axis: int, index: int, rng: np.random.Generator | None = None
     ) -> dict[str, Any]:
         name = self.classes[bit]
-        side_mm = self.frame_scale * self.extent_mm[name]
+        side_mm = self.settings.frame_scale * self.extent_mm[name]
         sample, frame = slice_inputs(
             case.image, case.labels, bit, case.affine, case.spacing_mm, axis, index, side_mm, self.slice_size,
             rng if self.augment else None,
@@ -317,7 +279,7 @@ class TS_SAM3D_Dataset(Dataset):
         n = 4 * self.resolution
         crop, origin = case.sdf(bit)
         sample["gt_sdf"] = torch.from_numpy(
-            sample_sdf(frame, crop, origin, n + 1, self.sdf_truncation_mm, side_mm)
+            sample_sdf(frame, crop, origin, n + 1, self.settings.sdf_truncation_mm, side_mm)
         )
         sample["gt_occupancy"] = torch.from_numpy(sample_occupancy(frame, crop, origin, n))
         sample["gt_coarse_occupancy"] = torch.from_numpy(
@@ -356,12 +318,9 @@ def native_target(case: CachedCase, bit: int, frame_to_world: np.ndarray) -> dic
 
 def mask_signed_distance(mask: np.ndarray) -> np.ndarray:
     """(S, S) float32 signed distance to the mask's border in frame units (pixels / S), negative inside."""
-    size = mask.shape[0]
     if not mask.any():
         return np.full(mask.shape, 1.0, dtype=np.float32)
-    outside = ndimage.distance_transform_edt(~mask)
-    inside = ndimage.distance_transform_edt(mask)
-    return (np.where(mask, -(inside - 0.5), outside - 0.5) / size).astype(np.float32)
+    return signed_distance_mm(mask, 1.0 / mask.shape[0]).astype(np.float32)
 
 
 def slice_inputs(

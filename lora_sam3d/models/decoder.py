@@ -10,15 +10,15 @@ vertex SDF grid and a mesh is `lora_sam3d.models.mesh`'s job.
 from __future__ import annotations
 
 import os
-import pickle
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from lora_sam3d.checkpoint_io import load_weights
+from lora_sam3d.lora import state_dict_fit
 from lora_sam3d.models.mesh import FEATS_CHANNELS
 from lora_sam3d.models.structure import STRUCTURE_PREFIX
 from lora_sam3d.sparse import (
@@ -283,67 +283,16 @@ class SLatMeshDecoder(nn.Module):
         state = _strip_prefix(
             {k: v for k, v in state.items() if not k.startswith(STRUCTURE_PREFIX)}, set(own)
         )
-        shapes = [
-            f"{k}: file {tuple(v.shape)}, model {tuple(own[k].shape)}"
-            for k, v in state.items()
-            if k in own and v.shape != own[k].shape
-        ]
-        if shapes:
+        fit = state_dict_fit(own, state)
+        if fit.mismatched:
             raise ValueError(
                 f"{path} holds weights of another decoder size than SLatMeshDecoder({config}): "
-                f"{len(shapes)} tensors differ, e.g. {'; '.join(shapes[:3])} (check model.decoder)"
+                f"{len(fit.mismatched)} tensors differ, e.g. {'; '.join(fit.mismatched[:3])} (check model.decoder)"
             )
-        result = model.load_state_dict(state, strict=False)
-        if strict and (result.missing_keys or result.unexpected_keys):
-            raise KeyError(
-                f"{path}: weights do not fit SLatMeshDecoder({config}): "
-                f"missing keys {result.missing_keys[:20]}{' ...' if len(result.missing_keys) > 20 else ''}, "
-                f"unexpected keys {result.unexpected_keys[:20]}{' ...' if len(result.unexpected_keys) > 20 else ''}"
-            )
+        if strict and (fit.missing or fit.unexpected):
+            raise KeyError(f"{path}: weights do not fit SLatMeshDecoder({config}): {fit.describe(limit=20)}")
+        model.load_state_dict(state, strict=False)
         return model
-
-
-READ_ERRORS = (RuntimeError, OSError, EOFError, pickle.UnpicklingError)
-"""What torch.load raises for truncated, corrupt or code-carrying files (see `unreadable`)."""
-
-
-def unreadable(path: str | os.PathLike[str], err: BaseException) -> ValueError:
-    """A one-line error for a weights file that torch or safetensors could not read, saying why."""
-    text = str(err)
-    if "Weights only load failed" in text:
-        reason = (
-            "it holds Python objects beyond tensors and plain types, which could run code when "
-            "unpickled; refused (torch.load weights_only=True). Re-save it as safetensors or tensors only"
-        )
-    else:
-        first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
-        reason = f"truncated or corrupt? ({type(err).__name__}: {first[:200]})"
-    return ValueError(f"cannot read checkpoint {path}: {reason}")
-
-
-def load_weights(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """A flat name -> tensor dict from a safetensors or (weights-only) torch checkpoint file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state: Any = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise unreadable(path, err) from err
-    for key in ("state_dict", "model", "module"):
-        if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
-            state = state[key]
-            break
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(
-            f"checkpoint {path} does not hold a flat dict of tensors (nor one under 'state_dict')"
-        )
-    return dict(state)
 
 
 def _strip_prefix(state: Mapping[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:

@@ -1,0 +1,76 @@
+"""The metrics' rules (MONAI values, per-axis spacing, empty masks) and scoring on the scan's own grid."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lora_sam3d.data import TS_SAM3D_Dataset, write_phantoms
+from lora_sam3d.metrics import MeshMetrics, chamfer_mm, overlap, sample_metrics, surface_distances
+from lora_sam3d.models.mesh import mask_surface, sdf_on_grid
+
+
+def test_scores_on_the_scan_grid_do_not_depend_on_resolution(tmp_path: Path) -> None:
+    """The true SDF of the frame, scored as a prediction on the scan's own grid: near-perfect at R=8 and
+    R=16 alike, and the two agree (frame-grid numbers would follow the cell size)."""
+    root = tmp_path / "data"
+    write_phantoms(root, n_cases=3, shape=(48, 48, 32))
+    scores = []
+    for r in (8, 16):
+        ds = TS_SAM3D_Dataset(root, ["heart_ventricle_left"], split="test", slice_sampling_method="central", resolution=r,
+                              spacing=2.0)  # fmt: skip
+        sample = ds[0]
+        native = sample["native"]
+        assert native["spacing_mm"].round(3).tolist() == [1.6, 1.6, 2.5], "the source file's own spacing"
+        pred = sdf_on_grid(sample["gt_sdf"].numpy(), sample["frame_to_world"].numpy(), native["affine"],
+                           native["gt"].shape)  # fmt: skip
+        truth = mask_surface(native["gt"], native["affine"])
+        scores.append(
+            sample_metrics(pred, native["gt"], native["spacing_mm"], 3.0, truth.vertices, truth.vertices)
+        )
+    for values in scores:
+        assert values["dice"] > 0.9 and values["hd95_mm"] <= 2.6 and values["nsd"] > 0.95
+    assert abs(scores[0]["dice"] - scores[1]["dice"]) < 0.05
+
+
+def test_metric_empty_mask_rules_and_monai_values() -> None:
+    gt = torch.zeros(20, 20, 20, dtype=torch.bool)
+    gt[5:15, 5:15, 5:15] = True
+    pred = torch.zeros_like(gt)
+    pred[6:15, 5:15, 5:16] = True
+    dice, iou = overlap(pred, gt)
+    inter = 9 * 10 * 10
+    assert dice == pytest.approx(2 * inter / (990 + 1000)) and iou == pytest.approx(
+        inter / (990 + 1000 - inter)
+    )
+    hd95, assd, nsd = surface_distances(pred, gt, 2.0, 3.0)
+    assert hd95 == pytest.approx(2.0) and 0 < assd < 2.0 and 0.5 < nsd <= 1.0
+    assert all(
+        math.isnan(v)
+        for v in (*overlap(pred, ~torch.ones_like(gt)), *surface_distances(pred, ~torch.ones_like(gt), 1, 3))
+    )
+    assert surface_distances(torch.zeros_like(gt), gt, 1.0, 3.0) == (math.inf, math.inf, 0.0)
+
+    # per-axis spacing: stretching the grid along one axis stretches distances along it
+    assert surface_distances(pred, gt, (2.0, 2.0, 4.0), 3.0)[0] == pytest.approx(4.0)
+
+    metric = MeshMetrics(["a", "b"])
+    empty = torch.zeros_like(gt)
+    metric.update([sample_metrics(p, g, 2.0) for p, g in ((pred, gt), (empty, gt), (pred, empty))], [0, 0, 1])
+    out = metric.compute()
+    assert out["dice/a"] == pytest.approx(dice / 2), "empty prediction counts as Dice 0"
+    assert out["hd95_mm/a"] == pytest.approx(hd95), "failures are not averaged as infinity"
+    assert out["failures/a"] == 1 and out["failures/b"] == 0
+    assert math.isnan(out["dice/b"]), "empty ground truth is left out"
+    assert out["dice"] == pytest.approx(dice / 2), "mean over classes with values"
+
+
+def test_chamfer() -> None:
+    a = np.array([[0.0, 0, 0], [1, 0, 0]])
+    b = np.array([[0.0, 0, 1]])
+    assert chamfer_mm(a, b) == pytest.approx(0.5 * ((1 + math.sqrt(2)) / 2 + 1))
+    assert chamfer_mm(np.zeros((0, 3)), b) == math.inf

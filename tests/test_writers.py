@@ -1,0 +1,24 @@
+"""Mesh files say which world coordinate system they are in, and the LPS flip keeps the surface valid."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+import trimesh
+
+from lora_sam3d.models import marching_cubes
+from lora_sam3d.writers import mesh_bytes
+
+
+def test_mesh_files_state_their_coordinate_system() -> None:
+    axis = torch.linspace(-0.5, 0.5, 17)
+    grid = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1).norm(dim=-1) - 0.3
+    mesh = marching_cubes(grid)
+    assert b"comment SPACE=RAS" in mesh_bytes(mesh, "ply", "RAS")[:100]
+    assert mesh_bytes(mesh, "stl", "LPS")[:9] == b"SPACE=LPS"
+    assert mesh_bytes(mesh, "obj", "RAS").startswith(b"# SPACE=RAS")
+    lps = trimesh.load(io.BytesIO(mesh_bytes(mesh, "ply", "LPS")), file_type="ply", process=False)
+    assert np.allclose(lps.vertices[:, :2], -mesh.vertices[:, :2], atol=1e-6)
+    assert lps.is_winding_consistent and lps.volume > 0, "LPS flip keeps outward winding"
