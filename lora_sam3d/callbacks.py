@@ -12,6 +12,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from safetensors.torch import save_file
@@ -37,6 +38,46 @@ def _output_dir(trainer: L.Trainer, name: str) -> Path:
         else Path(trainer.default_root_dir)
     )
     return base / name
+
+
+class SaveConfigOnStart(SaveConfigCallback):
+    """LightningCLI's ``config.yaml``, written when the run has started and atomically.
+
+    Lightning's callback writes it in ``setup``, before the model's own ``setup`` and the first
+    batch, so a run that fails to start (a bad adapter, a class mismatch) would already have
+    replaced the previous run's file. Here it is written when the first batch (training, validation,
+    test or prediction) has been loaded, through a temporary file and a rename.
+    """
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._stage = stage
+
+    def _write(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.already_saved:
+            return
+        if self.save_to_log_dir:
+            path = Path(trainer.log_dir or trainer.default_root_dir) / self.config_filename
+            exists = trainer.strategy.broadcast(path.is_file() if trainer.is_global_zero else False)
+            if exists and not self.overwrite:
+                raise RuntimeError(f"{path} exists and save_config_kwargs has overwrite: false")
+            if trainer.is_global_zero:
+                text = self.parser.dump(self.config, skip_none=False)
+                atomic_write(path, lambda tmp: tmp.write_text(text))
+        if trainer.is_global_zero:
+            self.save_config(trainer, pl_module, self._stage)
+        self.already_saved = trainer.strategy.broadcast(True)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        self._write(trainer, pl_module)
+
+    def on_validation_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        self._write(trainer, pl_module)
+
+    def on_test_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        self._write(trainer, pl_module)
+
+    def on_predict_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        self._write(trainer, pl_module)
 
 
 class AdapterCheckpoint(L.Callback):

@@ -56,8 +56,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         map_location: Callable | None = lambda storage, loc: storage,
         weights_only: bool | None = None,
     ) -> dict[str, Any]:
-        if not Path(path).is_file() and "://" not in str(path):
-            raise FileNotFoundError(f"checkpoint {path} does not exist")
+        if "://" not in str(path):
+            require_file(path)
         try:
             return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
         except FileNotFoundError:
@@ -84,11 +84,22 @@ def unreadable(path: str | os.PathLike[str], err: BaseException) -> ValueError:
     return ValueError(f"cannot read checkpoint {path}: {reason}")
 
 
+def require_file(path: str | os.PathLike[str], what: str = "checkpoint") -> Path:
+    """``path`` as a `Path` if it is a file; otherwise a one-line error saying what it is instead."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(
+            f"{what} {path} is a folder, expected a file (.ckpt or .safetensors; an adapter folder "
+            "goes in model.adapter)"
+        )
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    return path
+
+
 def load_weights(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """A flat name -> tensor dict from a safetensors or (weights-only) torch checkpoint file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    path = require_file(path)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

@@ -25,12 +25,32 @@ def _decoder_resolution(decoder: dict[str, Any] | None) -> int:
     return int({**TINY_DECODER, **(decoder or {})}["resolution"])
 
 
+def _check_yaml(argv: list[str]) -> None:
+    """A config file that is not valid YAML: one line naming the file, the problem, line and column
+    (the parser's own message names neither the file nor the option)."""
+    import yaml
+
+    for i, arg in enumerate(argv):
+        path = argv[i + 1] if arg in ("--config", "-c") and i + 1 < len(argv) else None
+        path = arg.split("=", 1)[1] if arg.startswith("--config=") else path
+        if path is None or not Path(path).is_file():
+            continue
+        try:
+            yaml.safe_load(Path(path).read_text())
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ValueError(f"config {path} is not valid YAML: {problem}{where}") from None
+
+
 def _lightning_cli(args: list[str] | None, model_class: type | None = None) -> None:
     """LightningCLI over `LoRAMeshDecoderModule` (or a subclass with the same arguments, e.g. a baseline)."""
     import torch
     from lightning.pytorch.cli import LightningCLI
 
-    from lora_sam3d.checkpoint_io import READ_ERRORS, check_design, unreadable
+    from lora_sam3d.callbacks import SaveConfigOnStart
+    from lora_sam3d.checkpoint_io import READ_ERRORS, check_design, require_file, unreadable
     from lora_sam3d.data import TSDataModule
     from lora_sam3d.module import LoRAMeshDecoderModule
 
@@ -47,6 +67,8 @@ def _lightning_cli(args: list[str] | None, model_class: type | None = None) -> N
                 if self.config.get("subcommand")
                 else None
             )
+            if path and path not in ("last", "best", "hpc", "registry") and "://" not in str(path):
+                require_file(path)
             try:
                 if path and Path(path).is_file():  # before its hyper-parameters reach the parser
                     meta = torch.load(path, weights_only=True, map_location="cpu").get("lora_sam3d")
@@ -61,8 +83,9 @@ def _lightning_cli(args: list[str] | None, model_class: type | None = None) -> N
         TSDataModule,
         args=args,
         trainer_defaults={"plugins": [{"class_path": "lora_sam3d.checkpoint_io.AtomicCheckpointIO"}]},
+        save_config_callback=SaveConfigOnStart,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"prog": "lora-sam3d"},
+        parser_kwargs={"prog": "lora-sam3d", "exit_on_error": False},  # errors reach `main`: one line
     )
 
 
@@ -80,12 +103,10 @@ def _phantoms(args: argparse.Namespace) -> None:
 
 def _export(args: argparse.Namespace) -> None:
     from lora_sam3d.callbacks import save_merged_decoder
-    from lora_sam3d.checkpoint_io import READ_ERRORS, save_module_adapter, unreadable
+    from lora_sam3d.checkpoint_io import READ_ERRORS, require_file, save_module_adapter, unreadable
     from lora_sam3d.module import LoRAMeshDecoderModule
 
-    ckpt = Path(args.ckpt_path)
-    if not ckpt.is_file():
-        raise FileNotFoundError(f"checkpoint {ckpt} does not exist")
+    ckpt = require_file(args.ckpt_path)
     try:
         module = LoRAMeshDecoderModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
     except READ_ERRORS as err:
@@ -98,6 +119,32 @@ def _export(args: argparse.Namespace) -> None:
         print(f"wrote {path}")
 
 
+def _cache(args: argparse.Namespace) -> None:
+    import time
+
+    from lora_sam3d.data.cache import cache_entries, remove_entry
+
+    folder = Path(args.cache_dir) if args.cache_dir else Path(args.root) / ".cache"
+    entries = cache_entries(folder)
+    cutoff = time.time() - args.unused_days * 86400 if args.unused_days is not None else None
+    total = removed = 0
+    for e in entries:
+        unused = cutoff is not None and e.last_used < cutoff
+        remove = (args.stale and e.stale is not None) or unused
+        why = e.stale or (f"unused for {args.unused_days:g}+ days" if unused else "")
+        stamp = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used))
+        action = ("would remove" if args.dry_run else "removed") if remove else "kept"
+        print(f"{action:12} {e.path.name}  {e.size_bytes / 2**20:8.1f} MiB  used {stamp}  "
+              f"{','.join(e.classes) or '-'}  {why}".rstrip())  # fmt: skip
+        total += e.size_bytes
+        if remove:
+            removed += e.size_bytes
+            if not args.dry_run:
+                remove_entry(e)
+    verb = "would free" if args.dry_run else "freed"
+    print(f"{len(entries)} entries, {total / 2**20:.1f} MiB in {folder}; {verb} {removed / 2**20:.1f} MiB")
+
+
 def _extra_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lora-sam3d",
@@ -105,7 +152,7 @@ def _extra_parser() -> argparse.ArgumentParser:
         epilog="Training: lora-sam3d {fit,validate,test,predict} --config configs/demo.yaml (see --help of each).",
     )
     parser.add_argument("--version", action="version", version=f"lora-sam3d {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{fit,validate,test,predict,phantoms,export}")
+    sub = parser.add_subparsers(dest="command", metavar="{fit,validate,test,predict,phantoms,export,cache}")
     ph = sub.add_parser("phantoms", help="write synthetic CT phantoms (NIfTI, TotalSegmentator layout)")
     ph.add_argument("--root", required=True, help="output folder")
     ph.add_argument("--kind", choices=("heart", "shapes"), default="heart")
@@ -119,6 +166,17 @@ def _extra_parser() -> argparse.ArgumentParser:
     ex.add_argument("--ckpt_path", required=True)
     ex.add_argument("--output", required=True, help="output folder")
     ex.set_defaults(run=_export)
+    ca = sub.add_parser(
+        "cache", help="list the preprocessed-case cache; remove stale or unused entries only when asked"
+    )
+    where = ca.add_mutually_exclusive_group(required=True)
+    where.add_argument("--root", help="data folder (its cache is <root>/.cache)")
+    where.add_argument("--cache-dir", help="the cache folder itself (data.cache_dir)")
+    ca.add_argument("--stale", action="store_true", help="remove entries whose source files changed or are gone, "
+                    "of an older cache format, or left by a killed build")  # fmt: skip
+    ca.add_argument("--unused-days", type=float, help="remove entries no run has used for this many days")
+    ca.add_argument("--dry-run", action="store_true", help="say what would be removed, remove nothing")
+    ca.set_defaults(run=_cache)
     return parser
 
 
@@ -127,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(argv) if explicit else sys.argv[1:]
     try:
         if argv and argv[0] in TRAINER_COMMANDS:
+            _check_yaml(argv)
             _lightning_cli(argv if explicit else None)
             return 0
         parser = _extra_parser()
@@ -136,12 +195,39 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         args.run(args)
         return 0
-    except (FileNotFoundError, ValueError, KeyError, TypeError) as err:
+    except (OSError, ValueError, KeyError, TypeError, FloatingPointError, argparse.ArgumentError) as err:
         if os.environ.get("LORA_SAM3D_DEBUG"):
             raise
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"lora-sam3d: error: {type(err).__name__}: {message}", file=sys.stderr)
+        print(f"lora-sam3d: error: {error_line(err)}", file=sys.stderr)
         return 2
+
+
+_OS_OPERATIONS = {
+    "mkdir": "create folder", "makedirs": "create folder", "open": "open", "_open_file": "open",
+    "__init__": "open", "write_text": "write", "write_bytes": "write", "replace": "rename", "rename": "rename",
+    "mkstemp": "create a temporary file in", "mkdtemp": "create a temporary folder in", "rmtree": "remove",
+    "unlink": "remove", "utime": "stamp", "iterdir": "list", "stat": "read", "read_text": "read",
+    "read_bytes": "read", "save": "write", "copyfile": "copy", "atomic_write": "write", "atomic_dir": "write",
+}  # fmt: skip
+
+
+def error_line(err: BaseException) -> str:
+    """One line for an error: its type and message; an OS error says which operation failed on which
+    path; an error raised in a DataLoader worker process reads as if raised here (torch wraps it as
+    "Caught X in DataLoader worker process N" plus the worker's traceback)."""
+    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        last = [line for line in text.strip().splitlines() if line.strip()][-1]
+        name, _, message = last.partition(": ")
+        return f"{name.rsplit('.', 1)[-1]}: {message} (in a DataLoader worker)"
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+        tb, frame = err.__traceback__, None
+        while tb is not None:  # the innermost Python frame names the operation (mkdir, open, rename...)
+            frame, tb = tb.tb_frame, tb.tb_next
+        operation = _OS_OPERATIONS.get(frame.f_code.co_name, "use") if frame is not None else "use"
+        target = f"{err.filename} -> {err.filename2}" if err.filename2 else str(err.filename)
+        return f"{type(err).__name__}: cannot {operation} {target}: {err.strerror}"
+    return f"{type(err).__name__}: {' '.join(text.split()) if chr(10) in text else text}"
 
 
 if __name__ == "__main__":

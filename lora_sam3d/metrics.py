@@ -161,3 +161,32 @@ class MeshMetrics(Metric):
         for c, cls in enumerate(self.classes):
             out[f"failures/{cls}"] = self.failures[c]
         return out
+
+
+class WeightedMeans(Metric):
+    """Sample-weighted means of named per-batch values (losses, diagnostics), correct across processes.
+
+    Lightning's ``log(..., sync_dist=True)`` averages each process's own mean, which weighs samples
+    unequally when processes hold different numbers of them (an odd-sized validation set on two
+    processes); here each process keeps ``value * samples`` and ``samples``, summed across processes.
+    Names never updated compute to NaN.
+    """
+
+    full_state_update = False
+
+    def __init__(self, names: list[str] | tuple[str, ...], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.names = list(names)
+        self.add_state("sums", torch.zeros(len(self.names), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("counts", torch.zeros(len(self.names), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, values: dict[str, torch.Tensor | float], samples: int) -> None:
+        for name, value in values.items():
+            i = self.names.index(name)
+            self.sums[i] += float(value) * samples
+            self.counts[i] += samples
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        means = self.sums / self.counts.clamp_min(1)
+        means[self.counts == 0] = math.nan
+        return dict(zip(self.names, means, strict=True))

@@ -44,7 +44,7 @@ from lora_sam3d.lora import (
     read_adapter_config,
     state_dict_fit,
 )
-from lora_sam3d.metrics import MeshMetrics, sample_metrics
+from lora_sam3d.metrics import MeshMetrics, WeightedMeans, sample_metrics
 from lora_sam3d.models import SLatMeshDecoder, marching_cubes, vertex_sdf_grid
 from lora_sam3d.models.mesh import Mesh, mask_surface, sdf_on_grid
 from lora_sam3d.models.structure import (
@@ -63,6 +63,11 @@ TINY_DECODER: dict[str, Any] = {
     "num_heads": 4,
     "num_groups": 16,
 }
+DIAGNOSTICS = (
+    "loss", "sdf_l1", "occupancy_bce", "soft_dice", "structure_bce", "structure_dice",
+    "active_voxels", "frame_coarse_dice", "frame_dice",
+)  # fmt: skip
+"""What validation and test log beside the scores: the loss terms and the frame-grid diagnostics."""
 STRUCTURE_LORA_TARGETS = r"(enc|dec)\d\.[03]|head"
 """Every convolution of `SparseStructureNet` (full-match regex on module names)."""
 
@@ -258,6 +263,8 @@ class LoRAMeshDecoderModule(L.LightningModule):
         self.strict_loading = False  # partial checkpoints: on_load_checkpoint checks every key itself
         self.val_metrics = MeshMetrics(self.classes, nsd_tolerance_mm)
         self.test_metrics = MeshMetrics(self.classes, nsd_tolerance_mm)
+        self.val_diagnostics = WeightedMeans(DIAGNOSTICS)
+        self.test_diagnostics = WeightedMeans(DIAGNOSTICS)
         self.skipped_steps = 0
 
     def _load_base(self, path: str) -> None:
@@ -425,39 +432,40 @@ class LoRAMeshDecoderModule(L.LightningModule):
             out.append((mesh, truth, values))
         return out
 
-    def _evaluate(self, batch: dict[str, Any], stage: str, metrics: MeshMetrics) -> None:
+    def _evaluate(self, batch: dict[str, Any], stage: str) -> None:
         rec = self(batch)
-        terms = reconstruction_losses(rec, batch, self.hparams, 4 * self.resolution)
-        n = len(batch["case_id"])
-        diagnostics = {f"{stage}/{k}": v for k, v in terms.items()}
+        n = 4 * self.resolution
+        diagnostics = reconstruction_losses(rec, batch, self.hparams, n)
         if rec.active is not None:
-            diagnostics[f"{stage}/active_voxels"] = rec.active.flatten(1).sum(1).float().mean()
-            diagnostics[f"{stage}/frame_coarse_dice"] = hard_dice(
-                rec.coarse_logits > 0, batch["gt_coarse_occupancy"]
-            )
-        diagnostics[f"{stage}/frame_dice"] = hard_dice(
-            occupancy_logits(rec.sdf, 4 * self.resolution) > 0, batch["gt_occupancy"]
+            diagnostics["active_voxels"] = rec.active.flatten(1).sum(1).float().mean()
+            diagnostics["frame_coarse_dice"] = hard_dice(rec.coarse_logits > 0, batch["gt_coarse_occupancy"])
+        diagnostics["frame_dice"] = hard_dice(occupancy_logits(rec.sdf, n) > 0, batch["gt_occupancy"])
+        getattr(self, f"{stage}_diagnostics").update(diagnostics, len(batch["case_id"]))
+        getattr(self, f"{stage}_metrics").update(
+            [v for _, _, v in self._score(rec, batch)], batch["class_index"].cpu()
         )
-        self.log_dict(diagnostics, batch_size=n, sync_dist=True)
-        metrics.update([v for _, _, v in self._score(rec, batch)], batch["class_index"].cpu())
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, "val", self.val_metrics)
+        self._evaluate(batch, "val")
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, "test", self.test_metrics)
+        self._evaluate(batch, "test")
 
-    def _log_metrics(self, stage: str, metrics: MeshMetrics) -> None:
+    def _log_metrics(self, stage: str) -> None:
+        """Log the epoch's scores and diagnostics; both are synchronised by their torchmetrics states."""
+        metrics, diagnostics = getattr(self, f"{stage}_metrics"), getattr(self, f"{stage}_diagnostics")
         values = {f"{stage}/{k}": v.float() for k, v in metrics.compute().items()}
+        values |= {f"{stage}/{k}": v.float() for k, v in diagnostics.compute().items() if not torch.isnan(v)}
         self.log_dict(values, prog_bar=False, sync_dist=False)
         self.log(f"{stage}_dice", values[f"{stage}/dice"], prog_bar=True, logger=False)
         metrics.reset()
+        diagnostics.reset()
 
     def on_validation_epoch_end(self) -> None:
-        self._log_metrics("val", self.val_metrics)
+        self._log_metrics("val")
 
     def on_test_epoch_end(self) -> None:
-        self._log_metrics("test", self.test_metrics)
+        self._log_metrics("test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[Prediction]:
         """Per sample: the mesh in world RAS mm, the SDF grid, the frame, and metrics when ground truth exists."""

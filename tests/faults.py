@@ -83,3 +83,19 @@ class DDPProbe(L.Callback):
             "frozen_bytes": nbytes(False),
         }
         Path(f"{self.path}-rank{trainer.global_rank}.json").write_text(json.dumps(info))
+
+
+class WrittenProbe(L.Callback):
+    """At predict end, write ``<path>-rank<r>.json``: the files this process's `MeshPredictionWriter`
+    wrote (so a test can see which process wrote which file)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from lora_sam3d.callbacks import MeshPredictionWriter
+
+        writer = next(c for c in trainer.callbacks if isinstance(c, MeshPredictionWriter))
+        Path(f"{self.path}-rank{trainer.global_rank}.json").write_text(
+            json.dumps([str(p) for p in writer.written])
+        )

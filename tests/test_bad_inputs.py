@@ -14,12 +14,14 @@ some fifty runs of the CLI within seconds.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
 import pickle
+import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +30,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import TEST_DECODER, run_config
+from conftest import TEST_DECODER, run_config, write_yaml
 
 from lora_sam3d.cli import main
 from lora_sam3d.data import write_phantoms
@@ -49,8 +51,16 @@ class Setup:
     def adapter(self) -> Path:
         return self.out / "checkpoints" / "adapter-last"
 
-    def config(self, name: str, edit: Callable[[dict], None] | None = None, data: Path | None = None) -> str:
-        cfg = run_config(self.root / name, data or self.data, quiet=True)
+    def config(
+        self,
+        name: str,
+        edit: Callable[[dict], None] | None = None,
+        data: Path | None = None,
+        own: bool = False,
+    ) -> str:
+        """A quiet run config named ``name``; it writes into the trained run's folder (so a failing
+        run that touched anything there would show) unless ``own``."""
+        cfg = run_config(self.root / name if own else self.out, data or self.data, quiet=True)
         if edit is not None:
             edit(cfg)
         path = self.root / f"{name}.yaml"
@@ -92,7 +102,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Setup:
     def full(cfg: dict) -> None:
         cfg["model"]["finetune"] = "full"
 
-    assert main(["fit", "--config", s.config("full", full)]) == 0
+    assert main(["fit", "--config", s.config("full", full, own=True)]) == 0
     return s
 
 
@@ -183,6 +193,10 @@ DATA_CASES: dict[str, tuple[Callable[[Path], None], str]] = {
         lambda c: (c.parent / "meta.csv").write_text("image_id;split\ns0001;training\ns0002;val\n"),
         r"meta\.csv line 2: split 'training' for 's0001'",
     ),
+    "an id twice in meta.csv with other splits": (
+        lambda c: (c.parent / "meta.csv").write_text("image_id;split\ns0001;train\ns0002;val\ns0001;test\n"),
+        r"meta\.csv: image_id 's0001' is listed twice with different splits: 'train' on line 2, 'test' on line 4",
+    ),
     "class empty in every training case": (
         empty_label,
         r"classes \['heart_myocardium'\] have no voxels in any training case",
@@ -198,21 +212,29 @@ DATA_CASES: dict[str, tuple[Callable[[Path], None], str]] = {
 def test_bad_data(setup: Setup, name: str, capsys: pytest.CaptureFixture[str]) -> None:
     breaking, pattern = DATA_CASES[name]
     data = setup.broken_data(name.replace(" ", "-"), breaking)
+    before = fingerprint(setup.out)
     expect_error(
         setup,
         cli("fit", "--config", setup.config(f"run-{name.replace(' ', '-')}", data=data), capsys=capsys),
         pattern,
     )
+    assert fingerprint(setup.out) == before, "a failed run changed the trained run's files"
 
 
 def expect_error(setup: Setup, result: tuple[int, str], pattern: str) -> None:
-    import re
-
+    """Exit status 2, and the last line of stderr is our one-line error matching ``pattern``; no
+    temporary file left anywhere under the test folder."""
     code, err = result
     assert code == 2, err[-2000:]
     assert "Traceback" not in err, err[-2000:]
-    assert re.search(pattern, err, re.S), f"{pattern!r} not in {err[-1500:]!r}"
-    leftovers = [p for p in setup.root.rglob(".*") if ".tmp" in p.name]
+    last = err.strip().splitlines()[-1] if err.strip() else ""
+    assert last.startswith("lora-sam3d: error: "), f"not our one-line error: {err[-1500:]!r}"
+    assert re.search(pattern, last), f"{pattern!r} not in the last line {last!r}"
+    assert_no_leftovers(setup.root)
+
+
+def assert_no_leftovers(root: Path) -> None:
+    leftovers = [p for p in root.rglob(".*") if ".tmp" in p.name or p.name.endswith(".removing")]
     assert not leftovers, f"half-written files left: {leftovers}"
 
 
@@ -268,7 +290,13 @@ def with_adapter(adapter: Path) -> Callable[[dict], None]:
     return set_in("model", "adapter", str(adapter))
 
 
-def predict_items(s: Setup, name: str, **change: object) -> list[str]:
+def broken_yaml(s: Setup) -> Path:
+    path = s.root / "broken.yaml"
+    path.write_text(Path(s.config("y")).read_text().replace("model:", "model: [", 1))
+    return path
+
+
+def predict_items(s: Setup, name: str, workers: int = 0, **change: object) -> list[str]:
     """``predict`` on a good request for test case s0004, with one field changed."""
     small = s.root / "small.nii.gz"
     case = s.data / "s0004"
@@ -278,7 +306,9 @@ def predict_items(s: Setup, name: str, **change: object) -> list[str]:
         save_nifti(np.zeros(scan.shape, np.uint8), scan.affine, s.root / "empty_mask.nii.gz")
     item = {"image": str(case / "ct.nii.gz"), "mask": str(case / "segmentations" / "heart_myocardium.nii.gz"),
             "axis": 2, "index": 20, "class_name": "heart_myocardium"} | change  # fmt: skip
-    return predict_from(s, name, s.ckpt, set_in("data", "predict_items", [item]))
+    return predict_from(
+        s, name, s.ckpt, lambda cfg: cfg["data"].update(predict_items=[item], num_workers=workers)
+    )
 
 
 def one_stage(path: Path) -> None:
@@ -302,7 +332,12 @@ def base_replaced(s: Setup) -> list[str]:
     base = s.root / "replaced" / "shapes.safetensors"
     base.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(resolve_checkpoint("builtin:shapes"), base)
-    assert main(fit_with(s, "replaced", set_in("model", "base_checkpoint", str(base)))) == 0
+    assert (
+        main(
+            ["fit", "--config", s.config("replaced", set_in("model", "base_checkpoint", str(base)), own=True)]
+        )
+        == 0
+    )
     weights = load_file(str(base))
     weights["out_layer.bias"] = weights["out_layer.bias"] + 0.01
     save_file(weights, str(base))
@@ -349,9 +384,33 @@ RUN_CASES: dict[str, tuple[Callable[[Setup], list[str]], str]] = {
         lambda s: fit_with(s, "tg", set_in("model", "lora", {"target_modules": ["query"]})),
         r"no module matched target_modules=\['query'\]",
     ),
+    "negative batch size": (
+        lambda s: fit_with(s, "bs", set_in("data", "batch_size", -2)),
+        r"DataError: data\.batch_size must be an integer >= 1, got -2$",
+    ),
+    "min_occupancy above 1": (
+        lambda s: fit_with(s, "mo", set_in("data", "min_occupancy", 2.0)),
+        r"DataError: data\.min_occupancy must be a fraction in \[0, 1\], got 2\.0$",
+    ),
+    "frame_scale 0": (
+        lambda s: fit_with(s, "fs", set_in("data", "frame_scale", 0)),
+        r"DataError: data\.frame_scale must be a number > 0, got 0",
+    ),
+    "class name with a slash": (
+        lambda s: fit_with(s, "sl", set_in("data", "classes", ["heart/ventricle_left"])),
+        r"class names \['heart/ventricle_left'\] are not safe file-name parts",
+    ),
+    "YAML syntax error": (
+        lambda s: ["fit", "--config", str(broken_yaml(s))],
+        r"config .*broken\.yaml is not valid YAML: .* at line \d+, column \d+$",
+    ),
     "missing data root": (
         lambda s: fit_with(s, "d", set_in("data", "root", str(s.root / "absent"))),
         r"data root .*absent does not exist",
+    ),
+    "cache_dir is a file": (
+        lambda s: fit_with(s, "cd", set_in("data", "cache_dir", str(s.ckpt))),
+        r"(FileExistsError|NotADirectoryError): cannot \w+( \w+)* .*good/checkpoints/last\.ckpt.*: (File exists|Not a directory)$",
     ),
     # base decoder
     "missing base checkpoint": (
@@ -393,6 +452,10 @@ RUN_CASES: dict[str, tuple[Callable[[Setup], list[str]], str]] = {
     "checkpoint of the one-stage design": (
         lambda s: predict_from(s, "c4", broken_copy(s, s.ckpt, "c4", one_stage)),
         r"this checkpoint is from the earlier one-stage design",
+    ),
+    "checkpoint path is a folder": (
+        lambda s: predict_from(s, "c5", s.out / "checkpoints"),
+        r"checkpoint .*good/checkpoints is a folder, expected a file",
     ),
     "checkpoint that runs code": (
         lambda s: predict_from(s, "c3", broken_copy(s, s.ckpt, "c3", code_pickle)),
@@ -469,6 +532,10 @@ RUN_CASES: dict[str, tuple[Callable[[Setup], list[str]], str]] = {
         lambda s: predict_items(s, "p5", mask=str(s.root / "empty_mask.nii.gz")),
         r"predict item 1 \(.*mask .*empty_mask\.nii\.gz\): the mask has no voxels on slice 20 along axis 2",
     ),
+    "predict item error in a DataLoader worker": (
+        lambda s: predict_items(s, "p7", index=500, workers=2),
+        r"DataError: predict item 1 \(image .*\): slice index 500 is outside .* \(in a DataLoader worker\)$",
+    ),
     "predict item unknown class": (
         lambda s: predict_items(s, "p6", class_name="liver"),
         r"predict items name classes \['liver'\] with no frame extent",
@@ -477,6 +544,10 @@ RUN_CASES: dict[str, tuple[Callable[[Setup], list[str]], str]] = {
     "export of a missing checkpoint": (
         lambda s: ["export", "--ckpt_path", str(s.root / "x.ckpt"), "--output", str(s.root / "e1")],
         r"x\.ckpt does not exist",
+    ),
+    "export onto a file": (
+        lambda s: ["export", "--ckpt_path", str(s.ckpt), "--output", str(s.ckpt)],
+        r"(FileExistsError|NotADirectoryError): cannot \w+( \w+)* .*good/checkpoints/last\.ckpt.*: (File exists|Not a directory)$",
     ),
     "export of a truncated checkpoint": (
         lambda s: [
@@ -572,3 +643,104 @@ def test_bad_api_inputs(setup: Setup, name: str) -> None:
     with pytest.raises(error, match=pattern):
         call(setup)
     assert fingerprint(setup.out) == before
+    assert_no_leftovers(setup.root)
+
+
+# -- the operating system says no: read-only filesystems and writes cut short, for real ------------------
+@contextlib.contextmanager
+def read_only(folder: Path) -> Iterator[None]:
+    """``folder`` made read-only for this process: a read-only bind mount onto itself (root ignores
+    file modes), or without root, the write bits removed."""
+    import os
+    import subprocess
+
+    if os.geteuid() != 0:
+        paths = [folder, *folder.rglob("*")]
+        modes = {p: p.stat().st_mode for p in paths}
+        for p in paths:
+            p.chmod(modes[p] & ~0o222)
+        try:
+            yield
+        finally:
+            for p in paths:
+                p.chmod(modes[p])
+        return
+    for cmd in (
+        ["mount", "--bind", str(folder), str(folder)],
+        ["mount", "-o", "remount,ro,bind", str(folder)],
+    ):
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        assert done.returncode == 0, f"cannot make {folder} read-only ({' '.join(cmd)}): {done.stderr}"
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", "--lazy", str(folder)], check=True)  # memory maps may still be open
+
+
+def test_read_only_data_root_and_predictions_folder(setup: Setup, capsys: pytest.CaptureFixture[str]) -> None:
+    fresh = setup.broken_data("read-only", lambda case: None)  # cases without a cache
+    before = fingerprint(setup.out)
+    with read_only(fresh):
+        code, err = cli("fit", "--config", setup.config("ro-data", data=fresh), capsys=capsys)
+    expect_error(
+        setup,
+        (code, err),
+        r"cannot (create folder|write) .*data-read-only/\.cache.*: (Permission denied|Read-only file system)$",
+    )
+
+    # a read-only data root whose cache a colleague built: predicting reads it and writes nothing there
+    shared = setup.root / "shared"
+    shutil.copytree(setup.data, shared)
+    out = setup.root / "shared-run"
+    with read_only(shared):
+        assert cli("predict", "--config", setup.config("ro-ok", set_in("trainer", "default_root_dir", str(out)),
+                   data=shared, own=True), "--ckpt_path", str(setup.ckpt), capsys=capsys)[0] == 0  # fmt: skip
+
+    # a predictions folder the run may not write: one line naming the file it could not write (the run
+    # had started, so it runs in its own folder)
+    locked = setup.root / "locked"
+    locked.mkdir()
+    with read_only(locked):
+        result = cli("predict", "--config", setup.config(
+            "ro-pred", set_in("trainer", "callbacks", [{"class_path": "lora_sam3d.callbacks.MeshPredictionWriter",
+                                                        "init_args": {"output_dir": str(locked)}}]), own=True),
+            "--ckpt_path", str(setup.ckpt), capsys=capsys)  # fmt: skip
+    expect_error(
+        setup,
+        result,
+        r"cannot write .*locked/s000\d_heart_\w+\.ply: (Permission denied|Read-only file system)$",
+    )
+    assert not list(locked.iterdir())
+    assert fingerprint(setup.out) == before
+
+
+def test_a_write_that_fails_mid_file(setup: Setup, tmp_path: Path) -> None:
+    """A write cut short (by a file-size limit, as a full disk cuts it), in a real process: one line
+    naming the cache entry, and no entry or temporary folder left."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write then fails instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+    data = tmp_path / "data"
+    shutil.copytree(setup.data, data, ignore=shutil.ignore_patterns(".cache", "s0003", "s0004"))
+    config = write_yaml(run_config(tmp_path / "out", data, quiet=True), tmp_path / "c.yaml")
+    done = subprocess.run([sys.executable, "-m", "lora_sam3d.cli", "fit", "--config", str(config)],
+                          capture_output=True, text=True, timeout=600, preexec_fn=limit)  # fmt: skip
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 2 and re.fullmatch(
+        r"lora-sam3d: error: OSError: cannot write .*data/\.cache/s000\d-[0-9a-f]{16}: .*(File too large|"
+        r"disk full or a file-size limit\?\))", last,
+    ), done.stderr[-1500:]  # fmt: skip
+    assert not [p for p in (data / ".cache").iterdir() if p.is_dir()], "no entry, complete or not"
+
+
+def test_the_readme_states_how_many_bad_inputs_are_tested() -> None:
+    os_tests = 3  # read-only data root, read-only predictions folder, a write cut short
+    total = len(DATA_CASES) + len(RUN_CASES) + len(API_CASES) + os_tests
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert f"`tests/test_bad_inputs.py`): {total} cases" in readme and f"{total} bad inputs tested" in readme

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -199,9 +200,13 @@ def test_sampling_methods(phantom_root: Path) -> None:
     uniform = dataset(phantom_root, split="train", slice_sampling_method="uniform", slices_per_axis=4)
     everything = dataset(phantom_root, split="train", slice_sampling_method="all", axes=(2,))
     assert len(central) < len(uniform) <= 4 * len(central) < len(everything) * 3
-    for _, bit, axis, index in everything.items:
-        assert everything.cases[0] is not None and axis == 2
-        del bit, index
+    for ci, case in enumerate(everything.cases):  # "all": every slice with >= min_occupancy of the peak area
+        labels = np.asarray(case.labels)
+        for bit in range(len(HEART_CLASSES)):
+            areas = ((labels >> np.uint32(bit)) & 1).sum(axis=(0, 1))
+            expected = np.flatnonzero(areas >= max(1.0, 0.2 * areas.max())).tolist()
+            got = [index for c, b, axis, index in everything.items if (c, b) == (ci, bit) and axis == 2]
+            assert got == expected, (case.case_id, bit)
     rand = dataset(phantom_root, split="train", samples_per_class=2)
     assert len(rand) == 3 * 5 * 2
     loose = dataset(phantom_root, split="train", slice_sampling_method="all", min_occupancy=0.0)
@@ -238,7 +243,7 @@ def test_deterministic_with_workers(phantom_root: Path) -> None:
         dist.set_epoch(2)
         shards.append(list(dist))
     overlap = set(shards[0]) & set(shards[1])
-    assert len(overlap) <= len(ds) % 2, "DDP shards are disjoint (but for DistributedSampler's padding)"
+    assert len(overlap) == len(ds) % 2, "DDP shards are disjoint but for DistributedSampler's padding"
     assert set(shards[0]) | set(shards[1]) == set(range(2 * len(ds), 3 * len(ds))), "and carry the epoch"
 
 
@@ -272,21 +277,121 @@ def test_cropped_layout_matches_release_layout(tmp_path: Path) -> None:
         dataset(tmp_path / "crop")
 
 
-def test_cache_rebuilds_only_what_changed(phantom_root: Path, tmp_path: Path) -> None:
+def test_cache_rebuilds_only_what_changed_and_removes_nothing(
+    phantom_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Runs sharing a cache keep each other's entries; stale ones go only when asked (`lora-sam3d cache`)."""
+    from lora_sam3d.cli import main
+    from lora_sam3d.data.cache import cache_entries
+
     root = tmp_path / "data"
     shutil.copytree(phantom_root, root)
     cache = tmp_path / "cache"
-    TS_SAM3D_Dataset(root, HEART_CLASSES, resolution=8, spacing=2.0, cache_dir=cache)
+    fit = TS_SAM3D_Dataset(root, HEART_CLASSES, resolution=8, spacing=2.0, cache_dir=cache)
     first = {p.name for p in cache.iterdir() if p.is_dir()}
     assert len(first) == 5 and not [p for p in cache.iterdir() if p.name.startswith(".")]
+    # a colleague's run with other classes and another spacing, on the same cache, while `fit` reads it
+    TS_SAM3D_Dataset(root, ["heart_myocardium"], resolution=8, spacing=2.5, cache_dir=cache)
+    assert first <= {p.name for p in cache.iterdir()}, "another run's entries are never deleted"
+    assert all(np.isfinite(fit[i]["gt_sdf"].numpy()).all() for i in range(0, len(fit), 7))
+    before = {p.name for p in cache.iterdir() if p.is_dir()}
     img = nib.load(str(root / "s0002" / "ct.nii.gz"))
     nib.save(nib.Nifti1Image(np.asarray(img.dataobj) + 5, img.affine), str(root / "s0002" / "ct.nii.gz"))
     TS_SAM3D_Dataset(root, HEART_CLASSES, resolution=8, spacing=2.0, cache_dir=cache)
-    second = {p.name for p in cache.iterdir() if p.is_dir()}
-    assert len(second) == 5 and first - second == {n for n in first if n.startswith("s0002")}
-    TS_SAM3D_Dataset(root, HEART_CLASSES, resolution=8, spacing=2.5, cache_dir=cache)
-    third = {p.name for p in cache.iterdir() if p.is_dir()}
-    assert not third & second, "a changed setting rebuilds every case"
+    entries = {e.path.name: e for e in cache_entries(cache)}
+    assert len(entries) == 5 + 5 + 1, "the rebuilt case has a new entry beside the old ones"
+    stale = {name: e.stale for name, e in entries.items() if e.stale}
+    assert sorted(stale) == sorted(n for n in before if n.startswith("s0002")), "both runs' s0002 entries"
+    assert all("s0002/ct.nii.gz changed" in why for why in stale.values())
+
+    assert main(["cache", "--cache-dir", str(cache), "--stale", "--dry-run"]) == 0
+    assert capsys.readouterr().out.count("would remove") == 2 and len(cache_entries(cache)) == 11
+    assert main(["cache", "--cache-dir", str(cache), "--stale"]) == 0
+    assert set(entries) - {p.name for p in cache.iterdir()} == set(stale), "exactly the stale entries went"
+    assert main(["cache", "--root", str(root)]) == 2, "no <root>/.cache here: an error, not an empty list"
+    assert main(["cache", "--cache-dir", str(cache), "--unused-days", "0"]) == 0
+    assert not cache_entries(cache)
+
+
+def test_concurrent_builders_of_one_cache_both_succeed(phantom_root: Path, tmp_path: Path) -> None:
+    """Two real processes build the same entries at the same moment: both succeed, one entry per case."""
+    import subprocess
+    import sys
+
+    go = tmp_path / "go"
+    script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from lora_sam3d.data import HEART_CLASSES, TS_SAM3D_Dataset\n"
+        f"while not Path({str(go)!r}).exists(): time.sleep(0.01)\n"
+        f"ds = TS_SAM3D_Dataset({str(phantom_root)!r}, HEART_CLASSES, resolution=8, spacing=1.7,"
+        f" cache_dir={str(tmp_path / 'cache')!r})\n"
+        "print(len(ds))\n"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]  # fmt: skip
+    time.sleep(3.0)  # both imported and waiting
+    go.touch()
+    results = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-800:] for _, err in results]
+    assert results[0][0] == results[1][0]
+    names = [p.name for p in (tmp_path / "cache").iterdir() if p.is_dir()]
+    assert sorted(n.split("-")[0] for n in names) == [f"s000{i}" for i in range(1, 6)], names
+
+
+def test_a_finished_entry_wins_over_a_late_builder(tmp_path: Path) -> None:
+    from lora_sam3d.atomic import atomic_dir
+
+    final = tmp_path / "entry"
+    atomic_dir(final, lambda d: (d / "meta.json").write_text("first"))
+    assert atomic_dir(final, lambda d: (d / "meta.json").write_text("second"), exist_ok=True) == final
+    assert (final / "meta.json").read_text() == "first"
+    assert [p.name for p in tmp_path.iterdir()] == ["entry"], "the late builder's folder is gone"
+    with pytest.raises(OSError, match="entry"):
+        atomic_dir(final, lambda d: (d / "meta.json").write_text("third"))
+
+
+def test_meta_csv_by_its_header(tmp_path: Path) -> None:
+    from lora_sam3d.data.cases import read_meta_splits
+
+    (tmp_path / "meta.csv").write_text(
+        '\ufeffimage_id;age;institute;split\ns0001;61;"Basel, Uni; radiology";train\n\ns0002;70;x;test\n',
+        encoding="utf-8",
+    )
+    assert read_meta_splits(tmp_path) == {"s0001": "train", "s0002": "test"}
+    (tmp_path / "meta.csv").write_text('image_id,note,split\ns0001,"a; b, c",val\ns0001,again,val\n')
+    assert read_meta_splits(tmp_path) == {"s0001": "val"}, "a repeated id with the same split is fine"
+    (tmp_path / "meta.csv").write_text("id;fold\ns0001;1\n")
+    with pytest.raises(DataError, match=r"meta\.csv must have columns 'image_id' and 'split'.*'id;fold'"):
+        read_meta_splits(tmp_path)
+
+
+def test_a_structure_lost_in_resampling_is_named(phantom_root: Path, tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    shutil.copytree(phantom_root, root)
+    path = root / "s0001" / "segmentations" / "heart_myocardium.nii.gz"
+    img = nib.load(str(path))
+    tiny = np.zeros(img.shape, np.uint8)
+    tiny[20, 20, 15] = 1  # one 1.8 x 1.8 x 2.6 mm voxel: gone on a 4 mm grid
+    nib.save(nib.Nifti1Image(tiny, img.affine), str(path))
+    with pytest.warns(
+        UserWarning, match=r"s0001/heart_myocardium \(1 voxels in the source, 0 after resampling to 4\.0 mm\)"
+    ):
+        dataset(root, spacing=4.0, cache_dir=tmp_path / "cache")
+
+
+def test_ct_window_and_mr_percentiles(tmp_path: Path) -> None:
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    ramp = np.arange(-400, 600, 1.0).reshape(10, 10, 10).astype(np.float32)  # -400 .. 599 HU
+    path = save(ramp, affine, tmp_path / "ct.nii.gz")
+    label = save((ramp > 0).astype(np.uint8), affine, tmp_path / "label.nii.gz")
+    ct = load_volume(path, {0: (label, None)}, Preprocessing(spacing_mm=2.0))
+    expected = np.clip((ramp + 200.0) / 600.0, 0, 1)  # window (-200, 400) -> [0, 1]
+    np.testing.assert_allclose(ct.image, expected, atol=1e-6)
+    mr = load_volume(path, {0: (label, None)}, Preprocessing(spacing_mm=2.0, modality="mr"))
+    low, high = np.percentile(ramp, [0.5, 99.5])
+    np.testing.assert_allclose(mr.image, np.clip((ramp - low) / (high - low), 0, 1), atol=1e-6)
+    assert mr.image.min() == 0 and mr.image.max() == 1
 
 
 # ---------------------------------------------------------------------------------------------

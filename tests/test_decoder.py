@@ -236,6 +236,22 @@ def test_gradient_checkpointing_and_autocast() -> None:
         m(x).feats.square().mean().backward()
     for (name, a), (_, b) in zip(plain.named_parameters(), ckpt.named_parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, msg=name)
+
+    def kept_for_backward(model: SLatMeshDecoder) -> int:
+        """Bytes of activations autograd keeps from one forward (checkpointed blocks keep their input only)."""
+        total = 0
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            nonlocal total
+            total += tensor.numel() * tensor.element_size()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            model(x)
+        return total
+
+    # the transformer blocks are checkpointed (the upsampling blocks are not): measured 6.5 vs 8.1 MB
+    assert kept_for_backward(ckpt) < 0.9 * kept_for_backward(plain), "checkpointing is really on"
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = plain(x)
     ref = plain(x).feats.detach()

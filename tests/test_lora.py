@@ -259,7 +259,9 @@ def test_selection_errors_name_modules(model: TinyDecoder) -> None:
     inject_lora(model)
     with pytest.raises(ValueError, match=r"already have LoRA.*blocks.0.attn.to_qkv"):
         inject_lora(model)
-    assert not isinstance(model.blocks[0].attn.to_qkv.weight, LoRALinear)
+    layer = model.blocks[0].attn.to_qkv
+    assert isinstance(layer, LoRALinear) and type(layer.unload()) is nn.Linear, "one wrap, not two"
+    assert sorted(n for n, _ in layer.named_parameters()) == ["bias", "lora_A", "lora_B", "weight"]
     with pytest.raises(ValueError, match="rank must be a positive integer"):
         LoRAConfig(rank=0)
     with pytest.raises(ValueError, match="qkv_slices"):

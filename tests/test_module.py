@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 
@@ -12,6 +14,7 @@ from lora_sam3d.checkpoint_io import save_module_adapter
 from lora_sam3d.data import TSDataModule, collate, write_phantoms
 from lora_sam3d.latent import SliceUnprojection
 from lora_sam3d.lora import lora_layers
+from lora_sam3d.models.structure import active_latent, surface_band
 from lora_sam3d.module import LoRAMeshDecoderModule, Reconstruction
 
 DECODER = dict(resolution=8, model_channels=64, num_blocks=2, num_heads=4, num_groups=8)
@@ -53,9 +56,9 @@ def test_optimizer_gets_only_lora_and_unfrozen(datamodule: TSDataModule, tmp_pat
     before = sorted(lora_layers(module.decoder))
     t.validate(module, datamodule=datamodule)
     assert sorted(lora_layers(module.decoder)) == before
-    assert not any(
-        "lora" in n for n, _ in lora_layers(module.decoder)["blocks.0.attn.to_qkv"].named_modules() if n
-    )
+    layer = lora_layers(module.decoder)["blocks.0.attn.to_qkv"]
+    assert sorted(n for n, _ in layer.named_parameters()) == ["bias", "lora_A", "lora_B", "weight"]
+    assert type(layer.unload()) is torch.nn.Linear, "the adapted layer wraps the base layer, not another LoRA"
 
 
 def test_adapter_folder_reproduces_the_model(datamodule: TSDataModule, tmp_path: Path) -> None:
@@ -227,3 +230,75 @@ def test_nonfinite_gradients_raise_or_skip_the_step(datamodule: TSDataModule, tm
     assert skipping.skipped_steps == 1
     assert all(int(s["step"]) == 2 for s in t.optimizers[0].state.values())
     assert all(torch.isfinite(p).all() for p in skipping.parameters())
+
+
+class FirstValidationNaN(LoRAMeshDecoderModule):
+    """The real module whose first validation score is NaN (as when every sample of it failed)."""
+
+    def _log_metrics(self, stage: str) -> None:
+        if stage == "val" and self.current_epoch == 0:
+            self.val_metrics.reset()
+            self.val_diagnostics.reset()
+            self.log("val/dice", float("nan"))
+            return
+        super()._log_metrics(stage)
+
+
+def test_callbacks_pick_finite_scores_and_merge_at_the_end(datamodule: TSDataModule, tmp_path: Path) -> None:
+    """`AdapterCheckpoint` never takes a NaN score as its best (a NaN best would block every later one);
+    `MergeOnEnd` writes a decoder Meta's class loads that computes what the LoRA model computes."""
+    from safetensors.torch import load_file
+
+    from lora_sam3d.callbacks import AdapterCheckpoint, MergeOnEnd
+    from lora_sam3d.models import SLatMeshDecoder
+
+    module = FirstValidationNaN(**TRAINS, classes=CLASSES)
+    best = AdapterCheckpoint()
+    t = trainer(tmp_path, max_epochs=2, callbacks=[best, MergeOnEnd()], num_sanity_val_steps=0)
+    t.fit(module, datamodule=datamodule)
+    assert best.best is not None and math.isfinite(best.best)
+    assert best.best == pytest.approx(float(t.callback_metrics["val/dice"])), "the epoch-1 score is the best"
+    assert (tmp_path / "adapter-best" / "adapter_model.safetensors").is_file()
+
+    merged_file = tmp_path / "decoder-merged.safetensors"
+    tensors = load_file(str(merged_file))
+    decoder = SLatMeshDecoder(**module.decoder_config)
+    decoder.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("structure.")})
+    batch = collate([datamodule.datasets["val"][i] for i in range(2)])
+    module.eval()
+    with torch.no_grad():
+        latent = module.encoder(batch)
+        logits, features = module.structure(latent)
+        x = active_latent(surface_band(logits > 0, 1), features)
+        torch.testing.assert_close(decoder(x).feats, module.decoder(x).feats, rtol=1e-4, atol=1e-5)
+
+
+def test_writer_formats_and_coordinate_systems(datamodule: TSDataModule, tmp_path: Path) -> None:
+    """One predict, three writers: the STL in LPS is the PLY in RAS with x and y negated, the OBJ the
+    same surface in RAS; each file says its coordinate system."""
+    import trimesh
+
+    from lora_sam3d.callbacks import MeshPredictionWriter
+
+    writers = [
+        MeshPredictionWriter(str(tmp_path / "ply"), write_nifti=False, write_png=False),
+        MeshPredictionWriter(str(tmp_path / "stl"), "stl", "LPS", write_nifti=False, write_png=False),
+        MeshPredictionWriter(str(tmp_path / "obj"), "obj", write_nifti=False, write_png=False),
+    ]
+    datamodule.setup("predict")
+    t = trainer(tmp_path, callbacks=writers, limit_predict_batches=1)
+    t.predict(LoRAMeshDecoderModule(decoder=DECODER, classes=CLASSES), datamodule=datamodule)
+    plys = sorted((tmp_path / "ply").glob("*.ply"))
+    assert plys
+    for ply in plys:
+        stl, obj = (
+            tmp_path / "stl" / ply.with_suffix(".stl").name,
+            tmp_path / "obj" / ply.with_suffix(".obj").name,
+        )
+        assert stl.read_bytes()[:9] == b"SPACE=LPS" and obj.read_bytes().startswith(b"# SPACE=RAS")
+        ras = trimesh.load(ply, process=False)
+        lps = trimesh.load(stl, file_type="stl", process=False)
+        flipped = np.unique(np.round(lps.vertices * [-1, -1, 1], 3), axis=0)
+        assert np.array_equal(flipped, np.unique(np.round(ras.vertices, 3), axis=0))
+        again = trimesh.load(obj, file_type="obj", process=False)
+        np.testing.assert_allclose(again.vertices, ras.vertices, atol=1e-4)

@@ -3,8 +3,11 @@
 One folder per case, ``<cache_dir>/<case_id>-<key>/``, written to a temporary folder and renamed
 into place (a crash never leaves a half-written entry that looks complete). The key hashes the
 content of the case's source files, the preprocessing settings, the class list and the cache
-format version, so a changed file or setting rebuilds only the cases it touches; older entries of
-the same case are removed after a rebuild. Arrays are plain ``.npy`` files read through memory
+format version, so a changed file or setting rebuilds only the cases it touches. Entries are
+never removed implicitly: several runs (other classes, other settings) share one cache and read
+each other's entries; two runs building the same entry at once both succeed (the first rename
+wins). ``lora-sam3d cache`` lists entries and removes stale or long-unused ones on request
+(`cache_entries`, `remove_entry`). Arrays are plain ``.npy`` files read through memory
 maps: a training sample touches one slice and one small SDF crop, not the whole volume.
 
 Contents: ``image.npy`` (float16, normalised), ``labels.npy`` (uint32 class bits), per class
@@ -17,9 +20,12 @@ and native crop origins, the native grid's affine and shape).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import shutil
+import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from functools import cached_property
@@ -70,9 +76,11 @@ class FileHashes:
         return digest
 
     def save(self) -> None:
+        """Remember new hashes; on a read-only shared cache they are simply recomputed next time."""
         if self.dirty:
             text = json.dumps(self.known)
-            atomic_write(self.path, lambda tmp: tmp.write_text(text))
+            with contextlib.suppress(PermissionError, OSError):
+                atomic_write(self.path, lambda tmp: tmp.write_text(text))
             self.dirty = False
 
 
@@ -111,6 +119,12 @@ def _class_sdf(mask: np.ndarray, spacing_mm: float, truncation_mm: float) -> tup
     return sdf.astype(np.float16), lo
 
 
+def _mark_used(entry: Path) -> None:
+    """Stamp the entry's last use (its meta.json's time), which ``lora-sam3d cache`` reports and prunes by."""
+    with contextlib.suppress(OSError):  # a read-only shared cache: the stamp is a courtesy, not a need
+        os.utime(entry / "meta.json")
+
+
 def build_case(
     case: Case,
     classes: list[str],
@@ -127,6 +141,7 @@ def build_case(
         hashes.save()
     final = cache_dir / f"{case.case_id}-{key}"
     if (final / "meta.json").is_file():
+        _mark_used(final)
         return final
     volume = load_volume(case.image, case.class_masks, prep)
 
@@ -172,6 +187,7 @@ def build_case(
             "key": key,
             "case_id": case.case_id,
             "image": str(case.image),
+            "sources": {str(p.resolve()): hashes(p) for p in case.files},
             "affine": volume.affine.tolist(),
             "spacing_mm": prep.spacing_mm,
             "shape": list(volume.image.shape),
@@ -182,11 +198,7 @@ def build_case(
         }
         (tmp / "meta.json").write_text(json.dumps(meta))
 
-    atomic_dir(final, write)
-    for stale in cache_dir.glob(f"{case.case_id}-*"):
-        if stale != final and stale.is_dir() and not stale.name.startswith("."):
-            shutil.rmtree(stale, ignore_errors=True)
-    return final
+    return atomic_dir(final, write, exist_ok=True)  # a builder that finished first wins; both succeed
 
 
 @dataclass
@@ -255,3 +267,69 @@ def cache_cases(
     }
     hashes.save()
     return built
+
+
+@dataclass
+class CacheEntry:
+    """One cache folder as ``lora-sam3d cache`` reports it.
+
+    ``stale`` says why the entry can no longer be used (an older cache format, a source file
+    changed or gone, an interrupted build), or is None.
+    """
+
+    path: Path
+    case_id: str
+    classes: list[str]
+    size_bytes: int
+    last_used: float
+    stale: str | None
+
+
+STALE_BUILD_S = 24 * 3600.0
+"""A temporary build folder older than this belongs to a build that was killed."""
+
+
+def cache_entries(cache_dir: str | Path) -> list[CacheEntry]:
+    """Every entry (and leftover temporary build folder) under ``cache_dir``, oldest use first."""
+    cache_dir = Path(cache_dir)
+    if not cache_dir.is_dir():
+        raise FileNotFoundError(f"cache folder {cache_dir} does not exist")
+    hashes = FileHashes(cache_dir)
+    out = []
+    for path in sorted(p for p in cache_dir.iterdir() if p.is_dir()):
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        if path.name.startswith("."):
+            age = time.time() - path.stat().st_mtime
+            why = "interrupted build" if age > STALE_BUILD_S else None  # else: a build in progress
+            out.append(CacheEntry(path, path.name, [], size, path.stat().st_mtime, why))
+            continue
+        try:
+            meta = json.loads((path / "meta.json").read_text())
+        except (OSError, ValueError):
+            out.append(CacheEntry(path, path.name, [], size, path.stat().st_mtime, "no readable meta.json"))
+            continue
+        classes = [info["name"] for info in meta.get("classes", {}).values()]
+        stale = None
+        if meta.get("version") != CACHE_VERSION:
+            stale = f"cache format {meta.get('version')} (this version reads {CACHE_VERSION})"
+        for source, digest in meta.get("sources", {}).items():
+            if stale:
+                break
+            if not Path(source).is_file():
+                stale = f"source {source} is gone"
+            elif hashes(Path(source)) != digest:
+                stale = f"source {source} changed"
+        used = (path / "meta.json").stat().st_mtime
+        out.append(CacheEntry(path, meta.get("case_id", path.name), classes, size, used, stale))
+    hashes.save()
+    return sorted(out, key=lambda e: e.last_used)
+
+
+def remove_entry(entry: CacheEntry) -> None:
+    """Remove one entry: renamed out of its key first, so no run can open it half-deleted.
+
+    A run that already has its arrays open keeps reading them (POSIX keeps unlinked files alive).
+    """
+    doomed = entry.path.with_name(f".{entry.path.name}.removing")
+    os.replace(entry.path, doomed)
+    shutil.rmtree(doomed)

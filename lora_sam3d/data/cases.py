@@ -15,6 +15,7 @@ Cropped layout (integer label maps; class values from the config)::
 from __future__ import annotations
 
 import csv
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,19 @@ from lora_sam3d.data.volume import MAX_CLASSES, DataError
 
 SPLITS = ("train", "val", "test")
 Layout = Literal["auto", "totalsegmentator", "cropped"]
+
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def check_class_names(classes: Sequence[str]) -> None:
+    """Class names become parts of file names (outputs, cache): letters, digits, ``_``, ``-``, ``.`` only."""
+    bad = [c for c in classes if not isinstance(c, str) or not _SAFE_NAME.fullmatch(c)]
+    if bad:
+        raise DataError(
+            f"class names {bad} are not safe file-name parts: use letters, digits, '_', '-' and '.' "
+            "(not first), as TotalSegmentator's names do (e.g. heart_ventricle_left)"
+        )
 
 
 def split_counts(n: int, fractions: tuple[float, float, float]) -> tuple[int, int, int]:
@@ -51,27 +65,48 @@ class Case:
 
 
 def read_meta_splits(root: Path) -> dict[str, str]:
-    """``image_id -> split`` from ``<root>/meta.csv`` ({} if absent)."""
+    """``image_id -> split`` from ``<root>/meta.csv`` ({} if absent).
+
+    The delimiter (``;``, ``,`` or tab) is the one that splits the header into columns holding both
+    ``image_id`` and ``split``; text columns may be quoted and hold the other delimiters. An id
+    listed twice with different splits is an error (a training case must not slip into test).
+    """
     path = root / "meta.csv"
     if not path.is_file():
         return {}
     with path.open(newline="", encoding="utf-8-sig") as f:
-        sample = f.read(4096)
+        header = f.readline()
         f.seek(0)
-        delimiter = ";" if sample.count(";") >= sample.count(",") else ","
+        delimiter = None
+        for candidate in (";", ",", "\t"):
+            names = {h.strip() for h in next(csv.reader([header], delimiter=candidate), [])}
+            if {"image_id", "split"} <= names:
+                delimiter = candidate
+                break
+        if delimiter is None:
+            raise DataError(
+                f"{path} must have columns 'image_id' and 'split' (separated by ';', ',' or tab); "
+                f"its header is {header.strip()[:200]!r}"
+            )
         reader = csv.DictReader(f, delimiter=delimiter)
-        fields = [h.strip() for h in reader.fieldnames or []]
-        if "image_id" not in fields or "split" not in fields:
-            raise DataError(f"{path} must have columns 'image_id' and 'split'; found {fields}")
-        splits = {}
+        splits: dict[str, str] = {}
+        first_line: dict[str, int] = {}
         for line, row in enumerate(reader, start=2):
             row = {k.strip(): (v or "").strip() for k, v in row.items() if k}
-            split = row["split"]
+            image_id, split = row.get("image_id", ""), row.get("split", "")
+            if not image_id and not split:
+                continue  # a blank line
             if split not in SPLITS:
                 raise DataError(
-                    f"{path} line {line}: split {split!r} for {row['image_id']!r}, expected one of {SPLITS}"
+                    f"{path} line {line}: split {split!r} for {image_id!r}, expected one of {SPLITS}"
                 )
-            splits[row["image_id"]] = split
+            if image_id in splits and splits[image_id] != split:
+                raise DataError(
+                    f"{path}: image_id {image_id!r} is listed twice with different splits: "
+                    f"{splits[image_id]!r} on line {first_line[image_id]}, {split!r} on line {line}"
+                )
+            splits[image_id] = split
+            first_line.setdefault(image_id, line)
     return splits
 
 
@@ -104,6 +139,7 @@ def discover_cases(
         raise DataError(f"{len(classes)} classes given; at most {MAX_CLASSES} are supported")
     if len(set(classes)) != len(classes):
         raise DataError(f"classes has duplicates: {list(classes)}")
+    check_class_names(classes)
     splits = read_meta_splits(root)
     cases, skipped = [], []
     for case_dir in sorted(p for p in root.iterdir() if p.is_dir()):

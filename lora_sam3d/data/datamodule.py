@@ -18,7 +18,7 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset
 
 from lora_sam3d.data.cache import cache_cases
-from lora_sam3d.data.cases import Layout, discover_cases
+from lora_sam3d.data.cases import Layout, check_class_names, discover_cases
 from lora_sam3d.data.dataset import (
     EpochOffsetDistributedSampler,
     EpochShuffleSampler,
@@ -202,6 +202,7 @@ class TSDataModule(L.LightningDataModule):
                 raise DataError(
                     f"data.{key} must be an integer >= {1 if key == 'batch_size' else 0}, got {value!r}"
                 )
+        check_class_names(classes)
         self.settings = DataSettings.pick(dict(self.hparams))
         self.root = Path(root)
         self.cache_dir = self.settings.cache_path(self.root)
