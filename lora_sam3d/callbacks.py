@@ -21,10 +21,12 @@ from lora_sam3d.atomic import atomic_write
 from lora_sam3d.checkpoint_io import save_module_adapter
 from lora_sam3d.models.structure import STRUCTURE_PREFIX
 from lora_sam3d.module import Prediction
+from lora_sam3d.report import ReportSample, write_report
 from lora_sam3d.writers import (
     CoordinateSystem,
     mask_on_source_grid,
     preview_png,
+    smooth_taubin,
     write_mesh,
     write_nifti,
 )
@@ -204,6 +206,10 @@ class MeshPredictionWriter(BasePredictionWriter):
         mesh_format: ``ply`` (default), ``stl`` or ``obj``.
         coordinate_system: ``RAS`` (default) or ``LPS`` for the mesh vertices, stated in the file.
         write_nifti / write_png: turn those outputs off.
+        smooth_iterations: Taubin smoothing of the written predicted meshes (0: off); metrics are
+            computed on the unsmoothed prediction before.
+        report: write ``report.html`` (see `lora_sam3d.report`); ``report_views`` samples get 3D
+            views, the others a table row.
     """
 
     def __init__(
@@ -213,11 +219,16 @@ class MeshPredictionWriter(BasePredictionWriter):
         coordinate_system: CoordinateSystem = "RAS",
         write_nifti: bool = True,
         write_png: bool = True,
+        smooth_iterations: int = 10,
+        report: bool = True,
+        report_views: int = 40,
     ) -> None:
         super().__init__(write_interval="batch")
         self.output_dir = output_dir
         self.mesh_format, self.coordinate_system = mesh_format, coordinate_system
         self.write_nifti_files, self.write_png = write_nifti, write_png
+        self.smooth_iterations, self.report, self.report_views = smooth_iterations, report, report_views
+        self.samples: list[ReportSample] = []
         self.rows: list[dict[str, Any]] = []
         self.written: list[Path] = []
 
@@ -225,7 +236,7 @@ class MeshPredictionWriter(BasePredictionWriter):
         return Path(self.output_dir) if self.output_dir else Path(trainer.default_root_dir) / "predictions"
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.rows, self.written = [], []
+        self.rows, self.written, self.samples = [], [], []
 
     def write_on_batch_end(
         self,
@@ -240,9 +251,10 @@ class MeshPredictionWriter(BasePredictionWriter):
         out = self._dir(trainer)
         for record in prediction:
             stem = record.stem
-            if not record.mesh.is_empty:
+            mesh = smooth_taubin(record.mesh, self.smooth_iterations)
+            if not mesh.is_empty:
                 self.written.append(
-                    write_mesh(record.mesh, out / f"{stem}.{self.mesh_format}", self.coordinate_system)
+                    write_mesh(mesh, out / f"{stem}.{self.mesh_format}", self.coordinate_system)
                 )
             if record.gt_mesh is not None and not record.gt_mesh.is_empty:
                 self.written.append(
@@ -268,9 +280,22 @@ class MeshPredictionWriter(BasePredictionWriter):
             if record.metrics is not None:
                 self.rows.append({"case_id": record.case_id, "class_name": record.class_name,
                                   "axis": record.axis, "index": record.index, **record.metrics})  # fmt: skip
+            if self.report:
+                self.samples.append(ReportSample(
+                    stem, record.case_id, record.class_name, record.slice_name or f"axis{record.axis} slice{record.index}",
+                    mesh, record.image, record.mask, record.gt_mesh, record.metrics,
+                ))  # fmt: skip
 
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Gather every process's per-sample metrics; rank 0 writes ``metrics.csv`` and ``metrics.json``."""
+        """Gather every process's per-sample metrics (and report entries); rank 0 writes ``metrics.csv``,
+        ``metrics.json`` and ``report.html``."""
+        if self.report:
+            samples = sorted(_from_all_processes(trainer, self.samples), key=lambda s: s.stem)
+            if samples and trainer.is_global_zero:
+                title = f"lora-sam3d predictions ({len(samples)} sample{'s' if len(samples) != 1 else ''})"
+                self.written.append(
+                    write_report(self._dir(trainer) / "report.html", samples, title, self.report_views)
+                )
         if trainer.world_size > 1:
             self.rows = sorted(
                 _from_all_processes(trainer, self.rows),

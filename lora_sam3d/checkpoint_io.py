@@ -20,6 +20,7 @@ write and read both stages' adapters of a `LoRAMeshDecoderModule`.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 from collections.abc import Callable, Mapping
@@ -158,6 +159,22 @@ STRUCTURE_ADAPTER = "structure"
 """Sub-folder of an adapter folder holding stage 1's adapter (or ``structure.safetensors``, full weights)."""
 
 
+MODEL_FILE = "model.json"
+"""In an adapter folder: the model it was trained with (classes, decoder and stage-1 sizes, base) and
+its data settings, so the folder alone can predict."""
+
+
+def read_model_file(directory: str | Path) -> dict[str, Any]:
+    """An adapter folder's `MODEL_FILE` ({} for folders written before it existed)."""
+    path = Path(directory) / MODEL_FILE
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+
+
 def save_module_adapter(module: LoRAMeshDecoderModule, directory: str | Path) -> Path:
     """The decoder's adapter in PEFT's layout at ``directory`` (loadable onto the decoder alone), and
     stage 1's beside it: its LoRA adapter in ``structure/``, or its full weights when trained fully."""
@@ -166,6 +183,13 @@ def save_module_adapter(module: LoRAMeshDecoderModule, directory: str | Path) ->
     out = Path(directory)
     save_adapter(module.decoder, out, modules_to_save=module.hparams.unfreeze or [],
                  base_model_name_or_path=module.hparams.base_checkpoint)  # fmt: skip
+    model = {
+        "classes": module.classes, "decoder": module.decoder_config, "structure": module.structure_config,
+        "base_checkpoint": module.hparams.base_checkpoint, "latent_encoder": module.hparams.latent_encoder,
+        "active_margin": module.hparams.active_margin, "data": module.data_contract,
+    }  # fmt: skip
+    text = json.dumps(model, indent=2)
+    atomic_write(out / MODEL_FILE, lambda tmp: tmp.write_text(text))
     if has_lora(module.structure):
         save_adapter(module.structure, out / STRUCTURE_ADAPTER)
     elif module.uses_structure and module.hparams.structure_finetune == "full":
@@ -180,6 +204,9 @@ def load_module_adapter(module: LoRAMeshDecoderModule, directory: str | Path) ->
 
     src = Path(directory)
     load_adapter(module.decoder, src)
+    stored = read_model_file(src)
+    if stored.get("data"):
+        module.data_contract = stored["data"]
     if (src / STRUCTURE_ADAPTER).is_dir():
         load_adapter(module.structure, src / STRUCTURE_ADAPTER)
     elif (src / f"{STRUCTURE_ADAPTER}.safetensors").is_file():

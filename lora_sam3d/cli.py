@@ -50,7 +50,7 @@ def _lightning_cli(args: list[str] | None, model_class: type | None = None) -> N
     from lightning.pytorch.cli import LightningCLI
 
     from lora_sam3d.callbacks import SaveConfigOnStart
-    from lora_sam3d.checkpoint_io import READ_ERRORS, check_design, require_file, unreadable
+    from lora_sam3d.checkpoint_io import READ_ERRORS, check_design, read_model_file, require_file, unreadable
     from lora_sam3d.data import TSDataModule
     from lora_sam3d.module import LoRAMeshDecoderModule
 
@@ -69,14 +69,40 @@ def _lightning_cli(args: list[str] | None, model_class: type | None = None) -> N
             )
             if path and path not in ("last", "best", "hpc", "registry") and "://" not in str(path):
                 require_file(path)
+            self._stored_classes = None
             try:
                 if path and Path(path).is_file():  # before its hyper-parameters reach the parser
-                    meta = torch.load(path, weights_only=True, map_location="cpu").get("lora_sam3d")
+                    ckpt = torch.load(path, weights_only=True, map_location="cpu")
+                    meta = ckpt.get("lora_sam3d")
                     if isinstance(meta, dict):
                         check_design(meta)
+                    self._stored_classes = ckpt.get("hyper_parameters", {}).get("classes")
                 super()._parse_ckpt_path()
             except READ_ERRORS as err:
                 raise unreadable(path, err) from err
+
+        def before_instantiate_classes(self) -> None:
+            """A model that carries its own settings defines itself: outside ``fit``, ``model.adapter``
+            (or ``model.adapters``) sets the base, decoder and stage-1 settings it was trained with;
+            with ``--ckpt_path`` or an adapter, ``data.classes`` left out means the stored classes."""
+            cfg = self.config[self.config.subcommand]
+            folders = list((cfg.model.get("adapters") or {}).values()) or [cfg.model.get("adapter")]
+            models = [read_model_file(f) for f in folders if f]
+            stored = dict(models[0]) if models else {}
+            if len(models) > 1:  # one run over several adapters: every class any of them covers
+                stored["classes"] = list(dict.fromkeys(c for m in models for c in m.get("classes", [])))
+            if self.config.subcommand != "fit":  # to train further, the config says what it trains
+                for key in ("decoder", "structure", "base_checkpoint", "latent_encoder", "active_margin"):
+                    if key in stored:
+                        cfg.model[key] = stored[key]
+                if "decoder" in stored:
+                    cfg.data.resolution = _decoder_resolution(stored["decoder"])
+            classes = (
+                cfg.data.get("classes") or getattr(self, "_stored_classes", None) or stored.get("classes")
+            )
+            if classes:
+                cfg.data.classes = list(classes)
+                cfg.model.classes = list(classes)
 
     LoRASAM3DCLI(
         model_class or LoRAMeshDecoderModule,
@@ -103,17 +129,36 @@ def _phantoms(args: argparse.Namespace) -> None:
 
 def _export(args: argparse.Namespace) -> None:
     from lora_sam3d.callbacks import save_merged_decoder
-    from lora_sam3d.checkpoint_io import READ_ERRORS, require_file, save_module_adapter, unreadable
+    from lora_sam3d.checkpoint_io import (
+        READ_ERRORS,
+        read_model_file,
+        require_file,
+        save_module_adapter,
+        unreadable,
+    )
     from lora_sam3d.module import LoRAMeshDecoderModule
 
-    ckpt = require_file(args.ckpt_path)
-    try:
-        module = LoRAMeshDecoderModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
-    except READ_ERRORS as err:
-        raise unreadable(ckpt, err) from err
+    if (args.ckpt_path is None) == (args.adapter is None):
+        raise ValueError("export needs --ckpt_path (a trained checkpoint) or --adapter (an adapter folder)")
+    if args.adapter is not None:  # one adapter of several trained on one base: merged on its own
+        stored = read_model_file(args.adapter)
+        if not stored:
+            raise FileNotFoundError(f"{Path(args.adapter) / 'model.json'} does not exist: export needs an "
+                                    "adapter folder written by AdapterCheckpoint or export of this version")  # fmt: skip
+        keys = ("decoder", "structure", "base_checkpoint", "latent_encoder", "active_margin")
+        module = LoRAMeshDecoderModule(
+            stored["classes"], adapter=args.adapter, **{k: stored[k] for k in keys}
+        )
+        module.configure_adapters()
+    else:
+        ckpt = require_file(args.ckpt_path)
+        try:
+            module = LoRAMeshDecoderModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
+        except READ_ERRORS as err:
+            raise unreadable(ckpt, err) from err
     out = Path(args.output)
     written = [save_merged_decoder(module, out / "decoder-merged.safetensors")]
-    if module.hparams.finetune == "lora":
+    if module.hparams.finetune == "lora" and args.adapter is None:
         written.append(save_module_adapter(module, out / "adapter"))
     for path in written:
         print(f"wrote {path}")
@@ -162,8 +207,13 @@ def _extra_parser() -> argparse.ArgumentParser:
     ph.add_argument("--spacing", type=float, nargs=3, default=(1.6, 1.6, 2.5), metavar=("SX", "SY", "SZ"))
     ph.add_argument("--seed", type=int, default=0)
     ph.set_defaults(run=_phantoms)
-    ex = sub.add_parser("export", help="merge a trained checkpoint: decoder-merged.safetensors + adapter/")
-    ex.add_argument("--ckpt_path", required=True)
+    ex = sub.add_parser(
+        "export", help="merge a checkpoint's or an adapter's LoRA: decoder-merged.safetensors (+ adapter/)"
+    )
+    ex.add_argument(
+        "--ckpt_path", help="a trained checkpoint (its adapter is merged and written as adapter/)"
+    )
+    ex.add_argument("--adapter", help="or an adapter folder (e.g. one of model.adapters): merged on its base")
     ex.add_argument("--output", required=True, help="output folder")
     ex.set_defaults(run=_export)
     ca = sub.add_parser(

@@ -13,6 +13,7 @@ weights' fingerprint); loading checks every key and the base, and fails loudly o
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -103,6 +104,7 @@ class Prediction:
         sdf: (4R+1,)*3 predicted vertex SDF in frame units, negative inside.
         image, mask: (S, S) the input slice's first channel and its mask.
         mesh: the predicted surface in world RAS mm.
+        slice_name: how the slice is named in file names (see `stem`).
         gt_sdf, gt_mesh, metrics: the truth and the scores, when the sample has ground truth.
     """
 
@@ -116,14 +118,16 @@ class Prediction:
     image: np.ndarray
     mask: np.ndarray
     mesh: Mesh
+    slice_name: str = ""
     gt_sdf: np.ndarray | None = None
     gt_mesh: Mesh | None = None
     metrics: dict[str, float] | None = None
 
     @property
     def stem(self) -> str:
-        """The file-name stem of this sample's outputs."""
-        return f"{self.case_id}_{self.class_name}_axis{self.axis}_slice{self.index}"
+        """The file-name stem of this sample's outputs: ``<case>_<class>_<slice>``, the slice as
+        ``axial57`` (a request's file slice) or ``axis2_slice44`` (a split's canonical slice)."""
+        return f"{self.case_id}_{self.class_name}_{self.slice_name or f'axis{self.axis}_slice{self.index}'}"
 
 
 def default_optimizer(params: Any) -> torch.optim.Optimizer:
@@ -153,6 +157,10 @@ class LoRAMeshDecoderModule(L.LightningModule):
             `STRUCTURE_LORA_TARGETS`), used with ``structure_finetune: lora``.
         unfreeze: decoder module names trained as well in ``lora`` mode (e.g. ``["out_layer"]``).
         adapter: an adapter folder to start from (e.g. for ``predict`` without a checkpoint).
+        adapters: one adapter per structure on one base, for ``predict``/``validate``/``test``: class
+            name (or a shell pattern such as ``heart_*``) -> adapter folder; each sample runs with
+            the adapter of its class (exact names first, then patterns in order), swapped in
+            without reloading the base. The adapters must share the base and LoRA settings.
         latent_encoder: ``slice`` (both stages from the slice) or ``precomputed`` (Meta's SAM 3D
             structured latents in ``latents_dir`` replace stage 1).
         active_margin: the decoder runs on cells within this many cells of stage 1's surface.
@@ -182,6 +190,7 @@ class LoRAMeshDecoderModule(L.LightningModule):
         structure_lora: LoRAConfig | None = None,
         unfreeze: list[str] | None = None,
         adapter: str | None = None,
+        adapters: dict[str, str] | None = None,
         latent_encoder: Literal["slice", "precomputed"] = "slice",
         latents_dir: str | None = None,
         active_margin: int = 1,
@@ -217,6 +226,12 @@ class LoRAMeshDecoderModule(L.LightningModule):
         self.structure_lora_config = structure_lora or LoRAConfig(
             2, 4.0, target_modules=STRUCTURE_LORA_TARGETS
         )
+        if adapter and adapters:
+            raise ValueError(
+                "give model.adapter (one adapter) or model.adapters (one per structure), not both"
+            )
+        if adapters:
+            adapter = next(iter(adapters.values()))  # they share their settings: the first one's
         if adapter:  # the adapter folder's own settings replace the configured ones
             meta = read_adapter_config(adapter)
             self.lora_config = LoRAConfig.from_dict(meta["lora_sam3d"]["config"])
@@ -263,6 +278,9 @@ class LoRAMeshDecoderModule(L.LightningModule):
         self.strict_loading = False  # partial checkpoints: on_load_checkpoint checks every key itself
         self.val_metrics = MeshMetrics(self.classes, nsd_tolerance_mm)
         self.test_metrics = MeshMetrics(self.classes, nsd_tolerance_mm)
+        self.data_contract: dict[str, Any] | None = None  # see TSDataModule.contract; set by fit, stored
+        self._bank: dict[str, dict[str, torch.Tensor]] | None = None  # model.adapters, read once
+        self._active: str | None = None
         self.val_diagnostics = WeightedMeans(DIAGNOSTICS)
         self.test_diagnostics = WeightedMeans(DIAGNOSTICS)
         self.skipped_steps = 0
@@ -319,6 +337,59 @@ class LoRAMeshDecoderModule(L.LightningModule):
                 self.decoder.get_submodule(name).requires_grad_(True)
             except AttributeError as err:
                 raise ValueError(f"unfreeze: the decoder has no module {name!r}") from err
+        if self.hparams.get("adapters") and self._bank is None:
+            self._load_bank(self.hparams.adapters)
+
+    def _load_bank(self, adapters: dict[str, str]) -> None:
+        """Read every adapter of ``model.adapters`` once; `_use` swaps their tensors in."""
+        names = self.trainable_names()
+        params = dict(self.named_parameters())
+        bank, contracts = {}, {}
+        for key, folder in adapters.items():
+            self.data_contract = None
+            load_module_adapter(self, folder)  # checks the base fingerprint and the LoRA shapes
+            bank[key] = {n: params[n].detach().clone() for n in names}
+            contracts[folder] = self.data_contract
+        self._bank, self._active = bank, None
+        known = {f: c for f, c in contracts.items() if c}
+        if known:
+            (first, base), *others = known.items()
+            for folder, contract in others:
+                for k in ("spacing", "modality", "ct_window_hu", "slice_size", "frame_scale"):
+                    if contract[k] != base[k]:
+                        raise ValueError(
+                            f"model.adapters: {first} and {folder} were trained with different data.{k} "
+                            f"({base[k]} vs {contract[k]}); one run predicts with one preprocessing"
+                        )
+            extents = {k: v for c in known.values() for k, v in c["extent_mm"].items()}
+            classes = list(dict.fromkeys(c for contract in known.values() for c in contract["classes"]))
+            self.data_contract = {**base, "extent_mm": extents, "classes": classes}
+
+    @property
+    def routed(self) -> bool:
+        """Whether samples run with their class's adapter of ``model.adapters``."""
+        return self._bank is not None
+
+    def adapter_for(self, class_name: str) -> str:
+        """The key of ``model.adapters`` that covers a class: its exact name, else the first matching pattern."""
+        assert self._bank is not None
+        if class_name in self._bank:
+            return class_name
+        for key in self._bank:
+            if fnmatch.fnmatchcase(class_name, key):
+                return key
+        raise ValueError(
+            f"class {class_name!r} is covered by no adapter of model.adapters (keys {list(self._bank)})"
+        )
+
+    def _use(self, key: str) -> None:
+        if self._active != key:
+            assert self._bank is not None
+            params = dict(self.named_parameters())
+            with torch.no_grad():
+                for name, tensor in self._bank[key].items():
+                    params[name].copy_(tensor)
+            self._active = key
 
     def setup(self, stage: str) -> None:
         self.configure_adapters()
@@ -330,6 +401,12 @@ class LoRAMeshDecoderModule(L.LightningModule):
                 f"data resolution {data_resolution} differs from the decoder's resolution {self.resolution}: "
                 "set data.resolution and model.decoder.resolution to the same value"
             )
+        if stage == "fit" and self.hparams.get("adapters"):
+            raise ValueError(
+                "model.adapters routes prediction to one adapter per structure; train one adapter per run"
+            )
+        if stage == "fit" and hasattr(datamodule, "contract"):
+            self.data_contract = datamodule.contract()  # what predicting on a new scan will need
         data_classes = hparams.get("classes") if hparams else None
         if data_classes is not None and list(data_classes) != self.classes:
             raise ValueError(
@@ -351,7 +428,26 @@ class LoRAMeshDecoderModule(L.LightningModule):
 
     # -- forward and losses ---------------------------------------------------------------------
     def forward(self, batch: dict[str, Any]) -> Reconstruction:
-        """Stage 1 on the slice evidence, then the decoder on the active band (see `Reconstruction`)."""
+        """Stage 1 on the slice evidence, then the decoder on the active band (see `Reconstruction`);
+        with ``model.adapters``, each sample with its class's adapter."""
+        if self._bank is None:
+            return self._reconstruct(batch)
+        keys = [self.adapter_for(c) for c in batch["class_name"]]
+        parts, order = [], []
+        for key in dict.fromkeys(keys):
+            idx = [i for i, k in enumerate(keys) if k == key]
+            self._use(key)
+            parts.append(self._reconstruct(_select(batch, idx)))
+            order += idx
+        back = torch.as_tensor(np.argsort(order), device=parts[0].sdf.device)
+
+        def joined(field: str) -> torch.Tensor | None:
+            values = [getattr(p, field) for p in parts]
+            return None if values[0] is None else torch.cat(values)[back]
+
+        return Reconstruction(joined("sdf"), joined("coarse_logits"), joined("active"))  # type: ignore[arg-type]
+
+    def _reconstruct(self, batch: dict[str, Any]) -> Reconstruction:
         n = 4 * self.resolution
         if isinstance(self.encoder, PrecomputedLatents):
             return Reconstruction(vertex_sdf_grid(self.decoder(self.encoder(batch)), n))
@@ -485,6 +581,7 @@ class LoRAMeshDecoderModule(L.LightningModule):
                 image=batch["image"][i, 0].cpu().numpy(),
                 mask=batch["mask"][i].cpu().numpy(),
                 mesh=mesh,
+                slice_name=batch["slice_name"][i] if "slice_name" in batch else "",
             )
             if scored is not None:
                 _, record.gt_mesh, values = scored[i]
@@ -509,6 +606,7 @@ class LoRAMeshDecoderModule(L.LightningModule):
             "base_checkpoint": self.hparams.base_checkpoint,
             "base_fingerprint": self.base_fingerprint,
             "trainable": sorted(trainable),
+            "data": self.data_contract,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -516,6 +614,7 @@ class LoRAMeshDecoderModule(L.LightningModule):
         if not isinstance(meta, dict):
             raise ValueError("this checkpoint was not written by lora-sam3d (no 'lora_sam3d' section)")
         check_design(meta)
+        self.data_contract = meta.get("data") or self.data_contract
         for key in ("finetune", "structure_finetune"):
             if meta[key] != self.hparams[key]:
                 raise ValueError(
@@ -543,6 +642,14 @@ class LoRAMeshDecoderModule(L.LightningModule):
     def merged_structure(self) -> SparseStructureNet:
         """A copy of stage 1 with LoRA merged into its base weights."""
         return merge_lora_weights(self.structure, inplace=False)  # type: ignore[return-value]
+
+
+def _select(batch: dict[str, Any], idx: list[int]) -> dict[str, Any]:
+    """The samples ``idx`` of a collated batch (tensors indexed, lists picked)."""
+    out: dict[str, Any] = {}
+    for key, value in batch.items():
+        out[key] = value[idx] if isinstance(value, torch.Tensor) else [value[i] for i in idx]
+    return out
 
 
 def soft_dice_loss(prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

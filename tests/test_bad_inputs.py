@@ -296,19 +296,51 @@ def broken_yaml(s: Setup) -> Path:
     return path
 
 
-def predict_items(s: Setup, name: str, workers: int = 0, **change: object) -> list[str]:
-    """``predict`` on a good request for test case s0004, with one field changed."""
+def predict_items(
+    s: Setup,
+    name: str,
+    workers: int = 0,
+    ckpt: Path | str | None = "trained",
+    model: dict | None = None,
+    root: object = "data",
+    **change: object,
+) -> list[str]:
+    """``predict`` on a good request for test case s0004 (axial file slice 20 of its myocardium), with
+    one field changed; from the trained checkpoint unless ``ckpt`` says otherwise."""
     small = s.root / "small.nii.gz"
     case = s.data / "s0004"
     if not small.exists():
         save_nifti(np.zeros((20, 20, 20), np.int16), np.eye(4), small)
         scan = nib.load(str(case / "ct.nii.gz"))
         save_nifti(np.zeros(scan.shape, np.uint8), scan.affine, s.root / "empty_mask.nii.gz")
+        save_nifti(np.ones((10, 10), np.uint8), np.eye(4), s.root / "mask2d.nii.gz")
     item = {"image": str(case / "ct.nii.gz"), "mask": str(case / "segmentations" / "heart_myocardium.nii.gz"),
-            "axis": 2, "index": 20, "class_name": "heart_myocardium"} | change  # fmt: skip
-    return predict_from(
-        s, name, s.ckpt, lambda cfg: cfg["data"].update(predict_items=[item], num_workers=workers)
-    )
+            "axis": "axial", "index": 20, "class_name": "heart_myocardium"} | change  # fmt: skip
+
+    def edit(cfg: dict) -> None:
+        cfg["data"].update(predict_items=[item], num_workers=workers)
+        if root is None:  # a predict-only config: no data folder, no classes
+            del cfg["data"]["root"], cfg["data"]["classes"]
+        cfg["model"].update(model or {})
+
+    if ckpt is None:
+        return ["predict", "--config", s.config(name, edit)]
+    return predict_from(s, name, s.ckpt if ckpt == "trained" else ckpt, edit)
+
+
+def no_contract(path: Path) -> None:
+    """A checkpoint written before checkpoints stored their data settings."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt["lora_sam3d"].pop("data")
+    torch.save(ckpt, path)
+
+
+def replaced_adapter(s: Setup) -> Path:
+    """The adapter of a run on a base file changed since (see `base_replaced`)."""
+    adapter = s.root / "replaced" / "checkpoints" / "adapter-last"
+    if not adapter.is_dir():
+        base_replaced(s)
+    return adapter
 
 
 def one_stage(path: Path) -> None:
@@ -509,15 +541,24 @@ RUN_CASES: dict[str, tuple[Callable[[Setup], list[str]], str]] = {
     # reconstruction requests on new scans (data.predict_items)
     "predict item image missing": (
         lambda s: predict_items(s, "p1", image=str(s.root / "scan.nii.gz")),
-        r"predict item 1: image .*scan\.nii\.gz does not exist",
+        r"predict item 1 \(heart_myocardium in .*scan\.nii\.gz\): image .*scan\.nii\.gz does not exist$",
     ),
     "predict item axis": (
         lambda s: predict_items(s, "p2", axis=3),
-        r"predict item 1: axis 3; expected 0 \(sagittal\), 1 \(coronal\) or 2 \(axial\)",
+        r"predict item 1 .*: axis 3; expected one of sagittal, coronal, axial \(or 0, 1, 2\)$",
     ),
-    "predict item slice outside the scan": (
+    "predict item axis name": (
+        lambda s: predict_items(s, "p2n", axis="transverse"),
+        r"predict item 1 .*: axis 'transverse'; expected one of sagittal, coronal, axial \(or 0, 1, 2\)$",
+    ),
+    "predict item slice outside the file": (
         lambda s: predict_items(s, "p3", index=500),
-        r"predict item 1 \(image .*s0004/ct\.nii\.gz, .*\): slice index 500 is outside axis 2 .* \(0\.\.\d+ along axis 2\)",
+        r"predict item 1 \(heart_myocardium in .*s0004/ct\.nii\.gz\): index 500 is outside the file's axial axis "
+        r"\(file axis 2, slices 0\.\.31\)$",
+    ),
+    "predict item position outside the scan": (
+        lambda s: predict_items(s, "p3p", index=None, position_mm=5000.0),
+        r"predict item 1 .*: position_mm 5000\.0 is outside the scan: its axial planes run from -?\d+\.\d to -?\d+\.\d mm$",
     ),
     "predict item mask of another grid": (
         lambda s: predict_items(
@@ -525,20 +566,49 @@ RUN_CASES: dict[str, tuple[Callable[[Setup], list[str]], str]] = {
             "p4",
             mask=str(s.data / "s0001" / "segmentations" / "heart_myocardium.nii.gz"),
             image=str(s.root / "small.nii.gz"),
+            index=10,
         ),
-        r"heart_myocardium\.nii\.gz has shape .* but image .*small\.nii\.gz has",
+        r"mask .*heart_myocardium\.nii\.gz has shape \(48, 48, 32\) but the image has \(20, 20, 20\)",
+    ),
+    "predict item 2D mask of another size": (
+        lambda s: predict_items(s, "p4b", mask=str(s.root / "mask2d.nii.gz")),
+        r"2D mask .*mask2d\.nii\.gz has shape \(10, 10\) but axial20 \(file axis 2\) of the image has shape \(48, 48\)$",
     ),
     "predict item empty mask slice": (
         lambda s: predict_items(s, "p5", mask=str(s.root / "empty_mask.nii.gz")),
-        r"predict item 1 \(.*mask .*empty_mask\.nii\.gz\): the mask has no voxels on slice 20 along axis 2",
+        r"predict item 1 .*: mask .*empty_mask\.nii\.gz has no voxels on axial20 \(file axis 2, index 20\)$",
     ),
     "predict item error in a DataLoader worker": (
-        lambda s: predict_items(s, "p7", index=500, workers=2),
-        r"DataError: predict item 1 \(image .*\): slice index 500 is outside .* \(in a DataLoader worker\)$",
+        lambda s: predict_items(
+            s, "p7", image=str(broken_copy(s, s.data / "s0004" / "ct.nii.gz", "p7", truncate)), workers=2
+        ),
+        r"DataError: predict item 1 \(image .*p7/ct\.nii\.gz, .*\): .*cannot be read \(truncated or corrupt\?\).* "
+        r"\(in a DataLoader worker\)$",
     ),
     "predict item unknown class": (
         lambda s: predict_items(s, "p6", class_name="liver"),
-        r"predict items name classes \['liver'\] with no frame extent",
+        r"predict item 1 \(liver in .*\): class 'liver' has no frame extent; known: \['heart_myocardium', "
+        r"'heart_ventricle_left'\]",
+    ),
+    "predict item class no adapter covers": (
+        lambda s: predict_items(
+            s, "p8", ckpt=None, model={"adapters": {"heart_ventricle_left": str(s.adapter)}}
+        ),
+        r"predict item 1: class 'heart_myocardium' is covered by no adapter of model\.adapters "
+        r"\(keys \['heart_ventricle_left'\]\)$",
+    ),
+    "adapters trained on different bases": (
+        lambda s: predict_items(
+            s,
+            "p9",
+            ckpt=None,
+            model={"adapters": {"heart_myocardium": str(s.adapter), "heart_*": str(replaced_adapter(s))}},
+        ),
+        r"load_adapter: .*replaced/checkpoints/adapter-last was trained on another base model",
+    ),
+    "checkpoint without stored data settings": (
+        lambda s: predict_items(s, "p10", ckpt=broken_copy(s, s.ckpt, "p10", no_contract), root=None),
+        r"predict item 1 .*: class 'heart_myocardium' has no frame extent; known: \[\] \(set data\.extent_mm",
     ),
     # export
     "export of a missing checkpoint": (

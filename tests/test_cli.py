@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -210,7 +211,10 @@ def test_every_shipped_config_parses(name: str) -> None:
     extra = ["--config", str(configs / "demo.yaml")] if name == "ddp.yaml" else []  # ddp.yaml is an add-on
     done = run("fit", *extra, "--config", str(configs / name), "--print_config")
     assert done.returncode == 0, done.stderr[-2000:]
-    assert yaml.safe_load(done.stdout)["model"]["decoder"]["resolution"] >= 8
+    data = yaml.safe_load(done.stdout)["data"]
+    assert data.get("predict_items") or (data["root"] and data["classes"]), (
+        "a training config names its data, a predict config its requests"
+    )
 
 
 def test_export_merges_and_matches_the_lora_model(trained: Path) -> None:
@@ -408,3 +412,99 @@ def test_ddp_on_two_cpu_processes_equals_one_process(tmp_path: Path) -> None:
     assert not list((tmp_path / "two-eval" / "predictions").glob("metrics_rank*")), (
         "rank 0 writes the metrics"
     )
+
+
+def new_scan(trained: Path) -> tuple[Path, Path, int]:
+    """A scan from outside the training data folder (the test case's files, copied), its left-ventricle
+    mask, and the file's axial slice through the ventricle's middle."""
+    case = discover_cases(trained / "data", HEART_CLASSES)[-1]
+    scan = trained / "new-scans" / "s0042"
+    if not scan.is_dir():
+        scan.mkdir(parents=True)
+        shutil.copy(case.image, scan / "ct.nii.gz")
+        shutil.copy(case.image.parent / "segmentations" / "heart_ventricle_left.nii.gz", scan / "lv.nii.gz")
+    lv = np.asarray(nib.load(str(scan / "lv.nii.gz")).dataobj) > 0
+    return scan / "ct.nii.gz", scan / "lv.nii.gz", int(np.flatnonzero(lv.any(axis=(0, 1))).mean())
+
+
+def predict_only_config(trained: Path, name: str, items: list[dict], model: dict | None = None) -> Path:
+    """What a user writes to reconstruct on a new scan: the requests and where outputs go; no data
+    folder, no classes, no model sizes (the checkpoint or adapter carries them)."""
+    writer = {"class_path": "lora_sam3d.callbacks.MeshPredictionWriter",
+              "init_args": {"output_dir": str(trained / name), "write_png": False}}  # fmt: skip
+    cfg = {"trainer": {"accelerator": "cpu", "devices": 1, "logger": False, "callbacks": [writer]},
+           "data": {"predict_items": items}}  # fmt: skip
+    if model:
+        cfg["model"] = model
+    return write_yaml(cfg, trained / f"{name}.yaml")
+
+
+def test_a_checkpoint_or_an_adapter_alone_reconstructs_a_new_scan(trained: Path) -> None:
+    """The training data folder is gone; the checkpoint (or the adapter folder) carries classes, frame
+    extents, preprocessing and model settings. Outputs are named by the scan's case id and the
+    viewer's slice name, and report.html shows them."""
+    image, mask, z = new_scan(trained)
+    item = {
+        "image": str(image),
+        "mask": str(mask),
+        "axis": "axial",
+        "index": z,
+        "class_name": "heart_ventricle_left",
+    }
+    away = trained / "data-moved-away"
+    (trained / "data").rename(away)
+    try:
+        by_ckpt = run("predict", "--config", str(predict_only_config(trained, "scan-ckpt", [item])),
+                      "--ckpt_path", str(trained / "run" / "checkpoints" / "last.ckpt"))  # fmt: skip
+        adapter = {"adapter": str(trained / "run" / "checkpoints" / "adapter-last")}
+        by_adapter = run(
+            "predict", "--config", str(predict_only_config(trained, "scan-adapter", [item], adapter))
+        )
+    finally:
+        away.rename(trained / "data")
+    assert by_ckpt.returncode == 0, by_ckpt.stderr[-3000:]
+    assert by_adapter.returncode == 0, by_adapter.stderr[-3000:]
+    stem = f"s0042_heart_ventricle_left_axial{z}"
+    import trimesh
+
+    meshes = [trimesh.load(trained / d / f"{stem}.ply", process=False) for d in ("scan-ckpt", "scan-adapter")]
+    np.testing.assert_allclose(meshes[0].vertices, meshes[1].vertices, atol=1e-4)
+    assert (trained / "scan-ckpt" / f"{stem}_mask.nii.gz").is_file()
+    page = (trained / "scan-ckpt" / "report.html").read_text()
+    assert stem in page and "Plotly" in page and 'src="http' not in page, (
+        "self-contained: no network at view time"
+    )
+
+
+def test_one_adapter_per_structure_on_one_base(trained: Path) -> None:
+    """Two adapters trained on different structures, routed by class in one predict run: each output
+    equals its single-adapter run; export merges one chosen adapter on its own."""
+    import trimesh
+
+    adapters = {}
+    for cls in ("heart_ventricle_left", "heart_myocardium"):
+        name = f"only-{cls}"
+        done = run("fit", "--config", str(variant_config(trained, name, epochs=1, classes=[cls])))
+        assert done.returncode == 0, done.stderr[-3000:]
+        adapters[cls] = str(trained / name / "checkpoints" / "adapter-last")
+    image, lv, z = new_scan(trained)
+    myo = trained / "data" / "s0004" / "segmentations" / "heart_myocardium.nii.gz"
+    items = {"heart_ventricle_left": {"image": str(image), "mask": str(lv), "axis": "axial", "index": z,
+                                      "class_name": "heart_ventricle_left"},
+             "heart_myocardium": {"image": str(trained / "data" / "s0004" / "ct.nii.gz"), "mask": str(myo),
+                                  "axis": "coronal", "index": 24, "class_name": "heart_myocardium"}}  # fmt: skip
+    routed = predict_only_config(trained, "routed", list(items.values()), {"adapters": adapters})
+    done = run("predict", "--config", str(routed))
+    assert done.returncode == 0, done.stderr[-3000:]
+    for cls, item in items.items():
+        single = predict_only_config(trained, f"single-{cls}", [item], {"adapter": adapters[cls]})
+        alone = run("predict", "--config", str(single))
+        assert alone.returncode == 0, alone.stderr[-3000:]
+        (path,) = (trained / f"single-{cls}").glob("*.ply")
+        ours = trimesh.load(trained / "routed" / path.name, process=False)
+        np.testing.assert_allclose(ours.vertices, trimesh.load(path, process=False).vertices, atol=1e-5)
+    exported = run(
+        "export", "--adapter", adapters["heart_myocardium"], "--output", str(trained / "export-myo")
+    )
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert (trained / "export-myo" / "decoder-merged.safetensors").is_file()

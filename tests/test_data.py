@@ -418,26 +418,30 @@ def test_datamodule_writes_phantoms_and_splits(tmp_path: Path) -> None:
     assert set(dm.extent_mm) == set(HEART_CLASSES)
 
 
-def test_predict_items_reproduce_dataset_inputs(phantom_root: Path) -> None:
-    ds = dataset(phantom_root, split="test", slice_sampling_method="central")
-    s = ds[2]
-    item = PredictItem(
-        image=str(phantom_root / s["case_id"] / "ct.nii.gz"),
-        axis=int(s["axis"]),
-        index=int(s["index"]),
-        mask=str(phantom_root / s["case_id"] / "segmentations" / f"{s['class_name']}.nii.gz"),
-        class_name=s["class_name"],
-    )
-    dm = TSDataModule(
-        str(phantom_root), list(HEART_CLASSES), cache_dir=str(phantom_root.parent / f"{phantom_root.name}-cache"),
-        resolution=8, spacing=2.0, predict_items=[item],
-    )  # fmt: skip
+def test_predict_items_reproduce_dataset_inputs(tmp_path: Path) -> None:
+    """On a scan stored LPS (x, y flipped) at the model's spacing, the request for the file's axial
+    slice k is the dataset's sample on that slice, exactly; the sagittal one counts from the other end."""
+    root = tmp_path / "data"
+    affine = np.diag([-2.0, -2.0, 2.0, 1.0])
+    affine[:3, 3] = [40.0, 30.0, -20.0]
+    sphere_case(root, "s0001", np.array([20.0, 10.0, 0.0]), 9.0, affine, (24, 20, 22))
+    ds = TS_SAM3D_Dataset(root, ["ball"], slice_sampling_method="central", resolution=8, spacing=2.0,
+                          cache_dir=tmp_path / "cache")  # fmt: skip
+    samples = {int(ds[i]["axis"]): ds[i] for i in range(len(ds))}
+    image, mask = str(root / "s0001" / "ct.nii.gz"), str(root / "s0001" / "segmentations" / "ball.nii.gz")
+    file_index = {2: int(samples[2]["index"]), 0: 23 - int(samples[0]["index"])}  # x is stored flipped
+    items = [PredictItem(image, mask, "ball", axis="axial", index=file_index[2]),
+             PredictItem(image, mask, "ball", axis="sagittal", index=file_index[0])]  # fmt: skip
+    dm = TSDataModule(str(root), ["ball"], cache_dir=str(tmp_path / "cache"), resolution=8, spacing=2.0,
+                      predict_items=items)  # fmt: skip
     dm.setup("predict")
     p = next(iter(dm.predict_dataloader()))
-    assert "gt_sdf" not in p
-    assert torch.equal(p["frame_to_world"][0], s["frame_to_world"])
-    torch.testing.assert_close(p["image"][0], s["image"], atol=1e-3, rtol=0)  # cache stores float16
-    assert torch.equal(p["mask"][0], s["mask"])
+    assert "gt_sdf" not in p and p["slice_name"] == [f"axial{file_index[2]}", f"sagittal{file_index[0]}"]
+    for i, axis in enumerate((2, 0)):
+        s = samples[axis]
+        assert torch.equal(p["frame_to_world"][i], s["frame_to_world"])
+        torch.testing.assert_close(p["image"][i], s["image"], atol=1e-3, rtol=0)  # cache stores float16
+        assert torch.equal(p["mask"][i], s["mask"])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ is needed here; the sparse latent is built on the device by the module.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -26,11 +26,11 @@ from lora_sam3d.data.dataset import (
     SamplingMethod,
     TS_SAM3D_Dataset,
     collate,
-    slice_inputs,
 )
 from lora_sam3d.data.phantoms import PhantomKind, write_phantoms
+from lora_sam3d.data.requests import PredictionDataset, PredictItem
 from lora_sam3d.data.settings import DataSettings
-from lora_sam3d.data.volume import DataError, Preprocessing, load_volume
+from lora_sam3d.data.volume import DataError, Preprocessing
 
 
 @dataclass
@@ -42,24 +42,6 @@ class PhantomSpec:
     shape: tuple[int, int, int] = (96, 96, 64)
     spacing: tuple[float, float, float] = (1.6, 1.6, 2.5)
     seed: int = 0
-
-
-@dataclass
-class PredictItem:
-    """One reconstruction request on a new scan.
-
-    ``axis`` (0 sagittal, 1 coronal, 2 axial) and ``index`` address the canonical (RAS) grid
-    resampled to the data module's spacing. ``mask`` is a NIfTI on the image's grid whose non-zero
-    voxels (or voxels equal to ``label_value``) mark the structure; only the chosen slice is read.
-    ``class_name`` picks the frame extent.
-    """
-
-    image: str
-    axis: int
-    index: int
-    mask: str
-    class_name: str
-    label_value: int | None = None
 
 
 class ResumableDataLoader(DataLoader):
@@ -87,59 +69,6 @@ class ResumableDataLoader(DataLoader):
             self.sampler.resume(int(state["epoch"]), int(state["batches"]) * self.batch_size)
 
 
-class PredictionDataset(Dataset):
-    """Input samples (no ground truth) for `PredictItem`s."""
-
-    def __init__(
-        self,
-        items: Sequence[PredictItem],
-        prep: Preprocessing,
-        extent_mm: Mapping[str, float],
-        frame_scale: float,
-        slice_size: int,
-    ) -> None:
-        self.items = list(items)
-        self.prep, self.extent_mm, self.frame_scale, self.slice_size = (
-            prep,
-            dict(extent_mm),
-            frame_scale,
-            slice_size,
-        )
-        unknown = sorted({i.class_name for i in self.items} - set(self.extent_mm))
-        if unknown:
-            raise DataError(
-                f"predict items name classes {unknown} with no frame extent; known: {sorted(self.extent_mm)}"
-            )
-        for k, item in enumerate(self.items, start=1):  # what can be checked without reading volumes
-            for kind in ("image", "mask"):
-                if not Path(getattr(item, kind)).is_file():
-                    raise DataError(f"predict item {k}: {kind} {getattr(item, kind)} does not exist")
-            if item.axis not in (0, 1, 2):
-                raise DataError(
-                    f"predict item {k}: axis {item.axis!r}; expected 0 (sagittal), 1 (coronal) or 2 (axial)"
-                )
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        item = self.items[i]
-        try:
-            volume = load_volume(item.image, {0: (Path(item.mask), item.label_value)}, self.prep)
-            side_mm = self.frame_scale * self.extent_mm[item.class_name]
-            sample, _ = slice_inputs(
-                volume.image, volume.labels, 0, volume.affine, volume.spacing_mm, item.axis, item.index,
-                side_mm, self.slice_size,
-            )  # fmt: skip
-        except DataError as err:
-            raise DataError(f"predict item {i + 1} (image {item.image}, mask {item.mask}): {err}") from err
-        return sample | {
-            "case_id": Path(item.image).name,
-            "class_name": item.class_name,
-            "source_image": str(item.image),
-        }
-
-
 _DEFAULT = DataSettings()
 
 
@@ -151,20 +80,25 @@ class TSDataModule(L.LightningDataModule):
     them directly.
 
     Args:
-        root: data folder (see `lora_sam3d.data.cases`).
-        classes: structure names; their order fixes the class indices.
+        root: data folder (see `lora_sam3d.data.cases`); may be left out only to predict
+            ``predict_items`` with a checkpoint or adapter that stores its data settings.
+        classes: structure names; their order fixes the class indices (with ``--ckpt_path`` or
+            ``model.adapter``, left out = the stored ones).
         batch_size, num_workers: DataLoader settings (workers are persistent when > 0).
         train_sampling / eval_sampling: slice sampling for the training split and for val/test.
         augment: intensity augmentation of the training split's input slices.
         phantoms: if given and ``root`` holds no case, `prepare_data` writes synthetic phantoms there.
-        predict_items: reconstruction requests on new scans for ``predict``; without them,
-            ``predict`` runs on ``predict_split`` (with ground truth, so metrics are written too).
+        predict_items: reconstruction requests on new scans for ``predict`` (`PredictItem`); they
+            use the preprocessing, slice size, frame scale and per-class frame extents stored in
+            the model's checkpoint or adapter (``extent_mm`` here overrides extents), or, for a
+            model without stored settings, this config's and the training split's. Without
+            them, ``predict`` runs on ``predict_split`` (with ground truth, so metrics are written too).
     """
 
     def __init__(
         self,
-        root: str,
-        classes: list[str],
+        root: str | None = None,
+        classes: list[str] | None = None,
         batch_size: int = 4,
         num_workers: int = 0,
         train_sampling: SamplingMethod = "random_axis",
@@ -202,20 +136,42 @@ class TSDataModule(L.LightningDataModule):
                 raise DataError(
                     f"data.{key} must be an integer >= {1 if key == 'batch_size' else 0}, got {value!r}"
                 )
-        check_class_names(classes)
+        check_class_names(classes or [])
         self.settings = DataSettings.pick(dict(self.hparams))
-        self.root = Path(root)
-        self.cache_dir = self.settings.cache_path(self.root)
         self.datasets: dict[str, Dataset] = {}
 
+    @property
+    def root(self) -> Path:
+        if self.hparams.root is None:
+            raise DataError(
+                "data.root is not set: training, validation, test and predicting a split read the data "
+                "folder (only data.predict_items with a checkpoint or adapter that stores its settings do not)"
+            )
+        return Path(self.hparams.root)
+
+    @property
+    def classes(self) -> list[str]:
+        if not self.hparams.classes:
+            raise DataError("data.classes is not set: name the structures (e.g. [heart_ventricle_left])")
+        return list(self.hparams.classes)
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.settings.cache_path(self.root)
+
     def _dataset(self, split: str, sampling: SamplingMethod, **kw: Any) -> TS_SAM3D_Dataset:
-        return TS_SAM3D_Dataset(
-            self.root, self.hparams.classes, split, sampling, settings=self.settings, **kw
-        )
+        return TS_SAM3D_Dataset(self.root, self.classes, split, sampling, settings=self.settings, **kw)
+
+    def _predicting_items(self) -> bool:
+        trainer = self.trainer
+        return bool(self.hparams.predict_items) and (trainer is None or trainer.state.fn == "predict")
 
     def prepare_data(self) -> None:
-        """Write phantoms into an empty root (if configured), then build every case's cache once."""
+        """Write phantoms into an empty root (if configured), then build every case's cache once
+        (nothing to prepare for predict items on new scans)."""
         h, s = self.hparams, self.settings
+        if self._predicting_items() and h.root is None:
+            return
         has_cases = self.root.is_dir() and any(
             p.is_dir() and not p.name.startswith(".") for p in self.root.iterdir()
         )
@@ -224,8 +180,8 @@ class TSDataModule(L.LightningDataModule):
             write_phantoms(
                 self.root, spec.n_cases, spec.kind, shape=spec.shape, spacing=spec.spacing, seed=spec.seed
             )
-        cases = discover_cases(self.root, h.classes, s.layout, s.label_values, s.on_bad_case)
-        cache_cases(cases, list(h.classes), s.prep, self.cache_dir, s.sdf_truncation_mm)
+        cases = discover_cases(self.root, self.classes, s.layout, s.label_values, s.on_bad_case)
+        cache_cases(cases, self.classes, s.prep, self.cache_dir, s.sdf_truncation_mm)
 
     def setup(self, stage: str | None = None) -> None:
         h = self.hparams
@@ -236,16 +192,57 @@ class TSDataModule(L.LightningDataModule):
         for split, stages in (("val", ("fit", "validate", None)), ("test", ("test", None))):
             if stage in stages and split not in self.datasets:
                 self.datasets[split] = self._dataset(split, h.eval_sampling)
-        if stage not in ("predict", None) or "predict" in self.datasets:
-            return
-        if h.predict_items:
-            reference = self.datasets.get("train") or self._dataset("train", h.train_sampling)
-            items = [i if isinstance(i, PredictItem) else PredictItem(**i) for i in h.predict_items]
-            self.datasets["predict"] = PredictionDataset(
-                items, reference.prep, reference.extent_mm, self.settings.frame_scale, reference.slice_size
-            )
-        elif h.predict_split:
+        if (
+            stage in ("predict", None)
+            and not h.predict_items
+            and h.predict_split
+            and "predict" not in self.datasets
+        ):
             self.datasets["predict"] = self._dataset(h.predict_split, h.eval_sampling)
+
+    def contract(self) -> dict[str, Any]:
+        """What predicting on a new scan needs from the data this model was trained on; stored in its
+        checkpoints and adapters: classes, per-class frame extents (training split), preprocessing,
+        slice size and frame scale."""
+        train = self.datasets.get("train")
+        if not isinstance(train, TS_SAM3D_Dataset):
+            raise RuntimeError("contract() needs the training split: call setup('fit') first")
+        s = self.settings
+        return {
+            "classes": self.classes, "extent_mm": dict(train.extent_mm), "spacing": s.spacing,
+            "modality": s.modality, "ct_window_hu": list(s.ct_window_hu), "slice_size": train.slice_size,
+            "frame_scale": s.frame_scale, "resolution": s.resolution,
+        }  # fmt: skip
+
+    def _request_dataset(self) -> PredictionDataset:
+        """The predict items' dataset, with the model's stored data settings when it has them (read
+        here, after Lightning restored the checkpoint), else this config's and the training split's."""
+        h, s = self.hparams, self.settings
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        stored = getattr(module, "data_contract", None)
+        if stored:
+            prep = Preprocessing(stored["spacing"], stored["modality"], tuple(stored["ct_window_hu"]))
+            extents, frame_scale, slice_size = (
+                dict(stored["extent_mm"]),
+                stored["frame_scale"],
+                stored["slice_size"],
+            )
+        else:
+            prep, frame_scale, slice_size = s.prep, s.frame_scale, s.slice_size or 4 * s.resolution
+            extents = {}
+            if h.root is not None:
+                reference = self.datasets.get("train") or self._dataset("train", h.train_sampling)
+                extents = dict(reference.extent_mm)
+        dataset = PredictionDataset(
+            h.predict_items, prep, {**extents, **(h.extent_mm or {})}, frame_scale, slice_size
+        )
+        if getattr(module, "routed", False):  # model.adapters: every request's class has its adapter
+            for k, item in enumerate(dataset.items, start=1):
+                try:
+                    module.adapter_for(item.class_name)  # type: ignore[union-attr]
+                except ValueError as err:
+                    raise DataError(f"predict item {k}: {err}") from None
+        return dataset
 
     @property
     def extent_mm(self) -> dict[str, float]:
@@ -294,4 +291,6 @@ class TSDataModule(L.LightningDataModule):
         return self._loader("test", shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
+        if self.hparams.predict_items and "predict" not in self.datasets:
+            self.datasets["predict"] = self._request_dataset()
         return self._loader("predict", shuffle=False)

@@ -292,6 +292,7 @@ class TS_SAM3D_Dataset(Dataset):
             "class_name": name,
             "class_index": torch.tensor(bit),
             "source_image": case.meta["image"],
+            "slice_name": f"axis{axis}_slice{index}",
         }
         return sample
 

@@ -10,6 +10,7 @@ overlapping structures stay exact.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -179,12 +180,15 @@ def load_volume(
     image_path: str | Path,
     class_masks: dict[int, tuple[Path, int | None]],
     prep: Preprocessing,
+    in_memory: Mapping[Path, nib.Nifti1Image] | None = None,
 ) -> Volume:
     """Load, check, reorient, resample and normalise one case.
 
     ``class_masks`` maps bit c -> (label file, value): value None means "any non-zero voxel" (a
     binary mask file of the TotalSegmentator release), an int selects that value of an integer
     label map (the cropped layout). Files may repeat (one label map for several classes).
+    ``in_memory`` gives label images (in their file orientation) to use instead of reading those
+    paths (a 2D mask placed on its slice).
     """
     image_path = Path(image_path)
     image_img = load_nifti(image_path, "image")
@@ -193,7 +197,11 @@ def load_volume(
     loaded: dict[Path, np.ndarray] = {}
     for bit, (label_path, value) in class_masks.items():
         if label_path not in loaded:
-            label_img = load_nifti(label_path, "label")
+            label_img = (
+                nib.as_closest_canonical(in_memory[label_path])
+                if in_memory and label_path in in_memory
+                else load_nifti(label_path, "label")
+            )
             check_same_grid(image_img, label_img, image_path, label_path)
             loaded[label_path] = read_labels(label_img, label_path)
         data = loaded[label_path]

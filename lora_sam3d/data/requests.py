@@ -1,0 +1,256 @@
+"""Reconstruction requests on new scans, addressed as a viewer shows them.
+
+A user reads "axial slice 57" in 3D Slicer, ITK-SNAP or nibabel: slice 57 of the *file's own*
+voxel numbering along the file axis closest to the axial direction. `PredictItem` takes that
+(``axis: axial, index: 57``), or the plane's world coordinate (``position_mm``, RAS), and a mask
+as the user has it: a 3D mask or label map on the scan's grid, or a 2D mask of that slice only
+(2D NIfTI or PNG). `locate_slice` turns the request into the file axis and index (nibabel's
+``io_orientation`` names the closest axis), and `PredictionDataset` into the model's input on
+the canonical isotropic grid the model works on. Requests are checked when the dataset is built,
+in the main process, so a bad one is reported once, by its number.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+from torch.utils.data import Dataset
+
+from lora_sam3d.data.dataset import slice_inputs
+from lora_sam3d.data.volume import DataError, Preprocessing, load_volume
+
+AXIS_NAMES = ("sagittal", "coronal", "axial")
+"""World (RAS) directions by index: 0 sagittal (x, R-L), 1 coronal (y, A-P), 2 axial (z, S-I)."""
+
+
+@dataclass
+class PredictItem:
+    """One reconstruction request on a new scan.
+
+    Args:
+        image: the scan (NIfTI).
+        mask: the structure on that slice: a 3D mask on the scan's grid (non-zero voxels, or voxels
+            equal to ``label_value`` of a label map), or a 2D mask of the slice only (2D NIfTI, or
+            a PNG whose rows and columns are the slice's first and second file axes).
+        class_name: which structure (picks the frame extent and, with several adapters, the adapter).
+        axis: ``sagittal``, ``coronal`` or ``axial`` (or 0, 1, 2): the world direction the slice is
+            cut across.
+        index: the slice number in the file's own voxel numbering along the file axis closest to
+            ``axis`` (what viewers show), 0-based.
+        position_mm: instead of ``index``: the world (RAS) coordinate of the slice plane along
+            ``axis``, in mm; the nearest file slice is used.
+        label_value: with a label map, the value that marks the structure.
+    """
+
+    image: str
+    mask: str
+    class_name: str
+    axis: int | str = "axial"
+    index: int | None = None
+    position_mm: float | None = None
+    label_value: int | None = None
+
+
+def parse_axis(axis: int | str) -> int:
+    """``sagittal``/``coronal``/``axial`` or 0/1/2 -> 0/1/2."""
+    if isinstance(axis, str) and axis.strip().lower() in AXIS_NAMES:
+        return AXIS_NAMES.index(axis.strip().lower())
+    if isinstance(axis, int) and not isinstance(axis, bool) and axis in (0, 1, 2):
+        return axis
+    raise DataError(f"axis {axis!r}; expected one of sagittal, coronal, axial (or 0, 1, 2)")
+
+
+@dataclass
+class SliceRef:
+    """Where a request's slice is: world direction, file axis and index, and the plane's world position."""
+
+    axis: int
+    file_axis: int
+    index: int
+    position_mm: float
+
+    @property
+    def name(self) -> str:
+        """``axial57``: the direction and the file's slice number, as a viewer shows it."""
+        return f"{AXIS_NAMES[self.axis]}{self.index}"
+
+
+def locate_slice(img: nib.Nifti1Image, axis: int, index: int | None, position_mm: float | None) -> SliceRef:
+    """The file slice of ``img`` (in its own orientation) that a request names, checked against the file."""
+    if img.ndim != 3:
+        raise DataError(f"image has shape {img.shape}: expected a 3D volume")
+    if (index is None) == (position_mm is None):
+        raise DataError(
+            "give either index (the file's slice number) or position_mm (the plane's world coordinate)"
+        )
+    ornt = nib.io_orientation(img.affine)
+    file_axis = int(np.flatnonzero(ornt[:, 0] == axis)[0])
+    n = img.shape[file_axis]
+    centre = (np.asarray(img.shape, dtype=float) - 1) / 2
+
+    def plane(i: float) -> float:
+        voxel = centre.copy()
+        voxel[file_axis] = i
+        return float(nib.affines.apply_affine(img.affine, voxel)[axis])
+
+    first, last = plane(0), plane(n - 1)
+    if index is None:
+        assert position_mm is not None
+        step = (last - first) / max(n - 1, 1)
+        found = round((position_mm - first) / step) if step else 0
+        half = abs(step) / 2
+        if not (min(first, last) - half <= position_mm <= max(first, last) + half):
+            raise DataError(
+                f"position_mm {position_mm} is outside the scan: its {AXIS_NAMES[axis]} planes run from "
+                f"{min(first, last):.1f} to {max(first, last):.1f} mm"
+            )
+        index = int(np.clip(found, 0, n - 1))
+    if not (isinstance(index, int) and 0 <= index < n):
+        raise DataError(
+            f"index {index} is outside the file's {AXIS_NAMES[axis]} axis (file axis {file_axis}, "
+            f"slices 0..{n - 1})"
+        )
+    return SliceRef(axis, file_axis, index, plane(index))
+
+
+def read_slice_mask(path: Path, img: nib.Nifti1Image, ref: SliceRef, label_value: int | None) -> np.ndarray:
+    """The request's mask on its slice, (a, b) bool in the file's axis order, whatever form it came in."""
+    want = tuple(s for i, s in enumerate(img.shape) if i != ref.file_axis)
+    suffix = "".join(path.suffixes[-2:]).lower()
+    if suffix.endswith((".png", ".jpg", ".jpeg", ".tif", ".tiff")):
+        from PIL import Image
+
+        try:
+            data = np.asarray(Image.open(path))
+        except Exception as err:
+            raise DataError(f"mask {path} is not a readable image: {err}") from err
+        data = data[..., 0] if data.ndim == 3 else data
+    else:
+        try:
+            mask_img = nib.load(str(path))
+        except Exception as err:
+            raise DataError(f"mask {path} is not a readable NIfTI file: {err}") from err
+        if len(mask_img.shape) == 3 and mask_img.shape[2] == 1 and mask_img.shape != img.shape:
+            mask_img = mask_img.slicer[:, :, 0]
+        if len(mask_img.shape) == 3:
+            if mask_img.shape != img.shape or not np.allclose(mask_img.affine, img.affine, atol=1e-3):
+                raise DataError(
+                    f"mask {path} has shape {mask_img.shape} but the image has {img.shape} (or another affine): "
+                    "a 3D mask must be on the scan's grid"
+                )
+            take: list[Any] = [slice(None)] * 3
+            take[ref.file_axis] = ref.index
+            data = np.asarray(mask_img.dataobj[tuple(take)])
+        else:
+            data = np.asarray(mask_img.dataobj)
+    if data.shape != want:
+        raise DataError(
+            f"2D mask {path} has shape {data.shape} but {ref.name} (file axis {ref.file_axis}) of the image "
+            f"has shape {want}"
+        )
+    mask = data == label_value if label_value is not None else data != 0
+    if not mask.any():
+        raise DataError(
+            f"mask {path} has no voxels on {ref.name} (file axis {ref.file_axis}, index {ref.index})"
+        )
+    return mask
+
+
+def case_name(image: str | Path) -> str:
+    """The case id of an image: its folder for TotalSegmentator's ``<case>/ct.nii.gz``, else the file stem."""
+    path = Path(image)
+    stem = path.name.removesuffix(".gz").removesuffix(".nii")
+    return path.parent.name if stem in ("ct", "image", "mr") and path.parent.name else stem
+
+
+class PredictionDataset(Dataset):
+    """Input samples (no ground truth) for `PredictItem`s.
+
+    Each request's slice is located in its file and its mask read when the dataset is built; a
+    sample is then the model's input on the canonical grid resampled to ``prep.spacing_mm``, at the
+    canonical slice through the file slice's plane.
+    """
+
+    def __init__(
+        self,
+        items: Sequence[PredictItem | Mapping[str, Any]],
+        prep: Preprocessing,
+        extent_mm: Mapping[str, float],
+        frame_scale: float,
+        slice_size: int,
+    ) -> None:
+        self.items = [i if isinstance(i, PredictItem) else PredictItem(**i) for i in items]
+        self.prep, self.extent_mm, self.frame_scale, self.slice_size = (
+            prep,
+            dict(extent_mm),
+            frame_scale,
+            slice_size,
+        )
+        self.slices: list[SliceRef] = []
+        self.masks: list[np.ndarray] = []
+        for k, item in enumerate(self.items, start=1):
+            try:
+                self._check(item)
+            except DataError as err:
+                raise DataError(f"predict item {k} ({item.class_name} in {item.image}): {err}") from None
+
+    def _check(self, item: PredictItem) -> None:
+        if item.class_name not in self.extent_mm:
+            raise DataError(
+                f"class {item.class_name!r} has no frame extent; known: {sorted(self.extent_mm)} "
+                "(set data.extent_mm, or use a checkpoint that stores its classes' extents)"
+            )
+        for kind in ("image", "mask"):
+            if not Path(getattr(item, kind)).is_file():
+                raise DataError(f"{kind} {getattr(item, kind)} does not exist")
+        try:
+            img = nib.load(item.image)
+        except Exception as err:
+            raise DataError(f"image {item.image} is not a readable NIfTI file: {err}") from err
+        ref = locate_slice(img, parse_axis(item.axis), item.index, item.position_mm)
+        self.masks.append(read_slice_mask(Path(item.mask), img, ref, item.label_value))
+        self.slices.append(ref)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item, ref = self.items[i], self.slices[i]
+        try:
+            raw = nib.load(item.image)
+            # the slice's mask, in the file's own orientation, as a label volume for the usual path
+            # (repeated on the neighbouring file slices when the model's grid is coarser than the file's,
+            # so the nearest-neighbour resampling cannot miss it)
+            labels = np.zeros(raw.shape, dtype=np.uint8)
+            thickness = float(np.linalg.norm(raw.affine[:3, ref.file_axis]))
+            reach = max(0, int(np.ceil(self.prep.spacing_mm / 2 / thickness - 0.5)))
+            for j in range(max(0, ref.index - reach), min(raw.shape[ref.file_axis], ref.index + reach + 1)):
+                take: list[Any] = [slice(None)] * 3
+                take[ref.file_axis] = j
+                labels[tuple(take)] = self.masks[i]
+            mask_img = nib.Nifti1Image(labels, raw.affine)
+            volume = load_volume(
+                item.image, {0: (Path(item.mask), None)}, self.prep, {Path(item.mask): mask_img}
+            )
+            centre = (np.asarray(raw.shape, dtype=float) - 1) / 2
+            centre[ref.file_axis] = ref.index
+            world = nib.affines.apply_affine(raw.affine, centre)
+            index = int(np.rint(nib.affines.apply_affine(np.linalg.inv(volume.affine), world)[ref.axis]))
+            side_mm = self.frame_scale * self.extent_mm[item.class_name]
+            sample, _ = slice_inputs(
+                volume.image, volume.labels, 0, volume.affine, volume.spacing_mm, ref.axis, index, side_mm,
+                self.slice_size,
+            )  # fmt: skip
+        except DataError as err:
+            raise DataError(f"predict item {i + 1} (image {item.image}, mask {item.mask}): {err}") from err
+        return sample | {
+            "case_id": case_name(item.image),
+            "class_name": item.class_name,
+            "source_image": str(item.image),
+            "slice_name": ref.name,
+        }
