@@ -432,7 +432,8 @@ def predict_only_config(trained: Path, name: str, items: list[dict], model: dict
     folder, no classes, no model sizes (the checkpoint or adapter carries them)."""
     writer = {"class_path": "lora_sam3d.callbacks.MeshPredictionWriter",
               "init_args": {"output_dir": str(trained / name), "write_png": False}}  # fmt: skip
-    cfg = {"trainer": {"accelerator": "cpu", "devices": 1, "logger": False, "callbacks": [writer]},
+    cfg = {"trainer": {"accelerator": "cpu", "devices": 1, "logger": False, "callbacks": [writer],
+                       "default_root_dir": str(trained / name)},
            "data": {"predict_items": items}}  # fmt: skip
     if model:
         cfg["model"] = model
