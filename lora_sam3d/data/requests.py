@@ -110,7 +110,9 @@ def locate_slice(img: nib.Nifti1Image, axis: int, index: int | None, position_mm
                 f"{min(first, last):.1f} to {max(first, last):.1f} mm"
             )
         index = int(np.clip(found, 0, n - 1))
-    if not (isinstance(index, int) and 0 <= index < n):
+    if isinstance(index, np.integer):
+        index = int(index)
+    if not (isinstance(index, int) and not isinstance(index, bool) and 0 <= index < n):
         raise DataError(
             f"index {index} is outside the file's {AXIS_NAMES[axis]} axis (file axis {file_axis}, "
             f"slices 0..{n - 1})"
