@@ -159,6 +159,9 @@ STRUCTURE_ADAPTER = "structure"
 """Sub-folder of an adapter folder holding stage 1's adapter (or ``structure.safetensors``, full weights)."""
 
 
+MODEL_SETTINGS = ("decoder", "structure", "base_checkpoint", "latent_encoder", "active_margin")
+"""The `LoRAMeshDecoderModule` arguments an adapter folder's `MODEL_FILE` stores: the model it was trained with."""
+
 MODEL_FILE = "model.json"
 """In an adapter folder: the model it was trained with (classes, decoder and stage-1 sizes, base) and
 its data settings, so the folder alone can predict."""
@@ -183,11 +186,12 @@ def save_module_adapter(module: LoRAMeshDecoderModule, directory: str | Path) ->
     out = Path(directory)
     save_adapter(module.decoder, out, modules_to_save=module.hparams.unfreeze or [],
                  base_model_name_or_path=module.hparams.base_checkpoint)  # fmt: skip
+    settings = {"decoder": module.decoder_config, "structure": module.structure_config}
     model = {
-        "classes": module.classes, "decoder": module.decoder_config, "structure": module.structure_config,
-        "base_checkpoint": module.hparams.base_checkpoint, "latent_encoder": module.hparams.latent_encoder,
-        "active_margin": module.hparams.active_margin, "data": module.data_contract,
-    }  # fmt: skip
+        "classes": module.classes,
+        **{k: settings.get(k, module.hparams.get(k)) for k in MODEL_SETTINGS},
+        "data": module.data_contract,
+    }
     text = json.dumps(model, indent=2)
     atomic_write(out / MODEL_FILE, lambda tmp: tmp.write_text(text))
     if has_lora(module.structure):

@@ -50,7 +50,14 @@ def _lightning_cli(args: list[str] | None, model_class: type | None = None) -> N
     from lightning.pytorch.cli import LightningCLI
 
     from lora_sam3d.callbacks import SaveConfigOnStart
-    from lora_sam3d.checkpoint_io import READ_ERRORS, check_design, read_model_file, require_file, unreadable
+    from lora_sam3d.checkpoint_io import (
+        MODEL_SETTINGS,
+        READ_ERRORS,
+        check_design,
+        read_model_file,
+        require_file,
+        unreadable,
+    )
     from lora_sam3d.data import TSDataModule
     from lora_sam3d.module import LoRAMeshDecoderModule
 
@@ -92,7 +99,7 @@ def _lightning_cli(args: list[str] | None, model_class: type | None = None) -> N
             if len(models) > 1:  # one run over several adapters: every class any of them covers
                 stored["classes"] = list(dict.fromkeys(c for m in models for c in m.get("classes", [])))
             if self.config.subcommand != "fit":  # to train further, the config says what it trains
-                for key in ("decoder", "structure", "base_checkpoint", "latent_encoder", "active_margin"):
+                for key in MODEL_SETTINGS:
                     if key in stored:
                         cfg.model[key] = stored[key]
                 if "decoder" in stored:
@@ -130,6 +137,7 @@ def _phantoms(args: argparse.Namespace) -> None:
 def _export(args: argparse.Namespace) -> None:
     from lora_sam3d.callbacks import save_merged_decoder
     from lora_sam3d.checkpoint_io import (
+        MODEL_SETTINGS,
         READ_ERRORS,
         read_model_file,
         require_file,
@@ -145,9 +153,8 @@ def _export(args: argparse.Namespace) -> None:
         if not stored:
             raise FileNotFoundError(f"{Path(args.adapter) / 'model.json'} does not exist: export needs an "
                                     "adapter folder written by AdapterCheckpoint or export of this version")  # fmt: skip
-        keys = ("decoder", "structure", "base_checkpoint", "latent_encoder", "active_margin")
         module = LoRAMeshDecoderModule(
-            stored["classes"], adapter=args.adapter, **{k: stored[k] for k in keys}
+            stored["classes"], adapter=args.adapter, **{k: stored[k] for k in MODEL_SETTINGS}
         )
         module.configure_adapters()
     else:

@@ -72,7 +72,12 @@ class SliceRef:
     axis: int
     file_axis: int
     index: int
-    position_mm: float
+    centre_mm: np.ndarray  # (3,) world RAS point at the centre of the file slice
+
+    @property
+    def position_mm(self) -> float:
+        """The plane's world coordinate along ``axis`` (at the slice's centre on an oblique scan)."""
+        return float(self.centre_mm[self.axis])
 
     @property
     def name(self) -> str:
@@ -93,12 +98,12 @@ def locate_slice(img: nib.Nifti1Image, axis: int, index: int | None, position_mm
     n = img.shape[file_axis]
     centre = (np.asarray(img.shape, dtype=float) - 1) / 2
 
-    def plane(i: float) -> float:
+    def centre_of(i: float) -> np.ndarray:
         voxel = centre.copy()
         voxel[file_axis] = i
-        return float(nib.affines.apply_affine(img.affine, voxel)[axis])
+        return nib.affines.apply_affine(img.affine, voxel)
 
-    first, last = plane(0), plane(n - 1)
+    first, last = float(centre_of(0)[axis]), float(centre_of(n - 1)[axis])
     if index is None:
         assert position_mm is not None
         step = (last - first) / max(n - 1, 1)
@@ -117,7 +122,7 @@ def locate_slice(img: nib.Nifti1Image, axis: int, index: int | None, position_mm
             f"index {index} is outside the file's {AXIS_NAMES[axis]} axis (file axis {file_axis}, "
             f"slices 0..{n - 1})"
         )
-    return SliceRef(axis, file_axis, index, plane(index))
+    return SliceRef(axis, file_axis, index, centre_of(index))
 
 
 def read_slice_mask(path: Path, img: nib.Nifti1Image, ref: SliceRef, label_value: int | None) -> np.ndarray:
@@ -239,10 +244,8 @@ class PredictionDataset(Dataset):
             volume = load_volume(
                 item.image, {0: (Path(item.mask), None)}, self.prep, {Path(item.mask): mask_img}
             )
-            centre = (np.asarray(raw.shape, dtype=float) - 1) / 2
-            centre[ref.file_axis] = ref.index
-            world = nib.affines.apply_affine(raw.affine, centre)
-            index = int(np.rint(nib.affines.apply_affine(np.linalg.inv(volume.affine), world)[ref.axis]))
+            to_grid = np.linalg.inv(volume.affine)  # the canonical slice through the file slice's centre
+            index = int(np.rint(nib.affines.apply_affine(to_grid, ref.centre_mm)[ref.axis]))
             side_mm = self.frame_scale * self.extent_mm[item.class_name]
             sample, _ = slice_inputs(
                 volume.image, volume.labels, 0, volume.affine, volume.spacing_mm, ref.axis, index, side_mm,
