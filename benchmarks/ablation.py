@@ -27,6 +27,7 @@ from lora_sam3d.data import TSDataModule
 from lora_sam3d.metrics import MeshMetrics
 from lora_sam3d.models.structure import vertex_fill
 from lora_sam3d.module import LoRAMeshDecoderModule, Reconstruction
+from lora_sam3d.predictions import score_batch
 
 ROWS = ("as trained", "wider band at inference", "stage 1 alone", "oracle stage 1", "grid cap (true SDF)")
 
@@ -65,7 +66,8 @@ def score(module: Ablated, dm: TSDataModule) -> dict[str, float]:
             rec = module(batch)
             if rec.active is not None:
                 actives += rec.active_counts()
-            metrics.update([v for _, _, v in module._score(rec, batch)], batch["class_index"])
+            scored = score_batch(rec, batch, module.hparams.nsd_tolerance_mm)
+            metrics.update([s.metrics for s in scored if s], batch["class_index"])
     out = {k: float(v) for k, v in metrics.compute().items() if "/" not in k}
     out |= {f"dice/{c}": float(metrics.compute()[f"dice/{c}"]) for c in module.classes or []}
     out["active_voxels_per_sample"] = sum(actives) / max(len(actives), 1)

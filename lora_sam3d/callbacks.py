@@ -17,11 +17,12 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from safetensors.torch import save_file
 
+from lora_sam3d.adapters import save_model_adapter
 from lora_sam3d.atomic import atomic_write
-from lora_sam3d.checkpoint_io import save_module_adapter
+from lora_sam3d.models.reconstructor import Reconstructor
 from lora_sam3d.models.structure import STRUCTURE_PREFIX
-from lora_sam3d.module import Prediction
-from lora_sam3d.report import ReportSample, write_report
+from lora_sam3d.predictions import Prediction
+from lora_sam3d.report import ReportEntry, ReportSample, entry, write_report
 from lora_sam3d.writers import (
     CoordinateSystem,
     mask_on_source_grid,
@@ -87,7 +88,7 @@ class AdapterCheckpoint(L.Callback):
 
     Each folder holds the decoder's ``adapter_model.safetensors`` + ``adapter_config.json`` (PEFT's
     layout, see `lora_sam3d.lora.save_adapter`) and stage 1's adapter in ``structure/`` (see
-    `lora_sam3d.checkpoint_io.save_module_adapter`), next to Lightning's checkpoints; written atomically,
+    `lora_sam3d.adapters.save_model_adapter`), next to Lightning's checkpoints; written atomically,
     on rank 0.
     """
 
@@ -99,7 +100,7 @@ class AdapterCheckpoint(L.Callback):
 
     def _save(self, trainer: L.Trainer, module: Any, name: str) -> None:
         out = Path(self.dirpath) / name if self.dirpath else _output_dir(trainer, name)
-        save_module_adapter(module, out)
+        save_adapter_of(module, out)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if (
@@ -177,19 +178,40 @@ class MergeOnEnd(L.Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
-            save_merged_decoder(pl_module, _output_dir(trainer, self.filename))
+            save_merged_decoder(pl_module.model, _output_dir(trainer, self.filename))
 
 
-def save_merged_decoder(module: Any, path: Path) -> Path:
+def save_adapter_of(module: Any, directory: Path) -> Path:
+    """A `LoRAMeshDecoderModule`'s adapter folder: its model's adapters, classes, unfrozen modules and
+    data settings (see `lora_sam3d.adapters.save_model_adapter`)."""
+    return save_model_adapter(
+        module.model, directory, module.classes, module.hparams.unfreeze or [], module.data_contract
+    )
+
+
+def save_merged_decoder(model: Reconstructor, path: Path) -> Path:
     """The decoder with LoRA merged, in Meta's names, plus stage 1 (merged) under ``structure.``: a
     complete base for ``model.base_checkpoint``; Meta's loader (non-strict) reads the decoder part."""
-    merged = module.merged_decoder()
+    merged = model.merged_decoder()
     tensors = {k: v.detach().cpu().contiguous() for k, v in merged.state_dict().items()}
-    if module.uses_structure:
-        structure = module.merged_structure().state_dict()
+    if model.uses_structure:
+        structure = model.merged_structure().state_dict()
         tensors |= {f"{STRUCTURE_PREFIX}{k}": v.detach().cpu().contiguous() for k, v in structure.items()}
-    metadata = {"format": "pt", "decoder": json.dumps(module.decoder_config)}
+    metadata = {"format": "pt", "decoder": json.dumps(model.decoder_config)}
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+OUTPUT_PATTERNS = ("*.ply", "*.stl", "*.obj", "*_mask.nii.gz", "metrics.csv", "metrics.json", "report.html")
+"""The files `MeshPredictionWriter` writes into its folder (and a ``<stem>.png`` preview per mesh)."""
+
+
+def earlier_outputs(folder: Path) -> list[Path]:
+    """The prediction files already in ``folder``: `OUTPUT_PATTERNS`, and the PNG preview of each mesh."""
+    if not folder.is_dir():
+        return []
+    found = {p for pattern in OUTPUT_PATTERNS for p in folder.glob(pattern) if p.is_file()}
+    previews = {p.with_suffix(".png") for p in found if p.suffix in (".ply", ".stl", ".obj")}
+    return sorted(found | {p for p in previews if p.is_file()})
 
 
 class MeshPredictionWriter(BasePredictionWriter):
@@ -208,8 +230,11 @@ class MeshPredictionWriter(BasePredictionWriter):
         write_nifti / write_png: turn those outputs off.
         smooth_iterations: Taubin smoothing of the written predicted meshes (0: off); metrics are
             computed on the unsmoothed prediction before.
-        report: write ``report.html`` (see `lora_sam3d.report`); ``report_views`` samples get 3D
-            views, the others a table row.
+        report: write ``report.html`` (see `lora_sam3d.report`); up to ``report_views`` samples can be
+            opened in its 3D viewer (the first predicted), every sample gets a table row.
+        overwrite: a folder holding an earlier predict's outputs is refused before anything runs
+            (its report and metrics would describe a mix of both runs); ``true``: those outputs are
+            removed first, so the folder holds this run's files only.
     """
 
     def __init__(
@@ -222,13 +247,14 @@ class MeshPredictionWriter(BasePredictionWriter):
         smooth_iterations: int = 10,
         report: bool = True,
         report_views: int = 40,
+        overwrite: bool = False,
     ) -> None:
         super().__init__(write_interval="batch")
-        self.output_dir = output_dir
+        self.output_dir, self.overwrite = output_dir, overwrite
         self.mesh_format, self.coordinate_system = mesh_format, coordinate_system
         self.write_nifti_files, self.write_png = write_nifti, write_png
         self.smooth_iterations, self.report, self.report_views = smooth_iterations, report, report_views
-        self.samples: list[ReportSample] = []
+        self.samples: list[ReportEntry] = []
         self.rows: list[dict[str, Any]] = []
         self.written: list[Path] = []
 
@@ -237,6 +263,17 @@ class MeshPredictionWriter(BasePredictionWriter):
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.rows, self.written, self.samples = [], [], []
+        folder = self._dir(trainer)
+        earlier = earlier_outputs(folder)
+        if earlier and not self.overwrite:
+            raise FileExistsError(
+                f"{folder} holds the outputs of an earlier predict ({len(earlier)} files, e.g. {earlier[0].name}): "
+                "set overwrite: true on MeshPredictionWriter to replace them, or give another output_dir"
+            )
+        if earlier and trainer.is_global_zero:
+            for path in earlier:
+                path.unlink(missing_ok=True)
+        trainer.strategy.barrier()
 
     def write_on_batch_end(
         self,
@@ -280,22 +317,22 @@ class MeshPredictionWriter(BasePredictionWriter):
             if record.metrics is not None:
                 self.rows.append({"case_id": record.case_id, "class_name": record.class_name,
                                   "axis": record.axis, "index": record.index, **record.metrics})  # fmt: skip
-            if self.report:
-                self.samples.append(ReportSample(
+            if self.report:  # compact: only what the page shows, a 3D view for the first report_views
+                self.samples.append(entry(ReportSample(
                     stem, record.case_id, record.class_name, record.slice_name or f"axis{record.axis} slice{record.index}",
-                    mesh, record.image, record.mask, record.gt_mesh, record.metrics,
-                ))  # fmt: skip
+                    mesh, record.image, record.mask, record.gt_mesh, record.metrics, record.scored_against,
+                ), view=len(self.samples) < self.report_views))  # fmt: skip
 
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Gather every process's per-sample metrics (and report entries); rank 0 writes ``metrics.csv``,
         ``metrics.json`` and ``report.html``."""
         if self.report:
             samples = sorted(_from_all_processes(trainer, self.samples), key=lambda s: s.stem)
+            for extra in [s for s in samples if s.view][self.report_views :]:
+                extra.view = None  # each process kept its first report_views; the page shows report_views
             if samples and trainer.is_global_zero:
                 title = f"lora-sam3d predictions ({len(samples)} sample{'s' if len(samples) != 1 else ''})"
-                self.written.append(
-                    write_report(self._dir(trainer) / "report.html", samples, title, self.report_views)
-                )
+                self.written.append(write_report(self._dir(trainer) / "report.html", samples, title))
         if trainer.world_size > 1:
             self.rows = sorted(
                 _from_all_processes(trainer, self.rows),

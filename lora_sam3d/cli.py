@@ -20,9 +20,45 @@ TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
 
 
 def _decoder_resolution(decoder: dict[str, Any] | None) -> int:
-    from lora_sam3d.module import TINY_DECODER
+    from lora_sam3d.models.reconstructor import TINY_DECODER
 
     return int({**TINY_DECODER, **(decoder or {})}["resolution"])
+
+
+STORED_DATA_SETTINGS = ("spacing", "modality", "ct_window_hu", "frame_scale", "slice_size")
+"""How a model was trained to read scans; a checkpoint or adapter stores them and predicting must match."""
+
+
+def adopt_data_settings(data_cfg: Any, stored: dict[str, Any], source: str) -> None:
+    """Outside ``fit``, the stored preprocessing defines how scans are read: a setting the config
+    leaves at its default takes the stored value (so ``config.yaml`` says what ran); one the config
+    sets to another value is refused, naming both, since the model was trained on the stored one."""
+    from lora_sam3d.data.settings import DataSettings
+
+    defaults = DataSettings()
+    for key in STORED_DATA_SETTINGS:
+        if key not in stored or stored[key] is None:
+            continue
+        given, want = data_cfg.get(key), stored[key]
+        same = (
+            list(given) == list(want)
+            if isinstance(want, list | tuple) and given is not None
+            else given == want
+        )
+        if same:
+            continue
+        default = getattr(defaults, key)
+        is_default = (
+            list(given) == list(default)
+            if isinstance(default, list | tuple) and given is not None
+            else given == default
+        )
+        if not is_default:
+            raise ValueError(
+                f"data.{key} is {given!r} but {source} was trained with {want!r}: a model reads scans the way "
+                f"it was trained; remove data.{key} from the config or command line"
+            )
+        data_cfg[key] = list(want) if isinstance(want, list | tuple) else want
 
 
 def _check_yaml(argv: list[str]) -> None:
@@ -49,17 +85,12 @@ def _lightning_cli(args: list[str] | None, model_class: type | None = None) -> N
     import torch
     from lightning.pytorch.cli import LightningCLI
 
+    from lora_sam3d.adapters import MODEL_FILE, MODEL_SETTINGS, read_model_file
     from lora_sam3d.callbacks import SaveConfigOnStart
-    from lora_sam3d.checkpoint_io import (
-        MODEL_SETTINGS,
-        READ_ERRORS,
-        check_design,
-        read_model_file,
-        require_file,
-        unreadable,
-    )
+    from lora_sam3d.checkpoint_io import check_design
     from lora_sam3d.data import TSDataModule
     from lora_sam3d.module import LoRAMeshDecoderModule
+    from lora_sam3d.weights import READ_ERRORS, require_file, unreadable
 
     class LoRASAM3DCLI(LightningCLI):
         def add_arguments_to_parser(self, parser: Any) -> None:
@@ -76,34 +107,56 @@ def _lightning_cli(args: list[str] | None, model_class: type | None = None) -> N
             )
             if path and path not in ("last", "best", "hpc", "registry") and "://" not in str(path):
                 require_file(path)
-            self._stored_classes = None
+            self._stored_classes, self._stored_data = None, None
+            self._base_given = (
+                self.config[self.config.subcommand].model.get("base_checkpoint") if path else None
+            )
             try:
                 if path and Path(path).is_file():  # before its hyper-parameters reach the parser
                     ckpt = torch.load(path, weights_only=True, map_location="cpu")
                     meta = ckpt.get("lora_sam3d")
                     if isinstance(meta, dict):
                         check_design(meta)
+                        self._stored_data = (meta.get("data"), f"the checkpoint {path}")
                     self._stored_classes = ckpt.get("hyper_parameters", {}).get("classes")
                 super()._parse_ckpt_path()
             except READ_ERRORS as err:
                 raise unreadable(path, err) from err
+            cfg = self.config[self.config.subcommand] if path else None
+            if cfg is not None and self._base_given and self._base_given != cfg.model.get("base_checkpoint"):
+                cfg.model.base_checkpoint = self._base_given  # the config points to a moved base
 
         def before_instantiate_classes(self) -> None:
             """A model that carries its own settings defines itself: outside ``fit``, ``model.adapter``
             (or ``model.adapters``) sets the base, decoder and stage-1 settings it was trained with;
             with ``--ckpt_path`` or an adapter, ``data.classes`` left out means the stored classes."""
             cfg = self.config[self.config.subcommand]
-            folders = list((cfg.model.get("adapters") or {}).values()) or [cfg.model.get("adapter")]
-            models = [read_model_file(f) for f in folders if f]
+            folders = [
+                f for f in list((cfg.model.get("adapters") or {}).values()) or [cfg.model.get("adapter")] if f
+            ]
+            models = [read_model_file(f) for f in folders]
             stored = dict(models[0]) if models else {}
             if len(models) > 1:  # one run over several adapters: every class any of them covers
                 stored["classes"] = list(dict.fromkeys(c for m in models for c in m.get("classes", [])))
             if self.config.subcommand != "fit":  # to train further, the config says what it trains
+                source = f"{Path(folders[0]) / MODEL_FILE}" if folders else ""
                 for key in MODEL_SETTINGS:
-                    if key in stored:
+                    given = cfg.model.get(key)
+                    if key in stored and not (key == "base_checkpoint" and given and given != stored[key]):
                         cfg.model[key] = stored[key]
                 if "decoder" in stored:
                     cfg.data.resolution = _decoder_resolution(stored["decoder"])
+                data, source = (stored.get("data"), source) if stored.get("data") else (
+                    getattr(self, "_stored_data", None) or (None, "")
+                )  # fmt: skip
+                if data:
+                    adopt_data_settings(cfg.data, data, source)
+                base = cfg.model.get("base_checkpoint")
+                if base and not base.startswith("builtin:") and not Path(base).is_file() and source:
+                    raise FileNotFoundError(
+                        f"base checkpoint {base} (the path stored in {source}) does not exist; if it moved, "
+                        "give its new path with --model.base_checkpoint"
+                    )
             classes = (
                 cfg.data.get("classes") or getattr(self, "_stored_classes", None) or stored.get("classes")
             )
@@ -135,16 +188,10 @@ def _phantoms(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from lora_sam3d.callbacks import save_merged_decoder
-    from lora_sam3d.checkpoint_io import (
-        MODEL_SETTINGS,
-        READ_ERRORS,
-        read_model_file,
-        require_file,
-        save_module_adapter,
-        unreadable,
-    )
+    from lora_sam3d.adapters import MODEL_SETTINGS, read_model_file
+    from lora_sam3d.callbacks import save_adapter_of, save_merged_decoder
     from lora_sam3d.module import LoRAMeshDecoderModule
+    from lora_sam3d.weights import READ_ERRORS, require_file, unreadable
 
     if (args.ckpt_path is None) == (args.adapter is None):
         raise ValueError("export needs --ckpt_path (a trained checkpoint) or --adapter (an adapter folder)")
@@ -164,9 +211,9 @@ def _export(args: argparse.Namespace) -> None:
         except READ_ERRORS as err:
             raise unreadable(ckpt, err) from err
     out = Path(args.output)
-    written = [save_merged_decoder(module, out / "decoder-merged.safetensors")]
+    written = [save_merged_decoder(module.model, out / "decoder-merged.safetensors")]
     if module.hparams.finetune == "lora" and args.adapter is None:
-        written.append(save_module_adapter(module, out / "adapter"))
+        written.append(save_adapter_of(module, out / "adapter"))
     for path in written:
         print(f"wrote {path}")
 
@@ -174,16 +221,20 @@ def _export(args: argparse.Namespace) -> None:
 def _cache(args: argparse.Namespace) -> None:
     import time
 
-    from lora_sam3d.data.cache import cache_entries, remove_entry
+    from lora_sam3d.data.cache import IN_USE_S, cache_entries, remove_entry
 
     folder = Path(args.cache_dir) if args.cache_dir else Path(args.root) / ".cache"
     entries = cache_entries(folder)
     cutoff = time.time() - args.unused_days * 86400 if args.unused_days is not None else None
     total = removed = 0
+    now = time.time()
     for e in entries:
         unused = cutoff is not None and e.last_used < cutoff
-        remove = (args.stale and e.stale is not None) or unused
+        in_use = now - e.last_used < IN_USE_S and not e.path.name.startswith(".")
+        remove = ((args.stale and e.stale is not None) or unused) and not in_use
         why = e.stale or (f"unused for {args.unused_days:g}+ days" if unused else "")
+        if in_use and ((args.stale and e.stale) or unused):
+            why += f" (kept: read by a run in the last {IN_USE_S:g} s)"
         stamp = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used))
         action = ("would remove" if args.dry_run else "removed") if remove else "kept"
         print(f"{action:12} {e.path.name}  {e.size_bytes / 2**20:8.1f} MiB  used {stamp}  "

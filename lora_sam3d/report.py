@@ -1,17 +1,25 @@
 """`report.html`: one self-contained page per predict run that people look at instead of reading CSV.
 
-Per sample: an interactive 3D view of the predicted surface (and the true one when known) in world
-millimetres, the input slice with its mask, and the sample's metrics; on top, a summary table and,
-with ground truth, a per-class plot of Dice and HD95. Built with plotly; its JavaScript is
-embedded once, so the page works offline (no network at view time). Written atomically.
+On top, a summary table and, with ground truth, a per-class plot of Dice and HD95; below, one
+viewer: the chosen sample's 3D surface (predicted, and the true one when known) in world
+millimetres, its input slice with the mask outlined, and its metrics. Picking a sample (the list,
+or a table row) redraws the same plot, so the page holds one WebGL context however many samples it
+shows: browsers keep only about 16 alive and blank the oldest. Each sample is kept as a compact
+entry (`ReportEntry`: vertices to 0.01 mm, faces, the slice as a small PNG), so a writer holds
+little per sample. Built with plotly; its JavaScript is embedded once, so the page works offline.
+Written atomically.
 """
 
 from __future__ import annotations
 
+import base64
 import html
+import io
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -23,7 +31,10 @@ SHOWN = ("dice", "hd95_mm", "assd_mm", "nsd", "chamfer_mm")
 
 @dataclass
 class ReportSample:
-    """What the page shows of one sample (meshes as written: world mm, smoothed if the writer smooths)."""
+    """What the page shows of one sample (meshes as written: world mm, smoothed if the writer smooths).
+
+    ``scored_against``: ``truth`` (a split's label) or ``request mask`` (the 3D mask a request gave).
+    """
 
     stem: str
     case_id: str
@@ -34,41 +45,69 @@ class ReportSample:
     mask: np.ndarray
     truth: Mesh | None = None
     metrics: dict[str, float] | None = None
+    scored_against: str = "truth"
 
 
-def _mesh_trace(mesh: Mesh, name: str, color: str, opacity: float):  # -> go.Mesh3d
-    import plotly.graph_objects as go
+@dataclass
+class ReportEntry:
+    """A sample as the page stores it: plain JSON-ready values (see `entry`)."""
 
-    v, f = mesh.vertices, mesh.faces
-    return go.Mesh3d(x=v[:, 0], y=v[:, 1], z=v[:, 2], i=f[:, 0], j=f[:, 1], k=f[:, 2], name=name,
-                     color=color, opacity=opacity, showlegend=True, flatshading=False)  # fmt: skip
+    stem: str
+    case_id: str
+    class_name: str
+    slice_name: str
+    metrics: dict[str, float] | None
+    scored_against: str
+    view: dict[str, Any] | None  # {"pred": mesh arrays, "truth": mesh arrays | None, "slice": PNG data URI}
 
 
-def _sample_figures(s: ReportSample) -> tuple[str, str]:
-    import plotly.graph_objects as go
+def _mesh_arrays(mesh: Mesh | None) -> dict[str, np.ndarray] | None:
+    """Flat vertices (float32, 0.01 mm) and faces (int32): what the page draws, held compactly."""
+    if mesh is None or mesh.is_empty:
+        return None
+    return {
+        "v": np.round(mesh.vertices, 2).astype(np.float32).ravel(),
+        "f": mesh.faces.astype(np.int32).ravel(),
+    }
 
-    surface = go.Figure()
-    if not s.mesh.is_empty:
-        surface.add_trace(_mesh_trace(s.mesh, "prediction", "#d62728", 1.0 if s.truth is None else 0.75))
-    if s.truth is not None and not s.truth.is_empty:
-        surface.add_trace(_mesh_trace(s.truth, "truth", "#2ca02c", 0.35))
-    surface.update_layout(
-        scene={"aspectmode": "data", "xaxis_title": "R (mm)", "yaxis_title": "A (mm)", "zaxis_title": "S (mm)"},
-        margin={"l": 0, "r": 0, "t": 30, "b": 0},
-        title="surface, world RAS mm" + (" (red: predicted, green: true)" if s.truth is not None else ""),
-    )  # fmt: skip
-    image = np.asarray(s.image, dtype=float)
-    plane = go.Figure(go.Heatmap(z=image.T, colorscale="gray", showscale=False))
-    plane.add_trace(go.Contour(z=np.asarray(s.mask, dtype=float).T, contours={"start": 0.5, "end": 0.5,
-                    "coloring": "lines"}, colorscale=[[0, "#d62728"], [1, "#d62728"]], line={"width": 2},
-                    showscale=False))  # fmt: skip
-    plane.update_layout(
-        title=f"input slice {s.slice_name} and its mask", margin={"l": 0, "r": 0, "t": 30, "b": 0},
-        yaxis={"scaleanchor": "x", "autorange": "reversed"},
-    )  # fmt: skip
-    size = {"full_html": False, "include_plotlyjs": False, "default_width": "100%", "default_height": "420px",
-            "config": {"responsive": True}}  # fmt: skip
-    return surface.to_html(**size), plane.to_html(**size)
+
+def _view_json(view: dict[str, Any]) -> dict[str, Any]:
+    def mesh(m: dict[str, np.ndarray] | None) -> dict[str, list] | None:
+        return (
+            None
+            if m is None
+            else {"v": np.round(m["v"].astype(np.float64), 2).tolist(), "f": m["f"].tolist()}
+        )
+
+    return {"pred": mesh(view["pred"]), "truth": mesh(view["truth"]), "slice": view["slice"]}
+
+
+def slice_png(image: np.ndarray, mask: np.ndarray) -> str:
+    """The input slice (grey) with its mask's outline in red, as a PNG data URI (rows = the slice's
+    second axis, as the previews show it)."""
+    from PIL import Image
+    from scipy.ndimage import binary_erosion
+
+    img = np.nan_to_num(np.asarray(image, dtype=np.float64).T)
+    lo, hi = float(img.min()), float(img.max())
+    grey = ((img - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(img)).astype(np.uint8)
+    rgb = np.repeat(grey[..., None], 3, axis=-1)
+    m = np.asarray(mask, dtype=bool).T
+    rgb[m & ~binary_erosion(m)] = (214, 39, 40)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def entry(s: ReportSample, view: bool = True) -> ReportEntry:
+    """The compact form of a sample; ``view=False`` keeps its table row only."""
+    shown = {
+        "pred": _mesh_arrays(s.mesh),
+        "truth": _mesh_arrays(s.truth),
+        "slice": slice_png(s.image, s.mask),
+    }
+    return ReportEntry(s.stem, s.case_id, s.class_name, s.slice_name, s.metrics, s.scored_against,
+                       shown if view else None)  # fmt: skip
 
 
 def _fmt(value: float | None) -> str:
@@ -77,81 +116,119 @@ def _fmt(value: float | None) -> str:
     return "failed" if math.isinf(value) else f"{value:.3f}"
 
 
-def _table(samples: list[ReportSample]) -> str:
-    scored = any(s.metrics for s in samples)
+def _table(entries: list[ReportEntry]) -> str:
+    scored = any(e.metrics for e in entries)
     head = (
         "<tr><th>sample</th><th>case</th><th>class</th><th>slice</th>"
-        + ("".join(f"<th>{m}</th>" for m in SHOWN) if scored else "")
+        + ("".join(f"<th>{m}</th>" for m in SHOWN) + "<th>scored against</th>" if scored else "")
         + "</tr>"
     )
     rows = []
-    for s in samples:
-        cells = [
-            f'<a href="#{html.escape(s.stem)}">{html.escape(s.stem)}</a>',
-            s.case_id,
-            s.class_name,
-            s.slice_name,
-        ]
-        cells = [cells[0], *map(html.escape, cells[1:])]
+    for e in entries:
+        name = html.escape(e.stem)
+        first = f'<a href="#{name}">{name}</a>' if e.view else name
+        cells = [first, *map(html.escape, (e.case_id, e.class_name, e.slice_name))]
         if scored:
-            cells += [_fmt((s.metrics or {}).get(m)) for m in SHOWN]
+            cells += [_fmt((e.metrics or {}).get(m)) for m in SHOWN]
+            cells.append(html.escape(e.scored_against) if e.metrics else "-")
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     return f"<table>{head}{''.join(rows)}</table>"
 
 
-def _per_class(samples: list[ReportSample]) -> str:
+def _per_class(entries: list[ReportEntry]) -> str:
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    classes = sorted({s.class_name for s in samples if s.metrics})
+    classes = sorted({e.class_name for e in entries if e.metrics})
     if not classes:
         return ""
     fig = make_subplots(rows=1, cols=2, subplot_titles=("Dice per sample", "HD95 (mm) per sample"))
     for c in classes:
-        values = [s.metrics for s in samples if s.class_name == c and s.metrics]
+        values = [e.metrics for e in entries if e.class_name == c and e.metrics]
         dice = [v["dice"] for v in values if math.isfinite(v.get("dice", math.nan))]
         hd95 = [v["hd95_mm"] for v in values if math.isfinite(v.get("hd95_mm", math.nan))]
         fig.add_trace(go.Box(y=dice, name=c, boxpoints="all", showlegend=False), row=1, col=1)
         fig.add_trace(go.Box(y=hd95, name=c, boxpoints="all", showlegend=False), row=1, col=2)
     fig.update_layout(height=380, margin={"l": 40, "r": 10, "t": 40, "b": 80})
-    return fig.to_html(full_html=False, include_plotlyjs=False)
+    return '<div id="per-class">' + fig.to_html(full_html=False, include_plotlyjs=False) + "</div>"
 
 
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:24px;color:#222}
 table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
 td:nth-child(-n+4),th:nth-child(-n+4){text-align:left}
-.sample{border-top:2px solid #888;margin-top:28px;padding-top:8px}
-.row{display:grid;grid-template-columns:1fr 1fr;gap:16px}.row>div{min-width:0;overflow:hidden}
+#viewer{border-top:2px solid #888;border-bottom:2px solid #888;margin:20px 0;padding:8px 0}
+.row{display:grid;grid-template-columns:3fr 2fr;gap:16px}.row>div{min-width:0;overflow:hidden}
+#slice{width:100%;image-rendering:pixelated;border:1px solid #ccc}
 .note{color:#666;font-size:13px}
 """
 
+SCRIPT = """
+const data = JSON.parse(document.getElementById('report-data').textContent);
+const pick = document.getElementById('pick');
+function mesh(m, name, color, opacity) {
+  const x = [], y = [], z = [], i = [], j = [], k = [];
+  for (let n = 0; n < m.v.length; n += 3) { x.push(m.v[n]); y.push(m.v[n + 1]); z.push(m.v[n + 2]); }
+  for (let n = 0; n < m.f.length; n += 3) { i.push(m.f[n]); j.push(m.f[n + 1]); k.push(m.f[n + 2]); }
+  return {type: 'mesh3d', x, y, z, i, j, k, name, color, opacity, showlegend: true};
+}
+function show(stem) {
+  const s = data.find(d => d.stem === stem);
+  if (!s) return;
+  pick.value = stem;
+  const traces = [];
+  if (s.view.pred) traces.push(mesh(s.view.pred, 'prediction', '#d62728', s.view.truth ? 0.75 : 1.0));
+  if (s.view.truth) traces.push(mesh(s.view.truth, 'truth', '#2ca02c', 0.35));
+  const title = 'surface, world RAS mm' + (s.view.truth ? ' (red: predicted, green: true)' : '')
+    + (s.view.pred ? '' : ' (empty prediction)');
+  Plotly.react('surface', traces, {title, margin: {l: 0, r: 0, t: 30, b: 0}, height: 460,
+    scene: {aspectmode: 'data', xaxis: {title: 'R (mm)'}, yaxis: {title: 'A (mm)'}, zaxis: {title: 'S (mm)'}}},
+    {responsive: true});
+  document.getElementById('slice').src = s.view.slice;
+  document.getElementById('slice-title').textContent = 'input slice ' + s.slice_name + ' and its mask (red)';
+  document.getElementById('metrics').textContent = s.metrics_text;
+}
+pick.addEventListener('change', () => { history.replaceState(null, '', '#' + pick.value); show(pick.value); });
+window.addEventListener('hashchange', () => {
+  show(decodeURIComponent(location.hash.slice(1)));
+  document.getElementById('viewer').scrollIntoView();
+});
+show(decodeURIComponent(location.hash.slice(1)) || (data.length ? data[0].stem : ''));
+"""
 
-def write_report(path: str | Path, samples: list[ReportSample], title: str, max_views: int = 40) -> Path:
-    """Write the page; samples beyond ``max_views`` are listed in the table only (keeps the file small)."""
+
+def _metrics_text(e: ReportEntry) -> str:
+    if not e.metrics:
+        return "no ground truth: not scored"
+    return " · ".join(f"{m} {_fmt(e.metrics.get(m))}" for m in SHOWN) + f" (against the {e.scored_against})"
+
+
+def write_report(path: str | Path, samples: list[ReportSample | ReportEntry], title: str) -> Path:
+    """Write the page for ``samples`` (full samples, or entries already made compact by `entry`)."""
     from plotly.offline import get_plotlyjs
 
+    entries = [s if isinstance(s, ReportEntry) else entry(s) for s in samples]
+    viewed = [e for e in entries if e.view]
+    payload = [{"stem": e.stem, "slice_name": e.slice_name, "metrics_text": _metrics_text(e),
+                "view": _view_json(e.view)} for e in viewed if e.view]  # fmt: skip
+    data = json.dumps(payload, allow_nan=False).replace("</", "<\\/")  # no early end of the script element
+    options = "".join(f'<option value="{html.escape(e.stem)}">{html.escape(e.stem)}</option>' for e in viewed)
+    hidden = len(entries) - len(viewed)
     parts = [f"<h1>{html.escape(title)}</h1>",
-             f'<p class="note">{len(samples)} sample{"s" if len(samples) != 1 else ""}; meshes in world RAS '
+             f'<p class="note">{len(entries)} sample{"s" if len(entries) != 1 else ""}; meshes in world RAS '
              "millimetres; metrics on the scan's own grid, computed before any smoothing of the written "
              "meshes.</p>",
-             _per_class(samples), _table(samples)]  # fmt: skip
-    for s in samples[:max_views]:
-        surface, plane = _sample_figures(s)
-        metrics = (
-            " &middot; ".join(f"{m} {_fmt(s.metrics.get(m))}" for m in SHOWN)
-            if s.metrics
-            else "no ground truth"
-        )
-        parts.append(
-            f'<div class="sample" id="{html.escape(s.stem)}"><h3>{html.escape(s.stem)}</h3>'
-            f'<p class="note">{metrics}</p><div class="row"><div>{surface}</div><div>{plane}</div></div></div>'
-        )
-    if len(samples) > max_views:
-        parts.append(f'<p class="note">{len(samples) - max_views} more samples are in the table only.</p>')
+             _per_class(entries),
+             '<div id="viewer"><p>sample <select id="pick">' + options + "</select> "
+             '<span class="note">(or pick one in the table below)</span></p>'
+             '<p class="note" id="metrics"></p><div class="row"><div id="surface"></div>'
+             '<div><p class="note" id="slice-title"></p><img id="slice" alt="input slice"></div></div></div>',
+             f'<p class="note">{hidden} more samples are in the table only.</p>' if hidden else "",
+             _table(entries)]  # fmt: skip
     page = (
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
         f"<style>{STYLE}</style><script type='text/javascript'>{get_plotlyjs()}</script></head>"
-        f"<body>{''.join(parts)}</body></html>"
+        f"<body>{''.join(parts)}<script type='application/json' id='report-data'>{data}</script>"
+        f"<script>{SCRIPT}</script></body></html>"
     )
     return atomic_write(Path(path), lambda tmp: tmp.write_text(page, encoding="utf-8"))

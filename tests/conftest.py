@@ -83,3 +83,27 @@ def config_file(tmp_path: Path) -> Callable[..., Path]:
         return write_yaml(cfg, tmp_path / f"{name}.yaml")
 
     return make
+
+
+@pytest.fixture(scope="session")
+def phantoms(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Four 48 x 48 x 32 heart phantoms, written once per session. Shared: tests read them (their
+    cache entries are shared as any data root's are) and copy them before breaking anything."""
+    from lora_sam3d.data import write_phantoms
+
+    root = tmp_path_factory.mktemp("phantoms") / "data"
+    write_phantoms(root, n_cases=4, shape=(48, 48, 32))
+    return root
+
+
+@pytest.fixture(scope="session")
+def lora_run(tmp_path_factory: pytest.TempPathFactory, phantoms: Path) -> Path:
+    """A real two-epoch LoRA fit through the command on `phantoms` (`run_config`), once per session:
+    ``checkpoints/{epoch=0,epoch=1,last}.ckpt``, ``checkpoints/adapter-{last,best}/``, ``lightning_logs``.
+    Tests read it; a test that writes beside it uses its own folder."""
+    from lora_sam3d.cli import main
+
+    out = tmp_path_factory.mktemp("lora-run")
+    config = write_yaml(run_config(out / "run", phantoms, epochs=2), out / "run.yaml")
+    assert main(["fit", "--config", str(config)]) == 0
+    return out / "run"

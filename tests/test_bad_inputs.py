@@ -283,7 +283,18 @@ def fit_with(setup: Setup, name: str, edit: Callable[[dict], None]) -> list[str]
 def predict_from(
     setup: Setup, name: str, ckpt: Path | str, edit: Callable[[dict], None] | None = None
 ) -> list[str]:
-    return ["predict", "--config", setup.config(name, edit), "--ckpt_path", str(ckpt)]
+    """``predict`` from ``ckpt`` with the quiet config (changed by ``edit``), writing predictions to
+    a folder of its own (the trained run's folder holds the outputs of the set-up's predict)."""
+
+    def own_folder(cfg: dict) -> None:
+        writer = next(
+            c for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("MeshPredictionWriter")
+        )
+        writer["init_args"]["output_dir"] = str(setup.root / name / "predictions")
+        if edit is not None:
+            edit(cfg)
+
+    return ["predict", "--config", setup.config(name, own_folder), "--ckpt_path", str(ckpt)]
 
 
 def with_adapter(adapter: Path) -> Callable[[dict], None]:
@@ -303,6 +314,10 @@ def predict_items(
     ckpt: Path | str | None = "trained",
     model: dict | None = None,
     root: object = "data",
+    twice: bool = False,
+    modality: str | None = None,
+    extent: dict | None = None,
+    used_folder: bool = False,
     **change: object,
 ) -> list[str]:
     """``predict`` on a good request for test case s0004 (axial file slice 20 of its myocardium), with
@@ -318,14 +333,67 @@ def predict_items(
             "axis": "axial", "index": 20, "class_name": "heart_myocardium"} | change  # fmt: skip
 
     def edit(cfg: dict) -> None:
-        cfg["data"].update(predict_items=[item], num_workers=workers)
-        if root is None:  # a predict-only config: no data folder, no classes
-            del cfg["data"]["root"], cfg["data"]["classes"]
+        cfg["data"].update(predict_items=[item, item] if twice else [item], num_workers=workers)
+        if modality:
+            cfg["data"]["modality"] = modality
+        if extent:
+            cfg["data"]["extent_mm"] = extent
+        if root is None:  # a predict-only config: no data folder, no classes, no model settings
+            del (
+                cfg["data"]["root"],
+                cfg["data"]["classes"],
+                cfg["model"]["base_checkpoint"],
+                cfg["model"]["decoder"],
+            )
         cfg["model"].update(model or {})
+        # each request writes a folder of its own, but the one about the trained run's (holding its predict)
+        writer = next(
+            c for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("MeshPredictionWriter")
+        )
+        writer["init_args"]["output_dir"] = str(
+            s.out / "predictions" if used_folder else s.root / name / "predictions"
+        )
 
     if ckpt is None:
         return ["predict", "--config", s.config(name, edit)]
     return predict_from(s, name, s.ckpt if ckpt == "trained" else ckpt, edit)
+
+
+def nan_voxel(path: Path) -> None:
+    img = nib.load(str(path))
+    data = np.asarray(img.dataobj).astype(np.float32)
+    data[1, 1, 1] = np.nan
+    save_nifti(data, img.affine, path)
+
+
+def halved_mask(s: Setup) -> Path:
+    """s0004's myocardium mask written as float 0.5 where the structure is."""
+    src = nib.load(str(s.data / "s0004" / "segmentations" / "heart_myocardium.nii.gz"))
+    path = s.root / "half.nii.gz"
+    save_nifti((np.asarray(src.dataobj) > 0).astype(np.float32) * 0.5, src.affine, path)
+    return path
+
+
+def jpeg_mask(s: Setup) -> Path:
+    from PIL import Image
+
+    mask = np.asarray(nib.load(str(s.data / "s0004" / "segmentations" / "heart_myocardium.nii.gz")).dataobj)[
+        :, :, 20
+    ]
+    path = s.root / "slice.jpg"
+    Image.fromarray((mask > 0).astype(np.uint8) * 255).save(path)
+    return path
+
+
+def moved_base_adapter(s: Setup) -> Path:
+    """The trained adapter, its model.json naming a base file that has since moved away."""
+    folder = s.root / "adapter-moved"
+    if not folder.exists():
+        shutil.copytree(s.adapter, folder)
+        stored = json.loads((folder / "model.json").read_text())
+        stored["base_checkpoint"] = str(s.root / "moved" / "shapes.safetensors")
+        (folder / "model.json").write_text(json.dumps(stored))
+    return folder
 
 
 def no_contract(path: Path) -> None:
@@ -347,7 +415,9 @@ def one_stage(path: Path) -> None:
     """What a checkpoint of the one-stage design holds: no design tag, decoder LoRA tensors only."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     ckpt["lora_sam3d"].pop("design")
-    ckpt["state_dict"] = {k: v for k, v in ckpt["state_dict"].items() if k.startswith("decoder.")}
+    ckpt["state_dict"] = {
+        k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.decoder.")
+    }
     hparams = ckpt["hyper_parameters"]
     for key in ("structure", "structure_finetune", "active_margin", "train_active", "max_active_voxels"):
         hparams.pop(key, None)
@@ -359,7 +429,7 @@ def base_replaced(s: Setup) -> list[str]:
     """Fit on a copy of the shipped base, then change that file: its checkpoint no longer fits it."""
     from safetensors.torch import load_file, save_file
 
-    from lora_sam3d.checkpoint_io import resolve_checkpoint
+    from lora_sam3d.weights import resolve_checkpoint
 
     base = s.root / "replaced" / "shapes.safetensors"
     base.parent.mkdir(parents=True, exist_ok=True)
@@ -373,7 +443,11 @@ def base_replaced(s: Setup) -> list[str]:
     weights = load_file(str(base))
     weights["out_layer.bias"] = weights["out_layer.bias"] + 0.01
     save_file(weights, str(base))
-    return predict_from(s, "replaced-predict", s.root / "replaced" / "checkpoints" / "last.ckpt")
+
+    def stored_base(cfg: dict) -> None:  # the checkpoint's own base path, as a predict config leaves it
+        del cfg["model"]["base_checkpoint"]
+
+    return predict_from(s, "replaced-predict", s.root / "replaced" / "checkpoints" / "last.ckpt", stored_base)
 
 
 def rewrite_rank(adapter: Path, rank: int) -> None:
@@ -495,7 +569,7 @@ RUN_CASES: dict[str, tuple[Callable[[Setup], list[str]], str]] = {
     ),
     "base replaced since training": (
         base_replaced,
-        r"trained on another base .*base_checkpoint was '.*replaced/shapes\.safetensors'",
+        r"trained on another base .*stored in the checkpoint is '.*replaced/shapes\.safetensors'",
     ),
     # adapters
     "missing adapter": (
@@ -541,7 +615,7 @@ RUN_CASES: dict[str, tuple[Callable[[Setup], list[str]], str]] = {
     # reconstruction requests on new scans (data.predict_items)
     "predict item image missing": (
         lambda s: predict_items(s, "p1", image=str(s.root / "scan.nii.gz")),
-        r"predict item 1 \(heart_myocardium in .*scan\.nii\.gz\): image .*scan\.nii\.gz does not exist$",
+        r"predict item 1 \(heart_myocardium in .*scan\.nii\.gz, axial index 20\): image .*scan\.nii\.gz does not exist$",
     ),
     "predict item axis": (
         lambda s: predict_items(s, "p2", axis=3),
@@ -553,7 +627,7 @@ RUN_CASES: dict[str, tuple[Callable[[Setup], list[str]], str]] = {
     ),
     "predict item slice outside the file": (
         lambda s: predict_items(s, "p3", index=500),
-        r"predict item 1 \(heart_myocardium in .*s0004/ct\.nii\.gz\): index 500 is outside the file's axial axis "
+        r"predict item 1 \(heart_myocardium in .*s0004/ct\.nii\.gz, axial index 500\): index 500 is outside the file's axial axis "
         r"\(file axis 2, slices 0\.\.31\)$",
     ),
     "predict item position outside the scan": (
@@ -578,12 +652,12 @@ RUN_CASES: dict[str, tuple[Callable[[Setup], list[str]], str]] = {
         lambda s: predict_items(s, "p5", mask=str(s.root / "empty_mask.nii.gz")),
         r"predict item 1 .*: mask .*empty_mask\.nii\.gz has no voxels on axial20 \(file axis 2, index 20\)$",
     ),
-    "predict item error in a DataLoader worker": (
+    "predict item truncated image (found before the workers start)": (
         lambda s: predict_items(
             s, "p7", image=str(broken_copy(s, s.data / "s0004" / "ct.nii.gz", "p7", truncate)), workers=2
         ),
-        r"DataError: predict item 1 \(image .*p7/ct\.nii\.gz, .*\): .*cannot be read \(truncated or corrupt\?\).* "
-        r"\(in a DataLoader worker\)$",
+        r"DataError: predict item 1 \(heart_myocardium in .*p7/ct\.nii\.gz, axial index 20\): image .*p7/ct\.nii\.gz "
+        r"cannot be read \(truncated or corrupt\?\)",
     ),
     "predict item unknown class": (
         lambda s: predict_items(s, "p6", class_name="liver"),
@@ -602,6 +676,7 @@ RUN_CASES: dict[str, tuple[Callable[[Setup], list[str]], str]] = {
             s,
             "p9",
             ckpt=None,
+            root=None,  # the base the first adapter's model.json names (the replaced file)
             model={"adapters": {"heart_myocardium": str(s.adapter), "heart_*": str(replaced_adapter(s))}},
         ),
         r"load_adapter: .*replaced/checkpoints/adapter-last was trained on another base model",
@@ -609,6 +684,55 @@ RUN_CASES: dict[str, tuple[Callable[[Setup], list[str]], str]] = {
     "checkpoint without stored data settings": (
         lambda s: predict_items(s, "p10", ckpt=broken_copy(s, s.ckpt, "p10", no_contract), root=None),
         r"predict item 1 .*: class 'heart_myocardium' has no frame extent; known: \[\] \(set data\.extent_mm",
+    ),
+    # users' own files and folders
+    "predict into a folder an earlier predict wrote": (
+        lambda s: predict_items(s, "p11", used_folder=True),
+        r"FileExistsError: .*good/predictions holds the outputs of an earlier predict \(\d+ files, e\.g\. .*\): "
+        r"set overwrite: true on MeshPredictionWriter to replace them, or give another output_dir$",
+    ),
+    "predict item twice": (
+        lambda s: predict_items(s, "p12", twice=True),
+        r"predict items 1 and 2 ask for the same reconstruction \(s0004_heart_myocardium_axial20: same scan",
+    ),
+    "predict item with NaN intensities": (
+        lambda s: predict_items(
+            s, "p13", image=str(broken_copy(s, s.data / "s0004" / "ct.nii.gz", "p13", nan_voxel))
+        ),
+        r"predict item 1 \(heart_myocardium in .*p13/ct\.nii\.gz, axial index 20\): image .* has 1 NaN/inf voxels",
+    ),
+    "predict item fractional float mask": (
+        lambda s: predict_items(s, "p14", mask=str(halved_mask(s))),
+        r"predict item 1 .*: mask .*half\.nii\.gz has \d+ voxels that are not integers \(e\.g\. \[0\.5\]\)",
+    ),
+    "predict item JPEG mask": (
+        lambda s: predict_items(s, "p15", mask=str(jpeg_mask(s))),
+        r"predict item 1 .*: mask .*slice\.jpg is a JPEG: its lossy compression blurs the mask's edge",
+    ),
+    "predict item unsafe class name": (
+        lambda s: predict_items(s, "p16", class_name="../outside"),
+        r"predict item 1 .*: class_name: class names \['\.\./outside'\] are not safe file-name parts",
+    ),
+    "extent_mm unsafe class name": (
+        lambda s: predict_items(s, "p17", extent={"../outside": 50.0}),
+        r"data\.extent_mm: class names \['\.\./outside'\] are not safe file-name parts",
+    ),
+    "class matched by two adapter patterns": (
+        lambda s: predict_items(
+            s, "p18", ckpt=None, model={"adapters": {"heart_*": str(s.adapter), "heart_m*": str(s.adapter)}}
+        ),
+        r"predict item 1: class 'heart_myocardium' matches 2 patterns of model\.adapters \(\['heart_\*', 'heart_m\*'\]\)",
+    ),
+    "preprocessing against the checkpoint's": (
+        lambda s: predict_items(s, "p19", modality="mr"),
+        r"data\.modality is 'mr' but the checkpoint .*last\.ckpt was trained with 'ct': a model reads scans the way",
+    ),
+    "adapter whose base moved": (
+        lambda s: predict_items(
+            s, "p20", ckpt=None, root=None, model={"adapter": str(moved_base_adapter(s))}
+        ),
+        r"base checkpoint .*moved/shapes\.safetensors \(the path stored in .*adapter-moved/model\.json\) does not "
+        r"exist; if it moved, give its new path with --model\.base_checkpoint$",
     ),
     # export
     "export of a missing checkpoint": (
@@ -650,9 +774,9 @@ def load_ckpt(path: Path, **override: object) -> None:
 
 def load_adapter_into(adapter: Path, **lora: object) -> None:
     """The adapter loaded into the shipped base injected with LoRA of the given settings."""
-    from lora_sam3d.checkpoint_io import resolve_checkpoint
     from lora_sam3d.lora import LoRAConfig, inject_lora, load_adapter
     from lora_sam3d.models import SLatMeshDecoder
+    from lora_sam3d.weights import resolve_checkpoint
 
     size = TEST_DECODER | {"latent_channels": 8}
     decoder = SLatMeshDecoder.from_pretrained(resolve_checkpoint("builtin:shapes"), **size)
@@ -676,12 +800,12 @@ API_CASES: dict[str, tuple[Callable[[Setup], None], type[Exception], str]] = {
     "checkpoint with other trained heads": (
         lambda s: load_ckpt(s.ckpt, unfreeze=["out_layer"]),
         ValueError,
-        r"missing keys \['decoder\.out_layer\.bias'",
+        r"missing keys \['model\.decoder\.out_layer\.bias'",
     ),
     "checkpoint of another base": (
         lambda s: load_ckpt(s.ckpt, base_checkpoint=None),
         ValueError,
-        r"trained on another base .*base_checkpoint was 'builtin:shapes'",
+        r"trained on another base .*stored in the checkpoint is 'builtin:shapes'",
     ),
     "LoRA checkpoint where a full fine-tune is expected": (
         lambda s: load_ckpt(s.ckpt, finetune="full"),

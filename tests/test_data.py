@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -304,13 +307,77 @@ def test_cache_rebuilds_only_what_changed_and_removes_nothing(
     assert sorted(stale) == sorted(n for n in before if n.startswith("s0002")), "both runs' s0002 entries"
     assert all("s0002/ct.nii.gz changed" in why for why in stale.values())
 
+    backdate(cache, days=0.01)  # no run is reading them now
     assert main(["cache", "--cache-dir", str(cache), "--stale", "--dry-run"]) == 0
     assert capsys.readouterr().out.count("would remove") == 2 and len(cache_entries(cache)) == 11
     assert main(["cache", "--cache-dir", str(cache), "--stale"]) == 0
     assert set(entries) - {p.name for p in cache.iterdir()} == set(stale), "exactly the stale entries went"
     assert main(["cache", "--root", str(root)]) == 2, "no <root>/.cache here: an error, not an empty list"
-    assert main(["cache", "--cache-dir", str(cache), "--unused-days", "0"]) == 0
-    assert not cache_entries(cache)
+
+
+def backdate(cache: Path, days: float, names: set[str] | None = None) -> None:
+    """Set the last use of cache entries (all, or ``names``) ``days`` ago, as if no run had read them since."""
+    when = time.time() - days * 86400
+    for entry in cache.iterdir():
+        if entry.is_dir() and not entry.name.startswith(".") and (names is None or entry.name in names):
+            os.utime(entry / "meta.json", (when, when))
+
+
+def test_cache_listing_unused_days_and_every_stale_reason(
+    phantom_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`lora-sam3d cache` lists every entry with its size, last use and classes; ``--unused-days N``
+    removes the entries unused for N days and no other; each stale reason is named; an entry a run
+    is reading (its stamp kept fresh by `CachedCase.in_use`) is never removed."""
+    from lora_sam3d.cli import main
+    from lora_sam3d.data.cache import STALE_BUILD_S, CachedCase, cache_entries
+
+    root = tmp_path / "data"
+    shutil.copytree(phantom_root, root, ignore=shutil.ignore_patterns("s0004", "s0005", ".cache"))
+    cache = tmp_path / "cache"
+    TS_SAM3D_Dataset(root, ["heart_myocardium"], resolution=8, spacing=2.0, cache_dir=cache)
+    names = sorted(p.name for p in cache.iterdir() if p.is_dir())
+    assert [n.split("-")[0] for n in names] == ["s0001", "s0002", "s0003"]
+    assert main(["cache", "--cache-dir", str(cache)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4 and all(
+        line.startswith("kept") and "heart_myocardium" in line for line in lines[:3]
+    )
+    assert re.search(r"^3 entries, [\d.]+ MiB in .*; freed 0\.0 MiB$", lines[3]), lines[3]
+
+    backdate(cache, 5.0, {names[0]})
+    backdate(cache, 1.0, {names[1]})
+    backdate(cache, 9.0, {names[2]})
+    CachedCase(cache / names[2]).sdf(0)  # a running fit reads this entry: its stamp is fresh again
+    assert main(["cache", "--cache-dir", str(cache), "--unused-days", "3"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(rf"^removed +{names[0]} .*unused for 3\+ days$", out, re.M), out
+    assert sorted(p.name for p in cache.iterdir() if p.is_dir()) == names[1:], "1 day unused and in use: kept"
+
+    (root / "s0002" / "segmentations" / "heart_myocardium.nii.gz").unlink()  # gone
+    meta = json.loads((cache / names[2] / "meta.json").read_text())
+    meta["version"] = -1  # written by an older version
+    (cache / names[2] / "meta.json").write_text(json.dumps(meta))
+    killed = cache / ".s0003-killed-build"
+    killed.mkdir()
+    (killed / "image.npy").write_bytes(b"half")
+    old = time.time() - STALE_BUILD_S - 60
+    os.utime(killed, (old, old))
+    backdate(cache, 0.5)
+    reasons = {e.path.name: e.stale for e in cache_entries(cache)}
+    assert reasons[names[1]].startswith("source ") and reasons[names[1]].endswith(
+        "heart_myocardium.nii.gz is gone"
+    )
+    assert reasons[names[2]] == f"cache format -1 (this version reads {meta_version()})"
+    assert reasons[killed.name] == "interrupted build"
+    assert main(["cache", "--cache-dir", str(cache), "--stale"]) == 0
+    assert not [p for p in cache.iterdir() if p.is_dir()], capsys.readouterr().out
+
+
+def meta_version() -> int:
+    from lora_sam3d.data.cache import CACHE_VERSION
+
+    return CACHE_VERSION
 
 
 def test_concurrent_builders_of_one_cache_both_succeed(phantom_root: Path, tmp_path: Path) -> None:
@@ -323,14 +390,20 @@ def test_concurrent_builders_of_one_cache_both_succeed(phantom_root: Path, tmp_p
         "import sys, time\n"
         "from pathlib import Path\n"
         "from lora_sam3d.data import HEART_CLASSES, TS_SAM3D_Dataset\n"
+        f"Path({str(tmp_path)!r}, 'ready-' + sys.argv[1]).touch()\n"
         f"while not Path({str(go)!r}).exists(): time.sleep(0.01)\n"
         f"ds = TS_SAM3D_Dataset({str(phantom_root)!r}, HEART_CLASSES, resolution=8, spacing=1.7,"
         f" cache_dir={str(tmp_path / 'cache')!r})\n"
         "print(len(ds))\n"
     )
-    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for _ in range(2)]  # fmt: skip
-    time.sleep(3.0)  # both imported and waiting
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(k)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for k in range(2)]  # fmt: skip
+    deadline = time.time() + 120
+    while not all((tmp_path / f"ready-{k}").exists() for k in range(2)):  # a barrier: both imported, waiting
+        assert time.time() < deadline and all(p.poll() is None for p in procs), (
+            "a builder died before the start"
+        )
+        time.sleep(0.01)
     go.touch()
     results = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [err[-800:] for _, err in results]

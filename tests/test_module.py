@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from lora_sam3d.checkpoint_io import save_module_adapter
-from lora_sam3d.data import TSDataModule, collate, write_phantoms
+from lora_sam3d.callbacks import save_adapter_of
+from lora_sam3d.data import TSDataModule, collate
 from lora_sam3d.latent import SliceUnprojection
 from lora_sam3d.lora import lora_layers
 from lora_sam3d.models.structure import active_latent, surface_band
@@ -23,10 +23,8 @@ CLASSES = ["heart_ventricle_left", "heart_myocardium"]
 
 
 @pytest.fixture(scope="module")
-def datamodule(tmp_path_factory: pytest.TempPathFactory) -> TSDataModule:
-    root = tmp_path_factory.mktemp("mod") / "data"
-    write_phantoms(root, n_cases=4, shape=(48, 48, 32))
-    dm = TSDataModule(str(root), CLASSES, resolution=8, spacing=2.0, batch_size=2, eval_sampling="central",
+def datamodule(phantoms: Path) -> TSDataModule:
+    dm = TSDataModule(str(phantoms), CLASSES, resolution=8, spacing=2.0, batch_size=2, eval_sampling="central",
                       samples_per_class=2)  # fmt: skip
     dm.prepare_data()
     dm.setup("fit")
@@ -46,9 +44,9 @@ def test_optimizer_gets_only_lora_and_unfrozen(datamodule: TSDataModule, tmp_pat
     params = {id(p) for group in t.optimizers[0].param_groups for p in group["params"]}
     names = sorted(n for n, p in module.named_parameters() if id(p) in params)
     expected = sorted(
-        [f"decoder.{n}.lora_{ab}" for n in lora_layers(module.decoder) for ab in "AB"]
-        + [f"structure.{n}.lora_{ab}" for n in lora_layers(module.structure) for ab in "AB"]
-        + ["decoder.out_layer.weight", "decoder.out_layer.bias"]
+        [f"model.decoder.{n}.lora_{ab}" for n in lora_layers(module.decoder) for ab in "AB"]
+        + [f"model.structure.{n}.lora_{ab}" for n in lora_layers(module.structure) for ab in "AB"]
+        + ["model.decoder.out_layer.weight", "model.decoder.out_layer.bias"]
     )
     assert names == expected
     assert len(lora_layers(module.structure)) == 11, "every convolution of stage 1 has an adapter"
@@ -64,7 +62,7 @@ def test_optimizer_gets_only_lora_and_unfrozen(datamodule: TSDataModule, tmp_pat
 def test_adapter_folder_reproduces_the_model(datamodule: TSDataModule, tmp_path: Path) -> None:
     module = LoRAMeshDecoderModule(decoder=DECODER, classes=CLASSES, unfreeze=["out_layer"])
     trainer(tmp_path).fit(module, datamodule=datamodule)
-    save_module_adapter(module, tmp_path / "adapter")
+    save_adapter_of(module, tmp_path / "adapter")
     assert (tmp_path / "adapter" / "structure" / "adapter_model.safetensors").is_file()
     again = LoRAMeshDecoderModule(decoder=DECODER, classes=CLASSES, adapter=str(tmp_path / "adapter"))
     again.configure_adapters()
@@ -152,7 +150,7 @@ def test_shipped_base_decoder_loads() -> None:
     )  # fmt: skip
     assert "lora-sam3d fit --config configs/pretrain_shapes.yaml" in meta["command"]
     assert module.decoder.out_layer.weight.abs().sum() > 0, "trained weights, not the zero-initialised head"
-    assert module.structure_in_base, "stage 1 ships with the base"
+    assert module.model.structure_in_base, "stage 1 ships with the base"
     random = LoRAMeshDecoderModule(decoder=dict(resolution=16, model_channels=64, num_blocks=4, num_heads=4,
                                                 num_groups=8), classes=CLASSES)  # fmt: skip
     assert not torch.equal(module.structure.head.weight, random.structure.head.weight)
@@ -218,7 +216,7 @@ class PoisonedGradients(LoRAMeshDecoderModule):
 
 def test_nonfinite_gradients_raise_or_skip_the_step(datamodule: TSDataModule, tmp_path: Path) -> None:
     with pytest.raises(
-        FloatingPointError, match=r"non-finite gradients at step 1 in 1 tensors: \['decoder\."
+        FloatingPointError, match=r"non-finite gradients at step 1 in 1 tensors: \['model\.decoder\."
     ):
         trainer(tmp_path, limit_train_batches=2).fit(
             PoisonedGradients(**TRAINS, classes=CLASSES), datamodule=datamodule
@@ -262,7 +260,7 @@ def test_callbacks_pick_finite_scores_and_merge_at_the_end(datamodule: TSDataMod
 
     merged_file = tmp_path / "decoder-merged.safetensors"
     tensors = load_file(str(merged_file))
-    decoder = SLatMeshDecoder(**module.decoder_config)
+    decoder = SLatMeshDecoder(**module.model.decoder_config)
     decoder.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("structure.")})
     batch = collate([datamodule.datasets["val"][i] for i in range(2)])
     module.eval()
@@ -302,3 +300,70 @@ def test_writer_formats_and_coordinate_systems(datamodule: TSDataModule, tmp_pat
         assert np.array_equal(flipped, np.unique(np.round(ras.vertices, 3), axis=0))
         again = trimesh.load(obj, file_type="obj", process=False)
         np.testing.assert_allclose(again.vertices, ras.vertices, atol=1e-4)
+
+
+def test_stage_one_trained_fully_and_its_adapter_form(datamodule: TSDataModule, tmp_path: Path) -> None:
+    """``structure_finetune: full``: the optimizer gets all of stage 1 (no adapters there) beside the
+    decoder's LoRA; the adapter folder carries stage 1 as full weights, and loading it switches a new
+    module to that mode and reproduces the model."""
+    module = LoRAMeshDecoderModule(
+        decoder=DECODER, classes=CLASSES, structure_finetune="full", unfreeze=["out_layer"]
+    )
+    before = {k: v.clone() for k, v in module.model.structure.state_dict().items()}
+    t = trainer(tmp_path)
+    t.fit(module, datamodule=datamodule)
+    params = {id(p) for group in t.optimizers[0].param_groups for p in group["params"]}
+    trained = {n for n, p in module.named_parameters() if id(p) in params}
+    stage1 = {f"model.structure.{n}" for n, _ in module.model.structure.named_parameters()}
+    assert not lora_layers(module.model.structure) and stage1 <= trained
+    assert trained - stage1 == {
+        n for n in trained if n.startswith("model.decoder.") and ("lora_" in n or "out_layer" in n)
+    }
+    assert any(not torch.equal(v, before[k]) for k, v in module.model.structure.state_dict().items())
+    save_adapter_of(module, tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "structure.safetensors").is_file()
+    assert not (tmp_path / "adapter" / "structure").exists()
+    again = LoRAMeshDecoderModule(decoder=DECODER, classes=CLASSES, adapter=str(tmp_path / "adapter"))
+    assert again.hparams.structure_finetune == "full", "the adapter folder says how stage 1 was trained"
+    again.configure_adapters()
+    batch = collate([datamodule.datasets["val"][i] for i in range(2)])
+    with torch.no_grad():
+        torch.testing.assert_close(again.eval()(batch).sdf, module.eval()(batch).sdf)
+
+
+def test_precomputed_latents_replace_stage_one(datamodule: TSDataModule, tmp_path: Path) -> None:
+    """``latent_encoder: precomputed``: the decoder runs on exactly the exported cells of each sample,
+    validation scores it end to end, and a training step reaches the decoder's adapters only."""
+    from safetensors.torch import save_file
+
+    from lora_sam3d.latent import PrecomputedLatents
+
+    folder = tmp_path / "latents"
+    folder.mkdir()
+    val = datamodule.datasets["val"]
+    cells = 0
+    gen = torch.Generator().manual_seed(0)
+    for i in range(len(val)):
+        s = val[i]
+        band = torch.nonzero(surface_band(s["gt_coarse_occupancy"][None].bool(), 1)[0]).int().contiguous()
+        sid = PrecomputedLatents.sample_id(s["case_id"], s["class_name"], int(s["axis"]), int(s["index"]))
+        save_file(
+            {"coords": band, "feats": torch.randn(len(band), 8, generator=gen)},
+            str(folder / f"{sid}.safetensors"),
+        )
+        cells += len(band) if i < 2 else 0
+    module = LoRAMeshDecoderModule(CLASSES, decoder=DECODER, latent_encoder="precomputed", latents_dir=str(folder),
+                                   structure_finetune="full", unfreeze=["out_layer"])  # fmt: skip
+    module.configure_adapters()
+    seen: list[int] = []
+    module.decoder.register_forward_hook(lambda _m, args, _o: seen.append(args[0].feats.shape[0]))
+    batch = collate([val[i] for i in range(2)])
+    rec = module.train()(batch)
+    assert rec.coarse_logits is None and rec.active is None and seen == [cells]
+    from lora_sam3d.losses import reconstruction_losses
+
+    reconstruction_losses(rec, batch, module.hparams, 32)["loss"].backward()
+    grads = {n for n, p in module.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert grads and all(n.startswith("model.decoder.") for n in grads), "stage 1 is not used"
+    out = trainer(tmp_path).validate(module, datamodule=datamodule)[0]
+    assert 0.0 <= out["val/dice"] <= 1.0 and math.isfinite(out["val/sdf_l1"]), out

@@ -131,3 +131,109 @@ def test_masks_as_users_have_them(case: Path, tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"has no voxels on axial0"):
         request_samples([PredictItem(image, str(tmp_path / "labels.nii.gz"), "heart_ventricle_left", index=0,
                                      label_value=3)])  # fmt: skip
+
+
+def test_masks_are_read_as_training_labels_are(case: Path, tmp_path: Path) -> None:
+    """Float masks with tool noise, a one-slice (X, Y, 1) NIfTI and a palette PNG whose index 0 is
+    the structure give the integer mask's input; fractional values, NaN, JPEG and anti-aliased PNGs
+    are refused with one line naming the file and why."""
+    z, mask2d = lv_slice(case)
+    image = str(case / "ct.nii.gz")
+    img = nib.load(image)
+    lv = np.asarray(nib.load(str(case / "segmentations" / "heart_ventricle_left.nii.gz")).dataobj) > 0
+    noisy = lv.astype(np.float64) + np.random.default_rng(0).uniform(-1e-6, 1e-6, lv.shape)
+    nib.save(nib.Nifti1Image(noisy, img.affine), str(tmp_path / "noisy.nii.gz"))
+    labels = np.where(lv, 3.0, 0.0) + 1e-7  # a float label map, as some tools write it
+    nib.save(nib.Nifti1Image(labels, img.affine), str(tmp_path / "float_labels.nii.gz"))
+    nib.save(nib.Nifti1Image(mask2d[:, :, None].astype(np.uint8), np.eye(4)), str(tmp_path / "one.nii.gz"))
+    palette = Image.fromarray(np.where(mask2d, 0, 1).astype(np.uint8), mode="P")
+    palette.putpalette([255, 255, 255, 0, 0, 0] + [0] * 762)  # index 0 (the structure) drawn white
+    palette.save(tmp_path / "palette.png")
+    item = PredictItem(
+        image, str(case / "segmentations" / "heart_ventricle_left.nii.gz"), "heart_ventricle_left", index=z
+    )
+    forms = [
+        item,
+        PredictItem(image, str(tmp_path / "noisy.nii.gz"), "heart_ventricle_left", index=z),
+        PredictItem(
+            image, str(tmp_path / "float_labels.nii.gz"), "heart_ventricle_left", index=z, label_value=3
+        ),
+        PredictItem(image, str(tmp_path / "one.nii.gz"), "heart_ventricle_left", index=z),
+        PredictItem(image, str(tmp_path / "palette.png"), "heart_ventricle_left", index=z),
+    ]
+    samples = request_samples(forms)
+    for form, other in zip(forms[1:], samples[1:], strict=True):
+        assert torch.equal(samples[0]["mask"], other["mask"]), form.mask
+
+    def refused(mask: np.ndarray | Image.Image, name: str, pattern: str) -> None:
+        path = tmp_path / name
+        if isinstance(mask, Image.Image):
+            mask.save(path)
+        else:
+            nib.save(nib.Nifti1Image(mask, img.affine), str(path))
+        with pytest.raises(DataError, match=pattern):
+            request_samples([PredictItem(image, str(path), "heart_ventricle_left", index=z)])
+
+    half = lv.astype(np.float32) * 0.5
+    refused(half, "half.nii.gz", r"half\.nii\.gz has \d+ voxels that are not integers \(e\.g\. \[0\.5\]\)")
+    with_nan = lv.astype(np.float32)
+    with_nan[0, 0, z] = np.nan
+    refused(with_nan, "nan.nii.gz", r"mask .*nan\.nii\.gz has 1 NaN/inf voxels")
+    refused(
+        Image.fromarray(mask2d.astype(np.uint8) * 255),
+        "slice.jpg",
+        r"slice\.jpg is a JPEG: its lossy compression",
+    )
+    soft = (mask2d.astype(np.float32) * 255).astype(np.uint8)
+    soft[1:-1][mask2d[:-2] != mask2d[1:-1]] = 128  # an anti-aliased edge
+    refused(
+        Image.fromarray(soft),
+        "soft.png",
+        r"soft\.png has 3 grey levels \(e\.g\. \[0, 128, 255\]\): expected a binary mask",
+    )
+
+
+def test_every_request_is_checked_before_anything_runs(case: Path, tmp_path: Path) -> None:
+    """The last file slice builds (the resampled grid's nearest slice); NaN intensities fail when the
+    dataset is built, naming the item, the file and the file's own slice; files that share a name in
+    different folders get distinct case ids."""
+    img = nib.load(str(case / "ct.nii.gz"))
+    last = img.shape[2] - 1
+    band = np.zeros(img.shape, np.uint8)
+    band[20:40, 20:40, last] = 1
+    nib.save(nib.Nifti1Image(band, img.affine), str(tmp_path / "last.nii.gz"))
+    (sample,) = request_samples([PredictItem(str(case / "ct.nii.gz"), str(tmp_path / "last.nii.gz"),
+                                             "heart_ventricle_left", index=last)])  # fmt: skip
+    assert sample["slice_name"] == f"axial{last}" and sample["mask"].any()
+    data = np.asarray(img.dataobj).astype(np.float32)
+    data[3, 3, 3] = np.nan
+    for patient in ("p1", "p2"):
+        (tmp_path / patient / "CT").mkdir(parents=True)
+        nib.save(nib.Nifti1Image(data if patient == "p2" else np.asarray(img.dataobj), img.affine),
+                 str(tmp_path / patient / "CT" / "ct.nii.gz"))  # fmt: skip
+    z, _ = lv_slice(case)
+    mask = str(case / "segmentations" / "heart_ventricle_left.nii.gz")
+    items = [
+        PredictItem(str(tmp_path / p / "CT" / "ct.nii.gz"), mask, "heart_ventricle_left", index=z)
+        for p in ("p1", "p2")
+    ]
+    with pytest.raises(DataError, match=rf"^predict item 2 \(heart_ventricle_left in .*p2/CT/ct\.nii\.gz, axial index {z}\): "
+                       r"image .* has 1 NaN/inf voxels"):  # fmt: skip
+        PredictionDataset(items, Preprocessing(spacing_mm=1.5), EXTENTS, 2.0, 32)
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), img.affine), str(tmp_path / "p2" / "CT" / "ct.nii.gz"))
+    ds = PredictionDataset(items, Preprocessing(spacing_mm=1.5), EXTENTS, 2.0, 32)
+    assert ds.case_ids == ["p1-CT", "p2-CT"]
+    with pytest.raises(DataError, match=r"predict items 1 and 2 ask for the same reconstruction"):
+        PredictionDataset(
+            [items[0], items[0]], Preprocessing(spacing_mm=1.5), EXTENTS, 2.0, 32
+        ).check_unique_outputs()
+    with pytest.raises(
+        DataError, match=r"predict item 1 .*: class_name: class names \['\.\./up'\] are not safe"
+    ):
+        PredictionDataset(
+            [PredictItem(items[0].image, mask, "../up", index=z)],
+            Preprocessing(1.5),
+            {"../up": 60.0},
+            2.0,
+            32,
+        )

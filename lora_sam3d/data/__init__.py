@@ -1,7 +1,12 @@
-"""Medical volumes to slice samples: NIfTI -> canonical isotropic volume -> slice -> frame -> targets."""
+"""Medical volumes to slice samples: NIfTI -> canonical isotropic volume -> slice -> frame -> targets.
+
+Everything here but `TSDataModule` is plain PyTorch and NumPy; the data module (and `PhantomSpec`)
+import Lightning only when first asked for, so the model runs from Python without it.
+"""
+
+from typing import Any
 
 from lora_sam3d.data.cases import Case, discover_cases
-from lora_sam3d.data.datamodule import PhantomSpec, TSDataModule
 from lora_sam3d.data.dataset import TS_SAM3D_Dataset, assign_splits, collate, slice_inputs
 from lora_sam3d.data.frame import Frame, make_frame
 from lora_sam3d.data.phantoms import HEART_CLASSES, SHAPE_CLASSES, phantom_label_values, write_phantoms
@@ -32,3 +37,11 @@ __all__ = [
     "slice_inputs",
     "write_phantoms",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("PhantomSpec", "TSDataModule"):
+        from lora_sam3d.data import datamodule
+
+        return getattr(datamodule, name)
+    raise AttributeError(f"module 'lora_sam3d.data' has no attribute {name!r}")

@@ -119,6 +119,12 @@ def _class_sdf(mask: np.ndarray, spacing_mm: float, truncation_mm: float) -> tup
     return sdf.astype(np.float16), lo
 
 
+IN_USE_STAMP_S = 60.0
+"""A run reading an entry restamps its last use at least this often; cleanup keeps an entry used
+within twice this (`IN_USE_S`): a run is reading it."""
+IN_USE_S = 2 * IN_USE_STAMP_S
+
+
 def _mark_used(entry: Path) -> None:
     """Stamp the entry's last use (its meta.json's time), which ``lora-sam3d cache`` reports and prunes by."""
     with contextlib.suppress(OSError):  # a read-only shared cache: the stamp is a courtesy, not a need
@@ -234,8 +240,17 @@ class CachedCase:
     def class_info(self, bit: int) -> dict[str, Any]:
         return self.meta["classes"][str(bit)]
 
+    def in_use(self) -> None:
+        """Restamp the entry's last use while a run reads it (at most every `IN_USE_STAMP_S`), so a
+        cleanup by ``--unused-days`` never takes an entry a running fit still reads."""
+        now = time.time()
+        if now - self.__dict__.get("_stamped", 0.0) >= IN_USE_STAMP_S:
+            _mark_used(self.path)
+            self.__dict__["_stamped"] = now
+
     def sdf(self, bit: int) -> tuple[np.ndarray, np.ndarray]:
-        """(crop, origin voxel) of the class's truncated SDF in mm."""
+        """(crop, origin voxel) of the class's truncated SDF in mm (a sample is being built: `in_use`)."""
+        self.in_use()
         crop = np.load(self.path / f"sdf_{bit}.npy", mmap_mode="r")
         return crop, np.asarray(self.class_info(bit)["sdf_origin"])
 

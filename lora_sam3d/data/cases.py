@@ -31,12 +31,13 @@ Layout = Literal["auto", "totalsegmentator", "cropped"]
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
-def check_class_names(classes: Sequence[str]) -> None:
-    """Class names become parts of file names (outputs, cache): letters, digits, ``_``, ``-``, ``.`` only."""
+def check_class_names(classes: Sequence[str], where: str = "data.classes") -> None:
+    """Class names become parts of file names (outputs, cache): letters, digits, ``_``, ``-``, ``.`` only;
+    ``where`` says where the names came from (a config key, a request)."""
     bad = [c for c in classes if not isinstance(c, str) or not _SAFE_NAME.fullmatch(c)]
     if bad:
         raise DataError(
-            f"class names {bad} are not safe file-name parts: use letters, digits, '_', '-' and '.' "
+            f"{where}: class names {bad} are not safe file-name parts: use letters, digits, '_', '-' and '.' "
             "(not first), as TotalSegmentator's names do (e.g. heart_ventricle_left)"
         )
 

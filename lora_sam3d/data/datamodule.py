@@ -30,7 +30,7 @@ from lora_sam3d.data.dataset import (
 from lora_sam3d.data.phantoms import PhantomKind, write_phantoms
 from lora_sam3d.data.requests import PredictionDataset, PredictItem
 from lora_sam3d.data.settings import DataSettings
-from lora_sam3d.data.volume import DataError, Preprocessing
+from lora_sam3d.data.volume import DataError
 
 
 @dataclass
@@ -137,6 +137,7 @@ class TSDataModule(L.LightningDataModule):
                     f"data.{key} must be an integer >= {1 if key == 'batch_size' else 0}, got {value!r}"
                 )
         check_class_names(classes or [])
+        check_class_names(list(extent_mm or {}), "data.extent_mm")
         self.settings = DataSettings.pick(dict(self.hparams))
         self.datasets: dict[str, Dataset] = {}
 
@@ -220,28 +221,25 @@ class TSDataModule(L.LightningDataModule):
         h, s = self.hparams, self.settings
         module = self.trainer.lightning_module if self.trainer is not None else None
         stored = getattr(module, "data_contract", None)
+        bank = getattr(module, "bank", None)
+        for k, item in enumerate(h.predict_items or [] if bank is not None else [], start=1):
+            name = item.class_name if isinstance(item, PredictItem) else item.get("class_name")
+            try:  # model.adapters: every request's class has its adapter
+                bank.key_for(name)
+            except ValueError as err:
+                raise DataError(f"predict item {k}: {err}") from None
         if stored:
-            prep = Preprocessing(stored["spacing"], stored["modality"], tuple(stored["ct_window_hu"]))
-            extents, frame_scale, slice_size = (
-                dict(stored["extent_mm"]),
-                stored["frame_scale"],
-                stored["slice_size"],
-            )
+            dataset = PredictionDataset.from_settings(h.predict_items, stored, h.extent_mm)
         else:
-            prep, frame_scale, slice_size = s.prep, s.frame_scale, s.slice_size or 4 * s.resolution
             extents = {}
             if h.root is not None:
                 reference = self.datasets.get("train") or self._dataset("train", h.train_sampling)
                 extents = dict(reference.extent_mm)
-        dataset = PredictionDataset(
-            h.predict_items, prep, {**extents, **(h.extent_mm or {})}, frame_scale, slice_size
-        )
-        if getattr(module, "routed", False):  # model.adapters: every request's class has its adapter
-            for k, item in enumerate(dataset.items, start=1):
-                try:
-                    module.adapter_for(item.class_name)  # type: ignore[union-attr]
-                except ValueError as err:
-                    raise DataError(f"predict item {k}: {err}") from None
+            dataset = PredictionDataset(
+                h.predict_items, s.prep, {**extents, **(h.extent_mm or {})}, s.frame_scale,
+                s.slice_size or 4 * s.resolution,
+            )  # fmt: skip
+        dataset.check_unique_outputs()
         return dataset
 
     @property

@@ -298,12 +298,24 @@ class TS_SAM3D_Dataset(Dataset):
 
 
 def native_target(case: CachedCase, bit: int, frame_to_world: np.ndarray) -> dict[str, np.ndarray]:
-    """The scan's own ground truth for scoring one sample: ``gt`` (bool) on the source grid's box that
-    holds both the structure and the frame, that box's ``affine`` (voxel -> world mm) and the
-    per-axis ``spacing_mm`` (3,) of the source grid."""
+    """The scan's own ground truth for scoring one sample of a cached case (see `native_box`)."""
     crop, origin = case.native(bit)
-    affine = case.native_affine
-    frame_lo, frame_hi = frame_box(frame_to_world, affine, case.native_shape)
+    return native_box(crop, origin, case.native_affine, case.native_shape, frame_to_world)
+
+
+def native_box(
+    crop: np.ndarray,
+    origin: np.ndarray,
+    affine: np.ndarray,
+    shape: tuple[int, ...],
+    frame_to_world: np.ndarray,
+) -> dict[str, np.ndarray]:
+    """What scoring needs of a mask on a scan's grid (``affine``, ``shape``), given as the ``crop``
+    at voxel ``origin`` that holds the structure: ``gt`` (bool) on the grid's box that holds both
+    the structure and the frame, that box's ``affine`` (voxel -> world mm) and the per-axis
+    ``spacing_mm`` (3,) of the grid."""
+    origin = np.asarray(origin, dtype=int)
+    frame_lo, frame_hi = frame_box(frame_to_world, affine, shape)
     lo, hi = np.minimum(frame_lo, origin), np.maximum(frame_hi, origin + crop.shape)
     gt = np.zeros(tuple(hi - lo), dtype=bool)
     start = origin - lo
@@ -315,6 +327,16 @@ def native_target(case: CachedCase, bit: int, frame_to_world: np.ndarray) -> dic
     box_affine = affine.copy()
     box_affine[:3, 3] = affine[:3, :3] @ lo + affine[:3, 3]
     return {"gt": gt, "affine": box_affine, "spacing_mm": np.linalg.norm(affine[:3, :3], axis=0)}
+
+
+def native_from_mask(
+    mask: np.ndarray, affine: np.ndarray, frame_to_world: np.ndarray
+) -> dict[str, np.ndarray]:
+    """`native_box` of a whole-scan bool mask (a request's 3D mask)."""
+    nz = np.argwhere(mask)
+    lo, hi = nz.min(0), nz.max(0) + 1
+    crop = mask[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+    return native_box(crop, lo, affine, mask.shape, frame_to_world)
 
 
 def mask_signed_distance(mask: np.ndarray) -> np.ndarray:

@@ -21,8 +21,9 @@ import nibabel as nib
 import numpy as np
 from torch.utils.data import Dataset
 
-from lora_sam3d.data.dataset import slice_inputs
-from lora_sam3d.data.volume import DataError, Preprocessing, load_volume
+from lora_sam3d.data.cases import check_class_names
+from lora_sam3d.data.dataset import native_from_mask, slice_inputs
+from lora_sam3d.data.volume import DataError, Preprocessing, integer_labels, load_volume
 
 AXIS_NAMES = ("sagittal", "coronal", "axial")
 """World (RAS) directions by index: 0 sagittal (x, R-L), 1 coronal (y, A-P), 2 axial (z, S-I)."""
@@ -125,36 +126,55 @@ def locate_slice(img: nib.Nifti1Image, axis: int, index: int | None, position_mm
     return SliceRef(axis, file_axis, index, centre_of(index))
 
 
-def read_slice_mask(path: Path, img: nib.Nifti1Image, ref: SliceRef, label_value: int | None) -> np.ndarray:
-    """The request's mask on its slice, (a, b) bool in the file's axis order, whatever form it came in."""
-    want = tuple(s for i, s in enumerate(img.shape) if i != ref.file_axis)
-    suffix = "".join(path.suffixes[-2:]).lower()
-    if suffix.endswith((".png", ".jpg", ".jpeg", ".tif", ".tiff")):
-        from PIL import Image
+def read_png_mask(path: Path, label_value: int | None) -> np.ndarray:
+    """A 2D mask drawn or exported as an image, as integer levels: palette images through their
+    palette (index 0 may be any colour), colour images by luminance. Refused with the reason: JPEG
+    (lossy: edges blur into extra levels), and without ``label_value`` more than two levels (an
+    anti-aliased or soft-edged mask, whose edge pixels are neither in nor out)."""
+    from PIL import Image
 
-        try:
-            data = np.asarray(Image.open(path))
-        except Exception as err:
-            raise DataError(f"mask {path} is not a readable image: {err}") from err
-        data = data[..., 0] if data.ndim == 3 else data
+    if path.suffix.lower() in (".jpg", ".jpeg"):
+        raise DataError(
+            f"mask {path} is a JPEG: its lossy compression blurs the mask's edge into extra grey levels; "
+            "save the mask as PNG or NIfTI"
+        )
+    try:
+        image = Image.open(path)
+        if image.mode in ("P", "PA", "RGB", "RGBA", "LA"):
+            image = image.convert("RGB").convert("L")
+        data = np.asarray(image)
+    except Exception as err:
+        raise DataError(f"mask {path} is not a readable image: {err}") from err
+    levels = np.unique(data)
+    if label_value is None and len(levels) > 2:
+        raise DataError(
+            f"mask {path} has {len(levels)} grey levels (e.g. {levels[:6].tolist()}): expected a binary mask "
+            "(two levels); an anti-aliased or soft-edged export leaves edge pixels neither in nor out. "
+            "Export it without smoothing, or give label_value for a label map"
+        )
+    return data.astype(np.int64)
+
+
+def read_slice_mask(path: Path, img: nib.Nifti1Image, ref: SliceRef, label_value: int | None) -> np.ndarray:
+    """The request's mask on its slice, (a, b) bool in the file's axis order, whatever form it came in:
+    a 3D mask or label map on the scan's grid, a 2D NIfTI (or a one-slice 3D one, e.g. (X, Y, 1)), or
+    an image (`read_png_mask`). Values are read as training labels are (`integer_labels`)."""
+    want = tuple(s for i, s in enumerate(img.shape) if i != ref.file_axis)
+    if path.suffix.lower() in (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"):
+        data = read_png_mask(path, label_value)
     else:
-        try:
-            mask_img = nib.load(str(path))
-        except Exception as err:
-            raise DataError(f"mask {path} is not a readable NIfTI file: {err}") from err
-        if len(mask_img.shape) == 3 and mask_img.shape[2] == 1 and mask_img.shape != img.shape:
-            mask_img = mask_img.slicer[:, :, 0]
-        if len(mask_img.shape) == 3:
-            if mask_img.shape != img.shape or not np.allclose(mask_img.affine, img.affine, atol=1e-3):
-                raise DataError(
-                    f"mask {path} has shape {mask_img.shape} but the image has {img.shape} (or another affine): "
-                    "a 3D mask must be on the scan's grid"
-                )
+        mask_img = load_mask_nifti(path)
+        if len(mask_img.shape) == 3 and mask_img.shape != img.shape and sorted(mask_img.shape)[0] == 1:
+            data = integer_labels(
+                np.squeeze(np.asarray(mask_img.dataobj), axis=mask_img.shape.index(1)), path, "mask"
+            )
+        elif len(mask_img.shape) == 3:
+            check_mask_grid(mask_img, img, path)
             take: list[Any] = [slice(None)] * 3
             take[ref.file_axis] = ref.index
-            data = np.asarray(mask_img.dataobj[tuple(take)])
+            data = integer_labels(np.asarray(mask_img.dataobj[tuple(take)]), path, "mask")
         else:
-            data = np.asarray(mask_img.dataobj)
+            data = integer_labels(np.asarray(mask_img.dataobj), path, "mask")
     if data.shape != want:
         raise DataError(
             f"2D mask {path} has shape {data.shape} but {ref.name} (file axis {ref.file_axis}) of the image "
@@ -166,6 +186,69 @@ def read_slice_mask(path: Path, img: nib.Nifti1Image, ref: SliceRef, label_value
             f"mask {path} has no voxels on {ref.name} (file axis {ref.file_axis}, index {ref.index})"
         )
     return mask
+
+
+def load_mask_nifti(path: Path) -> nib.Nifti1Image:
+    try:
+        return nib.load(str(path))
+    except Exception as err:
+        raise DataError(f"mask {path} is not a readable NIfTI file: {err}") from err
+
+
+def check_mask_grid(mask_img: nib.Nifti1Image, img: nib.Nifti1Image, path: Path) -> None:
+    """A 3D request mask must lie on the scan's grid: the message says which of shape and affine differs."""
+    if mask_img.shape != img.shape:
+        raise DataError(
+            f"mask {path} has shape {mask_img.shape} but the image has {img.shape}: a 3D mask must be on "
+            "the scan's grid"
+        )
+    if not np.allclose(mask_img.affine, img.affine, atol=1e-3):
+        raise DataError(
+            f"mask {path} has the image's shape {img.shape} but another affine (voxel -> world mm):\n"
+            f"{np.round(mask_img.affine, 3)}\nvs the image's\n{np.round(img.affine, 3)}"
+        )
+
+
+def read_mask_volume(path: Path, img: nib.Nifti1Image, label_value: int | None) -> np.ndarray | None:
+    """The whole 3D mask of a request (bool, the scan's grid and orientation), or None when the mask
+    is 2D (a slice only: nothing to score against)."""
+    if path.suffix.lower() not in (".nii", ".gz"):
+        return None
+    mask_img = load_mask_nifti(path)
+    if len(mask_img.shape) != 3 or mask_img.shape != img.shape:
+        return None
+    data = integer_labels(np.asarray(mask_img.dataobj), path, "mask")
+    return data == label_value if label_value is not None else data != 0
+
+
+def case_names(images: Sequence[str | Path]) -> list[str]:
+    """A case id per image, distinct for distinct files: `case_name`, prefixed by as many parent
+    folders as it takes where two files would share one (``p1/CT/ct.nii.gz`` and ``p2/CT/ct.nii.gz``
+    -> ``p1-CT`` and ``p2-CT``); other files keep their plain case name."""
+    paths = [Path(i).resolve() for i in images]
+    depth = dict.fromkeys(paths, 0)
+
+    def name(path: Path) -> str:
+        folders = (
+            path.parent.parts[1:] if path.name.split(".")[0] in ("ct", "image", "mr") else path.parts[1:-1]
+        )
+        parents = folders[: len(folders) - 1] if folders and case_name(path) == folders[-1] else folders
+        return "-".join(
+            [*parents[len(parents) - depth[path] :], case_name(path)] if depth[path] else [case_name(path)]
+        )
+
+    while True:
+        groups: dict[str, set[Path]] = {}
+        for path in depth:
+            groups.setdefault(name(path), set()).add(path)
+        clashes = [g for g in groups.values() if len(g) > 1]
+        if not clashes:
+            return [name(p) for p in paths]
+        for group in clashes:
+            for path in group:
+                if depth[path] >= len(path.parts):
+                    raise DataError(f"cannot name the outputs of {sorted(map(str, group))} apart")
+                depth[path] += 1
 
 
 def case_name(image: str | Path) -> str:
@@ -200,13 +283,54 @@ class PredictionDataset(Dataset):
         )
         self.slices: list[SliceRef] = []
         self.masks: list[np.ndarray] = []
+        self._finite: set[str] = set()
         for k, item in enumerate(self.items, start=1):
             try:
                 self._check(item)
             except DataError as err:
-                raise DataError(f"predict item {k} ({item.class_name} in {item.image}): {err}") from None
+                where = (
+                    f"index {item.index}" if item.position_mm is None else f"position_mm {item.position_mm}"
+                )
+                raise DataError(
+                    f"predict item {k} ({item.class_name} in {item.image}, {item.axis} {where}): {err}"
+                ) from None
+        self.case_ids = case_names([item.image for item in self.items])
+
+    def check_unique_outputs(self) -> None:
+        """Refuse two requests that would write the same output files (same scan, structure and slice)."""
+        stems: dict[str, int] = {}
+        for k, stem in enumerate(self.stems, start=1):
+            if stem in stems:
+                raise DataError(
+                    f"predict items {stems[stem]} and {k} ask for the same reconstruction ({stem}: same scan, "
+                    "structure and slice), so the second would overwrite the first's files; remove one"
+                )
+            stems[stem] = k
+
+    @property
+    def stems(self) -> list[str]:
+        """Each request's output name: ``<case>_<class>_<slice>`` (unique within the request list)."""
+        return [
+            f"{c}_{i.class_name}_{r.name}"
+            for c, i, r in zip(self.case_ids, self.items, self.slices, strict=True)
+        ]
+
+    @classmethod
+    def from_settings(
+        cls,
+        items: Sequence[PredictItem | Mapping[str, Any]],
+        data: Mapping[str, Any],
+        extent_mm: Mapping[str, float] | None = None,
+    ) -> PredictionDataset:
+        """The requests read as a model was trained to read scans: ``data`` is the data settings a
+        checkpoint or adapter folder stores (``model.json``'s ``data``); ``extent_mm`` overrides
+        stored frame extents."""
+        prep = Preprocessing(data["spacing"], data["modality"], tuple(data["ct_window_hu"]))
+        extents = {**data["extent_mm"], **(extent_mm or {})}
+        return cls(items, prep, extents, data["frame_scale"], data["slice_size"])
 
     def _check(self, item: PredictItem) -> None:
+        check_class_names([item.class_name], "class_name")
         if item.class_name not in self.extent_mm:
             raise DataError(
                 f"class {item.class_name!r} has no frame extent; known: {sorted(self.extent_mm)} "
@@ -222,6 +346,15 @@ class PredictionDataset(Dataset):
         ref = locate_slice(img, parse_axis(item.axis), item.index, item.position_mm)
         self.masks.append(read_slice_mask(Path(item.mask), img, ref, item.label_value))
         self.slices.append(ref)
+        if item.image not in self._finite:  # each scan read once here, so a bad one fails before any output
+            try:
+                values = np.asarray(img.dataobj, dtype=np.float32)
+            except Exception as err:
+                raise DataError(f"image {item.image} cannot be read (truncated or corrupt?): {err}") from err
+            bad = int((~np.isfinite(values)).sum())
+            if bad:
+                raise DataError(f"image {item.image} has {bad} NaN/inf voxels: intensities must be finite")
+            self._finite.add(item.image)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -245,7 +378,9 @@ class PredictionDataset(Dataset):
                 item.image, {0: (Path(item.mask), None)}, self.prep, {Path(item.mask): mask_img}
             )
             to_grid = np.linalg.inv(volume.affine)  # the canonical slice through the file slice's centre
-            index = int(np.rint(nib.affines.apply_affine(to_grid, ref.centre_mm)[ref.axis]))
+            # the file slice lies within the resampled grid up to half a voxel: the nearest slice inside it
+            position = nib.affines.apply_affine(to_grid, ref.centre_mm)[ref.axis]
+            index = int(np.clip(np.rint(position), 0, volume.image.shape[ref.axis] - 1))
             side_mm = self.frame_scale * self.extent_mm[item.class_name]
             sample, _ = slice_inputs(
                 volume.image, volume.labels, 0, volume.affine, volume.spacing_mm, ref.axis, index, side_mm,
@@ -253,9 +388,14 @@ class PredictionDataset(Dataset):
             )  # fmt: skip
         except DataError as err:
             raise DataError(f"predict item {i + 1} (image {item.image}, mask {item.mask}): {err}") from err
+        truth = read_mask_volume(Path(item.mask), raw, item.label_value)
+        frame_to_world = np.asarray(sample["frame_to_world"], dtype=np.float64)
         return sample | {
-            "case_id": case_name(item.image),
+            "case_id": self.case_ids[i],
             "class_name": item.class_name,
             "source_image": str(item.image),
             "slice_name": ref.name,
+            # a 3D mask of the structure is its truth on the scan's grid: the prediction is scored against it
+            "native": None if truth is None else native_from_mask(truth, raw.affine, frame_to_world),
+            "scored_against": "request mask",
         }

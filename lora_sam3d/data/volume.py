@@ -112,20 +112,26 @@ LABEL_TOLERANCE = 1e-3
 
 
 def read_labels(img: nib.Nifti1Image, path: str | Path) -> np.ndarray:
+    """Integer label values of a NIfTI label or mask file (see `integer_labels`)."""
+    return integer_labels(read_array(img, path, "label", np.float64), path)
+
+
+def integer_labels(data: np.ndarray, path: str | Path, what: str = "label") -> np.ndarray:
     """Integer label values, as the field reads masks: binary or integer; float only when every value
-    is within `LABEL_TOLERANCE` of an integer (then rounded). NaN/inf or fractional values are errors."""
-    data = read_array(img, path, "label", np.float64)
+    is within `LABEL_TOLERANCE` of an integer (then rounded). NaN/inf or fractional values are errors
+    naming ``path``. Training labels and request masks both go through here."""
+    data = np.asarray(data, dtype=np.float64)
     finite = np.isfinite(data)
     if not finite.all():
         raise DataError(
-            f"label {path} has {int((~finite).sum())} NaN/inf voxels: a mask must hold integers (0 = background)"
+            f"{what} {path} has {int((~finite).sum())} NaN/inf voxels: a mask must hold integers (0 = background)"
         )
     rounded = np.rint(data)
     off = np.abs(data - rounded) > LABEL_TOLERANCE
     if off.any():
         found = np.unique(data[off])
         raise DataError(
-            f"label {path} has {int(off.sum())} voxels that are not integers (e.g. {found[:5].tolist()}): "
+            f"{what} {path} has {int(off.sum())} voxels that are not integers (e.g. {found[:5].tolist()}): "
             f"expected a binary or integer mask (float values are accepted within {LABEL_TOLERANCE} of an integer)"
         )
     return rounded.astype(np.int32)

@@ -1,6 +1,15 @@
-"""The mesh decoder and the step from its output to SDF grids and meshes."""
+"""The two-stage model (`Reconstructor`), the mesh decoder, and the step from its output to SDF grids and meshes."""
 
 from lora_sam3d.models.decoder import SLatMeshDecoder
 from lora_sam3d.models.mesh import Mesh, decode_meshes, marching_cubes, vertex_sdf_grid
+from lora_sam3d.models.reconstructor import Reconstruction, Reconstructor
 
-__all__ = ["Mesh", "SLatMeshDecoder", "decode_meshes", "marching_cubes", "vertex_sdf_grid"]
+__all__ = [
+    "Mesh",
+    "Reconstruction",
+    "Reconstructor",
+    "SLatMeshDecoder",
+    "decode_meshes",
+    "marching_cubes",
+    "vertex_sdf_grid",
+]

@@ -1,0 +1,240 @@
+"""`Reconstructor`: the two-stage model (stage 1, the active band, the decoder, the fill) as plain PyTorch.
+
+Coarse to fine, as SAM 3D Objects: stage 1 (`SparseStructureNet`) reads the slice evidence on the
+R^3 grid and predicts occupancy and latents; the mesh decoder (`SLatMeshDecoder`) runs on the band
+of active cells around the predicted surface only and subdivides them 4x; vertices no active cell
+reaches take their sign from stage 1 (`vertex_fill`). With ``latent_encoder: precomputed``, Meta's
+structured latents replace stage 1. No Lightning here: a notebook loads a base, attaches an
+adapter and reconstructs a batch with this class alone; `lora_sam3d.module` wraps it for training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from lora_sam3d.adapters import MODEL_FILE, load_model_adapter, read_model_file
+from lora_sam3d.latent import PrecomputedLatents, make_encoder
+from lora_sam3d.lora import LoRAConfig, base_fingerprint, inject_lora, merge_lora_weights, state_dict_fit
+from lora_sam3d.models.decoder import SLatMeshDecoder
+from lora_sam3d.models.mesh import Mesh, marching_cubes, vertex_sdf_grid
+from lora_sam3d.models.structure import (
+    STRUCTURE_PREFIX,
+    SparseStructureNet,
+    active_latent,
+    surface_band,
+    vertex_fill,
+)
+from lora_sam3d.weights import load_weights, resolve_checkpoint
+
+TINY_DECODER: dict[str, Any] = {
+    "resolution": 16,
+    "model_channels": 128,
+    "latent_channels": 8,
+    "num_blocks": 4,
+    "num_heads": 4,
+    "num_groups": 16,
+}
+"""The decoder size every config starts from (the shipped ``builtin:shapes`` base)."""
+
+STRUCTURE_LORA_TARGETS = r"(enc|dec)\d\.[03]|head"
+"""Every convolution of `SparseStructureNet` (full-match regex on module names)."""
+
+TrainBand = Literal["predicted", "truth", "union"]
+TRAIN_BANDS: tuple[str, ...] = ("predicted", "truth", "union")
+
+
+@dataclass
+class Reconstruction:
+    """What the model returns for a batch.
+
+    Attributes:
+        sdf: (B, 4R+1, 4R+1, 4R+1) vertex SDF grid in frame units, negative inside.
+        coarse_logits: (B, R, R, R) stage-1 occupancy logits (None with precomputed latents).
+        active: (B, R, R, R) bool, the cells the decoder ran on (None with precomputed latents).
+    """
+
+    sdf: torch.Tensor
+    coarse_logits: torch.Tensor | None = None
+    active: torch.Tensor | None = None
+
+    def active_counts(self) -> list[int]:
+        if self.active is None:
+            return []
+        return self.active.flatten(1).sum(1).tolist()
+
+    def select(self, idx: torch.Tensor) -> Reconstruction:
+        """The samples ``idx`` (a permutation or subset of the batch)."""
+        pick = [None if t is None else t[idx] for t in (self.sdf, self.coarse_logits, self.active)]
+        return Reconstruction(*pick)  # type: ignore[arg-type]
+
+    @staticmethod
+    def cat(parts: list[Reconstruction]) -> Reconstruction:
+        def joined(field: str) -> torch.Tensor | None:
+            values = [getattr(p, field) for p in parts]
+            return None if values[0] is None else torch.cat(values)
+
+        return Reconstruction(joined("sdf"), joined("coarse_logits"), joined("active"))  # type: ignore[arg-type]
+
+
+class Reconstructor(nn.Module):
+    """Slice evidence in, vertex SDF (and meshes in world mm) out: stage 1 + SAM 3D's mesh decoder.
+
+    Args:
+        decoder: `SLatMeshDecoder` arguments over `TINY_DECODER`.
+        structure: `SparseStructureNet` arguments (``channels``, ``num_groups``).
+        base: base weights: our safetensors (decoder keys plus stage-1 keys under ``structure.``),
+            Meta's ``slat_decoder_mesh`` file (decoder only: stage 1 keeps its ``seed`` weights and
+            `structure_in_base` is False), or ``builtin:<name>``; None: both stages from ``seed``.
+        seed: initialises what the base does not hold, in a forked RNG (same in every process).
+        latent_encoder: ``slice`` (both stages from the slice) or ``precomputed`` (Meta's structured
+            latents in ``latents_dir`` replace stage 1).
+        active_margin: the decoder runs on cells within this many cells of stage 1's surface.
+        train_active: in training mode, with ``gt_coarse_occupancy`` in the batch, the decoder runs on
+            ``predicted`` (stage 1's band), ``truth`` (the band of the true coarse surface) or ``union``.
+        max_active_voxels: an error is raised when a batch has more active cells (None: no cap).
+    """
+
+    def __init__(
+        self,
+        decoder: dict[str, Any] | None = None,
+        structure: dict[str, Any] | None = None,
+        base: str | None = None,
+        seed: int = 0,
+        latent_encoder: Literal["slice", "precomputed"] = "slice",
+        latents_dir: str | None = None,
+        active_margin: int = 1,
+        train_active: TrainBand = "union",
+        max_active_voxels: int | None = None,
+    ) -> None:
+        super().__init__()
+        if not (isinstance(active_margin, int) and active_margin >= 1):
+            raise ValueError(f"model.active_margin must be an integer >= 1 (cells), got {active_margin!r}")
+        if train_active not in TRAIN_BANDS:
+            raise ValueError(f"model.train_active must be one of {list(TRAIN_BANDS)}, got {train_active!r}")
+        self.decoder_config = {**TINY_DECODER, **(decoder or {})}
+        self.structure_config = {
+            "latent_channels": self.decoder_config["latent_channels"],
+            **(structure or {}),
+        }
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.decoder = SLatMeshDecoder(**self.decoder_config)
+            self.structure = SparseStructureNet(**self.structure_config)
+        self.base = base
+        self.structure_in_base = base is None
+        if base:
+            self.load_base(resolve_checkpoint(base))
+        self.base_fingerprint = hashlib.sha256(
+            (base_fingerprint(self.decoder) + base_fingerprint(self.structure)).encode()
+        ).hexdigest()
+        self.latent_encoder = latent_encoder
+        self.uses_structure = latent_encoder == "slice"
+        self.encoder = make_encoder(latent_encoder, self.resolution, latents_dir)
+        self.active_margin, self.train_active, self.max_active_voxels = (
+            active_margin,
+            train_active,
+            max_active_voxels,
+        )
+
+    @property
+    def resolution(self) -> int:
+        """R: stage 1's grid and the decoder's input grid; the output grid has 4R cells a side."""
+        return self.decoder.resolution
+
+    def load_base(self, path: str | Path) -> None:
+        """Read a base file (see ``base``) into both stages; any mismatch is an error naming the file."""
+        state = load_weights(path)
+        structure = {
+            k.removeprefix(STRUCTURE_PREFIX): v for k, v in state.items() if k.startswith(STRUCTURE_PREFIX)
+        }
+        self.decoder = SLatMeshDecoder.from_state_dict(state, str(path), **self.decoder_config)
+        if structure:
+            fit = state_dict_fit(self.structure.state_dict(), structure)
+            if fit.missing or fit.unexpected or fit.mismatched:
+                raise ValueError(
+                    f"{path}: stage-1 weights do not fit SparseStructureNet({self.structure_config}): "
+                    f"{fit.describe()} (check model.structure)"
+                )
+            self.structure.load_state_dict(structure)
+            self.structure_in_base = True
+
+    @classmethod
+    def from_adapter(cls, folder: str | Path, base: str | None = None) -> Reconstructor:
+        """The model an adapter folder was trained with (its ``model.json``), with the adapter attached;
+        ``base`` replaces the base path stored there (e.g. a moved file)."""
+        stored = read_model_file(folder)
+        if not stored:
+            raise FileNotFoundError(
+                f"{Path(folder) / MODEL_FILE} does not exist: not an adapter folder of this version"
+            )
+        model = cls(
+            stored["decoder"], stored["structure"], base or stored["base_checkpoint"],
+            latent_encoder=stored["latent_encoder"], active_margin=stored["active_margin"],
+        )  # fmt: skip
+        model.attach_adapter(folder)
+        return model.eval()
+
+    def add_lora(self, lora: LoRAConfig, structure_lora: LoRAConfig | None = None, seed: int = 0) -> None:
+        """Inject fresh adapters (B = 0: outputs unchanged) into the decoder and, if given, stage 1;
+        A is drawn from ``seed`` in a forked RNG, so adapters start the same whatever ran before."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            inject_lora(self.decoder, lora)
+            if structure_lora is not None and self.uses_structure:
+                inject_lora(self.structure, structure_lora)
+
+    def attach_adapter(self, folder: str | Path) -> dict[str, Any]:
+        """Load an adapter folder (both stages) onto this base; returns its ``model.json`` contents."""
+        return load_model_adapter(self, folder)
+
+    # -- forward ----------------------------------------------------------------------------------
+    def band(self, occupancy: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        """(B, R, R, R) bool: the cells the decoder runs on (see ``train_active``)."""
+        active = surface_band(occupancy, self.active_margin)
+        if self.training and self.train_active != "predicted" and "gt_coarse_occupancy" in batch:
+            truth = surface_band(batch["gt_coarse_occupancy"].bool(), self.active_margin)
+            active = truth if self.train_active == "truth" else active | truth
+        return active
+
+    def forward(self, batch: dict[str, Any]) -> Reconstruction:
+        """Stage 1 on the slice evidence of ``batch`` (a collated dataset batch), then the decoder on the band."""
+        n = 4 * self.resolution
+        if isinstance(self.encoder, PrecomputedLatents):
+            return Reconstruction(vertex_sdf_grid(self.decoder(self.encoder(batch)), n))
+        logits, latent = self.structure(self.encoder(batch))
+        occupancy = logits.detach() > 0
+        active = self.band(occupancy, batch)
+        count, cap = int(active.sum()), self.max_active_voxels
+        if cap is not None and count > cap:
+            raise ValueError(
+                f"{count} active voxels in this batch exceed model.max_active_voxels={cap}: lower "
+                "data.batch_size or model.active_margin, or raise the cap"
+            )
+        fill = vertex_fill(occupancy, n).to(latent.dtype)
+        if count == 0:
+            return Reconstruction(fill, logits, active)
+        out = self.decoder(active_latent(active, latent))
+        return Reconstruction(vertex_sdf_grid(out, n, fill), logits, active)
+
+    @staticmethod
+    def meshes(rec: Reconstruction, frame_to_world: torch.Tensor) -> list[Mesh]:
+        """Marching cubes of each sample's SDF grid, mapped to world RAS mm by its (4, 4) frame."""
+        return [
+            marching_cubes(s).to_world(np.asarray(m.detach().cpu()))
+            for s, m in zip(rec.sdf, frame_to_world, strict=True)
+        ]
+
+    def merged_decoder(self) -> SLatMeshDecoder:
+        """A copy of the decoder with LoRA merged into the base weights (this model is untouched)."""
+        return merge_lora_weights(self.decoder, inplace=False)  # type: ignore[return-value]
+
+    def merged_structure(self) -> SparseStructureNet:
+        """A copy of stage 1 with LoRA merged into its base weights."""
+        return merge_lora_weights(self.structure, inplace=False)  # type: ignore[return-value]

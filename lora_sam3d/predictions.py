@@ -1,0 +1,137 @@
+"""Per-sample results of a batch: meshes in world mm, scores on the scan's own grid, writer records.
+
+`score_batch` voxelises each predicted surface on the source scan's grid and scores it against the
+scan's own mask (`lora_sam3d.metrics.sample_metrics`); `prediction_records` builds the
+`Prediction` records `MeshPredictionWriter` writes. Plain functions over a `Reconstruction` and a
+collated batch, so the LightningModule's steps stay a few lines.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from lora_sam3d.metrics import sample_metrics
+from lora_sam3d.models.mesh import Mesh, mask_surface, sdf_on_grid
+from lora_sam3d.models.reconstructor import Reconstruction, Reconstructor
+
+
+@dataclass
+class Prediction:
+    """One sample's result, as `predict_step` hands it to `MeshPredictionWriter`.
+
+    Attributes:
+        case_id, class_name, axis, index: which slice of which case it came from.
+        source_image: the NIfTI the slice was read from (its grid receives the predicted mask).
+        frame_to_world: (4, 4) frame units -> world RAS mm.
+        sdf: (4R+1,)*3 predicted vertex SDF in frame units, negative inside.
+        image, mask: (S, S) the input slice's first channel and its mask.
+        mesh: the predicted surface in world RAS mm.
+        slice_name: how the slice is named in file names (see `stem`).
+        gt_sdf, gt_mesh, metrics: the truth and the scores, when the sample has ground truth.
+        scored_against: what the scores compare with: ``truth`` (a split's label) or ``request
+            mask`` (the 3D mask a request gave for a new scan).
+    """
+
+    case_id: str
+    class_name: str
+    axis: int
+    index: int
+    source_image: str | None
+    frame_to_world: np.ndarray
+    sdf: np.ndarray
+    image: np.ndarray
+    mask: np.ndarray
+    mesh: Mesh
+    slice_name: str = ""
+    gt_sdf: np.ndarray | None = None
+    gt_mesh: Mesh | None = None
+    metrics: dict[str, float] | None = None
+    scored_against: str = "truth"
+
+    @property
+    def stem(self) -> str:
+        """The file-name stem of this sample's outputs: ``<case>_<class>_<slice>``, the slice as
+        ``axial57`` (a request's file slice) or ``axis2_slice44`` (a split's canonical slice)."""
+        return f"{self.case_id}_{self.class_name}_{self.slice_name or f'axis{self.axis}_slice{self.index}'}"
+
+
+@dataclass
+class Scored:
+    """One sample scored on its scan's grid: predicted and true surfaces (world mm) and the metrics."""
+
+    mesh: Mesh
+    truth: Mesh
+    metrics: dict[str, float]
+
+
+def warn_empty(rec: Reconstruction, batch: dict[str, Any]) -> None:
+    """A warning per sample for which stage 1 found no surface: its prediction is empty (a failure
+    where it is scored)."""
+    for i, count in enumerate(rec.active_counts()):
+        if count == 0:
+            where = batch["slice_name"][i] if "slice_name" in batch else (
+                f"axis {int(batch['axis'][i])}, slice {int(batch['index'][i])}"
+            )  # fmt: skip
+            warnings.warn(
+                f"stage 1 found no surface for {batch['case_id'][i]}/{batch['class_name'][i]} ({where}): "
+                "the prediction is empty (scored as a failure where there is ground truth)",
+                stacklevel=2,
+            )
+
+
+def score_batch(
+    rec: Reconstruction, batch: dict[str, Any], tolerance_mm: float, meshes: list[Mesh] | None = None
+) -> list[Scored | None]:
+    """Per sample with ``native`` ground truth: the predicted mesh, the true mesh and the metrics on
+    the scan's own grid at its own spacing (NSD at ``tolerance_mm``); None for a sample without."""
+    meshes = meshes if meshes is not None else Reconstructor.meshes(rec, batch["frame_to_world"])
+    out: list[Scored | None] = []
+    for i, (mesh, native) in enumerate(zip(meshes, batch["native"], strict=True)):
+        if native is None:
+            out.append(None)
+            continue
+        pred = sdf_on_grid(
+            rec.sdf[i].detach().float().cpu().numpy(), batch["frame_to_world"][i].cpu().numpy(),
+            native["affine"], native["gt"].shape,
+        )  # fmt: skip
+        truth = mask_surface(native["gt"], native["affine"])
+        values = sample_metrics(
+            pred, native["gt"], native["spacing_mm"], tolerance_mm, mesh.vertices, truth.vertices
+        )
+        out.append(Scored(mesh, truth, values))
+    return out
+
+
+def prediction_records(rec: Reconstruction, batch: dict[str, Any], tolerance_mm: float) -> list[Prediction]:
+    """The `Prediction` of each sample, scored when it carries ground truth (``native``): a split's
+    label, or the 3D mask a request gave (``scored_against``)."""
+    warn_empty(rec, batch)
+    meshes = Reconstructor.meshes(rec, batch["frame_to_world"])
+    scored = score_batch(rec, batch, tolerance_mm, meshes) if "native" in batch else [None] * len(meshes)
+    out = []
+    for i, (mesh, score) in enumerate(zip(meshes, scored, strict=True)):
+        record = Prediction(
+            case_id=batch["case_id"][i],
+            class_name=batch["class_name"][i],
+            axis=int(batch["axis"][i]),
+            index=int(batch["index"][i]),
+            source_image=batch["source_image"][i] if "source_image" in batch else None,
+            frame_to_world=batch["frame_to_world"][i].cpu().numpy(),
+            sdf=rec.sdf[i].detach().float().cpu().numpy(),
+            image=batch["image"][i, 0].cpu().numpy(),
+            mask=batch["mask"][i].cpu().numpy(),
+            mesh=mesh,
+            slice_name=batch["slice_name"][i] if "slice_name" in batch else "",
+        )
+        if score is not None:
+            record.gt_mesh, values = score.truth, score.metrics
+            if "gt_sdf" in batch:
+                record.gt_sdf = batch["gt_sdf"][i].cpu().numpy()
+            record.metrics = {**values, "failed": float(any(np.isinf(v) for v in values.values()))}
+            record.scored_against = batch["scored_against"][i] if "scored_against" in batch else "truth"
+        out.append(record)
+    return out

@@ -1,0 +1,242 @@
+"""The two-stage model as plain PyTorch, checked against independent references.
+
+`surface_band` and `vertex_fill` against brute-force loops; the decoder's band in each
+``train_active`` mode; `reconstruction_losses` against values computed by hand; the adapter bank's
+routing; old checkpoints; and docs/api.md's example run with Lightning made unimportable.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from conftest import TEST_CLASSES, TEST_DECODER
+
+from lora_sam3d.adapters import AdapterBank, save_model_adapter
+from lora_sam3d.data import TS_SAM3D_Dataset, collate
+from lora_sam3d.lora import LoRAConfig, lora_layers
+from lora_sam3d.losses import reconstruction_losses
+from lora_sam3d.models import Reconstruction, Reconstructor
+from lora_sam3d.models.structure import surface_band, vertex_fill
+
+DOCS = Path(__file__).parents[1] / "docs" / "api.md"
+
+
+def brute_band(occ: np.ndarray, margin: int) -> np.ndarray:
+    """Cells with an inside and an outside cell (in the grid) within ``margin`` cells (Chebyshev)."""
+    out = np.zeros_like(occ)
+    for b, x, y, z in itertools.product(*map(range, occ.shape)):
+        lo = [max(v - margin, 0) for v in (x, y, z)]
+        hood = occ[b, lo[0] : x + margin + 1, lo[1] : y + margin + 1, lo[2] : z + margin + 1]
+        out[b, x, y, z] = hood.any() and not hood.all()
+    return out
+
+
+@pytest.mark.parametrize("margin", [1, 2])
+def test_surface_band_equals_brute_force(margin: int) -> None:
+    gen = torch.Generator().manual_seed(margin)
+    for density in (0.05, 0.5, 0.95):
+        occ = torch.rand(2, 6, 7, 5, generator=gen) < density
+        expected = brute_band(occ.numpy(), margin)
+        np.testing.assert_array_equal(surface_band(occ, margin).numpy(), expected)
+
+
+def test_vertex_fill_equals_brute_force() -> None:
+    occ = torch.rand(2, 4, 4, 4, generator=torch.Generator().manual_seed(0)) < 0.5
+    fine = 16
+    fill = vertex_fill(occ, fine).numpy()
+    assert fill.shape == (2, fine + 1, fine + 1, fine + 1)
+    for b, i, j, k in itertools.product(range(2), *[range(fine + 1)] * 3):
+        cell = [min(v * 4 // fine, 3) for v in (i, j, k)]  # the vertex's position in coarse cells
+        assert fill[b, i, j, k] == (-1.0 if occ[b, cell[0], cell[1], cell[2]] else 1.0)
+
+
+def test_reconstruction_losses_by_hand() -> None:
+    """One fine cell (n = 1) and one coarse cell: every term written out with `math`."""
+    corners = [-0.2, 0.3, 0.1, -0.05, 0.0, 0.2, -0.3, 0.4]
+    truth = [0.05, -0.15, 0.05, 0.05, 0.5, 0.05, 0.05, -0.02]
+    rec = Reconstruction(torch.tensor(corners).view(1, 2, 2, 2), coarse_logits=torch.tensor([[[[0.7]]]]))
+    batch = {
+        "gt_sdf": torch.tensor(truth).view(1, 2, 2, 2),
+        "gt_occupancy": torch.ones(1, 1, 1, 1, dtype=torch.bool),
+        "gt_coarse_occupancy": torch.zeros(1, 1, 1, 1, dtype=torch.bool),
+    }
+    h = SimpleNamespace(sdf_truncation=0.1, sdf_weight=1.0, occupancy_weight=2.0, dice_weight=0.5,
+                        structure_weight=3.0)  # fmt: skip
+    got = {k: float(v) for k, v in reconstruction_losses(rec, batch, h, 1).items()}
+
+    def clamp(v: float) -> float:
+        return min(max(v, -0.1), 0.1)
+
+    sdf_l1 = sum(abs(clamp(a) - clamp(b)) for a, b in zip(corners, truth, strict=True)) / 8
+    logit = -sum(corners) / 8  # cell logit: minus the mean corner SDF, in voxel units (n = 1)
+    p = 1 / (1 + math.exp(-logit))
+    bce, dice = math.log(1 + math.exp(-logit)), 1 - (2 * p + 1) / (p + 1 + 1)  # target 1
+    q = 1 / (1 + math.exp(-0.7))
+    s_bce, s_dice = math.log(1 + math.exp(0.7)), 1 - 1 / (q + 1)  # target 0
+    expected = {"sdf_l1": sdf_l1, "occupancy_bce": bce, "soft_dice": dice, "structure_bce": s_bce,
+                "structure_dice": s_dice, "loss": sdf_l1 + 2 * bce + 0.5 * dice + 3 * (s_bce + s_dice)}  # fmt: skip
+    assert got == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def batch(phantoms: Path) -> dict:
+    """One validation sample of each test class (left ventricle first)."""
+    ds = TS_SAM3D_Dataset(
+        phantoms, TEST_CLASSES, split="val", slice_sampling_method="central", resolution=16, spacing=2.0
+    )
+    samples = [ds[i] for i in range(len(ds))]
+    return collate([next(s for s in samples if s["class_name"] == c) for c in TEST_CLASSES])
+
+
+def test_each_train_active_mode_runs_the_decoder_on_its_band(batch: dict) -> None:
+    predicted_model = Reconstructor(TEST_DECODER, base="builtin:shapes").eval()
+    with torch.no_grad():
+        logits, _ = predicted_model.structure(predicted_model.encoder(batch))
+    predicted = surface_band(logits > 0, 1)
+    truth = surface_band(batch["gt_coarse_occupancy"].bool(), 1)
+    assert not torch.equal(predicted, truth), "the test needs stage 1 to differ from the truth"
+    expected = {"predicted": predicted, "truth": truth, "union": predicted | truth}
+    for mode, band in expected.items():
+        model = Reconstructor(TEST_DECODER, base="builtin:shapes", train_active=mode)
+        seen: list[int] = []
+        model.decoder.register_forward_hook(
+            lambda _m, args, _o, seen=seen: seen.append(args[0].feats.shape[0])
+        )
+        with torch.no_grad():
+            rec = model.train()(batch)
+            assert rec.active is not None and torch.equal(rec.active, band), mode
+            assert seen == [int(band.sum())], f"{mode}: the decoder ran on the band's cells only"
+            assert torch.equal(model.eval()(batch).active, predicted), (
+                f"{mode}: inference uses stage 1's band"
+            )
+
+
+def random_adapter(folder: Path, seed: int, extent_mm: dict[str, float]) -> Path:
+    """A LoRA adapter of the shipped base with random (non-zero) B matrices, written as fit writes one."""
+    model = Reconstructor(TEST_DECODER, base="builtin:shapes")
+    model.add_lora(
+        LoRAConfig(4, 8.0), LoRAConfig(2, 4.0, target_modules=r"(enc|dec)\d\.[03]|head"), seed=seed
+    )
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in [*lora_layers(model.decoder).values(), *lora_layers(model.structure).values()]:
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * 0.05)
+    data = {"classes": list(extent_mm), "extent_mm": extent_mm, "spacing": 2.0, "modality": "ct",
+            "ct_window_hu": [-200, 400], "slice_size": 64, "frame_scale": 2.0, "resolution": 16}  # fmt: skip
+    return save_model_adapter(model, folder, list(extent_mm), data=data)
+
+
+def test_adapter_bank_routes_by_exact_name_then_one_pattern(batch: dict, tmp_path: Path) -> None:
+    lv, heart = TEST_CLASSES[0], TEST_CLASSES[1]
+    a = random_adapter(tmp_path / "a", 1, {lv: 60.0})
+    b = random_adapter(tmp_path / "b", 2, {lv: 90.0, heart: 95.0})
+    model = Reconstructor(TEST_DECODER, base="builtin:shapes").eval()
+    model.add_lora(LoRAConfig(4, 8.0), LoRAConfig(2, 4.0, target_modules=r"(enc|dec)\d\.[03]|head"))
+    names = [n for n, _ in model.named_parameters() if "lora_" in n]
+    bank = AdapterBank(model, {"heart_*": b, lv: a}, names)
+    assert bank.key_for(lv) == lv, "an exact name wins over a pattern listed before it"
+    assert bank.key_for(heart) == "heart_*"
+    contract = bank.data_contract()
+    assert contract is not None and contract["extent_mm"] == {lv: 60.0, heart: 95.0}, (
+        "each class its own extent"
+    )
+    with torch.no_grad():
+        routed = bank(batch)
+        alone = {folder: Reconstructor.from_adapter(folder)(batch) for folder in (a, b)}
+    for i, cls in enumerate(batch["class_name"]):
+        own, other = (a, b) if cls == lv else (b, a)
+        torch.testing.assert_close(routed.sdf[i], alone[own].sdf[i])
+        assert not torch.allclose(routed.sdf[i], alone[other].sdf[i], atol=1e-3), "the two adapters differ"
+    with pytest.raises(
+        ValueError,
+        match=r"'heart_myocardium' matches 2 patterns of model.adapters \(\['heart_\*', 'heart_m\*'\]\)",
+    ):
+        AdapterBank(model, {"heart_*": a, "heart_m*": b}, names).key_for(heart)
+    with pytest.raises(ValueError, match=r"class 'spleen' is covered by no adapter"):
+        bank.key_for("spleen")
+
+
+def test_the_api_example_runs_without_lightning(lora_run: Path, phantoms: Path, tmp_path: Path) -> None:
+    """docs/api.md's example, as written but for the data folder's slice index, in a process where
+    ``import lightning`` fails; its mesh lies on the left ventricle of the scan."""
+    text = DOCS.read_text()
+    code = re.search(r"<!-- example: reconstructor -->\n```python\n(.*?)```", text, re.S)
+    assert code is not None, "docs/api.md lost its example block"
+    (tmp_path / "outputs" / "demo").mkdir(parents=True)
+    (tmp_path / "outputs" / "demo" / "checkpoints").symlink_to(lora_run / "checkpoints")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "heart").symlink_to(phantoms)
+    script = "import sys\nsys.modules['lightning'] = None\nsys.modules['lightning.pytorch'] = None\n"
+    script += code.group(1).replace("index=20", "index=16")  # the docs name the demo's 64-slice scans
+    script += "\nnp = __import__('numpy')\nprint('centre', *np.round(mesh.vertices.mean(0), 2))\n"
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert re.search(r"^\d+ vertices, \d+ active cells$", done.stdout, re.M), done.stdout
+    import nibabel as nib
+
+    lv = nib.load(phantoms / "s0001" / "segmentations" / f"{TEST_CLASSES[0]}.nii.gz")
+    voxels = np.argwhere(np.asarray(lv.dataobj) > 0)
+    truth_centre = nib.affines.apply_affine(lv.affine, voxels).mean(0)
+    centre = np.array([float(v) for v in done.stdout.split("centre")[1].split()])
+    assert np.linalg.norm(centre - truth_centre) < 10.0, (centre, truth_centre)
+
+
+def test_checkpoints_of_the_module_holding_both_stages_itself_load(
+    lora_run: Path, batch: dict, tmp_path: Path
+) -> None:
+    """Checkpoints written before the model moved under ``model.`` (keys ``decoder.*``/``structure.*``)
+    load and give the same reconstruction as today's."""
+    from lora_sam3d.module import LoRAMeshDecoderModule
+
+    ckpt = torch.load(lora_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["state_dict"] and all(k.startswith("model.") for k in ckpt["state_dict"])
+    ckpt["state_dict"] = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    new = LoRAMeshDecoderModule.load_from_checkpoint(
+        lora_run / "checkpoints" / "last.ckpt", weights_only=True
+    )
+    old = LoRAMeshDecoderModule.load_from_checkpoint(tmp_path / "old.ckpt", weights_only=True)
+    with torch.no_grad():
+        expected = new.eval()(batch).sdf
+        torch.testing.assert_close(old.eval()(batch).sdf, expected, rtol=0, atol=0)
+    base = LoRAMeshDecoderModule(TEST_CLASSES, decoder=TEST_DECODER, base_checkpoint="builtin:shapes")
+    base.configure_adapters()
+    with torch.no_grad():
+        assert not torch.allclose(base.eval()(batch).sdf, expected, atol=1e-4), (
+            "the checkpoint's adapters count"
+        )
+
+
+def test_peft_loads_our_adapter_folder_and_computes_our_output(lora_run: Path) -> None:
+    """`PeftModel.from_pretrained` reads a trained adapter folder as it is, and the decoder it builds
+    computes what ours computes with that adapter (and not what the bare base computes)."""
+    from peft import PeftModel
+
+    from lora_sam3d.sparse import SparseTensor
+
+    folder = lora_run / "checkpoints" / "adapter-last"
+    ours = Reconstructor.from_adapter(folder).decoder
+    peft = PeftModel.from_pretrained(
+        Reconstructor(TEST_DECODER, base="builtin:shapes").decoder, str(folder)
+    ).eval()
+    bare = Reconstructor(TEST_DECODER, base="builtin:shapes").decoder.eval()
+    gen = torch.Generator().manual_seed(0)
+    cells = torch.unique(torch.randint(0, 16, (300, 3), generator=gen), dim=0)
+    x = SparseTensor(
+        torch.randn(len(cells), 8, generator=gen), torch.cat([torch.zeros_like(cells[:, :1]), cells], 1).int()
+    )
+    with torch.no_grad():
+        expected = ours(x).feats
+        torch.testing.assert_close(peft(x).feats, expected, rtol=1e-5, atol=1e-6)
+        assert (bare(x).feats - expected).abs().max() > 1e-3, "the adapter changes the output"
