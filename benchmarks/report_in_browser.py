@@ -48,8 +48,12 @@ def synthetic_report(path: Path, n: int) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--report", type=Path, help="an existing report.html (default: write a synthetic one)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--report", type=Path, help="an existing report.html (default: write a synthetic one)"
+    )
     parser.add_argument("--samples", type=int, default=60)
     parser.add_argument("--out", type=Path, default=Path("outputs/report-check"))
     parser.add_argument("--fragment", default="", help="open the page at #<sample stem> (picks that sample)")

@@ -36,6 +36,16 @@ def adopt_data_settings(data_cfg: Any, stored: dict[str, Any], source: str) -> N
     from lora_sam3d.data.settings import DataSettings
 
     defaults = DataSettings()
+    trained = stored.get("views") or 1  # models written before several views existed saw one
+    asked = max(
+        [data_cfg.get("views") or 1]
+        + [len(i.get("slices") or [1]) for i in data_cfg.get("predict_items") or []]
+    )
+    if asked > trained:
+        raise ValueError(
+            f"{asked} views asked (data.views or a request's slices) but {source} was trained with at most "
+            f"{trained} view{'s' if trained > 1 else ''}: ask for {trained} or fewer, or train with data.views: {asked}"
+        )
     for key in STORED_DATA_SETTINGS:
         if key not in stored or stored[key] is None:
             continue

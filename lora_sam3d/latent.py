@@ -28,12 +28,16 @@ def latent_cell_centres(resolution: int, device: torch.device | str = "cpu") -> 
 
 
 class SliceUnprojection:
-    """Unproject the input slice into the frame: (B, 8, R, R, R) features on the R^3 grid.
+    """Unproject the input views into the frame: (B, 8, R, R, R) features on the R^3 grid.
 
-    Features: mask, intensity and signed 2D distance to the mask border, each read (bilinear) at
-    the cell's projection onto the slice; the cell's signed distance to the slice plane; its
-    position (3); and the mask damped by the distance to the plane (``exp(-(d / plane_decay)^2)``),
-    which says where the slice is direct evidence. All in frame units.
+    Per view: mask, intensity and signed 2D distance to the mask border, each read (bilinear) at
+    the cell's orthogonal projection onto the view's plane, and the cell's signed distance to that
+    plane. Several views (`lora_sam3d.data.views`) are merged as a set, so their order never
+    matters: each cell takes the views' values weighted by ``softmax(-(d / plane_decay)^2)`` over
+    the views (the nearest plane dominates), and the evidence channel is the largest over views of
+    the mask damped by the distance to its plane (``m * exp(-(d / plane_decay)^2)``). With one view
+    the weights are exactly 1. Channels: mask, intensity, 2D distance, plane distance, the cell's
+    position (3), evidence. All in frame units.
     """
 
     def __init__(self, resolution: int, plane_decay: float = 0.1) -> None:
@@ -41,9 +45,32 @@ class SliceUnprojection:
         self.plane_decay = plane_decay
 
     def __call__(self, batch: dict[str, Any]) -> torch.Tensor:
-        image, mask, distance, axis = batch["image"], batch["mask"], batch["mask_distance"], batch["axis"]
-        b, device, r = image.shape[0], image.device, self.resolution
+        from lora_sam3d.data.views import single_view
+
+        views = batch if "view_image" in batch else single_view(batch)
+        b, k = views["view_valid"].shape
+        device, r = views["view_image"].device, self.resolution
         u = latent_cell_centres(r, device).expand(b, -1, -1)  # (B, R^3, 3)
+        reads, dists = [], []
+        for j in range(k):
+            (m, intensity, dist2d), d_plane = self._read(u, views, j)
+            reads.append(torch.stack([m, intensity, dist2d, d_plane], dim=1))
+            dists.append(d_plane)
+        read, d = torch.stack(reads, dim=1), torch.stack(dists, dim=1)  # (B, K, 4, R^3), (B, K, R^3)
+        valid = views["view_valid"].to(device)[:, :, None]
+        closeness = torch.where(valid, -((d / self.plane_decay) ** 2), float("-inf"))
+        weight = torch.softmax(closeness, dim=1)  # (B, K, R^3); 1 for a single view
+        merged = (weight[:, :, None] * read).sum(1) if k > 1 else read[:, 0]
+        evidence = (read[:, :, 0] * torch.exp(closeness)).amax(1)
+        m, intensity, dist2d, d_plane = merged.unbind(1)
+        feats = torch.stack([m, intensity, dist2d, d_plane, u[..., 0], u[..., 1], u[..., 2], evidence], dim=1)
+        return feats.view(b, LATENT_CHANNELS, r, r, r)
+
+    @staticmethod
+    def _read(u: torch.Tensor, views: dict[str, Any], j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """View ``j`` of each sample at every cell: (mask, intensity, 2D distance) (3, B, R^3) read at
+        the cell's projection, and the cell's signed distance to the view's plane (B, R^3)."""
+        axis, device = views["view_axis"][:, j], u.device
         normal = F.one_hot(axis.long(), 3).to(u.dtype)  # (B, 3)
         plane = torch.stack(
             [torch.tensor([p for p in range(3) if p != int(a)], device=device) for a in axis.tolist()]
@@ -51,13 +78,11 @@ class SliceUnprojection:
         up = torch.gather(u, 2, plane[:, None, :1].expand(-1, u.shape[1], 1))[..., 0]
         uq = torch.gather(u, 2, plane[:, None, 1:].expand(-1, u.shape[1], 1))[..., 0]
         grid = torch.stack([2 * uq, 2 * up], dim=-1)[:, :, None, :]  # grid_sample (x, y) = (column, row)
-        maps = torch.stack([mask.to(u.dtype), image[:, 0].to(u.dtype), distance.to(u.dtype)], dim=1)
+        maps = torch.stack([views["view_mask"][:, j].to(u.dtype), views["view_image"][:, j].to(u.dtype),
+                            views["view_distance"][:, j].to(u.dtype)], dim=1)  # fmt: skip
         read = F.grid_sample(maps, grid, mode="bilinear", padding_mode="border", align_corners=False)[..., 0]
-        m, intensity, dist2d = read.unbind(1)  # (B, R^3) each
-        d_plane = (u * normal[:, None, :]).sum(-1)
-        evidence = m * torch.exp(-((d_plane / self.plane_decay) ** 2))
-        feats = torch.stack([m, intensity, dist2d, d_plane, u[..., 0], u[..., 1], u[..., 2], evidence], dim=1)
-        return feats.view(b, LATENT_CHANNELS, r, r, r)
+        d_plane = (u * normal[:, None, :]).sum(-1) - views["view_offset"][:, j, None].to(u.dtype)
+        return read.unbind(1), d_plane
 
 
 class PrecomputedLatents:

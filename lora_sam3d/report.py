@@ -173,7 +173,7 @@ function mesh(m, name, color, opacity) {
   return {type: 'mesh3d', x, y, z, i, j, k, name, color, opacity, showlegend: true};
 }
 function show(stem) {
-  const s = data.find(d => d.stem === stem);
+  const s = data.find(d => d.stem === stem) || data[0];
   if (!s) return;
   pick.value = stem;
   const traces = [];

@@ -124,6 +124,10 @@ class TSDataModule(L.LightningDataModule):
         modality: Literal["ct", "mr"] = _DEFAULT.modality,
         ct_window_hu: tuple[float, float] = _DEFAULT.ct_window_hu,
         on_bad_case: Literal["error", "skip"] = _DEFAULT.on_bad_case,
+        views: int = _DEFAULT.views,
+        view_layout: Literal["orthogonal", "parallel"] = _DEFAULT.view_layout,
+        view_spacing_mm: float = _DEFAULT.view_spacing_mm,
+        coarse_target: Literal["centre", "any"] = _DEFAULT.coarse_target,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -212,7 +216,8 @@ class TSDataModule(L.LightningDataModule):
         return {
             "classes": self.classes, "extent_mm": dict(train.extent_mm), "spacing": s.spacing,
             "modality": s.modality, "ct_window_hu": list(s.ct_window_hu), "slice_size": train.slice_size,
-            "frame_scale": s.frame_scale, "resolution": s.resolution,
+            "frame_scale": s.frame_scale, "resolution": s.resolution, "views": s.views,
+            "view_layout": s.view_layout,
         }  # fmt: skip
 
     def _request_dataset(self) -> PredictionDataset:

@@ -29,6 +29,7 @@ from lora_sam3d.data.frame import (
     slice_pointmap,
 )
 from lora_sam3d.data.settings import DataSettings
+from lora_sam3d.data.views import stack_views, view_planes, view_rows
 from lora_sam3d.data.volume import DataError
 from lora_sam3d.models.mesh import frame_box
 
@@ -276,15 +277,33 @@ class TS_SAM3D_Dataset(Dataset):
             case.image, case.labels, bit, case.affine, case.spacing_mm, axis, index, side_mm, self.slice_size,
             rng if self.augment else None,
         )  # fmt: skip
-        n = 4 * self.resolution
+        s, n, r = self.settings, 4 * self.resolution, self.resolution
+        if s.views > 1:  # the training split draws 1..views (view dropout); the others use views
+            count = (
+                int(rng.integers(1, s.views + 1)) if self.split == "train" and rng is not None else s.views
+            )
+            planes = view_planes(
+                frame,
+                axis,
+                index,
+                case.image.shape,
+                s.view_layout,
+                count,
+                s.view_spacing_mm / case.spacing_mm,
+            )
+            rows = view_rows(case.image, case.labels, bit, frame, planes, self.slice_size)
+            sample |= stack_views(sample, rows, s.views)
         crop, origin = case.sdf(bit)
         sample["gt_sdf"] = torch.from_numpy(
-            sample_sdf(frame, crop, origin, n + 1, self.settings.sdf_truncation_mm, side_mm)
+            sample_sdf(frame, crop, origin, n + 1, s.sdf_truncation_mm, side_mm)
         )
         sample["gt_occupancy"] = torch.from_numpy(sample_occupancy(frame, crop, origin, n))
-        sample["gt_coarse_occupancy"] = torch.from_numpy(
-            sample_occupancy(frame, crop, origin, self.resolution)
-        )
+        if s.coarse_target == "any":  # a cell is occupied when any of its 4^3 fine cells is
+            sample["gt_coarse_occupancy"] = (
+                sample["gt_occupancy"].reshape(r, 4, r, 4, r, 4).any(5).any(3).any(1)
+            )
+        else:
+            sample["gt_coarse_occupancy"] = torch.from_numpy(sample_occupancy(frame, crop, origin, r))
         if self.score_targets:  # the scan's own mask, for metrics; training never reads it
             sample["native"] = native_target(case, bit, frame.frame_to_world)
         sample |= {

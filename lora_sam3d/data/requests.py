@@ -12,6 +12,7 @@ in the main process, so a bad one is reported once, by its number.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from torch.utils.data import Dataset
 
 from lora_sam3d.data.cases import check_class_names
 from lora_sam3d.data.dataset import native_from_mask, slice_inputs
+from lora_sam3d.data.views import stack_views, view_rows
 from lora_sam3d.data.volume import DataError, Preprocessing, integer_labels, load_volume
 
 AXIS_NAMES = ("sagittal", "coronal", "axial")
@@ -46,6 +48,11 @@ class PredictItem:
         position_mm: instead of ``index``: the world (RAS) coordinate of the slice plane along
             ``axis``, in mm; the nearest file slice is used.
         label_value: with a label map, the value that marks the structure.
+        slices: instead of ``axis`` and ``index``/``position_mm``: several slices of the same scan
+            (views), each ``{axis, index}`` or ``{axis, position_mm}``, optionally with its own
+            ``mask`` (e.g. a 2D mask of that slice) and ``label_value``; by default the item's
+            ``mask`` cut at that plane. The first one places the frame; the model reads them as a
+            set (`lora_sam3d.data.views`).
     """
 
     image: str
@@ -55,6 +62,31 @@ class PredictItem:
     index: int | None = None
     position_mm: float | None = None
     label_value: int | None = None
+    slices: list[dict[str, Any]] | None = None
+
+    def planes(self) -> list[dict[str, Any]]:
+        """The item's slices, each ``{axis, index, position_mm, mask, label_value}`` (one unless ``slices``)."""
+        if not self.slices:
+            return [{"axis": self.axis, "index": self.index, "position_mm": self.position_mm,
+                     "mask": self.mask, "label_value": self.label_value}]  # fmt: skip
+        if self.index is not None or self.position_mm is not None:
+            raise DataError("give slices or index/position_mm, not both")
+        out = []
+        for k, view in enumerate(self.slices, start=1):
+            unknown = set(view) - {"axis", "index", "position_mm", "mask", "label_value", "image"}
+            if unknown:
+                raise DataError(
+                    f"slice {k}: unknown keys {sorted(unknown)} (axis, index or position_mm, mask, label_value)"
+                )
+            if view.get("image") not in (None, self.image):
+                raise DataError(
+                    f"slice {k} is of image {view['image']} but the request's image is {self.image}: one "
+                    "request reconstructs from slices of one scan"
+                )
+            out.append({"axis": view.get("axis", "axial"), "index": view.get("index"),
+                        "position_mm": view.get("position_mm"), "mask": view.get("mask", self.mask),
+                        "label_value": view.get("label_value", self.label_value)})  # fmt: skip
+        return out
 
 
 def parse_axis(axis: int | str) -> int:
@@ -281,8 +313,8 @@ class PredictionDataset(Dataset):
             frame_scale,
             slice_size,
         )
-        self.slices: list[SliceRef] = []
-        self.masks: list[np.ndarray] = []
+        self.slices: list[list[SliceRef]] = []  # per item, its views (the first places the frame)
+        self.masks: list[list[np.ndarray]] = []
         self._finite: set[str] = set()
         for k, item in enumerate(self.items, start=1):
             try:
@@ -311,8 +343,8 @@ class PredictionDataset(Dataset):
     def stems(self) -> list[str]:
         """Each request's output name: ``<case>_<class>_<slice>`` (unique within the request list)."""
         return [
-            f"{c}_{i.class_name}_{r.name}"
-            for c, i, r in zip(self.case_ids, self.items, self.slices, strict=True)
+            f"{c}_{i.class_name}_{'+'.join(r.name for r in refs)}"
+            for c, i, refs in zip(self.case_ids, self.items, self.slices, strict=True)
         ]
 
     @classmethod
@@ -336,16 +368,35 @@ class PredictionDataset(Dataset):
                 f"class {item.class_name!r} has no frame extent; known: {sorted(self.extent_mm)} "
                 "(set data.extent_mm, or use a checkpoint that stores its classes' extents)"
             )
-        for kind in ("image", "mask"):
-            if not Path(getattr(item, kind)).is_file():
-                raise DataError(f"{kind} {getattr(item, kind)} does not exist")
+        if not Path(item.image).is_file():
+            raise DataError(f"image {item.image} does not exist")
         try:
             img = nib.load(item.image)
         except Exception as err:
             raise DataError(f"image {item.image} is not a readable NIfTI file: {err}") from err
-        ref = locate_slice(img, parse_axis(item.axis), item.index, item.position_mm)
-        self.masks.append(read_slice_mask(Path(item.mask), img, ref, item.label_value))
-        self.slices.append(ref)
+        refs, masks = [], []
+        for k, plane in enumerate(item.planes(), start=1):
+            if not Path(plane["mask"]).is_file():
+                raise DataError(f"mask {plane['mask']} does not exist")
+            ref = locate_slice(img, parse_axis(plane["axis"]), plane["index"], plane["position_mm"])
+            if any((r.file_axis, r.index) == (ref.file_axis, ref.index) for r in refs):
+                raise DataError(
+                    f"slice {k} ({ref.name}) is a plane given before: each slice must be another plane"
+                )
+            try:
+                masks.append(read_slice_mask(Path(plane["mask"]), img, ref, plane["label_value"]))
+            except DataError as err:
+                if not item.slices or "has no voxels on" not in str(err):
+                    raise
+                warnings.warn(
+                    f"{item.class_name} in {item.image}: slice {k} ({ref.name}) skipped: {err}", stacklevel=2
+                )
+                continue
+            refs.append(ref)
+        if not refs:
+            raise DataError(f"no slice of {item.class_name} has mask voxels: nothing to reconstruct from")
+        self.slices.append(refs)
+        self.masks.append(masks)
         if item.image not in self._finite:  # each scan read once here, so a bad one fails before any output
             try:
                 values = np.asarray(img.dataobj, dtype=np.float32)
@@ -360,32 +411,26 @@ class PredictionDataset(Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        item, ref = self.items[i], self.slices[i]
+        item, refs = self.items[i], self.slices[i]
         try:
             raw = nib.load(item.image)
-            # the slice's mask, in the file's own orientation, as a label volume for the usual path
-            # (repeated on the neighbouring file slices when the model's grid is coarser than the file's,
-            # so the nearest-neighbour resampling cannot miss it)
-            labels = np.zeros(raw.shape, dtype=np.uint8)
-            thickness = float(np.linalg.norm(raw.affine[:3, ref.file_axis]))
-            reach = max(0, int(np.ceil(self.prep.spacing_mm / 2 / thickness - 0.5)))
-            for j in range(max(0, ref.index - reach), min(raw.shape[ref.file_axis], ref.index + reach + 1)):
-                take: list[Any] = [slice(None)] * 3
-                take[ref.file_axis] = j
-                labels[tuple(take)] = self.masks[i]
-            mask_img = nib.Nifti1Image(labels, raw.affine)
-            volume = load_volume(
-                item.image, {0: (Path(item.mask), None)}, self.prep, {Path(item.mask): mask_img}
-            )
-            to_grid = np.linalg.inv(volume.affine)  # the canonical slice through the file slice's centre
-            # the file slice lies within the resampled grid up to half a voxel: the nearest slice inside it
-            position = nib.affines.apply_affine(to_grid, ref.centre_mm)[ref.axis]
-            index = int(np.clip(np.rint(position), 0, volume.image.shape[ref.axis] - 1))
+            classes, in_memory = self._view_labels(i, raw)
+            volume = load_volume(item.image, classes, self.prep, in_memory)
+            to_grid = np.linalg.inv(volume.affine)
+            # each file slice lies within the resampled grid up to half a voxel: the nearest canonical slice
+            indices = [
+                int(np.clip(np.rint(nib.affines.apply_affine(to_grid, r.centre_mm)[r.axis]), 0, volume.image.shape[r.axis] - 1))
+                for r in refs
+            ]  # fmt: skip
             side_mm = self.frame_scale * self.extent_mm[item.class_name]
-            sample, _ = slice_inputs(
-                volume.image, volume.labels, 0, volume.affine, volume.spacing_mm, ref.axis, index, side_mm,
+            sample, frame = slice_inputs(
+                volume.image, volume.labels, 0, volume.affine, volume.spacing_mm, refs[0].axis, indices[0], side_mm,
                 self.slice_size,
             )  # fmt: skip
+            if self.max_views > 1:
+                rows = [row for k, (r, index) in enumerate(zip(refs, indices, strict=True)) if k
+                        for row in view_rows(volume.image, volume.labels, k, frame, [(r.axis, index)], self.slice_size)]  # fmt: skip
+                sample |= stack_views(sample, rows, self.max_views)
         except DataError as err:
             raise DataError(f"predict item {i + 1} (image {item.image}, mask {item.mask}): {err}") from err
         truth = read_mask_volume(Path(item.mask), raw, item.label_value)
@@ -394,8 +439,32 @@ class PredictionDataset(Dataset):
             "case_id": self.case_ids[i],
             "class_name": item.class_name,
             "source_image": str(item.image),
-            "slice_name": ref.name,
+            "slice_name": "+".join(r.name for r in refs),
             # a 3D mask of the structure is its truth on the scan's grid: the prediction is scored against it
             "native": None if truth is None else native_from_mask(truth, raw.affine, frame_to_world),
             "scored_against": "request mask",
         }
+
+    @property
+    def max_views(self) -> int:
+        """The most views any request has: every sample's views are padded to it, so a batch stacks."""
+        return max((len(refs) for refs in self.slices), default=1)
+
+    def _view_labels(
+        self, i: int, raw: nib.Nifti1Image
+    ) -> tuple[dict[int, tuple[Path, None]], dict[Path, nib.Nifti1Image]]:
+        """Request ``i``'s slice masks as label volumes in the file's orientation, view k as class bit k,
+        for `load_volume`. Each mask is repeated on the neighbouring file slices when the model's grid
+        is coarser than the file's, so the nearest-neighbour resampling cannot miss it."""
+        classes, images = {}, {}
+        for k, (ref, mask) in enumerate(zip(self.slices[i], self.masks[i], strict=True)):
+            labels = np.zeros(raw.shape, dtype=np.uint8)
+            thickness = float(np.linalg.norm(raw.affine[:3, ref.file_axis]))
+            reach = max(0, int(np.ceil(self.prep.spacing_mm / 2 / thickness - 0.5)))
+            for j in range(max(0, ref.index - reach), min(raw.shape[ref.file_axis], ref.index + reach + 1)):
+                take: list[Any] = [slice(None)] * 3
+                take[ref.file_axis] = j
+                labels[tuple(take)] = mask
+            key = Path(f"<view {k + 1} of request {i + 1}>")
+            classes[k], images[key] = (key, None), nib.Nifti1Image(labels, raw.affine)
+        return classes, images

@@ -37,6 +37,15 @@ class DataSettings:
         sdf_truncation_mm: SDF targets are clipped to +- this.
         layout, label_values, on_bad_case: how cases are found (see `discover_cases`).
         modality, ct_window_hu: intensity normalisation (see `Preprocessing`).
+        views: planes per sample (`lora_sam3d.data.views`): the count at validation, test and
+            predict; while training, the most, each training sample drawing 1..views (view
+            dropout), so one adapter serves 1 to ``views`` slices. Integer >= 1 (``orthogonal``: <= 3).
+        view_layout: ``orthogonal`` (the planes normal to the other two axes through the first
+            mask's centroid) or ``parallel`` (slices along the first one's axis).
+        view_spacing_mm: the distance between ``parallel`` views, > 0.
+        coarse_target: stage 1's target on the R^3 cells: ``centre`` (the cell's centre is inside)
+            or ``any`` (any of its fine cells is inside: TRELLIS's sparse structure, which keeps
+            structures thinner than a cell, such as the myocardium's shell, in the active band).
     """
 
     resolution: int = 16
@@ -56,6 +65,10 @@ class DataSettings:
     modality: Literal["ct", "mr"] = "ct"
     ct_window_hu: tuple[float, float] = (-200.0, 400.0)
     on_bad_case: Literal["error", "skip"] = "error"
+    views: int = 1
+    view_layout: Literal["orthogonal", "parallel"] = "orthogonal"
+    view_spacing_mm: float = 10.0
+    coarse_target: Literal["centre", "any"] = "centre"
 
     def __post_init__(self) -> None:
         self.axes = tuple(int(a) for a in self.axes)
@@ -74,6 +87,13 @@ class DataSettings:
             ("frame_scale", self.frame_scale, _is_number(self.frame_scale) and self.frame_scale > 0, "a number > 0"),
             ("sdf_truncation_mm", self.sdf_truncation_mm,
              _is_number(self.sdf_truncation_mm) and self.sdf_truncation_mm > 0, "a positive number (mm)"),
+            ("views", self.views, _is_int(self.views) and self.views >= 1
+             and (self.view_layout != "orthogonal" or self.views <= 3),
+             "an integer >= 1 (at most 3 with view_layout: orthogonal)"),
+            ("view_layout", self.view_layout, self.view_layout in ("orthogonal", "parallel"), "orthogonal or parallel"),
+            ("view_spacing_mm", self.view_spacing_mm,
+             _is_number(self.view_spacing_mm) and self.view_spacing_mm > 0, "a positive number (mm)"),
+            ("coarse_target", self.coarse_target, self.coarse_target in ("centre", "any"), "centre or any"),
             ("axes", list(self.axes),
              bool(self.axes) and set(self.axes) <= {0, 1, 2} and len(set(self.axes)) == len(self.axes),
              "a non-empty subset of [0, 1, 2] (0 sagittal, 1 coronal, 2 axial) without repeats"),

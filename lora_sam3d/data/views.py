@@ -1,0 +1,126 @@
+"""Several views per sample: more planes of the same structure in the same scan, in the same frame.
+
+One slice fixes an organ's shape in one plane only; users often have a few annotated slices (one
+axial, one coronal and one sagittal through the organ, or every tenth axial slice). A sample
+holds up to K views: the sampled slice first, then, by ``layout``,
+
+- ``orthogonal``: the planes normal to the two other axes through the first mask's centroid
+  (at most 3 views in all);
+- ``parallel``: slices along the first one's axis, ``spacing_mm`` apart, alternating sides
+  (+1, -1, +2, -2, ... steps).
+
+A view whose mask is empty at its plane, or whose plane leaves the volume, is skipped. Every view
+is resampled over the frame's square cross-section at its plane (as the first one is), and its
+plane's position is kept as an offset in frame units, so `lora_sam3d.latent.SliceUnprojection`
+places it in the frame. Views are padded to K rows with ``view_valid`` marking the real ones, so a
+batch stacks. The frame itself comes from the first view (its mask and the per-class extent).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from lora_sam3d.data.frame import Frame, plane_axes, sample_slice
+
+ViewLayout = Literal["orthogonal", "parallel"]
+VIEW_KEYS = (
+    "view_image",
+    "view_mask",
+    "view_distance",
+    "view_axis",
+    "view_index",
+    "view_offset",
+    "view_valid",
+)
+"""The batch keys of the views (first dimension after the batch: K views)."""
+
+
+def view_planes(
+    frame: Frame,
+    axis: int,
+    index: int,
+    shape: tuple[int, ...],
+    layout: ViewLayout,
+    count: int,
+    spacing_vox: float,
+) -> list[tuple[int, int]]:
+    """(axis, index) of up to ``count - 1`` planes after the sampled one (``axis``, ``index``), on a
+    grid of ``shape``; planes outside the grid are left out."""
+    if count <= 1:
+        return []
+    if layout == "orthogonal":
+        planes = [(a, int(np.rint(frame.centre_vox[a]))) for a in plane_axes(axis)]
+    else:
+        steps = [s for j in range(1, count) for s in (j, -j)]
+        planes = [(axis, int(np.rint(index + s * spacing_vox))) for s in steps]
+    return [(a, i) for a, i in planes if 0 <= i < shape[a]][: count - 1]
+
+
+def view_rows(
+    image: np.ndarray,
+    labels: np.ndarray,
+    bit: int,
+    frame: Frame,
+    planes: list[tuple[int, int]],
+    slice_size: int,
+) -> list[dict[str, Any]]:
+    """Each plane's view (image, mask, signed 2D distance, axis, index, offset in frame units); planes
+    whose mask is empty are skipped."""
+    from lora_sam3d.data.dataset import mask_signed_distance
+
+    rows = []
+    for axis, index in planes:
+        take: list[Any] = [slice(None)] * 3
+        take[axis] = index
+        mask2d = (np.asarray(labels[tuple(take)]) >> np.uint32(bit)) & 1 == 1
+        if not mask2d.any():
+            continue
+        mask = sample_slice(frame, mask2d.astype(np.float32), axis, slice_size, order=0) > 0.5
+        if not mask.any():  # the structure crosses this plane outside the frame
+            continue
+        plane = sample_slice(frame, np.asarray(image[tuple(take)]), axis, slice_size, order=1)
+        rows.append({"image": plane.astype(np.float32), "mask": mask, "distance": mask_signed_distance(mask),
+                     "axis": axis, "index": index,
+                     "offset": (index - frame.centre_vox[axis]) / frame.side_vox})  # fmt: skip
+    return rows
+
+
+def stack_views(first: dict[str, Any], rows: list[dict[str, Any]], k: int) -> dict[str, torch.Tensor]:
+    """The `VIEW_KEYS` tensors of a sample: its first view (the sample's ``image``, ``mask``,
+    ``mask_distance``, ``axis``, ``index``, at offset 0) and ``rows``, padded to ``k`` views."""
+    size = first["mask"].shape[-1]
+    out = {
+        "view_image": torch.zeros(k, size, size), "view_mask": torch.zeros(k, size, size, dtype=torch.bool),
+        "view_distance": torch.ones(k, size, size), "view_axis": torch.zeros(k, dtype=torch.long),
+        "view_index": torch.zeros(k, dtype=torch.long), "view_offset": torch.zeros(k, dtype=torch.float32),
+        "view_valid": torch.zeros(k, dtype=torch.bool),
+    }  # fmt: skip
+    out["view_image"][0], out["view_mask"][0] = first["image"][0], first["mask"]
+    out["view_distance"][0], out["view_axis"][0], out["view_index"][0] = (
+        first["mask_distance"],
+        first["axis"],
+        first["index"],
+    )
+    out["view_valid"][0] = True
+    for j, row in enumerate(rows[: k - 1], start=1):
+        out["view_image"][j] = torch.from_numpy(row["image"])
+        out["view_mask"][j] = torch.from_numpy(row["mask"])
+        out["view_distance"][j] = torch.from_numpy(row["distance"])
+        out["view_axis"][j], out["view_index"][j] = row["axis"], row["index"]
+        out["view_offset"][j], out["view_valid"][j] = float(row["offset"]), True
+    return out
+
+
+def single_view(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The `VIEW_KEYS` of a batch without views: its one slice per sample as a single view at offset 0."""
+    b = batch["image"].shape[0]
+    device = batch["image"].device
+    return {
+        "view_image": batch["image"][:, :1], "view_mask": batch["mask"][:, None],
+        "view_distance": batch["mask_distance"][:, None], "view_axis": batch["axis"].reshape(b, 1).long(),
+        "view_index": batch["index"].reshape(b, 1).long(), "view_offset": torch.zeros(b, 1, device=device),
+        "view_valid": torch.ones(b, 1, dtype=torch.bool, device=device),
+    }  # fmt: skip
