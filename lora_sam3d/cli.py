@@ -123,7 +123,10 @@ def _lightning_cli(args: list[str] | None, model_class: type | None = None) -> N
             )
             try:
                 if path and Path(path).is_file():  # before its hyper-parameters reach the parser
-                    ckpt = torch.load(path, weights_only=True, map_location="cpu")
+                    try:
+                        ckpt = torch.load(path, weights_only=True, map_location="cpu")
+                    except Exception as err:  # torch raises KeyError, UnpicklingError... for non-checkpoints
+                        raise unreadable(path, err) from err
                     meta = ckpt.get("lora_sam3d")
                     if isinstance(meta, dict):
                         check_design(meta)
@@ -135,6 +138,18 @@ def _lightning_cli(args: list[str] | None, model_class: type | None = None) -> N
             cfg = self.config[self.config.subcommand] if path else None
             if cfg is not None and self._base_given and self._base_given != cfg.model.get("base_checkpoint"):
                 cfg.model.base_checkpoint = self._base_given  # the config points to a moved base
+
+        def instantiate_classes(self) -> None:
+            """A model built from settings stored in an adapter's model.json says so when it fails."""
+            try:
+                super().instantiate_classes()
+            except (ValueError, KeyError) as err:
+                source = getattr(self, "_settings_source", "")
+                if not source:
+                    raise
+                raise type(err)(
+                    f"{error_line(err).split(': ', 1)[1]} (the model settings come from {source})"
+                ) from err
 
         def before_instantiate_classes(self) -> None:
             """A model that carries its own settings defines itself: outside ``fit``, ``model.adapter``
@@ -150,6 +165,7 @@ def _lightning_cli(args: list[str] | None, model_class: type | None = None) -> N
                 stored["classes"] = list(dict.fromkeys(c for m in models for c in m.get("classes", [])))
             if self.config.subcommand != "fit":  # to train further, the config says what it trains
                 source = f"{Path(folders[0]) / MODEL_FILE}" if folders else ""
+                self._settings_source = source if stored else ""
                 for key in MODEL_SETTINGS:
                     given = cfg.model.get(key)
                     if key in stored and not (key == "base_checkpoint" and given and given != stored[key]):

@@ -23,6 +23,21 @@ READ_ERRORS = (RuntimeError, OSError, EOFError, pickle.UnpicklingError)
 def unreadable(path: str | os.PathLike[str], err: BaseException) -> ValueError:
     """A one-line error for a weights file that torch or safetensors could not read, saying why."""
     text = str(err)
+    head = _first_bytes(path)
+    if (
+        head is not None
+        and not head.startswith((b"PK\x03\x04", b"\x80"))
+        and not str(path).endswith(".safetensors")
+    ):
+        kind = (
+            "text"
+            if head and all(32 <= c < 127 or c in (9, 10, 13) for c in head)
+            else "another kind of file"
+        )
+        return ValueError(
+            f"cannot read checkpoint {path}: it is not a PyTorch checkpoint (neither a zip archive nor a "
+            f"pickle; it looks like {kind})"
+        )
     if "Weights only load failed" in text:
         reason = (
             "it holds Python objects beyond tensors and plain types, which could run code when "
@@ -32,6 +47,14 @@ def unreadable(path: str | os.PathLike[str], err: BaseException) -> ValueError:
         first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
         reason = f"truncated or corrupt? ({type(err).__name__}: {first[:200]})"
     return ValueError(f"cannot read checkpoint {path}: {reason}")
+
+
+def _first_bytes(path: str | os.PathLike[str], n: int = 16) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read(n)
+    except OSError:
+        return None
 
 
 def require_file(path: str | os.PathLike[str], what: str = "checkpoint") -> Path:

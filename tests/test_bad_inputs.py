@@ -359,6 +359,12 @@ def predict_items(
     return predict_from(s, name, s.ckpt if ckpt == "trained" else ckpt, edit)
 
 
+def text_file(s: Setup) -> Path:
+    path = s.root / "notes.ckpt"
+    path.write_text("training notes: lr 3e-3, 6 epochs\n")
+    return path
+
+
 def nan_voxel(path: Path) -> None:
     img = nib.load(str(path))
     data = np.asarray(img.dataobj).astype(np.float32)
@@ -392,6 +398,17 @@ def moved_base_adapter(s: Setup) -> Path:
         shutil.copytree(s.adapter, folder)
         stored = json.loads((folder / "model.json").read_text())
         stored["base_checkpoint"] = str(s.root / "moved" / "shapes.safetensors")
+        (folder / "model.json").write_text(json.dumps(stored))
+    return folder
+
+
+def edited_model_file(s: Setup) -> Path:
+    """The trained adapter, its model.json edited to another decoder width than its base has."""
+    folder = s.root / "adapter-edited"
+    if not folder.exists():
+        shutil.copytree(s.adapter, folder)
+        stored = json.loads((folder / "model.json").read_text())
+        stored["decoder"]["model_channels"] = 128
         (folder / "model.json").write_text(json.dumps(stored))
     return folder
 
@@ -733,6 +750,16 @@ RUN_CASES: dict[str, tuple[Callable[[Setup], list[str]], str]] = {
         ),
         r"base checkpoint .*moved/shapes\.safetensors \(the path stored in .*adapter-moved/model\.json\) does not "
         r"exist; if it moved, give its new path with --model\.base_checkpoint$",
+    ),
+    "a text file as the checkpoint": (
+        lambda s: predict_from(s, "txt", text_file(s)),
+        r"cannot read checkpoint .*notes\.ckpt: it is not a PyTorch checkpoint \(neither a zip archive nor a "
+        r"pickle; it looks like text\)$",
+    ),
+    "adapter whose model.json was edited": (
+        lambda s: predict_items(s, "p21", ckpt=None, root=None, model={"adapter": str(edited_model_file(s))}),
+        r"shapes\.safetensors holds weights of another decoder size .*\(check model\.decoder\) \(the model "
+        r"settings come from .*adapter-edited/model\.json\)$",
     ),
     # export
     "export of a missing checkpoint": (

@@ -1,4 +1,4 @@
-"""End to end through the real `lora-sam3d` command (subprocesses): fit, resume, validate, predict, export."""
+"""End to end through the `lora-sam3d` command: the real process (`run`) where a test is about it (the command line, errors, kill -9, DDP), `main` in this process (`here`) for the other fits, validations, predictions and exports."""
 
 from __future__ import annotations
 
@@ -34,6 +34,23 @@ def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]
         env=env,
         cwd=cwd,
     )
+
+
+def here(*args: str) -> subprocess.CompletedProcess[str]:
+    """`lora-sam3d ARGS` through `main` in this process (the same code as the command, without a new
+    interpreter's start-up): for runs whose process boundary is not what a test is about."""
+    import contextlib
+    import io
+
+    from lora_sam3d.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else 1
+    return subprocess.CompletedProcess(["lora-sam3d", *args], code, out.getvalue(), err.getvalue())
 
 
 def write_config(tmp: Path, name: str, epochs: int = 1, finetune: str = "lora") -> Path:
@@ -83,7 +100,7 @@ def test_fit_writes_small_lora_checkpoints_and_adapters(trained: Path) -> None:
     keys = set(ckpt["state_dict"])
     assert keys and all(".lora_A" in k or ".lora_B" in k for k in keys), sorted(keys)[:5]
     assert ckpt["lora_sam3d"]["finetune"] == "lora" and len(ckpt["lora_sam3d"]["base_fingerprint"]) == 64
-    full = run("fit", "--config", str(write_config(trained, "full", epochs=1, finetune="full")))
+    full = here("fit", "--config", str(write_config(trained, "full", epochs=1, finetune="full")))
     assert full.returncode == 0, full.stderr[-3000:]
     full_ckpt = torch.load(
         trained / "full" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True
@@ -100,7 +117,7 @@ def test_fit_writes_small_lora_checkpoints_and_adapters(trained: Path) -> None:
 
 def test_resume_gives_the_same_next_step_loss(trained: Path) -> None:
     # "run" trained 2 epochs of 3 steps; resume a 1-epoch run from its epoch-0 checkpoint.
-    resumed = run(
+    resumed = here(
         "fit", "--config", str(write_config(trained, "resumed", epochs=2)),
         "--ckpt_path", str(trained / "run" / "checkpoints" / "epoch=0.ckpt"),
     )  # fmt: skip
@@ -112,9 +129,9 @@ def test_resume_gives_the_same_next_step_loss(trained: Path) -> None:
 
 def test_validate_and_predict_write_metrics_meshes_and_masks(trained: Path) -> None:
     cfg, ckpt = str(trained / "run.yaml"), str(trained / "run" / "checkpoints" / "last.ckpt")
-    val = run("validate", "--config", cfg, "--ckpt_path", ckpt)
+    val = here("validate", "--config", cfg, "--ckpt_path", ckpt)
     assert val.returncode == 0, val.stderr[-3000:]
-    pred = run("predict", "--config", cfg, "--ckpt_path", ckpt)
+    pred = here("predict", "--config", cfg, "--ckpt_path", ckpt)
     assert pred.returncode == 0, pred.stderr[-3000:]
     out = trained / "run" / "predictions"
     summary = json.loads((out / "metrics.json").read_text())
@@ -190,14 +207,14 @@ def test_a_checkpoint_defines_the_model_whatever_the_config_says(trained: Path) 
     cfg["model"] |= {"lora": {"rank": 8}, "finetune": "full"}
     cfg["trainer"]["callbacks"][2]["init_args"]["output_dir"] = str(trained / "disagreeing")
     path = write_yaml(cfg, trained / "disagreeing.yaml")
-    done = run(
+    done = here(
         "predict", "--config", str(path), "--ckpt_path", str(trained / "run" / "checkpoints" / "last.ckpt")
     )
     assert done.returncode == 0, done.stderr[-3000:]
     reference_file = trained / "run" / "predictions" / "metrics.json"
     if not reference_file.is_file():  # when run alone: the run's own predictions with its own config
         ckpt = str(trained / "run" / "checkpoints" / "last.ckpt")
-        assert run("predict", "--config", str(trained / "run.yaml"), "--ckpt_path", ckpt).returncode == 0
+        assert here("predict", "--config", str(trained / "run.yaml"), "--ckpt_path", ckpt).returncode == 0
     ours = json.loads((trained / "disagreeing" / "metrics.json").read_text())["mean"]
     reference = json.loads(reference_file.read_text())["mean"]
     assert ours["dice"] == pytest.approx(reference["dice"], abs=1e-6)
@@ -230,7 +247,7 @@ def test_export_merges_and_matches_the_lora_model(trained: Path) -> None:
     from lora_sam3d.module import LoRAMeshDecoderModule
 
     ckpt = trained / "run" / "checkpoints" / "last.ckpt"
-    result = run("export", "--ckpt_path", str(ckpt), "--output", str(trained / "export"))
+    result = here("export", "--ckpt_path", str(ckpt), "--output", str(trained / "export"))
     assert result.returncode == 0, result.stderr[-3000:]
     module = LoRAMeshDecoderModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True).eval()
     merged_file = trained / "export" / "decoder-merged.safetensors"
@@ -263,7 +280,7 @@ def test_export_merges_and_matches_the_lora_model(trained: Path) -> None:
 
 
 def test_errors_are_one_line(tmp_path: Path) -> None:
-    """The real command's stderr: no traceback, our one line last (tests/test_bad_inputs.py checks 85
+    """The real command's stderr: no traceback, our one line last (tests/test_bad_inputs.py checks 87
     more errors through `main` in this process)."""
     cfg = run_config(tmp_path / "o", tmp_path / "nodata")
     cfg["data"]["phantoms"] = None
@@ -347,7 +364,7 @@ def test_ddp_on_two_cpu_processes_equals_one_process(tmp_path: Path) -> None:
     ddp = tmp_path / "ddp.yaml"
     ddp.write_text((Path(__file__).parents[1] / "configs" / "ddp.yaml").read_text())
     probe = {"class_path": "faults.DDPProbe", "init_args": {"path": str(tmp_path / "probe")}}
-    one = run("fit", "--config", str(variant_config(tmp_path, "one", epochs=1, batch_size=2)))
+    one = here("fit", "--config", str(variant_config(tmp_path, "one", epochs=1, batch_size=2)))
     assert one.returncode == 0, one.stderr[-3000:]
     two = run("fit", "--config", str(variant_config(tmp_path, "two", callbacks=[probe], epochs=1, batch_size=1)),
               "--config", str(ddp))  # fmt: skip
@@ -469,10 +486,10 @@ def test_a_checkpoint_or_an_adapter_alone_reconstructs_a_new_scan(trained: Path)
     away = trained / "data-moved-away"
     (trained / "data").rename(away)
     try:
-        by_ckpt = run("predict", "--config", str(predict_only_config(trained, "scan-ckpt", [item])),
+        by_ckpt = here("predict", "--config", str(predict_only_config(trained, "scan-ckpt", [item])),
                       "--ckpt_path", str(trained / "run" / "checkpoints" / "last.ckpt"))  # fmt: skip
         adapter = {"adapter": str(trained / "run" / "checkpoints" / "adapter-last")}
-        by_adapter = run(
+        by_adapter = here(
             "predict", "--config", str(predict_only_config(trained, "scan-adapter", [item], adapter))
         )
     finally:
@@ -535,7 +552,7 @@ def test_one_adapter_per_structure_on_one_base(trained: Path) -> None:
     adapters = {}
     for cls in ("heart_ventricle_left", "heart_myocardium"):
         name = f"only-{cls}"
-        done = run("fit", "--config", str(variant_config(trained, name, epochs=1, classes=[cls])))
+        done = here("fit", "--config", str(variant_config(trained, name, epochs=1, classes=[cls])))
         assert done.returncode == 0, done.stderr[-3000:]
         adapters[cls] = str(trained / name / "checkpoints" / "adapter-last")
     image, lv, z = new_scan(trained)
@@ -545,16 +562,16 @@ def test_one_adapter_per_structure_on_one_base(trained: Path) -> None:
              "heart_myocardium": {"image": str(trained / "data" / "s0004" / "ct.nii.gz"), "mask": str(myo),
                                   "axis": "coronal", "index": 24, "class_name": "heart_myocardium"}}  # fmt: skip
     routed = predict_only_config(trained, "routed", list(items.values()), {"adapters": adapters})
-    done = run("predict", "--config", str(routed))
+    done = here("predict", "--config", str(routed))
     assert done.returncode == 0, done.stderr[-3000:]
     for cls, item in items.items():
         single = predict_only_config(trained, f"single-{cls}", [item], {"adapter": adapters[cls]})
-        alone = run("predict", "--config", str(single))
+        alone = here("predict", "--config", str(single))
         assert alone.returncode == 0, alone.stderr[-3000:]
         (path,) = [p for p in (trained / f"single-{cls}").glob("*.ply") if not p.name.endswith("_truth.ply")]
         ours = trimesh.load(trained / "routed" / path.name, process=False)
         np.testing.assert_allclose(ours.vertices, trimesh.load(path, process=False).vertices, atol=1e-5)
-    exported = run(
+    exported = here(
         "export", "--adapter", adapters["heart_myocardium"], "--output", str(trained / "export-myo")
     )
     assert exported.returncode == 0, exported.stderr[-3000:]

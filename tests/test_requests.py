@@ -123,6 +123,9 @@ def test_masks_as_users_have_them(case: Path, tmp_path: Path) -> None:
     for other in samples[1:]:
         for key in ("image", "mask", "frame_to_world", "pointmap"):
             assert torch.equal(samples[0][key].nan_to_num(), other[key].nan_to_num()), key
+    # a 3D mask or label map is the structure's truth on the scan's grid, to score against; a 2D mask is not
+    assert [s["native"] is not None for s in samples] == [True, True, False, False]
+    assert samples[1]["native"]["gt"].sum() == samples[0]["native"]["gt"].sum() > 0
     nib.save(nib.Nifti1Image(mask2d[:-4].astype(np.uint8), np.eye(4)), str(tmp_path / "small.nii.gz"))
     with pytest.raises(
         DataError, match=r"2D mask .*small\.nii\.gz has shape \(60, 64\) but axial\d+ .* has shape \(64, 64\)"
