@@ -211,12 +211,17 @@ def test_a_checkpoint_defines_the_model_whatever_the_config_says(trained: Path) 
         "predict", "--config", str(path), "--ckpt_path", str(trained / "run" / "checkpoints" / "last.ckpt")
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    reference_file = trained / "run" / "predictions" / "metrics.json"
-    if not reference_file.is_file():  # when run alone: the run's own predictions with its own config
-        ckpt = str(trained / "run" / "checkpoints" / "last.ckpt")
-        assert here("predict", "--config", str(trained / "run.yaml"), "--ckpt_path", ckpt).returncode == 0
+    cfg = yaml.safe_load((trained / "run.yaml").read_text())  # the run's own config, its own folder
+    cfg["trainer"]["callbacks"][2]["init_args"]["output_dir"] = str(trained / "agreeing")
+    ckpt = str(trained / "run" / "checkpoints" / "last.ckpt")
+    assert (
+        here(
+            "predict", "--config", str(write_yaml(cfg, trained / "agreeing.yaml")), "--ckpt_path", ckpt
+        ).returncode
+        == 0
+    )
     ours = json.loads((trained / "disagreeing" / "metrics.json").read_text())["mean"]
-    reference = json.loads(reference_file.read_text())["mean"]
+    reference = json.loads((trained / "agreeing" / "metrics.json").read_text())["mean"]
     assert ours["dice"] == pytest.approx(reference["dice"], abs=1e-6)
 
 

@@ -121,7 +121,11 @@ def test_max_pool_target_equals_brute_force(phantoms: Path) -> None:
     assert thin > 0, "the max-pool target adds the cells a thin structure crosses"
 
 
-def test_view_settings_are_checked() -> None:
+def test_view_settings_are_checked(phantoms: Path) -> None:
+    with pytest.raises(
+        DataError, match=r"data\.view_spacing_mm is below one voxel of the resampled grid \(0\.50 voxels\)"
+    ):
+        views_dataset(phantoms, views=2, view_layout="parallel", view_spacing_mm=1.0)[0]
     with pytest.raises(
         DataError,
         match=r"data\.views must be an integer >= 1 \(at most 3 with view_layout: orthogonal\), got 4",

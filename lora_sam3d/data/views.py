@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from lora_sam3d.data.frame import Frame, plane_axes, sample_slice
+from lora_sam3d.data.volume import DataError
 
 ViewLayout = Literal["orthogonal", "parallel"]
 VIEW_KEYS = (
@@ -51,6 +52,11 @@ def view_planes(
     grid of ``shape``; planes outside the grid are left out."""
     if count <= 1:
         return []
+    if layout == "parallel" and spacing_vox < 1:
+        raise DataError(
+            f"data.view_spacing_mm is below one voxel of the resampled grid ({spacing_vox:.2f} voxels): "
+            "parallel views would repeat a plane; give at least data.spacing"
+        )
     if layout == "orthogonal":
         planes = [(a, int(np.rint(frame.centre_vox[a]))) for a in plane_axes(axis)]
     else:
