@@ -144,8 +144,10 @@ def _lightning_cli(args: list[str] | None, model_class: type | None = None) -> N
             try:
                 super().instantiate_classes()
             except (ValueError, KeyError) as err:
+                from lora_sam3d.data import DataError
+
                 source = getattr(self, "_settings_source", "")
-                if not source:
+                if not source or isinstance(err, DataError):  # data errors name their own files
                     raise
                 raise type(err)(
                     f"{error_line(err).split(': ', 1)[1]} (the model settings come from {source})"

@@ -29,7 +29,7 @@ from lora_sam3d.data.frame import (
     slice_pointmap,
 )
 from lora_sam3d.data.settings import DataSettings
-from lora_sam3d.data.views import stack_views, view_planes, view_rows
+from lora_sam3d.data.views import seen_centre, stack_views, view_planes, view_rows
 from lora_sam3d.data.volume import DataError
 from lora_sam3d.models.mesh import frame_box
 
@@ -272,25 +272,23 @@ class TS_SAM3D_Dataset(Dataset):
         self, case: CachedCase, bit: int, axis: int, index: int, rng: np.random.Generator | None = None
     ) -> dict[str, Any]:
         name = self.classes[bit]
-        side_mm = self.settings.frame_scale * self.extent_mm[name]
-        sample, frame = slice_inputs(
-            case.image, case.labels, bit, case.affine, case.spacing_mm, axis, index, side_mm, self.slice_size,
-            rng if self.augment else None,
-        )  # fmt: skip
         s, n, r = self.settings, 4 * self.resolution, self.resolution
+        side_mm = s.frame_scale * self.extent_mm[name]
+        planes: list[tuple[int, int]] = []
+        centre = None
         if s.views > 1:  # the training split draws 1..views (view dropout); the others use views
             count = (
                 int(rng.integers(1, s.views + 1)) if self.split == "train" and rng is not None else s.views
             )
-            planes = view_planes(
-                frame,
-                axis,
-                index,
-                case.image.shape,
-                s.view_layout,
-                count,
-                s.view_spacing_mm / case.spacing_mm,
-            )
+            first, _ = slice_frame(case.labels, bit, case.affine, case.spacing_mm, axis, index, side_mm)
+            spacing_vox = s.view_spacing_mm / case.spacing_mm
+            planes = view_planes(first, axis, index, case.image.shape, s.view_layout, count, spacing_vox)
+            centre = seen_centre(case.labels, [bit] * len(planes), planes, axis)
+        sample, frame = slice_inputs(
+            case.image, case.labels, bit, case.affine, case.spacing_mm, axis, index, side_mm, self.slice_size,
+            rng if self.augment else None, centre,
+        )  # fmt: skip
+        if s.views > 1:
             rows = view_rows(case.image, case.labels, bit, frame, planes, self.slice_size)
             sample |= stack_views(sample, rows, s.views)
         crop, origin = case.sdf(bit)
@@ -365,6 +363,24 @@ def mask_signed_distance(mask: np.ndarray) -> np.ndarray:
     return signed_distance_mm(mask, 1.0 / mask.shape[0]).astype(np.float32)
 
 
+def slice_frame(
+    labels: np.ndarray, bit: int, affine: np.ndarray, spacing_mm: float, axis: int, index: int, side_mm: float
+) -> tuple[Frame, np.ndarray]:
+    """The frame one slice places (`make_frame`) and the slice's class mask (plane axes in order)."""
+    shape = labels.shape
+    if not 0 <= index < shape[axis]:
+        raise DataError(
+            f"slice index {index} is outside axis {axis} of the canonical (RAS) volume resampled to "
+            f"{spacing_mm} mm, of shape {tuple(shape)} (0..{shape[axis] - 1} along axis {axis})"
+        )
+    take: list[Any] = [slice(None)] * 3
+    take[axis] = index
+    mask2d = (np.asarray(labels[tuple(take)]) >> np.uint32(bit)) & 1 == 1
+    if not mask2d.any():
+        raise DataError(f"the mask has no voxels on slice {index} along axis {axis}")
+    return make_frame(mask2d, axis, index, side_mm, spacing_mm, affine), mask2d
+
+
 def slice_inputs(
     image: np.ndarray,
     labels: np.ndarray,
@@ -376,24 +392,23 @@ def slice_inputs(
     side_mm: float,
     slice_size: int,
     rng: np.random.Generator | None = None,
+    centre_along_axis: float | None = None,
 ) -> tuple[dict[str, Any], Frame]:
     """The model's inputs for one slice (no 3D ground truth is read) and the frame they define.
 
     ``image`` and ``labels`` are the canonical isotropic volume and its class bits; only the slice
-    ``index`` along ``axis`` is read. With ``rng``, the input intensities are augmented.
+    ``index`` along ``axis`` is read. With ``rng``, the input intensities are augmented. With
+    ``centre_along_axis`` (voxels; from other views, `lora_sam3d.data.views.seen_centre`), the frame
+    is centred there along ``axis`` instead of on the slice, which then lies off the frame's centre.
     """
-    shape = image.shape
-    if not 0 <= index < shape[axis]:
-        raise DataError(
-            f"slice index {index} is outside axis {axis} of the canonical (RAS) volume resampled to "
-            f"{spacing_mm} mm, of shape {tuple(shape)} (0..{shape[axis] - 1} along axis {axis})"
-        )
+    frame, mask2d = slice_frame(labels, bit, affine, spacing_mm, axis, index, side_mm)
+    if centre_along_axis is not None:
+        centre = list(frame.centre_vox)
+        centre[axis] = float(centre_along_axis)
+        frame = Frame(tuple(centre), frame.side_vox, frame.grid_affine)  # type: ignore[arg-type]
+    offset = (index - frame.centre_vox[axis]) / frame.side_vox
     take: list[Any] = [slice(None)] * 3
     take[axis] = index
-    mask2d = (np.asarray(labels[tuple(take)]) >> np.uint32(bit)) & 1 == 1
-    if not mask2d.any():
-        raise DataError(f"the mask has no voxels on slice {index} along axis {axis}")
-    frame = make_frame(mask2d, axis, index, side_mm, spacing_mm, affine)
     plane = sample_slice(frame, np.asarray(image[tuple(take)]), axis, slice_size, order=1)
     mask = sample_slice(frame, mask2d.astype(np.float32), axis, slice_size, order=0) > 0.5
     if rng is not None:
@@ -403,11 +418,12 @@ def slice_inputs(
         "image": torch.from_numpy(np.repeat(plane[None].astype(np.float32), 3, axis=0)),
         "mask": torch.from_numpy(mask),
         "mask_distance": torch.from_numpy(mask_signed_distance(mask)),
-        "pointmap": torch.from_numpy(slice_pointmap(frame, axis, slice_size, mask)),
+        "pointmap": torch.from_numpy(slice_pointmap(frame, axis, slice_size, mask, offset)),
         "affine": torch.from_numpy(np.array(affine, dtype=np.float64)),
         "frame_to_world": torch.from_numpy(frame.frame_to_world),
         "axis": torch.tensor(axis),
         "index": torch.tensor(index),
+        "offset": torch.tensor(offset, dtype=torch.float32),
         "spacing_mm": torch.tensor(spacing_mm, dtype=torch.float64),
     }
     return sample, frame

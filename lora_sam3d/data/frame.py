@@ -112,11 +112,13 @@ def sample_slice(frame: Frame, plane: np.ndarray, axis: int, size: int, order: i
     )
 
 
-def slice_pointmap(frame: Frame, axis: int, size: int, mask: np.ndarray) -> np.ndarray:
-    """(3, size, size) world RAS mm of each pixel of the frame's central square; NaN off the mask."""
+def slice_pointmap(frame: Frame, axis: int, size: int, mask: np.ndarray, offset: float = 0.0) -> np.ndarray:
+    """(3, size, size) world RAS mm of each pixel of the frame's square cross-section at ``offset``
+    (frame units) along ``axis``; NaN off the mask."""
     u = (np.arange(size) + 0.5) / size - 0.5
     p, q = plane_axes(axis)
     uvw = np.zeros((size, size, 3))
+    uvw[..., axis] = offset
     uvw[..., p], uvw[..., q] = np.meshgrid(u, u, indexing="ij")
     world = (frame.frame_to_world @ np.concatenate([uvw, np.ones((size, size, 1))], axis=-1)[..., None])[
         ..., :3, 0

@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 
 from lora_sam3d.data.cases import check_class_names
 from lora_sam3d.data.dataset import native_from_mask, slice_inputs
-from lora_sam3d.data.views import stack_views, view_rows
+from lora_sam3d.data.views import seen_centre, stack_views, view_rows
 from lora_sam3d.data.volume import DataError, Preprocessing, integer_labels, load_volume
 
 AXIS_NAMES = ("sagittal", "coronal", "axial")
@@ -423,9 +423,15 @@ class PredictionDataset(Dataset):
                 for r in refs
             ]  # fmt: skip
             side_mm = self.frame_scale * self.extent_mm[item.class_name]
+            others = [(r.axis, index) for r, index in zip(refs[1:], indices[1:], strict=True)]
+            centre = (
+                seen_centre(volume.labels, list(range(1, len(refs))), others, refs[0].axis)
+                if others
+                else None
+            )
             sample, frame = slice_inputs(
                 volume.image, volume.labels, 0, volume.affine, volume.spacing_mm, refs[0].axis, indices[0], side_mm,
-                self.slice_size,
+                self.slice_size, None, centre,
             )  # fmt: skip
             if self.max_views > 1:
                 rows = [row for k, (r, index) in enumerate(zip(refs, indices, strict=True)) if k

@@ -10,10 +10,12 @@ holds up to K views: the sampled slice first, then, by ``layout``,
   (+1, -1, +2, -2, ... steps).
 
 A view whose mask is empty at its plane, or whose plane leaves the volume, is skipped. Every view
-is resampled over the frame's square cross-section at its plane (as the first one is), and its
-plane's position is kept as an offset in frame units, so `lora_sam3d.latent.SliceUnprojection`
-places it in the frame. Views are padded to K rows with ``view_valid`` marking the real ones, so a
-batch stacks. The frame itself comes from the first view (its mask and the per-class extent).
+is resampled over the frame's square cross-section at its plane, and its plane's position is kept
+as an offset in frame units, so `lora_sam3d.latent.SliceUnprojection` places it in the frame.
+Views are padded to K rows with ``view_valid`` marking the real ones, so a batch stacks. The frame
+comes from the views only: in the first slice's plane, its mask's centroid; along the first
+slice's normal, the middle of the structure's extent as the other views see it (`seen_centre`;
+one slice alone puts the frame's centre on itself); its side from the per-class extent.
 """
 
 from __future__ import annotations
@@ -65,6 +67,25 @@ def view_planes(
     return [(a, i) for a, i in planes if 0 <= i < shape[a]][: count - 1]
 
 
+def seen_centre(
+    labels: np.ndarray, bits: list[int], planes: list[tuple[int, int]], axis: int
+) -> float | None:
+    """The middle (voxels) of the structure's extent along ``axis`` as the views that contain that
+    axis see it (planes normal to another axis; view k's mask is class bit ``bits[k]``), or None
+    when no view contains it. One slice cannot see its own normal direction; another view can."""
+    lo, hi = np.inf, -np.inf
+    for bit, (view_axis, index) in zip(bits, planes, strict=True):
+        if view_axis == axis:
+            continue
+        take: list[Any] = [slice(None)] * 3
+        take[view_axis] = index
+        mask2d = (np.asarray(labels[tuple(take)]) >> np.uint32(bit)) & 1 == 1
+        along = np.flatnonzero(mask2d.any(axis=1 - plane_axes(view_axis).index(axis)))
+        if along.size:
+            lo, hi = min(lo, float(along[0])), max(hi, float(along[-1]))
+    return None if lo > hi else (lo + hi) / 2
+
+
 def view_rows(
     image: np.ndarray,
     labels: np.ndarray,
@@ -96,7 +117,7 @@ def view_rows(
 
 def stack_views(first: dict[str, Any], rows: list[dict[str, Any]], k: int) -> dict[str, torch.Tensor]:
     """The `VIEW_KEYS` tensors of a sample: its first view (the sample's ``image``, ``mask``,
-    ``mask_distance``, ``axis``, ``index``, at offset 0) and ``rows``, padded to ``k`` views."""
+    ``mask_distance``, ``axis``, ``index``, ``offset``) and ``rows``, padded to ``k`` views."""
     size = first["mask"].shape[-1]
     out = {
         "view_image": torch.zeros(k, size, size), "view_mask": torch.zeros(k, size, size, dtype=torch.bool),
@@ -110,7 +131,7 @@ def stack_views(first: dict[str, Any], rows: list[dict[str, Any]], k: int) -> di
         first["axis"],
         first["index"],
     )
-    out["view_valid"][0] = True
+    out["view_offset"][0], out["view_valid"][0] = float(first.get("offset", 0.0)), True
     for j, row in enumerate(rows[: k - 1], start=1):
         out["view_image"][j] = torch.from_numpy(row["image"])
         out["view_mask"][j] = torch.from_numpy(row["mask"])
@@ -127,6 +148,7 @@ def single_view(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
     return {
         "view_image": batch["image"][:, :1], "view_mask": batch["mask"][:, None],
         "view_distance": batch["mask_distance"][:, None], "view_axis": batch["axis"].reshape(b, 1).long(),
-        "view_index": batch["index"].reshape(b, 1).long(), "view_offset": torch.zeros(b, 1, device=device),
+        "view_index": batch["index"].reshape(b, 1).long(),
+        "view_offset": batch["offset"].reshape(b, 1).float() if "offset" in batch else torch.zeros(b, 1, device=device),
         "view_valid": torch.ones(b, 1, dtype=torch.bool, device=device),
     }  # fmt: skip
