@@ -316,7 +316,9 @@ class MeshPredictionWriter(BasePredictionWriter):
                 self.written.append(png)
             if record.metrics is not None:
                 self.rows.append({"case_id": record.case_id, "class_name": record.class_name,
-                                  "axis": record.axis, "index": record.index, **record.metrics})  # fmt: skip
+                                  "axis": record.axis, "index": record.index, "slice": record.slice_name
+                                  or f"axis{record.axis}_slice{record.index}",
+                                  "scored_against": record.scored_against, **record.metrics})  # fmt: skip
             if self.report:  # compact: only what the page shows, a 3D view for the first report_views
                 self.samples.append(entry(ReportSample(
                     stem, record.case_id, record.class_name, record.slice_name or f"axis{record.axis} slice{record.index}",
@@ -382,7 +384,7 @@ def _from_all_processes(trainer: L.Trainer, items: list[Any]) -> list[Any]:
 
 
 def _means(rows: list[dict[str, Any]]) -> dict[str, float]:
-    keys = [k for k in rows[0] if k not in ("case_id", "class_name", "axis", "index")]
+    keys = [k for k in rows[0] if k not in ("case_id", "class_name", "axis", "index", "slice", "scored_against")]
     out = {}
     for k in keys:
         values = torch.tensor([float(r[k]) for r in rows], dtype=torch.float64)

@@ -511,6 +511,7 @@ def test_a_checkpoint_or_an_adapter_alone_reconstructs_a_new_scan(trained: Path)
     dice = 2 * (predicted & truth).sum() / (predicted.sum() + truth.sum())
     with (trained / "scan-ckpt" / "metrics.csv").open() as f:
         (row,) = list(csv.DictReader(f))
+    assert (row["slice"], row["scored_against"]) == (f"axial{z}", "request mask"), "the viewer's slice name"
     assert float(row["dice"]) == pytest.approx(dice, abs=0.02), (
         "scored on the scan's grid against the 3D mask"
     )
