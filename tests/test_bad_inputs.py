@@ -965,3 +965,26 @@ def test_the_readme_states_how_many_bad_inputs_are_tested() -> None:
     total = len(DATA_CASES) + len(RUN_CASES) + len(API_CASES) + os_tests
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     assert f"`tests/test_bad_inputs.py`): {total} cases" in readme and f"{total} bad inputs tested" in readme
+
+
+def test_a_moved_base_is_pointed_to(setup: Setup, capsys: pytest.CaptureFixture[str]) -> None:
+    """The base an adapter's model.json names has moved: `--model.base_checkpoint` points to its new
+    place and the prediction is the one the original base gives."""
+    from lora_sam3d.weights import resolve_checkpoint
+
+    moved = setup.root / "new-home" / "shapes.safetensors"
+    moved.parent.mkdir(exist_ok=True)
+    shutil.copy(resolve_checkpoint("builtin:shapes"), moved)
+    adapter = moved_base_adapter(setup)  # model.json names <root>/moved/shapes.safetensors, which is gone
+    argv = predict_items(setup, "moved-ok", ckpt=None, root=None, model={"adapter": str(adapter)})
+    code, err = cli(*argv, "--model.base_checkpoint", str(moved), capsys=capsys)
+    assert code == 0, err[-2000:]
+    reference = predict_items(setup, "moved-ref", ckpt=None, root=None, model={"adapter": str(setup.adapter)})
+    assert cli(*reference, capsys=capsys)[0] == 0
+    import trimesh
+
+    (ours,) = [p for p in (setup.root / "moved-ok" / "predictions").glob("*.ply") if "_truth" not in p.name]
+    theirs = setup.root / "moved-ref" / "predictions" / ours.name
+    np.testing.assert_allclose(
+        trimesh.load(ours, process=False).vertices, trimesh.load(theirs, process=False).vertices
+    )
