@@ -384,7 +384,9 @@ def _from_all_processes(trainer: L.Trainer, items: list[Any]) -> list[Any]:
 
 
 def _means(rows: list[dict[str, Any]]) -> dict[str, float]:
-    keys = [k for k in rows[0] if k not in ("case_id", "class_name", "axis", "index", "slice", "scored_against")]
+    keys = [
+        k for k in rows[0] if k not in ("case_id", "class_name", "axis", "index", "slice", "scored_against")
+    ]
     out = {}
     for k in keys:
         values = torch.tensor([float(r[k]) for r in rows], dtype=torch.float64)

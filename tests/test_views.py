@@ -4,6 +4,7 @@ stage-1 target; checked against nibabel's geometry of the files and brute-force 
 from __future__ import annotations
 
 import itertools
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -165,7 +166,18 @@ def test_a_request_of_three_slices(phantoms: Path, tmp_path: Path) -> None:
     slices = [{"axis": "axial", "index": int(centre[2])}, {"axis": "coronal", "index": int(centre[1])},
               {"axis": "sagittal", "index": int(centre[0])}]  # fmt: skip
     item = PredictItem(str(case / "ct.nii.gz"), str(mask), TEST_CLASSES[0], slices=slices)
-    ds = PredictionDataset([item], Preprocessing(2.0), {TEST_CLASSES[0]: 60.0}, 2.0, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # three cuts of one mask agree where they cross: no warning
+        ds = PredictionDataset([item], Preprocessing(2.0), {TEST_CLASSES[0]: 60.0}, 2.0, 64)
+    elsewhere = np.zeros(lv.shape[::2], np.uint8)  # a coronal 2D mask (x, z) drawn away from the ventricle
+    elsewhere[:4, :4] = 1
+    nib.save(nib.Nifti1Image(elsewhere, np.eye(4)), str(tmp_path / "wrong.nii.gz"))
+    wrong = {**slices[1], "mask": str(tmp_path / "wrong.nii.gz")}
+    with pytest.warns(
+        UserWarning, match=r"the masks of slices 1 \(axial\d+\) and 2 \(coronal\d+\) do not overlap"
+    ):
+        PredictionDataset([PredictItem(item.image, item.mask, TEST_CLASSES[0], slices=[slices[0], wrong])],
+                          Preprocessing(2.0), {TEST_CLASSES[0]: 60.0}, 2.0, 64)  # fmt: skip
     s = ds[0]
     assert s["view_valid"].tolist() == [True, True, True]
     assert s["slice_name"] == f"axial{centre[2]}+coronal{centre[1]}+sagittal{centre[0]}"

@@ -253,6 +253,28 @@ def read_mask_volume(path: Path, img: nib.Nifti1Image, label_value: int | None) 
     return data == label_value if label_value is not None else data != 0
 
 
+def contradicting_pairs(refs: list[SliceRef], masks: list[np.ndarray]) -> list[tuple[int, int]]:
+    """Pairs of slices (indices into ``refs``) of different file axes whose masks (file orientation)
+    mark no common voxel on the line where the two planes cross, while at least one marks some:
+    masks of one structure must agree there."""
+    pairs = []
+    for a in range(len(refs)):
+        for b in range(a + 1, len(refs)):
+            if refs[a].file_axis == refs[b].file_axis:
+                continue
+            line_a = _line(masks[a], refs[a].file_axis, refs[b].file_axis, refs[b].index)
+            line_b = _line(masks[b], refs[b].file_axis, refs[a].file_axis, refs[a].index)
+            if (line_a.any() or line_b.any()) and not (line_a & line_b).any():
+                pairs.append((a, b))
+    return pairs
+
+
+def _line(mask: np.ndarray, own_axis: int, other_axis: int, other_index: int) -> np.ndarray:
+    """The row of a slice's 2D mask (its two file axes in order) at ``other_index`` along ``other_axis``."""
+    dims = [d for d in range(3) if d != own_axis]
+    return np.take(mask, other_index, axis=dims.index(other_axis))
+
+
 def case_names(images: Sequence[str | Path]) -> list[str]:
     """A case id per image, distinct for distinct files: `case_name`, prefixed by as many parent
     folders as it takes where two files would share one (``p1/CT/ct.nii.gz`` and ``p2/CT/ct.nii.gz``
@@ -395,6 +417,12 @@ class PredictionDataset(Dataset):
             refs.append(ref)
         if not refs:
             raise DataError(f"no slice of {item.class_name} has mask voxels: nothing to reconstruct from")
+        for a, b in contradicting_pairs(refs, masks):
+            warnings.warn(
+                f"{item.class_name} in {item.image}: the masks of slices {a + 1} ({refs[a].name}) and {b + 1} "
+                f"({refs[b].name}) do not overlap on the line where their planes cross: is one of them wrong?",
+                stacklevel=2,
+            )
         self.slices.append(refs)
         self.masks.append(masks)
         if item.image not in self._finite:  # each scan read once here, so a bad one fails before any output
