@@ -173,17 +173,13 @@ class AdapterBank:
         classes = list(dict.fromkeys(c for data in known.values() for c in data["classes"]))
         extents = {}
         for c in classes:
-            data = self.data_settings(c) if self._covers(c) else None
+            try:
+                data = self.data_settings(c)
+            except ValueError:  # a class no adapter of this run covers
+                continue
             if data and c in data["extent_mm"]:
                 extents[c] = data["extent_mm"][c]
         return {**next(iter(known.values())), "classes": classes, "extent_mm": extents}
-
-    def _covers(self, class_name: str) -> bool:
-        try:
-            self.key_for(class_name)
-        except ValueError:
-            return False
-        return True
 
     def use(self, key: str) -> None:
         """Copy adapter ``key``'s tensors into the model (no-op when it is already in)."""

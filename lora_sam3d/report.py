@@ -62,11 +62,12 @@ class ReportEntry:
 
 
 def _mesh_arrays(mesh: Mesh | None) -> dict[str, np.ndarray] | None:
-    """Flat vertices (float32, 0.01 mm) and faces (int32): what the page draws, held compactly."""
+    """Flat vertices (float32) and faces (int32): what the page draws, held compactly (rounded to
+    0.01 mm once, when the page is written)."""
     if mesh is None or mesh.is_empty:
         return None
     return {
-        "v": np.round(mesh.vertices, 2).astype(np.float32).ravel(),
+        "v": mesh.vertices.astype(np.float32).ravel(),
         "f": mesh.faces.astype(np.int32).ravel(),
     }
 

@@ -391,26 +391,27 @@ def jpeg_mask(s: Setup) -> Path:
     return path
 
 
-def moved_base_adapter(s: Setup) -> Path:
-    """The trained adapter, its model.json naming a base file that has since moved away."""
-    folder = s.root / "adapter-moved"
+def edited_adapter(s: Setup, name: str, edit: Callable[[dict], None]) -> Path:
+    """A copy of the trained adapter folder ``name`` whose model.json ``edit`` changed (made once)."""
+    folder = s.root / name
     if not folder.exists():
         shutil.copytree(s.adapter, folder)
         stored = json.loads((folder / "model.json").read_text())
-        stored["base_checkpoint"] = str(s.root / "moved" / "shapes.safetensors")
+        edit(stored)
         (folder / "model.json").write_text(json.dumps(stored))
     return folder
+
+
+def moved_base_adapter(s: Setup) -> Path:
+    """The trained adapter, its model.json naming a base file that has since moved away."""
+    return edited_adapter(
+        s, "adapter-moved", set_in("base_checkpoint", str(s.root / "moved" / "shapes.safetensors"))
+    )
 
 
 def edited_model_file(s: Setup) -> Path:
     """The trained adapter, its model.json edited to another decoder width than its base has."""
-    folder = s.root / "adapter-edited"
-    if not folder.exists():
-        shutil.copytree(s.adapter, folder)
-        stored = json.loads((folder / "model.json").read_text())
-        stored["decoder"]["model_channels"] = 128
-        (folder / "model.json").write_text(json.dumps(stored))
-    return folder
+    return edited_adapter(s, "adapter-edited", set_in("decoder", "model_channels", 128))
 
 
 def no_contract(path: Path) -> None:

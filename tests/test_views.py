@@ -19,6 +19,19 @@ from lora_sam3d.latent import SliceUnprojection
 from lora_sam3d.models import Reconstructor
 
 
+def view_pixels_world(s: dict, k: int) -> np.ndarray:
+    """(N, 3) world mm of view ``k``'s mask pixels: its square cross-section of the frame at its
+    offset, mapped by the sample's frame (the independent reading of the view's geometry)."""
+    size = s["view_mask"].shape[-1]
+    u = (np.arange(size) + 0.5) / size - 0.5
+    axis = int(s["view_axis"][k])
+    p, q = (a for a in range(3) if a != axis)
+    uvw = np.zeros((size, size, 3))
+    uvw[..., p], uvw[..., q] = np.meshgrid(u, u, indexing="ij")
+    uvw[..., axis] = float(s["view_offset"][k])
+    return nib.affines.apply_affine(s["frame_to_world"].numpy(), uvw[s["view_mask"][k].numpy()])
+
+
 def views_dataset(root: Path, split: str = "val", **settings: object) -> TS_SAM3D_Dataset:
     s = DataSettings(resolution=16, spacing=2.0, **settings)  # type: ignore[arg-type]
     return TS_SAM3D_Dataset(root, TEST_CLASSES, split=split, slice_sampling_method="central", settings=s)
@@ -50,17 +63,10 @@ def test_each_view_lies_on_its_plane_in_world_mm(phantoms: Path, layout: str) ->
         label = nib.load(phantoms / s["case_id"] / "segmentations" / f"{s['class_name']}.nii.gz")
         to_file = np.linalg.inv(label.affine)
         truth = np.asarray(label.dataobj) > 0
-        f2w = s["frame_to_world"].numpy()
-        size = s["view_mask"].shape[-1]
-        u = (np.arange(size) + 0.5) / size - 0.5
         planes = set()
         for k in np.flatnonzero(s["view_valid"].numpy()):
             axis = int(s["view_axis"][k])
-            p, q = (a for a in range(3) if a != axis)
-            uvw = np.zeros((size, size, 3))
-            uvw[..., p], uvw[..., q] = np.meshgrid(u, u, indexing="ij")
-            uvw[..., axis] = float(s["view_offset"][k])
-            world = nib.affines.apply_affine(f2w, uvw[s["view_mask"][k].numpy()])
+            world = view_pixels_world(s, k)
             # the plane is the canonical grid's slice view_index along the view's axis
             grid = next(c for c in ds.cases if c.case_id == s["case_id"]).affine
             voxel = nib.affines.apply_affine(np.linalg.inv(grid), world)
@@ -181,16 +187,10 @@ def test_a_request_of_three_slices(phantoms: Path, tmp_path: Path) -> None:
     s = ds[0]
     assert s["view_valid"].tolist() == [True, True, True]
     assert s["slice_name"] == f"axial{centre[2]}+coronal{centre[1]}+sagittal{centre[0]}"
-    size = s["view_mask"].shape[-1]
-    u = (np.arange(size) + 0.5) / size - 0.5
     file_axis = {2: 2, 1: 1, 0: 0}  # the phantoms are stored close to RAS: world axis k is file axis k
     for k, view in enumerate(slices):
         axis = int(s["view_axis"][k])
-        p, q = (a for a in range(3) if a != axis)
-        uvw = np.zeros((size, size, 3))
-        uvw[..., p], uvw[..., q] = np.meshgrid(u, u, indexing="ij")
-        uvw[..., axis] = float(s["view_offset"][k])
-        world = nib.affines.apply_affine(s["frame_to_world"].numpy(), uvw[s["view_mask"][k].numpy()])
+        world = view_pixels_world(s, k)
         voxel = nib.affines.apply_affine(np.linalg.inv(img.affine), world)
         assert np.abs(voxel[:, file_axis[axis]] - view["index"]).max() <= 0.5 + 2.0 / 2 / 1.6, (k, view)
         inside = lv[tuple(np.rint(voxel).astype(int).T)]

@@ -27,7 +27,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -212,6 +212,7 @@ class CachedCase:
     """Read access to one cache folder; arrays are memory-mapped on first use."""
 
     path: Path
+    stamped: float = field(default=0.0, repr=False, compare=False)  # when `in_use` last stamped the entry
 
     @cached_property
     def meta(self) -> dict[str, Any]:
@@ -244,9 +245,9 @@ class CachedCase:
         """Restamp the entry's last use while a run reads it (at most every `IN_USE_STAMP_S`), so a
         cleanup by ``--unused-days`` never takes an entry a running fit still reads."""
         now = time.time()
-        if now - self.__dict__.get("_stamped", 0.0) >= IN_USE_STAMP_S:
+        if now - self.stamped >= IN_USE_STAMP_S:
             _mark_used(self.path)
-            self.__dict__["_stamped"] = now
+            self.stamped = now
 
     def sdf(self, bit: int) -> tuple[np.ndarray, np.ndarray]:
         """(crop, origin voxel) of the class's truncated SDF in mm (a sample is being built: `in_use`)."""

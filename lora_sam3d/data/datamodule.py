@@ -227,12 +227,13 @@ class TSDataModule(L.LightningDataModule):
         module = self.trainer.lightning_module if self.trainer is not None else None
         stored = getattr(module, "data_contract", None)
         bank = getattr(module, "bank", None)
-        for k, item in enumerate(h.predict_items or [] if bank is not None else [], start=1):
-            name = item.class_name if isinstance(item, PredictItem) else item.get("class_name")
-            try:  # model.adapters: every request's class has its adapter
-                bank.key_for(name)
-            except ValueError as err:
-                raise DataError(f"predict item {k}: {err}") from None
+        if bank is not None:  # model.adapters: every request's class has its adapter
+            for k, item in enumerate(h.predict_items or [], start=1):
+                name = item.class_name if isinstance(item, PredictItem) else item.get("class_name")
+                try:
+                    bank.key_for(name)
+                except ValueError as err:
+                    raise DataError(f"predict item {k}: {err}") from None
         if stored:
             dataset = PredictionDataset.from_settings(h.predict_items, stored, h.extent_mm)
         else:
