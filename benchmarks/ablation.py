@@ -79,6 +79,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--ckpt", required=True)
+    parser.add_argument(
+        "--views", type=int, help="input slices per sample (default: as the checkpoint validated)"
+    )
     parser.add_argument("--json")
     args = parser.parse_args()
     module = Ablated.load_from_checkpoint(args.ckpt, map_location="cpu", weights_only=True).eval()
@@ -86,6 +89,8 @@ def main() -> None:
     data = dict(ckpt["datamodule_hyper_parameters"])
     data["num_workers"] = 0
     data.pop("_instantiator", None)
+    if args.views:
+        data["views"] = args.views
     dm = TSDataModule(**data)
     dm.setup("validate")
     module.classes = list(data["classes"])

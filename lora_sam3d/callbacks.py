@@ -322,7 +322,9 @@ class MeshPredictionWriter(BasePredictionWriter):
             if self.report:  # compact: only what the page shows, a 3D view for the first report_views
                 self.samples.append(entry(ReportSample(
                     stem, record.case_id, record.class_name, record.slice_name or f"axis{record.axis} slice{record.index}",
-                    mesh, record.image, record.mask, record.gt_mesh, record.metrics, record.scored_against,
+                    mesh, record.image if record.views_image is None else record.views_image,
+                    record.mask if record.views_mask is None else record.views_mask,
+                    record.gt_mesh, record.metrics, record.scored_against,
                 ), view=len(self.samples) < self.report_views))  # fmt: skip
 
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

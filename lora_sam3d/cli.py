@@ -246,11 +246,49 @@ def _export(args: argparse.Namespace) -> None:
         print(f"wrote {path}")
 
 
-def _cache(args: argparse.Namespace) -> None:
+def _build_cache(args: argparse.Namespace) -> int:
+    """``cache --build``: every case of a data set cached, ``--workers`` at once, with progress; a case
+    that fails is named and skipped; a summary at the end; exit status 1 when any failed."""
+    import yaml
+
+    from lora_sam3d.data import TSDataModule
+    from lora_sam3d.data.cache import build_cases
+    from lora_sam3d.data.cases import discover_cases
+
+    if args.config:
+        config = yaml.safe_load(Path(args.config).read_text()) or {}
+        data = dict(config.get("data") or {})
+        if not data.get("root") or not data.get("classes"):
+            raise ValueError(f"config {args.config} has no data.root and data.classes: give a fit config")
+    elif args.root and args.classes:
+        data = {"root": args.root, "classes": args.classes}
+    else:
+        raise ValueError("cache --build needs --config <fit config>, or --root <data folder> with --classes")
+    if args.workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {args.workers}")
+    data.pop("predict_items", None)
+    module = TSDataModule(**data)
+    module.write_phantoms_if_empty()  # as fit would: a demo config on a fresh clone
+    s = module.settings
+    cases = discover_cases(module.root, module.classes, s.layout, s.label_values, "skip")
+    built, failed = build_cases(
+        cases, module.classes, s.prep, module.cache_dir, s.sdf_truncation_mm, args.workers, progress=True
+    )
+    size = sum(f.stat().st_size for c in built.values() for d in (c.path, c.image_path) for f in d.iterdir())
+    print(f"{len(built)} of {len(cases)} cases cached in {module.cache_dir} ({size / 2**20:.1f} MiB)"
+          + (f"; {len(failed)} failed: {', '.join(sorted(failed))}" if failed else ""))  # fmt: skip
+    return 1 if failed else 0
+
+
+def _cache(args: argparse.Namespace) -> int:
     import time
 
     from lora_sam3d.data.cache import IN_USE_S, cache_entries, remove_entry
 
+    if args.build:
+        return _build_cache(args)
+    if not (args.root or args.cache_dir):
+        raise ValueError("cache needs --root or --cache-dir (or --build)")
     folder = Path(args.cache_dir) if args.cache_dir else Path(args.root) / ".cache"
     entries = cache_entries(folder)
     cutoff = time.time() - args.unused_days * 86400 if args.unused_days is not None else None
@@ -265,8 +303,8 @@ def _cache(args: argparse.Namespace) -> None:
             why += f" (kept: read by a run in the last {IN_USE_S:g} s)"
         stamp = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used))
         action = ("would remove" if args.dry_run else "removed") if remove else "kept"
-        print(f"{action:12} {e.path.name}  {e.size_bytes / 2**20:8.1f} MiB  used {stamp}  "
-              f"{','.join(e.classes) or '-'}  {why}".rstrip())  # fmt: skip
+        what = "(image, shared)" if e.kind == "image" else ",".join(e.classes) or "-"
+        print(f"{action:12} {e.name}  {e.size_bytes / 2**20:8.1f} MiB  used {stamp}  {what}  {why}".rstrip())
         total += e.size_bytes
         if remove:
             removed += e.size_bytes
@@ -274,6 +312,7 @@ def _cache(args: argparse.Namespace) -> None:
                 remove_entry(e)
     verb = "would free" if args.dry_run else "freed"
     print(f"{len(entries)} entries, {total / 2**20:.1f} MiB in {folder}; {verb} {removed / 2**20:.1f} MiB")
+    return 0
 
 
 def _extra_parser() -> argparse.ArgumentParser:
@@ -305,9 +344,14 @@ def _extra_parser() -> argparse.ArgumentParser:
     ca = sub.add_parser(
         "cache", help="list the preprocessed-case cache; remove stale or unused entries only when asked"
     )
-    where = ca.add_mutually_exclusive_group(required=True)
+    where = ca.add_mutually_exclusive_group()
     where.add_argument("--root", help="data folder (its cache is <root>/.cache)")
     where.add_argument("--cache-dir", help="the cache folder itself (data.cache_dir)")
+    ca.add_argument("--build", action="store_true", help="build the missing entries of a data set: the data "
+                    "section of --config (a fit config), or --root with --classes")  # fmt: skip
+    ca.add_argument("--config", help="with --build: a fit config; its data section says what to cache")
+    ca.add_argument("--classes", nargs="+", help="with --build --root: the structures to cache")
+    ca.add_argument("--workers", type=int, default=1, help="with --build: cases built at once (processes)")
     ca.add_argument("--stale", action="store_true", help="remove entries whose source files changed or are gone, "
                     "of an older cache format, or left by a killed build")  # fmt: skip
     ca.add_argument("--unused-days", type=float, help="remove entries no run has used for this many days")
@@ -329,8 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             parser.print_help()
             return 0
-        args.run(args)
-        return 0
+        return args.run(args) or 0
     except (OSError, ValueError, KeyError, TypeError, FloatingPointError, argparse.ArgumentError) as err:
         if os.environ.get("LORA_SAM3D_DEBUG"):
             raise

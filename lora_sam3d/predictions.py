@@ -29,6 +29,8 @@ class Prediction:
         frame_to_world: (4, 4) frame units -> world RAS mm.
         sdf: (4R+1,)*3 predicted vertex SDF in frame units, negative inside.
         image, mask: (S, S) the input slice's first channel and its mask.
+        views_image, views_mask: (K, S, S) every input view (the first is ``image``/``mask``), for a
+            sample of several views; None for one slice.
         mesh: the predicted surface in world RAS mm.
         slice_name: how the slice is named in file names (see `stem`).
         gt_sdf, gt_mesh, metrics: the truth and the scores, when the sample has ground truth.
@@ -51,6 +53,8 @@ class Prediction:
     gt_mesh: Mesh | None = None
     metrics: dict[str, float] | None = None
     scored_against: str = "truth"
+    views_image: np.ndarray | None = None
+    views_mask: np.ndarray | None = None
 
     @property
     def stem(self) -> str:
@@ -127,6 +131,10 @@ def prediction_records(rec: Reconstruction, batch: dict[str, Any], tolerance_mm:
             mesh=mesh,
             slice_name=batch["slice_name"][i] if "slice_name" in batch else "",
         )
+        if "view_valid" in batch and int(batch["view_valid"][i].sum()) > 1:
+            valid = batch["view_valid"][i].cpu()
+            record.views_image = batch["view_image"][i].cpu()[valid].numpy()
+            record.views_mask = batch["view_mask"][i].cpu()[valid].numpy()
         if score is not None:
             record.gt_mesh, values = score.truth, score.metrics
             if "gt_sdf" in batch:

@@ -33,6 +33,7 @@ SHOWN = ("dice", "hd95_mm", "assd_mm", "nsd", "chamfer_mm")
 class ReportSample:
     """What the page shows of one sample (meshes as written: world mm, smoothed if the writer smooths).
 
+    ``image``, ``mask``: the input slice (S, S), or every input view (K, S, S) of a several-view sample.
     ``scored_against``: ``truth`` (a split's label) or ``request mask`` (the 3D mask a request gave).
     """
 
@@ -85,18 +86,23 @@ def _view_json(view: dict[str, Any]) -> dict[str, Any]:
 
 def slice_png(image: np.ndarray, mask: np.ndarray) -> str:
     """The input slice (grey) with its mask's outline in red, as a PNG data URI (rows = the slice's
-    second axis, as the previews show it)."""
+    second axis, as the previews show it). A stack (K, S, S) of several views gives them side by
+    side, in input order, 2 pixels apart."""
     from PIL import Image
     from scipy.ndimage import binary_erosion
 
-    img = np.nan_to_num(np.asarray(image, dtype=np.float64).T)
-    lo, hi = float(img.min()), float(img.max())
-    grey = ((img - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(img)).astype(np.uint8)
-    rgb = np.repeat(grey[..., None], 3, axis=-1)
-    m = np.asarray(mask, dtype=bool).T
-    rgb[m & ~binary_erosion(m)] = (214, 39, 40)
+    images, masks = (image[None], mask[None]) if image.ndim == 2 else (image, mask)
+    tiles = []
+    for plane, plane_mask in zip(images, masks, strict=True):
+        img = np.nan_to_num(np.asarray(plane, dtype=np.float64).T)
+        lo, hi = float(img.min()), float(img.max())
+        grey = ((img - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(img)).astype(np.uint8)
+        rgb = np.repeat(grey[..., None], 3, axis=-1)
+        m = np.asarray(plane_mask, dtype=bool).T
+        rgb[m & ~binary_erosion(m)] = (214, 39, 40)
+        tiles += [rgb, np.full((rgb.shape[0], 2, 3), 255, dtype=np.uint8)]
     buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="PNG")
+    Image.fromarray(np.concatenate(tiles[:-1], axis=1)).save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
@@ -186,7 +192,10 @@ function show(stem) {
     scene: {aspectmode: 'data', xaxis: {title: 'R (mm)'}, yaxis: {title: 'A (mm)'}, zaxis: {title: 'S (mm)'}}},
     {responsive: true});
   document.getElementById('slice').src = s.view.slice;
-  document.getElementById('slice-title').textContent = 'input slice ' + s.slice_name + ' and its mask (red)';
+  const several = s.slice_name.includes('+');
+  document.getElementById('slice-title').textContent = several
+    ? 'input slices ' + s.slice_name.split('+').join(', ') + ' (left to right) and their masks (red)'
+    : 'input slice ' + s.slice_name + ' and its mask (red)';
   document.getElementById('metrics').textContent = s.metrics_text;
 }
 pick.addEventListener('change', () => { history.replaceState(null, '', '#' + pick.value); show(pick.value); });

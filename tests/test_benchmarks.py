@@ -32,3 +32,33 @@ def test_two_stage_gpu_script_dry_run(
     assert result["loss_relative_difference"] < 0.05
     for start in ("LoRA steps/s at batch 1 in bf16", "LoRA/full step time", "loss after 2 steps"):
         assert start in printed
+
+
+def test_views_step_script_dry_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`benchmarks/views_step.py` at batch 2: one and three views timed on the same samples, the ratio
+    printed and in the JSON."""
+    out = tmp_path / "views.json"
+    monkeypatch.setattr(sys, "argv", ["views_step.py", "--repeats", "1", "--batch", "2", "--json", str(out)])
+    runpy.run_path(str(BENCHMARKS / "views_step.py"), run_name="__main__")
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["views"] for r in rows] == [1, 3] and rows[0]["step_x_one_view"] == 1.0
+    assert all(r["step_s_per_sample"] > 0 and r["data_s_per_sample"] > 0 for r in rows)
+    assert "3 views: training step" in capsys.readouterr().out
+
+
+def test_cache_build_script_dry_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`benchmarks/cache_build.py` on small phantoms: both builds, the sizes against the previous
+    format, the loader rates and the extrapolation."""
+    out = tmp_path / "cache.json"
+    argv = ["cache_build.py", "--shape", "64", "64", "40", "--data", str(tmp_path / "data"), "--json", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(BENCHMARKS / "cache_build.py"), run_name="__main__")
+    result = json.loads(out.read_text())
+    assert [r["workers"] for r in result["build"]] == [1, 2]
+    assert 0 < result["entry"]["case_bytes"] < result["entry"]["previous_format_bytes"]
+    assert set(result["loader"]) == {"0", "2"} and all(v > 0 for v in result["loader"].values())
+    assert "extrapolated to TotalSegmentator" in capsys.readouterr().out

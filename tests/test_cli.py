@@ -542,7 +542,10 @@ def check_report(folder: Path, scored: dict[str, str | None]) -> None:
         np.testing.assert_allclose(np.reshape(e["view"]["pred"]["v"], (-1, 3)), written.vertices, atol=0.006)
         assert (e["view"]["truth"] is not None) == (scored[e["stem"]] is not None)
         png = Image.open(io.BytesIO(base64.b64decode(e["view"]["slice"].split(",", 1)[1])))
-        assert png.size[0] >= 32 and png.mode == "RGB"
+        views = e["slice_name"].count("+") + 1  # every input slice, side by side, 2 pixels apart
+        assert (
+            png.mode == "RGB" and png.size[1] >= 32 and png.size[0] == views * png.size[1] + 2 * (views - 1)
+        )
         if scored[e["stem"]]:
             assert f"(against the {scored[e['stem']]})" in e["metrics_text"]
             assert re.search(rf"<td>{re.escape(scored[e['stem']])}</td></tr>", page)

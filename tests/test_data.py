@@ -291,36 +291,55 @@ def test_cache_rebuilds_only_what_changed_and_removes_nothing(
     shutil.copytree(phantom_root, root)
     cache = tmp_path / "cache"
     fit = TS_SAM3D_Dataset(root, HEART_CLASSES, resolution=8, spacing=2.0, cache_dir=cache)
-    first = {p.name for p in cache.iterdir() if p.is_dir()}
-    assert len(first) == 5 and not [p for p in cache.iterdir() if p.name.startswith(".")]
-    # a colleague's run with other classes and another spacing, on the same cache, while `fit` reads it
+    first = set(folders(cache))
+    assert len(first) == 5 + 5 and not [p for p in cache.rglob(".*") if p.is_dir()], "labels and images"
+    # another class list shares the images; only its labels are new
+    TS_SAM3D_Dataset(root, ["heart_myocardium"], resolution=8, spacing=2.0, cache_dir=cache)
+    assert len(set(folders(cache)) - first) == 5 and all("/" not in n for n in set(folders(cache)) - first)
+    # a colleague's run with another spacing, on the same cache, while `fit` reads it
     TS_SAM3D_Dataset(root, ["heart_myocardium"], resolution=8, spacing=2.5, cache_dir=cache)
-    assert first <= {p.name for p in cache.iterdir()}, "another run's entries are never deleted"
+    assert first <= set(folders(cache)), "another run's entries are never deleted"
     assert all(np.isfinite(fit[i]["gt_sdf"].numpy()).all() for i in range(0, len(fit), 7))
-    before = {p.name for p in cache.iterdir() if p.is_dir()}
+    before = set(folders(cache))
     img = nib.load(str(root / "s0002" / "ct.nii.gz"))
     nib.save(nib.Nifti1Image(np.asarray(img.dataobj) + 5, img.affine), str(root / "s0002" / "ct.nii.gz"))
     TS_SAM3D_Dataset(root, HEART_CLASSES, resolution=8, spacing=2.0, cache_dir=cache)
-    entries = {e.path.name: e for e in cache_entries(cache)}
-    assert len(entries) == 5 + 5 + 1, "the rebuilt case has a new entry beside the old ones"
+    entries = {e.name: e for e in cache_entries(cache)}
+    assert set(entries) == before | (set(folders(cache)) - before) and len(entries) == len(before) + 2, (
+        "the rebuilt case has a new labels and a new image entry beside the old ones"
+    )
     stale = {name: e.stale for name, e in entries.items() if e.stale}
-    assert sorted(stale) == sorted(n for n in before if n.startswith("s0002")), "both runs' s0002 entries"
-    assert all("s0002/ct.nii.gz changed" in why for why in stale.values())
+    assert sorted(stale) == sorted(n for n in before if "s0002" in n), (
+        "every entry of s0002 read the old image"
+    )
+    assert len(stale) == 5 and all("s0002/ct.nii.gz changed" in why for why in stale.values())
 
     backdate(cache, days=0.01)  # no run is reading them now
     assert main(["cache", "--cache-dir", str(cache), "--stale", "--dry-run"]) == 0
-    assert capsys.readouterr().out.count("would remove") == 2 and len(cache_entries(cache)) == 11
+    out = capsys.readouterr().out
+    assert out.count("would remove") == 5 and len(cache_entries(cache)) == len(entries), out
+    assert re.search(r"^would remove +images/s0002-\w+ .*\(image, shared\) +source .*changed$", out, re.M), (
+        out
+    )
     assert main(["cache", "--cache-dir", str(cache), "--stale"]) == 0
-    assert set(entries) - {p.name for p in cache.iterdir()} == set(stale), "exactly the stale entries went"
+    assert set(entries) - set(folders(cache)) == set(stale), "exactly the stale entries went"
     assert main(["cache", "--root", str(root)]) == 2, "no <root>/.cache here: an error, not an empty list"
+
+
+def folders(cache: Path) -> list[str]:
+    """The cache's entry folders by name (image entries as ``images/<name>``), temporary ones left out."""
+    found = [
+        p for p in [*cache.iterdir(), *(cache / "images").glob("*")] if p.is_dir() and p.name != "images"
+    ]
+    return sorted(p.relative_to(cache).as_posix() for p in found if not p.name.startswith("."))
 
 
 def backdate(cache: Path, days: float, names: set[str] | None = None) -> None:
     """Set the last use of cache entries (all, or ``names``) ``days`` ago, as if no run had read them since."""
     when = time.time() - days * 86400
-    for entry in cache.iterdir():
-        if entry.is_dir() and not entry.name.startswith(".") and (names is None or entry.name in names):
-            os.utime(entry / "meta.json", (when, when))
+    for name in folders(cache):
+        if names is None or name in names:
+            os.utime(cache / name / "meta.json", (when, when))
 
 
 def test_cache_listing_unused_days_and_every_stale_reason(
@@ -336,23 +355,25 @@ def test_cache_listing_unused_days_and_every_stale_reason(
     shutil.copytree(phantom_root, root, ignore=shutil.ignore_patterns("s0004", "s0005", ".cache"))
     cache = tmp_path / "cache"
     TS_SAM3D_Dataset(root, ["heart_myocardium"], resolution=8, spacing=2.0, cache_dir=cache)
-    names = sorted(p.name for p in cache.iterdir() if p.is_dir())
+    names = [n for n in folders(cache) if "/" not in n]
+    images = [n for n in folders(cache) if n.startswith("images/")]
     assert [n.split("-")[0] for n in names] == ["s0001", "s0002", "s0003"]
+    assert [n.split("/")[1].split("-")[0] for n in images] == ["s0001", "s0002", "s0003"]
     assert main(["cache", "--cache-dir", str(cache)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 4 and all(
-        line.startswith("kept") and "heart_myocardium" in line for line in lines[:3]
-    )
-    assert re.search(r"^3 entries, [\d.]+ MiB in .*; freed 0\.0 MiB$", lines[3]), lines[3]
+    assert len(lines) == 7 and all(line.startswith("kept") for line in lines[:6])
+    assert sum("heart_myocardium" in line for line in lines) == 3
+    assert sum("(image, shared)" in line for line in lines) == 3
+    assert re.search(r"^6 entries, [\d.]+ MiB in .*; freed 0\.0 MiB$", lines[6]), lines[6]
 
-    backdate(cache, 5.0, {names[0]})
-    backdate(cache, 1.0, {names[1]})
-    backdate(cache, 9.0, {names[2]})
-    CachedCase(cache / names[2]).sdf(0)  # a running fit reads this entry: its stamp is fresh again
+    for days, name, image in zip((5.0, 1.0, 9.0), names, images, strict=True):
+        backdate(cache, days, {name, image})
+    CachedCase(cache / names[2]).sdf(0)  # a running fit reads this entry (and its image): fresh again
     assert main(["cache", "--cache-dir", str(cache), "--unused-days", "3"]) == 0
     out = capsys.readouterr().out
     assert re.search(rf"^removed +{names[0]} .*unused for 3\+ days$", out, re.M), out
-    assert sorted(p.name for p in cache.iterdir() if p.is_dir()) == names[1:], "1 day unused and in use: kept"
+    assert re.search(rf"^removed +{images[0]} .*unused for 3\+ days$", out, re.M), out
+    assert folders(cache) == sorted(names[1:] + images[1:]), "1 day unused and in use: kept"
 
     (root / "s0002" / "segmentations" / "heart_myocardium.nii.gz").unlink()  # gone
     meta = json.loads((cache / names[2] / "meta.json").read_text())
@@ -371,7 +392,7 @@ def test_cache_listing_unused_days_and_every_stale_reason(
     assert reasons[names[2]] == f"cache format -1 (this version reads {meta_version()})"
     assert reasons[killed.name] == "interrupted build"
     assert main(["cache", "--cache-dir", str(cache), "--stale"]) == 0
-    assert not [p for p in cache.iterdir() if p.is_dir()], capsys.readouterr().out
+    assert folders(cache) == images[1:], capsys.readouterr().out  # the images are still good
 
 
 def meta_version() -> int:
@@ -408,8 +429,9 @@ def test_concurrent_builders_of_one_cache_both_succeed(phantom_root: Path, tmp_p
     results = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [err[-800:] for _, err in results]
     assert results[0][0] == results[1][0]
-    names = [p.name for p in (tmp_path / "cache").iterdir() if p.is_dir()]
-    assert sorted(n.split("-")[0] for n in names) == [f"s000{i}" for i in range(1, 6)], names
+    names = folders(tmp_path / "cache")
+    cases = [f"s000{i}" for i in range(1, 6)]
+    assert [n.split("-")[0] for n in names] == [f"images/{c}" for c in cases] + cases, names
 
 
 def test_a_finished_entry_wins_over_a_late_builder(tmp_path: Path) -> None:
@@ -543,3 +565,103 @@ def test_bad_cases_can_be_skipped(phantom_root: Path, tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match="skipping case s0003"):
         cases = discover_cases(root, HEART_CLASSES, on_bad_case="skip")
     assert [c.case_id for c in cases] == ["s0001", "s0002", "s0004", "s0005"]
+
+
+def test_cropped_array_reads_as_the_whole_array() -> None:
+    """`CroppedArray` against numpy on the whole array: every integer / slice key, inside, across and
+    outside the crop, including negative indices."""
+    from lora_sam3d.data.cache import CroppedArray, nonzero_box
+
+    rng = np.random.default_rng(0)
+    whole = np.zeros((9, 8, 7), np.uint16)
+    whole[2:6, 3:8, 1:4] = rng.integers(1, 100, (4, 5, 3))
+    lo, hi = nonzero_box(whole)
+    assert (lo, hi) == ([2, 3, 1], [6, 8, 4])
+    view = CroppedArray(whole[2:6, 3:8, 1:4].copy(), lo, whole.shape)
+    keys = [
+        np.s_[:, :, 2],
+        np.s_[4],
+        np.s_[0],
+        np.s_[:, -1],
+        np.s_[1:5, 2:4, :],
+        np.s_[7:9, :, 5],
+        np.s_[-3, 2:, 0:2],
+    ]
+    for key in keys:
+        np.testing.assert_array_equal(view[key], whole[key], err_msg=str(key))
+    np.testing.assert_array_equal(np.asarray(view), whole)
+    with pytest.raises(IndexError):
+        view[9]
+
+
+def test_cropped_cache_gives_the_samples_of_whole_volumes(phantom_root: Path) -> None:
+    """The cache stores the image cropped to its non-zero box and the labels to the classes' box, in
+    the smallest type; samples read through those crops equal samples built from the whole
+    preprocessed volumes (1e-6), for every view of a three-view sample."""
+    from lora_sam3d.data.cache import nonzero_box
+    from lora_sam3d.data.cases import discover_cases
+    from lora_sam3d.data.volume import load_volume
+
+    ds = dataset(phantom_root, split="val", views=3, slice_sampling_method="central")
+    case = ds.cases[0]
+    source = next(c for c in discover_cases(phantom_root, HEART_CLASSES) if c.case_id == case.case_id)
+    whole = load_volume(source.image, source.class_masks, ds.prep)
+    labels = np.load(case.path / "labels.npy")
+    lo, hi = nonzero_box(whole.labels)
+    assert (
+        labels.dtype == np.uint8
+        and labels.shape == tuple(np.subtract(hi, lo))
+        and labels.size < whole.labels.size
+    )
+    np.testing.assert_array_equal(np.asarray(case.labels), whole.labels)
+    np.testing.assert_array_equal(np.asarray(case.image), whole.image.astype(np.float16))
+    picked = [i for i in range(len(ds)) if ds.items[i][0] == 0]
+    cropped = [ds[i] for i in picked]
+    case.__dict__["image"] = whole.image.astype(np.float16)  # the whole arrays in place of the crops
+    case.__dict__["labels"] = whole.labels
+    for i, sample in zip(picked, cropped, strict=True):
+        again = ds[i]
+        assert sample.keys() == again.keys() and int(sample["view_valid"].sum()) == 3
+        for key, value in sample.items():
+            if isinstance(value, torch.Tensor):
+                torch.testing.assert_close(value, again[key], rtol=0, atol=1e-6, equal_nan=True, msg=key)
+            elif isinstance(value, np.ndarray):
+                np.testing.assert_allclose(value, again[key], rtol=0, atol=1e-6, err_msg=key)
+
+
+def test_cache_build_command_names_failures_and_sums_up(
+    phantom_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``lora-sam3d cache --build --config`` with two worker processes: a progress bar, one line naming
+    the case that failed and its file, the others built, a summary, exit status 1; a second run
+    builds only what is missing; a dataset on that split refuses to start unless told to skip, and
+    then says which case it left out."""
+    import yaml
+
+    from lora_sam3d.cli import main
+
+    root = tmp_path / "data"
+    shutil.copytree(phantom_root, root, ignore=shutil.ignore_patterns(".cache"))
+    (root / "s0003" / "ct.nii.gz").write_bytes(b"not a NIfTI file")
+    config = tmp_path / "fit.yaml"
+    config.write_text(yaml.safe_dump({"data": {"root": str(root), "classes": HEART_CLASSES, "spacing": 2.0}}))
+    assert main(["cache", "--build", "--config", str(config), "--workers", "2"]) == 1
+    out = capsys.readouterr().out
+    assert "caching 5 of 5 cases" in out and "5/5" in out, out
+    assert re.search(
+        r"^failed s0003: image file .*s0003/ct\.nii\.gz is not a readable NIfTI file", out, re.M
+    ), out
+    assert re.search(r"^4 of 5 cases cached in .*\.cache \([\d.]+ MiB\); 1 failed: s0003$", out, re.M), out
+    assert len(folders(root / ".cache")) == 8, "4 labels and 4 image entries"
+    assert main(["cache", "--build", "--root", str(root), "--classes", *HEART_CLASSES]) == 1
+    assert "caching 5 of 5 cases" in capsys.readouterr().out, "spacing 1.5 by default: entries of its own"
+    assert main(["cache", "--build", "--config", str(config)]) == 1
+    assert "caching 1 of 5 cases" in capsys.readouterr().out, "only the failed case is tried again"
+    with pytest.raises(
+        DataError,
+        match=r"1 of \d cases could not be cached: s0003: image file .* \(set data\.on_bad_case: skip",
+    ):
+        TS_SAM3D_Dataset(root, HEART_CLASSES, split=None, resolution=8, spacing=2.0)
+    with pytest.warns(UserWarning, match=r"1 of \d cases could not be cached and are left out: s0003: "):
+        ds = TS_SAM3D_Dataset(root, HEART_CLASSES, split=None, resolution=8, spacing=2.0, on_bad_case="skip")
+    assert sorted(c.case_id for c in ds.cases) == ["s0001", "s0002", "s0004", "s0005"]

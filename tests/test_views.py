@@ -122,7 +122,13 @@ def test_training_draws_one_to_views_and_evaluation_uses_views(phantoms: Path) -
     again = [int(train[i]["view_valid"].sum()) for i in range(len(train))]
     assert again == counts, "seeded: the same draws every time"
     val = views_dataset(phantoms, views=3)
-    assert all(int(val[i]["view_valid"].sum()) == 3 for i in range(len(val)))
+    for s in (val[i] for i in range(len(val))):
+        assert int(s["view_valid"].sum()) == 3
+        names = [
+            f"axis{a}_slice{i}"
+            for a, i in zip(s["view_axis"].tolist(), s["view_index"].tolist(), strict=True)
+        ]
+        assert s["slice_name"] == "+".join(names), "the name lists every view, the sampled one first"
 
 
 def test_max_pool_target_equals_brute_force(phantoms: Path) -> None:
@@ -153,6 +159,9 @@ def test_view_settings_are_checked(phantoms: Path) -> None:
     ):
         DataSettings(views=4)
     DataSettings(views=4, view_layout="parallel")
+    shape = views_dataset(phantoms, views=1).cases[0].image.shape
+    with pytest.raises(DataError, match=r"data\.view_spacing_mm: 3 parallel views .* leave the scan"):
+        views_dataset(phantoms, views=3, view_layout="parallel", view_spacing_mm=2.0 * max(shape))[0]
     with pytest.raises(DataError, match=r"data\.view_spacing_mm must be a positive number \(mm\), got 0"):
         DataSettings(views=2, view_layout="parallel", view_spacing_mm=0)
     with pytest.raises(DataError, match=r"data\.view_layout must be orthogonal or parallel, got 'radial'"):
@@ -236,6 +245,9 @@ def test_predict_with_one_two_and_three_slices_through_the_command(phantoms: Pat
     assert len(rows) == 3 and all(0.0 <= float(r["dice"]) <= 1.0 for r in rows)
     names = sorted(p.name for p in (tmp_path / "out").glob("*.ply") if "_truth" not in p.name)
     assert len(names) == 3 and sum("+" in n for n in names) == 2, names
+    from test_cli import check_report
+
+    check_report(tmp_path / "out", {n[:-4]: "request mask" for n in names})
     one_view = run_config(tmp_path / "v1", phantoms, quiet=True)
     assert main(["fit", "--config", str(write_yaml(one_view, tmp_path / "v1.yaml"))]) == 0
     request["trainer"]["callbacks"][0]["init_args"]["output_dir"] = str(tmp_path / "out1")

@@ -1,21 +1,28 @@
 """Per-case cache of preprocessed volumes, so each NIfTI is decoded and resampled once.
 
-One folder per case, ``<cache_dir>/<case_id>-<key>/``, written to a temporary folder and renamed
-into place (a crash never leaves a half-written entry that looks complete). The key hashes the
-content of the case's source files, the preprocessing settings, the class list and the cache
-format version, so a changed file or setting rebuilds only the cases it touches. Entries are
-never removed implicitly: several runs (other classes, other settings) share one cache and read
-each other's entries; two runs building the same entry at once both succeed (the first rename
-wins). ``lora-sam3d cache`` lists entries and removes stale or long-unused ones on request
-(`cache_entries`, `remove_entry`). Arrays are plain ``.npy`` files read through memory
-maps: a training sample touches one slice and one small SDF crop, not the whole volume.
+Two kinds of folder, each written to a temporary folder and renamed into place (a crash never
+leaves a half-written entry that looks complete):
 
-Contents: ``image.npy`` (float16, normalised), ``labels.npy`` (uint32 class bits), per class
-``sdf_<c>.npy`` (float16 signed distance in mm, negative inside, truncated, on a crop around
-the structure), per class ``native_<c>.npy`` (uint8 mask on the source scan's own voxels,
-reoriented to RAS but not resampled, cropped to the structure: what metrics score against) and
-``meta.json`` (affine, spacing, per-class voxel counts, bounding box, per-axis slice areas, SDF
-and native crop origins, the native grid's affine and shape).
+- ``<cache_dir>/images/<case_id>-<key>/``: the case's image, once per image file and
+  preprocessing, shared by every class list (``image.npy``, float16, normalised, cropped to the box
+  of its non-zero voxels: every voxel outside reads 0, which the image's normalisation gives air
+  and what resampling reads beyond the volume, so the crop changes no sample);
+- ``<cache_dir>/<case_id>-<key>/``: one class list's labels (``labels.npy`` in the smallest type
+  that holds the classes, `lora_sam3d.data.volume.label_dtype`, cropped to the classes' union box),
+  per class ``sdf_<c>.npy`` (float16 signed distance in mm, negative inside, truncated, on a crop
+  around the structure), per class ``native_<c>.npy`` (uint8 mask on the source scan's own voxels,
+  reoriented to RAS but not resampled, cropped to the structure: what metrics score against) and
+  ``meta.json`` (affine, spacing, full shape, the crops' origins, per-class voxel counts, bounding
+  box, per-axis slice areas, the native grid's affine and shape, and which image entry it reads).
+
+A key hashes the content of the source files, the preprocessing settings, the class list (labels
+only) and the cache format version, so a changed file or setting rebuilds only the cases it
+touches. Entries are never removed implicitly: several runs (other classes, other settings) share
+one cache and read each other's entries; two runs building the same entry at once both succeed
+(the first rename wins). ``lora-sam3d cache`` lists entries and removes stale or long-unused ones
+on request (`cache_entries`, `remove_entry`). Arrays are plain ``.npy`` files read through memory
+maps (`CroppedArray` pastes a crop into the full grid on reading): a training sample touches one
+slice and one small SDF crop, not the whole volume.
 """
 
 from __future__ import annotations
@@ -26,7 +33,8 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterable
+import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -37,9 +45,11 @@ from scipy import ndimage
 
 from lora_sam3d.atomic import atomic_dir, atomic_write
 from lora_sam3d.data.cases import Case
-from lora_sam3d.data.volume import Preprocessing, load_volume
+from lora_sam3d.data.volume import DataError, Preprocessing, class_mask, load_volume
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
+IMAGES = "images"
+"""The sub-folder of the shared image entries."""
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
@@ -84,17 +94,80 @@ class FileHashes:
             self.dirty = False
 
 
+def _key(payload: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def case_key(
     case: Case, classes: list[str], prep: Preprocessing, sdf_truncation_mm: float, hashes: FileHashes
 ) -> str:
-    payload = {
+    """The key of a case's labels entry for one class list."""
+    return _key({
         "version": CACHE_VERSION,
         "preprocessing": asdict(prep),
         "classes": [[bit, classes[bit], case.class_masks[bit][1]] for bit in sorted(case.class_masks)],
         "sdf_truncation_mm": sdf_truncation_mm,
         "files": {p.relative_to(case.image.parent).as_posix(): hashes(p) for p in case.files},
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    })  # fmt: skip
+
+
+def image_key(case: Case, prep: Preprocessing, hashes: FileHashes) -> str:
+    """The key of a case's image entry: the image file and the preprocessing only."""
+    return _key({"version": CACHE_VERSION, "preprocessing": asdict(prep), "image": hashes(case.image)})
+
+
+def nonzero_box(array: np.ndarray) -> tuple[list[int], list[int]]:
+    """(low, high) voxel corners of the box of ``array``'s non-zero voxels (high exclusive); one voxel
+    at the origin when there are none, so every crop has a shape."""
+    nz = [
+        np.flatnonzero(array.any(axis=tuple(a for a in range(array.ndim) if a != ax)))
+        for ax in range(array.ndim)
+    ]
+    if any(idx.size == 0 for idx in nz):
+        return [0] * array.ndim, [1] * array.ndim
+    return [int(idx[0]) for idx in nz], [int(idx[-1]) + 1 for idx in nz]
+
+
+def _crop(array: np.ndarray, lo: list[int], hi: list[int]) -> np.ndarray:
+    return array[tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))]
+
+
+class CroppedArray:
+    """A read view of an array of ``shape`` stored as ``crop`` at ``origin``; voxels outside the crop
+    read 0. Indexing takes integers and step-1 slices (what reading a slice of a volume needs)."""
+
+    def __init__(self, crop: np.ndarray, origin: list[int], shape: tuple[int, ...]) -> None:
+        self.crop, self.origin, self.shape = crop, [int(o) for o in origin], tuple(int(n) for n in shape)
+        self.dtype, self.ndim = crop.dtype, len(self.shape)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
+        key = key + (slice(None),) * (self.ndim - len(key))
+        out_shape, source, target, inside = [], [], [], True
+        for k, o, c, n in zip(key, self.origin, self.crop.shape, self.shape, strict=True):
+            if isinstance(k, slice):
+                start, stop, step = k.indices(n)
+                if step != 1:
+                    raise IndexError("CroppedArray reads step-1 slices only")
+                out_shape.append(max(0, stop - start))
+                lo, hi = max(start, o), min(stop, o + c)
+                inside &= hi > lo
+                source.append(slice(lo - o, max(lo, hi) - o))
+                target.append(slice(lo - start, max(lo, hi) - start))
+            else:
+                i = int(k) + (n if int(k) < 0 else 0)
+                if not 0 <= i < n:
+                    raise IndexError(f"index {k} is out of bounds for an axis of size {n}")
+                inside &= o <= i < o + c
+                source.append(i - o)
+        out = np.zeros(out_shape, self.dtype)
+        if inside:
+            out[tuple(target)] = self.crop[tuple(source)]
+        return out
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        full = self[(slice(None),) * self.ndim]
+        return full if dtype is None else full.astype(dtype)
 
 
 def signed_distance_mm(mask: np.ndarray, spacing_mm: float) -> np.ndarray:
@@ -131,6 +204,23 @@ def _mark_used(entry: Path) -> None:
         os.utime(entry / "meta.json")
 
 
+def entry_paths(
+    case: Case,
+    classes: list[str],
+    prep: Preprocessing,
+    cache_dir: Path,
+    sdf_truncation_mm: float,
+    hashes: FileHashes,
+) -> tuple[Path, Path]:
+    """The folders of ``case``'s labels entry for ``classes`` and of its image entry."""
+    final = cache_dir / f"{case.case_id}-{case_key(case, classes, prep, sdf_truncation_mm, hashes)}"
+    return final, cache_dir / IMAGES / f"{case.case_id}-{image_key(case, prep, hashes)}"
+
+
+def is_built(*entries: Path) -> bool:
+    return all((entry / "meta.json").is_file() for entry in entries)
+
+
 def build_case(
     case: Case,
     classes: list[str],
@@ -139,49 +229,56 @@ def build_case(
     sdf_truncation_mm: float = 10.0,
     hashes: FileHashes | None = None,
 ) -> Path:
-    """Return the cache folder of ``case``, building it if missing or stale."""
+    """Return the cache folder of ``case``'s labels for ``classes``, building it (and the case's shared
+    image entry) if missing or stale."""
     own = hashes is None
     hashes = hashes or FileHashes(cache_dir)
-    key = case_key(case, classes, prep, sdf_truncation_mm, hashes)
+    final, image_dir = entry_paths(case, classes, prep, cache_dir, sdf_truncation_mm, hashes)
+    sources = {str(p.resolve()): hashes(p) for p in case.files}
+    key = final.name.rsplit("-", 1)[1]
     if own:
         hashes.save()
-    final = cache_dir / f"{case.case_id}-{key}"
-    if (final / "meta.json").is_file():
+    if is_built(final, image_dir):
         _mark_used(final)
+        _mark_used(image_dir)
         return final
-    volume = load_volume(case.image, case.class_masks, prep)
+    volume = load_volume(case.image, case.class_masks, prep, class_names=dict(enumerate(classes)))
+    assert volume.native_labels is not None and volume.native_affine is not None
+
+    def write_image(tmp: Path) -> None:
+        image = volume.image.astype(np.float16)
+        lo, hi = nonzero_box(image)
+        np.save(tmp / "image.npy", _crop(image, lo, hi))
+        meta = {"version": CACHE_VERSION, "case_id": case.case_id, "image": str(case.image),
+                "sources": {str(case.image.resolve()): hashes(case.image)}, "origin": lo,
+                "shape": list(image.shape)}  # fmt: skip
+        (tmp / "meta.json").write_text(json.dumps(meta))
 
     def write(tmp: Path) -> None:
-        np.save(tmp / "image.npy", volume.image.astype(np.float16))
-        np.save(tmp / "labels.npy", volume.labels)
+        lo, hi = nonzero_box(volume.labels)
+        np.save(tmp / "labels.npy", _crop(volume.labels, lo, hi))
         per_class: dict[str, Any] = {}
-        assert volume.native_labels is not None and volume.native_affine is not None
         for bit in sorted(case.class_masks):
-            mask = (volume.labels >> np.uint32(bit)) & 1 == 1
+            mask = class_mask(volume.labels, bit)
             voxels = int(mask.sum())
-            native = (volume.native_labels >> np.uint32(bit)) & 1 == 1
+            native = class_mask(volume.native_labels, bit)
             info: dict[str, Any] = {
                 "name": classes[bit],
                 "voxels": voxels,
                 "native_voxels": int(native.sum()),
             }
             if native.any():
-                nz = np.nonzero(native)
-                lo_n = [int(a.min()) for a in nz]
-                hi_n = [int(a.max()) + 1 for a in nz]
-                crop = native[lo_n[0] : hi_n[0], lo_n[1] : hi_n[1], lo_n[2] : hi_n[2]]
-                np.save(tmp / f"native_{bit}.npy", crop.astype(np.uint8))
+                lo_n, hi_n = nonzero_box(native)
+                np.save(tmp / f"native_{bit}.npy", _crop(native, lo_n, hi_n).astype(np.uint8))
                 info["native_origin"] = lo_n
             if voxels:
-                nz = np.nonzero(mask)
-                lo = [int(a.min()) for a in nz]
-                hi = [int(a.max()) for a in nz]
+                box_lo, box_hi = nonzero_box(mask)
                 sdf, origin = _class_sdf(mask, prep.spacing_mm, sdf_truncation_mm)
                 np.save(tmp / f"sdf_{bit}.npy", sdf)
                 info |= {
-                    "bbox_min": lo,
-                    "bbox_max": hi,
-                    "extent_mm": float((np.array(hi) - np.array(lo) + 1).max() * prep.spacing_mm),
+                    "bbox_min": box_lo,
+                    "bbox_max": [h - 1 for h in box_hi],
+                    "extent_mm": float((np.array(box_hi) - np.array(box_lo)).max() * prep.spacing_mm),
                     "slice_areas": [
                         mask.sum(axis=tuple(a for a in range(3) if a != ax)).tolist() for ax in range(3)
                     ],
@@ -193,10 +290,12 @@ def build_case(
             "key": key,
             "case_id": case.case_id,
             "image": str(case.image),
-            "sources": {str(p.resolve()): hashes(p) for p in case.files},
+            "image_entry": f"{IMAGES}/{image_dir.name}",
+            "sources": sources,
             "affine": volume.affine.tolist(),
             "spacing_mm": prep.spacing_mm,
             "shape": list(volume.image.shape),
+            "labels_origin": lo,
             "native_affine": volume.native_affine.tolist(),
             "native_shape": list(volume.native_labels.shape),
             "sdf_truncation_mm": sdf_truncation_mm,
@@ -204,7 +303,14 @@ def build_case(
         }
         (tmp / "meta.json").write_text(json.dumps(meta))
 
-    return atomic_dir(final, write, exist_ok=True)  # a builder that finished first wins; both succeed
+    # a builder that finished first wins; both succeed. The image entry may exist already (another
+    # class list) and the labels entry too (its image entry was removed since)
+    if not (image_dir / "meta.json").is_file():
+        atomic_dir(image_dir, write_image, exist_ok=True)
+    if not (final / "meta.json").is_file():
+        atomic_dir(final, write, exist_ok=True)
+    _mark_used(final)
+    return final
 
 
 @dataclass
@@ -231,12 +337,23 @@ class CachedCase:
         return float(self.meta["spacing_mm"])
 
     @cached_property
-    def image(self) -> np.ndarray:
-        return np.load(self.path / "image.npy", mmap_mode="r")
+    def image_path(self) -> Path:
+        """The case's shared image entry (see the module docstring)."""
+        return self.path.parent / self.meta["image_entry"]
 
     @cached_property
-    def labels(self) -> np.ndarray:
-        return np.load(self.path / "labels.npy", mmap_mode="r")
+    def image(self) -> CroppedArray:
+        """(X, Y, Z) float16 normalised image, read from its crop (0 outside)."""
+        meta = json.loads((self.image_path / "meta.json").read_text())
+        return CroppedArray(
+            np.load(self.image_path / "image.npy", mmap_mode="r"), meta["origin"], meta["shape"]
+        )
+
+    @cached_property
+    def labels(self) -> CroppedArray:
+        """(X, Y, Z) class labels (`lora_sam3d.data.volume.class_mask` reads them), from their crop."""
+        crop = np.load(self.path / "labels.npy", mmap_mode="r")
+        return CroppedArray(crop, self.meta["labels_origin"], self.meta["shape"])
 
     def class_info(self, bit: int) -> dict[str, Any]:
         return self.meta["classes"][str(bit)]
@@ -247,6 +364,7 @@ class CachedCase:
         now = time.time()
         if now - self.stamped >= IN_USE_STAMP_S:
             _mark_used(self.path)
+            _mark_used(self.image_path)
             self.stamped = now
 
     def sdf(self, bit: int) -> tuple[np.ndarray, np.ndarray]:
@@ -272,16 +390,111 @@ class CachedCase:
         return {"path": self.path}
 
 
-def cache_cases(
-    cases: Iterable[Case], classes: list[str], prep: Preprocessing, cache_dir: Path, sdf_truncation_mm: float
-) -> dict[str, CachedCase]:
-    """Build (or find) the cache entry of every case once; case id -> its `CachedCase`."""
+def build_cases(
+    cases: Sequence[Case],
+    classes: list[str],
+    prep: Preprocessing,
+    cache_dir: Path,
+    sdf_truncation_mm: float,
+    workers: int = 1,
+    progress: bool = False,
+) -> tuple[dict[str, CachedCase], dict[str, str]]:
+    """Build (or find) the cache entry of every case, ``workers`` processes at once when more than
+    one case is missing; ``progress`` shows a bar with the time left and a line per failed case.
+    Returns (case id -> `CachedCase` of the built ones, case id -> why it failed): a case whose
+    files are bad (`DataError`: unreadable, another grid, ...) fails alone; any other error (a
+    full disk, a read-only cache folder) stops the build. Memory: one case per worker."""
     hashes = FileHashes(cache_dir)
-    built = {
-        case.case_id: CachedCase(build_case(case, classes, prep, cache_dir, sdf_truncation_mm, hashes))
-        for case in {c.case_id: c for c in cases}.values()
-    }
+    unique = list({c.case_id: c for c in cases}.values())
+    paths = {c.case_id: entry_paths(c, classes, prep, cache_dir, sdf_truncation_mm, hashes) for c in unique}
     hashes.save()
+    missing = [c for c in unique if not is_built(*paths[c.case_id])]
+    built = {}
+    for c in unique:
+        if is_built(*paths[c.case_id]):
+            for entry in paths[c.case_id]:
+                _mark_used(entry)
+            built[c.case_id] = CachedCase(paths[c.case_id][0])
+    failed: dict[str, str] = {}
+    bar = _progress() if progress and missing else contextlib.nullcontext()
+    with bar as shown:
+        task = (
+            shown.add_task(f"caching {len(missing)} of {len(unique)} cases", total=len(missing))
+            if shown
+            else None
+        )
+
+        def done(case: Case, result: Path | BaseException) -> None:
+            if isinstance(result, DataError):
+                failed[case.case_id] = str(result)
+                if shown:
+                    shown.console.print(
+                        f"[red]failed[/red] {case.case_id}: {result}", highlight=False, soft_wrap=True
+                    )
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                built[case.case_id] = CachedCase(result)
+            if shown:
+                shown.advance(task)
+
+        args = (classes, prep, cache_dir, sdf_truncation_mm)
+        if workers > 1 and len(missing) > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor, as_completed
+
+            spawn = multiprocessing.get_context("spawn")  # no fork of a process that holds torch threads
+            with ProcessPoolExecutor(min(workers, len(missing)), mp_context=spawn) as pool:
+                futures = {pool.submit(build_case, c, *args): c for c in missing}
+                for future in as_completed(futures):
+                    done(futures[future], future.exception() or future.result())
+        else:
+            for case in missing:
+                try:
+                    done(case, build_case(case, *args, hashes=hashes))
+                except DataError as err:
+                    done(case, err)
+    hashes.save()
+    return built, failed
+
+
+def _progress() -> Any:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("left"), TimeRemainingColumn())  # fmt: skip
+
+
+def cache_cases(
+    cases: Sequence[Case],
+    classes: list[str],
+    prep: Preprocessing,
+    cache_dir: Path,
+    sdf_truncation_mm: float,
+    on_bad_case: str = "error",
+    workers: int = 1,
+    progress: bool = False,
+) -> dict[str, CachedCase]:
+    """Build (or find) every case's entry (`build_cases`); case id -> its `CachedCase`. Cases that
+    fail are an error naming each, or (``on_bad_case='skip'``) left out with a warning that says
+    which and how many."""
+    built, failed = build_cases(cases, classes, prep, cache_dir, sdf_truncation_mm, workers, progress)
+    if failed:
+        n = len({c.case_id for c in cases})
+        listed = "; ".join(f"{case}: {why}" for case, why in sorted(failed.items()))
+        if on_bad_case != "skip":
+            raise DataError(f"{len(failed)} of {n} cases could not be cached: {listed} "
+                            "(set data.on_bad_case: skip to go on without them)")  # fmt: skip
+        warnings.warn(
+            f"{len(failed)} of {n} cases could not be cached and are left out: {listed}", stacklevel=2
+        )
     return built
 
 
@@ -299,6 +512,12 @@ class CacheEntry:
     size_bytes: int
     last_used: float
     stale: str | None
+    kind: str = "labels"  # or "image": a case's image, shared by every class list
+
+    @property
+    def name(self) -> str:
+        """The entry's folder relative to the cache folder (``images/...`` for an image entry)."""
+        return f"{IMAGES}/{self.path.name}" if self.kind == "image" else self.path.name
 
 
 STALE_BUILD_S = 24 * 3600.0
@@ -312,17 +531,23 @@ def cache_entries(cache_dir: str | Path) -> list[CacheEntry]:
         raise FileNotFoundError(f"cache folder {cache_dir} does not exist")
     hashes = FileHashes(cache_dir)
     out = []
-    for path in sorted(p for p in cache_dir.iterdir() if p.is_dir()):
+    images = cache_dir / IMAGES
+    folders = [p for p in cache_dir.iterdir() if p.is_dir() and p != images]
+    folders += sorted(p for p in images.iterdir() if p.is_dir()) if images.is_dir() else []
+    for path in folders:
+        kind = "image" if path.parent == images else "labels"
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
         if path.name.startswith("."):
             age = time.time() - path.stat().st_mtime
             why = "interrupted build" if age > STALE_BUILD_S else None  # else: a build in progress
-            out.append(CacheEntry(path, path.name, [], size, path.stat().st_mtime, why))
+            out.append(CacheEntry(path, path.name, [], size, path.stat().st_mtime, why, kind))
             continue
         try:
             meta = json.loads((path / "meta.json").read_text())
         except (OSError, ValueError):
-            out.append(CacheEntry(path, path.name, [], size, path.stat().st_mtime, "no readable meta.json"))
+            out.append(
+                CacheEntry(path, path.name, [], size, path.stat().st_mtime, "no readable meta.json", kind)
+            )
             continue
         classes = [info["name"] for info in meta.get("classes", {}).values()]
         stale = None
@@ -336,9 +561,9 @@ def cache_entries(cache_dir: str | Path) -> list[CacheEntry]:
             elif hashes(Path(source)) != digest:
                 stale = f"source {source} changed"
         used = (path / "meta.json").stat().st_mtime
-        out.append(CacheEntry(path, meta.get("case_id", path.name), classes, size, used, stale))
+        out.append(CacheEntry(path, meta.get("case_id", path.name), classes, size, used, stale, kind))
     hashes.save()
-    return sorted(out, key=lambda e: e.last_used)
+    return sorted(out, key=lambda e: (e.last_used, e.name))
 
 
 def remove_entry(entry: CacheEntry) -> None:

@@ -171,12 +171,9 @@ class TSDataModule(L.LightningDataModule):
         trainer = self.trainer
         return bool(self.hparams.predict_items) and (trainer is None or trainer.state.fn == "predict")
 
-    def prepare_data(self) -> None:
-        """Write phantoms into an empty root (if configured), then build every case's cache once
-        (nothing to prepare for predict items on new scans)."""
-        h, s = self.hparams, self.settings
-        if self._predicting_items() and h.root is None:
-            return
+    def write_phantoms_if_empty(self) -> None:
+        """Write the configured phantoms (``data.phantoms``) when the root holds no case yet."""
+        h = self.hparams
         has_cases = self.root.is_dir() and any(
             p.is_dir() and not p.name.startswith(".") for p in self.root.iterdir()
         )
@@ -185,8 +182,17 @@ class TSDataModule(L.LightningDataModule):
             write_phantoms(
                 self.root, spec.n_cases, spec.kind, shape=spec.shape, spacing=spec.spacing, seed=spec.seed
             )
+
+    def prepare_data(self) -> None:
+        """Write phantoms into an empty root (if configured), then build every case's cache once
+        (nothing to prepare for predict items on new scans)."""
+        h, s = self.hparams, self.settings
+        if self._predicting_items() and h.root is None:
+            return
+        self.write_phantoms_if_empty()
         cases = discover_cases(self.root, self.classes, s.layout, s.label_values, s.on_bad_case)
-        cache_cases(cases, self.classes, s.prep, self.cache_dir, s.sdf_truncation_mm)
+        cache_cases(cases, self.classes, s.prep, self.cache_dir, s.sdf_truncation_mm, s.on_bad_case,
+                    workers=max(1, h.num_workers), progress=True)  # fmt: skip
 
     def setup(self, stage: str | None = None) -> None:
         h = self.hparams

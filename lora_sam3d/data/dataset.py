@@ -30,7 +30,7 @@ from lora_sam3d.data.frame import (
 )
 from lora_sam3d.data.settings import DataSettings
 from lora_sam3d.data.views import seen_centre, stack_views, view_planes, view_rows
-from lora_sam3d.data.volume import DataError
+from lora_sam3d.data.volume import DataError, class_mask
 from lora_sam3d.models.mesh import frame_box
 
 SamplingMethod = Literal["random_axis", "uniform", "central", "all"]
@@ -195,7 +195,12 @@ class TS_SAM3D_Dataset(Dataset):
         if not wanted:
             raise DataError(f"no cases of split {split!r} in {self.root}")
         train = [c for c in cases if c.split == "train"]
-        built = cache_cases([*wanted, *train], self.classes, self.prep, self.cache_dir, s.sdf_truncation_mm)
+        built = cache_cases(
+            [*wanted, *train], self.classes, self.prep, self.cache_dir, s.sdf_truncation_mm, s.on_bad_case
+        )
+        wanted, train = ([c for c in group if c.case_id in built] for group in (wanted, train))
+        if not wanted:
+            raise DataError(f"no case of split {split!r} in {self.root} could be cached")
         self.cases = [built[c.case_id] for c in wanted]
         self.case_splits = {c.case_id: c.split for c in cases}
         stats = class_extents_mm([built[c.case_id] for c in train] or self.cases, self.classes)
@@ -288,9 +293,11 @@ class TS_SAM3D_Dataset(Dataset):
             case.image, case.labels, bit, case.affine, case.spacing_mm, axis, index, side_mm, self.slice_size,
             rng if self.augment else None, centre,
         )  # fmt: skip
+        slice_name = f"axis{axis}_slice{index}"
         if s.views > 1:
             rows = view_rows(case.image, case.labels, bit, frame, planes, self.slice_size)
             sample |= stack_views(sample, rows, s.views)
+            slice_name += "".join(f"+axis{row['axis']}_slice{row['index']}" for row in rows[: s.views - 1])
         crop, origin = case.sdf(bit)
         sample["gt_sdf"] = torch.from_numpy(
             sample_sdf(frame, crop, origin, n + 1, s.sdf_truncation_mm, side_mm)
@@ -309,7 +316,7 @@ class TS_SAM3D_Dataset(Dataset):
             "class_name": name,
             "class_index": torch.tensor(bit),
             "source_image": case.meta["image"],
-            "slice_name": f"axis{axis}_slice{index}",
+            "slice_name": slice_name,  # every view's plane, the sampled one first
         }
         return sample
 
@@ -375,7 +382,7 @@ def slice_frame(
         )
     take: list[Any] = [slice(None)] * 3
     take[axis] = index
-    mask2d = (np.asarray(labels[tuple(take)]) >> np.uint32(bit)) & 1 == 1
+    mask2d = class_mask(labels[tuple(take)], bit)
     if not mask2d.any():
         raise DataError(f"the mask has no voxels on slice {index} along axis {axis}")
     return make_frame(mask2d, axis, index, side_mm, spacing_mm, affine), mask2d

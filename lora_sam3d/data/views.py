@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from lora_sam3d.data.frame import Frame, plane_axes, sample_slice
-from lora_sam3d.data.volume import DataError
+from lora_sam3d.data.volume import DataError, class_mask
 
 ViewLayout = Literal["orthogonal", "parallel"]
 VIEW_KEYS = (
@@ -59,6 +59,12 @@ def view_planes(
             f"data.view_spacing_mm is below one voxel of the resampled grid ({spacing_vox:.2f} voxels): "
             "parallel views would repeat a plane; give at least data.spacing"
         )
+    if layout == "parallel" and (count - 1) * spacing_vox >= shape[axis]:
+        raise DataError(
+            f"data.view_spacing_mm: {count} parallel views {spacing_vox:.1f} voxels apart span "
+            f"{(count - 1) * spacing_vox:.0f} voxels along axis {axis}, more than the scan's "
+            f"{shape[axis]}: the views would leave the scan; give a smaller spacing or fewer views"
+        )
     if layout == "orthogonal":
         planes = [(a, int(np.rint(frame.centre_vox[a]))) for a in plane_axes(axis)]
     else:
@@ -79,7 +85,7 @@ def seen_centre(
             continue
         take: list[Any] = [slice(None)] * 3
         take[view_axis] = index
-        mask2d = (np.asarray(labels[tuple(take)]) >> np.uint32(bit)) & 1 == 1
+        mask2d = class_mask(labels[tuple(take)], bit)
         along = np.flatnonzero(mask2d.any(axis=1 - plane_axes(view_axis).index(axis)))
         if along.size:
             lo, hi = min(lo, float(along[0])), max(hi, float(along[-1]))
@@ -102,7 +108,7 @@ def view_rows(
     for axis, index in planes:
         take: list[Any] = [slice(None)] * 3
         take[axis] = index
-        mask2d = (np.asarray(labels[tuple(take)]) >> np.uint32(bit)) & 1 == 1
+        mask2d = class_mask(labels[tuple(take)], bit)
         if not mask2d.any():
             continue
         mask = sample_slice(frame, mask2d.astype(np.float32), axis, slice_size, order=0) > 0.5

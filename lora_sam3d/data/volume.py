@@ -3,8 +3,11 @@
 nibabel reads the files and gives the closest canonical (RAS) orientation; scipy.ndimage resamples
 (linear for the image, nearest for labels). The affine is carried exactly through every step: the
 resampled grid keeps the first voxel centre and the axis directions, only the spacing changes.
-Labels of all requested classes are packed into one bit mask per voxel (bit c = class c), so
-overlapping structures stay exact.
+Labels of all requested classes are packed into one array (`label_dtype`, `class_mask`): up to 64
+classes as one bit per class in the smallest unsigned integer that holds them (uint8 for 8 classes,
+uint64 for 64), so overlapping structures stay exact; past 64, as a label map (signed int8 up to
+127 classes, int16 beyond; 0 = background, c + 1 = class c), which needs the classes disjoint (as
+TotalSegmentator's are).
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-MAX_CLASSES = 32
+MAX_CLASSES = 32767
+"""The most classes a label map (int16) holds."""
 
 
 class DataError(ValueError):
@@ -32,10 +36,10 @@ class Volume:
 
     Attributes:
         image: (X, Y, Z) float32 normalised intensities, RAS-canonical voxel axes, isotropic.
-        labels: (X, Y, Z) uint32 bit mask, bit c set where class c is present.
+        labels: (X, Y, Z) class labels as `label_dtype` codes them (read with `class_mask`).
         affine: (4, 4) float64 voxel index -> world RAS millimetres.
         spacing_mm: the isotropic voxel size.
-        native_labels: (X', Y', Z') uint32 class bits on the source scan's own voxels (reoriented
+        native_labels: (X', Y', Z') the same classes on the source scan's own voxels (reoriented
             to RAS only, not resampled): what the scan's ground truth is scored on.
         native_affine: (4, 4) voxel index -> world mm of ``native_labels``.
     """
@@ -105,6 +109,45 @@ def read_array(img: nib.Nifti1Image, path: str | Path, what: str, dtype: type = 
     except Exception as err:  # EOFError, zlib.error, OSError on truncated/corrupt .nii.gz
         raise DataError(f"{what} file {path} cannot be read (truncated or corrupt?): {err}") from err
     return data
+
+
+def label_dtype(n_classes: int) -> np.dtype:
+    """The array type holding ``n_classes`` classes: unsigned bits up to 64 classes (the smallest of
+    uint8/16/32/64), a signed label map beyond (int8 up to 127 classes, else int16)."""
+    if n_classes > MAX_CLASSES:
+        raise DataError(
+            f"{n_classes} classes given; at most {MAX_CLASSES} are supported (an int16 label map)"
+        )
+    for dtype in (np.uint8, np.uint16, np.uint32, np.uint64):
+        if n_classes <= 8 * np.dtype(dtype).itemsize:
+            return np.dtype(dtype)
+    return np.dtype(np.int8 if n_classes <= 127 else np.int16)
+
+
+def class_mask(labels: np.ndarray, c: int) -> np.ndarray:
+    """Where class ``c`` is present in ``labels`` (any part of a `label_dtype` array): bit ``c`` of an
+    unsigned array, value ``c + 1`` of a signed label map."""
+    labels = np.asarray(labels)
+    if labels.dtype.kind == "u":
+        return (labels >> labels.dtype.type(c)) & 1 == 1
+    return labels == c + 1
+
+
+def add_class(labels: np.ndarray, c: int, mask: np.ndarray, names: Mapping[int, str]) -> None:
+    """Mark class ``c`` where ``mask`` is true, in place. A label map cannot hold two classes in one
+    voxel: an overlap is an error naming both classes (``names``) and the voxel count."""
+    if labels.dtype.kind == "u":
+        labels |= mask.astype(labels.dtype) << labels.dtype.type(c)
+        return
+    taken = mask & (labels != 0)
+    if taken.any():
+        other = int(np.bincount(labels[taken].astype(np.int64)).argmax()) - 1
+        raise DataError(
+            f"{names.get(other, other)} and {names.get(c, c)} overlap in {int(taken.sum())} voxels: past 64 "
+            "classes the labels are stored as a label map, which needs the classes disjoint; train the "
+            "overlapping ones in separate runs"
+        )
+    labels[mask] = c + 1
 
 
 LABEL_TOLERANCE = 1e-3
@@ -178,8 +221,13 @@ def resample_isotropic(
     if np.allclose(scale, 1.0):
         return image, labels, new_affine
     image_out = ndimage.affine_transform(image, scale, output_shape=shape, order=1, mode="nearest")
-    labels_out = ndimage.affine_transform(labels, scale, output_shape=shape, order=0, mode="nearest")
-    return image_out.astype(np.float32), labels_out.astype(labels.dtype), new_affine
+    # labels: nearest voxel by index on each axis (what ndimage's order-0 resampling picks, but exact
+    # for every integer type: ndimage computes in float64, which cannot hold all 64 bits)
+    nearest = [
+        np.clip(np.floor(np.arange(m) * s + 0.5).astype(np.int64), 0, n - 1)
+        for m, s, n in zip(shape, scale, labels.shape, strict=True)
+    ]
+    return image_out.astype(np.float32), labels[np.ix_(*nearest)], new_affine
 
 
 def load_volume(
@@ -187,6 +235,7 @@ def load_volume(
     class_masks: dict[int, tuple[Path, int | None]],
     prep: Preprocessing,
     in_memory: Mapping[Path, nib.Nifti1Image] | None = None,
+    class_names: Mapping[int, str] | None = None,
 ) -> Volume:
     """Load, check, reorient, resample and normalise one case.
 
@@ -194,12 +243,14 @@ def load_volume(
     binary mask file of the TotalSegmentator release), an int selects that value of an integer
     label map (the cropped layout). Files may repeat (one label map for several classes).
     ``in_memory`` gives label images (in their file orientation) to use instead of reading those
-    paths (a 2D mask placed on its slice).
+    paths (a 2D mask placed on its slice). ``class_names`` name the classes in errors.
     """
     image_path = Path(image_path)
     image_img = load_nifti(image_path, "image")
     image = read_array(image_img, image_path, "image")
-    labels = np.zeros(image.shape, dtype=np.uint32)
+    labels = np.zeros(image.shape, dtype=label_dtype(max(class_masks, default=0) + 1))
+    names = {c: f"{(class_names or {}).get(c, f'class {c}')} ({path}{'' if value is None else f', value {value}'})"
+             for c, (path, value) in class_masks.items()}  # fmt: skip
     loaded: dict[Path, np.ndarray] = {}
     for bit, (label_path, value) in class_masks.items():
         if label_path not in loaded:
@@ -212,7 +263,7 @@ def load_volume(
             loaded[label_path] = read_labels(label_img, label_path)
         data = loaded[label_path]
         mask = data != 0 if value is None else data == value
-        labels |= mask.astype(np.uint32) << np.uint32(bit)
+        add_class(labels, bit, mask, names)
     image = normalise(image, prep, image_path)
     native_labels = labels
     image, labels, affine = resample_isotropic(image, labels, image_img.affine, prep.spacing_mm)
