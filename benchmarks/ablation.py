@@ -95,10 +95,10 @@ def main() -> None:
     dm.setup("validate")
     module.classes = list(data["classes"])
     results = []
-    margin = module.hparams.active_margin
+    margin = module.model.active_margin
     for row in ROWS:
         module.mode = row
-        module.hparams.active_margin = margin + 1 if row == "wider band at inference" else margin
+        module.model.active_margin = margin + 1 if row == "wider band at inference" else margin
         values = score(module, dm)
         results.append({"row": row, **values})
         print(f"{row:28s} Dice {values['dice']:.3f}  HD95 {values['hd95_mm']:.2f} mm  NSD {values['nsd']:.3f}  "

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -33,11 +32,22 @@ CLASSES = ["heart_myocardium", "heart_atrium_left", "heart_ventricle_left", "hea
 TOTALSEGMENTATOR = {"cases": 1228, "classes": 104}
 
 
-def lora_sam3d(*args: str) -> float:
-    """Run the command in a fresh process; its wall seconds."""
+def lora_sam3d(*args: str) -> tuple[float, int]:
+    """Run the command in a fresh process; its wall seconds and the peak resident memory (bytes) of
+    the largest process it ran (itself or a worker), measured by a wrapper process of its own."""
+    command = [str(Path(sys.executable).parent / "lora-sam3d"), *args]
+    wrapper = (
+        "import resource, subprocess, sys\n"
+        f"subprocess.run({command!r}, check=True)\n"
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)"
+    )
     start = time.perf_counter()
-    subprocess.run([str(Path(sys.executable).parent / "lora-sam3d"), *args], check=True, cwd=ROOT)
-    return time.perf_counter() - start
+    done = subprocess.run(
+        [sys.executable, "-c", wrapper], check=True, cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+    lines = done.stdout.strip().splitlines()
+    print("\n".join(lines[:-1]))
+    return time.perf_counter() - start, int(lines[-1])
 
 
 def folder_bytes(path: Path) -> int:
@@ -78,13 +88,12 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     for workers in (1, 2):
         shutil.rmtree(root / ".cache", ignore_errors=True)
-        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        seconds = lora_sam3d(
+        seconds, peak = lora_sam3d(
             "cache", "--build", "--root", str(root), "--classes", *CLASSES, "--workers", str(workers)
         )
-        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-        rows.append({"workers": workers, "seconds_per_case": seconds / 2, "wall_s": seconds,
-                     "peak_rss_bytes": peak if peak > before * 1024 else None})  # fmt: skip
+        rows.append(
+            {"workers": workers, "seconds_per_case": seconds / 2, "wall_s": seconds, "peak_rss_bytes": peak}
+        )
     cache = root / ".cache"
     labels = sorted(p for p in cache.iterdir() if p.is_dir() and p.name != "images")
     images = sorted((cache / "images").iterdir())
@@ -101,7 +110,7 @@ def main() -> None:
           f"{entry['x_previous']:.2f}x the previous format's {entry['previous_format_bytes'] / 2**20:.1f} MiB "
           f"(source NIfTI {source / 2**20:.1f} MiB)")  # fmt: skip
     for r in rows:
-        peak = f"{r['peak_rss_bytes'] / 2**30:.2f} GiB" if r["peak_rss_bytes"] else "n/a"
+        peak = f"{r['peak_rss_bytes'] / 2**30:.2f} GiB"
         print(f"build with {r['workers']} worker(s): {r['seconds_per_case']:.1f} s per case ({r['wall_s']:.1f} s for 2), "
               f"peak memory of the largest process {peak}")  # fmt: skip
     rates = {w: loader_rate(root, w, 4) for w in (0, 2)}
