@@ -959,9 +959,9 @@ def test_a_write_that_fails_mid_file(setup: Setup, tmp_path: Path) -> None:
         r"disk full or a file-size limit\?\))", last,
     ), done.stderr[-1500:]  # fmt: skip
     cache = data / ".cache"
-    assert not [p for p in [*cache.iterdir(), *cache.glob("images/*")] if p.is_dir() and p.name != "images"], (
-        "no entry, complete or not"
-    )
+    assert not [
+        p for p in [*cache.iterdir(), *cache.glob("images/*")] if p.is_dir() and p.name != "images"
+    ], "no entry, complete or not"
 
 
 def test_the_readme_states_how_many_bad_inputs_are_tested() -> None:

@@ -54,7 +54,17 @@ def test_cache_build_script_dry_run(
     """`benchmarks/cache_build.py` on small phantoms: both builds, the sizes against the previous
     format, the loader rates and the extrapolation."""
     out = tmp_path / "cache.json"
-    argv = ["cache_build.py", "--shape", "64", "64", "40", "--data", str(tmp_path / "data"), "--json", str(out)]
+    argv = [
+        "cache_build.py",
+        "--shape",
+        "64",
+        "64",
+        "40",
+        "--data",
+        str(tmp_path / "data"),
+        "--json",
+        str(out),
+    ]
     monkeypatch.setattr(sys, "argv", argv)
     runpy.run_path(str(BENCHMARKS / "cache_build.py"), run_name="__main__")
     result = json.loads(out.read_text())
