@@ -258,7 +258,7 @@ def plot_curves(curves: dict[str, list[tuple[int, float]]], path: Path) -> None:
     fig.savefig(path)
 
 
-def plot_meshes(predictions: Path, path: Path) -> None:
+def plot_meshes(predictions: Path, path: Path, inputs: str = "one axial slice each") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -270,7 +270,8 @@ def plot_meshes(predictions: Path, path: Path) -> None:
     picks = [r for r in rows if r["case_id"] == case and r["axis"] == "2"]
     fig = plt.figure(figsize=(3.2 * len(picks), 3.6), dpi=110)
     for i, row in enumerate(picks):
-        stem = f"{row['case_id']}_{row['class_name']}_axis{row['axis']}_slice{row['index']}"
+        slice_name = row.get("slice") or "axis{axis}_slice{index}".format(**row)
+        stem = f"{row['case_id']}_{row['class_name']}_{slice_name}"
         ax = fig.add_subplot(1, len(picks), i + 1, projection="3d")
         mesh = trimesh.load(predictions / f"{stem}.ply", process=False)
         v, f = np.asarray(mesh.vertices), np.asarray(mesh.faces)
@@ -286,7 +287,7 @@ def plot_meshes(predictions: Path, path: Path) -> None:
         ax.set_title(f"{row['class_name'].replace('heart_', '')}\nDice {float(row['dice']):.2f}", fontsize=8)
         ax.set_axis_off()
     fig.tight_layout(rect=(0, 0.07, 1, 0.9))
-    caption = f"{case}: predicted (red) vs true (green) surfaces, RAS mm, from one axial slice each"
+    caption = f"{case}: predicted (red) vs true (green) surfaces, RAS mm, from {inputs}"
     fig.text(0.5, 0.02, caption, ha="center", fontsize=9)
     fig.savefig(path)
 
