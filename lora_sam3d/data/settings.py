@@ -45,7 +45,8 @@ class DataSettings:
         view_spacing_mm: the distance between ``parallel`` views, > 0.
         coarse_target: stage 1's target on the R^3 cells: ``centre`` (the cell's centre is inside)
             or ``any`` (any of its fine cells is inside: TRELLIS's sparse structure, which keeps
-            structures thinner than a cell, such as the myocardium's shell, in the active band).
+            structures thinner than a cell, such as the myocardium's shell, in the active band; the
+            shipped base is pretrained on it, and it is the default).
     """
 
     resolution: int = 16
@@ -68,7 +69,7 @@ class DataSettings:
     views: int = 1
     view_layout: Literal["orthogonal", "parallel"] = "orthogonal"
     view_spacing_mm: float = 10.0
-    coarse_target: Literal["centre", "any"] = "centre"
+    coarse_target: Literal["centre", "any"] = "any"
 
     def __post_init__(self) -> None:
         self.axes = tuple(int(a) for a in self.axes)
