@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
+from lora_sam3d.data import HEART_CLASSES
+
 ROOT = Path(__file__).resolve().parents[1]
-CLASSES = ["heart_myocardium", "heart_atrium_left", "heart_ventricle_left", "heart_atrium_right",
-           "heart_ventricle_right"]  # fmt: skip
 TOTALSEGMENTATOR = {"cases": 1228, "classes": 104}
 
 
@@ -61,7 +61,7 @@ def loader_rate(root: Path, workers: int, batches: int) -> float:
     from lora_sam3d.data import DataSettings, TS_SAM3D_Dataset, collate
 
     ds = TS_SAM3D_Dataset(
-        root, CLASSES, split=None, augment=True, settings=DataSettings(spacing=1.5, views=3)
+        root, HEART_CLASSES, split=None, augment=True, settings=DataSettings(spacing=1.5, views=3)
     )
     it = iter(DataLoader(ds, batch_size=8, shuffle=True, num_workers=workers, collate_fn=collate))
     next(it)  # workers started
@@ -89,7 +89,7 @@ def main() -> None:
     for workers in (1, 2):
         shutil.rmtree(root / ".cache", ignore_errors=True)
         seconds, peak = lora_sam3d(
-            "cache", "--build", "--root", str(root), "--classes", *CLASSES, "--workers", str(workers)
+            "cache", "--build", "--root", str(root), "--classes", *HEART_CLASSES, "--workers", str(workers)
         )
         rows.append(
             {"workers": workers, "seconds_per_case": seconds / 2, "wall_s": seconds, "peak_rss_bytes": peak}

@@ -17,22 +17,18 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
-import torch
+from coarse_to_fine import two_stage  # benchmarks/ is the script's folder
 
-from lora_sam3d.data import DataSettings, TS_SAM3D_Dataset, collate, write_phantoms
-from lora_sam3d.module import LoRAMeshDecoderModule, reconstruction_losses
-
-DEMO = dict(resolution=16, model_channels=64, num_blocks=4, num_heads=4, num_groups=8)
-CLASSES = ["heart_myocardium", "heart_atrium_left", "heart_ventricle_left", "heart_atrium_right",
-           "heart_ventricle_right"]  # fmt: skip
+from lora_sam3d.data import HEART_CLASSES, DataSettings, TS_SAM3D_Dataset, collate, write_phantoms
 
 
 def dataset(root: Path, views: int) -> TS_SAM3D_Dataset:
     """Validation-split samples (a fixed view count) with the training split's preprocessing."""
     settings = DataSettings(resolution=16, spacing=1.5, views=views, view_layout="orthogonal")
-    return TS_SAM3D_Dataset(root, CLASSES, split="val", slice_sampling_method="central", settings=settings)
+    return TS_SAM3D_Dataset(
+        root, HEART_CLASSES, split="val", slice_sampling_method="central", settings=settings
+    )
 
 
 def sample_seconds(ds: TS_SAM3D_Dataset, n: int) -> float:
@@ -43,26 +39,6 @@ def sample_seconds(ds: TS_SAM3D_Dataset, n: int) -> float:
         ds[i]
         times.append(time.perf_counter() - start)
     return statistics.median(times)
-
-
-def step_seconds(batch: dict[str, Any], repeats: int) -> tuple[float, float]:
-    """Median seconds of one LoRA training step on ``batch``, and the decoder's active cells per sample."""
-    torch.manual_seed(0)
-    module = LoRAMeshDecoderModule(CLASSES, decoder=DEMO, base_checkpoint="builtin:shapes")
-    module.configure_adapters()
-    module.train()
-    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4)
-    times, active = [], 0
-    for i in range(repeats + 1):  # the first step warms up
-        start = time.perf_counter()
-        opt.zero_grad()
-        rec = module(batch)
-        reconstruction_losses(rec, batch, module.hparams, 64)["loss"].backward()
-        opt.step()
-        active = int(rec.active.sum())
-        if i:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times), active / len(batch["case_id"])
 
 
 def main() -> None:
@@ -79,7 +55,8 @@ def main() -> None:
     for views in (1, 3):
         ds = dataset(root, views)
         batch = collate([ds[i] for i in range(args.batch)])
-        step, active = step_seconds(batch, args.repeats)
+        timed = two_stage(batch, args.repeats)  # the demo's LoRA step, as coarse_to_fine.py times it
+        step, active = timed["step_s"], timed["active_voxels_per_sample"]
         rows.append({"views": views, "step_s_per_sample": step / args.batch,
                      "data_s_per_sample": sample_seconds(ds, args.batch), "active_cells_per_sample": active})  # fmt: skip
     one = rows[0]

@@ -40,6 +40,7 @@ def test_views_step_script_dry_run(
     """`benchmarks/views_step.py` at batch 2: one and three views timed on the same samples, the ratio
     printed and in the JSON."""
     out = tmp_path / "views.json"
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # it reuses coarse_to_fine.py's timed step
     monkeypatch.setattr(sys, "argv", ["views_step.py", "--repeats", "1", "--batch", "2", "--json", str(out)])
     runpy.run_path(str(BENCHMARKS / "views_step.py"), run_name="__main__")
     rows = json.loads(out.read_text())["rows"]

@@ -408,13 +408,14 @@ def build_cases(
     unique = list({c.case_id: c for c in cases}.values())
     paths = {c.case_id: entry_paths(c, classes, prep, cache_dir, sdf_truncation_mm, hashes) for c in unique}
     hashes.save()
-    missing = [c for c in unique if not is_built(*paths[c.case_id])]
-    built = {}
+    built, missing = {}, []
     for c in unique:
-        if is_built(*paths[c.case_id]):
-            for entry in paths[c.case_id]:
-                _mark_used(entry)
-            built[c.case_id] = CachedCase(paths[c.case_id][0])
+        if not is_built(*paths[c.case_id]):
+            missing.append(c)
+            continue
+        for entry in paths[c.case_id]:
+            _mark_used(entry)
+        built[c.case_id] = CachedCase(paths[c.case_id][0])
     failed: dict[str, str] = {}
     bar = _progress() if progress and missing else contextlib.nullcontext()
     with bar as shown:
