@@ -252,8 +252,8 @@ def _build_cache(args: argparse.Namespace) -> int:
     import yaml
 
     from lora_sam3d.data import TSDataModule
-    from lora_sam3d.data.cache import build_cases
     from lora_sam3d.data.cases import discover_cases
+    from lora_sam3d.data.dataset import cache_dataset
 
     if args.config:
         config = yaml.safe_load(Path(args.config).read_text()) or {}
@@ -271,10 +271,10 @@ def _build_cache(args: argparse.Namespace) -> int:
     module.write_phantoms_if_empty()  # as fit would: a demo config on a fresh clone
     s = module.settings
     cases = discover_cases(module.root, module.classes, s.layout, s.label_values, "skip")
-    built, failed = build_cases(
-        cases, module.classes, s.prep, module.cache_dir, s.sdf_truncation_mm, args.workers, progress=True
+    built, failed, _ = cache_dataset(
+        cases, module.classes, s, module.cache_dir, workers=args.workers, progress=True
     )
-    size = sum(f.stat().st_size for c in built.values() for d in (c.path, c.image_path) for f in d.iterdir())
+    size = sum(f.stat().st_size for c in built.values() for d in (c.path, c.image_dir) for f in d.iterdir())
     print(f"{len(built)} of {len(cases)} cases cached in {module.cache_dir} ({size / 2**20:.1f} MiB)"
           + (f"; {len(failed)} failed: {', '.join(sorted(failed))}" if failed else ""))  # fmt: skip
     return 1 if failed else 0

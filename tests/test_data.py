@@ -87,6 +87,26 @@ def test_reorient_and_resample_keep_world_positions(tmp_path: Path) -> None:
     assert vol.image.min() >= 0 and vol.image.max() <= 1
 
 
+def test_canonical_grid_from_the_header_is_nibabels() -> None:
+    """The labels pass reads only the image's header: its canonical shape and affine equal what
+    nibabel's reorientation gives, for every axis order and flip."""
+    from itertools import permutations
+
+    from lora_sam3d.data.volume import canonical_grid
+
+    data = np.zeros((5, 6, 7), np.float32)
+    for order in permutations(range(3)):
+        for flips in range(8):
+            affine = np.eye(4)
+            signs = [-1.0 if flips >> k & 1 else 1.0 for k in range(3)]
+            affine[:3, :3] = np.diag([0.8, 0.9, 1.5])[:, list(order)] * signs
+            affine[:3, 3] = [10.0, -20.0, 30.0]
+            img = nib.Nifti1Image(data, affine)
+            shape, grid = canonical_grid(img)
+            expected = nib.as_closest_canonical(img)
+            assert shape == expected.shape and np.allclose(grid, expected.affine), (order, flips)
+
+
 def test_sdf_of_a_sphere_is_within_half_a_voxel(tmp_path: Path) -> None:
     shape = (48, 48, 48)
     affine = np.diag([1.0, 1.0, 1.0, 1.0])
@@ -318,9 +338,9 @@ def test_cache_rebuilds_only_what_changed_and_removes_nothing(
     assert main(["cache", "--cache-dir", str(cache), "--stale", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert out.count("would remove") == 5 and len(cache_entries(cache)) == len(entries), out
-    assert re.search(r"^would remove +images/s0002-\w+ .*\(image, shared\) +source .*changed$", out, re.M), (
-        out
-    )
+    assert re.search(
+        r"^would remove +images/s0002-\w+-[\d.]+-[\d.]+ .*\(image, shared\) +source .*changed$", out, re.M
+    ), out
     assert main(["cache", "--cache-dir", str(cache), "--stale"]) == 0
     assert set(entries) - set(folders(cache)) == set(stale), "exactly the stale entries went"
     assert main(["cache", "--root", str(root)]) == 2, "no <root>/.cache here: an error, not an empty list"
@@ -368,7 +388,7 @@ def test_cache_listing_unused_days_and_every_stale_reason(
 
     for days, name, image in zip((5.0, 1.0, 9.0), names, images, strict=True):
         backdate(cache, days, {name, image})
-    CachedCase(cache / names[2]).sdf(0)  # a running fit reads this entry (and its image): fresh again
+    CachedCase(cache / names[2], cache / images[2]).sdf(0)  # a running fit reads it and its image: fresh
     assert main(["cache", "--cache-dir", str(cache), "--unused-days", "3"]) == 0
     out = capsys.readouterr().out
     assert re.search(rf"^removed +{names[0]} .*unused for 3\+ days$", out, re.M), out
@@ -594,17 +614,24 @@ def test_cropped_array_reads_as_the_whole_array() -> None:
         view[9]
 
 
-def test_cropped_cache_gives_the_samples_of_whole_volumes(phantom_root: Path) -> None:
-    """The cache stores the image cropped to its non-zero box and the labels to the classes' box, in
-    the smallest type; samples read through those crops equal samples built from the whole
-    preprocessed volumes (1e-6), for every view of a three-view sample."""
+@pytest.mark.parametrize(
+    ("classes", "frame_scale"), [(HEART_CLASSES, 2.0), (["heart_atrium_left"], 1.0)], ids=["heart", "atrium"]
+)
+def test_cropped_cache_gives_the_samples_of_whole_volumes(
+    phantom_root: Path, tmp_path: Path, classes: list[str], frame_scale: float
+) -> None:
+    """The cache stores the labels cropped to the classes' box in the smallest type and the image
+    cut to the frames' reach (`image_reach`; for one small structure, a box inside the scan); samples
+    read through those crops equal samples built from the whole preprocessed volumes (1e-6), for
+    every view of a three-view sample."""
     from lora_sam3d.data.cache import nonzero_box
     from lora_sam3d.data.cases import discover_cases
     from lora_sam3d.data.volume import load_volume
 
-    ds = dataset(phantom_root, split="val", views=3, slice_sampling_method="central")
+    ds = TS_SAM3D_Dataset(phantom_root, classes, split="val", resolution=8, spacing=2.0, views=3,
+                          frame_scale=frame_scale, slice_sampling_method="central", cache_dir=tmp_path)  # fmt: skip
     case = ds.cases[0]
-    source = next(c for c in discover_cases(phantom_root, HEART_CLASSES) if c.case_id == case.case_id)
+    source = next(c for c in discover_cases(phantom_root, classes) if c.case_id == case.case_id)
     whole = load_volume(source.image, source.class_masks, ds.prep)
     labels = np.load(case.path / "labels.npy")
     lo, hi = nonzero_box(whole.labels)
@@ -614,7 +641,11 @@ def test_cropped_cache_gives_the_samples_of_whole_volumes(phantom_root: Path) ->
         and labels.size < whole.labels.size
     )
     np.testing.assert_array_equal(np.asarray(case.labels), whole.labels)
-    np.testing.assert_array_equal(np.asarray(case.image), whole.image.astype(np.float16))
+    image = json.loads((case.image_dir / "meta.json").read_text())
+    box = tuple(slice(a, b) for a, b in zip(image["box_min"], image["box_max"], strict=True))
+    np.testing.assert_array_equal(np.asarray(case.image)[box], whole.image[box].astype(np.float16))
+    if len(classes) == 1:
+        assert np.prod(np.subtract(image["box_max"], image["box_min"])) < 0.5 * whole.image.size, image
     picked = [i for i in range(len(ds)) if ds.items[i][0] == 0]
     cropped = [ds[i] for i in picked]
     case.__dict__["image"] = whole.image.astype(np.float16)  # the whole arrays in place of the crops
@@ -627,6 +658,21 @@ def test_cropped_cache_gives_the_samples_of_whole_volumes(phantom_root: Path) ->
                 torch.testing.assert_close(value, again[key], rtol=0, atol=1e-6, equal_nan=True, msg=key)
             elif isinstance(value, np.ndarray):
                 np.testing.assert_allclose(value, again[key], rtol=0, atol=1e-6, err_msg=key)
+
+
+def test_image_entries_are_reused_when_they_hold_the_reach(phantom_root: Path, tmp_path: Path) -> None:
+    """A run whose frames reach further cuts an image entry of its own; a run whose reach lies inside
+    an existing entry reads the smallest such entry and cuts none."""
+    settings = dict(split="val", resolution=8, spacing=2.0, cache_dir=tmp_path)
+    small = TS_SAM3D_Dataset(phantom_root, ["heart_atrium_left"], frame_scale=1.0, **settings)
+    first = set((tmp_path / "images").iterdir())
+    wide = TS_SAM3D_Dataset(phantom_root, HEART_CLASSES, frame_scale=2.0, **settings)
+    assert len(set((tmp_path / "images").iterdir()) - first) == len(wide.cases), "a larger box each"
+    again = TS_SAM3D_Dataset(phantom_root, ["heart_atrium_left"], frame_scale=0.8, **settings)
+    assert [c.image_dir for c in again.cases] == [c.image_dir for c in small.cases], (
+        "the smallest that holds it"
+    )
+    assert len(list((tmp_path / "images").iterdir())) == len(first) + len(wide.cases)
 
 
 def test_cache_build_command_names_failures_and_sums_up(

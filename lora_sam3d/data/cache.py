@@ -1,19 +1,23 @@
 """Per-case cache of preprocessed volumes, so each NIfTI is decoded and resampled once.
 
 Two kinds of folder, each written to a temporary folder and renamed into place (a crash never
-leaves a half-written entry that looks complete):
+leaves a half-written entry that looks complete), built in two passes (`build_cases`, then
+`build_images`; `lora_sam3d.data.dataset.cache_dataset` runs both):
 
-- ``<cache_dir>/images/<case_id>-<key>/``: the case's image, once per image file and
-  preprocessing, shared by every class list (``image.npy``, float16, normalised, cropped to the box
-  of its non-zero voxels: every voxel outside reads 0, which the image's normalisation gives air
-  and what resampling reads beyond the volume, so the crop changes no sample);
 - ``<cache_dir>/<case_id>-<key>/``: one class list's labels (``labels.npy`` in the smallest type
   that holds the classes, `lora_sam3d.data.volume.label_dtype`, cropped to the classes' union box),
   per class ``sdf_<c>.npy`` (float16 signed distance in mm, negative inside, truncated, on a crop
   around the structure), per class ``native_<c>.npy`` (uint8 mask on the source scan's own voxels,
   reoriented to RAS but not resampled, cropped to the structure: what metrics score against) and
   ``meta.json`` (affine, spacing, full shape, the crops' origins, per-class voxel counts, bounding
-  box, per-axis slice areas, the native grid's affine and shape, and which image entry it reads).
+  box, per-axis slice areas, the native grid's affine and shape, and its image's key). Only the
+  image's header is read for it.
+- ``<cache_dir>/images/<case_id>-<image key>-<box>/``: the part of the case's image (float16,
+  normalised) that samples can read (`image_reach`: the classes' boxes grown by half their frame's
+  side, which depends on the training split's extents, known once every labels entry is built),
+  stored as the non-zero part of that box (every voxel outside reads 0, which the normalisation
+  gives air). The image key is the image file and the preprocessing; any later class list or run
+  whose reach lies inside an existing box reads that entry (`find_image`), others cut their own.
 
 A key hashes the content of the source files, the preprocessing settings, the class list (labels
 only) and the cache format version, so a changed file or setting rebuilds only the cases it
@@ -30,11 +34,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -45,9 +50,9 @@ from scipy import ndimage
 
 from lora_sam3d.atomic import atomic_dir, atomic_write
 from lora_sam3d.data.cases import Case
-from lora_sam3d.data.volume import DataError, Preprocessing, class_mask, load_volume
+from lora_sam3d.data.volume import DataError, Preprocessing, class_mask, load_image, load_labels
 
-CACHE_VERSION = 3
+CACHE_VERSION = 4
 IMAGES = "images"
 """The sub-folder of the shared image entries."""
 
@@ -204,17 +209,16 @@ def _mark_used(entry: Path) -> None:
         os.utime(entry / "meta.json")
 
 
-def entry_paths(
+def entry_path(
     case: Case,
     classes: list[str],
     prep: Preprocessing,
     cache_dir: Path,
     sdf_truncation_mm: float,
     hashes: FileHashes,
-) -> tuple[Path, Path]:
-    """The folders of ``case``'s labels entry for ``classes`` and of its image entry."""
-    final = cache_dir / f"{case.case_id}-{case_key(case, classes, prep, sdf_truncation_mm, hashes)}"
-    return final, cache_dir / IMAGES / f"{case.case_id}-{image_key(case, prep, hashes)}"
+) -> Path:
+    """The folder of ``case``'s labels entry for ``classes``."""
+    return cache_dir / f"{case.case_id}-{case_key(case, classes, prep, sdf_truncation_mm, hashes)}"
 
 
 def is_built(*entries: Path) -> bool:
@@ -229,30 +233,20 @@ def build_case(
     sdf_truncation_mm: float = 10.0,
     hashes: FileHashes | None = None,
 ) -> Path:
-    """Return the cache folder of ``case``'s labels for ``classes``, building it (and the case's shared
-    image entry) if missing or stale."""
+    """Return the cache folder of ``case``'s labels for ``classes``, building it if missing or stale
+    (the image is cut later, once the frames' reach is known: `build_image`)."""
     own = hashes is None
     hashes = hashes or FileHashes(cache_dir)
-    final, image_dir = entry_paths(case, classes, prep, cache_dir, sdf_truncation_mm, hashes)
+    final = entry_path(case, classes, prep, cache_dir, sdf_truncation_mm, hashes)
     sources = {str(p.resolve()): hashes(p) for p in case.files}
     key = final.name.rsplit("-", 1)[1]
+    image = f"{case.case_id}-{image_key(case, prep, hashes)}"
     if own:
         hashes.save()
-    if is_built(final, image_dir):
+    if is_built(final):
         _mark_used(final)
-        _mark_used(image_dir)
         return final
-    volume = load_volume(case.image, case.class_masks, prep, class_names=dict(enumerate(classes)))
-    assert volume.native_labels is not None and volume.native_affine is not None
-
-    def write_image(tmp: Path) -> None:
-        image = volume.image.astype(np.float16)
-        lo, hi = nonzero_box(image)
-        np.save(tmp / "image.npy", _crop(image, lo, hi))
-        meta = {"version": CACHE_VERSION, "case_id": case.case_id, "image": str(case.image),
-                "sources": {str(case.image.resolve()): hashes(case.image)}, "origin": lo,
-                "shape": list(image.shape)}  # fmt: skip
-        (tmp / "meta.json").write_text(json.dumps(meta))
+    volume = load_labels(case.image, case.class_masks, prep, class_names=dict(enumerate(classes)))
 
     def write(tmp: Path) -> None:
         lo, hi = nonzero_box(volume.labels)
@@ -290,11 +284,11 @@ def build_case(
             "key": key,
             "case_id": case.case_id,
             "image": str(case.image),
-            "image_entry": f"{IMAGES}/{image_dir.name}",
+            "image_key": image,
             "sources": sources,
             "affine": volume.affine.tolist(),
             "spacing_mm": prep.spacing_mm,
-            "shape": list(volume.image.shape),
+            "shape": list(volume.labels.shape),
             "labels_origin": lo,
             "native_affine": volume.native_affine.tolist(),
             "native_shape": list(volume.native_labels.shape),
@@ -303,21 +297,91 @@ def build_case(
         }
         (tmp / "meta.json").write_text(json.dumps(meta))
 
-    # a builder that finished first wins; both succeed. The image entry may exist already (another
-    # class list) and the labels entry too (its image entry was removed since)
-    if not (image_dir / "meta.json").is_file():
-        atomic_dir(image_dir, write_image, exist_ok=True)
-    if not (final / "meta.json").is_file():
-        atomic_dir(final, write, exist_ok=True)
+    atomic_dir(final, write, exist_ok=True)  # a builder that finished first wins; both succeed
+    _mark_used(final)
+    return final
+
+
+Box = tuple[list[int], list[int]]
+"""(low, high) voxel corners of a box on a case's grid, high exclusive."""
+
+
+def image_reach(meta: Mapping[str, Any], side_vox: Mapping[int, float]) -> Box:
+    """The box of the image the samples of a labels entry (its ``meta``) can read, for frames of
+    ``side_vox`` voxels per class bit: each class's bounding box grown by half its frame's side plus
+    two voxels, the union over classes, within the grid. A frame's centre lies in its class's box (in
+    plane, the slice mask's centroid; along the normal, the slice or the middle of what the views
+    see), every view plane crosses the class, and a view reads its plane within half a side of the
+    centre (and one voxel beyond, to interpolate)."""
+    shape = meta["shape"]
+    lo, hi = list(shape), [0] * len(shape)
+    for bit, side in side_vox.items():
+        info = meta["classes"][str(bit)]
+        if not info["voxels"]:
+            continue
+        grow = math.ceil(side / 2) + 2
+        lo = [min(a, max(0, b - grow)) for a, b in zip(lo, info["bbox_min"], strict=True)]
+        hi = [max(a, min(n, b + 1 + grow)) for a, b, n in zip(hi, info["bbox_max"], shape, strict=True)]
+    if any(a >= b for a, b in zip(lo, hi, strict=True)):
+        return [0] * len(shape), [1] * len(shape)
+    return lo, hi
+
+
+def _contains(outer: Box, inner: Box) -> bool:
+    return all(a <= b for a, b in zip(outer[0], inner[0], strict=True)) and all(
+        a >= b for a, b in zip(outer[1], inner[1], strict=True)
+    )
+
+
+def find_image(cache_dir: Path, image: str, box: Box) -> Path | None:
+    """The smallest built image entry of ``image`` (``<case>-<key>``) that holds ``box``, or None."""
+    found = []
+    for entry in (cache_dir / IMAGES).glob(f"{image}-*"):
+        try:
+            meta = json.loads((entry / "meta.json").read_text())
+        except (OSError, ValueError):
+            continue  # a build in progress or a broken entry
+        held = (meta.get("box_min", []), meta.get("box_max", []))
+        if meta.get("version") == CACHE_VERSION and _contains(held, box):  # type: ignore[arg-type]
+            found.append((int(np.prod(np.subtract(held[1], held[0]))), entry.name, entry))
+    return min(found)[2] if found else None
+
+
+def build_image(case: Case, labels_entry: Path, box: Box, prep: Preprocessing) -> Path:
+    """Return an image entry of ``case`` holding ``box`` (the smallest there is), cutting one of
+    exactly ``box`` from the image file when none holds it; the entry stores the box's non-zero
+    part (every voxel outside reads 0, as air does after normalisation)."""
+    meta = json.loads((labels_entry / "meta.json").read_text())
+    cache_dir = labels_entry.parent
+    found = find_image(cache_dir, meta["image_key"], box)
+    if found is not None:
+        _mark_used(found)
+        return found
+    name = "-".join(".".join(str(v) for v in corner) for corner in box)
+    final = cache_dir / IMAGES / f"{meta['image_key']}-{name}"
+    image = load_image(case.image, prep, box).astype(np.float16)
+    lo, hi = nonzero_box(image)
+    source = str(case.image.resolve())
+
+    def write(tmp: Path) -> None:
+        np.save(tmp / "image.npy", _crop(image, lo, hi))
+        info = {"version": CACHE_VERSION, "case_id": case.case_id, "image": str(case.image),
+                "sources": {source: meta["sources"][source]}, "box_min": box[0], "box_max": box[1],
+                "origin": [a + b for a, b in zip(box[0], lo, strict=True)], "shape": meta["shape"]}  # fmt: skip
+        (tmp / "meta.json").write_text(json.dumps(info))
+
+    atomic_dir(final, write, exist_ok=True)
     _mark_used(final)
     return final
 
 
 @dataclass
 class CachedCase:
-    """Read access to one cache folder; arrays are memory-mapped on first use."""
+    """Read access to one labels entry and the image entry it reads (``image_dir``, chosen for the
+    frames' reach: `build_images`); arrays are memory-mapped on first use."""
 
     path: Path
+    image_dir: Path | None = None
     stamped: float = field(default=0.0, repr=False, compare=False)  # when `in_use` last stamped the entry
 
     @cached_property
@@ -336,17 +400,18 @@ class CachedCase:
     def spacing_mm(self) -> float:
         return float(self.meta["spacing_mm"])
 
-    @cached_property
-    def image_path(self) -> Path:
-        """The case's shared image entry (see the module docstring)."""
-        return self.path.parent / self.meta["image_entry"]
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.meta["shape"])  # type: ignore[return-value]
 
     @cached_property
     def image(self) -> CroppedArray:
         """(X, Y, Z) float16 normalised image, read from its crop (0 outside)."""
-        meta = json.loads((self.image_path / "meta.json").read_text())
+        if self.image_dir is None:
+            raise RuntimeError(f"case {self.case_id}: no image entry chosen (build_images picks one)")
+        meta = json.loads((self.image_dir / "meta.json").read_text())
         return CroppedArray(
-            np.load(self.image_path / "image.npy", mmap_mode="r"), meta["origin"], meta["shape"]
+            np.load(self.image_dir / "image.npy", mmap_mode="r"), meta["origin"], meta["shape"]
         )
 
     @cached_property
@@ -364,7 +429,8 @@ class CachedCase:
         now = time.time()
         if now - self.stamped >= IN_USE_STAMP_S:
             _mark_used(self.path)
-            _mark_used(self.image_path)
+            if self.image_dir is not None:
+                _mark_used(self.image_dir)
             self.stamped = now
 
     def sdf(self, bit: int) -> tuple[np.ndarray, np.ndarray]:
@@ -387,43 +453,25 @@ class CachedCase:
         return tuple(self.meta["native_shape"])  # type: ignore[return-value]
 
     def __getstate__(self) -> dict[str, Any]:  # memory maps are reopened in each DataLoader worker
-        return {"path": self.path}
+        return {"path": self.path, "image_dir": self.image_dir}
 
 
-def build_cases(
-    cases: Sequence[Case],
-    classes: list[str],
-    prep: Preprocessing,
-    cache_dir: Path,
-    sdf_truncation_mm: float,
-    workers: int = 1,
-    progress: bool = False,
-) -> tuple[dict[str, CachedCase], dict[str, str]]:
-    """Build (or find) the cache entry of every case, ``workers`` processes at once when more than
-    one case is missing; ``progress`` shows a bar with the time left and a line per failed case.
-    Returns (case id -> `CachedCase` of the built ones, case id -> why it failed): a case whose
-    files are bad (`DataError`: unreadable, another grid, ...) fails alone; any other error (a
-    full disk, a read-only cache folder) stops the build. Memory: one case per worker."""
-    hashes = FileHashes(cache_dir)
-    unique = list({c.case_id: c for c in cases}.values())
-    paths = {c.case_id: entry_paths(c, classes, prep, cache_dir, sdf_truncation_mm, hashes) for c in unique}
-    hashes.save()
-    built, missing = {}, []
-    for c in unique:
-        if not is_built(*paths[c.case_id]):
-            missing.append(c)
-            continue
-        for entry in paths[c.case_id]:
-            _mark_used(entry)
-        built[c.case_id] = CachedCase(paths[c.case_id][0])
+def _each_case(
+    jobs: Sequence[tuple[Case, Callable[..., Path], tuple[Any, ...]]],
+    description: str,
+    workers: int,
+    progress: bool,
+) -> tuple[dict[str, Path], dict[str, str]]:
+    """Run ``fn(case, *args)`` for each job, ``workers`` processes at once when there is more than
+    one; ``progress`` shows a bar with the time left and a line per failed case. Returns (case id ->
+    result, case id -> why it failed): a case whose files are bad (`DataError`: unreadable, another
+    grid, ...) fails alone; any other error (a full disk, a read-only cache folder) stops the build.
+    Memory: one case per process."""
+    results: dict[str, Path] = {}
     failed: dict[str, str] = {}
-    bar = _progress() if progress and missing else contextlib.nullcontext()
+    bar = _progress() if progress and jobs else contextlib.nullcontext()
     with bar as shown:
-        task = (
-            shown.add_task(f"caching {len(missing)} of {len(unique)} cases", total=len(missing))
-            if shown
-            else None
-        )
+        task = shown.add_task(description, total=len(jobs)) if shown else None
 
         def done(case: Case, result: Path | BaseException) -> None:
             if isinstance(result, DataError):
@@ -435,28 +483,82 @@ def build_cases(
             elif isinstance(result, BaseException):
                 raise result
             else:
-                built[case.case_id] = CachedCase(result)
+                results[case.case_id] = result
             if shown:
                 shown.advance(task)
 
-        args = (classes, prep, cache_dir, sdf_truncation_mm)
-        if workers > 1 and len(missing) > 1:
+        if workers > 1 and len(jobs) > 1:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor, as_completed
 
             spawn = multiprocessing.get_context("spawn")  # no fork of a process that holds torch threads
-            with ProcessPoolExecutor(min(workers, len(missing)), mp_context=spawn) as pool:
-                futures = {pool.submit(build_case, c, *args): c for c in missing}
+            with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=spawn) as pool:
+                futures = {pool.submit(fn, case, *args): case for case, fn, args in jobs}
                 for future in as_completed(futures):
                     done(futures[future], future.exception() or future.result())
         else:
-            for case in missing:
+            for case, fn, args in jobs:
                 try:
-                    done(case, build_case(case, *args, hashes=hashes))
+                    done(case, fn(case, *args))
                 except DataError as err:
                     done(case, err)
+    return results, failed
+
+
+def build_cases(
+    cases: Sequence[Case],
+    classes: list[str],
+    prep: Preprocessing,
+    cache_dir: Path,
+    sdf_truncation_mm: float,
+    workers: int = 1,
+    progress: bool = False,
+) -> tuple[dict[str, CachedCase], dict[str, str]]:
+    """Build (or find) the labels entry of every case (`build_case`, through `_each_case`). Returns
+    (case id -> `CachedCase` of the built ones, without an image yet, case id -> why it failed)."""
+    hashes = FileHashes(cache_dir)
+    unique = list({c.case_id: c for c in cases}.values())
+    paths = {c.case_id: entry_path(c, classes, prep, cache_dir, sdf_truncation_mm, hashes) for c in unique}
     hashes.save()
+    missing = [c for c in unique if not is_built(paths[c.case_id])]
+    for c in unique:
+        if c not in missing:
+            _mark_used(paths[c.case_id])
+    args = (classes, prep, cache_dir, sdf_truncation_mm)
+    jobs = [(c, build_case, args) for c in missing]
+    made, failed = _each_case(jobs, f"caching {len(missing)} of {len(unique)} cases", workers, progress)
+    built = {
+        c.case_id: CachedCase(made.get(c.case_id, paths[c.case_id]))
+        for c in unique
+        if c.case_id not in failed
+    }
     return built, failed
+
+
+def build_images(
+    cases: Sequence[tuple[Case, CachedCase]],
+    side_vox: Mapping[int, float],
+    prep: Preprocessing,
+    workers: int = 1,
+    progress: bool = False,
+) -> dict[str, str]:
+    """Give every (case, its labels entry) the image entry its samples read (`image_reach` for frames
+    of ``side_vox`` voxels per class bit), building the missing ones (`build_image`, through
+    `_each_case`); returns case id -> why it failed (the image file cannot be read)."""
+    jobs = []
+    for case, cached in cases:
+        box = image_reach(cached.meta, side_vox)
+        found = find_image(cached.path.parent, cached.meta["image_key"], box)
+        if found is None:
+            jobs.append((case, build_image, (cached.path, box, prep)))
+        else:
+            _mark_used(found)
+            cached.image_dir = found
+    made, failed = _each_case(jobs, f"cutting {len(jobs)} of {len(cases)} images", workers, progress)
+    for case, cached in cases:
+        if case.case_id in made:
+            cached.image_dir = made[case.case_id]
+    return failed
 
 
 def _progress() -> Any:
@@ -473,30 +575,18 @@ def _progress() -> Any:
                     TextColumn("left"), TimeRemainingColumn())  # fmt: skip
 
 
-def cache_cases(
-    cases: Sequence[Case],
-    classes: list[str],
-    prep: Preprocessing,
-    cache_dir: Path,
-    sdf_truncation_mm: float,
-    on_bad_case: str = "error",
-    workers: int = 1,
-    progress: bool = False,
-) -> dict[str, CachedCase]:
-    """Build (or find) every case's entry (`build_cases`); case id -> its `CachedCase`. Cases that
-    fail are an error naming each, or (``on_bad_case='skip'``) left out with a warning that says
-    which and how many."""
-    built, failed = build_cases(cases, classes, prep, cache_dir, sdf_truncation_mm, workers, progress)
-    if failed:
-        n = len({c.case_id for c in cases})
-        listed = "; ".join(f"{case}: {why}" for case, why in sorted(failed.items()))
-        if on_bad_case != "skip":
-            raise DataError(f"{len(failed)} of {n} cases could not be cached: {listed} "
-                            "(set data.on_bad_case: skip to go on without them)")  # fmt: skip
-        warnings.warn(
-            f"{len(failed)} of {n} cases could not be cached and are left out: {listed}", stacklevel=2
-        )
-    return built
+def check_failed(failed: Mapping[str, str], n_cases: int, on_bad_case: str = "error") -> None:
+    """Cases that could not be cached are an error naming each, or (``on_bad_case='skip'``) a warning
+    that says which and how many are left out."""
+    if not failed:
+        return
+    listed = "; ".join(f"{case}: {why}" for case, why in sorted(failed.items()))
+    if on_bad_case != "skip":
+        raise DataError(f"{len(failed)} of {n_cases} cases could not be cached: {listed} "
+                        "(set data.on_bad_case: skip to go on without them)")  # fmt: skip
+    warnings.warn(
+        f"{len(failed)} of {n_cases} cases could not be cached and are left out: {listed}", stacklevel=3
+    )
 
 
 @dataclass

@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset
 
-from lora_sam3d.data.cache import cache_cases
+from lora_sam3d.data.cache import check_failed
 from lora_sam3d.data.cases import Layout, check_class_names, discover_cases
 from lora_sam3d.data.dataset import (
     EpochOffsetDistributedSampler,
@@ -25,6 +25,7 @@ from lora_sam3d.data.dataset import (
     ResumableSampler,
     SamplingMethod,
     TS_SAM3D_Dataset,
+    cache_dataset,
     collate,
 )
 from lora_sam3d.data.phantoms import PhantomKind, write_phantoms
@@ -191,8 +192,10 @@ class TSDataModule(L.LightningDataModule):
             return
         self.write_phantoms_if_empty()
         cases = discover_cases(self.root, self.classes, s.layout, s.label_values, s.on_bad_case)
-        cache_cases(cases, self.classes, s.prep, self.cache_dir, s.sdf_truncation_mm, s.on_bad_case,
-                    workers=max(1, h.num_workers), progress=True)  # fmt: skip
+        _, failed, _ = cache_dataset(
+            cases, self.classes, s, self.cache_dir, workers=max(1, h.num_workers), progress=True
+        )
+        check_failed(failed, len(cases), s.on_bad_case)
 
     def setup(self, stage: str | None = None) -> None:
         h = self.hparams

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
-from lora_sam3d.data.cache import CachedCase, cache_cases, signed_distance_mm
+from lora_sam3d.data.cache import CachedCase, build_cases, build_images, check_failed, signed_distance_mm
 from lora_sam3d.data.cases import SPLITS, Case, discover_cases, split_counts
 from lora_sam3d.data.frame import (
     Frame,
@@ -60,6 +60,35 @@ def class_extents_mm(cached: Sequence[CachedCase], classes: Sequence[str]) -> di
         if values:
             out[name] = float(max(values))
     return out
+
+
+def cache_dataset(
+    cases: Sequence[Case],
+    classes: list[str],
+    settings: DataSettings,
+    cache_dir: Path,
+    image_cases: Sequence[Case] | None = None,
+    workers: int = 1,
+    progress: bool = False,
+) -> tuple[dict[str, CachedCase], dict[str, str], dict[str, float]]:
+    """Cache a data set in two passes: every case's labels, then the per-class frame extents (the
+    training split's statistic, `class_extents_mm`, or the settings'), then the image of each of
+    ``image_cases`` (default: all) cut to what frames of those extents can read. Returns (case id ->
+    `CachedCase` with its image, case id -> why it failed, class -> extent in mm)."""
+    s = settings
+    assign_splits(list(cases), s.seed)
+    built, failed = build_cases(cases, classes, s.prep, cache_dir, s.sdf_truncation_mm, workers, progress)
+    wanted = [c for c in (cases if image_cases is None else image_cases) if c.case_id in built]
+    train = [built[c.case_id] for c in cases if c.split == "train" and c.case_id in built]
+    stats = class_extents_mm(train or [built[c.case_id] for c in wanted], classes)
+    extents = {**stats, **(s.extent_mm or {})}
+    side_vox = {
+        bit: s.frame_scale * extents[name] / s.spacing for bit, name in enumerate(classes) if name in extents
+    }
+    pairs = list({c.case_id: (c, built[c.case_id]) for c in wanted}.values())
+    failed |= build_images(pairs, side_vox, s.prep, workers, progress)
+    with_image = {c.case_id: cached for c, cached in pairs if c.case_id not in failed}
+    return with_image, failed, extents
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -195,16 +224,15 @@ class TS_SAM3D_Dataset(Dataset):
         if not wanted:
             raise DataError(f"no cases of split {split!r} in {self.root}")
         train = [c for c in cases if c.split == "train"]
-        built = cache_cases(
-            [*wanted, *train], self.classes, self.prep, self.cache_dir, s.sdf_truncation_mm, s.on_bad_case
+        built, failed, self.extent_mm = cache_dataset(
+            [*wanted, *train], self.classes, s, self.cache_dir, image_cases=wanted
         )
-        wanted, train = ([c for c in group if c.case_id in built] for group in (wanted, train))
+        check_failed(failed, len({c.case_id for c in [*wanted, *train]}), s.on_bad_case)
+        wanted = [c for c in wanted if c.case_id in built]
         if not wanted:
             raise DataError(f"no case of split {split!r} in {self.root} could be cached")
         self.cases = [built[c.case_id] for c in wanted]
         self.case_splits = {c.case_id: c.split for c in cases}
-        stats = class_extents_mm([built[c.case_id] for c in train] or self.cases, self.classes)
-        self.extent_mm = {**stats, **(s.extent_mm or {})}
         missing = [c for c in self.classes if c not in self.extent_mm]
         if missing:
             raise DataError(

@@ -78,8 +78,9 @@ class Preprocessing:
             raise DataError(f"ct_window_hu must be (low, high) with low < high, got {self.ct_window_hu}")
 
 
-def load_nifti(path: str | Path, what: str = "image") -> nib.Nifti1Image:
-    """Read a 3D NIfTI, check it, and return it in the closest canonical (RAS) orientation."""
+def open_nifti(path: str | Path, what: str = "image") -> nib.Nifti1Image:
+    """Open a 3D NIfTI and check its header (3D, a usable affine), in the file's own orientation;
+    no voxel is read."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{what} file {path} does not exist")
@@ -96,10 +97,24 @@ def load_nifti(path: str | Path, what: str = "image") -> nib.Nifti1Image:
     affine = img.affine
     if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise DataError(f"{what} file {path} has a non-invertible or non-finite affine:\n{affine}")
+    return img
+
+
+def load_nifti(path: str | Path, what: str = "image") -> nib.Nifti1Image:
+    """Read a 3D NIfTI, check it, and return it in the closest canonical (RAS) orientation."""
+    img = open_nifti(path, what)
     try:  # reorienting reads the voxels when the axes must change
         return nib.as_closest_canonical(img)
     except Exception as err:
         raise DataError(f"{what} file {path} cannot be read (truncated or corrupt?): {err}") from err
+
+
+def canonical_grid(img: nib.Nifti1Image) -> tuple[tuple[int, ...], np.ndarray]:
+    """(shape, affine) of ``img`` in the closest canonical orientation, from its header alone (what
+    ``nib.as_closest_canonical`` gives without reading the voxels)."""
+    ornt = nib.orientations.io_orientation(img.affine)
+    shape = tuple(int(img.shape[int(a)]) for a in np.argsort(ornt[:, 0]))
+    return shape, img.affine @ nib.orientations.inv_ornt_aff(ornt, img.shape)
 
 
 def read_array(img: nib.Nifti1Image, path: str | Path, what: str, dtype: type = np.float32) -> np.ndarray:
@@ -181,15 +196,17 @@ def integer_labels(data: np.ndarray, path: str | Path, what: str = "label") -> n
 
 
 def check_same_grid(
-    image: nib.Nifti1Image, label: nib.Nifti1Image, image_path: Path, label_path: Path
+    grid: tuple[tuple[int, ...], np.ndarray], label: nib.Nifti1Image, image_path: Path, label_path: Path
 ) -> None:
-    if image.shape != label.shape:
+    """``label`` (canonical) lies on the image's canonical ``grid`` (shape, affine)."""
+    shape, affine = grid
+    if tuple(shape) != tuple(label.shape):
         raise DataError(
-            f"label {label_path} has shape {label.shape} but image {image_path} has {image.shape}"
+            f"label {label_path} has shape {label.shape} but image {image_path} has {tuple(shape)}"
         )
-    if not np.allclose(image.affine, label.affine, atol=1e-3):
+    if not np.allclose(affine, label.affine, atol=1e-3):
         raise DataError(
-            f"label {label_path} and image {image_path} have different affines:\n{label.affine}\nvs\n{image.affine}"
+            f"label {label_path} and image {image_path} have different affines:\n{label.affine}\nvs\n{affine}"
         )
 
 
@@ -205,29 +222,105 @@ def normalise(image: np.ndarray, prep: Preprocessing, path: Path) -> np.ndarray:
     return np.clip((image - low) / (high - low), 0.0, 1.0).astype(np.float32)
 
 
-def resample_isotropic(
-    image: np.ndarray, labels: np.ndarray, affine: np.ndarray, spacing_mm: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Resample to ``spacing_mm`` on the same axes; returns (image, labels, new affine).
+@dataclass(frozen=True)
+class IsotropicGrid:
+    """The canonical grid resampled to an isotropic spacing on the same axes: new voxel j sits at old
+    voxel ``j * scale`` on each axis (voxel 0 centres coincide), so the new affine is the old one with
+    its columns scaled. ``scale`` is None when the old grid already has the spacing (no resampling)."""
 
-    New voxel j sits at old voxel ``j * spacing_mm / old_spacing`` on each axis (voxel 0 centres
-    coincide), so the new affine is the old one with its columns scaled.
-    """
-    old_spacing = np.linalg.norm(affine[:3, :3], axis=0)
-    scale = spacing_mm / old_spacing
-    shape = tuple(max(1, math.floor((n - 1) / s) + 1) for n, s in zip(image.shape, scale, strict=True))
-    new_affine = affine.copy()
-    new_affine[:3, :3] = affine[:3, :3] * scale[None, :]
-    if np.allclose(scale, 1.0):
-        return image, labels, new_affine
-    image_out = ndimage.affine_transform(image, scale, output_shape=shape, order=1, mode="nearest")
-    # labels: nearest voxel by index on each axis (what ndimage's order-0 resampling picks, but exact
-    # for every integer type: ndimage computes in float64, which cannot hold all 64 bits)
-    nearest = [
-        np.clip(np.floor(np.arange(m) * s + 0.5).astype(np.int64), 0, n - 1)
-        for m, s, n in zip(shape, scale, labels.shape, strict=True)
-    ]
-    return image_out.astype(np.float32), labels[np.ix_(*nearest)], new_affine
+    shape: tuple[int, ...]
+    affine: np.ndarray
+    scale: np.ndarray | None
+
+    @classmethod
+    def of(cls, shape: tuple[int, ...], affine: np.ndarray, spacing_mm: float) -> IsotropicGrid:
+        scale = spacing_mm / np.linalg.norm(affine[:3, :3], axis=0)
+        new_affine = np.array(affine, dtype=np.float64)
+        new_affine[:3, :3] = new_affine[:3, :3] * scale[None, :]
+        if np.allclose(scale, 1.0):
+            return cls(tuple(shape), new_affine, None)
+        new_shape = tuple(max(1, math.floor((n - 1) / s) + 1) for n, s in zip(shape, scale, strict=True))
+        return cls(new_shape, new_affine, scale)
+
+    def resample_image(self, image: np.ndarray, box: tuple[list[int], list[int]] | None = None) -> np.ndarray:
+        """Linear resampling of the voxels of ``box`` ((low, high) corners on this grid, high
+        exclusive; all of it by default): each output voxel depends only on its own position, so a
+        box is the same voxels as the box of the whole."""
+        lo, hi = box if box is not None else ([0] * 3, list(self.shape))
+        if self.scale is None:
+            return image[tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))]
+        return ndimage.affine_transform(
+            image, self.scale, offset=np.asarray(lo) * self.scale, output_shape=tuple(np.subtract(hi, lo)),
+            order=1, mode="nearest",
+        ).astype(np.float32)  # fmt: skip
+
+    def resample_labels(self, labels: np.ndarray) -> np.ndarray:
+        """Nearest voxel by index on each axis (what ndimage's order-0 resampling picks, but exact for
+        every integer type: ndimage computes in float64, which cannot hold all 64 bits)."""
+        if self.scale is None:
+            return labels
+        nearest = [
+            np.clip(np.floor(np.arange(m) * s + 0.5).astype(np.int64), 0, n - 1)
+            for m, s, n in zip(self.shape, self.scale, labels.shape, strict=True)
+        ]
+        return labels[np.ix_(*nearest)]
+
+
+@dataclass
+class LabelVolume:
+    """A case's labels, preprocessed (`Volume` without the image)."""
+
+    labels: np.ndarray
+    affine: np.ndarray
+    spacing_mm: float
+    native_labels: np.ndarray
+    native_affine: np.ndarray
+
+
+def load_labels(
+    image_path: str | Path,
+    class_masks: dict[int, tuple[Path, int | None]],
+    prep: Preprocessing,
+    in_memory: Mapping[Path, nib.Nifti1Image] | None = None,
+    class_names: Mapping[int, str] | None = None,
+) -> LabelVolume:
+    """The labels of one case on its canonical isotropic grid (see `load_volume`); of the image only
+    the header is read (its grid)."""
+    image_path = Path(image_path)
+    image_img = open_nifti(image_path, "image")
+    grid = canonical_grid(image_img)
+    labels = np.zeros(grid[0], dtype=label_dtype(max(class_masks, default=0) + 1))
+    names = {c: f"{(class_names or {}).get(c, f'class {c}')} ({path}{'' if value is None else f', value {value}'})"
+             for c, (path, value) in class_masks.items()}  # fmt: skip
+    loaded: dict[Path, np.ndarray] = {}
+    for bit, (label_path, value) in class_masks.items():
+        if label_path not in loaded:
+            label_img = (
+                nib.as_closest_canonical(in_memory[label_path])
+                if in_memory and label_path in in_memory
+                else load_nifti(label_path, "label")
+            )
+            check_same_grid(grid, label_img, image_path, label_path)
+            loaded[label_path] = read_labels(label_img, label_path)
+        data = loaded[label_path]
+        mask = data != 0 if value is None else data == value
+        add_class(labels, bit, mask, names)
+    iso = IsotropicGrid.of(grid[0], grid[1], prep.spacing_mm)
+    return LabelVolume(
+        iso.resample_labels(labels), iso.affine, prep.spacing_mm, labels, np.asarray(grid[1], float)
+    )
+
+
+def load_image(
+    image_path: str | Path, prep: Preprocessing, box: tuple[list[int], list[int]] | None = None
+) -> np.ndarray:
+    """One case's normalised image on its canonical isotropic grid (see `load_volume`), only the
+    voxels of ``box`` ((low, high) corners on that grid) when given: a cache keeps the part samples
+    read. The whole file is read (normalising MR needs its percentiles)."""
+    image_path = Path(image_path)
+    image_img = load_nifti(image_path, "image")
+    image = normalise(read_array(image_img, image_path, "image"), prep, image_path)
+    return IsotropicGrid.of(image.shape, image_img.affine, prep.spacing_mm).resample_image(image, box)
 
 
 def load_volume(
@@ -245,26 +338,8 @@ def load_volume(
     ``in_memory`` gives label images (in their file orientation) to use instead of reading those
     paths (a 2D mask placed on its slice). ``class_names`` name the classes in errors.
     """
-    image_path = Path(image_path)
-    image_img = load_nifti(image_path, "image")
-    image = read_array(image_img, image_path, "image")
-    labels = np.zeros(image.shape, dtype=label_dtype(max(class_masks, default=0) + 1))
-    names = {c: f"{(class_names or {}).get(c, f'class {c}')} ({path}{'' if value is None else f', value {value}'})"
-             for c, (path, value) in class_masks.items()}  # fmt: skip
-    loaded: dict[Path, np.ndarray] = {}
-    for bit, (label_path, value) in class_masks.items():
-        if label_path not in loaded:
-            label_img = (
-                nib.as_closest_canonical(in_memory[label_path])
-                if in_memory and label_path in in_memory
-                else load_nifti(label_path, "label")
-            )
-            check_same_grid(image_img, label_img, image_path, label_path)
-            loaded[label_path] = read_labels(label_img, label_path)
-        data = loaded[label_path]
-        mask = data != 0 if value is None else data == value
-        add_class(labels, bit, mask, names)
-    image = normalise(image, prep, image_path)
-    native_labels = labels
-    image, labels, affine = resample_isotropic(image, labels, image_img.affine, prep.spacing_mm)
-    return Volume(image, labels, affine, prep.spacing_mm, native_labels, np.asarray(image_img.affine, float))
+    labels = load_labels(image_path, class_masks, prep, in_memory, class_names)
+    image = load_image(image_path, prep)
+    return Volume(
+        image, labels.labels, labels.affine, prep.spacing_mm, labels.native_labels, labels.native_affine
+    )
