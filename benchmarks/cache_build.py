@@ -6,8 +6,9 @@ data set.
 Two heart phantoms of a body CT's size (``lora-sam3d phantoms --shape 512 512 400 --spacing 0.8 0.8
 1.5``, 5 heart structures) are cached at the demo's settings (1.5 mm) by ``lora-sam3d cache
 --build`` in a fresh process per run (peak memory = the largest process's resident high-water mark).
-The previous format stored the whole image (float16) and a uint32 label volume per class list; its
-size is computed from the same grid.
+The image entry holds the part of the image the heart's frames can read (`image_reach`); a list
+of all classes reaches the whole body. The previous format stored the whole image (float16) and a
+uint32 label volume per class list; its size is computed from the same grid.
 
     python benchmarks/cache_build.py [--json out.json] [--shape 512 512 400] [--data folder]
 """
@@ -105,7 +106,8 @@ def main() -> None:
     entry["case_bytes"] = entry["labels_entry_bytes"] + entry["image_entry_bytes"]
     entry["x_previous"] = entry["case_bytes"] / entry["previous_format_bytes"]
     print(f"one case ({args.shape[0]} x {args.shape[1]} x {args.shape[2]} at 0.8 x 0.8 x 1.5 mm; grid {meta['shape']} at 1.5 mm): "
-          f"image entry {entry['image_entry_bytes'] / 2**20:.1f} MiB (shared by every class list), labels entry "
+          f"image entry {entry['image_entry_bytes'] / 2**20:.1f} MiB (the heart's frames' reach; shared by every class "
+          f"list it holds), labels entry "
           f"{entry['labels_entry_bytes'] / 2**20:.2f} MiB, together {entry['case_bytes'] / 2**20:.1f} MiB = "
           f"{entry['x_previous']:.2f}x the previous format's {entry['previous_format_bytes'] / 2**20:.1f} MiB "
           f"(source NIfTI {source / 2**20:.1f} MiB)")  # fmt: skip
@@ -123,7 +125,7 @@ def main() -> None:
         "previous_gb_per_class_list": TOTALSEGMENTATOR["cases"] * entry["previous_format_bytes"] / 1e9,
     }
     print(f"extrapolated to TotalSegmentator ({TOTALSEGMENTATOR['cases']} cases): {full['hours_2_cores']:.1f} h to build "
-          f"on 2 cores, {full['image_gb']:.0f} GB of images once, plus each class list's labels (previous format: "
+          f"on 2 cores, {full['image_gb']:.0f} GB of heart-reach images, plus each class list's labels (previous format: "
           f"{full['previous_gb_per_class_list']:.0f} GB per class list)")  # fmt: skip
     if args.json:
         Path(args.json).write_text(
