@@ -13,6 +13,7 @@ TotalSegmentator's are).
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,8 +118,11 @@ def canonical_grid(img: nib.Nifti1Image) -> tuple[tuple[int, ...], np.ndarray]:
     return shape, img.affine @ nib.orientations.inv_ornt_aff(ornt, img.shape)
 
 
-def read_array(img: nib.Nifti1Image, path: str | Path, what: str, dtype: type = np.float32) -> np.ndarray:
-    """The voxel data, with truncated or corrupt files reported by name."""
+def read_array(
+    img: nib.Nifti1Image, path: str | Path, what: str, dtype: type | None = np.float32
+) -> np.ndarray:
+    """The voxel data (``dtype`` None: as stored, or float when the header scales it), with
+    truncated or corrupt files reported by name."""
     try:
         data = np.asarray(img.dataobj, dtype=dtype)
     except Exception as err:  # EOFError, zlib.error, OSError on truncated/corrupt .nii.gz
@@ -171,14 +175,18 @@ LABEL_TOLERANCE = 1e-3
 
 def read_labels(img: nib.Nifti1Image, path: str | Path) -> np.ndarray:
     """Integer label values of a NIfTI label or mask file (see `integer_labels`)."""
-    return integer_labels(read_array(img, path, "label", np.float64), path)
+    return integer_labels(read_array(img, path, "label", None), path)
 
 
 def integer_labels(data: np.ndarray, path: str | Path, what: str = "label") -> np.ndarray:
     """Integer label values, as the field reads masks: binary or integer; float only when every value
     is within `LABEL_TOLERANCE` of an integer (then rounded). NaN/inf or fractional values are errors
-    naming ``path``. Training labels and request masks both go through here."""
-    data = np.asarray(data, dtype=np.float64)
+    naming ``path``. Training labels and request masks both go through here. Integer data is returned
+    as it is (a uint8 body CT mask stays 1 byte a voxel)."""
+    data = np.asarray(data)
+    if data.dtype.kind in "iub":
+        return data
+    data = data.astype(np.float64, copy=False)
     finite = np.isfinite(data)
     if not finite.all():
         raise DataError(
@@ -293,6 +301,7 @@ def load_labels(
     names = {c: f"{(class_names or {}).get(c, f'class {c}')} ({path}{'' if value is None else f', value {value}'})"
              for c, (path, value) in class_masks.items()}  # fmt: skip
     loaded: dict[Path, np.ndarray] = {}
+    uses = Counter(label_path for label_path, _ in class_masks.values())
     for bit, (label_path, value) in class_masks.items():
         if label_path not in loaded:
             label_img = (
@@ -305,6 +314,9 @@ def load_labels(
         data = loaded[label_path]
         mask = data != 0 if value is None else data == value
         add_class(labels, bit, mask, names)
+        uses[label_path] -= 1
+        if not uses[label_path]:  # one mask file in memory at a time (a label map: until its last class)
+            del loaded[label_path]
     iso = IsotropicGrid.of(grid[0], grid[1], prep.spacing_mm)
     return LabelVolume(
         iso.resample_labels(labels), iso.affine, prep.spacing_mm, labels, np.asarray(grid[1], float)
