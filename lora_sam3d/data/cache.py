@@ -400,10 +400,6 @@ class CachedCase:
     def spacing_mm(self) -> float:
         return float(self.meta["spacing_mm"])
 
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return tuple(self.meta["shape"])  # type: ignore[return-value]
-
     @cached_property
     def image(self) -> CroppedArray:
         """(X, Y, Z) float16 normalised image, read from its crop (0 outside)."""
