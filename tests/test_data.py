@@ -711,3 +711,28 @@ def test_cache_build_command_names_failures_and_sums_up(
     with pytest.warns(UserWarning, match=r"1 of \d cases could not be cached and are left out: s0003: "):
         ds = TS_SAM3D_Dataset(root, HEART_CLASSES, split=None, resolution=8, spacing=2.0, on_bad_case="skip")
     assert sorted(c.case_id for c in ds.cases) == ["s0001", "s0002", "s0004", "s0005"]
+
+
+def test_an_image_truncated_after_its_header_fails_in_the_image_pass(
+    phantom_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The labels pass reads only the image's header, so a file cut after it fails when its image is
+    cut: the build command names it and goes on; a dataset refuses it unless told to skip it."""
+    from lora_sam3d.cli import main
+
+    root = tmp_path / "data"
+    shutil.copytree(phantom_root, root, ignore=shutil.ignore_patterns(".cache"))
+    image = root / "s0002" / "ct.nii.gz"
+    image.write_bytes(image.read_bytes()[:2000])
+    assert main(["cache", "--build", "--root", str(root), "--classes", *HEART_CLASSES]) == 1
+    out = capsys.readouterr().out
+    assert "caching 5 of 5 cases" in out and "cutting 5 of 5 images" in out, out
+    assert re.search(
+        r"^failed s0002: image file .*s0002/ct\.nii\.gz cannot be read \(truncated or corrupt\?\)", out, re.M
+    ), out
+    assert re.search(r"^4 of 5 cases cached in .*; 1 failed: s0002$", out, re.M), out
+    with pytest.raises(DataError, match=r"1 of \d cases could not be cached: s0002: image file .*truncated"):
+        TS_SAM3D_Dataset(root, HEART_CLASSES, split=None, resolution=8)
+    with pytest.warns(UserWarning, match=r"1 of \d cases could not be cached and are left out: s0002: "):
+        ds = TS_SAM3D_Dataset(root, HEART_CLASSES, split=None, resolution=8, on_bad_case="skip")
+    assert sorted(c.case_id for c in ds.cases) == ["s0001", "s0003", "s0004", "s0005"]
