@@ -8,6 +8,7 @@ import re
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -703,14 +704,19 @@ def test_cache_build_command_names_failures_and_sums_up(
     assert "caching 5 of 5 cases" in capsys.readouterr().out, "spacing 1.5 by default: entries of its own"
     assert main(["cache", "--build", "--config", str(config)]) == 1
     assert "caching 1 of 5 cases" in capsys.readouterr().out, "only the failed case is tried again"
-    with pytest.raises(
-        DataError,
-        match=r"1 of \d cases could not be cached: s0003: image file .* \(set data\.on_bad_case: skip",
-    ):
-        TS_SAM3D_Dataset(root, HEART_CLASSES, split=None, resolution=8, spacing=2.0)
-    with pytest.warns(UserWarning, match=r"1 of \d cases could not be cached and are left out: s0003: "):
-        ds = TS_SAM3D_Dataset(root, HEART_CLASSES, split=None, resolution=8, spacing=2.0, on_bad_case="skip")
-    assert sorted(c.case_id for c in ds.cases) == ["s0001", "s0002", "s0004", "s0005"]
+    refused_then_skipped(root, "s0003", r"image file .* \(set data\.on_bad_case: skip", spacing=2.0)
+
+
+def refused_then_skipped(root: Path, bad: str, why: str, **settings: Any) -> None:
+    """A dataset on ``root`` refuses to start with the one bad case (the error matching ``why``), and
+    with ``on_bad_case: skip`` warns which case it left out and uses the other four."""
+    with pytest.raises(DataError, match=rf"1 of \d cases could not be cached: {bad}: {why}"):
+        TS_SAM3D_Dataset(root, HEART_CLASSES, split=None, resolution=8, **settings)
+    with pytest.warns(UserWarning, match=rf"1 of \d cases could not be cached and are left out: {bad}: "):
+        ds = TS_SAM3D_Dataset(root, HEART_CLASSES, split=None, resolution=8, on_bad_case="skip", **settings)
+    assert sorted(c.case_id for c in ds.cases) == sorted(
+        {"s0001", "s0002", "s0003", "s0004", "s0005"} - {bad}
+    )
 
 
 def test_an_image_truncated_after_its_header_fails_in_the_image_pass(
@@ -731,8 +737,4 @@ def test_an_image_truncated_after_its_header_fails_in_the_image_pass(
         r"^failed s0002: image file .*s0002/ct\.nii\.gz cannot be read \(truncated or corrupt\?\)", out, re.M
     ), out
     assert re.search(r"^4 of 5 cases cached in .*; 1 failed: s0002$", out, re.M), out
-    with pytest.raises(DataError, match=r"1 of \d cases could not be cached: s0002: image file .*truncated"):
-        TS_SAM3D_Dataset(root, HEART_CLASSES, split=None, resolution=8)
-    with pytest.warns(UserWarning, match=r"1 of \d cases could not be cached and are left out: s0002: "):
-        ds = TS_SAM3D_Dataset(root, HEART_CLASSES, split=None, resolution=8, on_bad_case="skip")
-    assert sorted(c.case_id for c in ds.cases) == ["s0001", "s0003", "s0004", "s0005"]
+    refused_then_skipped(root, "s0002", r"image file .*truncated")

@@ -50,7 +50,7 @@ from scipy import ndimage
 
 from lora_sam3d.atomic import atomic_dir, atomic_write
 from lora_sam3d.data.cases import Case
-from lora_sam3d.data.volume import DataError, Preprocessing, class_mask, load_image, load_labels
+from lora_sam3d.data.volume import Box, DataError, Preprocessing, class_mask, load_image, load_labels
 
 CACHE_VERSION = 4
 IMAGES = "images"
@@ -103,25 +103,32 @@ def _key(payload: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def source_digests(case: Case, hashes: FileHashes) -> dict[str, str]:
+    """Resolved path -> content hash of each of the case's files (what a labels entry's key and
+    staleness are judged by)."""
+    return {str(p.resolve()): hashes(p) for p in case.files}
+
+
 def case_key(
-    case: Case, classes: list[str], prep: Preprocessing, sdf_truncation_mm: float, hashes: FileHashes
+    case: Case, classes: list[str], prep: Preprocessing, sdf_truncation_mm: float, sources: Mapping[str, str]
 ) -> str:
-    """The key of a case's labels entry for one class list."""
+    """The key of a case's labels entry for one class list (``sources``: `source_digests`)."""
     return _key({
         "version": CACHE_VERSION,
         "preprocessing": asdict(prep),
         "classes": [[bit, classes[bit], case.class_masks[bit][1]] for bit in sorted(case.class_masks)],
         "sdf_truncation_mm": sdf_truncation_mm,
-        "files": {p.relative_to(case.image.parent).as_posix(): hashes(p) for p in case.files},
+        "files": {p.relative_to(case.image.parent).as_posix(): sources[str(p.resolve())] for p in case.files},
     })  # fmt: skip
 
 
-def image_key(case: Case, prep: Preprocessing, hashes: FileHashes) -> str:
-    """The key of a case's image entry: the image file and the preprocessing only."""
-    return _key({"version": CACHE_VERSION, "preprocessing": asdict(prep), "image": hashes(case.image)})
+def image_key(case: Case, prep: Preprocessing, sources: Mapping[str, str]) -> str:
+    """The key of a case's image entries: the image file and the preprocessing only."""
+    digest = sources[str(case.image.resolve())]
+    return _key({"version": CACHE_VERSION, "preprocessing": asdict(prep), "image": digest})
 
 
-def nonzero_box(array: np.ndarray) -> tuple[list[int], list[int]]:
+def nonzero_box(array: np.ndarray) -> Box:
     """(low, high) voxel corners of the box of ``array``'s non-zero voxels (high exclusive); one voxel
     at the origin when there are none, so every crop has a shape."""
     nz = [
@@ -215,14 +222,14 @@ def entry_path(
     prep: Preprocessing,
     cache_dir: Path,
     sdf_truncation_mm: float,
-    hashes: FileHashes,
+    sources: Mapping[str, str],
 ) -> Path:
     """The folder of ``case``'s labels entry for ``classes``."""
-    return cache_dir / f"{case.case_id}-{case_key(case, classes, prep, sdf_truncation_mm, hashes)}"
+    return cache_dir / f"{case.case_id}-{case_key(case, classes, prep, sdf_truncation_mm, sources)}"
 
 
-def is_built(*entries: Path) -> bool:
-    return all((entry / "meta.json").is_file() for entry in entries)
+def is_built(entry: Path) -> bool:
+    return (entry / "meta.json").is_file()
 
 
 def build_case(
@@ -231,18 +238,18 @@ def build_case(
     prep: Preprocessing,
     cache_dir: Path,
     sdf_truncation_mm: float = 10.0,
-    hashes: FileHashes | None = None,
+    sources: Mapping[str, str] | None = None,
 ) -> Path:
     """Return the cache folder of ``case``'s labels for ``classes``, building it if missing or stale
-    (the image is cut later, once the frames' reach is known: `build_image`)."""
-    own = hashes is None
-    hashes = hashes or FileHashes(cache_dir)
-    final = entry_path(case, classes, prep, cache_dir, sdf_truncation_mm, hashes)
-    sources = {str(p.resolve()): hashes(p) for p in case.files}
-    key = final.name.rsplit("-", 1)[1]
-    image = f"{case.case_id}-{image_key(case, prep, hashes)}"
-    if own:
+    (the image is cut later, once the frames' reach is known: `build_image`). ``sources``: the
+    files' hashes (`source_digests`), computed here when not given."""
+    if sources is None:
+        hashes = FileHashes(cache_dir)
+        sources = source_digests(case, hashes)
         hashes.save()
+    final = entry_path(case, classes, prep, cache_dir, sdf_truncation_mm, sources)
+    key = final.name.rsplit("-", 1)[1]
+    image = f"{case.case_id}-{image_key(case, prep, sources)}"
     if is_built(final):
         _mark_used(final)
         return final
@@ -285,7 +292,7 @@ def build_case(
             "case_id": case.case_id,
             "image": str(case.image),
             "image_key": image,
-            "sources": sources,
+            "sources": dict(sources),
             "affine": volume.affine.tolist(),
             "spacing_mm": prep.spacing_mm,
             "shape": list(volume.labels.shape),
@@ -300,10 +307,6 @@ def build_case(
     atomic_dir(final, write, exist_ok=True)  # a builder that finished first wins; both succeed
     _mark_used(final)
     return final
-
-
-Box = tuple[list[int], list[int]]
-"""(low, high) voxel corners of a box on a case's grid, high exclusive."""
 
 
 def image_reach(meta: Mapping[str, Any], side_vox: Mapping[int, float]) -> Box:
@@ -348,15 +351,11 @@ def find_image(cache_dir: Path, image: str, box: Box) -> Path | None:
 
 
 def build_image(case: Case, labels_entry: Path, box: Box, prep: Preprocessing) -> Path:
-    """Return an image entry of ``case`` holding ``box`` (the smallest there is), cutting one of
-    exactly ``box`` from the image file when none holds it; the entry stores the box's non-zero
-    part (every voxel outside reads 0, as air does after normalisation)."""
+    """Cut an image entry of ``case`` holding exactly ``box`` from the image file (`build_images` first
+    looks for one that holds it: `find_image`); the entry stores the box's non-zero part (every
+    voxel outside reads 0, as air does after normalisation)."""
     meta = json.loads((labels_entry / "meta.json").read_text())
     cache_dir = labels_entry.parent
-    found = find_image(cache_dir, meta["image_key"], box)
-    if found is not None:
-        _mark_used(found)
-        return found
     name = "-".join(".".join(str(v) for v in corner) for corner in box)
     final = cache_dir / IMAGES / f"{meta['image_key']}-{name}"
     image = load_image(case.image, prep, box).astype(np.float16)
@@ -514,14 +513,18 @@ def build_cases(
     (case id -> `CachedCase` of the built ones, without an image yet, case id -> why it failed)."""
     hashes = FileHashes(cache_dir)
     unique = list({c.case_id: c for c in cases}.values())
-    paths = {c.case_id: entry_path(c, classes, prep, cache_dir, sdf_truncation_mm, hashes) for c in unique}
+    sources = {c.case_id: source_digests(c, hashes) for c in unique}  # hashed once, here
     hashes.save()
+    paths = {
+        c.case_id: entry_path(c, classes, prep, cache_dir, sdf_truncation_mm, sources[c.case_id])
+        for c in unique
+    }
     missing = [c for c in unique if not is_built(paths[c.case_id])]
     for c in unique:
         if c not in missing:
             _mark_used(paths[c.case_id])
     args = (classes, prep, cache_dir, sdf_truncation_mm)
-    jobs = [(c, build_case, args) for c in missing]
+    jobs = [(c, build_case, (*args, sources[c.case_id])) for c in missing]
     made, failed = _each_case(jobs, f"caching {len(missing)} of {len(unique)} cases", workers, progress)
     built = {
         c.case_id: CachedCase(made.get(c.case_id, paths[c.case_id]))

@@ -26,6 +26,9 @@ from scipy import ndimage
 MAX_CLASSES = 32767
 """The most classes a label map (int16) holds."""
 
+Box = tuple[list[int], list[int]]
+"""(low, high) voxel corners of a box on a grid, high exclusive."""
+
 
 class DataError(ValueError):
     """Bad input data; the message names the file and what was expected."""
@@ -250,7 +253,7 @@ class IsotropicGrid:
         new_shape = tuple(max(1, math.floor((n - 1) / s) + 1) for n, s in zip(shape, scale, strict=True))
         return cls(new_shape, new_affine, scale)
 
-    def resample_image(self, image: np.ndarray, box: tuple[list[int], list[int]] | None = None) -> np.ndarray:
+    def resample_image(self, image: np.ndarray, box: Box | None = None) -> np.ndarray:
         """Linear resampling of the voxels of ``box`` ((low, high) corners on this grid, high
         exclusive; all of it by default): each output voxel depends only on its own position, so a
         box is the same voxels as the box of the whole."""
@@ -297,7 +300,8 @@ def load_labels(
     image_path = Path(image_path)
     image_img = open_nifti(image_path, "image")
     grid = canonical_grid(image_img)
-    labels = np.zeros(grid[0], dtype=label_dtype(max(class_masks, default=0) + 1))
+    shape, affine = grid
+    labels = np.zeros(shape, dtype=label_dtype(max(class_masks, default=0) + 1))
     names = {c: f"{(class_names or {}).get(c, f'class {c}')} ({path}{'' if value is None else f', value {value}'})"
              for c, (path, value) in class_masks.items()}  # fmt: skip
     loaded: dict[Path, np.ndarray] = {}
@@ -317,15 +321,13 @@ def load_labels(
         uses[label_path] -= 1
         if not uses[label_path]:  # one mask file in memory at a time (a label map: until its last class)
             del loaded[label_path]
-    iso = IsotropicGrid.of(grid[0], grid[1], prep.spacing_mm)
+    iso = IsotropicGrid.of(shape, affine, prep.spacing_mm)
     return LabelVolume(
-        iso.resample_labels(labels), iso.affine, prep.spacing_mm, labels, np.asarray(grid[1], float)
+        iso.resample_labels(labels), iso.affine, prep.spacing_mm, labels, np.asarray(affine, float)
     )
 
 
-def load_image(
-    image_path: str | Path, prep: Preprocessing, box: tuple[list[int], list[int]] | None = None
-) -> np.ndarray:
+def load_image(image_path: str | Path, prep: Preprocessing, box: Box | None = None) -> np.ndarray:
     """One case's normalised image on its canonical isotropic grid (see `load_volume`), only the
     voxels of ``box`` ((low, high) corners on that grid) when given: a cache keeps the part samples
     read. The whole file is read (normalising MR needs its percentiles)."""
