@@ -19,14 +19,15 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from lora_sam3d.data import TSDataModule
+from lora_sam3d.inputs import Batch
 from lora_sam3d.metrics import MeshMetrics
+from lora_sam3d.models import Reconstruction
 from lora_sam3d.models.structure import vertex_fill
-from lora_sam3d.module import LoRAMeshDecoderModule, Reconstruction
+from lora_sam3d.module import LoRAMeshDecoderModule
 from lora_sam3d.predictions import score_batch
 
 ROWS = ("as trained", "wider band at inference", "stage 1 alone", "oracle stage 1", "grid cap (true SDF)")
@@ -37,17 +38,17 @@ class Ablated(LoRAMeshDecoderModule):
 
     mode = "as trained"
 
-    def forward(self, batch: dict[str, Any]) -> Reconstruction:
+    def forward(self, batch: Batch) -> Reconstruction:
         n = 4 * self.resolution
         if self.mode == "grid cap (true SDF)":
-            return Reconstruction(batch["gt_sdf"].float())
+            return Reconstruction(batch.targets.sdf.float())
         if self.mode == "stage 1 alone":
-            logits, _ = self.structure(self.encoder(batch))
+            logits, _ = self.structure(self.encoder(batch.evidence))
             return Reconstruction(
                 vertex_fill(logits > 0, n), logits, torch.ones_like(logits, dtype=torch.bool)
             )
         if self.mode == "oracle stage 1":
-            truth = batch["gt_coarse_occupancy"].bool()
+            truth = batch.targets.coarse_occupancy.bool()
             handle = self.structure.register_forward_hook(
                 lambda _m, _a, out: (torch.where(truth, 10.0, -10.0).to(out[0].dtype), out[1])
             )
@@ -67,7 +68,7 @@ def score(module: Ablated, dm: TSDataModule) -> dict[str, float]:
             if rec.active is not None:
                 actives += rec.active_counts()
             scored = score_batch(rec, batch, module.hparams.nsd_tolerance_mm)
-            metrics.update([s.metrics for s in scored if s], batch["class_index"])
+            metrics.update([s.metrics for s in scored if s], batch.info.class_index)
     out = {k: float(v) for k, v in metrics.compute().items() if "/" not in k}
     out |= {f"dice/{c}": float(metrics.compute()[f"dice/{c}"]) for c in module.classes or []}
     out["active_voxels_per_sample"] = sum(actives) / max(len(actives), 1)

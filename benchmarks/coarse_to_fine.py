@@ -29,11 +29,13 @@ from typing import Any
 import torch
 
 from lora_sam3d.data import TS_SAM3D_Dataset, collate, write_phantoms
+from lora_sam3d.inputs import Batch
 from lora_sam3d.latent import SliceUnprojection
 from lora_sam3d.lora import LoRAConfig, freeze_base_params, inject_lora
+from lora_sam3d.losses import reconstruction_losses
 from lora_sam3d.models import SLatMeshDecoder, vertex_sdf_grid
 from lora_sam3d.models.structure import active_latent, surface_band
-from lora_sam3d.module import LoRAMeshDecoderModule, reconstruction_losses
+from lora_sam3d.module import LoRAMeshDecoderModule
 
 DEMO = dict(model_channels=64, num_blocks=4, num_heads=4, num_groups=8)
 REFERENCE = dict(resolution=64, model_channels=768, latent_channels=8, num_blocks=12, num_heads=12,
@@ -60,7 +62,7 @@ def timed_steps(step: Any, params: list[torch.nn.Parameter], repeats: int) -> fl
     return statistics.median(times)
 
 
-def two_stage(batch: dict[str, Any], repeats: int) -> dict[str, Any]:
+def two_stage(batch: Batch, repeats: int) -> dict[str, Any]:
     module = LoRAMeshDecoderModule(
         decoder=dict(DEMO, resolution=16), base_checkpoint="builtin:shapes", classes=CLASSES
     )
@@ -72,17 +74,17 @@ def two_stage(batch: dict[str, Any], repeats: int) -> dict[str, Any]:
     def step() -> torch.Tensor:
         rec = module(batch)
         actives.append(int(rec.active.sum()))
-        return reconstruction_losses(rec, batch, module.hparams, 64)["loss"]
+        return reconstruction_losses(rec, batch.targets, module.loss_weights, 64)["loss"]
 
     seconds = timed_steps(step, params, repeats)
     return {
         "design": "two-stage, R=16",
         "step_s": seconds,
-        "active_voxels_per_sample": actives[-1] / len(batch["case_id"]),
+        "active_voxels_per_sample": actives[-1] / len(batch),
     }
 
 
-def one_stage(batch: dict[str, Any], resolution: int, repeats: int) -> dict[str, Any]:
+def one_stage(batch: Batch, resolution: int, repeats: int) -> dict[str, Any]:
     torch.manual_seed(0)
     decoder = SLatMeshDecoder(**DEMO, resolution=resolution, latent_channels=8)
     torch.nn.init.normal_(decoder.out_layer.weight, std=0.01)
@@ -92,10 +94,10 @@ def one_stage(batch: dict[str, Any], resolution: int, repeats: int) -> dict[str,
     n = 4 * resolution
 
     def step() -> torch.Tensor:
-        feats = evidence(batch)
+        feats = evidence(batch.evidence)
         dense = torch.ones(feats.shape[0], resolution, resolution, resolution, dtype=torch.bool)
         sdf = vertex_sdf_grid(decoder(active_latent(dense, feats)), n)
-        return (sdf.clamp(-0.1, 0.1) - batch["gt_sdf"].clamp(-0.1, 0.1)).abs().mean()
+        return (sdf.clamp(-0.1, 0.1) - batch.targets.sdf.clamp(-0.1, 0.1)).abs().mean()
 
     params = [p for p in decoder.parameters() if p.requires_grad]
     return {"design": f"one-stage dense, R={resolution}", "step_s": timed_steps(step, params, repeats),
@@ -112,9 +114,9 @@ def reference(root: Path) -> dict[str, Any]:
                           spacing=1.5, axes=(2,))  # fmt: skip
     n_samples = len(CLASSES)
     batch = collate([ds[i] for i in range(n_samples)])  # items run case -> class: one per structure
-    bands = surface_band(batch["gt_coarse_occupancy"].bool(), 1)
+    bands = surface_band(batch.targets.coarse_occupancy.bool(), 1)
     counts = bands.flatten(1).sum(1).tolist()
-    assert batch["class_name"] == CLASSES, batch["class_name"]
+    assert batch.info.class_name == CLASSES, batch.info.class_name
     torch.manual_seed(0)
     decoder = SLatMeshDecoder(**REFERENCE)
     inject_lora(decoder, LoRAConfig())

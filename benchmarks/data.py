@@ -4,7 +4,7 @@ Phantoms of realistic size (default 256 x 256 x 200 voxels at 1.5 x 1.5 x 1.5 mm
 affine's tilt) are written once to a scratch folder; the cache is built cold and timed per case;
 then samples are drawn from the warm cache (random_axis, batch 4) with 0 and 2 DataLoader
 workers. The baseline, in the same run, is one LoRA training step of the tiny decoder
-(configs/model/tiny.yaml) on a batch of 4 sparse inputs shaped like slices unprojected into
+(`TINY_DECODER`) on a batch of 4 sparse inputs shaped like slices unprojected into
 the frame (shells of ~8% occupancy, the `tiny` case of benchmarks/decoder.py).
 
     python benchmarks/data.py [--cases 3] [--shape 256 256 200] [--batches 20] [--json out.json]
@@ -87,7 +87,7 @@ def main() -> None:
             start = time.perf_counter()
             n = 0
             for _, batch in zip(range(args.batches), it, strict=False):
-                n += len(batch["case_id"])
+                n += len(batch)
             rows[f"samples_per_s_{workers}w"] = n / (time.perf_counter() - start)
         step = training_step_seconds(args.batch_size)
         rows["tiny_train_step_s"] = step

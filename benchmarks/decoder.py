@@ -28,7 +28,7 @@ from lora_sam3d.sparse import SparseTensor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 CONFIGS: dict[str, dict[str, Any]] = {
-    # The CPU-size decoder of configs/model/tiny.yaml.
+    # The CPU-size decoder (`TINY_DECODER`, the defaults under model.decoder).
     "tiny": dict(
         model=dict(resolution=16, model_channels=128, num_blocks=4, num_heads=4, num_groups=16),
         occupancy=0.08,

@@ -16,10 +16,12 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from lora_sam3d.cli import _lightning_cli
+from lora_sam3d.inputs import Batch
 from lora_sam3d.latent import SliceUnprojection
+from lora_sam3d.models import Reconstruction
 from lora_sam3d.models.structure import SparseStructureNet
-from lora_sam3d.module import LoRAMeshDecoderModule, Reconstruction
+from lora_sam3d.module import LoRAMeshDecoderModule
+from lora_sam3d.trainer_cli import run
 
 
 class DenseOccupancyCNN(LoRAMeshDecoderModule):
@@ -37,8 +39,8 @@ class DenseOccupancyCNN(LoRAMeshDecoderModule):
         self.requires_grad_(False)
         self.cnn.requires_grad_(True)
 
-    def forward(self, batch: dict[str, Any]) -> Reconstruction:
-        logits, _ = self.cnn(self.cells(batch))  # (B, n, n, n) cells
+    def forward(self, batch: Batch) -> Reconstruction:
+        logits, _ = self.cnn(self.cells(batch.evidence))  # (B, n, n, n) cells
         n = logits.shape[-1]
         # vertex values: minus the mean logit of the (up to 8) cells around each vertex, in frame units
         padded = F.pad(logits[:, None], (1, 1, 1, 1, 1, 1), mode="replicate")
@@ -47,5 +49,5 @@ class DenseOccupancyCNN(LoRAMeshDecoderModule):
 
 
 if __name__ == "__main__":
-    _lightning_cli(sys.argv[1:], model_class=DenseOccupancyCNN)
+    run(sys.argv[1:], model_class=DenseOccupancyCNN)
     sys.exit(0)

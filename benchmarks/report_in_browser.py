@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lora_sam3d.models.mesh import marching_cubes
+from lora_sam3d.geometry import marching_cubes
 from lora_sam3d.report import ReportSample, write_report
 
 

@@ -22,15 +22,15 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
 
-from lora_sam3d.adapters import save_model_adapter
+from lora_sam3d.inputs import Batch, Evidence, SampleInfo, Targets
 from lora_sam3d.lora import LoRAConfig, freeze_base_params
-from lora_sam3d.losses import reconstruction_losses
+from lora_sam3d.losses import LossWeights, reconstruction_losses
 from lora_sam3d.models import Reconstructor
+from lora_sam3d.models.adapter_files import save_model_adapter
 
 SIZES: dict[str, dict[str, Any]] = {
     "reference": {"decoder": dict(resolution=64, model_channels=768, num_blocks=12, num_heads=12, num_groups=32),
@@ -38,12 +38,10 @@ SIZES: dict[str, dict[str, Any]] = {
     "small": {"decoder": dict(resolution=8, model_channels=64, num_blocks=1, num_heads=4, num_groups=8),
               "structure": dict(channels=8, num_groups=4)},
 }  # fmt: skip
-WEIGHTS = SimpleNamespace(
-    sdf_truncation=0.1, sdf_weight=1.0, occupancy_weight=1.0, dice_weight=0.5, structure_weight=1.0
-)
+WEIGHTS = LossWeights()
 
 
-def synthetic_batch(r: int, batch: int, device: torch.device) -> dict[str, Any]:
+def synthetic_batch(r: int, batch: int, device: torch.device) -> Batch:
     """``batch`` heart-sized ellipsoids in the frame (semi-axes 0.19-0.25 of the side, as a structure
     at frame_scale 2): one axial slice through each, and the targets on the grids the model uses."""
     n, size = 4 * r, 4 * r
@@ -73,10 +71,23 @@ def synthetic_batch(r: int, batch: int, device: torch.device) -> dict[str, Any]:
         out["gt_sdf"].append(sdf(grid).clamp(-0.1, 0.1).float())
         out["gt_occupancy"].append(sdf(cgrid) < 0)
         out["gt_coarse_occupancy"].append(sdf(rgrid) < 0)
-    collated: dict[str, Any] = {k: torch.stack(v).to(device) for k, v in out.items()}
-    collated |= {"axis": torch.full((batch,), 2, device=device), "index": torch.zeros(batch, dtype=torch.long, device=device),
-                 "frame_to_world": torch.eye(4, dtype=torch.float64).expand(batch, 4, 4).to(device)}  # fmt: skip
-    return collated
+    t = {k: torch.stack(v) for k, v in out.items()}
+    evidence = Evidence(
+        image=t["image"][:, :1],
+        mask=t["mask"][:, None],
+        distance=t["mask_distance"][:, None],
+        axis=torch.full((batch, 1), 2),
+        index=torch.zeros(batch, 1, dtype=torch.long),
+        offset=torch.zeros(batch, 1),
+        valid=torch.ones(batch, 1, dtype=torch.bool),
+        frame_to_world=torch.eye(4, dtype=torch.float64).expand(batch, 4, 4).clone(),
+        sample_ids=[f"ellipsoid{b}" for b in range(batch)],
+    )
+    targets = Targets(t["gt_sdf"], t["gt_occupancy"], t["gt_coarse_occupancy"])
+    names = [f"ellipsoid{b}" for b in range(batch)]
+    return Batch(evidence, targets, SampleInfo(names, ["ellipsoid"] * batch, names, [None] * batch)).to(
+        device
+    )
 
 
 def build(size: str, variant: str, checkpointing: bool, device: torch.device) -> Reconstructor:
@@ -93,9 +104,7 @@ def build(size: str, variant: str, checkpointing: bool, device: torch.device) ->
     return model.to(device).train()
 
 
-def run(
-    model: Reconstructor, batch: dict[str, Any], steps: int, bf16: bool, device: torch.device
-) -> dict[str, Any]:
+def run(model: Reconstructor, batch: Batch, steps: int, bf16: bool, device: torch.device) -> dict[str, Any]:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=5e-4)
     n = 4 * model.resolution
@@ -109,8 +118,8 @@ def run(
         start = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            rec = model(batch)
-        loss = reconstruction_losses(rec, batch, WEIGHTS, n)["loss"].float()
+            rec = model(batch.evidence, batch.targets.coarse_occupancy)
+        loss = reconstruction_losses(rec, batch.targets, WEIGHTS, n)["loss"].float()
         loss.backward()
         opt.step()
         if device.type == "cuda":

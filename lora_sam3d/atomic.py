@@ -11,6 +11,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+__all__ = ["atomic_dir", "atomic_write"]
+
 
 def _umask() -> int:
     mask = os.umask(0)

@@ -15,22 +15,23 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
-from safetensors.torch import save_file
 
-from lora_sam3d.adapters import save_model_adapter
 from lora_sam3d.atomic import atomic_write
-from lora_sam3d.models.reconstructor import Reconstructor
-from lora_sam3d.models.structure import STRUCTURE_PREFIX
+from lora_sam3d.geometry import Mesh
+from lora_sam3d.models.adapter_files import save_model_adapter
+from lora_sam3d.outputs import MaskFile, MeshFiles, PreviewFile, SampleOutput, earlier_outputs
 from lora_sam3d.predictions import Prediction
 from lora_sam3d.report import ReportEntry, ReportSample, entry, write_report
-from lora_sam3d.writers import (
-    CoordinateSystem,
-    mask_on_source_grid,
-    preview_png,
-    smooth_taubin,
-    write_mesh,
-    write_nifti,
-)
+from lora_sam3d.writers import CoordinateSystem, MeshFormat, smooth_taubin
+
+__all__ = [
+    "AdapterCheckpoint",
+    "MergeOnEnd",
+    "MeshPredictionWriter",
+    "RunSummary",
+    "SaveConfigOnStart",
+    "save_adapter_of",
+]
 
 
 def _output_dir(trainer: L.Trainer, name: str) -> Path:
@@ -88,7 +89,7 @@ class AdapterCheckpoint(L.Callback):
 
     Each folder holds the decoder's ``adapter_model.safetensors`` + ``adapter_config.json`` (PEFT's
     layout, see `lora_sam3d.lora.save_adapter`) and stage 1's adapter in ``structure/`` (see
-    `lora_sam3d.adapters.save_model_adapter`), next to Lightning's checkpoints; written atomically,
+    `lora_sam3d.models.adapter_files.save_model_adapter`), next to Lightning's checkpoints; written atomically,
     on rank 0.
     """
 
@@ -178,40 +179,15 @@ class MergeOnEnd(L.Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
-            save_merged_decoder(pl_module.model, _output_dir(trainer, self.filename))
+            pl_module.model.save_merged(_output_dir(trainer, self.filename))
 
 
 def save_adapter_of(module: Any, directory: Path) -> Path:
     """A `LoRAMeshDecoderModule`'s adapter folder: its model's adapters, classes, unfrozen modules and
-    data settings (see `lora_sam3d.adapters.save_model_adapter`)."""
+    data settings (see `lora_sam3d.models.adapter_files.save_model_adapter`)."""
     return save_model_adapter(
         module.model, directory, module.classes, module.hparams.unfreeze or [], module.data_contract
     )
-
-
-def save_merged_decoder(model: Reconstructor, path: Path) -> Path:
-    """The decoder with LoRA merged, in Meta's names, plus stage 1 (merged) under ``structure.``: a
-    complete base for ``model.base_checkpoint``; Meta's loader (non-strict) reads the decoder part."""
-    merged = model.merged_decoder()
-    tensors = {k: v.detach().cpu().contiguous() for k, v in merged.state_dict().items()}
-    if model.uses_structure:
-        structure = model.merged_structure().state_dict()
-        tensors |= {f"{STRUCTURE_PREFIX}{k}": v.detach().cpu().contiguous() for k, v in structure.items()}
-    metadata = {"format": "pt", "decoder": json.dumps(model.decoder_config)}
-    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-
-
-OUTPUT_PATTERNS = ("*.ply", "*.stl", "*.obj", "*_mask.nii.gz", "metrics.csv", "metrics.json", "report.html")
-"""The files `MeshPredictionWriter` writes into its folder (and a ``<stem>.png`` preview per mesh)."""
-
-
-def earlier_outputs(folder: Path) -> list[Path]:
-    """The prediction files already in ``folder``: `OUTPUT_PATTERNS`, and the PNG preview of each mesh."""
-    if not folder.is_dir():
-        return []
-    found = {p for pattern in OUTPUT_PATTERNS for p in folder.glob(pattern) if p.is_file()}
-    previews = {p.with_suffix(".png") for p in found if p.suffix in (".ply", ".stl", ".obj")}
-    return sorted(found | {p for p in previews if p.is_file()})
 
 
 class MeshPredictionWriter(BasePredictionWriter):
@@ -240,7 +216,7 @@ class MeshPredictionWriter(BasePredictionWriter):
     def __init__(
         self,
         output_dir: str | None = None,
-        mesh_format: Literal["ply", "stl", "obj"] = "ply",
+        mesh_format: MeshFormat = "ply",
         coordinate_system: CoordinateSystem = "RAS",
         write_nifti: bool = True,
         write_png: bool = True,
@@ -251,8 +227,9 @@ class MeshPredictionWriter(BasePredictionWriter):
     ) -> None:
         super().__init__(write_interval="batch")
         self.output_dir, self.overwrite = output_dir, overwrite
-        self.mesh_format, self.coordinate_system = mesh_format, coordinate_system
-        self.write_nifti_files, self.write_png = write_nifti, write_png
+        self.outputs: list[SampleOutput] = [MeshFiles(mesh_format, coordinate_system)]
+        self.outputs += [MaskFile()] if write_nifti else []
+        self.outputs += [PreviewFile()] if write_png else []
         self.smooth_iterations, self.report, self.report_views = smooth_iterations, report, report_views
         self.samples: list[ReportEntry] = []
         self.rows: list[dict[str, Any]] = []
@@ -287,45 +264,15 @@ class MeshPredictionWriter(BasePredictionWriter):
     ) -> None:  # type: ignore[override]
         out = self._dir(trainer)
         for record in prediction:
-            stem = record.stem
             mesh = smooth_taubin(record.mesh, self.smooth_iterations)
-            if not mesh.is_empty:
-                self.written.append(
-                    write_mesh(mesh, out / f"{stem}.{self.mesh_format}", self.coordinate_system)
-                )
-            if record.gt_mesh is not None and not record.gt_mesh.is_empty:
-                self.written.append(
-                    write_mesh(
-                        record.gt_mesh, out / f"{stem}_truth.{self.mesh_format}", self.coordinate_system
-                    )
-                )
-            if self.write_nifti_files and record.source_image:
-                img = mask_on_source_grid(record.sdf, record.frame_to_world, record.source_image)
-                self.written.append(write_nifti(img, out / f"{stem}_mask.nii.gz"))
-            if self.write_png:
-                title = f"{stem}  input | prediction (red) vs truth (green)"
-                png = preview_png(
-                    record.image,
-                    record.mask,
-                    record.sdf,
-                    record.axis,
-                    record.gt_sdf,
-                    out / f"{stem}.png",
-                    title,
-                )
-                self.written.append(png)
+            for output in self.outputs:
+                self.written += output.write(record, mesh, out)
             if record.metrics is not None:
-                self.rows.append({"case_id": record.case_id, "class_name": record.class_name,
-                                  "axis": record.axis, "index": record.index, "slice": record.slice_name
-                                  or f"axis{record.axis}_slice{record.index}",
-                                  "scored_against": record.scored_against, **record.metrics})  # fmt: skip
+                self.rows.append(metrics_row(record))
             if self.report:  # compact: only what the page shows, a 3D view for the first report_views
-                self.samples.append(entry(ReportSample(
-                    stem, record.case_id, record.class_name, record.slice_name or f"axis{record.axis} slice{record.index}",
-                    mesh, record.image if record.views_image is None else record.views_image,
-                    record.mask if record.views_mask is None else record.views_mask,
-                    record.gt_mesh, record.metrics, record.scored_against,
-                ), view=len(self.samples) < self.report_views))  # fmt: skip
+                self.samples.append(
+                    entry(report_sample(record, mesh), view=len(self.samples) < self.report_views)
+                )
 
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Gather every process's per-sample metrics (and report entries); rank 0 writes ``metrics.csv``,
@@ -374,6 +321,35 @@ class MeshPredictionWriter(BasePredictionWriter):
                     means["nsd"],
                 )
             )
+
+
+def metrics_row(record: Prediction) -> dict[str, Any]:
+    """A sample's row of ``metrics.csv``: which slice of which case, what it was scored against, the scores."""
+    return {
+        "case_id": record.case_id,
+        "class_name": record.class_name,
+        "axis": record.axis,
+        "index": record.index,
+        "slice": record.slice_name or f"axis{record.axis}_slice{record.index}",
+        "scored_against": record.scored_against,
+        **(record.metrics or {}),
+    }
+
+
+def report_sample(record: Prediction, mesh: Mesh) -> ReportSample:
+    """What the report shows of a sample: its input slices, the written mesh, truth and scores."""
+    return ReportSample(
+        record.stem,
+        record.case_id,
+        record.class_name,
+        record.slice_name or f"axis{record.axis} slice{record.index}",
+        mesh,
+        record.image if record.views_image is None else record.views_image,
+        record.mask if record.views_mask is None else record.views_mask,
+        record.gt_mesh,
+        record.metrics,
+        record.scored_against,
+    )
 
 
 def _from_all_processes(trainer: L.Trainer, items: list[Any]) -> list[Any]:

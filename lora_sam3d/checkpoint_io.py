@@ -10,7 +10,7 @@ renaming it there is atomic on every POSIX filesystem. The temporary name starts
 Lightning's search for ``last*.ckpt`` never takes it for a checkpoint. The `lora-sam3d` command
 installs it by default (``trainer.plugins``); Python users pass
 ``Trainer(plugins=[AtomicCheckpointIO()])``. Reading weight files lives in `lora_sam3d.weights`,
-adapter folders in `lora_sam3d.adapters`.
+adapter folders in `lora_sam3d.models.adapter_files`.
 """
 
 from __future__ import annotations
@@ -25,6 +25,15 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from lora_sam3d.atomic import atomic_write
 from lora_sam3d.weights import require_file, unreadable
+
+__all__ = [
+    "DESIGN",
+    "OLD_PREFIXES",
+    "AtomicCheckpointIO",
+    "check_checkpoint",
+    "check_design",
+    "upgrade_state_dict",
+]
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -1,4 +1,4 @@
-"""Step 5 of the data flow, the evidence: a batch of slice samples -> what stage 1 reads.
+"""Step 5 of the data flow: a batch's `Evidence` -> what stage 1 reads (or Meta's latents instead).
 
 `SliceUnprojection` (no parameters) gives every cell of the R^3 frame grid 8 features read from the
 slice at the cell's orthogonal projection, as a dense (B, 8, R, R, R) tensor; stage 1
@@ -16,7 +16,16 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
+from lora_sam3d.inputs import Evidence
 from lora_sam3d.sparse import SparseTensor
+
+__all__ = [
+    "LATENT_CHANNELS",
+    "PrecomputedLatents",
+    "SliceUnprojection",
+    "latent_cell_centres",
+    "make_encoder",
+]
 
 LATENT_CHANNELS = 8
 
@@ -44,12 +53,9 @@ class SliceUnprojection:
         self.resolution = resolution
         self.plane_decay = plane_decay
 
-    def __call__(self, batch: dict[str, Any]) -> torch.Tensor:
-        from lora_sam3d.data.views import single_view
-
-        views = batch if "view_image" in batch else single_view(batch)
-        b, k = views["view_valid"].shape
-        device, r = views["view_image"].device, self.resolution
+    def __call__(self, views: Evidence) -> torch.Tensor:
+        b, k = views.valid.shape
+        device, r = views.device, self.resolution
         u = latent_cell_centres(r, device).expand(b, -1, -1)  # (B, R^3, 3)
         reads, dists = [], []
         for j in range(k):
@@ -57,7 +63,7 @@ class SliceUnprojection:
             reads.append(torch.stack([m, intensity, dist2d, d_plane], dim=1))
             dists.append(d_plane)
         read, d = torch.stack(reads, dim=1), torch.stack(dists, dim=1)  # (B, K, 4, R^3), (B, K, R^3)
-        valid = views["view_valid"].to(device)[:, :, None]
+        valid = views.valid.to(device)[:, :, None]
         closeness = torch.where(valid, -((d / self.plane_decay) ** 2), float("-inf"))
         weight = torch.softmax(closeness, dim=1)  # (B, K, R^3); 1 for a single view
         merged = (weight[:, :, None] * read).sum(1) if k > 1 else read[:, 0]
@@ -67,10 +73,10 @@ class SliceUnprojection:
         return feats.view(b, LATENT_CHANNELS, r, r, r)
 
     @staticmethod
-    def _read(u: torch.Tensor, views: dict[str, Any], j: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _read(u: torch.Tensor, views: Evidence, j: int) -> tuple[torch.Tensor, torch.Tensor]:
         """View ``j`` of each sample at every cell: (mask, intensity, 2D distance) (3, B, R^3) read at
         the cell's projection, and the cell's signed distance to the view's plane (B, R^3)."""
-        axis, device = views["view_axis"][:, j], u.device
+        axis, device = views.axis[:, j], u.device
         normal = F.one_hot(axis.long(), 3).to(u.dtype)  # (B, 3)
         plane = torch.stack(
             [torch.tensor([p for p in range(3) if p != int(a)], device=device) for a in axis.tolist()]
@@ -78,18 +84,18 @@ class SliceUnprojection:
         up = torch.gather(u, 2, plane[:, None, :1].expand(-1, u.shape[1], 1))[..., 0]
         uq = torch.gather(u, 2, plane[:, None, 1:].expand(-1, u.shape[1], 1))[..., 0]
         grid = torch.stack([2 * uq, 2 * up], dim=-1)[:, :, None, :]  # grid_sample (x, y) = (column, row)
-        maps = torch.stack([views["view_mask"][:, j].to(u.dtype), views["view_image"][:, j].to(u.dtype),
-                            views["view_distance"][:, j].to(u.dtype)], dim=1)  # fmt: skip
+        maps = torch.stack([m[:, j].to(u.dtype) for m in (views.mask, views.image, views.distance)], dim=1)
         read = F.grid_sample(maps, grid, mode="bilinear", padding_mode="border", align_corners=False)[..., 0]
-        d_plane = (u * normal[:, None, :]).sum(-1) - views["view_offset"][:, j, None].to(u.dtype)
+        d_plane = (u * normal[:, None, :]).sum(-1) - views.offset[:, j, None].to(u.dtype)
         return read.unbind(1), d_plane
 
 
 class PrecomputedLatents:
     """Structured latents from Meta's SAM 3D pipeline, one safetensors file per sample.
 
-    ``<folder>/<case_id>__<class_name>__<axis>__<index>.safetensors`` with ``coords`` (N, 3) int
-    (x, y, z on the R^3 grid) and ``feats`` (N, 8). Read with safetensors (no code runs).
+    ``<folder>/<sample id>.safetensors`` (`Evidence.sample_ids`:
+    ``<case_id>__<class_name>__<axis>__<index>``) with ``coords`` (N, 3) int (x, y, z on the R^3
+    grid) and ``feats`` (N, 8). Read with safetensors (no code runs).
     """
 
     def __init__(self, folder: str | Path, resolution: int) -> None:
@@ -98,17 +104,12 @@ class PrecomputedLatents:
         if not self.folder.is_dir():
             raise FileNotFoundError(f"precomputed latents folder {self.folder} does not exist")
 
-    @staticmethod
-    def sample_id(case_id: str, class_name: str, axis: int, index: int) -> str:
-        return f"{case_id}__{class_name}__{axis}__{index}"
-
-    def __call__(self, batch: dict[str, Any]) -> SparseTensor:
+    def __call__(self, evidence: Evidence) -> SparseTensor:
         from safetensors.torch import load_file
 
-        device = batch["image"].device
+        device = evidence.device
         coords, feats = [], []
-        for i, (case_id, name) in enumerate(zip(batch["case_id"], batch["class_name"], strict=True)):
-            sid = self.sample_id(case_id, name, int(batch["axis"][i]), int(batch["index"][i]))
+        for i, sid in enumerate(evidence.sample_ids):
             path = self.folder / f"{sid}.safetensors"
             if not path.is_file():
                 raise FileNotFoundError(f"no precomputed latent {path} for sample {sid}")

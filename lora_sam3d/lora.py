@@ -164,9 +164,15 @@ class LoRALayer(nn.Module):
     bias: nn.Parameter | None
 
     def _adopt(
-        self, base: nn.Module, rank: int, alpha: float, dropout: float, use_rslora: bool,
-        a_shape: tuple[int, ...], b_shape: tuple[int, ...],
-    ) -> None:  # fmt: skip
+        self,
+        base: nn.Module,
+        rank: int,
+        alpha: float,
+        dropout: float,
+        use_rslora: bool,
+        a_shape: tuple[int, ...],
+        b_shape: tuple[int, ...],
+    ) -> None:
         if rank <= 0:
             raise ValueError(f"rank must be positive, got {rank}")
         self.rank, self.alpha, self.use_rslora = rank, float(alpha), use_rslora
@@ -439,10 +445,26 @@ def inject_lora(model: nn.Module, config: LoRAConfig | None = None, **fields: An
             f"inject_lora: pass a LoRAConfig or its fields as keywords, not both (got {sorted(fields)})"
         )
     config = config if config is not None else LoRAConfig(**fields)
+    leaves = _adaptable_matches(model, config)
+    for name, module in leaves:
+        rank, alpha = config.rank_for(name), config.alpha_for(name)
+        if isinstance(module, nn.Conv3d):
+            layer: nn.Module = LoRAConv3d(module, rank, alpha, config.dropout, config.use_rslora)
+        else:
+            layer = LoRALinear(
+                module, rank, alpha, config.dropout, config.use_rslora, config.slices_for(name)
+            )
+        _set_submodule(model, name, layer)
+    model._lora_config = config  # type: ignore[assignment]
+    return [n for n, _ in leaves]
+
+
+def _adaptable_matches(model: nn.Module, config: LoRAConfig) -> list[tuple[str, nn.Module]]:
+    """The linears and 3D convolutions ``config`` selects in ``model``, or the error `inject_lora`
+    documents."""
     select = _compile_selector(config.target_modules)
     exclude = _compile_selector(config.exclude_modules)
     assert select is not None
-
     inside_lora = {f"{n}." for n in lora_layers(model)}
     matches: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():
@@ -478,24 +500,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig | None = None, **fields: An
             f"inject_lora: target_modules={config.target_modules!r} matched no nn.Linear or nn.Conv3d, "
             f"only {sorted(matched)}"
         )
-    for name, module in leaves:
-        if isinstance(module, nn.Conv3d):
-            conv_layer = LoRAConv3d(
-                module, config.rank_for(name), config.alpha_for(name), config.dropout, config.use_rslora
-            )
-            _set_submodule(model, name, conv_layer)
-            continue
-        layer = LoRALinear(
-            module,
-            rank=config.rank_for(name),
-            alpha=config.alpha_for(name),
-            dropout=config.dropout,
-            use_rslora=config.use_rslora,
-            enabled_slices=config.slices_for(name),
-        )
-        _set_submodule(model, name, layer)
-    model._lora_config = config  # type: ignore[assignment]
-    return [n for n, _ in leaves]
+    return leaves
 
 
 def _replace_lora_layers(model: nn.Module, make: Callable[[Any], nn.Module]) -> nn.Module:

@@ -8,18 +8,58 @@ scan's own grid (`lora_sam3d.metrics`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.nn import functional as F
 
+from lora_sam3d.inputs import Targets
 from lora_sam3d.models.reconstructor import Reconstruction
 
+__all__ = [
+    "DIAGNOSTICS",
+    "LossWeights",
+    "frame_diagnostics",
+    "hard_dice",
+    "reconstruction_losses",
+    "soft_dice_loss",
+]
+
 DIAGNOSTICS = (
-    "loss", "sdf_l1", "occupancy_bce", "soft_dice", "structure_bce", "structure_dice",
-    "active_voxels", "frame_coarse_dice", "frame_dice",
-)  # fmt: skip
+    "loss",
+    "sdf_l1",
+    "occupancy_bce",
+    "soft_dice",
+    "structure_bce",
+    "structure_dice",
+    "active_voxels",
+    "frame_coarse_dice",
+    "frame_dice",
+)
 """What validation and test log beside the scores: the loss terms and the frame-grid diagnostics."""
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """The terms' weights and the SDF clamp (frame units) of `reconstruction_losses`."""
+
+    sdf: float = 1.0
+    occupancy: float = 1.0
+    dice: float = 0.5
+    structure: float = 1.0
+    sdf_truncation: float = 0.1
+
+    @classmethod
+    def from_hparams(cls, h: Any) -> LossWeights:
+        """From the LightningModule's flat ``sdf_weight``, ``occupancy_weight``, ... hyper-parameters."""
+        return cls(
+            h["sdf_weight"],
+            h["occupancy_weight"],
+            h["dice_weight"],
+            h["structure_weight"],
+            h["sdf_truncation"],
+        )
 
 
 def soft_dice_loss(prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -41,35 +81,40 @@ def occupancy_logits(sdf: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def reconstruction_losses(
-    rec: Reconstruction, batch: dict[str, Any], h: Any, n: int
+    rec: Reconstruction, targets: Targets, w: LossWeights, n: int
 ) -> dict[str, torch.Tensor]:
-    """Decoder terms (truncated SDF L1, cell occupancy BCE and soft Dice on the (4R)^3 cells) plus stage 1's
-    occupancy BCE and soft Dice on the R^3 cells. ``h`` holds ``sdf_truncation`` and the weights
-    ``sdf_weight``, ``occupancy_weight``, ``dice_weight``, ``structure_weight`` (the module's hparams)."""
-    tau = h.sdf_truncation
+    """Decoder terms (truncated SDF L1, cell occupancy BCE and soft Dice on the (4R)^3 cells, n = 4R)
+    plus stage 1's occupancy BCE and soft Dice on the R^3 cells, weighted by ``w``."""
+    if targets.sdf is None or targets.occupancy is None:
+        raise ValueError(
+            "reconstruction_losses needs a batch with 3D targets (a split's samples, not requests)"
+        )
+    tau = w.sdf_truncation
     sdf = rec.sdf
-    gt = batch["gt_sdf"].to(sdf.dtype)
+    gt = targets.sdf.to(sdf.dtype)
     sdf_l1 = (sdf.clamp(-tau, tau) - gt.clamp(-tau, tau)).abs().mean()
     logits = occupancy_logits(sdf, n)
-    target = batch["gt_occupancy"].to(logits.dtype)
+    target = targets.occupancy.to(logits.dtype)
     bce = F.binary_cross_entropy_with_logits(logits, target)
     dice = soft_dice_loss(torch.sigmoid(logits), target)
-    total = h.sdf_weight * sdf_l1 + h.occupancy_weight * bce + h.dice_weight * dice
+    total = w.sdf * sdf_l1 + w.occupancy * bce + w.dice * dice
     terms = {"sdf_l1": sdf_l1, "occupancy_bce": bce, "soft_dice": dice}
-    if rec.coarse_logits is not None:
-        coarse = batch["gt_coarse_occupancy"].to(rec.coarse_logits.dtype)
+    if rec.coarse_logits is not None and targets.coarse_occupancy is not None:
+        coarse = targets.coarse_occupancy.to(rec.coarse_logits.dtype)
         s_bce = F.binary_cross_entropy_with_logits(rec.coarse_logits, coarse)
         s_dice = soft_dice_loss(torch.sigmoid(rec.coarse_logits), coarse)
-        total = total + h.structure_weight * (s_bce + s_dice)
+        total = total + w.structure * (s_bce + s_dice)
         terms |= {"structure_bce": s_bce, "structure_dice": s_dice}
     return {"loss": total, **terms}
 
 
-def frame_diagnostics(rec: Reconstruction, batch: dict[str, Any], h: Any, n: int) -> dict[str, torch.Tensor]:
+def frame_diagnostics(
+    rec: Reconstruction, targets: Targets, w: LossWeights, n: int
+) -> dict[str, torch.Tensor]:
     """The loss terms plus the active cells per sample and the frame-grid Dice of both stages."""
-    values = reconstruction_losses(rec, batch, h, n)
-    if rec.active is not None and rec.coarse_logits is not None:
+    values = reconstruction_losses(rec, targets, w, n)
+    if rec.active is not None and rec.coarse_logits is not None and targets.coarse_occupancy is not None:
         values["active_voxels"] = rec.active.flatten(1).sum(1).float().mean()
-        values["frame_coarse_dice"] = hard_dice(rec.coarse_logits > 0, batch["gt_coarse_occupancy"])
-    values["frame_dice"] = hard_dice(occupancy_logits(rec.sdf, n) > 0, batch["gt_occupancy"])
+        values["frame_coarse_dice"] = hard_dice(rec.coarse_logits > 0, targets.coarse_occupancy)
+    values["frame_dice"] = hard_dice(occupancy_logits(rec.sdf, n) > 0, targets.occupancy)
     return values

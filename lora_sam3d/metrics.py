@@ -21,6 +21,17 @@ import numpy as np
 import torch
 from torchmetrics import Metric
 
+__all__ = [
+    "METRICS",
+    "MeshMetrics",
+    "Spacing",
+    "WeightedMeans",
+    "chamfer_mm",
+    "overlap",
+    "sample_metrics",
+    "surface_distances",
+]
+
 METRICS = ("dice", "iou", "hd95_mm", "assd_mm", "nsd", "chamfer_mm")
 
 

@@ -2,9 +2,10 @@
 
 The model itself (stage 1, the active band, the decoder, the fill) is `lora_sam3d.models.Reconstructor`,
 plain PyTorch; losses and per-sample records are plain functions (`lora_sam3d.losses`,
-`lora_sam3d.predictions`); adapter folders and the per-class adapter bank live in
-`lora_sam3d.adapters`. What stays here is Lightning's contract: LoRA is injected once (in `setup`,
-or when a checkpoint is loaded), so fit followed by validate/test/predict in one process never
+`lora_sam3d.predictions`); adapter folders live in `lora_sam3d.models.adapter_files` and the
+per-class adapter bank in `lora_sam3d.adapters`; batches are `lora_sam3d.inputs.Batch` records.
+What stays here is Lightning's contract: LoRA is injected once (in `setup`, or when a checkpoint
+is loaded), so fit followed by validate/test/predict in one process never
 wraps twice; the optimizer sees the trainable tensors only; checkpoints keep only those tensors
 plus a description of themselves (fine-tuning mode, LoRA config, the base weights' fingerprint),
 and loading checks every key and the base and fails loudly on a mismatch.
@@ -13,7 +14,6 @@ and loading checks every key and the base and fails loudly on a mismatch.
 from __future__ import annotations
 
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -21,20 +21,17 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lora_sam3d.adapters import STRUCTURE_ADAPTER, AdapterBank, model_settings
+from lora_sam3d.adapters import AdapterBank
 from lora_sam3d.checkpoint_io import DESIGN, check_checkpoint, upgrade_state_dict
-from lora_sam3d.lora import LoRAConfig, freeze_base_params, has_lora, read_adapter_config, state_dict_fit
-from lora_sam3d.losses import DIAGNOSTICS, frame_diagnostics, reconstruction_losses
+from lora_sam3d.inputs import Batch
+from lora_sam3d.lora import LoRAConfig, freeze_base_params, has_lora, state_dict_fit
+from lora_sam3d.losses import DIAGNOSTICS, LossWeights, frame_diagnostics, reconstruction_losses
 from lora_sam3d.metrics import MeshMetrics, WeightedMeans
-from lora_sam3d.models.reconstructor import (
-    STRUCTURE_LORA_TARGETS,
-    TINY_DECODER,
-    Reconstruction,
-    Reconstructor,
-)
+from lora_sam3d.models.adapter_files import read_adapter_settings
+from lora_sam3d.models.reconstructor import STRUCTURE_LORA_TARGETS, Reconstruction, Reconstructor
 from lora_sam3d.predictions import Prediction, prediction_records, score_batch, warn_empty
 
-__all__ = ["TINY_DECODER", "LoRAMeshDecoderModule", "Prediction", "Reconstruction", "reconstruction_losses"]
+__all__ = ["LoRAMeshDecoderModule"]
 
 
 def default_optimizer(params: Any) -> torch.optim.Optimizer:
@@ -45,15 +42,26 @@ def check_choices(
     classes: list[str], finetune: str, structure_finetune: str, on_nonfinite: str, adapter: Any, adapters: Any
 ) -> None:
     """One-line errors for module arguments outside their choices (the CLI checks them too; Python does not)."""
-    for name, value, allowed in (("finetune", finetune, ("lora", "full")),
-                                 ("structure_finetune", structure_finetune, ("lora", "full")),
-                                 ("on_nonfinite", on_nonfinite, ("raise", "skip"))):  # fmt: skip
+    for name, value, allowed in (
+        ("finetune", finetune, ("lora", "full")),
+        ("structure_finetune", structure_finetune, ("lora", "full")),
+        ("on_nonfinite", on_nonfinite, ("raise", "skip")),
+    ):
         if value not in allowed:
             raise ValueError(f"model.{name} must be one of {list(allowed)}, got {value!r}")
     if not classes:
         raise ValueError("model.classes is empty: name the structures (the command links data.classes)")
     if adapter and adapters:
         raise ValueError("give model.adapter (one adapter) or model.adapters (one per structure), not both")
+
+
+def check_stage_one_adaptable(model: Reconstructor, finetune: str, structure_finetune: str) -> None:
+    """LoRA on stage 1 needs stage-1 weights in the base (Meta's decoder file has none)."""
+    if structure_finetune == finetune == "lora" and model.uses_structure and not model.structure_in_base:
+        raise ValueError(
+            f"base_checkpoint {model.base} has no stage-1 (sparse structure) weights, so LoRA has "
+            "nothing to adapt there: set model.structure_finetune: full to train stage 1 from scratch"
+        )
 
 
 def check_data_agrees(data: Any, resolution: int, classes: list[str]) -> None:
@@ -78,19 +86,18 @@ def lora_settings(
     stage 1's fine-tuning mode replace the configured ones."""
     decoder = LoRAConfig.from_dict(lora) if isinstance(lora, dict) else lora or LoRAConfig()
     stage1 = (
-        LoRAConfig.from_dict(structure_lora) if isinstance(structure_lora, dict)
+        LoRAConfig.from_dict(structure_lora)
+        if isinstance(structure_lora, dict)
         else structure_lora or LoRAConfig(2, 4.0, target_modules=STRUCTURE_LORA_TARGETS)
-    )  # fmt: skip
+    )
     if not adapter:
         return decoder, stage1, {}
-    meta = read_adapter_config(adapter)
-    decoder = LoRAConfig.from_dict(meta["lora_sam3d"]["config"])
-    adopted: dict[str, Any] = {"unfreeze": list(meta.get("modules_to_save") or [])}
-    if (Path(adapter) / STRUCTURE_ADAPTER).is_dir():
-        stage1 = LoRAConfig.from_dict(
-            read_adapter_config(Path(adapter) / STRUCTURE_ADAPTER)["lora_sam3d"]["config"]
-        )
-    elif (Path(adapter) / f"{STRUCTURE_ADAPTER}.safetensors").is_file():
+    stored = read_adapter_settings(adapter)
+    decoder = LoRAConfig.from_dict(stored.lora or {})
+    adopted: dict[str, Any] = {"unfreeze": stored.unfreeze}
+    if stored.structure_lora is not None:
+        stage1 = LoRAConfig.from_dict(stored.structure_lora)
+    elif stored.structure_full:
         adopted["structure_finetune"] = "full"
     return decoder, stage1, adopted
 
@@ -162,26 +169,28 @@ class LoRAMeshDecoderModule(L.LightningModule):
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "lora", "structure_lora"])
         first = adapter or next(iter((adapters or {}).values()), None)
         self.lora_config, self.structure_lora_config, adopted = lora_settings(lora, structure_lora, first)
-        self.hparams.update(adopted)  # an adapter folder's own settings replace the configured ones
-        self.hparams["lora"] = asdict(self.lora_config)
-        self.hparams["structure_lora"] = asdict(self.structure_lora_config)
+        # an adapter folder's own settings replace the configured ones
+        self.hparams.update(
+            adopted, lora=asdict(self.lora_config), structure_lora=asdict(self.structure_lora_config)
+        )
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.loss_weights = LossWeights.from_hparams(self.hparams)
         self.model = Reconstructor(
-            decoder, structure, base_checkpoint, base_seed, latent_encoder, latents_dir,
-            active_margin, train_active, max_active_voxels,
-        )  # fmt: skip
-        stage1_lora = self.hparams.structure_finetune == finetune == "lora"
-        if stage1_lora and self.model.uses_structure and not self.model.structure_in_base:
-            raise ValueError(
-                f"base_checkpoint {base_checkpoint} has no stage-1 (sparse structure) weights, so LoRA has "
-                "nothing to adapt there: set model.structure_finetune: full to train stage 1 from scratch"
-            )
+            decoder=decoder,
+            structure=structure,
+            base=base_checkpoint,
+            seed=base_seed,
+            latent_encoder=latent_encoder,
+            latents_dir=latents_dir,
+            active_margin=active_margin,
+            train_active=train_active,
+            max_active_voxels=max_active_voxels,
+        )
+        check_stage_one_adaptable(self.model, finetune, self.hparams.structure_finetune)
         self.classes = list(classes)
         self.strict_loading = False  # partial checkpoints: on_load_checkpoint checks every key itself
-        self.val_metrics = MeshMetrics(self.classes, nsd_tolerance_mm)
-        self.test_metrics = MeshMetrics(self.classes, nsd_tolerance_mm)
-        self.val_diagnostics = WeightedMeans(DIAGNOSTICS)
-        self.test_diagnostics = WeightedMeans(DIAGNOSTICS)
+        self.val_metrics, self.test_metrics = (MeshMetrics(self.classes, nsd_tolerance_mm) for _ in "vt")
+        self.val_diagnostics, self.test_diagnostics = (WeightedMeans(DIAGNOSTICS) for _ in "vt")
         self.data_contract: dict[str, Any] | None = None  # see TSDataModule.contract; set by fit, stored
         self.bank: AdapterBank | None = None  # model.adapters, read once
         self.skipped_steps = 0
@@ -240,7 +249,7 @@ class LoRAMeshDecoderModule(L.LightningModule):
                 "model.adapters routes prediction to one adapter per structure; train one adapter per run"
             )
         if stage == "fit" and hasattr(datamodule, "contract"):
-            self.data_contract = datamodule.contract()  # what predicting on a new scan will need
+            self.data_contract = datamodule.contract().to_dict()  # what predicting on a new scan will need
 
     def trainable_names(self) -> list[str]:
         return [n for n, p in self.named_parameters() if p.requires_grad]
@@ -255,19 +264,21 @@ class LoRAMeshDecoderModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}
 
     # -- steps ------------------------------------------------------------------------------------
-    def forward(self, batch: dict[str, Any]) -> Reconstruction:
+    def forward(self, batch: Batch) -> Reconstruction:
         """The model on a batch; with ``model.adapters``, each sample with its class's adapter."""
-        return self.bank(batch) if self.bank is not None else self.model(batch)
+        if self.bank is not None:
+            return self.bank(batch)
+        return self.model(batch.evidence, batch.targets.coarse_occupancy)
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
-        terms = reconstruction_losses(self(batch), batch, self.hparams, 4 * self.resolution)
-        n = len(batch["case_id"])
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor | None:
+        terms = reconstruction_losses(self(batch), batch.targets, self.loss_weights, 4 * self.resolution)
+        n = len(batch)
         finite = bool(torch.isfinite(terms["loss"]))
         if self._trainer is not None:  # every process must take the same branch under DDP
             finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
         if not finite:
             values = {k: float(v.detach()) for k, v in terms.items()}
-            where = f"at step {self.global_step} (cases {sorted(set(batch['case_id']))})"
+            where = f"at step {self.global_step} (cases {sorted(set(batch.info.case_id))})"
             self._nonfinite(f"non-finite training loss {where}: {values}")
             return None  # Lightning then skips backward and the optimizer step
         self.log_dict({f"train/{k}": v for k, v in terms.items()}, prog_bar=False, batch_size=n)
@@ -290,18 +301,21 @@ class LoRAMeshDecoderModule(L.LightningModule):
         rank_zero_warn(f"{message}; step skipped ({self.skipped_steps} so far)")
         self.log("train/skipped_steps", float(self.skipped_steps), reduce_fx="max")
 
-    def _evaluate(self, batch: dict[str, Any], stage: str) -> None:
+    def _evaluate(self, batch: Batch, stage: str) -> None:
         rec = self(batch)
-        diagnostics = frame_diagnostics(rec, batch, self.hparams, 4 * self.resolution)
-        getattr(self, f"{stage}_diagnostics").update(diagnostics, len(batch["case_id"]))
+        diagnostics = frame_diagnostics(rec, batch.targets, self.loss_weights, 4 * self.resolution)
+        getattr(self, f"{stage}_diagnostics").update(diagnostics, len(batch))
         warn_empty(rec, batch)
         scored = score_batch(rec, batch, self.hparams.nsd_tolerance_mm)
-        getattr(self, f"{stage}_metrics").update([s.metrics for s in scored if s], batch["class_index"].cpu())
+        classes = batch.info.class_index
+        if classes is None:
+            raise ValueError("validation and test batches need class indices (a split's samples)")
+        getattr(self, f"{stage}_metrics").update([s.metrics for s in scored if s], classes.cpu())
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self._evaluate(batch, "val")
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
         self._evaluate(batch, "test")
 
     def _log_metrics(self, stage: str) -> None:
@@ -320,7 +334,7 @@ class LoRAMeshDecoderModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_metrics("test")
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[Prediction]:
+    def predict_step(self, batch: Batch, batch_idx: int) -> list[Prediction]:
         """Per sample: the mesh in world RAS mm, the SDF grid, the frame, and metrics when ground truth exists."""
         return prediction_records(self(batch), batch, self.hparams.nsd_tolerance_mm)
 
@@ -346,7 +360,7 @@ class LoRAMeshDecoderModule(L.LightningModule):
 
 def checkpoint_section(module: LoRAMeshDecoderModule, trainable: list[str]) -> dict[str, Any]:
     """What a checkpoint says of itself beside its tensors (checked by `check_checkpoint` on load)."""
-    stored = model_settings(module.model)
+    stored = module.model.settings()
     return {
         "design": DESIGN,
         "finetune": module.hparams.finetune,

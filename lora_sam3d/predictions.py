@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
+from lora_sam3d.geometry import Mesh, mask_surface, sdf_on_grid
+from lora_sam3d.inputs import Batch
 from lora_sam3d.metrics import sample_metrics
-from lora_sam3d.models.mesh import Mesh, mask_surface, sdf_on_grid
 from lora_sam3d.models.reconstructor import Reconstruction, Reconstructor
+
+__all__ = ["Prediction", "Scored", "prediction_records", "score_batch", "warn_empty"]
 
 
 @dataclass
@@ -72,36 +74,34 @@ class Scored:
     metrics: dict[str, float]
 
 
-def warn_empty(rec: Reconstruction, batch: dict[str, Any]) -> None:
+def warn_empty(rec: Reconstruction, batch: Batch) -> None:
     """A warning per sample for which stage 1 found no surface: its prediction is empty (a failure
     where it is scored)."""
+    info = batch.info
     for i, count in enumerate(rec.active_counts()):
         if count == 0:
-            where = batch["slice_name"][i] if "slice_name" in batch else (
-                f"axis {int(batch['axis'][i])}, slice {int(batch['index'][i])}"
-            )  # fmt: skip
             warnings.warn(
-                f"stage 1 found no surface for {batch['case_id'][i]}/{batch['class_name'][i]} ({where}): "
+                f"stage 1 found no surface for {info.case_id[i]}/{info.class_name[i]} ({info.slice_name[i]}): "
                 "the prediction is empty (scored as a failure where there is ground truth)",
                 stacklevel=2,
             )
 
 
 def score_batch(
-    rec: Reconstruction, batch: dict[str, Any], tolerance_mm: float, meshes: list[Mesh] | None = None
+    rec: Reconstruction, batch: Batch, tolerance_mm: float, meshes: list[Mesh] | None = None
 ) -> list[Scored | None]:
     """Per sample with ``native`` ground truth: the predicted mesh, the true mesh and the metrics on
     the scan's own grid at its own spacing (NSD at ``tolerance_mm``); None for a sample without."""
-    meshes = meshes if meshes is not None else Reconstructor.meshes(rec, batch["frame_to_world"])
+    frame_to_world = batch.evidence.frame_to_world
+    meshes = meshes if meshes is not None else Reconstructor.meshes(rec, frame_to_world)
+    natives = batch.targets.native or [None] * len(meshes)
     out: list[Scored | None] = []
-    for i, (mesh, native) in enumerate(zip(meshes, batch["native"], strict=True)):
+    for i, (mesh, native) in enumerate(zip(meshes, natives, strict=True)):
         if native is None:
             out.append(None)
             continue
-        pred = sdf_on_grid(
-            rec.sdf[i].detach().float().cpu().numpy(), batch["frame_to_world"][i].cpu().numpy(),
-            native["affine"], native["gt"].shape,
-        )  # fmt: skip
+        sdf, to_world = rec.sdf[i].detach().float().cpu().numpy(), frame_to_world[i].cpu().numpy()
+        pred = sdf_on_grid(sdf, to_world, native["affine"], native["gt"].shape)
         truth = mask_surface(native["gt"], native["affine"])
         values = sample_metrics(
             pred, native["gt"], native["spacing_mm"], tolerance_mm, mesh.vertices, truth.vertices
@@ -110,36 +110,37 @@ def score_batch(
     return out
 
 
-def prediction_records(rec: Reconstruction, batch: dict[str, Any], tolerance_mm: float) -> list[Prediction]:
+def prediction_records(rec: Reconstruction, batch: Batch, tolerance_mm: float) -> list[Prediction]:
     """The `Prediction` of each sample, scored when it carries ground truth (``native``): a split's
     label, or the 3D mask a request gave (``scored_against``)."""
     warn_empty(rec, batch)
-    meshes = Reconstructor.meshes(rec, batch["frame_to_world"])
-    scored = score_batch(rec, batch, tolerance_mm, meshes) if "native" in batch else [None] * len(meshes)
+    ev, targets, info = batch.evidence, batch.targets, batch.info
+    meshes = Reconstructor.meshes(rec, ev.frame_to_world)
+    scored = score_batch(rec, batch, tolerance_mm, meshes)
     out = []
     for i, (mesh, score) in enumerate(zip(meshes, scored, strict=True)):
         record = Prediction(
-            case_id=batch["case_id"][i],
-            class_name=batch["class_name"][i],
-            axis=int(batch["axis"][i]),
-            index=int(batch["index"][i]),
-            source_image=batch["source_image"][i] if "source_image" in batch else None,
-            frame_to_world=batch["frame_to_world"][i].cpu().numpy(),
+            case_id=info.case_id[i],
+            class_name=info.class_name[i],
+            axis=int(ev.axis[i, 0]),
+            index=int(ev.index[i, 0]),
+            source_image=info.source_image[i],
+            frame_to_world=ev.frame_to_world[i].cpu().numpy(),
             sdf=rec.sdf[i].detach().float().cpu().numpy(),
-            image=batch["image"][i, 0].cpu().numpy(),
-            mask=batch["mask"][i].cpu().numpy(),
+            image=ev.image[i, 0].cpu().numpy(),
+            mask=ev.mask[i, 0].cpu().numpy(),
             mesh=mesh,
-            slice_name=batch["slice_name"][i] if "slice_name" in batch else "",
+            slice_name=info.slice_name[i],
         )
-        if "view_valid" in batch and int(batch["view_valid"][i].sum()) > 1:
-            valid = batch["view_valid"][i].cpu()
-            record.views_image = batch["view_image"][i].cpu()[valid].numpy()
-            record.views_mask = batch["view_mask"][i].cpu()[valid].numpy()
+        valid = ev.valid[i].cpu()
+        if int(valid.sum()) > 1:
+            record.views_image = ev.image[i].cpu()[valid].numpy()
+            record.views_mask = ev.mask[i].cpu()[valid].numpy()
         if score is not None:
             record.gt_mesh, values = score.truth, score.metrics
-            if "gt_sdf" in batch:
-                record.gt_sdf = batch["gt_sdf"][i].cpu().numpy()
+            if targets.sdf is not None:
+                record.gt_sdf = targets.sdf[i].cpu().numpy()
             record.metrics = {**values, "failed": float(any(np.isinf(v) for v in values.values()))}
-            record.scored_against = batch["scored_against"][i] if "scored_against" in batch else "truth"
+            record.scored_against = (targets.scored_against or ["truth"] * len(meshes))[i]
         out.append(record)
     return out

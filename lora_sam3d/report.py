@@ -24,7 +24,9 @@ from typing import Any
 import numpy as np
 
 from lora_sam3d.atomic import atomic_write
-from lora_sam3d.models.mesh import Mesh
+from lora_sam3d.geometry import Mesh
+
+__all__ = ["SCRIPT", "SHOWN", "STYLE", "ReportEntry", "ReportSample", "entry", "slice_png", "write_report"]
 
 SHOWN = ("dice", "hd95_mm", "assd_mm", "nsd", "chamfer_mm")
 
@@ -113,8 +115,9 @@ def entry(s: ReportSample, view: bool = True) -> ReportEntry:
         "truth": _mesh_arrays(s.truth),
         "slice": slice_png(s.image, s.mask),
     }
-    return ReportEntry(s.stem, s.case_id, s.class_name, s.slice_name, s.metrics, s.scored_against,
-                       shown if view else None)  # fmt: skip
+    return ReportEntry(
+        s.stem, s.case_id, s.class_name, s.slice_name, s.metrics, s.scored_against, shown if view else None
+    )
 
 
 def _fmt(value: float | None) -> str:
@@ -219,22 +222,32 @@ def write_report(path: str | Path, samples: list[ReportSample | ReportEntry], ti
 
     entries = [s if isinstance(s, ReportEntry) else entry(s) for s in samples]
     viewed = [e for e in entries if e.view]
-    payload = [{"stem": e.stem, "slice_name": e.slice_name, "metrics_text": _metrics_text(e),
-                "view": _view_json(e.view)} for e in viewed if e.view]  # fmt: skip
+    payload = [
+        {
+            "stem": e.stem,
+            "slice_name": e.slice_name,
+            "metrics_text": _metrics_text(e),
+            "view": _view_json(e.view),
+        }
+        for e in viewed
+        if e.view
+    ]
     data = json.dumps(payload, allow_nan=False).replace("</", "<\\/")  # no early end of the script element
     options = "".join(f'<option value="{html.escape(e.stem)}">{html.escape(e.stem)}</option>' for e in viewed)
     hidden = len(entries) - len(viewed)
-    parts = [f"<h1>{html.escape(title)}</h1>",
-             f'<p class="note">{len(entries)} sample{"s" if len(entries) != 1 else ""}; meshes in world RAS '
-             "millimetres; metrics on the scan's own grid, computed before any smoothing of the written "
-             "meshes.</p>",
-             _per_class(entries),
-             '<div id="viewer"><p>sample <select id="pick">' + options + "</select> "
-             '<span class="note">(or pick one in the table below)</span></p>'
-             '<p class="note" id="metrics"></p><div class="row"><div id="surface"></div>'
-             '<div><p class="note" id="slice-title"></p><img id="slice" alt="input slice"></div></div></div>',
-             f'<p class="note">{hidden} more samples are in the table only.</p>' if hidden else "",
-             _table(entries)]  # fmt: skip
+    parts = [
+        f"<h1>{html.escape(title)}</h1>",
+        f'<p class="note">{len(entries)} sample{"s" if len(entries) != 1 else ""}; meshes in world RAS '
+        "millimetres; metrics on the scan's own grid, computed before any smoothing of the written "
+        "meshes.</p>",
+        _per_class(entries),
+        '<div id="viewer"><p>sample <select id="pick">' + options + "</select> "
+        '<span class="note">(or pick one in the table below)</span></p>'
+        '<p class="note" id="metrics"></p><div class="row"><div id="surface"></div>'
+        '<div><p class="note" id="slice-title"></p><img id="slice" alt="input slice"></div></div></div>',
+        f'<p class="note">{hidden} more samples are in the table only.</p>' if hidden else "",
+        _table(entries),
+    ]
     page = (
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
         f"<style>{STYLE}</style><script type='text/javascript'>{get_plotlyjs()}</script></head>"

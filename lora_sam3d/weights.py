@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+__all__ = ["READ_ERRORS", "load_weights", "require_file", "resolve_checkpoint", "unreadable"]
+
 READ_ERRORS = (RuntimeError, OSError, EOFError, pickle.UnpicklingError)
 """What torch.load raises for truncated, corrupt or code-carrying files (see `unreadable`)."""
 

@@ -15,7 +15,18 @@ import numpy as np
 from scipy import ndimage
 
 from lora_sam3d.atomic import atomic_write
-from lora_sam3d.models.mesh import Mesh, sdf_on_grid
+from lora_sam3d.geometry import Mesh, sdf_on_grid
+
+__all__ = [
+    "CoordinateSystem",
+    "MeshFormat",
+    "mask_on_source_grid",
+    "mesh_bytes",
+    "preview_png",
+    "smooth_taubin",
+    "write_mesh",
+    "write_nifti",
+]
 
 CoordinateSystem = Literal["RAS", "LPS"]
 MeshFormat = Literal["ply", "stl", "obj"]

@@ -269,11 +269,11 @@ def test_export_merges_and_matches_the_lora_model(trained: Path) -> None:
     batch = collate([ds[0], ds[1]])
     with torch.no_grad():
         lora_out = module(batch).sdf
-        merged_out = merged(batch).sdf
+        merged_out = merged(batch).sdf  # the LightningModule reads the whole Batch
     torch.testing.assert_close(merged_out, lora_out, rtol=1e-4, atol=1e-4)
     # ... and computes there what the LoRA model computes, on the band stage 1 picks
     with torch.no_grad():
-        logits, latent = module.model.structure(module.model.encoder(batch))
+        logits, latent = module.model.structure(module.model.encoder(batch.evidence))
         x = active_latent(surface_band(logits > 0, 1), latent)
         ours = module.model.decoder(x)
     ref_feats, ref_coords = reference.run(meta, x.feats, x.coords)
@@ -584,9 +584,9 @@ def test_one_adapter_per_structure_on_one_base(trained: Path) -> None:
         "export", "--adapter", adapters["heart_myocardium"], "--output", str(trained / "export-myo")
     )
     assert exported.returncode == 0, exported.stderr[-3000:]
-    from lora_sam3d.adapters import read_model_file
     from lora_sam3d.data import PredictionDataset, collate
     from lora_sam3d.models import Reconstructor
+    from lora_sam3d.models.adapter_files import read_model_file
 
     folder = adapters["heart_myocardium"]
     merged = Reconstructor(
@@ -596,4 +596,6 @@ def test_one_adapter_per_structure_on_one_base(trained: Path) -> None:
     item = items["heart_myocardium"]
     batch = collate([PredictionDataset.from_settings([item], read_model_file(folder)["data"])[0]])
     with torch.no_grad():
-        torch.testing.assert_close(merged(batch).sdf, adapted(batch).sdf, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            merged(batch.evidence).sdf, adapted(batch.evidence).sdf, rtol=1e-4, atol=1e-5
+        )

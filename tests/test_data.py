@@ -158,7 +158,7 @@ def test_sample_keys_shapes_and_pointmap(phantom_root: Path) -> None:
     )
     assert np.allclose(vox[int(s["axis"])], int(s["index"]), atol=1e-6), "pointmap lies on the slice plane"
     batch = collate([ds[i] for i in range(3)])
-    assert batch["gt_sdf"].shape == (3, 33, 33, 33) and len(batch["case_id"]) == 3
+    assert batch.targets.sdf is not None and batch.targets.sdf.shape == (3, 33, 33, 33) and len(batch) == 3
     assert s["gt_coarse_occupancy"].shape == (8, 8, 8) and s["gt_coarse_occupancy"].any()
     native = s["native"]
     bit = HEART_CLASSES.index(s["class_name"])
@@ -245,12 +245,11 @@ def test_deterministic_with_workers(phantom_root: Path) -> None:
         loader = DataLoader(ds, batch_size=4, num_workers=workers, collate_fn=collate)
         batches.append([b for _, b in zip(range(2), loader, strict=False)])
     for a, b in zip(*batches, strict=True):
-        assert (
-            a["case_id"] == b["case_id"]
-            and torch.equal(a["axis"], b["axis"])
-            and torch.equal(a["index"], b["index"])
+        assert a.info.case_id == b.info.case_id
+        assert torch.equal(a.evidence.axis, b.evidence.axis) and torch.equal(
+            a.evidence.index, b.evidence.index
         )
-        assert torch.equal(a["image"], b["image"]) and torch.equal(a["gt_sdf"], b["gt_sdf"])
+        assert torch.equal(a.evidence.image, b.evidence.image) and torch.equal(a.targets.sdf, b.targets.sdf)
     epoch0 = [(int(ds[i]["axis"]), int(ds[i]["index"])) for i in range(6)]
     epoch1 = [(int(ds[len(ds) + i]["axis"]), int(ds[len(ds) + i]["index"])) for i in range(6)]
     assert epoch0 != epoch1, "random_axis draws vary by epoch"
@@ -530,7 +529,7 @@ def test_datamodule_writes_phantoms_and_splits(tmp_path: Path) -> None:
         and not (ids["val"] & ids["test"])
     )
     batch = next(iter(dm.train_dataloader()))
-    assert batch["image"].shape == (2, 3, 32, 32)
+    assert batch.evidence.image.shape == (2, 1, 32, 32), "one view of 32 x 32 pixels per sample"
     assert set(dm.extent_mm) == set(HEART_CLASSES)
 
 
@@ -552,12 +551,15 @@ def test_predict_items_reproduce_dataset_inputs(tmp_path: Path) -> None:
                       predict_items=items)  # fmt: skip
     dm.setup("predict")
     p = next(iter(dm.predict_dataloader()))
-    assert "gt_sdf" not in p and p["slice_name"] == [f"axial{file_index[2]}", f"sagittal{file_index[0]}"]
+    assert p.targets.sdf is None and p.info.slice_name == [
+        f"axial{file_index[2]}",
+        f"sagittal{file_index[0]}",
+    ]
     for i, axis in enumerate((2, 0)):
         s = samples[axis]
-        assert torch.equal(p["frame_to_world"][i], s["frame_to_world"])
-        torch.testing.assert_close(p["image"][i], s["image"], atol=1e-3, rtol=0)  # cache stores float16
-        assert torch.equal(p["mask"][i], s["mask"])
+        assert torch.equal(p.evidence.frame_to_world[i], s["frame_to_world"])
+        torch.testing.assert_close(p.evidence.image[i, 0], s["image"][0], atol=1e-3, rtol=0)  # cache: float16
+        assert torch.equal(p.evidence.mask[i, 0], s["mask"])
 
 
 # ---------------------------------------------------------------------------------------------

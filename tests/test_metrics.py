@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from lora_sam3d.data import TS_SAM3D_Dataset, write_phantoms
+from lora_sam3d.geometry import mask_surface, sdf_on_grid
 from lora_sam3d.metrics import MeshMetrics, chamfer_mm, overlap, sample_metrics, surface_distances
-from lora_sam3d.models.mesh import mask_surface, sdf_on_grid
 
 
 def test_scores_on_the_scan_grid_do_not_depend_on_resolution(tmp_path: Path) -> None:

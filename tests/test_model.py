@@ -13,18 +13,19 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from conftest import TEST_CLASSES, TEST_DECODER
 
-from lora_sam3d.adapters import AdapterBank, save_model_adapter
+from lora_sam3d.adapters import AdapterBank
 from lora_sam3d.data import TS_SAM3D_Dataset, collate
+from lora_sam3d.inputs import Batch, Targets
 from lora_sam3d.lora import LoRAConfig, lora_layers
-from lora_sam3d.losses import reconstruction_losses
+from lora_sam3d.losses import LossWeights, reconstruction_losses
 from lora_sam3d.models import Reconstruction, Reconstructor
+from lora_sam3d.models.adapter_files import save_model_adapter
 from lora_sam3d.models.structure import surface_band, vertex_fill
 
 DOCS = Path(__file__).parents[1] / "docs" / "api.md"
@@ -64,14 +65,13 @@ def test_reconstruction_losses_by_hand() -> None:
     corners = [-0.2, 0.3, 0.1, -0.05, 0.0, 0.2, -0.3, 0.4]
     truth = [0.05, -0.15, 0.05, 0.05, 0.5, 0.05, 0.05, -0.02]
     rec = Reconstruction(torch.tensor(corners).view(1, 2, 2, 2), coarse_logits=torch.tensor([[[[0.7]]]]))
-    batch = {
-        "gt_sdf": torch.tensor(truth).view(1, 2, 2, 2),
-        "gt_occupancy": torch.ones(1, 1, 1, 1, dtype=torch.bool),
-        "gt_coarse_occupancy": torch.zeros(1, 1, 1, 1, dtype=torch.bool),
-    }
-    h = SimpleNamespace(sdf_truncation=0.1, sdf_weight=1.0, occupancy_weight=2.0, dice_weight=0.5,
-                        structure_weight=3.0)  # fmt: skip
-    got = {k: float(v) for k, v in reconstruction_losses(rec, batch, h, 1).items()}
+    targets = Targets(
+        sdf=torch.tensor(truth).view(1, 2, 2, 2),
+        occupancy=torch.ones(1, 1, 1, 1, dtype=torch.bool),
+        coarse_occupancy=torch.zeros(1, 1, 1, 1, dtype=torch.bool),
+    )
+    w = LossWeights(sdf=1.0, occupancy=2.0, dice=0.5, structure=3.0, sdf_truncation=0.1)
+    got = {k: float(v) for k, v in reconstruction_losses(rec, targets, w, 1).items()}
 
     def clamp(v: float) -> float:
         return min(max(v, -0.1), 0.1)
@@ -88,7 +88,7 @@ def test_reconstruction_losses_by_hand() -> None:
 
 
 @pytest.fixture(scope="module")
-def batch(phantoms: Path) -> dict:
+def batch(phantoms: Path) -> Batch:
     """One validation sample of each test class (left ventricle first)."""
     ds = TS_SAM3D_Dataset(
         phantoms, TEST_CLASSES, split="val", slice_sampling_method="central", resolution=16, spacing=2.0
@@ -97,12 +97,12 @@ def batch(phantoms: Path) -> dict:
     return collate([next(s for s in samples if s["class_name"] == c) for c in TEST_CLASSES])
 
 
-def test_each_train_active_mode_runs_the_decoder_on_its_band(batch: dict) -> None:
+def test_each_train_active_mode_runs_the_decoder_on_its_band(batch: Batch) -> None:
     predicted_model = Reconstructor(TEST_DECODER, base="builtin:shapes").eval()
     with torch.no_grad():
-        logits, _ = predicted_model.structure(predicted_model.encoder(batch))
+        logits, _ = predicted_model.structure(predicted_model.encoder(batch.evidence))
     predicted = surface_band(logits > 0, 1)
-    truth = surface_band(batch["gt_coarse_occupancy"].bool(), 1)
+    truth = surface_band(batch.targets.coarse_occupancy.bool(), 1)
     assert not torch.equal(predicted, truth), "the test needs stage 1 to differ from the truth"
     expected = {"predicted": predicted, "truth": truth, "union": predicted | truth}
     for mode, band in expected.items():
@@ -112,12 +112,12 @@ def test_each_train_active_mode_runs_the_decoder_on_its_band(batch: dict) -> Non
             lambda _m, args, _o, seen=seen: seen.append(args[0].feats.shape[0])
         )
         with torch.no_grad():
-            rec = model.train()(batch)
+            rec = model.train()(batch.evidence, batch.targets.coarse_occupancy)
             assert rec.active is not None and torch.equal(rec.active, band), mode
             assert seen == [int(band.sum())], f"{mode}: the decoder ran on the band's cells only"
-            assert torch.equal(model.eval()(batch).active, predicted), (
-                f"{mode}: inference uses stage 1's band"
-            )
+            assert torch.equal(
+                model.eval()(batch.evidence, batch.targets.coarse_occupancy).active, predicted
+            ), f"{mode}: inference uses stage 1's band"
 
 
 def random_adapter(folder: Path, seed: int, extent_mm: dict[str, float]) -> Path:
@@ -135,7 +135,7 @@ def random_adapter(folder: Path, seed: int, extent_mm: dict[str, float]) -> Path
     return save_model_adapter(model, folder, list(extent_mm), data=data)
 
 
-def test_adapter_bank_routes_by_exact_name_then_one_pattern(batch: dict, tmp_path: Path) -> None:
+def test_adapter_bank_routes_by_exact_name_then_one_pattern(batch: Batch, tmp_path: Path) -> None:
     lv, heart = TEST_CLASSES[0], TEST_CLASSES[1]
     a = random_adapter(tmp_path / "a", 1, {lv: 60.0})
     b = random_adapter(tmp_path / "b", 2, {lv: 90.0, heart: 95.0})
@@ -151,8 +151,8 @@ def test_adapter_bank_routes_by_exact_name_then_one_pattern(batch: dict, tmp_pat
     )
     with torch.no_grad():
         routed = bank(batch)
-        alone = {folder: Reconstructor.from_adapter(folder)(batch) for folder in (a, b)}
-    for i, cls in enumerate(batch["class_name"]):
+        alone = {folder: Reconstructor.from_adapter(folder)(batch.evidence) for folder in (a, b)}
+    for i, cls in enumerate(batch.info.class_name):
         own, other = (a, b) if cls == lv else (b, a)
         torch.testing.assert_close(routed.sdf[i], alone[own].sdf[i])
         assert not torch.allclose(routed.sdf[i], alone[other].sdf[i], atol=1e-3), "the two adapters differ"
@@ -165,36 +165,51 @@ def test_adapter_bank_routes_by_exact_name_then_one_pattern(batch: dict, tmp_pat
         bank.key_for("spleen")
 
 
+def run_example(code: str, lora_run: Path, phantoms: Path, tmp_path: Path) -> str:
+    """Run a documented example in a process where ``import lightning`` fails, from a folder laid out
+    as after the demo (its checkpoints and data); returns stdout, ending with the mesh's centre."""
+    (tmp_path / "outputs" / "demo").mkdir(parents=True)
+    (tmp_path / "outputs" / "demo" / "checkpoints").symlink_to(lora_run / "checkpoints")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "heart").symlink_to(phantoms)
+    script = "import sys\nsys.modules['lightning'] = None\nsys.modules['lightning.pytorch'] = None\n"
+    script += code + "\nnp = __import__('numpy')\nprint('centre', *np.round(mesh.vertices.mean(0), 2))\n"
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_the_readme_example_runs_as_written(lora_run: Path, phantoms: Path, tmp_path: Path) -> None:
+    text = (DOCS.parents[1] / "README.md").read_text()
+    code = re.search(r"## Python API\n.*?```python\n(.*?)```", text, re.S)
+    assert code is not None, "the README lost its Python example"
+    out = run_example(code.group(1), lora_run, phantoms, tmp_path)
+    assert "centre" in out and len(out.split("centre")[1].split()) == 3
+
+
 def test_the_api_example_runs_without_lightning(lora_run: Path, phantoms: Path, tmp_path: Path) -> None:
     """docs/api.md's example, as written but for the data folder's slice index, in a process where
     ``import lightning`` fails; its mesh's centre lies within the left ventricle's box in the scan."""
     text = DOCS.read_text()
     code = re.search(r"<!-- example: reconstructor -->\n```python\n(.*?)```", text, re.S)
     assert code is not None, "docs/api.md lost its example block"
-    (tmp_path / "outputs" / "demo").mkdir(parents=True)
-    (tmp_path / "outputs" / "demo" / "checkpoints").symlink_to(lora_run / "checkpoints")
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "heart").symlink_to(phantoms)
-    script = "import sys\nsys.modules['lightning'] = None\nsys.modules['lightning.pytorch'] = None\n"
-    script += code.group(1).replace("index=20", "index=16")  # the docs name the demo's 64-slice scans
-    script += "\nnp = __import__('numpy')\nprint('centre', *np.round(mesh.vertices.mean(0), 2))\n"
-    done = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert re.search(r"^\d+ vertices, \d+ active cells$", done.stdout, re.M), done.stdout
+    # the docs name the demo's 64-slice scans
+    stdout = run_example(code.group(1).replace("index=20", "index=16"), lora_run, phantoms, tmp_path)
+    assert re.search(r"^\d+ vertices, \d+ active cells, axial16$", stdout, re.M), stdout
     import nibabel as nib
 
     lv = nib.load(phantoms / "s0001" / "segmentations" / f"{TEST_CLASSES[0]}.nii.gz")
     voxels = np.argwhere(np.asarray(lv.dataobj) > 0)
     world = nib.affines.apply_affine(lv.affine, voxels)
-    centre = np.array([float(v) for v in done.stdout.split("centre")[1].split()])
+    centre = np.array([float(v) for v in stdout.split("centre")[1].split()])
     low, high = world.min(0), world.max(0)  # the LV's box in world mm (a one-slice guess of its depth)
     assert np.all(centre > low) and np.all(centre < high), (centre, low, high)
 
 
 def test_checkpoints_of_the_module_holding_both_stages_itself_load(
-    lora_run: Path, batch: dict, tmp_path: Path
+    lora_run: Path, batch: Batch, tmp_path: Path
 ) -> None:
     """Checkpoints written before the model moved under ``model.`` (keys ``decoder.*``/``structure.*``)
     load and give the same reconstruction as today's."""

@@ -12,10 +12,12 @@ import torch
 
 from lora_sam3d.callbacks import save_adapter_of
 from lora_sam3d.data import TSDataModule, collate
+from lora_sam3d.inputs import Batch
 from lora_sam3d.latent import SliceUnprojection
 from lora_sam3d.lora import lora_layers
+from lora_sam3d.models import Reconstruction
 from lora_sam3d.models.structure import active_latent, surface_band
-from lora_sam3d.module import LoRAMeshDecoderModule, Reconstruction
+from lora_sam3d.module import LoRAMeshDecoderModule
 
 DECODER = dict(resolution=8, model_channels=64, num_blocks=2, num_heads=4, num_groups=8)
 TRAINS = dict(decoder=DECODER, unfreeze=["out_layer"])  # LoRA gets gradients from the first step on
@@ -75,11 +77,11 @@ def test_adapter_folder_reproduces_the_model(datamodule: TSDataModule, tmp_path:
 
 def test_slice_unprojection_features(datamodule: TSDataModule) -> None:
     batch = collate([datamodule.datasets["val"][i] for i in range(3)])
-    dense = SliceUnprojection(8)(batch)
+    dense = SliceUnprojection(8)(batch.evidence)
     assert dense.shape == (3, 8, 8, 8, 8)
     centres = (torch.arange(8).float() + 0.5) / 8 - 0.5
     for b in range(3):
-        axis = int(batch["axis"][b])
+        axis = int(batch.evidence.axis[b, 0])
         u = dense[b, 4:7]
         assert torch.allclose(u[0], centres[:, None, None].expand(8, 8, 8))
         assert torch.allclose(dense[b, 3], u[axis]), "signed distance to the slice plane"
@@ -122,7 +124,7 @@ def test_active_cap_and_empty_stage_one(datamodule: TSDataModule, tmp_path: Path
     class Blind(LoRAMeshDecoderModule):
         """The real module whose stage 1 sees nothing (all logits negative), as on a hopeless slice."""
 
-        def forward(self, batch: dict) -> Reconstruction:
+        def forward(self, batch: Batch) -> Reconstruction:
             with torch.no_grad():
                 self.structure.head.bias.fill_(-1e4)
             return super().forward(batch)
@@ -166,7 +168,7 @@ class PoisonedModule(LoRAMeshDecoderModule):
 
     poison_steps: tuple[int, ...] = (1,)
 
-    def forward(self, batch: dict) -> Reconstruction:
+    def forward(self, batch: Batch) -> Reconstruction:
         rec = super().forward(batch)
         if self.training and self.global_step in self.poison_steps:
             rec.sdf = rec.sdf * float("nan")
@@ -265,7 +267,7 @@ def test_callbacks_pick_finite_scores_and_merge_at_the_end(datamodule: TSDataMod
     batch = collate([datamodule.datasets["val"][i] for i in range(2)])
     module.eval()
     with torch.no_grad():
-        latent = module.encoder(batch)
+        latent = module.encoder(batch.evidence)
         logits, features = module.structure(latent)
         x = active_latent(surface_band(logits > 0, 1), features)
         torch.testing.assert_close(decoder(x).feats, module.decoder(x).feats, rtol=1e-4, atol=1e-5)
@@ -336,8 +338,6 @@ def test_precomputed_latents_replace_stage_one(datamodule: TSDataModule, tmp_pat
     validation scores it end to end, and a training step reaches the decoder's adapters only."""
     from safetensors.torch import save_file
 
-    from lora_sam3d.latent import PrecomputedLatents
-
     folder = tmp_path / "latents"
     folder.mkdir()
     val = datamodule.datasets["val"]
@@ -346,7 +346,7 @@ def test_precomputed_latents_replace_stage_one(datamodule: TSDataModule, tmp_pat
     for i in range(len(val)):
         s = val[i]
         band = torch.nonzero(surface_band(s["gt_coarse_occupancy"][None].bool(), 1)[0]).int().contiguous()
-        sid = PrecomputedLatents.sample_id(s["case_id"], s["class_name"], int(s["axis"]), int(s["index"]))
+        sid = collate([s]).evidence.sample_ids[0]
         save_file(
             {"coords": band, "feats": torch.randn(len(band), 8, generator=gen)},
             str(folder / f"{sid}.safetensors"),
@@ -362,7 +362,7 @@ def test_precomputed_latents_replace_stage_one(datamodule: TSDataModule, tmp_pat
     assert rec.coarse_logits is None and rec.active is None and seen == [cells]
     from lora_sam3d.losses import reconstruction_losses
 
-    reconstruction_losses(rec, batch, module.hparams, 32)["loss"].backward()
+    reconstruction_losses(rec, batch.targets, module.loss_weights, 32)["loss"].backward()
     grads = {n for n, p in module.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert grads and all(n.startswith("model.decoder.") for n in grads), "stage 1 is not used"
     out = trainer(tmp_path).validate(module, datamodule=datamodule)[0]

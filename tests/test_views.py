@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -14,7 +15,7 @@ import torch
 from conftest import TEST_CLASSES, TEST_DECODER
 
 from lora_sam3d.data import DataError, DataSettings, TS_SAM3D_Dataset, collate
-from lora_sam3d.data.views import VIEW_KEYS, single_view
+from lora_sam3d.inputs import Evidence
 from lora_sam3d.latent import SliceUnprojection
 from lora_sam3d.models import Reconstructor
 
@@ -87,32 +88,37 @@ def test_view_order_does_not_matter(phantoms: Path) -> None:
     """Permuting the views of a sample changes neither the evidence nor the reconstruction (1e-5)."""
     ds = views_dataset(phantoms, views=3)
     batch = collate([ds[i] for i in range(2)])
-    assert bool(batch["view_valid"].all()), "the test needs three views in each sample"
+    views = batch.evidence
+    assert bool(views.valid.all()), "the test needs three views in each sample"
     model = Reconstructor(TEST_DECODER, base="builtin:shapes").eval()
     with torch.no_grad():
-        expected = model(batch).sdf
-        evidence = SliceUnprojection(16)(batch)
+        expected = model(views).sdf
+        evidence = SliceUnprojection(16)(views)
         for order in itertools.permutations(range(3)):
-            permuted = {**batch, **{k: batch[k][:, list(order)] for k in VIEW_KEYS}}
+            permuted = views.permute_views(list(order))
             torch.testing.assert_close(SliceUnprojection(16)(permuted), evidence, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(model(permuted).sdf, expected, rtol=1e-5, atol=1e-5)
-        one = {**batch, **single_view(batch)}
+        one = first_view_only(views)
         assert not torch.allclose(SliceUnprojection(16)(one), evidence), "the other views add evidence"
+
+
+def first_view_only(views: Evidence) -> Evidence:
+    """The evidence of each sample's first view alone, as one view (K = 1)."""
+    return views.permute_views([0])
 
 
 def test_one_view_is_exactly_the_single_slice_input(phantoms: Path) -> None:
     """``views: 1`` emits no view rows and a sample's single slice is read as one view: with the
     first view alone, the evidence equals the single-slice evidence bit for bit."""
     one = views_dataset(phantoms)
-    assert not any(k in one[0] for k in VIEW_KEYS)
+    assert not any(k.startswith("view_") for k in one[0])
     three = views_dataset(phantoms, views=3)
-    batch = collate([three[i] for i in range(2)])
-    first_only = {**batch, "view_valid": torch.tensor([[True, False, False]] * 2)}
-    assert torch.equal(
-        SliceUnprojection(16)(first_only), SliceUnprojection(16)({**batch, **single_view(batch)})
-    )
-    plain = collate([one[i] for i in range(2)])
-    assert torch.equal(SliceUnprojection(16)(plain), SliceUnprojection(16)({**batch, **single_view(batch)}))
+    views = collate([three[i] for i in range(2)]).evidence
+    first_only = replace(views, valid=torch.tensor([[True, False, False]] * 2))
+    assert torch.equal(SliceUnprojection(16)(first_only), SliceUnprojection(16)(first_view_only(views)))
+    plain = collate([one[i] for i in range(2)]).evidence
+    assert plain.valid.shape == (2, 1)
+    assert torch.equal(SliceUnprojection(16)(plain), SliceUnprojection(16)(first_view_only(views)))
 
 
 def test_training_draws_one_to_views_and_evaluation_uses_views(phantoms: Path) -> None:

@@ -7,12 +7,13 @@ import Lightning only when first asked for, so the model runs from Python withou
 from typing import Any
 
 from lora_sam3d.data.cases import Case, discover_cases
-from lora_sam3d.data.dataset import TS_SAM3D_Dataset, assign_splits, collate, slice_inputs
+from lora_sam3d.data.dataset import TS_SAM3D_Dataset, assign_splits, slice_inputs
 from lora_sam3d.data.frame import Frame, make_frame
 from lora_sam3d.data.phantoms import HEART_CLASSES, SHAPE_CLASSES, phantom_label_values, write_phantoms
 from lora_sam3d.data.requests import PredictionDataset, PredictItem
 from lora_sam3d.data.settings import DataSettings
 from lora_sam3d.data.volume import DataError, Preprocessing, Volume, load_volume
+from lora_sam3d.inputs import collate
 
 __all__ = [
     "HEART_CLASSES",

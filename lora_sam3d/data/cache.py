@@ -46,11 +46,39 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
 
 from lora_sam3d.atomic import atomic_dir, atomic_write
 from lora_sam3d.data.cases import Case
 from lora_sam3d.data.volume import Box, DataError, Preprocessing, class_mask, load_image, load_labels
+from lora_sam3d.geometry import signed_distance_mm
+
+__all__ = [
+    "CACHE_VERSION",
+    "IMAGES",
+    "IN_USE_S",
+    "IN_USE_STAMP_S",
+    "STALE_BUILD_S",
+    "CacheEntry",
+    "CachedCase",
+    "CroppedArray",
+    "FileHashes",
+    "build_case",
+    "build_cases",
+    "build_image",
+    "build_images",
+    "cache_entries",
+    "case_key",
+    "check_failed",
+    "entry_path",
+    "file_sha256",
+    "find_image",
+    "image_key",
+    "image_reach",
+    "is_built",
+    "nonzero_box",
+    "remove_entry",
+    "source_digests",
+]
 
 CACHE_VERSION = 4
 IMAGES = "images"
@@ -113,13 +141,17 @@ def case_key(
     case: Case, classes: list[str], prep: Preprocessing, sdf_truncation_mm: float, sources: Mapping[str, str]
 ) -> str:
     """The key of a case's labels entry for one class list (``sources``: `source_digests`)."""
-    return _key({
-        "version": CACHE_VERSION,
-        "preprocessing": asdict(prep),
-        "classes": [[bit, classes[bit], case.class_masks[bit][1]] for bit in sorted(case.class_masks)],
-        "sdf_truncation_mm": sdf_truncation_mm,
-        "files": {p.relative_to(case.image.parent).as_posix(): sources[str(p.resolve())] for p in case.files},
-    })  # fmt: skip
+    return _key(
+        {
+            "version": CACHE_VERSION,
+            "preprocessing": asdict(prep),
+            "classes": [[bit, classes[bit], case.class_masks[bit][1]] for bit in sorted(case.class_masks)],
+            "sdf_truncation_mm": sdf_truncation_mm,
+            "files": {
+                p.relative_to(case.image.parent).as_posix(): sources[str(p.resolve())] for p in case.files
+            },
+        }
+    )
 
 
 def image_key(case: Case, prep: Preprocessing, sources: Mapping[str, str]) -> str:
@@ -180,17 +212,6 @@ class CroppedArray:
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         full = self[(slice(None),) * self.ndim]
         return full if dtype is None else full.astype(dtype)
-
-
-def signed_distance_mm(mask: np.ndarray, spacing_mm: float) -> np.ndarray:
-    """Signed distance to the mask's boundary in mm (negative inside), exact Euclidean (scipy EDT).
-
-    The boundary sits half a voxel outside the outermost mask voxel centres: a voxel next to the
-    structure reads +spacing/2, the structure's border voxels -spacing/2.
-    """
-    outside = ndimage.distance_transform_edt(~mask, sampling=spacing_mm)
-    inside = ndimage.distance_transform_edt(mask, sampling=spacing_mm)
-    return np.where(mask, -(inside - 0.5 * spacing_mm), outside - 0.5 * spacing_mm)
 
 
 def _class_sdf(mask: np.ndarray, spacing_mm: float, truncation_mm: float) -> tuple[np.ndarray, list[int]]:
@@ -258,34 +279,10 @@ def build_case(
     def write(tmp: Path) -> None:
         lo, hi = nonzero_box(volume.labels)
         np.save(tmp / "labels.npy", _crop(volume.labels, lo, hi))
-        per_class: dict[str, Any] = {}
-        for bit in sorted(case.class_masks):
-            mask = class_mask(volume.labels, bit)
-            voxels = int(mask.sum())
-            native = class_mask(volume.native_labels, bit)
-            info: dict[str, Any] = {
-                "name": classes[bit],
-                "voxels": voxels,
-                "native_voxels": int(native.sum()),
-            }
-            if native.any():
-                lo_n, hi_n = nonzero_box(native)
-                np.save(tmp / f"native_{bit}.npy", _crop(native, lo_n, hi_n).astype(np.uint8))
-                info["native_origin"] = lo_n
-            if voxels:
-                box_lo, box_hi = nonzero_box(mask)
-                sdf, origin = _class_sdf(mask, prep.spacing_mm, sdf_truncation_mm)
-                np.save(tmp / f"sdf_{bit}.npy", sdf)
-                info |= {
-                    "bbox_min": box_lo,
-                    "bbox_max": [h - 1 for h in box_hi],
-                    "extent_mm": float((np.array(box_hi) - np.array(box_lo)).max() * prep.spacing_mm),
-                    "slice_areas": [
-                        mask.sum(axis=tuple(a for a in range(3) if a != ax)).tolist() for ax in range(3)
-                    ],
-                    "sdf_origin": origin,
-                }
-            per_class[str(bit)] = info
+        per_class = {
+            str(bit): _write_class(tmp, volume, bit, classes[bit], prep.spacing_mm, sdf_truncation_mm)
+            for bit in sorted(case.class_masks)
+        }
         meta = {
             "version": CACHE_VERSION,
             "key": key,
@@ -307,6 +304,33 @@ def build_case(
     atomic_dir(final, write, exist_ok=True)  # a builder that finished first wins; both succeed
     _mark_used(final)
     return final
+
+
+def _write_class(
+    tmp: Path, volume: Any, bit: int, name: str, spacing_mm: float, sdf_truncation_mm: float
+) -> dict[str, Any]:
+    """One class of a labels entry: its scan-grid mask crop and truncated SDF crop written to ``tmp``;
+    returns what ``meta.json`` says of it (voxel counts, box, extent, per-slice areas, origins)."""
+    mask = class_mask(volume.labels, bit)
+    voxels = int(mask.sum())
+    native = class_mask(volume.native_labels, bit)
+    info: dict[str, Any] = {"name": name, "voxels": voxels, "native_voxels": int(native.sum())}
+    if native.any():
+        lo_n, hi_n = nonzero_box(native)
+        np.save(tmp / f"native_{bit}.npy", _crop(native, lo_n, hi_n).astype(np.uint8))
+        info["native_origin"] = lo_n
+    if voxels:
+        box_lo, box_hi = nonzero_box(mask)
+        sdf, origin = _class_sdf(mask, spacing_mm, sdf_truncation_mm)
+        np.save(tmp / f"sdf_{bit}.npy", sdf)
+        info |= {
+            "bbox_min": box_lo,
+            "bbox_max": [h - 1 for h in box_hi],
+            "extent_mm": float((np.array(box_hi) - np.array(box_lo)).max() * spacing_mm),
+            "slice_areas": [mask.sum(axis=tuple(a for a in range(3) if a != ax)).tolist() for ax in range(3)],
+            "sdf_origin": origin,
+        }
+    return info
 
 
 def image_reach(meta: Mapping[str, Any], side_vox: Mapping[int, float]) -> Box:
@@ -364,9 +388,16 @@ def build_image(case: Case, labels_entry: Path, box: Box, prep: Preprocessing) -
 
     def write(tmp: Path) -> None:
         np.save(tmp / "image.npy", _crop(image, lo, hi))
-        info = {"version": CACHE_VERSION, "case_id": case.case_id, "image": str(case.image),
-                "sources": {source: meta["sources"][source]}, "box_min": box[0], "box_max": box[1],
-                "origin": [a + b for a, b in zip(box[0], lo, strict=True)], "shape": meta["shape"]}  # fmt: skip
+        info = {
+            "version": CACHE_VERSION,
+            "case_id": case.case_id,
+            "image": str(case.image),
+            "sources": {source: meta["sources"][source]},
+            "box_min": box[0],
+            "box_max": box[1],
+            "origin": [a + b for a, b in zip(box[0], lo, strict=True)],
+            "shape": meta["shape"],
+        }
         (tmp / "meta.json").write_text(json.dumps(info))
 
     atomic_dir(final, write, exist_ok=True)
@@ -570,8 +601,14 @@ def _progress() -> Any:
         TimeRemainingColumn,
     )
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TextColumn("left"), TimeRemainingColumn())  # fmt: skip
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("left"),
+        TimeRemainingColumn(),
+    )
 
 
 def check_failed(failed: Mapping[str, str], n_cases: int, on_bad_case: str = "error") -> None:
@@ -581,8 +618,10 @@ def check_failed(failed: Mapping[str, str], n_cases: int, on_bad_case: str = "er
         return
     listed = "; ".join(f"{case}: {why}" for case, why in sorted(failed.items()))
     if on_bad_case != "skip":
-        raise DataError(f"{len(failed)} of {n_cases} cases could not be cached: {listed} "
-                        "(set data.on_bad_case: skip to go on without them)")  # fmt: skip
+        raise DataError(
+            f"{len(failed)} of {n_cases} cases could not be cached: {listed} "
+            "(set data.on_bad_case: skip to go on without them)"
+        )
     warnings.warn(
         f"{len(failed)} of {n_cases} cases could not be cached and are left out: {listed}", stacklevel=3
     )

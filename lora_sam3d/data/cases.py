@@ -24,6 +24,16 @@ from typing import Literal
 
 from lora_sam3d.data.volume import MAX_CLASSES, DataError
 
+__all__ = [
+    "SPLITS",
+    "Case",
+    "Layout",
+    "check_class_names",
+    "discover_cases",
+    "read_meta_splits",
+    "split_counts",
+]
+
 SPLITS = ("train", "val", "test")
 Layout = Literal["auto", "totalsegmentator", "cropped"]
 

@@ -1,8 +1,8 @@
 """`TSDataModule`: the Lightning face of the data: phantoms if asked, caches once, splits by case.
 
-Batches are dicts of tensors plus lists of strings; Lightning's default
-``transfer_batch_to_device`` moves such dicts (tensors) and leaves the strings, so no custom hook
-is needed here; the sparse latent is built on the device by the module.
+Batches are `lora_sam3d.inputs.Batch` records (``collate``); ``transfer_batch_to_device`` moves
+their tensors, so user code never calls ``.to(device)``; the sparse latent is built on the device
+by the model.
 """
 
 from __future__ import annotations
@@ -26,12 +26,14 @@ from lora_sam3d.data.dataset import (
     SamplingMethod,
     TS_SAM3D_Dataset,
     cache_dataset,
-    collate,
 )
 from lora_sam3d.data.phantoms import PhantomKind, write_phantoms
 from lora_sam3d.data.requests import PredictionDataset, PredictItem
-from lora_sam3d.data.settings import DataSettings
+from lora_sam3d.data.settings import DataContract, DataSettings, ViewLayout
 from lora_sam3d.data.volume import DataError
+from lora_sam3d.inputs import Batch, collate
+
+__all__ = ["PhantomSpec", "ResumableDataLoader", "TSDataModule"]
 
 
 @dataclass
@@ -126,7 +128,7 @@ class TSDataModule(L.LightningDataModule):
         ct_window_hu: tuple[float, float] = _DEFAULT.ct_window_hu,
         on_bad_case: Literal["error", "skip"] = _DEFAULT.on_bad_case,
         views: int = _DEFAULT.views,
-        view_layout: Literal["orthogonal", "parallel"] = _DEFAULT.view_layout,
+        view_layout: ViewLayout = _DEFAULT.view_layout,
         view_spacing_mm: float = _DEFAULT.view_spacing_mm,
         coarse_target: Literal["centre", "any"] = _DEFAULT.coarse_target,
     ) -> None:
@@ -214,20 +216,26 @@ class TSDataModule(L.LightningDataModule):
         ):
             self.datasets["predict"] = self._dataset(h.predict_split, h.eval_sampling)
 
-    def contract(self) -> dict[str, Any]:
-        """What predicting on a new scan needs from the data this model was trained on; stored in its
-        checkpoints and adapters: classes, per-class frame extents (training split), preprocessing,
-        slice size and frame scale."""
+    def contract(self) -> DataContract:
+        """What predicting on a new scan needs from the data this model was trained on (stored in its
+        checkpoints and adapters): classes, per-class frame extents of the training split, how scans
+        are read, slice size, frame scale and views."""
         train = self.datasets.get("train")
         if not isinstance(train, TS_SAM3D_Dataset):
             raise RuntimeError("contract() needs the training split: call setup('fit') first")
         s = self.settings
-        return {
-            "classes": self.classes, "extent_mm": dict(train.extent_mm), "spacing": s.spacing,
-            "modality": s.modality, "ct_window_hu": list(s.ct_window_hu), "slice_size": train.slice_size,
-            "frame_scale": s.frame_scale, "resolution": s.resolution, "views": s.views,
-            "view_layout": s.view_layout,
-        }  # fmt: skip
+        return DataContract(
+            classes=self.classes,
+            extent_mm=dict(train.extent_mm),
+            spacing=s.spacing,
+            modality=s.modality,
+            ct_window_hu=list(s.ct_window_hu),
+            slice_size=train.slice_size,
+            frame_scale=s.frame_scale,
+            resolution=s.resolution,
+            views=s.views,
+            view_layout=s.view_layout,
+        )
 
     def _request_dataset(self) -> PredictionDataset:
         """The predict items' dataset, with the model's stored data settings when it has them (read
@@ -251,9 +259,12 @@ class TSDataModule(L.LightningDataModule):
                 reference = self.datasets.get("train") or self._dataset("train", h.train_sampling)
                 extents = dict(reference.extent_mm)
             dataset = PredictionDataset(
-                h.predict_items, s.prep, {**extents, **(h.extent_mm or {})}, s.frame_scale,
+                h.predict_items,
+                s.prep,
+                {**extents, **(h.extent_mm or {})},
+                s.frame_scale,
                 s.slice_size or 4 * s.resolution,
-            )  # fmt: skip
+            )
         dataset.check_unique_outputs()
         return dataset
 
@@ -302,6 +313,11 @@ class TSDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        if isinstance(batch, Batch):
+            return batch.to(device)
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def predict_dataloader(self) -> DataLoader:
         if self.hparams.predict_items and "predict" not in self.datasets:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
-from lora_sam3d.data.cache import CachedCase, build_cases, build_images, check_failed, signed_distance_mm
+from lora_sam3d.data.cache import CachedCase, build_cases, build_images, check_failed
 from lora_sam3d.data.cases import SPLITS, Case, discover_cases, split_counts
 from lora_sam3d.data.frame import (
     Frame,
@@ -31,10 +31,25 @@ from lora_sam3d.data.frame import (
 from lora_sam3d.data.settings import DataSettings
 from lora_sam3d.data.views import seen_centre, stack_views, view_planes, view_rows
 from lora_sam3d.data.volume import DataError, class_mask
-from lora_sam3d.models.mesh import frame_box
+from lora_sam3d.geometry import frame_box, mask_signed_distance
+
+__all__ = [
+    "EpochOffsetDistributedSampler",
+    "EpochShuffleSampler",
+    "ResumableSampler",
+    "SamplingMethod",
+    "TS_SAM3D_Dataset",
+    "assign_splits",
+    "cache_dataset",
+    "class_extents_mm",
+    "native_box",
+    "native_from_mask",
+    "native_target",
+    "slice_frame",
+    "slice_inputs",
+]
 
 SamplingMethod = Literal["random_axis", "uniform", "central", "all"]
-AXIS_NAMES = ("sagittal", "coronal", "axial")
 
 
 def assign_splits(
@@ -89,15 +104,6 @@ def cache_dataset(
     failed |= build_images(pairs, side_vox, s.prep, workers, progress)
     with_image = {c.case_id: cached for c, cached in pairs if c.case_id not in failed}
     return with_image, failed, extents
-
-
-def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack tensors; keep strings (case ids, class names) as lists."""
-    out: dict[str, Any] = {}
-    for key in samples[0]:
-        values = [s[key] for s in samples]
-        out[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
-    return out
 
 
 class ResumableSampler:
@@ -318,9 +324,18 @@ class TS_SAM3D_Dataset(Dataset):
             planes = view_planes(first, axis, index, case.image.shape, s.view_layout, count, spacing_vox)
             centre = seen_centre(case.labels, [bit] * len(planes), planes, axis)
         sample, frame = slice_inputs(
-            case.image, case.labels, bit, case.affine, case.spacing_mm, axis, index, side_mm, self.slice_size,
-            rng if self.augment else None, centre,
-        )  # fmt: skip
+            case.image,
+            case.labels,
+            bit,
+            case.affine,
+            case.spacing_mm,
+            axis,
+            index,
+            side_mm,
+            self.slice_size,
+            rng if self.augment else None,
+            centre,
+        )
         slice_name = f"axis{axis}_slice{index}"
         if s.views > 1:
             rows = view_rows(case.image, case.labels, bit, frame, planes, self.slice_size)
@@ -389,13 +404,6 @@ def native_from_mask(
     lo, hi = nz.min(0), nz.max(0) + 1
     crop = mask[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
     return native_box(crop, lo, affine, mask.shape, frame_to_world)
-
-
-def mask_signed_distance(mask: np.ndarray) -> np.ndarray:
-    """(S, S) float32 signed distance to the mask's border in frame units (pixels / S), negative inside."""
-    if not mask.any():
-        return np.full(mask.shape, 1.0, dtype=np.float32)
-    return signed_distance_mm(mask, 1.0 / mask.shape[0]).astype(np.float32)
 
 
 def slice_frame(

@@ -18,6 +18,16 @@ from scipy import ndimage
 
 from lora_sam3d.data.volume import DataError
 
+__all__ = [
+    "Frame",
+    "make_frame",
+    "plane_axes",
+    "sample_occupancy",
+    "sample_sdf",
+    "sample_slice",
+    "slice_pointmap",
+]
+
 
 def plane_axes(axis: int) -> tuple[int, int]:
     """The two voxel axes spanning a slice normal to ``axis`` (in increasing order)."""
@@ -78,9 +88,14 @@ def _sample_grid(
     step = (1.0 / n) if cells else 1.0 / (n - 1)
     start = frame.to_voxel(np.full(3, u0)) - origin
     return ndimage.affine_transform(
-        np.asarray(volume, dtype=np.float32), np.full(3, frame.side_vox * step), offset=start,
-        output_shape=(n, n, n), order=order, mode="constant", cval=cval,
-    )  # fmt: skip
+        np.asarray(volume, dtype=np.float32),
+        np.full(3, frame.side_vox * step),
+        offset=start,
+        output_shape=(n, n, n),
+        order=order,
+        mode="constant",
+        cval=cval,
+    )
 
 
 def sample_sdf(

@@ -23,6 +23,20 @@ import numpy as np
 from lora_sam3d.atomic import atomic_write
 from lora_sam3d.data.cases import split_counts
 
+__all__ = [
+    "HEART_CLASSES",
+    "SHAPE_CLASSES",
+    "Deformation",
+    "PhantomKind",
+    "ellipsoid",
+    "grid_affine",
+    "heart_case",
+    "phantom_label_values",
+    "shapes_case",
+    "world_points",
+    "write_phantoms",
+]
+
 HEART_CLASSES = (
     "heart_myocardium",
     "heart_atrium_left",

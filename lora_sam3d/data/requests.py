@@ -24,10 +24,27 @@ from torch.utils.data import Dataset
 
 from lora_sam3d.data.cases import check_class_names
 from lora_sam3d.data.dataset import native_from_mask, slice_inputs
+from lora_sam3d.data.settings import DataContract
 from lora_sam3d.data.views import seen_centre, stack_views, view_rows
 from lora_sam3d.data.volume import DataError, Preprocessing, integer_labels, load_volume
+from lora_sam3d.geometry import AXIS_NAMES
 
-AXIS_NAMES = ("sagittal", "coronal", "axial")
+__all__ = [
+    "PredictItem",
+    "PredictionDataset",
+    "SliceRef",
+    "case_name",
+    "case_names",
+    "check_mask_grid",
+    "contradicting_pairs",
+    "load_mask_nifti",
+    "locate_slice",
+    "parse_axis",
+    "read_mask_volume",
+    "read_png_mask",
+    "read_slice_mask",
+]
+
 """World (RAS) directions by index: 0 sagittal (x, R-L), 1 coronal (y, A-P), 2 axial (z, S-I)."""
 
 
@@ -67,8 +84,15 @@ class PredictItem:
     def planes(self) -> list[dict[str, Any]]:
         """The item's slices, each ``{axis, index, position_mm, mask, label_value}`` (one unless ``slices``)."""
         if not self.slices:
-            return [{"axis": self.axis, "index": self.index, "position_mm": self.position_mm,
-                     "mask": self.mask, "label_value": self.label_value}]  # fmt: skip
+            return [
+                {
+                    "axis": self.axis,
+                    "index": self.index,
+                    "position_mm": self.position_mm,
+                    "mask": self.mask,
+                    "label_value": self.label_value,
+                }
+            ]
         if self.index is not None or self.position_mm is not None:
             raise DataError("give slices or index/position_mm, not both")
         out = []
@@ -83,9 +107,15 @@ class PredictItem:
                     f"slice {k} is of image {view['image']} but the request's image is {self.image}: one "
                     "request reconstructs from slices of one scan"
                 )
-            out.append({"axis": view.get("axis", "axial"), "index": view.get("index"),
-                        "position_mm": view.get("position_mm"), "mask": view.get("mask", self.mask),
-                        "label_value": view.get("label_value", self.label_value)})  # fmt: skip
+            out.append(
+                {
+                    "axis": view.get("axis", "axial"),
+                    "index": view.get("index"),
+                    "position_mm": view.get("position_mm"),
+                    "mask": view.get("mask", self.mask),
+                    "label_value": view.get("label_value", self.label_value),
+                }
+            )
         return out
 
 
@@ -373,15 +403,13 @@ class PredictionDataset(Dataset):
     def from_settings(
         cls,
         items: Sequence[PredictItem | Mapping[str, Any]],
-        data: Mapping[str, Any],
+        data: DataContract | Mapping[str, Any],
         extent_mm: Mapping[str, float] | None = None,
     ) -> PredictionDataset:
-        """The requests read as a model was trained to read scans: ``data`` is the data settings a
-        checkpoint or adapter folder stores (``model.json``'s ``data``); ``extent_mm`` overrides
-        stored frame extents."""
-        prep = Preprocessing(data["spacing"], data["modality"], tuple(data["ct_window_hu"]))
-        extents = {**data["extent_mm"], **(extent_mm or {})}
-        return cls(items, prep, extents, data["frame_scale"], data["slice_size"])
+        """The requests read as a model was trained to read scans: ``data`` is the `DataContract` a
+        checkpoint or adapter folder stores (or its dict); ``extent_mm`` overrides stored extents."""
+        c = data if isinstance(data, DataContract) else DataContract.from_dict(data)
+        return cls(items, c.prep, {**c.extent_mm, **(extent_mm or {})}, c.frame_scale, c.slice_size)
 
     def _check(self, item: PredictItem) -> None:
         check_class_names([item.class_name], "class_name")
@@ -440,31 +468,9 @@ class PredictionDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         item, refs = self.items[i], self.slices[i]
+        raw = nib.load(item.image)
         try:
-            raw = nib.load(item.image)
-            classes, in_memory = self._view_labels(i, raw)
-            volume = load_volume(item.image, classes, self.prep, in_memory)
-            to_grid = np.linalg.inv(volume.affine)
-            # each file slice lies within the resampled grid up to half a voxel: the nearest canonical slice
-            indices = [
-                int(np.clip(np.rint(nib.affines.apply_affine(to_grid, r.centre_mm)[r.axis]), 0, volume.image.shape[r.axis] - 1))
-                for r in refs
-            ]  # fmt: skip
-            side_mm = self.frame_scale * self.extent_mm[item.class_name]
-            others = [(r.axis, index) for r, index in zip(refs[1:], indices[1:], strict=True)]
-            centre = (
-                seen_centre(volume.labels, list(range(1, len(refs))), others, refs[0].axis)
-                if others
-                else None
-            )
-            sample, frame = slice_inputs(
-                volume.image, volume.labels, 0, volume.affine, volume.spacing_mm, refs[0].axis, indices[0], side_mm,
-                self.slice_size, None, centre,
-            )  # fmt: skip
-            if self.max_views > 1:
-                rows = [row for k, (r, index) in enumerate(zip(refs, indices, strict=True)) if k
-                        for row in view_rows(volume.image, volume.labels, k, frame, [(r.axis, index)], self.slice_size)]  # fmt: skip
-                sample |= stack_views(sample, rows, self.max_views)
+            sample = self._inputs(i, raw)
         except DataError as err:
             raise DataError(f"predict item {i + 1} (image {item.image}, mask {item.mask}): {err}") from err
         truth = read_mask_volume(Path(item.mask), raw, item.label_value)
@@ -478,6 +484,53 @@ class PredictionDataset(Dataset):
             "native": None if truth is None else native_from_mask(truth, raw.affine, frame_to_world),
             "scored_against": "request mask",
         }
+
+    def _inputs(self, i: int, raw: nib.Nifti1Image) -> dict[str, Any]:
+        """Request ``i``'s model inputs: its slices resampled like a split's, in the frame they place."""
+        item, refs = self.items[i], self.slices[i]
+        classes, in_memory = self._view_labels(i, raw)
+        volume = load_volume(item.image, classes, self.prep, in_memory)
+        to_grid = np.linalg.inv(volume.affine)
+        # each file slice lies within the resampled grid up to half a voxel: the nearest canonical slice
+        indices = [
+            int(
+                np.clip(
+                    np.rint(nib.affines.apply_affine(to_grid, r.centre_mm)[r.axis]),
+                    0,
+                    volume.image.shape[r.axis] - 1,
+                )
+            )
+            for r in refs
+        ]
+        side_mm = self.frame_scale * self.extent_mm[item.class_name]
+        others = [(r.axis, index) for r, index in zip(refs[1:], indices[1:], strict=True)]
+        centre = (
+            seen_centre(volume.labels, list(range(1, len(refs))), others, refs[0].axis) if others else None
+        )
+        sample, frame = slice_inputs(
+            volume.image,
+            volume.labels,
+            0,
+            volume.affine,
+            volume.spacing_mm,
+            refs[0].axis,
+            indices[0],
+            side_mm,
+            self.slice_size,
+            None,
+            centre,
+        )
+        if self.max_views > 1:
+            rows = [
+                row
+                for k, (r, index) in enumerate(zip(refs, indices, strict=True))
+                if k
+                for row in view_rows(
+                    volume.image, volume.labels, k, frame, [(r.axis, index)], self.slice_size
+                )
+            ]
+            sample |= stack_views(sample, rows, self.max_views)
+        return sample
 
     @property
     def max_views(self) -> int:

@@ -7,12 +7,22 @@ named, so a bad setting fails before any file is read or written.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from lora_sam3d.data.cases import Layout
 from lora_sam3d.data.volume import DataError, Preprocessing
+
+__all__ = ["PREPROCESSING_SETTINGS", "VIEW_LAYOUTS", "DataContract", "DataSettings", "ViewLayout"]
+
+ViewLayout = Literal["orthogonal", "parallel"]
+VIEW_LAYOUTS: tuple[str, ...] = get_args(ViewLayout)
+
+PREPROCESSING_SETTINGS = ("spacing", "modality", "ct_window_hu", "frame_scale", "slice_size")
+"""How a model was trained to read scans: checkpoints and adapters store them, predicting uses the
+stored values, and adapters routed in one run must agree on them."""
 
 
 @dataclass
@@ -67,45 +77,23 @@ class DataSettings:
     ct_window_hu: tuple[float, float] = (-200.0, 400.0)
     on_bad_case: Literal["error", "skip"] = "error"
     views: int = 1
-    view_layout: Literal["orthogonal", "parallel"] = "orthogonal"
+    view_layout: ViewLayout = "orthogonal"
     view_spacing_mm: float = 10.0
     coarse_target: Literal["centre", "any"] = "any"
 
     def __post_init__(self) -> None:
         self.axes = tuple(int(a) for a in self.axes)
         self.ct_window_hu = (float(self.ct_window_hu[0]), float(self.ct_window_hu[1]))
-        checks: list[tuple[str, Any, bool, str]] = [
-            ("resolution", self.resolution, _is_int(self.resolution) and self.resolution >= 1, "an integer >= 1"),
-            ("spacing", self.spacing, _is_number(self.spacing) and self.spacing > 0, "a positive number (mm)"),
-            ("min_occupancy", self.min_occupancy,
-             _is_number(self.min_occupancy) and 0 <= self.min_occupancy <= 1, "a fraction in [0, 1]"),
-            ("samples_per_class", self.samples_per_class,
-             _is_int(self.samples_per_class) and self.samples_per_class >= 1, "an integer >= 1"),
-            ("slices_per_axis", self.slices_per_axis,
-             _is_int(self.slices_per_axis) and self.slices_per_axis >= 1, "an integer >= 1"),
-            ("slice_size", self.slice_size,
-             self.slice_size is None or (_is_int(self.slice_size) and self.slice_size >= 8), "null or an integer >= 8"),
-            ("frame_scale", self.frame_scale, _is_number(self.frame_scale) and self.frame_scale > 0, "a number > 0"),
-            ("sdf_truncation_mm", self.sdf_truncation_mm,
-             _is_number(self.sdf_truncation_mm) and self.sdf_truncation_mm > 0, "a positive number (mm)"),
-            ("views", self.views, _is_int(self.views) and self.views >= 1
-             and (self.view_layout != "orthogonal" or self.views <= 3),
-             "an integer >= 1 (at most 3 with view_layout: orthogonal)"),
-            ("view_layout", self.view_layout, self.view_layout in ("orthogonal", "parallel"), "orthogonal or parallel"),
-            ("view_spacing_mm", self.view_spacing_mm,
-             _is_number(self.view_spacing_mm) and self.view_spacing_mm > 0, "a positive number (mm)"),
-            ("coarse_target", self.coarse_target, self.coarse_target in ("centre", "any"), "centre or any"),
-            ("axes", list(self.axes),
-             bool(self.axes) and set(self.axes) <= {0, 1, 2} and len(set(self.axes)) == len(self.axes),
-             "a non-empty subset of [0, 1, 2] (0 sagittal, 1 coronal, 2 axial) without repeats"),
-        ]  # fmt: skip
-        for key, value, ok, expected in checks:
-            if not ok:
-                raise DataError(f"data.{key} must be {expected}, got {value!r}")
+        for key, ok, expected in _CHECKS:
+            if not ok(getattr(self, key)) or (key == "views" and not self._views_fit_layout()):
+                raise DataError(f"data.{key} must be {expected}, got {_shown(getattr(self, key))!r}")
         for name, mm in (self.extent_mm or {}).items():
             if not (_is_number(mm) and mm > 0):
                 raise DataError(f"data.extent_mm[{name!r}] must be a positive number (mm), got {mm!r}")
         self.prep  # noqa: B018 - checks modality and the CT window now
+
+    def _views_fit_layout(self) -> bool:
+        return self.view_layout != "orthogonal" or self.views <= 3
 
     @property
     def prep(self) -> Preprocessing:
@@ -121,9 +109,84 @@ class DataSettings:
         return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
 
 
+def _positive(value: Any) -> bool:
+    return _is_number(value) and value > 0
+
+
+def _count(value: Any) -> bool:
+    return _is_int(value) and value >= 1
+
+
+def _shown(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+_CHECKS: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("resolution", _count, "an integer >= 1"),
+    ("spacing", _positive, "a positive number (mm)"),
+    ("min_occupancy", lambda v: _is_number(v) and 0 <= v <= 1, "a fraction in [0, 1]"),
+    ("samples_per_class", _count, "an integer >= 1"),
+    ("slices_per_axis", _count, "an integer >= 1"),
+    ("slice_size", lambda v: v is None or (_is_int(v) and v >= 8), "null or an integer >= 8"),
+    ("frame_scale", _positive, "a number > 0"),
+    ("sdf_truncation_mm", _positive, "a positive number (mm)"),
+    ("views", _count, "an integer >= 1 (at most 3 with view_layout: orthogonal)"),
+    ("view_layout", lambda v: v in VIEW_LAYOUTS, " or ".join(VIEW_LAYOUTS)),
+    ("view_spacing_mm", _positive, "a positive number (mm)"),
+    ("coarse_target", lambda v: v in ("centre", "any"), "centre or any"),
+    (
+        "axes",
+        lambda v: bool(v) and set(v) <= {0, 1, 2} and len(set(v)) == len(v),
+        "a non-empty subset of [0, 1, 2] (0 sagittal, 1 coronal, 2 axial) without repeats",
+    ),
+)
+"""Each setting's check and what the error says it must be (checked in order)."""
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and value == value
+
+
+@dataclass
+class DataContract:
+    """What predicting on a new scan needs from the data a model was trained on.
+
+    Checkpoints store it (their ``lora_sam3d.data`` section) and adapter folders too (``model.json``'s
+    ``data``), as the plain dict `to_dict` gives, so a checkpoint or adapter alone predicts.
+
+    Attributes:
+        classes: the structures, in the training data's order.
+        extent_mm: per class, the frame extent (a training-split statistic, or the config's).
+        spacing, modality, ct_window_hu: how scans are read (`Preprocessing`).
+        slice_size, frame_scale: the input slice's pixels and the frame's side per extent.
+        resolution: the decoder's R the data was cut for.
+        views, view_layout: the most views per sample it trained with, and their layout.
+    """
+
+    classes: list[str]
+    extent_mm: dict[str, float]
+    spacing: float
+    modality: str
+    ct_window_hu: list[float]
+    slice_size: int
+    frame_scale: float
+    resolution: int | None = None
+    views: int = 1  # files written before several views existed: one
+    view_layout: str = "orthogonal"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DataContract:
+        """From a stored dict; keys of other versions are ignored, the newer ones take their defaults."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    @property
+    def prep(self) -> Preprocessing:
+        return Preprocessing(self.spacing, self.modality, tuple(self.ct_window_hu))  # type: ignore[arg-type]

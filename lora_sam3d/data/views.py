@@ -20,25 +20,17 @@ one slice alone puts the frame's centre on itself); its side from the per-class 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
 from lora_sam3d.data.frame import Frame, plane_axes, sample_slice
+from lora_sam3d.data.settings import ViewLayout
 from lora_sam3d.data.volume import DataError, class_mask
+from lora_sam3d.geometry import mask_signed_distance
 
-ViewLayout = Literal["orthogonal", "parallel"]
-VIEW_KEYS = (
-    "view_image",
-    "view_mask",
-    "view_distance",
-    "view_axis",
-    "view_index",
-    "view_offset",
-    "view_valid",
-)
-"""The batch keys of the views (first dimension after the batch: K views)."""
+__all__ = ["ViewLayout", "seen_centre", "stack_views", "view_planes", "view_rows"]
 
 
 def view_planes(
@@ -102,8 +94,6 @@ def view_rows(
 ) -> list[dict[str, Any]]:
     """Each plane's view (image, mask, signed 2D distance, axis, index, offset in frame units); planes
     whose mask is empty are skipped."""
-    from lora_sam3d.data.dataset import mask_signed_distance
-
     rows = []
     for axis, index in planes:
         take: list[Any] = [slice(None)] * 3
@@ -115,22 +105,32 @@ def view_rows(
         if not mask.any():  # the structure crosses this plane outside the frame
             continue
         plane = sample_slice(frame, np.asarray(image[tuple(take)]), axis, slice_size, order=1)
-        rows.append({"image": plane.astype(np.float32), "mask": mask, "distance": mask_signed_distance(mask),
-                     "axis": axis, "index": index,
-                     "offset": (index - frame.centre_vox[axis]) / frame.side_vox})  # fmt: skip
+        rows.append(
+            {
+                "image": plane.astype(np.float32),
+                "mask": mask,
+                "distance": mask_signed_distance(mask),
+                "axis": axis,
+                "index": index,
+                "offset": (index - frame.centre_vox[axis]) / frame.side_vox,
+            }
+        )
     return rows
 
 
 def stack_views(first: dict[str, Any], rows: list[dict[str, Any]], k: int) -> dict[str, torch.Tensor]:
-    """The `VIEW_KEYS` tensors of a sample: its first view (the sample's ``image``, ``mask``,
+    """The ``view_*`` tensors of a sample (`lora_sam3d.inputs.collate` reads them): its first view (the sample's ``image``, ``mask``,
     ``mask_distance``, ``axis``, ``index``, ``offset``) and ``rows``, padded to ``k`` views."""
     size = first["mask"].shape[-1]
     out = {
-        "view_image": torch.zeros(k, size, size), "view_mask": torch.zeros(k, size, size, dtype=torch.bool),
-        "view_distance": torch.ones(k, size, size), "view_axis": torch.zeros(k, dtype=torch.long),
-        "view_index": torch.zeros(k, dtype=torch.long), "view_offset": torch.zeros(k, dtype=torch.float32),
+        "view_image": torch.zeros(k, size, size),
+        "view_mask": torch.zeros(k, size, size, dtype=torch.bool),
+        "view_distance": torch.ones(k, size, size),
+        "view_axis": torch.zeros(k, dtype=torch.long),
+        "view_index": torch.zeros(k, dtype=torch.long),
+        "view_offset": torch.zeros(k, dtype=torch.float32),
         "view_valid": torch.zeros(k, dtype=torch.bool),
-    }  # fmt: skip
+    }
     out["view_image"][0], out["view_mask"][0] = first["image"][0], first["mask"]
     out["view_distance"][0], out["view_axis"][0], out["view_index"][0] = (
         first["mask_distance"],
@@ -145,16 +145,3 @@ def stack_views(first: dict[str, Any], rows: list[dict[str, Any]], k: int) -> di
         out["view_axis"][j], out["view_index"][j] = row["axis"], row["index"]
         out["view_offset"][j], out["view_valid"][j] = float(row["offset"]), True
     return out
-
-
-def single_view(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The `VIEW_KEYS` of a batch without views: its one slice per sample as a single view at offset 0."""
-    b = batch["image"].shape[0]
-    device = batch["image"].device
-    return {
-        "view_image": batch["image"][:, :1], "view_mask": batch["mask"][:, None],
-        "view_distance": batch["mask_distance"][:, None], "view_axis": batch["axis"].reshape(b, 1).long(),
-        "view_index": batch["index"].reshape(b, 1).long(),
-        "view_offset": batch["offset"].reshape(b, 1).float() if "offset" in batch else torch.zeros(b, 1, device=device),
-        "view_valid": torch.ones(b, 1, dtype=torch.bool, device=device),
-    }  # fmt: skip

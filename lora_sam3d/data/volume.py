@@ -23,6 +23,31 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+__all__ = [
+    "LABEL_TOLERANCE",
+    "MAX_CLASSES",
+    "Box",
+    "DataError",
+    "IsotropicGrid",
+    "LabelVolume",
+    "Preprocessing",
+    "Volume",
+    "add_class",
+    "canonical_grid",
+    "check_same_grid",
+    "class_mask",
+    "integer_labels",
+    "label_dtype",
+    "load_image",
+    "load_labels",
+    "load_nifti",
+    "load_volume",
+    "normalise",
+    "open_nifti",
+    "read_array",
+    "read_labels",
+]
+
 MAX_CLASSES = 32767
 """The most classes a label map (int16) holds."""
 
@@ -261,9 +286,13 @@ class IsotropicGrid:
         if self.scale is None:
             return image[tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))]
         return ndimage.affine_transform(
-            image, self.scale, offset=np.asarray(lo) * self.scale, output_shape=tuple(np.subtract(hi, lo)),
-            order=1, mode="nearest",
-        ).astype(np.float32)  # fmt: skip
+            image,
+            self.scale,
+            offset=np.asarray(lo) * self.scale,
+            output_shape=tuple(np.subtract(hi, lo)),
+            order=1,
+            mode="nearest",
+        ).astype(np.float32)
 
     def resample_labels(self, labels: np.ndarray) -> np.ndarray:
         """Nearest voxel by index on each axis (what ndimage's order-0 resampling picks, but exact for
@@ -302,8 +331,10 @@ def load_labels(
     grid = canonical_grid(image_img)
     shape, affine = grid
     labels = np.zeros(shape, dtype=label_dtype(max(class_masks, default=0) + 1))
-    names = {c: f"{(class_names or {}).get(c, f'class {c}')} ({path}{'' if value is None else f', value {value}'})"
-             for c, (path, value) in class_masks.items()}  # fmt: skip
+    names = {
+        c: f"{(class_names or {}).get(c, f'class {c}')} ({path}{'' if value is None else f', value {value}'})"
+        for c, (path, value) in class_masks.items()
+    }
     loaded: dict[Path, np.ndarray] = {}
     uses = Counter(label_path for label_path, _ in class_masks.values())
     for bit, (label_path, value) in class_masks.items():

@@ -10,7 +10,7 @@ vertex SDF grid and a mesh is `lora_sam3d.models.mesh`'s job.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import torch
@@ -32,6 +32,11 @@ from lora_sam3d.sparse import (
     SparseTensor,
 )
 from lora_sam3d.weights import load_weights
+
+__all__ = ["AbsolutePositionEmbedder", "Conditioning", "SLatMeshDecoder"]
+
+Conditioning = Callable[[int, SparseTensor], SparseTensor]
+"""``cond(level, h) -> h``: what `SLatMeshDecoder.forward` calls at each level (see there)."""
 
 
 class AbsolutePositionEmbedder(nn.Module):
@@ -82,9 +87,13 @@ class SparseTransformerBlock(nn.Module):
         self.norm1 = LayerNorm32(channels, elementwise_affine=False, eps=1e-6)
         self.norm2 = LayerNorm32(channels, elementwise_affine=False, eps=1e-6)
         self.attn = SparseMultiHeadAttention(
-            channels, num_heads, attn_mode=attn_mode, window_size=window_size,
-            shift_window=shift_window, qk_rms_norm=qk_rms_norm,
-        )  # fmt: skip
+            channels,
+            num_heads,
+            attn_mode=attn_mode,
+            window_size=window_size,
+            shift_window=shift_window,
+            qk_rms_norm=qk_rms_norm,
+        )
         self.mlp = SparseFeedForwardNet(channels, mlp_ratio)
 
     def _forward(self, feats: torch.Tensor, x: SparseTensor) -> torch.Tensor:
@@ -161,26 +170,8 @@ class SLatMeshDecoder(nn.Module):
         device: Any = None,
     ) -> None:
         super().__init__()
-        if attn_mode not in ("full", "swin"):
-            raise ValueError(
-                f"attn_mode must be 'full' or 'swin' (the mesh decoder's modes), got {attn_mode!r}"
-            )
-        if pe_mode != "ape":
-            raise ValueError(f"pe_mode must be 'ape' (the mesh decoder's mode), got {pe_mode!r}")
-        if representation_config and representation_config.get("use_color", False):
-            raise ValueError(
-                "representation_config use_color=True is not supported: the mesh decoder has no colour head"
-            )
+        _check_arguments(attn_mode, pe_mode, representation_config, model_channels, num_groups)
         num_heads = num_heads or model_channels // (num_head_channels or 64)
-        for stage, ch in (
-            ("model_channels // 4", model_channels // 4),
-            ("model_channels // 8", model_channels // 8),
-        ):
-            if ch % num_groups:
-                raise ValueError(
-                    f"{stage} = {ch} is not divisible by num_groups={num_groups}; "
-                    f"use model_channels >= {8 * num_groups} or a smaller num_groups"
-                )
         self.resolution = resolution
         self.model_channels = model_channels
         self.latent_channels = latent_channels
@@ -242,17 +233,27 @@ class SLatMeshDecoder(nn.Module):
             "window_size": self.window_size,
         }
 
-    def forward(self, x: SparseTensor) -> SparseTensor:
-        """``x``: coords (N, 4) on the R^3 grid, feats (N, latent_channels). Returns 53 channels at 4R."""
+    def forward(self, x: SparseTensor, cond: Conditioning | None = None) -> SparseTensor:
+        """``x``: coords (N, 4) on the R^3 grid, feats (N, latent_channels). Returns 53 channels at 4R.
+
+        ``cond``, the seam for conditioning: called as ``cond(level, h)`` on the hidden features at each
+        level (0: the input level, after the input layer and position embedding; j: after subdivision
+        j) and returns them, e.g. with evidence read at those cells added by layers that live outside
+        this module tree (so Meta's state dict stays as it is). None: Meta's computation exactly.
+        """
         if x.feats.dim() != 2 or x.feats.shape[1] != self.latent_channels:
             raise ValueError(f"expected feats (N, {self.latent_channels}), got {tuple(x.feats.shape)}")
         h = self.input_layer(x)
         h = h + self.pos_embedder(x.coords[:, 1:])
         h = h.type(self.dtype)
+        if cond is not None:
+            h = cond(0, h)
         for block in self.blocks:
             h = block(h)
-        for block in self.upsample:
+        for level, block in enumerate(self.upsample, start=1):
             h = block(h)
+            if cond is not None:
+                h = cond(level, h)
         return self.out_layer(h.type(x.dtype))
 
     @classmethod
@@ -293,6 +294,26 @@ class SLatMeshDecoder(nn.Module):
             raise KeyError(f"{path}: weights do not fit SLatMeshDecoder({config}): {fit.describe(limit=20)}")
         model.load_state_dict(state, strict=False)
         return model
+
+
+def _check_arguments(
+    attn_mode: str, pe_mode: str, representation: Mapping[str, Any] | None, channels: int, groups: int
+) -> None:
+    """Errors naming the argument for what Meta's class would accept but this decoder cannot do."""
+    if attn_mode not in ("full", "swin"):
+        raise ValueError(f"attn_mode must be 'full' or 'swin' (the mesh decoder's modes), got {attn_mode!r}")
+    if pe_mode != "ape":
+        raise ValueError(f"pe_mode must be 'ape' (the mesh decoder's mode), got {pe_mode!r}")
+    if representation and representation.get("use_color", False):
+        raise ValueError(
+            "representation_config use_color=True is not supported: the mesh decoder has no colour head"
+        )
+    for stage, ch in (("model_channels // 4", channels // 4), ("model_channels // 8", channels // 8)):
+        if ch % groups:
+            raise ValueError(
+                f"{stage} = {ch} is not divisible by num_groups={groups}; "
+                f"use model_channels >= {8 * groups} or a smaller num_groups"
+            )
 
 
 def _strip_prefix(state: Mapping[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:

@@ -5,12 +5,13 @@ R^3 grid and predicts occupancy and latents; the mesh decoder (`SLatMeshDecoder`
 of active cells around the predicted surface only and subdivides them 4x; vertices no active cell
 reaches take their sign from stage 1 (`vertex_fill`). With ``latent_encoder: precomputed``, Meta's
 structured latents replace stage 1. No Lightning here: a notebook loads a base, attaches an
-adapter and reconstructs a batch with this class alone; `lora_sam3d.module` wraps it for training.
+adapter and reconstructs the `lora_sam3d.inputs.Evidence` of a batch with this class alone; `lora_sam3d.module` wraps it for training.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -19,11 +20,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from lora_sam3d.adapters import MODEL_FILE, load_model_adapter, read_model_file
+from lora_sam3d.atomic import atomic_write
+from lora_sam3d.geometry import Mesh, marching_cubes
+from lora_sam3d.inputs import Evidence
 from lora_sam3d.latent import PrecomputedLatents, make_encoder
 from lora_sam3d.lora import LoRAConfig, base_fingerprint, inject_lora, merge_lora_weights, state_dict_fit
+from lora_sam3d.models.adapter_files import MODEL_SETTINGS, load_model_adapter, read_adapter_settings
 from lora_sam3d.models.decoder import SLatMeshDecoder
-from lora_sam3d.models.mesh import Mesh, marching_cubes, vertex_sdf_grid
+from lora_sam3d.models.mesh import vertex_sdf_grid
 from lora_sam3d.models.structure import (
     STRUCTURE_PREFIX,
     SparseStructureNet,
@@ -33,6 +37,15 @@ from lora_sam3d.models.structure import (
 )
 from lora_sam3d.weights import load_weights, resolve_checkpoint
 
+__all__ = [
+    "STRUCTURE_LORA_TARGETS",
+    "TINY_DECODER",
+    "TRAIN_BANDS",
+    "Reconstruction",
+    "Reconstructor",
+    "TrainBand",
+]
+
 TINY_DECODER: dict[str, Any] = {
     "resolution": 16,
     "model_channels": 128,
@@ -41,7 +54,9 @@ TINY_DECODER: dict[str, Any] = {
     "num_heads": 4,
     "num_groups": 16,
 }
-"""The decoder size every config starts from (the shipped ``builtin:shapes`` base)."""
+"""The defaults under ``model.decoder``, a CPU size; a config gives what differs (the shipped
+``builtin:shapes`` base has ``model_channels: 64, num_groups: 8``, as configs/demo.yaml says;
+configs/sam3d.yaml gives Meta's size)."""
 
 STRUCTURE_LORA_TARGETS = r"(enc|dec)\d\.[03]|head"
 """Every convolution of `SparseStructureNet` (full-match regex on module names)."""
@@ -169,17 +184,27 @@ class Reconstructor(nn.Module):
     def from_adapter(cls, folder: str | Path, base: str | None = None) -> Reconstructor:
         """The model an adapter folder was trained with (its ``model.json``), with the adapter attached;
         ``base`` replaces the base path stored there (e.g. a moved file)."""
-        stored = read_model_file(folder)
-        if not stored:
-            raise FileNotFoundError(
-                f"{Path(folder) / MODEL_FILE} does not exist: not an adapter folder of this version"
-            )
+        s = read_adapter_settings(folder).require_model().model
         model = cls(
-            stored["decoder"], stored["structure"], base or stored["base_checkpoint"],
-            latent_encoder=stored["latent_encoder"], active_margin=stored["active_margin"],
-        )  # fmt: skip
+            s["decoder"],
+            s["structure"],
+            base or s["base_checkpoint"],
+            latent_encoder=s["latent_encoder"],
+            active_margin=s["active_margin"],
+        )
         model.attach_adapter(folder)
         return model.eval()
+
+    def settings(self) -> dict[str, Any]:
+        """The `MODEL_SETTINGS` of this model, as adapter folders' ``model.json`` and checkpoints store them."""
+        values = {
+            "decoder": self.decoder_config,
+            "structure": self.structure_config,
+            "base_checkpoint": self.base,
+            "latent_encoder": self.latent_encoder,
+            "active_margin": self.active_margin,
+        }
+        return {k: values[k] for k in MODEL_SETTINGS}
 
     def add_lora(self, lora: LoRAConfig, structure_lora: LoRAConfig | None = None, seed: int = 0) -> None:
         """Inject fresh adapters (B = 0: outputs unchanged) into the decoder and, if given, stage 1;
@@ -195,22 +220,27 @@ class Reconstructor(nn.Module):
         return load_model_adapter(self, folder)
 
     # -- forward ----------------------------------------------------------------------------------
-    def band(self, occupancy: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
-        """(B, R, R, R) bool: the cells the decoder runs on (see ``train_active``)."""
+    def band(self, occupancy: torch.Tensor, coarse_truth: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, R, R, R) bool: the cells the decoder runs on (see ``train_active``; ``coarse_truth``, the
+        true R^3 occupancy, counts in training mode only)."""
         active = surface_band(occupancy, self.active_margin)
-        if self.training and self.train_active != "predicted" and "gt_coarse_occupancy" in batch:
-            truth = surface_band(batch["gt_coarse_occupancy"].bool(), self.active_margin)
+        if self.training and self.train_active != "predicted" and coarse_truth is not None:
+            truth = surface_band(coarse_truth.bool(), self.active_margin)
             active = truth if self.train_active == "truth" else active | truth
         return active
 
-    def forward(self, batch: dict[str, Any]) -> Reconstruction:
-        """Stage 1 on the slice evidence of ``batch`` (a collated dataset batch), then the decoder on the band."""
+    def forward(self, evidence: Evidence, coarse_truth: torch.Tensor | None = None) -> Reconstruction:
+        """Stage 1 on the slice ``evidence``, then the decoder on the band around its surface.
+
+        ``coarse_truth``: (B, R, R, R) stage 1's target, which widens the band while training (see
+        ``train_active``); ignored in eval mode, so predictions never depend on it.
+        """
         n = 4 * self.resolution
         if isinstance(self.encoder, PrecomputedLatents):
-            return Reconstruction(vertex_sdf_grid(self.decoder(self.encoder(batch)), n))
-        logits, latent = self.structure(self.encoder(batch))
+            return Reconstruction(vertex_sdf_grid(self.decoder(self.encoder(evidence)), n))
+        logits, latent = self.structure(self.encoder(evidence))
         occupancy = logits.detach() > 0
-        active = self.band(occupancy, batch)
+        active = self.band(occupancy, coarse_truth)
         count, cap = int(active.sum()), self.max_active_voxels
         if cap is not None and count > cap:
             raise ValueError(
@@ -238,3 +268,15 @@ class Reconstructor(nn.Module):
     def merged_structure(self) -> SparseStructureNet:
         """A copy of stage 1 with LoRA merged into its base weights."""
         return merge_lora_weights(self.structure, inplace=False)  # type: ignore[return-value]
+
+    def save_merged(self, path: str | Path) -> Path:
+        """The decoder with LoRA merged, in Meta's names, plus stage 1 (merged) under ``structure.``: a
+        complete base for ``base``; Meta's loader (non-strict) reads the decoder part. Atomic."""
+        from safetensors.torch import save_file
+
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.merged_decoder().state_dict().items()}
+        if self.uses_structure:
+            structure = self.merged_structure().state_dict()
+            tensors |= {f"{STRUCTURE_PREFIX}{k}": v.detach().cpu().contiguous() for k, v in structure.items()}
+        metadata = {"format": "pt", "decoder": json.dumps(self.decoder_config)}
+        return atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))

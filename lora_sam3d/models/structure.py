@@ -18,6 +18,8 @@ from torch.nn import functional as F
 
 from lora_sam3d.sparse import SparseTensor
 
+__all__ = ["STRUCTURE_PREFIX", "SparseStructureNet", "active_latent", "surface_band", "vertex_fill"]
+
 STRUCTURE_PREFIX = "structure."
 """Stage-1 weights sit under this prefix in a base file beside the decoder's (Meta's files have none)."""
 
@@ -52,9 +54,11 @@ class SparseStructureNet(nn.Module):
         super().__init__()
         c = channels
         self.config = {
-            "in_channels": in_channels, "channels": channels, "latent_channels": latent_channels,
+            "in_channels": in_channels,
+            "channels": channels,
+            "latent_channels": latent_channels,
             "num_groups": num_groups,
-        }  # fmt: skip
+        }
         self.enc0 = _block(in_channels, c, num_groups)
         self.enc1 = _block(c, 2 * c, num_groups, stride=2)
         self.enc2 = _block(2 * c, 2 * c, num_groups, stride=2)

@@ -18,6 +18,8 @@ from torch.nn import functional as F
 
 from lora_sam3d.sparse.tensor import SparseTensor
 
+__all__ = ["MultiHeadRMSNorm", "SparseMultiHeadAttention", "grouped_attention", "window_ids"]
+
 
 @dataclass
 class _Pack:

@@ -22,6 +22,8 @@ from torch.nn import functional as F
 
 from lora_sam3d.sparse.tensor import SparseTensor
 
+__all__ = ["SparseConv3d", "SparseSubdivide", "neighbour_table"]
+
 # Rows per im2col chunk are chosen so one gathered block stays near this many elements.
 _CHUNK_ELEMENTS = 1 << 24
 # Neighbour lookup through a dense index volume up to this many cells (int64: 256 MiB), else sorting.

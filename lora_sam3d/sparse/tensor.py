@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+__all__ = ["SparseTensor"]
+
 
 class SparseTensor:
     """Features on occupied voxels.

@@ -1,0 +1,176 @@
+"""The training half of the `lora-sam3d` command: a LightningCLI over the module and the data module.
+
+A YAML file is the whole experiment (`configs/demo.yaml`). The data module's resolution is linked
+from the decoder's and its class list to the model's, so the two cannot disagree. Outside ``fit``,
+a model that carries its own settings (``--ckpt_path``, ``model.adapter``, ``model.adapters``)
+defines itself: the stored model settings, classes and preprocessing replace what the config
+leaves at its defaults (read by `lora_sam3d.models.adapter_files.read_adapter_settings`).
+Checkpoints are written by `AtomicCheckpointIO` unless the config names other ``trainer.plugins``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.cli import LightningCLI
+
+from lora_sam3d.callbacks import SaveConfigOnStart
+from lora_sam3d.checkpoint_io import check_design
+from lora_sam3d.data import DataError, TSDataModule
+from lora_sam3d.data.settings import PREPROCESSING_SETTINGS, DataSettings
+from lora_sam3d.errors import error_line
+from lora_sam3d.models.adapter_files import AdapterSettings, read_adapter_settings
+from lora_sam3d.models.reconstructor import TINY_DECODER
+from lora_sam3d.module import LoRAMeshDecoderModule
+from lora_sam3d.weights import READ_ERRORS, require_file, unreadable
+
+__all__ = ["LoRASAM3DCLI", "adopt_data_settings", "decoder_resolution", "run"]
+
+
+def decoder_resolution(decoder: dict[str, Any] | None) -> int:
+    return int({**TINY_DECODER, **(decoder or {})}["resolution"])
+
+
+def adopt_data_settings(data_cfg: Any, stored: dict[str, Any], source: str) -> None:
+    """Outside ``fit``, the stored preprocessing defines how scans are read: a setting the config
+    leaves at its default takes the stored value (so ``config.yaml`` says what ran); one the config
+    sets to another value is refused, naming both, since the model was trained on the stored one."""
+    defaults = DataSettings()
+    trained = stored.get("views") or 1  # models written before several views existed saw one
+    asked = max(
+        [data_cfg.get("views") or 1]
+        + [len(i.get("slices") or [1]) for i in data_cfg.get("predict_items") or []]
+    )
+    if asked > trained:
+        raise ValueError(
+            f"{asked} views asked (data.views or a request's slices) but {source} was trained with at most "
+            f"{trained} view{'s' if trained > 1 else ''}: ask for {trained} or fewer, or train with data.views: {asked}"
+        )
+    for key in PREPROCESSING_SETTINGS:
+        if key not in stored or stored[key] is None:
+            continue
+        given, want = data_cfg.get(key), stored[key]
+        same = (
+            list(given) == list(want)
+            if isinstance(want, list | tuple) and given is not None
+            else given == want
+        )
+        if same:
+            continue
+        default = getattr(defaults, key)
+        is_default = (
+            list(given) == list(default)
+            if isinstance(default, list | tuple) and given is not None
+            else given == default
+        )
+        if not is_default:
+            raise ValueError(
+                f"data.{key} is {given!r} but {source} was trained with {want!r}: a model reads scans the way "
+                f"it was trained; remove data.{key} from the config or command line"
+            )
+        data_cfg[key] = list(want) if isinstance(want, list | tuple) else want
+
+
+class LoRASAM3DCLI(LightningCLI):
+    """LightningCLI with the links, the stored settings of checkpoints and adapters, and one-line errors."""
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.link_arguments("data.classes", "model.classes")
+        parser.link_arguments("model.decoder", "data.resolution", compute_fn=decoder_resolution)
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI reads ``--ckpt_path``'s hyper-parameters (they then define the model);
+        a file torch cannot read gets our one-line error instead of a traceback."""
+        path = self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
+        if path and path not in ("last", "best", "hpc", "registry") and "://" not in str(path):
+            require_file(path)
+        self._stored_classes, self._stored_data = None, None
+        self._base_given = self.config[self.config.subcommand].model.get("base_checkpoint") if path else None
+        try:
+            if path and Path(path).is_file():  # before its hyper-parameters reach the parser
+                self._read_checkpoint(path)
+            super()._parse_ckpt_path()
+        except READ_ERRORS as err:
+            raise unreadable(path, err) from err
+        cfg = self.config[self.config.subcommand] if path else None
+        if cfg is not None and self._base_given and self._base_given != cfg.model.get("base_checkpoint"):
+            cfg.model.base_checkpoint = self._base_given  # the config points to a moved base
+
+    def _read_checkpoint(self, path: str) -> None:
+        """The design, data settings and classes a checkpoint stores."""
+        try:
+            ckpt = torch.load(path, weights_only=True, map_location="cpu")
+        except Exception as err:  # torch raises KeyError, UnpicklingError... for non-checkpoints
+            raise unreadable(path, err) from err
+        meta = ckpt.get("lora_sam3d")
+        if isinstance(meta, dict):
+            check_design(meta)
+            self._stored_data = (meta.get("data"), f"the checkpoint {path}")
+        self._stored_classes = ckpt.get("hyper_parameters", {}).get("classes")
+
+    def instantiate_classes(self) -> None:
+        """A model built from settings stored in an adapter's model.json says so when it fails."""
+        try:
+            super().instantiate_classes()
+        except (ValueError, KeyError) as err:
+            source = getattr(self, "_settings_source", "")
+            if not source or isinstance(err, DataError):  # data errors name their own files
+                raise
+            raise type(err)(
+                f"{error_line(err).split(': ', 1)[1]} (the model settings come from {source})"
+            ) from err
+
+    def before_instantiate_classes(self) -> None:
+        """A model that carries its own settings defines itself: outside ``fit``, ``model.adapter``
+        (or ``model.adapters``) sets the base, decoder and stage-1 settings it was trained with;
+        with ``--ckpt_path`` or an adapter, ``data.classes`` left out means the stored classes."""
+        cfg = self.config[self.config.subcommand]
+        adapters = list((cfg.model.get("adapters") or {}).values()) or [cfg.model.get("adapter")]
+        stored = [read_adapter_settings(f) for f in adapters if f]
+        if self.config.subcommand != "fit":  # to train further, the config says what it trains
+            self._adopt_stored(cfg, stored[0] if stored else None)
+        # one run over several adapters: every class any of them covers
+        from_adapters = list(dict.fromkeys(c for s in stored for c in s.classes))
+        classes = cfg.data.get("classes") or getattr(self, "_stored_classes", None) or from_adapters
+        if classes:
+            cfg.data.classes = list(classes)
+            cfg.model.classes = list(classes)
+
+    def _adopt_stored(self, cfg: Any, stored: AdapterSettings | None) -> None:
+        """The first adapter's model settings and the stored data settings (adapter, else checkpoint)."""
+        model = stored.model if stored is not None else {}
+        source = str(stored.model_file) if stored is not None else ""
+        self._settings_source = source if model else ""
+        for key, value in model.items():
+            given = cfg.model.get(key)
+            if not (key == "base_checkpoint" and given and given != value):
+                cfg.model[key] = value
+        if "decoder" in model:
+            cfg.data.resolution = decoder_resolution(model["decoder"])
+        if stored is not None and stored.data:
+            data, source = stored.data, source
+        else:
+            data, source = getattr(self, "_stored_data", None) or (None, "")
+        if data:
+            adopt_data_settings(cfg.data, data, source)
+        base = cfg.model.get("base_checkpoint")
+        if base and not base.startswith("builtin:") and not Path(base).is_file() and source:
+            raise FileNotFoundError(
+                f"base checkpoint {base} (the path stored in {source}) does not exist; if it moved, "
+                "give its new path with --model.base_checkpoint"
+            )
+
+
+def run(args: list[str] | None, model_class: type | None = None) -> None:
+    """The LightningCLI over `LoRAMeshDecoderModule` (or a subclass with its arguments, e.g. a baseline)."""
+    LoRASAM3DCLI(
+        model_class or LoRAMeshDecoderModule,
+        TSDataModule,
+        args=args,
+        trainer_defaults={"plugins": [{"class_path": "lora_sam3d.checkpoint_io.AtomicCheckpointIO"}]},
+        save_config_callback=SaveConfigOnStart,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"prog": "lora-sam3d", "exit_on_error": False},  # errors reach `main`: one line
+    )

@@ -1,0 +1,140 @@
+"""The package's shape, read from its source: no import circle, the layers the data flow asks for,
+short functions and a declared public API per module.
+
+Every import counts here, also those inside functions and under ``TYPE_CHECKING``: a lazy import
+still couples two modules, and a circle through one only waits for the wrong import order.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "lora_sam3d"
+MAX_FUNCTION_LINES = 60
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _imports(path: Path) -> set[str]:
+    """The package's modules that ``path`` imports anywhere in its body (the most specific name)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [f"{node.module}.{a.name}" for a in node.names]
+            names = [n if n in MODULES else node.module for n in names]
+        found |= {n for n in names if n.split(".")[0] == "lora_sam3d" and n in MODULES}
+    return found - {_module_name(path)}
+
+
+GRAPH = {name: _imports(path) for name, path in MODULES.items()}
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                out.append(sorted(component))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_the_checker_finds_a_circle() -> None:
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_circle() -> None:
+    assert GRAPH["lora_sam3d.models.reconstructor"], "the graph reads the package's imports"
+    assert _cycles(GRAPH) == []
+
+
+@pytest.mark.parametrize(
+    ("lower", "upper"),
+    [
+        ("lora_sam3d.data", ("lora_sam3d.models", "lora_sam3d.latent", "lora_sam3d.module")),
+        ("lora_sam3d.models", ("lora_sam3d.data", "lora_sam3d.module", "lora_sam3d.adapters")),
+        ("lora_sam3d.latent", ("lora_sam3d.data", "lora_sam3d.models")),
+        ("lora_sam3d.inputs", ("lora_sam3d.data", "lora_sam3d.models", "lora_sam3d.latent")),
+        ("lora_sam3d.geometry", ("lora_sam3d.data", "lora_sam3d.models", "lora_sam3d.latent")),
+    ],
+)
+def test_layers(lower: str, upper: tuple[str, ...]) -> None:
+    """The data and the model meet only in `lora_sam3d.inputs` (and the geometry both use)."""
+    below = [m for m in GRAPH if m == lower or m.startswith(f"{lower}.")]
+    assert below
+    wrong = {m: sorted(i for i in GRAPH[m] if i.startswith(upper)) for m in below}
+    assert not {m: i for m, i in wrong.items() if i}
+
+
+def test_functions_are_short() -> None:
+    long = []
+    for name, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                lines = node.end_lineno - node.lineno + 1  # type: ignore[operator]
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{name}.{node.name}: {lines} lines")
+    assert not long
+
+
+def test_every_public_module_declares_its_api() -> None:
+    """``__all__`` names what a module offers; each name it lists exists there."""
+    missing, unknown = [], []
+    for name, path in MODULES.items():
+        if any(part.startswith("_") for part in name.split(".")[1:]) or name.endswith("assets"):
+            continue
+        tree = ast.parse(path.read_text())
+        declared = [
+            n for n in tree.body
+            if isinstance(n, ast.Assign) and any(getattr(t, "id", None) == "__all__" for t in n.targets)
+        ]  # fmt: skip
+        if not declared:
+            missing.append(name)
+            continue
+        defined = {
+            t.id for n in tree.body if isinstance(n, ast.Assign | ast.AnnAssign)
+            for t in (n.targets if isinstance(n, ast.Assign) else [n.target]) if isinstance(t, ast.Name)
+        } | {n.name for n in tree.body if isinstance(n, ast.FunctionDef | ast.ClassDef)} | {
+            (a.asname or a.name).split(".")[0] for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom)
+            for a in n.names
+        }  # fmt: skip
+        listed = ast.literal_eval(declared[0].value)
+        lazy = {"PhantomSpec", "TSDataModule"} if name == "lora_sam3d.data" else set()
+        unknown += [f"{name}.{n}" for n in listed if n not in defined | lazy]
+    assert not missing
+    assert not unknown
