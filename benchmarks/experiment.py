@@ -194,7 +194,7 @@ def sample_dice(metrics_csv: Path) -> dict[tuple[str, ...], float]:
     """(case, class, axis, index) -> Dice of one predicted test sample."""
     with metrics_csv.open() as f:
         return {
-            (r["case_id"], r["class_name"], r["axis"], r["index"]): float(r["dice"])
+            (r["case_id"], r["class_name"], r["axis"], r.get("grid_index", r.get("index"))): float(r["dice"])
             for r in csv.DictReader(f)
         }
 

@@ -17,12 +17,11 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 
 from lora_sam3d.atomic import atomic_write
-from lora_sam3d.geometry import Mesh
+from lora_sam3d.geometry import CoordinateSystem, Mesh, MeshFormat
 from lora_sam3d.models.adapter_files import save_model_adapter
 from lora_sam3d.outputs import MaskFile, MeshFiles, PreviewFile, SampleOutput, earlier_outputs
 from lora_sam3d.predictions import Prediction
 from lora_sam3d.report import ReportEntry, ReportSample, entry, write_report
-from lora_sam3d.writers import CoordinateSystem, MeshFormat, smooth_taubin
 
 __all__ = [
     "AdapterCheckpoint",
@@ -264,7 +263,7 @@ class MeshPredictionWriter(BasePredictionWriter):
     ) -> None:  # type: ignore[override]
         out = self._dir(trainer)
         for record in prediction:
-            mesh = smooth_taubin(record.mesh, self.smooth_iterations)
+            mesh = record.mesh.smoothed(self.smooth_iterations)
             for output in self.outputs:
                 self.written += output.write(record, mesh, out)
             if record.metrics is not None:
@@ -287,7 +286,7 @@ class MeshPredictionWriter(BasePredictionWriter):
         if trainer.world_size > 1:
             self.rows = sorted(
                 _from_all_processes(trainer, self.rows),
-                key=lambda r: (r["case_id"], r["class_name"], r["axis"], r["index"]),
+                key=lambda r: (r["case_id"], r["class_name"], r["axis"], r["grid_index"]),
             )
         if not self.rows or not trainer.is_global_zero:
             return
@@ -329,7 +328,8 @@ def metrics_row(record: Prediction) -> dict[str, Any]:
         "case_id": record.case_id,
         "class_name": record.class_name,
         "axis": record.axis,
-        "index": record.index,
+        "grid_index": record.index,
+        "file_index": "" if record.file_index is None else record.file_index,
         "slice": record.slice_name or f"axis{record.axis}_slice{record.index}",
         "scored_against": record.scored_against,
         **(record.metrics or {}),
@@ -363,7 +363,9 @@ def _from_all_processes(trainer: L.Trainer, items: list[Any]) -> list[Any]:
 
 def _means(rows: list[dict[str, Any]]) -> dict[str, float]:
     keys = [
-        k for k in rows[0] if k not in ("case_id", "class_name", "axis", "index", "slice", "scored_against")
+        k
+        for k in rows[0]
+        if k not in ("case_id", "class_name", "axis", "grid_index", "file_index", "slice", "scored_against")
     ]
     out = {}
     for k in keys:

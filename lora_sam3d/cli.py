@@ -96,6 +96,7 @@ def _build_cache(args: argparse.Namespace) -> int:
     import yaml
 
     from lora_sam3d.data import TSDataModule
+    from lora_sam3d.data.cache import BuildInterrupted
     from lora_sam3d.data.cases import discover_cases
     from lora_sam3d.data.dataset import cache_dataset
 
@@ -115,15 +116,29 @@ def _build_cache(args: argparse.Namespace) -> int:
     module.write_phantoms_if_empty()  # as fit would: a demo config on a fresh clone
     s = module.settings
     cases = discover_cases(module.root, module.classes, s.layout, s.label_values, "skip")
-    built, failed, _ = cache_dataset(
-        cases, module.classes, s, module.cache_dir, workers=args.workers, progress=True
-    )
+    try:
+        built, failed, _ = cache_dataset(
+            cases, module.classes, s, module.cache_dir, workers=args.workers, progress=True
+        )
+    except BuildInterrupted as stop:
+        done = sum(1 for c in cases if _has_entry(module.cache_dir, c.case_id))
+        print(
+            f"lora-sam3d: interrupted while {stop.what}: {done} of {len(cases)} cases cached in "
+            f"{module.cache_dir} (finished entries kept); run the same command again to build the rest",
+            file=sys.stderr,
+        )
+        return 130
     size = sum(f.stat().st_size for c in built.values() for d in (c.path, c.image_dir) for f in d.iterdir())
     print(
         f"{len(built)} of {len(cases)} cases cached in {module.cache_dir} ({size / 2**20:.1f} MiB)"
         + (f"; {len(failed)} failed: {', '.join(sorted(failed))}" if failed else "")
     )
     return 1 if failed else 0
+
+
+def _has_entry(cache_dir: Path, case_id: str) -> bool:
+    """Whether a finished labels entry of ``case_id`` is in the cache (any class list or settings)."""
+    return any((p / "meta.json").is_file() for p in cache_dir.glob(f"{case_id}-*") if p.is_dir())
 
 
 def _cache(args: argparse.Namespace) -> int:
@@ -227,7 +242,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             parser.print_help()
             return 0
-        return args.run(args) or 0
+        code = args.run(args) or 0
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+        return code
+    except BrokenPipeError:  # `lora-sam3d cache ... | head`: the reader is gone, nothing more to say
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+    except KeyboardInterrupt:
+        print("lora-sam3d: interrupted", file=sys.stderr)
+        return 130
     except (OSError, ValueError, KeyError, TypeError, FloatingPointError, argparse.ArgumentError) as err:
         if os.environ.get("LORA_SAM3D_DEBUG"):
             raise

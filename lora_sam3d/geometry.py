@@ -8,14 +8,20 @@ distance transform and scikit-image's marching cubes do the work; nothing here k
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 from scipy import ndimage
 
+from lora_sam3d.atomic import atomic_write
+
 __all__ = [
     "AXIS_NAMES",
+    "CoordinateSystem",
     "Mesh",
+    "MeshFormat",
     "frame_box",
     "marching_cubes",
     "mask_signed_distance",
@@ -23,6 +29,9 @@ __all__ = [
     "sdf_on_grid",
     "signed_distance_mm",
 ]
+
+CoordinateSystem = Literal["RAS", "LPS"]
+MeshFormat = Literal["ply", "stl", "obj"]
 
 AXIS_NAMES = ("sagittal", "coronal", "axial")
 """The anatomical name of each voxel axis of the canonical RAS grid (0, 1, 2)."""
@@ -39,6 +48,46 @@ class Mesh:
     @property
     def is_empty(self) -> bool:
         return len(self.faces) == 0
+
+    def save(self, path: str | Path, coordinate_system: CoordinateSystem = "RAS") -> Path:
+        """Write a world-RAS mesh as PLY, STL or OBJ (by the suffix), its coordinate system in the
+        header (``SPACE=RAS``/``SPACE=LPS``, which 3D Slicer reads); atomically."""
+        path = Path(path)
+        data = self.encode(path.suffix.lstrip(".").lower(), coordinate_system)  # type: ignore[arg-type]
+        return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+    def encode(self, fmt: MeshFormat = "ply", coordinate_system: CoordinateSystem = "RAS") -> bytes:
+        """The file bytes of a world-RAS mesh; LPS flips x and y (a rotation: faces stay outward)."""
+        import trimesh
+
+        vertices, normals = self.vertices.astype(np.float64), self.normals.astype(np.float64)
+        if coordinate_system == "LPS":
+            flip = np.array([-1.0, -1.0, 1.0])
+            vertices, normals = vertices * flip, normals * flip
+        elif coordinate_system != "RAS":
+            raise ValueError(f"coordinate_system must be 'RAS' or 'LPS', got {coordinate_system!r}")
+        tm = trimesh.Trimesh(vertices, self.faces, vertex_normals=normals, process=False)
+        tag = f"SPACE={coordinate_system}"
+        if fmt == "ply":
+            data = trimesh.exchange.ply.export_ply(tm, encoding="binary", vertex_normal=True)
+            first = data.index(b"\n", data.index(b"format")) + 1
+            return data[:first] + f"comment {tag}\n".encode() + data[first:]
+        if fmt == "stl":
+            return tag.encode().ljust(80, b" ") + trimesh.exchange.stl.export_stl(tm)[80:]
+        if fmt == "obj":
+            return f"# {tag}\n".encode() + trimesh.exchange.obj.export_obj(tm, include_normals=True).encode()
+        raise ValueError(f"mesh format must be ply, stl or obj, got {fmt!r}")
+
+    def smoothed(self, iterations: int = 10) -> Mesh:
+        """Taubin's lambda/mu smoothing (trimesh): removes marching cubes' cell steps without
+        shrinking the surface as plain Laplacian smoothing does. Vertices move, faces stay; 0: this mesh."""
+        import trimesh
+
+        if iterations <= 0 or self.is_empty:
+            return self
+        tm = trimesh.Trimesh(self.vertices.astype(np.float64), self.faces, process=False)
+        trimesh.smoothing.filter_taubin(tm, lamb=0.5, nu=0.53, iterations=iterations)
+        return Mesh(tm.vertices.astype(np.float32), self.faces, tm.vertex_normals.astype(np.float32))
 
     def to_world(self, frame_to_world: np.ndarray | torch.Tensor) -> Mesh:
         """Map frame coordinates through a 4x4 affine (e.g. to RAS millimetres); normals follow."""

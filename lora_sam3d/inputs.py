@@ -116,6 +116,7 @@ class SampleInfo(_Record):
         slice_name: every view's plane, the first one first (``axis2_slice44+axis0_slice30``,
             or a request's ``axial16+coronal69``).
         source_image: the NIfTI each sample was read from (its grid receives the predicted mask).
+        file_index: a request's first slice in the file's own numbering (None for a split's sample).
     """
 
     case_id: list[str]
@@ -123,6 +124,7 @@ class SampleInfo(_Record):
     slice_name: list[str]
     source_image: list[str | None]
     class_index: torch.Tensor | None = None
+    file_index: list[int | None] | None = None
 
 
 @dataclass
@@ -223,5 +225,6 @@ def collate(samples: list[dict[str, Any]]) -> Batch:
         ],
         source_image=[s.get("source_image") for s in samples],
         class_index=_optional_stack(samples, "class_index"),
+        file_index=[s.get("file_index") for s in samples],
     )
     return Batch(evidence, targets, info)

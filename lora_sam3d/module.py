@@ -356,6 +356,9 @@ class LoRAMeshDecoderModule(L.LightningModule):
                 f"checkpoint does not fit this model: {fit.describe()} "
                 "(check model.lora / model.unfreeze / model.structure against the checkpoint's)"
             )
+        # The frozen base is rebuilt from model.base_checkpoint, not stored: hand the loader its own
+        # tensors so it does not list ~100 "missing" keys that are not missing.
+        checkpoint["state_dict"] = {**self.state_dict(), **checkpoint["state_dict"]}
 
 
 def checkpoint_section(module: LoRAMeshDecoderModule, trainable: list[str]) -> dict[str, Any]:

@@ -13,16 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from lora_sam3d.geometry import Mesh
+from lora_sam3d.geometry import CoordinateSystem, Mesh, MeshFormat
 from lora_sam3d.predictions import Prediction
-from lora_sam3d.writers import (
-    CoordinateSystem,
-    MeshFormat,
-    mask_on_source_grid,
-    preview_png,
-    write_mesh,
-    write_nifti,
-)
+from lora_sam3d.writers import mask_on_source_grid, preview_png, write_nifti
 
 __all__ = [
     "OUTPUT_KINDS",
@@ -66,7 +59,7 @@ class MeshFiles(SampleOutput):
         for surface, suffix in ((mesh, ""), (record.gt_mesh, "_truth")):
             if surface is not None and not surface.is_empty:
                 path = folder / f"{record.stem}{suffix}.{self.mesh_format}"
-                written.append(write_mesh(surface, path, self.coordinate_system))
+                written.append(surface.save(path, self.coordinate_system))
         return written
 
 

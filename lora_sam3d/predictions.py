@@ -26,7 +26,8 @@ class Prediction:
     """One sample's result, as `predict_step` hands it to `MeshPredictionWriter`.
 
     Attributes:
-        case_id, class_name, axis, index: which slice of which case it came from.
+        case_id, class_name, axis, index: which slice of which case it came from (``index`` on the
+            model's resampled grid; ``file_index`` in the scan file's own numbering, for a request).
         source_image: the NIfTI the slice was read from (its grid receives the predicted mask).
         frame_to_world: (4, 4) frame units -> world RAS mm.
         sdf: (4R+1,)*3 predicted vertex SDF in frame units, negative inside.
@@ -57,6 +58,7 @@ class Prediction:
     scored_against: str = "truth"
     views_image: np.ndarray | None = None
     views_mask: np.ndarray | None = None
+    file_index: int | None = None
 
     @property
     def stem(self) -> str:
@@ -131,6 +133,7 @@ def prediction_records(rec: Reconstruction, batch: Batch, tolerance_mm: float) -
             mask=ev.mask[i, 0].cpu().numpy(),
             mesh=mesh,
             slice_name=info.slice_name[i],
+            file_index=info.file_index[i] if info.file_index else None,
         )
         valid = ev.valid[i].cpu()
         if int(valid.sum()) > 1:

@@ -39,14 +39,11 @@ def adopt_data_settings(data_cfg: Any, stored: dict[str, Any], source: str) -> N
     sets to another value is refused, naming both, since the model was trained on the stored one."""
     defaults = DataSettings()
     trained = stored.get("views") or 1  # models written before several views existed saw one
-    asked = max(
-        [data_cfg.get("views") or 1]
-        + [len(i.get("slices") or [1]) for i in data_cfg.get("predict_items") or []]
-    )
+    asked = data_cfg.get("views") or 1  # a request's slices are counted once their masks are read
     if asked > trained:
         raise ValueError(
-            f"{asked} views asked (data.views or a request's slices) but {source} was trained with at most "
-            f"{trained} view{'s' if trained > 1 else ''}: ask for {trained} or fewer, or train with data.views: {asked}"
+            f"{asked} views asked (data.views) but {source} was trained with at most {trained} "
+            f"view{'s' if trained > 1 else ''}: ask for {trained} or fewer, or train with data.views: {asked}"
         )
     for key in PREPROCESSING_SETTINGS:
         if key not in stored or stored[key] is None:

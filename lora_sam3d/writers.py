@@ -1,4 +1,5 @@
-"""Files a user opens: meshes (PLY/STL/OBJ via trimesh), a NIfTI mask on the source scan's grid, PNG previews.
+"""Files a user opens beside the meshes (`lora_sam3d.geometry.Mesh.save`): a NIfTI mask on the source
+scan's grid and PNG previews.
 
 Every file is written to a temporary name and renamed, so an interrupted run leaves no
 half-written file under a final name. Meshes carry their coordinate system in the header
@@ -8,70 +9,15 @@ half-written file under a final name. Meshes carry their coordinate system in th
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
 from lora_sam3d.atomic import atomic_write
-from lora_sam3d.geometry import Mesh, sdf_on_grid
+from lora_sam3d.geometry import sdf_on_grid
 
-__all__ = [
-    "CoordinateSystem",
-    "MeshFormat",
-    "mask_on_source_grid",
-    "mesh_bytes",
-    "preview_png",
-    "smooth_taubin",
-    "write_mesh",
-    "write_nifti",
-]
-
-CoordinateSystem = Literal["RAS", "LPS"]
-MeshFormat = Literal["ply", "stl", "obj"]
-
-
-def mesh_bytes(mesh: Mesh, fmt: MeshFormat = "ply", coordinate_system: CoordinateSystem = "RAS") -> bytes:
-    """Encode a world-RAS mesh; LPS flips x and y (a rotation: face winding stays outward)."""
-    import trimesh
-
-    vertices, normals = mesh.vertices.astype(np.float64), mesh.normals.astype(np.float64)
-    if coordinate_system == "LPS":
-        flip = np.array([-1.0, -1.0, 1.0])
-        vertices, normals = vertices * flip, normals * flip
-    elif coordinate_system != "RAS":
-        raise ValueError(f"coordinate_system must be 'RAS' or 'LPS', got {coordinate_system!r}")
-    tm = trimesh.Trimesh(vertices, mesh.faces, vertex_normals=normals, process=False)
-    tag = f"SPACE={coordinate_system}"
-    if fmt == "ply":
-        data = trimesh.exchange.ply.export_ply(tm, encoding="binary", vertex_normal=True)
-        first = data.index(b"\n", data.index(b"format")) + 1
-        return data[:first] + f"comment {tag}\n".encode() + data[first:]
-    if fmt == "stl":
-        data = trimesh.exchange.stl.export_stl(tm)
-        return tag.encode().ljust(80, b" ") + data[80:]
-    if fmt == "obj":
-        return f"# {tag}\n".encode() + trimesh.exchange.obj.export_obj(tm, include_normals=True).encode()
-    raise ValueError(f"mesh format must be ply, stl or obj, got {fmt!r}")
-
-
-def smooth_taubin(mesh: Mesh, iterations: int = 10) -> Mesh:
-    """Taubin's lambda/mu smoothing (trimesh): removes marching cubes' cell steps without shrinking
-    the surface as plain Laplacian smoothing does. Vertices move, faces stay."""
-    import trimesh
-
-    if iterations <= 0 or mesh.is_empty:
-        return mesh
-    tm = trimesh.Trimesh(mesh.vertices.astype(np.float64), mesh.faces, process=False)
-    trimesh.smoothing.filter_taubin(tm, lamb=0.5, nu=0.53, iterations=iterations)
-    return Mesh(tm.vertices.astype(np.float32), mesh.faces, tm.vertex_normals.astype(np.float32))
-
-
-def write_mesh(mesh: Mesh, path: Path, coordinate_system: CoordinateSystem = "RAS") -> Path:
-    fmt = path.suffix.lstrip(".").lower()
-    data = mesh_bytes(mesh, fmt, coordinate_system)  # type: ignore[arg-type]
-    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+__all__ = ["mask_on_source_grid", "preview_png", "write_nifti"]
 
 
 def mask_on_source_grid(

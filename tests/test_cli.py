@@ -183,7 +183,7 @@ def test_validate_and_predict_write_metrics_meshes_and_masks(trained: Path) -> N
     cases = {c.case_id: c for c in discover_cases(trained / "data", HEART_CLASSES)}
     dices = []
     for row in summary["samples"]:
-        stem = f"{row['case_id']}_{row['class_name']}_axis{row['axis']}_slice{row['index']}"
+        stem = f"{row['case_id']}_{row['class_name']}_axis{row['axis']}_slice{row['grid_index']}"
         label_path = cases[row["case_id"]].image.parent / "segmentations" / f"{row['class_name']}.nii.gz"
         label = nib.load(str(label_path))
         inside = np.asarray(label.dataobj) > 0
@@ -433,7 +433,7 @@ def test_ddp_on_two_cpu_processes_equals_one_process(tmp_path: Path) -> None:
     assert (
         len(pred_two) == len(pred_one) == len({(r["case_id"], r["class_name"], r["axis"]) for r in pred_two})
     )
-    key = lambda r: (r["case_id"], r["class_name"], r["axis"], r["index"])  # noqa: E731
+    key = lambda r: (r["case_id"], r["class_name"], r["axis"], r["grid_index"])  # noqa: E731
     for r1, r2 in zip(sorted(pred_one, key=key), sorted(pred_two, key=key), strict=True):
         assert r1.keys() == r2.keys()
         for column, value in r1.items():  # every column, not only Dice
@@ -517,6 +517,25 @@ def test_a_checkpoint_or_an_adapter_alone_reconstructs_a_new_scan(trained: Path)
     )
     assert dice > 0.5, dice
     check_report(trained / "scan-ckpt", {stem: "request mask"})
+    # the notebook call gives what the command wrote, for the same request
+    import lora_sam3d
+    from lora_sam3d.models import Reconstructor
+    from lora_sam3d.module import LoRAMeshDecoderModule
+
+    loaded = LoRAMeshDecoderModule.load_from_checkpoint(
+        trained / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True
+    )
+    models = {"scan-adapter": Reconstructor.from_adapter(adapter["adapter"]), "scan-ckpt": loaded}
+    for folder, model in models.items():
+        got = lora_sam3d.reconstruct(model, image, mask, "heart_ventricle_left", axis="axial", index=z)
+        assert got.name == stem
+        written = trimesh.load(trained / folder / f"{stem}.ply", process=False)
+        np.testing.assert_allclose(got.mesh.vertices, written.vertices, atol=1e-5)
+        on_disk = nib.load(trained / folder / f"{stem}_mask.nii.gz")
+        assert np.array_equal(np.asarray(got.mask.dataobj), np.asarray(on_disk.dataobj))
+        assert np.allclose(got.mask.affine, on_disk.affine)
+        got.mesh.save(trained / folder / "again.stl", coordinate_system="LPS")
+        assert (trained / folder / "again.stl").read_bytes()[:9] == b"SPACE=LPS"
 
 
 def check_report(folder: Path, scored: dict[str, str | None]) -> None:

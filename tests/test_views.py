@@ -258,7 +258,10 @@ def test_predict_with_one_two_and_three_slices_through_the_command(phantoms: Pat
     assert main(["fit", "--config", str(write_yaml(one_view, tmp_path / "v1.yaml"))]) == 0
     request["trainer"]["callbacks"][0]["init_args"]["output_dir"] = str(tmp_path / "out1")
     (tmp_path / "request1.yaml").write_text(yaml.safe_dump(request))
-    with pytest.raises(ValueError, match=r"3 views asked .* trained with at most 1 view: ask for 1 or fewer"):
+    with pytest.raises(
+        ValueError,
+        match=r"predict item 2 \(axial\d+\+coronal\d+\): 2 views asked \(its slices with mask voxels\) but the model was trained with at most 1 view: ask for 1 or fewer",
+    ):
         import os
 
         os.environ["LORA_SAM3D_DEBUG"] = "1"

@@ -10,29 +10,26 @@ import torch
 import trimesh
 
 from lora_sam3d.models import marching_cubes
-from lora_sam3d.writers import mesh_bytes
 
 
 def test_mesh_files_state_their_coordinate_system() -> None:
     axis = torch.linspace(-0.5, 0.5, 17)
     grid = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1).norm(dim=-1) - 0.3
     mesh = marching_cubes(grid)
-    assert b"comment SPACE=RAS" in mesh_bytes(mesh, "ply", "RAS")[:100]
-    assert mesh_bytes(mesh, "stl", "LPS")[:9] == b"SPACE=LPS"
-    assert mesh_bytes(mesh, "obj", "RAS").startswith(b"# SPACE=RAS")
-    lps = trimesh.load(io.BytesIO(mesh_bytes(mesh, "ply", "LPS")), file_type="ply", process=False)
+    assert b"comment SPACE=RAS" in mesh.encode("ply", "RAS")[:100]
+    assert mesh.encode("stl", "LPS")[:9] == b"SPACE=LPS"
+    assert mesh.encode("obj", "RAS").startswith(b"# SPACE=RAS")
+    lps = trimesh.load(io.BytesIO(mesh.encode("ply", "LPS")), file_type="ply", process=False)
     assert np.allclose(lps.vertices[:, :2], -mesh.vertices[:, :2], atol=1e-6)
     assert lps.is_winding_consistent and lps.volume > 0, "LPS flip keeps outward winding"
 
 
 def test_taubin_smoothing_removes_cell_steps_without_shrinking() -> None:
-    from lora_sam3d.writers import smooth_taubin
-
     axis = torch.linspace(-0.5, 0.5, 33)
     distance = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1).norm(dim=-1) - 0.3
     mesh = marching_cubes(torch.sign(distance))  # a voxelised ball: the staircase a coarse SDF leaves
-    smooth = smooth_taubin(mesh, 10)
-    assert np.array_equal(smooth.faces, mesh.faces) and smooth_taubin(mesh, 0) is mesh
+    smooth = mesh.smoothed(10)
+    assert np.array_equal(smooth.faces, mesh.faces) and mesh.smoothed(0) is mesh
 
     def radius_spread(m: object) -> float:  # a sphere's vertices: how far from one radius
         r = np.linalg.norm(m.vertices, axis=1)  # type: ignore[attr-defined]

@@ -58,6 +58,7 @@ __all__ = [
     "IN_USE_S",
     "IN_USE_STAMP_S",
     "STALE_BUILD_S",
+    "BuildInterrupted",
     "CacheEntry",
     "CachedCase",
     "CroppedArray",
@@ -482,6 +483,74 @@ class CachedCase:
         return {"path": self.path, "image_dir": self.image_dir}
 
 
+class BuildInterrupted(KeyboardInterrupt):
+    """A build stopped by Ctrl-C (SIGINT) or SIGTERM: the queued cases were cancelled, the running
+    ones stopped (their temporary folders removed), the finished entries kept."""
+
+    def __init__(self, finished: int, total: int, what: str) -> None:
+        super().__init__(f"{what}: {finished} of {total} finished before the interrupt")
+        self.finished, self.total, self.what = finished, total, what
+
+
+_BUSY = False
+"""In a build worker process: a case is being built (SIGINT then stops it; an idle worker ignores it)."""
+
+
+def _stop_build(signum: int, frame: Any) -> None:
+    global _BUSY
+    if _BUSY:
+        _BUSY = False  # one interrupt per case: a second one must not cut the clean-up short
+        raise KeyboardInterrupt
+
+
+def _worker_init() -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, _stop_build)
+
+
+def _run_job(fn: Callable[..., Path], case: Case, *args: Any) -> Path:
+    global _BUSY
+    _BUSY = True
+    try:
+        return fn(case, *args)
+    finally:
+        _BUSY = False
+
+
+def _in_processes(
+    jobs: Sequence[tuple[Case, Callable[..., Path], tuple[Any, ...]]],
+    workers: int,
+    done: Callable[[Case, Path | BaseException], None],
+) -> None:
+    """The jobs in ``workers`` spawned processes, at most one queued per free worker, so an interrupt
+    leaves nothing queued: the running builds get SIGINT and clean up, the pool then shuts down."""
+    import multiprocessing
+    import os
+    import signal
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    spawn = multiprocessing.get_context("spawn")  # no fork of a process that holds torch threads
+    pool = ProcessPoolExecutor(min(workers, len(jobs)), mp_context=spawn, initializer=_worker_init)
+    todo, running = list(jobs), {}
+    try:
+        while todo or running:
+            while todo and len(running) < workers:
+                case, fn, args = todo.pop(0)
+                with _children_ignore_sigint():  # a worker may be spawned here; it starts deaf to Ctrl-C
+                    running[pool.submit(_run_job, fn, case, *args)] = case
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                done(running.pop(future), future.exception() or future.result())
+    except BaseException:
+        for process in list(getattr(pool, "_processes", {}).values()):
+            with contextlib.suppress(OSError):
+                os.kill(process.pid, signal.SIGINT)  # SIGTERM reached us alone; Ctrl-C reached all
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+
+
 def _each_case(
     jobs: Sequence[tuple[Case, Callable[..., Path], tuple[Any, ...]]],
     description: str,
@@ -491,12 +560,12 @@ def _each_case(
     """Run ``fn(case, *args)`` for each job, ``workers`` processes at once when there is more than
     one; ``progress`` shows a bar with the time left and a line per failed case. Returns (case id ->
     result, case id -> why it failed): a case whose files are bad (`DataError`: unreadable, another
-    grid, ...) fails alone; any other error (a full disk, a read-only cache folder) stops the build.
-    Memory: one case per process."""
+    grid, ...) fails alone; any other error (a full disk, a read-only cache folder) stops the build;
+    Ctrl-C or SIGTERM stops it too, as `BuildInterrupted`. Memory: one case per process."""
     results: dict[str, Path] = {}
     failed: dict[str, str] = {}
     bar = _progress() if progress and jobs else contextlib.nullcontext()
-    with bar as shown:
+    with _sigterm_interrupts(), bar as shown:
         task = shown.add_task(description, total=len(jobs)) if shown else None
 
         def done(case: Case, result: Path | BaseException) -> None:
@@ -513,22 +582,56 @@ def _each_case(
             if shown:
                 shown.advance(task)
 
-        if workers > 1 and len(jobs) > 1:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor, as_completed
-
-            spawn = multiprocessing.get_context("spawn")  # no fork of a process that holds torch threads
-            with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=spawn) as pool:
-                futures = {pool.submit(fn, case, *args): case for case, fn, args in jobs}
-                for future in as_completed(futures):
-                    done(futures[future], future.exception() or future.result())
-        else:
-            for case, fn, args in jobs:
-                try:
-                    done(case, fn(case, *args))
-                except DataError as err:
-                    done(case, err)
+        try:
+            if workers > 1 and len(jobs) > 1:
+                _in_processes(jobs, workers, done)
+            else:
+                for case, fn, args in jobs:
+                    try:
+                        done(case, fn(case, *args))
+                    except DataError as err:
+                        done(case, err)
+        except KeyboardInterrupt:
+            raise BuildInterrupted(len(results) + len(failed), len(jobs), description) from None
     return results, failed
+
+
+@contextlib.contextmanager
+def _children_ignore_sigint() -> Any:
+    """Processes started in here inherit an ignored SIGINT (Python keeps it ignored while it starts),
+    so a Ctrl-C during a worker's start-up cannot kill it mid-import; `_worker_init` then installs
+    the handler that stops a running build."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Any:
+    """SIGTERM (a scheduler's stop, ``kill``) stops a build as Ctrl-C does, in the main thread."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def build_cases(

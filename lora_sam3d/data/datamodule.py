@@ -96,6 +96,12 @@ class TSDataModule(L.LightningDataModule):
             the model's checkpoint or adapter (``extent_mm`` here overrides extents), or, for a
             model without stored settings, this config's and the training split's. Without
             them, ``predict`` runs on ``predict_split`` (with ground truth, so metrics are written too).
+        intensity_check: a request's scan unlike the modality the model reads (an MR-range scan read
+            as CT: most voxels above the window) gets a warning naming the file and the share
+            (``warn``), or is refused (``error``).
+        views: as `DataSettings.views` (1 when not given); given, it also caps a request's slices
+            (a request with more is refused), while left out a request may have as many slices as
+            the model was trained with.
     """
 
     def __init__(
@@ -110,6 +116,7 @@ class TSDataModule(L.LightningDataModule):
         phantoms: PhantomSpec | None = None,
         predict_items: list[PredictItem] | None = None,
         predict_split: Literal["train", "val", "test"] | None = "test",
+        intensity_check: Literal["warn", "error"] = "warn",
         resolution: int = _DEFAULT.resolution,
         spacing: float = _DEFAULT.spacing,
         cache_dir: str | None = _DEFAULT.cache_dir,
@@ -127,7 +134,7 @@ class TSDataModule(L.LightningDataModule):
         modality: Literal["ct", "mr"] = _DEFAULT.modality,
         ct_window_hu: tuple[float, float] = _DEFAULT.ct_window_hu,
         on_bad_case: Literal["error", "skip"] = _DEFAULT.on_bad_case,
-        views: int = _DEFAULT.views,
+        views: int | None = None,
         view_layout: ViewLayout = _DEFAULT.view_layout,
         view_spacing_mm: float = _DEFAULT.view_spacing_mm,
         coarse_target: Literal["centre", "any"] = _DEFAULT.coarse_target,
@@ -145,7 +152,9 @@ class TSDataModule(L.LightningDataModule):
                 )
         check_class_names(classes or [])
         check_class_names(list(extent_mm or {}), "data.extent_mm")
-        self.settings = DataSettings.pick(dict(self.hparams))
+        self.settings = DataSettings.pick(
+            {**self.hparams, "views": _DEFAULT.views if views is None else views}
+        )
         self.datasets: dict[str, Dataset] = {}
 
     @property
@@ -251,8 +260,10 @@ class TSDataModule(L.LightningDataModule):
                     bank.key_for(name)
                 except ValueError as err:
                     raise DataError(f"predict item {k}: {err}") from None
+        trained = None
         if stored:
-            dataset = PredictionDataset.from_settings(h.predict_items, stored, h.extent_mm)
+            dataset = PredictionDataset.from_settings(h.predict_items, stored, h.extent_mm, h.intensity_check)
+            trained = DataContract.from_dict(stored).views
         else:
             extents = {}
             if h.root is not None:
@@ -264,7 +275,9 @@ class TSDataModule(L.LightningDataModule):
                 {**extents, **(h.extent_mm or {})},
                 s.frame_scale,
                 s.slice_size or 4 * s.resolution,
+                h.intensity_check,
             )
+        dataset.check_view_counts(trained, h.views)
         dataset.check_unique_outputs()
         return dataset
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import nibabel as nib
 import numpy as np
@@ -26,7 +26,15 @@ from lora_sam3d.data.cases import check_class_names
 from lora_sam3d.data.dataset import native_from_mask, slice_inputs
 from lora_sam3d.data.settings import DataContract
 from lora_sam3d.data.views import seen_centre, stack_views, view_rows
-from lora_sam3d.data.volume import DataError, Preprocessing, integer_labels, load_volume
+from lora_sam3d.data.volume import (
+    DataError,
+    IsotropicGrid,
+    Preprocessing,
+    canonical_grid,
+    integer_labels,
+    intensity_mismatch,
+    load_volume,
+)
 from lora_sam3d.geometry import AXIS_NAMES
 
 __all__ = [
@@ -68,8 +76,9 @@ class PredictItem:
         slices: instead of ``axis`` and ``index``/``position_mm``: several slices of the same scan
             (views), each ``{axis, index}`` or ``{axis, position_mm}``, optionally with its own
             ``mask`` (e.g. a 2D mask of that slice) and ``label_value``; by default the item's
-            ``mask`` cut at that plane. The first one places the frame; the model reads them as a
-            set (`lora_sam3d.data.views`).
+            ``mask`` cut at that plane. They are a set: the frame and the output names come from
+            them in one order (axial, coronal, sagittal; along one direction by position), whatever
+            order they are given in; two that land on one slice of the model's grid are refused.
     """
 
     image: str
@@ -136,6 +145,7 @@ class SliceRef:
     file_axis: int
     index: int
     centre_mm: np.ndarray  # (3,) world RAS point at the centre of the file slice
+    grid_index: int = -1  # the slice of the model's resampled grid the model reads (`grid_slice`)
 
     @property
     def position_mm(self) -> float:
@@ -146,6 +156,31 @@ class SliceRef:
     def name(self) -> str:
         """``axial57``: the direction and the file's slice number, as a viewer shows it."""
         return f"{AXIS_NAMES[self.axis]}{self.index}"
+
+    @property
+    def order(self) -> tuple[int, float]:
+        """Where the slice sorts among a request's slices: axial, coronal, sagittal, then by position."""
+        return (-self.axis, self.position_mm)
+
+
+def grid_slice(ref: SliceRef, grid: IsotropicGrid) -> int:
+    """The slice along ``ref.axis`` of the model's resampled grid nearest to the file slice's plane,
+    within the grid (a file's last slice may lie up to one model voxel past the grid's last one)."""
+    to_grid = np.linalg.inv(grid.affine)
+    along = nib.affines.apply_affine(to_grid, ref.centre_mm)[ref.axis]
+    return int(np.clip(np.rint(along), 0, grid.shape[ref.axis] - 1))
+
+
+def file_slices_read(ref: SliceRef, img: nib.Nifti1Image, grid: IsotropicGrid) -> list[int]:
+    """The file slices along ``ref.file_axis`` on either side of the plane of the model's grid slice
+    ``ref.grid_index``: the resampling reads the grid slice's labels from one of them, so a request
+    mask written on these (and on its own slice) always reaches the model, at a scan's edge too."""
+    point = nib.affines.apply_affine(np.linalg.inv(grid.affine), ref.centre_mm)
+    point[ref.axis] = ref.grid_index
+    world = nib.affines.apply_affine(grid.affine, point)
+    along = nib.affines.apply_affine(np.linalg.inv(img.affine), world)[ref.file_axis]
+    n = img.shape[ref.file_axis]
+    return sorted({ref.index, *(int(np.clip(i, 0, n - 1)) for i in (np.floor(along), np.ceil(along)))})
 
 
 def locate_slice(img: nib.Nifti1Image, axis: int, index: int | None, position_mm: float | None) -> SliceRef:
@@ -305,6 +340,18 @@ def _line(mask: np.ndarray, own_axis: int, other_axis: int, other_index: int) ->
     return np.take(mask, other_index, axis=dims.index(other_axis))
 
 
+def _as_given(item: PredictItem) -> str:
+    """The item's slices as the user wrote them (``axial index 16``, ``coronal position_mm 12.5``)."""
+
+    def one(axis: Any, index: Any, position_mm: Any) -> str:
+        return f"{axis} index {index}" if position_mm is None else f"{axis} position_mm {position_mm}"
+
+    if not item.slices:
+        return one(item.axis, item.index, item.position_mm)
+    views = [one(v.get("axis", "axial"), v.get("index"), v.get("position_mm")) for v in item.slices]
+    return "slices " + ", ".join(views)
+
+
 def case_names(images: Sequence[str | Path]) -> list[str]:
     """A case id per image, distinct for distinct files: `case_name`, prefixed by as many parent
     folders as it takes where two files would share one (``p1/CT/ct.nii.gz`` and ``p2/CT/ct.nii.gz``
@@ -357,7 +404,9 @@ class PredictionDataset(Dataset):
         extent_mm: Mapping[str, float],
         frame_scale: float,
         slice_size: int,
+        intensity_check: Literal["warn", "error"] = "warn",
     ) -> None:
+        self.intensity_check = intensity_check
         self.items = [i if isinstance(i, PredictItem) else PredictItem(**i) for i in items]
         self.prep, self.extent_mm, self.frame_scale, self.slice_size = (
             prep,
@@ -372,13 +421,27 @@ class PredictionDataset(Dataset):
             try:
                 self._check(item)
             except DataError as err:
-                where = (
-                    f"index {item.index}" if item.position_mm is None else f"position_mm {item.position_mm}"
-                )
                 raise DataError(
-                    f"predict item {k} ({item.class_name} in {item.image}, {item.axis} {where}): {err}"
+                    f"predict item {k} ({item.class_name} in {item.image}, {_as_given(item)}): {err}"
                 ) from None
         self.case_ids = case_names([item.image for item in self.items])
+
+    def check_view_counts(self, trained: int | None, asked: int | None) -> None:
+        """Refuse a request with more slices (those with mask voxels) than the model was ``trained``
+        with, or than ``data.views`` ``asked`` for when the config gives it: never a silent choice."""
+        for k, refs in enumerate(self.slices, start=1):
+            n, names = len(refs), "+".join(r.name for r in refs)
+            if trained is not None and n > trained:
+                raise DataError(
+                    f"predict item {k} ({names}): {n} views asked (its slices with mask voxels) but the model "
+                    f"was trained with at most {trained} view{'s' if trained > 1 else ''}: ask for {trained} "
+                    f"or fewer, or train with data.views: {n}"
+                )
+            if asked is not None and n > asked:
+                raise DataError(
+                    f"predict item {k} ({names}) has {n} slices with mask voxels but data.views is {asked}: "
+                    f"give data.views: {n} (at most what the model was trained with) or fewer slices"
+                )
 
     def check_unique_outputs(self) -> None:
         """Refuse two requests that would write the same output files (same scan, structure and slice)."""
@@ -405,11 +468,13 @@ class PredictionDataset(Dataset):
         items: Sequence[PredictItem | Mapping[str, Any]],
         data: DataContract | Mapping[str, Any],
         extent_mm: Mapping[str, float] | None = None,
+        intensity_check: Literal["warn", "error"] = "warn",
     ) -> PredictionDataset:
         """The requests read as a model was trained to read scans: ``data`` is the `DataContract` a
         checkpoint or adapter folder stores (or its dict); ``extent_mm`` overrides stored extents."""
         c = data if isinstance(data, DataContract) else DataContract.from_dict(data)
-        return cls(items, c.prep, {**c.extent_mm, **(extent_mm or {})}, c.frame_scale, c.slice_size)
+        extents = {**c.extent_mm, **(extent_mm or {})}
+        return cls(items, c.prep, extents, c.frame_scale, c.slice_size, intensity_check)
 
     def _check(self, item: PredictItem) -> None:
         check_class_names([item.class_name], "class_name")
@@ -451,8 +516,11 @@ class PredictionDataset(Dataset):
                 f"({refs[b].name}) do not overlap on the line where their planes cross: is one of them wrong?",
                 stacklevel=2,
             )
-        self.slices.append(refs)
-        self.masks.append(masks)
+        refs = self._on_grid(refs, img)
+        # the slices as a set: one order whatever order they came in, so the frame and the names are too
+        order = sorted(range(len(refs)), key=lambda j: refs[j].order)
+        self.slices.append([refs[j] for j in order])
+        self.masks.append([masks[j] for j in order])
         if item.image not in self._finite:  # each scan read once here, so a bad one fails before any output
             try:
                 values = np.asarray(img.dataobj, dtype=np.float32)
@@ -461,7 +529,28 @@ class PredictionDataset(Dataset):
             bad = int((~np.isfinite(values)).sum())
             if bad:
                 raise DataError(f"image {item.image} has {bad} NaN/inf voxels: intensities must be finite")
+            why = intensity_mismatch(values, self.prep, item.image)
+            if why and self.intensity_check == "error":
+                raise DataError(f"{why} (data.intensity_check: error refuses it; warn only warns)")
+            if why:
+                warnings.warn(why, stacklevel=2)
             self._finite.add(item.image)
+
+    def _on_grid(self, refs: list[SliceRef], img: nib.Nifti1Image) -> list[SliceRef]:
+        """The refs with the slice of the model's grid each one is read on; two on one grid slice
+        would be one view read twice, so that is refused, naming both."""
+        grid = IsotropicGrid.of(*canonical_grid(img), self.prep.spacing_mm)
+        placed = [replace(r, grid_index=grid_slice(r, grid)) for r in refs]
+        seen: dict[tuple[int, int], SliceRef] = {}
+        for ref in placed:
+            other = seen.setdefault((ref.axis, ref.grid_index), ref)
+            if other is not ref:
+                raise DataError(
+                    f"slices {other.name} and {ref.name} land on one slice of the model's grid "
+                    f"({self.prep.spacing_mm:g} mm spacing), so they would be one view read twice: give "
+                    f"slices at least {self.prep.spacing_mm:g} mm apart, or one of them"
+                )
+        return placed
 
     def __len__(self) -> int:
         return len(self.items)
@@ -480,6 +569,7 @@ class PredictionDataset(Dataset):
             "class_name": item.class_name,
             "source_image": str(item.image),
             "slice_name": "+".join(r.name for r in refs),
+            "file_index": refs[0].index,
             # a 3D mask of the structure is its truth on the scan's grid: the prediction is scored against it
             "native": None if truth is None else native_from_mask(truth, raw.affine, frame_to_world),
             "scored_against": "request mask",
@@ -490,18 +580,7 @@ class PredictionDataset(Dataset):
         item, refs = self.items[i], self.slices[i]
         classes, in_memory = self._view_labels(i, raw)
         volume = load_volume(item.image, classes, self.prep, in_memory)
-        to_grid = np.linalg.inv(volume.affine)
-        # each file slice lies within the resampled grid up to half a voxel: the nearest canonical slice
-        indices = [
-            int(
-                np.clip(
-                    np.rint(nib.affines.apply_affine(to_grid, r.centre_mm)[r.axis]),
-                    0,
-                    volume.image.shape[r.axis] - 1,
-                )
-            )
-            for r in refs
-        ]
+        indices = [r.grid_index for r in refs]
         side_mm = self.frame_scale * self.extent_mm[item.class_name]
         others = [(r.axis, index) for r, index in zip(refs[1:], indices[1:], strict=True)]
         centre = (
@@ -541,14 +620,13 @@ class PredictionDataset(Dataset):
         self, i: int, raw: nib.Nifti1Image
     ) -> tuple[dict[int, tuple[Path, None]], dict[Path, nib.Nifti1Image]]:
         """Request ``i``'s slice masks as label volumes in the file's orientation, view k as class bit k,
-        for `load_volume`. Each mask is repeated on the neighbouring file slices when the model's grid
-        is coarser than the file's, so the nearest-neighbour resampling cannot miss it."""
+        for `load_volume`. Each mask is repeated on the file slices around its model grid slice's plane
+        (`file_slices_read`), so the nearest-neighbour resampling cannot miss it."""
         classes, images = {}, {}
+        grid = IsotropicGrid.of(*canonical_grid(raw), self.prep.spacing_mm)
         for k, (ref, mask) in enumerate(zip(self.slices[i], self.masks[i], strict=True)):
             labels = np.zeros(raw.shape, dtype=np.uint8)
-            thickness = float(np.linalg.norm(raw.affine[:3, ref.file_axis]))
-            reach = max(0, int(np.ceil(self.prep.spacing_mm / 2 / thickness - 0.5)))
-            for j in range(max(0, ref.index - reach), min(raw.shape[ref.file_axis], ref.index + reach + 1)):
+            for j in file_slices_read(ref, raw, grid):
                 take: list[Any] = [slice(None)] * 3
                 take[ref.file_axis] = j
                 labels[tuple(take)] = mask

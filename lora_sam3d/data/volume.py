@@ -24,6 +24,7 @@ import numpy as np
 from scipy import ndimage
 
 __all__ = [
+    "INTENSITY_SHARE",
     "LABEL_TOLERANCE",
     "MAX_CLASSES",
     "Box",
@@ -37,6 +38,7 @@ __all__ = [
     "check_same_grid",
     "class_mask",
     "integer_labels",
+    "intensity_mismatch",
     "label_dtype",
     "load_image",
     "load_labels",
@@ -244,6 +246,33 @@ def check_same_grid(
         raise DataError(
             f"label {label_path} and image {image_path} have different affines:\n{label.affine}\nvs\n{affine}"
         )
+
+
+INTENSITY_SHARE = 0.5
+"""A scan with more than this share of its voxels above the CT window's top, read as CT, is
+probably not in Hounsfield units (`intensity_mismatch`)."""
+
+
+def intensity_mismatch(image: np.ndarray, prep: Preprocessing, path: str | Path) -> str | None:
+    """Why ``image`` looks unlike what ``prep`` reads, or None. As CT: more than `INTENSITY_SHARE`
+    of the voxels above the window's top (an MR range such as 0..4000 clipped to white; a real CT
+    has air below the window and little above it). As MR: a tenth or more of the voxels negative
+    (MR magnitudes are not; Hounsfield units are)."""
+    if prep.modality == "ct":
+        share = float((image > prep.ct_window_hu[1]).mean())
+        if share > INTENSITY_SHARE:
+            return (
+                f"image {path}: {share:.0%} of its voxels lie above the CT window's top "
+                f"({prep.ct_window_hu[1]:g} HU) and read as white: the model reads scans as CT in "
+                f"Hounsfield units (window {prep.ct_window_hu[0]:g}..{prep.ct_window_hu[1]:g}); is this an MR "
+                "or a rescaled image?"
+            )
+    elif (share := float((image < 0).mean())) >= 0.1:
+        return (
+            f"image {path}: {share:.0%} of its voxels are negative, as in Hounsfield units, but the "
+            "model reads scans as MR (percentile scaling): is this a CT?"
+        )
+    return None
 
 
 def normalise(image: np.ndarray, prep: Preprocessing, path: Path) -> np.ndarray:

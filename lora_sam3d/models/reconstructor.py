@@ -149,6 +149,7 @@ class Reconstructor(nn.Module):
         self.base_fingerprint = hashlib.sha256(
             (base_fingerprint(self.decoder) + base_fingerprint(self.structure)).encode()
         ).hexdigest()
+        self.data_contract: dict[str, Any] | None = None  # an adapter folder's data settings (from_adapter)
         self.latent_encoder = latent_encoder
         self.uses_structure = latent_encoder == "slice"
         self.encoder = make_encoder(latent_encoder, self.resolution, latents_dir)
@@ -193,6 +194,7 @@ class Reconstructor(nn.Module):
             active_margin=s["active_margin"],
         )
         model.attach_adapter(folder)
+        model.data_contract = read_adapter_settings(folder).data
         return model.eval()
 
     def settings(self) -> dict[str, Any]:
