@@ -26,7 +26,17 @@ import numpy as np
 from lora_sam3d.atomic import atomic_write
 from lora_sam3d.geometry import Mesh
 
-__all__ = ["SCRIPT", "SHOWN", "STYLE", "ReportEntry", "ReportSample", "entry", "slice_png", "write_report"]
+__all__ = [
+    "SCRIPT",
+    "SHOWN",
+    "STYLE",
+    "ReportEntry",
+    "ReportSample",
+    "entry",
+    "slice_png",
+    "unpacked",
+    "write_report",
+]
 
 SHOWN = ("dice", "hd95_mm", "assd_mm", "nsd", "chamfer_mm")
 
@@ -75,15 +85,27 @@ def _mesh_arrays(mesh: Mesh | None) -> dict[str, np.ndarray] | None:
     }
 
 
-def _view_json(view: dict[str, Any]) -> dict[str, Any]:
-    def mesh(m: dict[str, np.ndarray] | None) -> dict[str, list] | None:
-        return (
-            None
-            if m is None
-            else {"v": np.round(m["v"].astype(np.float64), 2).tolist(), "f": m["f"].tolist()}
-        )
+def _packed(m: dict[str, np.ndarray] | None) -> dict[str, Any] | None:
+    """A mesh as the page holds it: base64 of little-endian int32 vertices in 0.01 mm (``v``) and of
+    uint16 or uint32 faces (``f``, ``fw`` bytes each): about a third of the JSON numbers' size."""
+    if m is None:
+        return None
+    wide = m["f"].size and int(m["f"].max()) > 65535
+    faces = m["f"].astype("<u4" if wide else "<u2")
+    vertices = np.round(m["v"].astype(np.float64) * 100).astype("<i4")
+    return {"v": base64.b64encode(vertices.tobytes()).decode("ascii"),
+            "f": base64.b64encode(faces.tobytes()).decode("ascii"), "fw": faces.itemsize}  # fmt: skip
 
-    return {"pred": mesh(view["pred"]), "truth": mesh(view["truth"]), "slice": view["slice"]}
+
+def unpacked(m: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """(vertices (V, 3) mm, faces (F, 3)) of a mesh as `write_report` stores it in the page."""
+    vertices = np.frombuffer(base64.b64decode(m["v"]), dtype="<i4").reshape(-1, 3) / 100.0
+    faces = np.frombuffer(base64.b64decode(m["f"]), dtype="<u4" if m["fw"] == 4 else "<u2").reshape(-1, 3)
+    return vertices, faces.astype(np.int64)
+
+
+def _view_json(view: dict[str, Any]) -> dict[str, Any]:
+    return {"pred": _packed(view["pred"]), "truth": _packed(view["truth"]), "slice": view["slice"]}
 
 
 def slice_png(image: np.ndarray, mask: np.ndarray) -> str:
@@ -176,10 +198,16 @@ td:nth-child(-n+4),th:nth-child(-n+4){text-align:left}
 SCRIPT = """
 const data = JSON.parse(document.getElementById('report-data').textContent);
 const pick = document.getElementById('pick');
+function bytes(b64) {
+  const s = atob(b64), out = new Uint8Array(s.length);
+  for (let n = 0; n < s.length; n++) out[n] = s.charCodeAt(n);
+  return out.buffer;
+}
 function mesh(m, name, color, opacity) {
+  const v = new Int32Array(bytes(m.v)), f = m.fw === 4 ? new Uint32Array(bytes(m.f)) : new Uint16Array(bytes(m.f));
   const x = [], y = [], z = [], i = [], j = [], k = [];
-  for (let n = 0; n < m.v.length; n += 3) { x.push(m.v[n]); y.push(m.v[n + 1]); z.push(m.v[n + 2]); }
-  for (let n = 0; n < m.f.length; n += 3) { i.push(m.f[n]); j.push(m.f[n + 1]); k.push(m.f[n + 2]); }
+  for (let n = 0; n < v.length; n += 3) { x.push(v[n] / 100); y.push(v[n + 1] / 100); z.push(v[n + 2] / 100); }
+  for (let n = 0; n < f.length; n += 3) { i.push(f[n]); j.push(f[n + 1]); k.push(f[n + 2]); }
   return {type: 'mesh3d', x, y, z, i, j, k, name, color, opacity, showlegend: true};
 }
 function show(stem) {

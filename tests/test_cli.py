@@ -549,6 +549,8 @@ def check_report(folder: Path, scored: dict[str, str | None]) -> None:
     import trimesh
     from PIL import Image
 
+    from lora_sam3d.report import unpacked
+
     page = (folder / "report.html").read_text()
     assert 'src="http' not in page and "Plotly" in page, "self-contained: no network at view time"
     data = json.loads(
@@ -557,8 +559,9 @@ def check_report(folder: Path, scored: dict[str, str | None]) -> None:
     assert sorted(e["stem"] for e in data) == sorted(scored)
     for e in data:
         written = trimesh.load(folder / f"{e['stem']}.ply", process=False)
-        assert len(e["view"]["pred"]["v"]) == 3 * len(written.vertices)
-        np.testing.assert_allclose(np.reshape(e["view"]["pred"]["v"], (-1, 3)), written.vertices, atol=0.006)
+        vertices, faces = unpacked(e["view"]["pred"])
+        assert vertices.shape == written.vertices.shape and np.array_equal(faces, written.faces)
+        np.testing.assert_allclose(vertices, written.vertices, atol=0.006)
         assert (e["view"]["truth"] is not None) == (scored[e["stem"]] is not None)
         png = Image.open(io.BytesIO(base64.b64decode(e["view"]["slice"].split(",", 1)[1])))
         views = e["slice_name"].count("+") + 1  # every input slice, side by side, 2 pixels apart
