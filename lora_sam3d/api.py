@@ -81,10 +81,9 @@ def reconstruct(
     item = PredictItem(
         str(image), str(mask), class_name, axis, index, position_mm, label_value, slices and list(slices)
     )
-    requests = PredictionDataset.from_settings([item], data)
-    requests.check_view_counts(
-        DataContract.from_dict(data).views if isinstance(data, Mapping) else data.views, None
-    )
+    contract = data if isinstance(data, DataContract) else DataContract.from_dict(data)
+    requests = PredictionDataset.from_settings([item], contract)
+    requests.check_view_counts(contract.views, None)
     batch = collate([requests[0]])
     was_training = network.training
     try:

@@ -138,7 +138,9 @@ def _build_cache(args: argparse.Namespace) -> int:
 
 def _has_entry(cache_dir: Path, case_id: str) -> bool:
     """Whether a finished labels entry of ``case_id`` is in the cache (any class list or settings)."""
-    return any((p / "meta.json").is_file() for p in cache_dir.glob(f"{case_id}-*") if p.is_dir())
+    from lora_sam3d.data.cache import is_built
+
+    return any(is_built(p) for p in cache_dir.glob(f"{case_id}-*"))
 
 
 def _cache(args: argparse.Namespace) -> int:

@@ -2,11 +2,11 @@
 
 The model itself (stage 1, the active band, the decoder, the fill) is `lora_sam3d.models.Reconstructor`,
 plain PyTorch; losses and per-sample records are plain functions (`lora_sam3d.losses`,
-`lora_sam3d.predictions`); adapter folders live in `lora_sam3d.models.adapter_files` and the
-per-class adapter bank in `lora_sam3d.adapters`; batches are `lora_sam3d.inputs.Batch` records.
-What stays here is Lightning's contract: LoRA is injected once (in `setup`, or when a checkpoint
-is loaded), so fit followed by validate/test/predict in one process never
-wraps twice; the optimizer sees the trainable tensors only; checkpoints keep only those tensors
+`lora_sam3d.predictions`); what trains (`lora_sam3d.models.finetuning`) and adapter folders
+(`lora_sam3d.models.adapter_files`) are the model's; the per-class adapter bank is
+`lora_sam3d.adapters`; batches are `lora_sam3d.inputs.Batch` records. What stays here is
+Lightning's contract: LoRA is injected once (in `setup`, or when a checkpoint is loaded), so fit
+followed by validate/test/predict in one process never wraps twice; the optimizer sees the trainable tensors only; checkpoints keep only those tensors
 plus a description of themselves (fine-tuning mode, LoRA config, the base weights' fingerprint),
 and loading checks every key and the base and fails loudly on a mismatch.
 """
@@ -24,11 +24,17 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lora_sam3d.adapters import AdapterBank
 from lora_sam3d.checkpoint_io import DESIGN, check_checkpoint, upgrade_state_dict
 from lora_sam3d.inputs import Batch
-from lora_sam3d.lora import LoRAConfig, freeze_base_params, has_lora, state_dict_fit
+from lora_sam3d.lora import LoRAConfig, has_lora
 from lora_sam3d.losses import DIAGNOSTICS, LossWeights, frame_diagnostics, reconstruction_losses
 from lora_sam3d.metrics import MeshMetrics, WeightedMeans
-from lora_sam3d.models.adapter_files import read_adapter_settings
-from lora_sam3d.models.reconstructor import STRUCTURE_LORA_TARGETS, Reconstruction, Reconstructor
+from lora_sam3d.models.finetuning import (
+    check_stage_one_adaptable,
+    check_trainable_state,
+    lora_configs,
+    output_layer_blocks_lora,
+    set_trainable,
+)
+from lora_sam3d.models.reconstructor import Reconstruction, Reconstructor
 from lora_sam3d.predictions import Prediction, prediction_records, score_batch, warn_empty
 
 __all__ = ["LoRAMeshDecoderModule"]
@@ -55,15 +61,6 @@ def check_choices(
         raise ValueError("give model.adapter (one adapter) or model.adapters (one per structure), not both")
 
 
-def check_stage_one_adaptable(model: Reconstructor, finetune: str, structure_finetune: str) -> None:
-    """LoRA on stage 1 needs stage-1 weights in the base (Meta's decoder file has none)."""
-    if structure_finetune == finetune == "lora" and model.uses_structure and not model.structure_in_base:
-        raise ValueError(
-            f"base_checkpoint {model.base} has no stage-1 (sparse structure) weights, so LoRA has "
-            "nothing to adapt there: set model.structure_finetune: full to train stage 1 from scratch"
-        )
-
-
 def check_data_agrees(data: Any, resolution: int, classes: list[str]) -> None:
     """The data module's resolution and class list (its hyper-parameters ``data``) must be the model's."""
     if data.get("resolution") not in (None, resolution):
@@ -76,30 +73,6 @@ def check_data_agrees(data: Any, resolution: int, classes: list[str]) -> None:
             f"model.classes {classes} differ from data.classes {list(data['classes'])}: the class "
             "indices would not match (the command links them; give both the same list)"
         )
-
-
-def lora_settings(
-    lora: LoRAConfig | dict | None, structure_lora: LoRAConfig | dict | None, adapter: str | None
-) -> tuple[LoRAConfig, LoRAConfig, dict[str, Any]]:
-    """Both stages' LoRA configs (dicts come from a checkpoint's hyper-parameters) and the
-    hyper-parameters an adapter folder fixes: with ``adapter``, its own configs, ``unfreeze`` and
-    stage 1's fine-tuning mode replace the configured ones."""
-    decoder = LoRAConfig.from_dict(lora) if isinstance(lora, dict) else lora or LoRAConfig()
-    stage1 = (
-        LoRAConfig.from_dict(structure_lora)
-        if isinstance(structure_lora, dict)
-        else structure_lora or LoRAConfig(2, 4.0, target_modules=STRUCTURE_LORA_TARGETS)
-    )
-    if not adapter:
-        return decoder, stage1, {}
-    stored = read_adapter_settings(adapter)
-    decoder = LoRAConfig.from_dict(stored.lora or {})
-    adopted: dict[str, Any] = {"unfreeze": stored.unfreeze}
-    if stored.structure_lora is not None:
-        stage1 = LoRAConfig.from_dict(stored.structure_lora)
-    elif stored.structure_full:
-        adopted["structure_finetune"] = "full"
-    return decoder, stage1, adopted
 
 
 class LoRAMeshDecoderModule(L.LightningModule):
@@ -168,7 +141,7 @@ class LoRAMeshDecoderModule(L.LightningModule):
         check_choices(classes, finetune, structure_finetune, on_nonfinite, adapter, adapters)
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "lora", "structure_lora"])
         first = adapter or next(iter((adapters or {}).values()), None)
-        self.lora_config, self.structure_lora_config, adopted = lora_settings(lora, structure_lora, first)
+        self.lora_config, self.structure_lora_config, adopted = lora_configs(lora, structure_lora, first)
         # an adapter folder's own settings replace the configured ones
         self.hparams.update(
             adopted, lora=asdict(self.lora_config), structure_lora=asdict(self.structure_lora_config)
@@ -208,33 +181,18 @@ class LoRAMeshDecoderModule(L.LightningModule):
         Called from `setup` and from `on_load_checkpoint`: ``load_from_checkpoint`` restores the
         state before any ``setup`` runs, so the LoRA tensors must exist by then.
         """
-        h, m = self.hparams, self.model
-        if h.finetune == "full":
-            self.requires_grad_(True)
-            return
-        if not has_lora(m.decoder):
-            if not m.decoder.out_layer.weight.any() and not any(
-                n.startswith("out_layer") for n in h.unfreeze or []
-            ):
-                rank_zero_warn(
-                    "the base decoder's out_layer is all zeros (as freshly initialised), so every LoRA "
-                    "gradient is zero: give model.base_checkpoint or add 'out_layer' to model.unfreeze"
-                )
-            lora_structure = h.structure_finetune == "lora"
-            m.add_lora(
-                self.lora_config, self.structure_lora_config if lora_structure else None, h.adapter_seed
+        h, m, unfreeze = self.hparams, self.model, list(self.hparams.unfreeze or [])
+        if h.finetune == "lora" and not has_lora(m.decoder) and output_layer_blocks_lora(m, unfreeze):
+            rank_zero_warn(
+                "the base decoder's out_layer is all zeros (as freshly initialised), so every LoRA "
+                "gradient is zero: give model.base_checkpoint or add 'out_layer' to model.unfreeze"
             )
-            if h.adapter:
-                self.data_contract = m.attach_adapter(h.adapter).get("data") or self.data_contract
-        freeze_base_params(m.decoder)
-        freeze_base_params(m.structure)
-        if m.uses_structure and h.structure_finetune == "full":
-            m.structure.requires_grad_(True)
-        for name in h.unfreeze or []:
-            try:
-                m.decoder.get_submodule(name).requires_grad_(True)
-            except AttributeError as err:
-                raise ValueError(f"unfreeze: the decoder has no module {name!r}") from err
+        lora, stage1, seed = self.lora_config, self.structure_lora_config, h.adapter_seed
+        injected = set_trainable(m, h.finetune, h.structure_finetune, lora, stage1, unfreeze, seed)
+        if h.finetune == "full":
+            return
+        if injected and h.adapter:
+            self.data_contract = m.attach_adapter(h.adapter).get("data") or self.data_contract
         if h.get("adapters") and self.bank is None:
             names = [n for n, p in m.named_parameters() if p.requires_grad]
             self.bank = AdapterBank(m, h.adapters, names)
@@ -349,13 +307,7 @@ class LoRAMeshDecoderModule(L.LightningModule):
         upgrade_state_dict(checkpoint["state_dict"])
         self.data_contract = meta.get("data") or self.data_contract
         self.configure_adapters()
-        params = dict(self.named_parameters())
-        fit = state_dict_fit({k: params[k] for k in self.trainable_names()}, checkpoint["state_dict"])
-        if fit.missing or fit.unexpected or fit.mismatched:
-            raise ValueError(
-                f"checkpoint does not fit this model: {fit.describe()} "
-                "(check model.lora / model.unfreeze / model.structure against the checkpoint's)"
-            )
+        check_trainable_state(self.model, checkpoint["state_dict"], prefix="model.")
         # The frozen base is rebuilt from model.base_checkpoint, not stored: hand the loader its own
         # tensors so it does not list ~100 "missing" keys that are not missing.
         checkpoint["state_dict"] = {**self.state_dict(), **checkpoint["state_dict"]}

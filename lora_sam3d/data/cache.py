@@ -37,6 +37,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -504,8 +505,6 @@ def _stop_build(signum: int, frame: Any) -> None:
 
 
 def _worker_init() -> None:
-    import signal
-
     signal.signal(signal.SIGINT, _stop_build)
 
 
@@ -526,8 +525,6 @@ def _in_processes(
     """The jobs in ``workers`` spawned processes, at most one queued per free worker, so an interrupt
     leaves nothing queued: the running builds get SIGINT and clean up, the pool then shuts down."""
     import multiprocessing
-    import os
-    import signal
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     spawn = multiprocessing.get_context("spawn")  # no fork of a process that holds torch threads
@@ -537,7 +534,9 @@ def _in_processes(
         while todo or running:
             while todo and len(running) < workers:
                 case, fn, args = todo.pop(0)
-                with _children_ignore_sigint():  # a worker may be spawned here; it starts deaf to Ctrl-C
+                # a worker may be spawned here: it inherits an ignored SIGINT (Python keeps it so while
+                # it starts), so a Ctrl-C cannot kill it mid-import; `_worker_init` sets its handler
+                with _signal_handled(signal.SIGINT, signal.SIG_IGN):
                     running[pool.submit(_run_job, fn, case, *args)] = case
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
@@ -565,7 +564,7 @@ def _each_case(
     results: dict[str, Path] = {}
     failed: dict[str, str] = {}
     bar = _progress() if progress and jobs else contextlib.nullcontext()
-    with _sigterm_interrupts(), bar as shown:
+    with _signal_handled(signal.SIGTERM, _interrupt), bar as shown:
         task = shown.add_task(description, total=len(jobs)) if shown else None
 
         def done(case: Case, result: Path | BaseException) -> None:
@@ -597,41 +596,23 @@ def _each_case(
 
 
 @contextlib.contextmanager
-def _children_ignore_sigint() -> Any:
-    """Processes started in here inherit an ignored SIGINT (Python keeps it ignored while it starts),
-    so a Ctrl-C during a worker's start-up cannot kill it mid-import; `_worker_init` then installs
-    the handler that stops a running build."""
-    import signal
+def _signal_handled(signum: int, handler: Any) -> Any:
+    """``handler`` for ``signum`` inside the block, in the main thread (elsewhere Python cannot set one)."""
     import threading
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous = signal.signal(signum, handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.signal(signum, previous)
 
 
-@contextlib.contextmanager
-def _sigterm_interrupts() -> Any:
-    """SIGTERM (a scheduler's stop, ``kill``) stops a build as Ctrl-C does, in the main thread."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+def _interrupt(signum: int, frame: Any) -> None:
+    """SIGTERM (a scheduler's stop, ``kill``) stops a build as Ctrl-C does."""
+    raise KeyboardInterrupt
 
 
 def build_cases(

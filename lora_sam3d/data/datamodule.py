@@ -262,8 +262,11 @@ class TSDataModule(L.LightningDataModule):
                     raise DataError(f"predict item {k}: {err}") from None
         trained = None
         if stored:
-            dataset = PredictionDataset.from_settings(h.predict_items, stored, h.extent_mm, h.intensity_check)
-            trained = DataContract.from_dict(stored).views
+            contract = DataContract.from_dict(stored)
+            dataset = PredictionDataset.from_settings(
+                h.predict_items, contract, h.extent_mm, h.intensity_check
+            )
+            trained = contract.views
         else:
             extents = {}
             if h.root is not None:

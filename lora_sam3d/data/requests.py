@@ -416,6 +416,7 @@ class PredictionDataset(Dataset):
         )
         self.slices: list[list[SliceRef]] = []  # per item, its views (the first places the frame)
         self.masks: list[list[np.ndarray]] = []
+        self.grids: list[IsotropicGrid] = []  # per item, the model's grid of its scan
         self._finite: set[str] = set()
         for k, item in enumerate(self.items, start=1):
             try:
@@ -516,30 +517,36 @@ class PredictionDataset(Dataset):
                 f"({refs[b].name}) do not overlap on the line where their planes cross: is one of them wrong?",
                 stacklevel=2,
             )
-        refs = self._on_grid(refs, img)
+        grid = IsotropicGrid.of(*canonical_grid(img), self.prep.spacing_mm)
+        refs = self._on_grid(refs, grid)
+        self.grids.append(grid)
         # the slices as a set: one order whatever order they came in, so the frame and the names are too
         order = sorted(range(len(refs)), key=lambda j: refs[j].order)
         self.slices.append([refs[j] for j in order])
         self.masks.append([masks[j] for j in order])
         if item.image not in self._finite:  # each scan read once here, so a bad one fails before any output
-            try:
-                values = np.asarray(img.dataobj, dtype=np.float32)
-            except Exception as err:
-                raise DataError(f"image {item.image} cannot be read (truncated or corrupt?): {err}") from err
-            bad = int((~np.isfinite(values)).sum())
-            if bad:
-                raise DataError(f"image {item.image} has {bad} NaN/inf voxels: intensities must be finite")
-            why = intensity_mismatch(values, self.prep, item.image)
-            if why and self.intensity_check == "error":
-                raise DataError(f"{why} (data.intensity_check: error refuses it; warn only warns)")
-            if why:
-                warnings.warn(why, stacklevel=2)
+            self._check_intensities(item.image, img)
             self._finite.add(item.image)
 
-    def _on_grid(self, refs: list[SliceRef], img: nib.Nifti1Image) -> list[SliceRef]:
+    def _check_intensities(self, path: str, img: nib.Nifti1Image) -> None:
+        """The scan's voxels are readable and finite, and look like the modality the model reads
+        (`intensity_mismatch`: a warning, or an error with ``intensity_check: error``)."""
+        try:
+            values = np.asarray(img.dataobj, dtype=np.float32)
+        except Exception as err:
+            raise DataError(f"image {path} cannot be read (truncated or corrupt?): {err}") from err
+        bad = int((~np.isfinite(values)).sum())
+        if bad:
+            raise DataError(f"image {path} has {bad} NaN/inf voxels: intensities must be finite")
+        why = intensity_mismatch(values, self.prep, path)
+        if why and self.intensity_check == "error":
+            raise DataError(f"{why} (data.intensity_check: error refuses it; warn only warns)")
+        if why:
+            warnings.warn(why, stacklevel=3)
+
+    def _on_grid(self, refs: list[SliceRef], grid: IsotropicGrid) -> list[SliceRef]:
         """The refs with the slice of the model's grid each one is read on; two on one grid slice
         would be one view read twice, so that is refused, naming both."""
-        grid = IsotropicGrid.of(*canonical_grid(img), self.prep.spacing_mm)
         placed = [replace(r, grid_index=grid_slice(r, grid)) for r in refs]
         seen: dict[tuple[int, int], SliceRef] = {}
         for ref in placed:
@@ -623,7 +630,7 @@ class PredictionDataset(Dataset):
         for `load_volume`. Each mask is repeated on the file slices around its model grid slice's plane
         (`file_slices_read`), so the nearest-neighbour resampling cannot miss it."""
         classes, images = {}, {}
-        grid = IsotropicGrid.of(*canonical_grid(raw), self.prep.spacing_mm)
+        grid = self.grids[i]
         for k, (ref, mask) in enumerate(zip(self.slices[i], self.masks[i], strict=True)):
             labels = np.zeros(raw.shape, dtype=np.uint8)
             for j in file_slices_read(ref, raw, grid):

@@ -193,8 +193,7 @@ class Reconstructor(nn.Module):
             latent_encoder=s["latent_encoder"],
             active_margin=s["active_margin"],
         )
-        model.attach_adapter(folder)
-        model.data_contract = read_adapter_settings(folder).data
+        model.data_contract = model.attach_adapter(folder).get("data")
         return model.eval()
 
     def settings(self) -> dict[str, Any]:
