@@ -62,9 +62,10 @@ def timed_steps(step: Any, params: list[torch.nn.Parameter], repeats: int) -> fl
     return statistics.median(times)
 
 
-def two_stage(batch: Batch, repeats: int) -> dict[str, Any]:
+def two_stage(batch: Batch, repeats: int, base: str = "builtin:shapes", **model: Any) -> dict[str, Any]:
+    """The demo's LoRA training step on ``batch`` (``model``: further module arguments)."""
     module = LoRAMeshDecoderModule(
-        decoder=dict(DEMO, resolution=16), base_checkpoint="builtin:shapes", classes=CLASSES
+        decoder=dict(DEMO, resolution=16), base_checkpoint=base, classes=CLASSES, **model
     )
     module.configure_adapters()
     module.train()

@@ -2,8 +2,10 @@
 
 No pretrained base, no sparse decoder: `SparseStructureNet`'s U-Net run densely on the frame's
 (4R)^3 cells (the decoder's output grid), trained from scratch with the same losses, data, frame
-and budget, and scored by the same code on the scan's own grid. It answers "does the pretrained
-two-stage decoder with LoRA beat what a plain network learns from these phantoms alone?".
+and budget, and scored by the same code on the scan's own grid. With ``model.reads_context: true``
+it also reads the scan at each cell (`Evidence.context`, on the same (4R)^3 cells), the inputs the
+two-stage model gets. It answers "does the pretrained two-stage decoder with LoRA beat what a plain
+network learns from these phantoms alone?".
 
     python benchmarks/plain_cnn.py fit --config <config>    (then test / predict, as lora-sam3d)
 """
@@ -16,8 +18,8 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from lora_sam3d.inputs import Batch
-from lora_sam3d.latent import SliceUnprojection
+from lora_sam3d.inputs import CONTEXT_CHANNELS, Batch
+from lora_sam3d.latent import SliceUnprojection, context_on_grid
 from lora_sam3d.models import Reconstruction
 from lora_sam3d.models.structure import SparseStructureNet
 from lora_sam3d.module import LoRAMeshDecoderModule
@@ -33,14 +35,18 @@ class DenseOccupancyCNN(LoRAMeshDecoderModule):
         self.cells = SliceUnprojection(n)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.hparams.base_seed)
-            self.cnn = SparseStructureNet(channels=cnn_channels, latent_channels=0)
+            extra = CONTEXT_CHANNELS if self.hparams.get("reads_context") else 0
+            self.cnn = SparseStructureNet(in_channels=8 + extra, channels=cnn_channels, latent_channels=0)
 
     def configure_adapters(self) -> None:
         self.requires_grad_(False)
         self.cnn.requires_grad_(True)
 
     def forward(self, batch: Batch) -> Reconstruction:
-        logits, _ = self.cnn(self.cells(batch.evidence))  # (B, n, n, n) cells
+        x = self.cells(batch.evidence)
+        if self.hparams.get("reads_context"):
+            x = torch.cat([x, context_on_grid(batch.evidence, x.shape[-1]).to(x.dtype)], dim=1)
+        logits, _ = self.cnn(x)  # (B, n, n, n) cells
         n = logits.shape[-1]
         # vertex values: minus the mean logit of the (up to 8) cells around each vertex, in frame units
         padded = F.pad(logits[:, None], (1, 1, 1, 1, 1, 1), mode="replicate")

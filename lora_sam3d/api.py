@@ -57,6 +57,7 @@ def reconstruct(
     data: DataContract | Mapping[str, Any] | None = None,
     smooth_iterations: int = 10,
     nsd_tolerance_mm: float = 3.0,
+    context: bool | None = None,
 ) -> Reconstructed:
     """Reconstruct ``class_name`` in ``image`` from its ``mask`` on one slice (``axis`` with ``index`` or
     ``position_mm``, as a viewer numbers it) or on several (``slices``: ``[{"axis": "axial", "index":
@@ -66,6 +67,8 @@ def reconstruct(
     or a trained `LoRAMeshDecoderModule` (``load_from_checkpoint``). ``data``: how the model reads
     scans (a `DataContract` or the dict a checkpoint or ``model.json`` stores), when the model does
     not carry it. ``smooth_iterations``: the writer's Taubin smoothing of the mesh (0: none).
+    ``context``: read the scan around the slices (None: when the model reads context, as it was
+    trained; True with a model that does not is an error).
     """
     data = data if data is not None else getattr(model, "data_contract", None)
     network = getattr(model, "model", model)
@@ -82,7 +85,12 @@ def reconstruct(
         str(image), str(mask), class_name, axis, index, position_mm, label_value, slices and list(slices)
     )
     contract = data if isinstance(data, DataContract) else DataContract.from_dict(data)
-    requests = PredictionDataset.from_settings([item], contract)
+    if context and not network.reads_context:
+        raise ValueError(
+            "reconstruct: context=True but this model does not read context (trained without the scan)"
+        )
+    use = network.reads_context if context is None else context
+    requests = PredictionDataset.from_settings([item], contract, context="volume" if use else "none")
     requests.check_view_counts(contract.views, None)
     batch = collate([requests[0]])
     was_training = network.training

@@ -73,6 +73,7 @@ def _export(args: argparse.Namespace) -> None:
 
         model = Reconstructor.from_adapter(args.adapter)
         print(f"wrote {model.save_merged(out / 'decoder-merged.safetensors')}")
+        print(model.merged_note())
         return
     from lora_sam3d.callbacks import save_adapter_of
     from lora_sam3d.module import LoRAMeshDecoderModule
@@ -88,6 +89,7 @@ def _export(args: argparse.Namespace) -> None:
         written.append(save_adapter_of(module, out / "adapter"))
     for path in written:
         print(f"wrote {path}")
+    print(module.model.merged_note())
 
 
 def _build_cache(args: argparse.Namespace) -> int:
@@ -188,7 +190,7 @@ def _extra_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="{fit,validate,test,predict,phantoms,export,cache}")
     ph = sub.add_parser("phantoms", help="write synthetic CT phantoms (NIfTI, TotalSegmentator layout)")
     ph.add_argument("--root", required=True, help="output folder")
-    ph.add_argument("--kind", choices=("heart", "shapes"), default="heart")
+    ph.add_argument("--kind", choices=("heart", "shapes", "hard_shapes"), default="heart")
     ph.add_argument("--layout", choices=("totalsegmentator", "cropped"), default="totalsegmentator")
     ph.add_argument("--n-cases", type=int, default=12)
     ph.add_argument("--shape", type=int, nargs=3, default=(96, 96, 64), metavar=("X", "Y", "Z"))

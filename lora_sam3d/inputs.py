@@ -14,7 +14,10 @@ from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["Batch", "Evidence", "SampleInfo", "Targets", "collate"]
+__all__ = ["CONTEXT_CHANNELS", "Batch", "Evidence", "SampleInfo", "Targets", "collate"]
+
+CONTEXT_CHANNELS = 2
+"""The scan as context: normalised intensity, and 1 where the cell lies inside the scan (0 outside)."""
 
 
 def _pick(value: Any, idx: list[int]) -> Any:
@@ -61,6 +64,9 @@ class Evidence(_Record):
         frame_to_world: (B, 4, 4) float64, frame coordinates [-0.5, 0.5]^3 -> world RAS mm.
         sample_ids: ``<case>__<class>__<axis>__<index>`` per sample (the first view), the name
             precomputed latents are stored under.
+        context: (B, 2, C, C, C) float32, the scan itself on the frame's C^3 cells (intensity, and
+            whether the cell lies inside the scan; `lora_sam3d.data.frame.sample_context`), or None
+            (slices only). All zeros reads as "no scan".
     """
 
     image: torch.Tensor
@@ -72,6 +78,7 @@ class Evidence(_Record):
     valid: torch.Tensor
     frame_to_world: torch.Tensor
     sample_ids: list[str]
+    context: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.image.shape[0]
@@ -192,6 +199,15 @@ def _optional_stack(samples: list[dict[str, Any]], key: str) -> torch.Tensor | N
     return torch.stack([s[key] for s in samples])
 
 
+def _context(samples: list[dict[str, Any]]) -> torch.Tensor | None:
+    """The samples' context stacked; a sample without one (a request with ``context: none``) reads zeros."""
+    given = [s.get("context") for s in samples]
+    first = next((c for c in given if c is not None), None)
+    if first is None:
+        return None
+    return torch.stack([torch.zeros_like(first) if c is None else c for c in given])
+
+
 def collate(samples: list[dict[str, Any]]) -> Batch:
     """A `Batch` from dataset items; samples of different view counts are padded to the most."""
     if not samples:
@@ -207,6 +223,7 @@ def collate(samples: list[dict[str, Any]]) -> Batch:
         **stacked,
         frame_to_world=torch.stack([torch.as_tensor(s["frame_to_world"]) for s in samples]),
         sample_ids=ids,
+        context=_context(samples),
     )
     has_native = any("native" in s for s in samples)
     targets = Targets(

@@ -16,13 +16,17 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from lora_sam3d.inputs import Evidence
+from lora_sam3d.inputs import CONTEXT_CHANNELS, Evidence
 from lora_sam3d.sparse import SparseTensor
 
 __all__ = [
+    "EVIDENCE_FEATURES",
     "LATENT_CHANNELS",
     "PrecomputedLatents",
     "SliceUnprojection",
+    "context_at",
+    "context_on_grid",
+    "evidence_at_cells",
     "latent_cell_centres",
     "make_encoder",
 ]
@@ -54,23 +58,26 @@ class SliceUnprojection:
         self.plane_decay = plane_decay
 
     def __call__(self, views: Evidence) -> torch.Tensor:
-        b, k = views.valid.shape
-        device, r = views.device, self.resolution
-        u = latent_cell_centres(r, device).expand(b, -1, -1)  # (B, R^3, 3)
+        b, r = views.valid.shape[0], self.resolution
+        u = latent_cell_centres(r, views.device).expand(b, -1, -1)  # (B, R^3, 3)
+        return self.at(views, u).view(b, LATENT_CHANNELS, r, r, r)
+
+    def at(self, views: Evidence, u: torch.Tensor) -> torch.Tensor:
+        """(B, 8, P): the features at points ``u`` (B, P, 3) in frame coordinates (any grid's cells)."""
+        k = views.valid.shape[1]
         reads, dists = [], []
         for j in range(k):
             (m, intensity, dist2d), d_plane = self._read(u, views, j)
             reads.append(torch.stack([m, intensity, dist2d, d_plane], dim=1))
             dists.append(d_plane)
-        read, d = torch.stack(reads, dim=1), torch.stack(dists, dim=1)  # (B, K, 4, R^3), (B, K, R^3)
-        valid = views.valid.to(device)[:, :, None]
+        read, d = torch.stack(reads, dim=1), torch.stack(dists, dim=1)  # (B, K, 4, P), (B, K, P)
+        valid = views.valid.to(u.device)[:, :, None]
         closeness = torch.where(valid, -((d / self.plane_decay) ** 2), float("-inf"))
-        weight = torch.softmax(closeness, dim=1)  # (B, K, R^3); 1 for a single view
+        weight = torch.softmax(closeness, dim=1)  # (B, K, P); 1 for a single view
         merged = (weight[:, :, None] * read).sum(1) if k > 1 else read[:, 0]
         evidence = (read[:, :, 0] * torch.exp(closeness)).amax(1)
         m, intensity, dist2d, d_plane = merged.unbind(1)
-        feats = torch.stack([m, intensity, dist2d, d_plane, u[..., 0], u[..., 1], u[..., 2], evidence], dim=1)
-        return feats.view(b, LATENT_CHANNELS, r, r, r)
+        return torch.stack([m, intensity, dist2d, d_plane, u[..., 0], u[..., 1], u[..., 2], evidence], dim=1)
 
     @staticmethod
     def _read(u: torch.Tensor, views: Evidence, j: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,6 +137,54 @@ class PrecomputedLatents:
         return SparseTensor(
             torch.cat(feats).to(device), torch.cat(coords).int().to(device), batch_size=len(coords)
         )
+
+
+def context_on_grid(evidence: Evidence, resolution: int) -> torch.Tensor:
+    """(B, 2, R, R, R): the scan's context averaged over each of the R^3 cells (zeros: no context)."""
+    b = len(evidence)
+    if evidence.context is None:
+        return torch.zeros(b, CONTEXT_CHANNELS, resolution, resolution, resolution, device=evidence.device)
+    c = evidence.context.shape[-1]
+    if c % resolution:
+        raise ValueError(f"context grid {c}^3 is not a multiple of the model's {resolution}^3 grid")
+    return F.avg_pool3d(evidence.context.float(), c // resolution) if c != resolution else evidence.context
+
+
+def context_at(evidence: Evidence, u: torch.Tensor) -> torch.Tensor:
+    """(B, 2, P): the context read (trilinear) at points ``u`` (B, P, 3) in frame coordinates;
+    zeros (no scan) outside the frame or without context."""
+    b, p = u.shape[:2]
+    if evidence.context is None:
+        return torch.zeros(b, CONTEXT_CHANNELS, p, device=u.device, dtype=u.dtype)
+    grid = (2 * u[..., [2, 1, 0]]).reshape(b, p, 1, 1, 3).to(evidence.context.dtype)
+    read = F.grid_sample(evidence.context, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return read.reshape(b, CONTEXT_CHANNELS, p).to(u.dtype)
+
+
+EVIDENCE_FEATURES = LATENT_CHANNELS + CONTEXT_CHANNELS
+"""Features `evidence_at_cells` gives each cell: the slice unprojection's 8, then the context's 2."""
+
+
+def evidence_at_cells(
+    evidence: Evidence, coords: torch.Tensor, resolution: int, reader: SliceUnprojection
+) -> torch.Tensor:
+    """(N, 10) evidence at sparse cells: ``coords`` (N, 4) = (sample, x, y, z) on a ``resolution``^3
+    grid over the frame; the slices' 8 features (`SliceUnprojection.at`) and the context's 2."""
+    n, b = coords.shape[0], len(evidence)
+    if n == 0:
+        return torch.zeros(0, EVIDENCE_FEATURES, device=coords.device)
+    sample = coords[:, 0].long()
+    u = (coords[:, 1:].float() + 0.5) / resolution - 0.5
+    order = torch.argsort(sample, stable=True)
+    counts = torch.bincount(sample, minlength=b)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(n, device=coords.device) - starts[sample[order]]
+    padded = torch.zeros(b, int(counts.max()), 3, device=coords.device)
+    padded[sample[order], slot] = u[order]
+    feats = torch.cat([reader.at(evidence, padded), context_at(evidence, padded)], dim=1)  # (B, F, P)
+    out = torch.empty(n, EVIDENCE_FEATURES, device=coords.device, dtype=feats.dtype)
+    out[order] = feats[sample[order], :, slot]
+    return out
 
 
 def make_encoder(kind: str, resolution: int, latents_dir: str | None = None) -> Any:

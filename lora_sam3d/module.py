@@ -61,8 +61,14 @@ def check_choices(
         raise ValueError("give model.adapter (one adapter) or model.adapters (one per structure), not both")
 
 
-def check_data_agrees(data: Any, resolution: int, classes: list[str]) -> None:
-    """The data module's resolution and class list (its hyper-parameters ``data``) must be the model's."""
+def check_data_agrees(data: Any, resolution: int, classes: list[str], context: bool = False) -> None:
+    """The data module's resolution and class list (its hyper-parameters ``data``) must be the model's,
+    and scan context is given only to a model that reads it."""
+    if data.get("context") == "volume" and not context:
+        raise ValueError(
+            "data.context is volume but this model does not read context (model.reads_context: false; a "
+            "checkpoint or adapter trained without the scan): use data.context: none, or train with model.reads_context: true"
+        )
     if data.get("resolution") not in (None, resolution):
         raise ValueError(
             f"data resolution {data['resolution']} differs from the decoder's resolution {resolution}: "
@@ -99,6 +105,9 @@ class LoRAMeshDecoderModule(L.LightningModule):
         active_margin: the decoder runs on cells within this many cells of stage 1's surface.
         train_active: the decoder trains on ``predicted`` (stage 1's band), ``truth`` or ``union`` cells.
         max_active_voxels: an error is raised when a batch has more active cells (None: no cap).
+        reads_context: the model reads the scan around the slices (``data.context: volume``); stored in
+            checkpoints and adapters (`Reconstructor`).
+        conditioning: the decoder's levels receive the evidence at their cells (`EvidenceConditioning`).
         sdf_weight, occupancy_weight, dice_weight: the decoder's loss terms (`lora_sam3d.losses`).
         structure_weight: weight of stage 1's occupancy BCE + soft Dice on the R^3 cells.
         sdf_truncation: SDF clamp for the L1 term, frame units.
@@ -127,6 +136,8 @@ class LoRAMeshDecoderModule(L.LightningModule):
         active_margin: int = 1,
         train_active: Literal["predicted", "truth", "union"] = "union",
         max_active_voxels: int | None = None,
+        reads_context: bool = False,
+        conditioning: bool = False,
         sdf_weight: float = 1.0,
         occupancy_weight: float = 1.0,
         dice_weight: float = 0.5,
@@ -148,16 +159,13 @@ class LoRAMeshDecoderModule(L.LightningModule):
         )
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.loss_weights = LossWeights.from_hparams(self.hparams)
+        model_args = ("latent_encoder", "latents_dir", "active_margin", "train_active", "max_active_voxels")
         self.model = Reconstructor(
-            decoder=decoder,
-            structure=structure,
-            base=base_checkpoint,
-            seed=base_seed,
-            latent_encoder=latent_encoder,
-            latents_dir=latents_dir,
-            active_margin=active_margin,
-            train_active=train_active,
-            max_active_voxels=max_active_voxels,
+            decoder,
+            structure,
+            base_checkpoint,
+            base_seed,
+            **{k: self.hparams[k] for k in (*model_args, "reads_context", "conditioning")},
         )
         check_stage_one_adaptable(self.model, finetune, self.hparams.structure_finetune)
         self.classes = list(classes)
@@ -201,7 +209,12 @@ class LoRAMeshDecoderModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         self.configure_adapters()
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        check_data_agrees(getattr(datamodule, "hparams", None) or {}, self.resolution, self.classes)
+        check_data_agrees(
+            getattr(datamodule, "hparams", None) or {},
+            self.resolution,
+            self.classes,
+            self.model.reads_context,
+        )
         if stage == "fit" and self.hparams.get("adapters"):
             raise ValueError(
                 "model.adapters routes prediction to one adapter per structure; train one adapter per run"

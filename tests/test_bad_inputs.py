@@ -543,7 +543,7 @@ RUN_CASES: dict[str, tuple[Callable[[Setup], list[str]], str]] = {
     ),
     "unknown shipped base": (
         lambda s: fit_with(s, "b2", set_in("model", "base_checkpoint", "builtin:nope")),
-        r"no shipped decoder 'builtin:nope'; available: \['builtin:shapes'\]",
+        r"no shipped decoder 'builtin:nope'; available: \['builtin:scan_shapes', 'builtin:shapes'\]",
     ),
     "truncated base checkpoint": (
         lambda s: fit_with(

@@ -49,6 +49,25 @@ def test_views_step_script_dry_run(
     assert "3 views: training step" in capsys.readouterr().out
 
 
+def test_context_step_script_dry_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`benchmarks/context_step.py` at batch 2: today's step and the context + conditioning step on the
+    same samples, a one-slice and a 16-slice request, the ratios printed and in the JSON."""
+    out = tmp_path / "context.json"
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    monkeypatch.setattr(
+        sys, "argv", ["context_step.py", "--repeats", "1", "--batch", "2", "--cases", "3", "--json", str(out)]
+    )
+    runpy.run_path(str(BENCHMARKS / "context_step.py"), run_name="__main__")
+    result = json.loads(out.read_text())
+    assert [r["step_x_today"] > 0 for r in result["training"]] == [True, True]
+    assert [r["slices"] for r in result["requests"]] == [1, 16] and result["requests"][0][
+        "x_one_slice"
+    ] == 1.0
+    assert "request from 16 slices" in capsys.readouterr().out
+
+
 def test_cache_build_script_dry_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -157,7 +157,8 @@ def test_shipped_base_decoder_loads() -> None:
                                                 num_groups=8), classes=CLASSES)  # fmt: skip
     assert not torch.equal(module.structure.head.weight, random.structure.head.weight)
     with pytest.raises(
-        FileNotFoundError, match=r"no shipped decoder 'builtin:nope'; available: \['builtin:shapes'\]"
+        FileNotFoundError,
+        match=r"no shipped decoder 'builtin:nope'; available: \['builtin:scan_shapes', 'builtin:shapes'\]",
     ):
         LoRAMeshDecoderModule(CLASSES, decoder=DECODER, base_checkpoint="builtin:nope")
 

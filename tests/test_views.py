@@ -161,7 +161,7 @@ def test_view_settings_are_checked(phantoms: Path) -> None:
         views_dataset(phantoms, views=2, view_layout="parallel", view_spacing_mm=1.0)[0]
     with pytest.raises(
         DataError,
-        match=r"data\.views must be an integer >= 1 \(at most 3 with view_layout: orthogonal\), got 4",
+        match=r"data\.views must be an integer 1\.\.32 \(at most 3 with view_layout: orthogonal alone\), got 4",
     ):
         DataSettings(views=4)
     DataSettings(views=4, view_layout="parallel")
@@ -170,7 +170,9 @@ def test_view_settings_are_checked(phantoms: Path) -> None:
         views_dataset(phantoms, views=3, view_layout="parallel", view_spacing_mm=2.0 * max(shape))[0]
     with pytest.raises(DataError, match=r"data\.view_spacing_mm must be a positive number \(mm\), got 0"):
         DataSettings(views=2, view_layout="parallel", view_spacing_mm=0)
-    with pytest.raises(DataError, match=r"data\.view_layout must be orthogonal or parallel, got 'radial'"):
+    with pytest.raises(
+        DataError, match=r"data\.view_layout must be orthogonal, parallel or stack, got 'radial'"
+    ):
         DataSettings(view_layout="radial")  # type: ignore[arg-type]
 
 

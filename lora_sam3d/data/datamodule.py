@@ -29,7 +29,7 @@ from lora_sam3d.data.dataset import (
 )
 from lora_sam3d.data.phantoms import PhantomKind, write_phantoms
 from lora_sam3d.data.requests import PredictionDataset, PredictItem
-from lora_sam3d.data.settings import DataContract, DataSettings, ViewLayout
+from lora_sam3d.data.settings import Context, DataContract, DataSettings, ViewLayout
 from lora_sam3d.data.volume import DataError
 from lora_sam3d.inputs import Batch, collate
 
@@ -138,6 +138,9 @@ class TSDataModule(L.LightningDataModule):
         view_layout: ViewLayout = _DEFAULT.view_layout,
         view_spacing_mm: float = _DEFAULT.view_spacing_mm,
         coarse_target: Literal["centre", "any"] = _DEFAULT.coarse_target,
+        view_layouts: list[ViewLayout] | None = None,
+        context: Context = _DEFAULT.context,
+        context_dropout: float = _DEFAULT.context_dropout,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -244,6 +247,8 @@ class TSDataModule(L.LightningDataModule):
             resolution=s.resolution,
             views=s.views,
             view_layout=s.view_layout,
+            view_layouts=list(s.view_layouts) if s.view_layouts else None,
+            context=s.context,
         )
 
     def _request_dataset(self) -> PredictionDataset:
@@ -264,7 +269,7 @@ class TSDataModule(L.LightningDataModule):
         if stored:
             contract = DataContract.from_dict(stored)
             dataset = PredictionDataset.from_settings(
-                h.predict_items, contract, h.extent_mm, h.intensity_check
+                h.predict_items, contract, h.extent_mm, h.intensity_check, h.context
             )
             trained = contract.views
         else:
@@ -279,6 +284,8 @@ class TSDataModule(L.LightningDataModule):
                 s.frame_scale,
                 s.slice_size or 4 * s.resolution,
                 h.intensity_check,
+                h.context,
+                4 * s.resolution,
             )
         dataset.check_view_counts(trained, h.views)
         dataset.check_unique_outputs()

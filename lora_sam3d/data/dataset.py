@@ -23,13 +23,14 @@ from lora_sam3d.data.cases import SPLITS, Case, discover_cases, split_counts
 from lora_sam3d.data.frame import (
     Frame,
     make_frame,
+    sample_context,
     sample_occupancy,
     sample_sdf,
     sample_slice,
     slice_pointmap,
 )
 from lora_sam3d.data.settings import DataSettings
-from lora_sam3d.data.views import seen_centre, stack_views, view_planes, view_rows
+from lora_sam3d.data.views import seen_centre, stack_planes, stack_views, view_planes, view_rows
 from lora_sam3d.data.volume import DataError, class_mask
 from lora_sam3d.geometry import frame_box, mask_signed_distance
 
@@ -247,6 +248,7 @@ class TS_SAM3D_Dataset(Dataset):
         self.items = self._enumerate()
         if not self.items:
             raise DataError(f"no valid slices for classes {self.classes} in split {split!r} of {self.root}")
+        self._check_stacks()
 
     # -- enumeration ------------------------------------------------------------------------------
     def _valid_indices(self, case: CachedCase, bit: int, axis: int) -> np.ndarray:
@@ -294,6 +296,27 @@ class TS_SAM3D_Dataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    def _check_stacks(self) -> None:
+        """A stack setting that leaves one slice of the structure for every sample is refused; for some
+        samples, a warning counts them (they are scored from their one slice)."""
+        s = self.settings
+        if s.views <= 1 or s.view_layout != "stack" or self.method == "random_axis":
+            return
+        thin = []
+        for ci, bit, axis, index in self.items:
+            case = self.cases[ci]
+            present = np.asarray(case.class_info(bit)["slice_areas"][axis]) > 0
+            if not stack_planes(axis, index, s.views, s.view_spacing_mm / case.spacing_mm, present):
+                thin.append(f"{case.case_id}/{self.classes[bit]} axis {axis}")
+        why = (
+            f"data.view_spacing_mm: {s.view_spacing_mm:g} mm apart, a stack keeps one slice of the structure for "
+            f"{len(thin)} of {len(self.items)} samples of split {self.split!r} (e.g. {thin[:3]})"
+        )
+        if len(thin) == len(self.items):
+            raise DataError(f"{why}: a stack needs at least two; give a smaller data.view_spacing_mm")
+        if thin:
+            warnings.warn(f"{why}; they are read from that one slice", stacklevel=3)
+
     # -- one sample -------------------------------------------------------------------------------
     def __getitem__(self, item: int) -> dict[str, Any]:
         """Item ``k`` of epoch ``e`` may be asked as ``e * len(self) + k`` (see `EpochShuffleSampler`):
@@ -307,22 +330,53 @@ class TS_SAM3D_Dataset(Dataset):
             index = int(rng.choice(self._valid_indices(case, bit, axis)))
         return self.make_sample(case, bit, axis, index, rng)
 
+    def _planes(
+        self,
+        case: CachedCase,
+        bit: int,
+        axis: int,
+        index: int,
+        side_mm: float,
+        rng: np.random.Generator | None,
+    ) -> tuple[list[tuple[int, int]], float | None]:
+        """The sample's view planes after the first, and the frame's centre along ``axis`` they give.
+
+        The training split draws the layout (`DataSettings.layouts`) and the count (view dropout:
+        1..views; a stack 2..views); the other splits use ``view_layout`` and ``views``."""
+        s = self.settings
+        if s.views <= 1:
+            return [], None
+        training = self.split == "train" and rng is not None
+        layout = s.view_layout
+        if training and len(s.layouts) > 1:
+            layout = str(rng.choice(list(s.layouts)))  # type: ignore[union-attr]
+        most = min(s.views, 3) if layout == "orthogonal" else s.views
+        count = int(rng.integers(2 if layout == "stack" else 1, most + 1)) if training else most  # type: ignore[union-attr]
+        first, _ = slice_frame(case.labels, bit, case.affine, case.spacing_mm, axis, index, side_mm)
+        spacing_vox = s.view_spacing_mm / case.spacing_mm
+        present = np.asarray(case.class_info(bit)["slice_areas"][axis]) > 0
+        try:
+            planes = view_planes(
+                first,
+                axis,
+                index,
+                case.image.shape,
+                layout,
+                count,
+                spacing_vox,
+                present,
+            )
+        except DataError as err:
+            raise DataError(f"case {case.case_id}, {self.classes[bit]}: {err}") from None
+        return planes, seen_centre(case.labels, [bit] * len(planes), planes, axis, index)
+
     def make_sample(
         self, case: CachedCase, bit: int, axis: int, index: int, rng: np.random.Generator | None = None
     ) -> dict[str, Any]:
         name = self.classes[bit]
         s, n, r = self.settings, 4 * self.resolution, self.resolution
         side_mm = s.frame_scale * self.extent_mm[name]
-        planes: list[tuple[int, int]] = []
-        centre = None
-        if s.views > 1:  # the training split draws 1..views (view dropout); the others use views
-            count = (
-                int(rng.integers(1, s.views + 1)) if self.split == "train" and rng is not None else s.views
-            )
-            first, _ = slice_frame(case.labels, bit, case.affine, case.spacing_mm, axis, index, side_mm)
-            spacing_vox = s.view_spacing_mm / case.spacing_mm
-            planes = view_planes(first, axis, index, case.image.shape, s.view_layout, count, spacing_vox)
-            centre = seen_centre(case.labels, [bit] * len(planes), planes, axis)
+        planes, centre = self._planes(case, bit, axis, index, side_mm, rng)
         sample, frame = slice_inputs(
             case.image,
             case.labels,
@@ -341,6 +395,8 @@ class TS_SAM3D_Dataset(Dataset):
             rows = view_rows(case.image, case.labels, bit, frame, planes, self.slice_size)
             sample |= stack_views(sample, rows, s.views)
             slice_name += "".join(f"+axis{row['axis']}_slice{row['index']}" for row in rows[: s.views - 1])
+        if s.context == "volume":
+            sample["context"] = self._context(case, frame, rng)
         crop, origin = case.sdf(bit)
         sample["gt_sdf"] = torch.from_numpy(
             sample_sdf(frame, crop, origin, n + 1, s.sdf_truncation_mm, side_mm)
@@ -362,6 +418,20 @@ class TS_SAM3D_Dataset(Dataset):
             "slice_name": slice_name,  # every view's plane, the sampled one first
         }
         return sample
+
+    def _context(self, case: CachedCase, frame: Frame, rng: np.random.Generator | None) -> torch.Tensor:
+        """The scan around the sample (`sample_context` on the decoder's (4R)^3 cells); a training
+        sample blanks it with probability ``context_dropout`` and scales its intensity as the slices'."""
+        context = sample_context(
+            frame, case.image, 4 * self.resolution, case.native_affine, case.native_shape
+        )
+        if self.split == "train" and rng is not None:
+            if rng.uniform() < self.settings.context_dropout:
+                context[:] = 0.0
+            elif self.augment:
+                context[0] = np.clip(context[0] * rng.uniform(0.85, 1.15) + rng.uniform(-0.05, 0.05), 0, 1)
+                context[0] *= context[1]
+        return torch.from_numpy(context)
 
 
 def native_target(case: CachedCase, bit: int, frame_to_world: np.ndarray) -> dict[str, np.ndarray]:

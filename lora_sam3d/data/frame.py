@@ -17,11 +17,13 @@ import numpy as np
 from scipy import ndimage
 
 from lora_sam3d.data.volume import DataError
+from lora_sam3d.inputs import CONTEXT_CHANNELS
 
 __all__ = [
     "Frame",
     "make_frame",
     "plane_axes",
+    "sample_context",
     "sample_occupancy",
     "sample_sdf",
     "sample_slice",
@@ -113,6 +115,45 @@ def sample_sdf(
 def sample_occupancy(frame: Frame, sdf_crop: np.ndarray, crop_origin: np.ndarray, n: int) -> np.ndarray:
     """(n, n, n) bool: is the nearest voxel to each cell centre inside the structure."""
     return _sample_grid(frame, sdf_crop, crop_origin, n, cells=True, order=0, cval=1.0) < 0
+
+
+def sample_context(
+    frame: Frame, image: np.ndarray, n: int, scan_affine: np.ndarray, scan_shape: tuple[int, ...]
+) -> np.ndarray:
+    """(2, n, n, n) float32: the scan read at the centres of the frame's n^3 cells (trilinear on the
+    canonical grid) and whether each centre lies inside the scan (its voxel box on the file's own
+    grid: ``scan_affine``, ``scan_shape``). Outside the scan both channels are 0, so a frame that
+    reaches past the volume's edge reads "no scan" there, never tissue of intensity 0.
+
+    ``image`` is the whole canonical volume (an array or the cache's `CroppedArray`, of which only
+    the box the frame covers is read).
+    """
+    u = (np.arange(n) + 0.5) / n - 0.5
+    centres = [frame.centre_vox[a] + frame.side_vox * u for a in range(3)]  # voxel coordinate per axis
+    out = np.zeros((CONTEXT_CHANNELS, n, n, n), dtype=np.float32)
+    out[1] = _inside(frame, u, scan_affine, scan_shape)
+    lo = [max(0, int(np.floor(c[0])) - 1) for c in centres]
+    hi = [min(s, int(np.ceil(c[-1])) + 2) for c, s in zip(centres, image.shape, strict=True)]
+    if any(a >= b for a, b in zip(lo, hi, strict=True)) or not out[1].any():
+        out[1] = 0.0
+        return out
+    box = np.asarray(image[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]], dtype=np.float32)
+    start = frame.to_voxel(np.full(3, u[0])) - np.asarray(lo)
+    out[0] = ndimage.affine_transform(
+        box, np.full(3, frame.side_vox / n), offset=start, output_shape=(n, n, n), order=1, mode="nearest"
+    )
+    out[0] *= out[1]
+    return out
+
+
+def _inside(frame: Frame, u: np.ndarray, affine: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """(n, n, n) float32, 1 where the frame's cell centre (coordinates ``u`` per axis) lies in the voxel
+    box [-0.5, N - 0.5] of the grid (``affine``, ``shape``)."""
+    grid = np.stack(np.meshgrid(u, u, u, indexing="ij"), axis=-1).reshape(-1, 3)
+    to_scan = np.linalg.inv(np.asarray(affine, dtype=np.float64)) @ frame.frame_to_world
+    vox = grid @ to_scan[:3, :3].T + to_scan[:3, 3]
+    inside = np.all((vox >= -0.5) & (vox <= np.asarray(shape[:3]) - 0.5), axis=1)
+    return inside.reshape(len(u), len(u), len(u)).astype(np.float32)
 
 
 def sample_slice(frame: Frame, plane: np.ndarray, axis: int, size: int, order: int) -> np.ndarray:

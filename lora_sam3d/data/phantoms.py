@@ -1,8 +1,12 @@
 """Synthetic CT phantoms written as real NIfTI files in TotalSegmentator's layouts.
 
-Two generators: heart phantoms (five structures named as TotalSegmentator v1's heart classes, in
-a CT-like body with fat, muscle, lungs, contrast-enhanced blood and noise, in Hounsfield units)
-and generic shapes (ellipsoid, box, superquadric, torus) for pretraining a base decoder. Every
+Three generators: heart phantoms (five structures named as TotalSegmentator v1's heart classes, in
+a CT-like body with fat, muscle, lungs, contrast-enhanced blood and noise, in Hounsfield units),
+generic shapes (ellipsoid, box, superquadric, torus) apart on a flat background, and
+``hard_shapes``, the same four classes made hard to read from the scan alone: touching
+neighbours of close intensity, unlabelled look-alike blobs, texture, a smooth intensity gradient,
+partial-volume edges and shapes cut by the volume's edge (what pretraining with the scan as
+context needs, so the model must combine the slices with the scan rather than threshold it). Every
 case differs in size, position, orientation and a smooth random deformation of each shape; every
 file has a non-trivial affine (anisotropic spacing, a flipped axis, an oblique rotation), so the
 reorientation and resampling code is exercised for real. Shapes are implicit functions evaluated
@@ -30,6 +34,7 @@ __all__ = [
     "PhantomKind",
     "ellipsoid",
     "grid_affine",
+    "hard_shapes_case",
     "heart_case",
     "phantom_label_values",
     "shapes_case",
@@ -45,7 +50,7 @@ HEART_CLASSES = (
     "heart_ventricle_right",
 )
 SHAPE_CLASSES = ("ellipsoid", "box", "superquadric", "torus")
-PhantomKind = Literal["heart", "shapes"]
+PhantomKind = Literal["heart", "shapes", "hard_shapes"]
 
 
 def _rotation(rng: np.random.Generator, max_deg: float) -> np.ndarray:
@@ -192,7 +197,22 @@ def shapes_case(
     slots = np.array([[-1, -1, 0], [1, -1, 0], [-1, 1, 0], [1, 1, 0]], dtype=float) * extent * 0.45
     slots = slots[rng.permutation(4)] + rng.uniform(-4, 4, (4, 3))
     r = extent * 0.3
-    makers = {
+    makers = _shape_makers(rng, r)
+    masks = {}
+    taken = np.zeros(tuple(shape), dtype=bool)
+    for name, slot in zip(SHAPE_CLASSES, slots, strict=True):
+        m = (makers[name](slot)(p) < 0) & ~taken
+        masks[name] = m
+        taken |= m
+    hu = np.full(tuple(shape), 30.0) + rng.normal(0, 18, tuple(shape))
+    for i, name in enumerate(SHAPE_CLASSES):
+        hu[masks[name]] += 150.0 + 40 * i
+    return np.round(hu).astype(np.int16), masks, affine
+
+
+def _shape_makers(rng: np.random.Generator, r: float) -> dict[str, Callable[[np.ndarray], Callable]]:
+    """Each shape class's random implicit function, given its centre (radius scale ``r`` mm)."""
+    return {
         "ellipsoid": lambda c: ellipsoid(
             c, rng.uniform(0.5, 1.0, 3) * r, _rotation(rng, 90), Deformation(rng)
         ),
@@ -210,15 +230,43 @@ def shapes_case(
             Deformation(rng, 0.05),
         ),
     }
-    masks = {}
-    taken = np.zeros(tuple(shape), dtype=bool)
-    for name, slot in zip(SHAPE_CLASSES, slots, strict=True):
-        m = (makers[name](slot)(p) < 0) & ~taken
-        masks[name] = m
-        taken |= m
-    hu = np.full(tuple(shape), 30.0) + rng.normal(0, 18, tuple(shape))
-    for i, name in enumerate(SHAPE_CLASSES):
-        hu[masks[name]] += 150.0 + 40 * i
+
+
+def hard_shapes_case(
+    shape: Sequence[int], spacing: Sequence[float], rng: np.random.Generator
+) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
+    """One ``hard_shapes`` case: the four shapes packed so neighbours touch (each keeps its own
+    voxels), intensities 20 HU apart, two unlabelled blobs of the same range, smoothed-noise
+    texture, a linear intensity gradient, partial-volume edges, and often one shape cut by the edge."""
+    from scipy import ndimage
+
+    affine = grid_affine(shape, spacing, rng)
+    p = world_points(shape, affine)
+    half = np.abs(affine[:3, :3] @ (np.asarray(shape) - 1)) / 2  # the volume's half-extent per world axis
+    extent = half.min()
+    slots = np.array([[-1, -1, 0], [1, -1, 0], [-1, 1, 0], [1, 1, 0]], dtype=float) * extent * 0.3
+    slots = slots[rng.permutation(4)] + rng.uniform(-4, 4, (4, 3))
+    if rng.uniform() < 0.6:  # push one shape across the volume's edge
+        k, axis = int(rng.integers(4)), int(rng.integers(3))
+        slots[k, axis] = np.sign(slots[k, axis] or 1.0) * half[axis] * rng.uniform(0.75, 0.95)
+    makers = _shape_makers(rng, extent * 0.42)
+    hu = np.full(tuple(shape), 40.0)
+    masks, taken = {}, np.zeros(tuple(shape), dtype=bool)
+    levels = 40.0 + rng.permutation(np.array([30.0, 50.0, 70.0, 90.0]))
+    for name, slot, level in zip(SHAPE_CLASSES, slots, levels, strict=True):
+        f = makers[name](slot)(p)
+        weight = 1.0 / (1.0 + np.exp(np.clip(f / 0.04, -50, 50)))  # partial volume across ~2 voxels
+        hu += weight * (level - 40.0) * ~taken  # an earlier neighbour keeps its own voxels
+        masks[name] = (f < 0) & ~taken
+        taken |= masks[name]
+    for _ in range(2):  # look-alike blobs, not labelled
+        centre = rng.uniform(-0.7, 0.7, 3) * half
+        blob = ellipsoid(centre, rng.uniform(0.15, 0.3, 3) * extent, _rotation(rng, 90), Deformation(rng))(p)
+        hu = np.where((blob < 0) & ~taken, 40.0 + rng.uniform(30, 90), hu)
+    hu += ndimage.gaussian_filter(rng.normal(0, 60, tuple(shape)), 1.5)  # texture
+    direction = rng.normal(size=3)
+    hu += 40.0 * (p @ (direction / np.linalg.norm(direction))) / extent  # smooth gradient, +-40 HU
+    hu += rng.normal(0, 12, tuple(shape))
     return np.round(hu).astype(np.int16), masks, affine
 
 
@@ -244,13 +292,13 @@ def write_phantoms(
     with values 1..5 in the order of the class list (see `phantom_label_values`)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    make = heart_case if kind == "heart" else shapes_case
+    make = {"heart": heart_case, "shapes": shapes_case, "hard_shapes": hard_shapes_case}[kind]
     classes = HEART_CLASSES if kind == "heart" else SHAPE_CLASSES
     ids = [f"s{i + 1:04d}" for i in range(n_cases)]
     n_train, n_val, n_test = split_counts(n_cases, split_fractions)
     splits = ["train"] * n_train + ["val"] * n_val + ["test"] * n_test
     for case_id, seed_i in zip(ids, range(n_cases), strict=True):
-        rng = np.random.default_rng([seed, seed_i, 0 if kind == "heart" else 1])
+        rng = np.random.default_rng([seed, seed_i, ("heart", "shapes", "hard_shapes").index(kind)])
         hu, masks, affine = make(shape, spacing, rng)
         case_dir = root / case_id
         case_dir.mkdir(exist_ok=True)

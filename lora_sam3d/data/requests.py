@@ -20,11 +20,13 @@ from typing import Any, Literal
 
 import nibabel as nib
 import numpy as np
+import torch
 from torch.utils.data import Dataset
 
 from lora_sam3d.data.cases import check_class_names
 from lora_sam3d.data.dataset import native_from_mask, slice_inputs
-from lora_sam3d.data.settings import DataContract
+from lora_sam3d.data.frame import sample_context
+from lora_sam3d.data.settings import Context, DataContract
 from lora_sam3d.data.views import seen_centre, stack_views, view_rows
 from lora_sam3d.data.volume import (
     DataError,
@@ -79,6 +81,8 @@ class PredictItem:
             ``mask`` cut at that plane. They are a set: the frame and the output names come from
             them in one order (axial, coronal, sagittal; along one direction by position), whatever
             order they are given in; two that land on one slice of the model's grid are refused.
+        context: ``none`` to reconstruct from the slices alone although the run reads the scan as
+            context (``data.context: volume``); ``volume`` asks for it; None: as the run.
     """
 
     image: str
@@ -89,6 +93,7 @@ class PredictItem:
     position_mm: float | None = None
     label_value: int | None = None
     slices: list[dict[str, Any]] | None = None
+    context: Context | None = None
 
     def planes(self) -> list[dict[str, Any]]:
         """The item's slices, each ``{axis, index, position_mm, mask, label_value}`` (one unless ``slices``)."""
@@ -405,8 +410,11 @@ class PredictionDataset(Dataset):
         frame_scale: float,
         slice_size: int,
         intensity_check: Literal["warn", "error"] = "warn",
+        context: Context = "none",
+        context_cells: int = 64,
     ) -> None:
         self.intensity_check = intensity_check
+        self.context, self.context_cells = context, context_cells
         self.items = [i if isinstance(i, PredictItem) else PredictItem(**i) for i in items]
         self.prep, self.extent_mm, self.frame_scale, self.slice_size = (
             prep,
@@ -470,12 +478,15 @@ class PredictionDataset(Dataset):
         data: DataContract | Mapping[str, Any],
         extent_mm: Mapping[str, float] | None = None,
         intensity_check: Literal["warn", "error"] = "warn",
+        context: Context = "none",
     ) -> PredictionDataset:
         """The requests read as a model was trained to read scans: ``data`` is the `DataContract` a
-        checkpoint or adapter folder stores (or its dict); ``extent_mm`` overrides stored extents."""
+        checkpoint or adapter folder stores (or its dict); ``extent_mm`` overrides stored extents;
+        ``context``: whether the samples carry the scan (items may say otherwise)."""
         c = data if isinstance(data, DataContract) else DataContract.from_dict(data)
         extents = {**c.extent_mm, **(extent_mm or {})}
-        return cls(items, c.prep, extents, c.frame_scale, c.slice_size, intensity_check)
+        cells = 4 * (c.resolution or c.slice_size // 4)
+        return cls(items, c.prep, extents, c.frame_scale, c.slice_size, intensity_check, context, cells)
 
     def _check(self, item: PredictItem) -> None:
         check_class_names([item.class_name], "class_name")
@@ -591,7 +602,9 @@ class PredictionDataset(Dataset):
         side_mm = self.frame_scale * self.extent_mm[item.class_name]
         others = [(r.axis, index) for r, index in zip(refs[1:], indices[1:], strict=True)]
         centre = (
-            seen_centre(volume.labels, list(range(1, len(refs))), others, refs[0].axis) if others else None
+            seen_centre(volume.labels, list(range(1, len(refs))), others, refs[0].axis, indices[0])
+            if others
+            else None
         )
         sample, frame = slice_inputs(
             volume.image,
@@ -616,6 +629,9 @@ class PredictionDataset(Dataset):
                 )
             ]
             sample |= stack_views(sample, rows, self.max_views)
+        if (item.context or self.context) == "volume":
+            context = sample_context(frame, volume.image, self.context_cells, raw.affine, raw.shape)
+            sample["context"] = torch.from_numpy(context)
         return sample
 
     @property

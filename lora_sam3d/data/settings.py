@@ -15,10 +15,25 @@ from typing import Any, Literal, get_args
 from lora_sam3d.data.cases import Layout
 from lora_sam3d.data.volume import DataError, Preprocessing
 
-__all__ = ["PREPROCESSING_SETTINGS", "VIEW_LAYOUTS", "DataContract", "DataSettings", "ViewLayout"]
+__all__ = [
+    "CONTEXTS",
+    "MAX_VIEWS",
+    "PREPROCESSING_SETTINGS",
+    "VIEW_LAYOUTS",
+    "Context",
+    "DataContract",
+    "DataSettings",
+    "ViewLayout",
+]
 
-ViewLayout = Literal["orthogonal", "parallel"]
+ViewLayout = Literal["orthogonal", "parallel", "stack"]
 VIEW_LAYOUTS: tuple[str, ...] = get_args(ViewLayout)
+
+Context = Literal["volume", "none"]
+CONTEXTS: tuple[str, ...] = get_args(Context)
+
+MAX_VIEWS = 32
+"""The most slices one sample or request may have (`DataSettings.views`)."""
 
 PREPROCESSING_SETTINGS = ("spacing", "modality", "ct_window_hu", "frame_scale", "slice_size")
 """How a model was trained to read scans: checkpoints and adapters store them, predicting uses the
@@ -49,10 +64,21 @@ class DataSettings:
         modality, ct_window_hu: intensity normalisation (see `Preprocessing`).
         views: planes per sample (`lora_sam3d.data.views`): the count at validation, test and
             predict; while training, the most, each training sample drawing 1..views (view
-            dropout), so one adapter serves 1 to ``views`` slices. Integer >= 1 (``orthogonal``: <= 3).
+            dropout), so one adapter serves 1 to ``views`` slices. Integer 1..32 (``orthogonal``
+            alone: <= 3; in a mix, orthogonal samples take at most 3).
         view_layout: ``orthogonal`` (the planes normal to the other two axes through the first
-            mask's centroid) or ``parallel`` (slices along the first one's axis).
-        view_spacing_mm: the distance between ``parallel`` views, > 0.
+            mask's centroid), ``parallel`` (slices along the first one's axis, alternating sides) or
+            ``stack`` (every slice ``view_spacing_mm`` apart along the first one's axis wherever the
+            structure is, as a user who annotates every N-th slice; at most ``views``).
+        view_layouts: while training, each sample draws its layout from this list (e.g.
+            ``[orthogonal, stack]``), so one adapter serves one slice, orthogonal slices and a
+            stack; None: ``view_layout`` alone. Validation, test and predict use ``view_layout``.
+        view_spacing_mm: the distance between ``parallel`` or ``stack`` views, > 0.
+        context: ``volume``: each sample also carries the scan itself resampled into the frame
+            (`lora_sam3d.data.frame.sample_context`), for a model that reads it (``model.context``);
+            ``none``: the slices only.
+        context_dropout: with ``context: volume``, the share of training samples whose context is
+            blanked (read as "no scan"), so one adapter serves requests with and without it.
         coarse_target: stage 1's target on the R^3 cells: ``centre`` (the cell's centre is inside)
             or ``any`` (any of its fine cells is inside: TRELLIS's sparse structure, which keeps
             structures thinner than a cell, such as the myocardium's shell, in the active band; the
@@ -80,9 +106,14 @@ class DataSettings:
     view_layout: ViewLayout = "orthogonal"
     view_spacing_mm: float = 10.0
     coarse_target: Literal["centre", "any"] = "any"
+    view_layouts: tuple[str, ...] | None = None
+    context: Context = "none"
+    context_dropout: float = 0.25
 
     def __post_init__(self) -> None:
         self.axes = tuple(int(a) for a in self.axes)
+        if isinstance(self.view_layouts, list | tuple):
+            self.view_layouts = tuple(self.view_layouts)
         self.ct_window_hu = (float(self.ct_window_hu[0]), float(self.ct_window_hu[1]))
         for key, ok, expected in _CHECKS:
             if not ok(getattr(self, key)) or (key == "views" and not self._views_fit_layout()):
@@ -93,7 +124,12 @@ class DataSettings:
         self.prep  # noqa: B018 - checks modality and the CT window now
 
     def _views_fit_layout(self) -> bool:
-        return self.view_layout != "orthogonal" or self.views <= 3
+        return self.view_layout != "orthogonal" or self.views <= 3 or bool(self.view_layouts)
+
+    @property
+    def layouts(self) -> tuple[str, ...]:
+        """The layouts training samples draw from (`view_layouts`, else `view_layout` alone)."""
+        return self.view_layouts or (self.view_layout,)
 
     @property
     def prep(self) -> Preprocessing:
@@ -130,8 +166,19 @@ _CHECKS: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("slice_size", lambda v: v is None or (_is_int(v) and v >= 8), "null or an integer >= 8"),
     ("frame_scale", _positive, "a number > 0"),
     ("sdf_truncation_mm", _positive, "a positive number (mm)"),
-    ("views", _count, "an integer >= 1 (at most 3 with view_layout: orthogonal)"),
-    ("view_layout", lambda v: v in VIEW_LAYOUTS, " or ".join(VIEW_LAYOUTS)),
+    (
+        "views",
+        lambda v: _count(v) and v <= MAX_VIEWS,
+        f"an integer 1..{MAX_VIEWS} (at most 3 with view_layout: orthogonal alone)",
+    ),
+    ("view_layout", lambda v: v in VIEW_LAYOUTS, f"{', '.join(VIEW_LAYOUTS[:-1])} or {VIEW_LAYOUTS[-1]}"),
+    (
+        "view_layouts",
+        lambda v: v is None or (bool(v) and all(x in VIEW_LAYOUTS for x in v)),
+        f"null or a non-empty list of {', '.join(VIEW_LAYOUTS)}",
+    ),
+    ("context", lambda v: v in CONTEXTS, " or ".join(CONTEXTS)),
+    ("context_dropout", lambda v: _is_number(v) and 0 <= v <= 1, "a fraction in [0, 1]"),
     ("view_spacing_mm", _positive, "a positive number (mm)"),
     ("coarse_target", lambda v: v in ("centre", "any"), "centre or any"),
     (
@@ -165,6 +212,9 @@ class DataContract:
         slice_size, frame_scale: the input slice's pixels and the frame's side per extent.
         resolution: the decoder's R the data was cut for.
         views, view_layout: the most views per sample it trained with, and their layout.
+        view_layouts: the layouts training drew from (None: ``view_layout`` alone).
+        context: ``volume`` when it trained with the scan as context (the model's ``context``
+            says whether it can read it), ``none`` otherwise.
     """
 
     classes: list[str]
@@ -177,6 +227,8 @@ class DataContract:
     resolution: int | None = None
     views: int = 1  # files written before several views existed: one
     view_layout: str = "orthogonal"
+    view_layouts: list[str] | None = None
+    context: str = "none"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

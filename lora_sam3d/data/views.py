@@ -7,7 +7,11 @@ holds up to K views: the sampled slice first, then, by ``layout``,
 - ``orthogonal``: the planes normal to the two other axes through the first mask's centroid
   (at most 3 views in all);
 - ``parallel``: slices along the first one's axis, ``spacing_mm`` apart, alternating sides
-  (+1, -1, +2, -2, ... steps).
+  (+1, -1, +2, -2, ... steps);
+- ``stack``: every slice ``spacing_mm`` apart along the first one's axis on which the structure
+  has voxels (a user who annotates every N-th slice), the nearest ones to the first if there are
+  more than the count; the frame's centre along that axis is the middle of the first and last
+  slice of the stack (`seen_centre`), never the 3D truth's.
 
 A view whose mask is empty at its plane, or whose plane leaves the volume, is skipped. Every view
 is resampled over the frame's square cross-section at its plane, and its plane's position is kept
@@ -30,7 +34,7 @@ from lora_sam3d.data.settings import ViewLayout
 from lora_sam3d.data.volume import DataError, class_mask
 from lora_sam3d.geometry import mask_signed_distance
 
-__all__ = ["ViewLayout", "seen_centre", "stack_views", "view_planes", "view_rows"]
+__all__ = ["ViewLayout", "seen_centre", "stack_planes", "stack_views", "view_planes", "view_rows"]
 
 
 def view_planes(
@@ -41,11 +45,15 @@ def view_planes(
     layout: ViewLayout,
     count: int,
     spacing_vox: float,
+    present: np.ndarray | None = None,
 ) -> list[tuple[int, int]]:
     """(axis, index) of up to ``count - 1`` planes after the sampled one (``axis``, ``index``), on a
-    grid of ``shape``; planes outside the grid are left out."""
+    grid of ``shape``; planes outside the grid are left out. ``stack`` needs ``present``, the slices
+    along ``axis`` where the structure has voxels."""
     if count <= 1:
         return []
+    if layout == "stack":
+        return stack_planes(axis, index, count, spacing_vox, present)
     if layout == "parallel" and spacing_vox < 1:
         raise DataError(
             f"data.view_spacing_mm is below one voxel of the resampled grid ({spacing_vox:.2f} voxels): "
@@ -65,18 +73,46 @@ def view_planes(
     return [(a, i) for a, i in planes if 0 <= i < shape[a]][: count - 1]
 
 
+def stack_planes(
+    axis: int, index: int, count: int, spacing_vox: float, present: np.ndarray | None
+) -> list[tuple[int, int]]:
+    """A stack's planes after the sampled one: every ``spacing_vox`` from it, alternating sides,
+    kept while the structure has voxels there (``present``), at most ``count - 1``; none when the
+    structure is thinner than the spacing there (`lora_sam3d.data.dataset` warns or refuses)."""
+    if present is None:
+        raise ValueError("view_planes: the stack layout needs the structure's slices (present)")
+    if spacing_vox < 1:
+        raise DataError(
+            f"data.view_spacing_mm is below one voxel of the resampled grid ({spacing_vox:.2f} voxels): "
+            "stacked views would repeat a plane; give at least data.spacing"
+        )
+    inside = set(np.flatnonzero(present).tolist())
+    planes: list[tuple[int, int]] = []
+    for j in range(1, len(present)):
+        steps = [int(np.rint(index + s * j * spacing_vox)) for s in (1, -1)]
+        found = [(axis, i) for i in steps if i in inside]
+        if not found and all(i < 0 or i >= len(present) for i in steps):
+            break
+        planes += found
+    return planes[: count - 1]
+
+
 def seen_centre(
-    labels: np.ndarray, bits: list[int], planes: list[tuple[int, int]], axis: int
+    labels: np.ndarray, bits: list[int], planes: list[tuple[int, int]], axis: int, index: int
 ) -> float | None:
-    """The middle (voxels) of the structure's extent along ``axis`` as the views that contain that
-    axis see it (planes normal to another axis; view k's mask is class bit ``bits[k]``), or None
-    when no view contains it. One slice cannot see its own normal direction; another view can."""
+    """The middle (voxels) of the structure's extent along ``axis`` as the views see it, or None when
+    none sees it. A view across ``axis`` sees the structure's extent in its mask (view k's mask is
+    class bit ``bits[k]``); views parallel to the first slice (``index``), a stack, bound it by their
+    planes. One slice alone cannot see its own normal direction."""
     lo, hi = np.inf, -np.inf
-    for bit, (view_axis, index) in zip(bits, planes, strict=True):
+    stacked = [i for a, i in planes if a == axis]
+    if stacked:
+        lo, hi = float(min([*stacked, index])), float(max([*stacked, index]))
+    for bit, (view_axis, plane) in zip(bits, planes, strict=True):
         if view_axis == axis:
             continue
         take: list[Any] = [slice(None)] * 3
-        take[view_axis] = index
+        take[view_axis] = plane
         mask2d = class_mask(labels[tuple(take)], bit)
         along = np.flatnonzero(mask2d.any(axis=1 - plane_axes(view_axis).index(axis)))
         if along.size:

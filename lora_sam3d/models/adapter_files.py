@@ -22,6 +22,7 @@ from lora_sam3d.atomic import atomic_write
 from lora_sam3d.lora import has_lora, load_adapter, read_adapter_config, save_adapter
 
 __all__ = [
+    "CONDITIONING_ADAPTER",
     "MODEL_FILE",
     "MODEL_SETTINGS",
     "STRUCTURE_ADAPTER",
@@ -35,7 +36,18 @@ __all__ = [
 STRUCTURE_ADAPTER = "structure"
 """Sub-folder of an adapter folder holding stage 1's adapter (or ``structure.safetensors``, full weights)."""
 
-MODEL_SETTINGS = ("decoder", "structure", "base_checkpoint", "latent_encoder", "active_margin")
+CONDITIONING_ADAPTER = "conditioning"
+"""Sub-folder of an adapter folder holding the conditioning layers' adapter (models that have them)."""
+
+MODEL_SETTINGS = (
+    "decoder",
+    "structure",
+    "base_checkpoint",
+    "latent_encoder",
+    "active_margin",
+    "reads_context",
+    "conditioning",
+)
 """The model arguments an adapter folder's `MODEL_FILE` stores: the model it was trained with."""
 
 MODEL_FILE = "model.json"
@@ -48,6 +60,7 @@ class TwoStageModel(Protocol):
 
     decoder: nn.Module
     structure: nn.Module
+    conditioning: nn.Module | None
     uses_structure: bool
     base: str | None
 
@@ -143,6 +156,8 @@ def save_model_adapter(
     save_adapter(model.decoder, out, modules_to_save=unfreeze or [], base_model_name_or_path=model.base)
     text = json.dumps({"classes": list(classes), **model.settings(), "data": data}, indent=2)
     atomic_write(out / MODEL_FILE, lambda tmp: tmp.write_text(text))
+    if model.conditioning is not None and has_lora(model.conditioning):
+        save_adapter(model.conditioning, out / CONDITIONING_ADAPTER)
     if has_lora(model.structure):
         save_adapter(model.structure, out / STRUCTURE_ADAPTER)
     elif model.uses_structure and any(p.requires_grad for p in model.structure.parameters()):
@@ -158,6 +173,8 @@ def load_model_adapter(model: TwoStageModel, directory: str | Path) -> dict[str,
 
     src = Path(directory)
     load_adapter(model.decoder, src)
+    if model.conditioning is not None and (src / CONDITIONING_ADAPTER).is_dir():
+        load_adapter(model.conditioning, src / CONDITIONING_ADAPTER)
     if (src / STRUCTURE_ADAPTER).is_dir():
         load_adapter(model.structure, src / STRUCTURE_ADAPTER)
     elif (src / f"{STRUCTURE_ADAPTER}.safetensors").is_file():

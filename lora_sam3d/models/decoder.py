@@ -33,7 +33,19 @@ from lora_sam3d.sparse import (
 )
 from lora_sam3d.weights import load_weights
 
-__all__ = ["AbsolutePositionEmbedder", "Conditioning", "SLatMeshDecoder"]
+__all__ = [
+    "CONDITIONING_PREFIX",
+    "OVERLAY_PREFIXES",
+    "AbsolutePositionEmbedder",
+    "Conditioning",
+    "SLatMeshDecoder",
+]
+
+CONDITIONING_PREFIX = "conditioning."
+"""The conditioning layers' weights sit under this prefix in a base file (`lora_sam3d.models.conditioning`)."""
+
+OVERLAY_PREFIXES = (STRUCTURE_PREFIX, CONDITIONING_PREFIX)
+"""Keys of a base file that belong beside the decoder (stage 1, the conditioning layers), not in it."""
 
 Conditioning = Callable[[int, SparseTensor], SparseTensor]
 """``cond(level, h) -> h``: what `SLatMeshDecoder.forward` calls at each level (see there)."""
@@ -275,14 +287,15 @@ class SLatMeshDecoder(nn.Module):
     ) -> SLatMeshDecoder:
         """Build with ``config`` and load ``state`` (read from ``source``, named in errors).
 
-        Keys under ``structure.`` (stage 1, stored beside the decoder in our base files) are not the
-        decoder's and are left out, as Meta's non-strict loader leaves them.
+        Keys under ``structure.`` and ``conditioning.`` (stage 1 and the conditioning layers, stored
+        beside the decoder in our base files) are not the decoder's and are left out, as Meta's
+        non-strict loader leaves them.
         """
         path = source
         model = cls(**config)
         own = model.state_dict()
         state = _strip_prefix(
-            {k: v for k, v in state.items() if not k.startswith(STRUCTURE_PREFIX)}, set(own)
+            {k: v for k, v in state.items() if not k.startswith(OVERLAY_PREFIXES)}, set(own)
         )
         fit = state_dict_fit(own, state)
         if fit.mismatched:

@@ -86,6 +86,8 @@ def set_trainable(
         model.add_lora(lora, structure_lora if structure_finetune == "lora" else None, seed)
     freeze_base_params(model.decoder)
     freeze_base_params(model.structure)
+    if model.conditioning is not None:
+        freeze_base_params(model.conditioning)
     if model.uses_structure and structure_finetune == "full":
         model.structure.requires_grad_(True)
     for name in unfreeze:

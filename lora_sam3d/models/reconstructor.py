@@ -22,10 +22,15 @@ from torch import nn
 
 from lora_sam3d.atomic import atomic_write
 from lora_sam3d.geometry import Mesh, marching_cubes
-from lora_sam3d.inputs import Evidence
-from lora_sam3d.latent import PrecomputedLatents, make_encoder
+from lora_sam3d.inputs import CONTEXT_CHANNELS, Evidence
+from lora_sam3d.latent import PrecomputedLatents, SliceUnprojection, context_on_grid, make_encoder
 from lora_sam3d.lora import LoRAConfig, base_fingerprint, inject_lora, merge_lora_weights, state_dict_fit
 from lora_sam3d.models.adapter_files import MODEL_SETTINGS, load_model_adapter, read_adapter_settings
+from lora_sam3d.models.conditioning import (
+    CONDITIONING_LORA_TARGETS,
+    CONDITIONING_PREFIX,
+    EvidenceConditioning,
+)
 from lora_sam3d.models.decoder import SLatMeshDecoder
 from lora_sam3d.models.mesh import vertex_sdf_grid
 from lora_sam3d.models.structure import (
@@ -44,6 +49,7 @@ __all__ = [
     "Reconstruction",
     "Reconstructor",
     "TrainBand",
+    "conditioning_lora",
 ]
 
 TINY_DECODER: dict[str, Any] = {
@@ -98,6 +104,11 @@ class Reconstruction:
         return Reconstruction(joined("sdf"), joined("coarse_logits"), joined("active"))  # type: ignore[arg-type]
 
 
+def conditioning_lora(lora: LoRAConfig) -> LoRAConfig:
+    """The conditioning layers' adapters: the decoder's rank and scaling on both linears of each level."""
+    return LoRAConfig(lora.rank, lora.alpha, lora.dropout, target_modules=CONDITIONING_LORA_TARGETS)
+
+
 class Reconstructor(nn.Module):
     """Slice evidence in, vertex SDF (and meshes in world mm) out: stage 1 + SAM 3D's mesh decoder.
 
@@ -114,6 +125,12 @@ class Reconstructor(nn.Module):
         train_active: in training mode, with ``gt_coarse_occupancy`` in the batch, the decoder runs on
             ``predicted`` (stage 1's band), ``truth`` (the band of the true coarse surface) or ``union``.
         max_active_voxels: an error is raised when a batch has more active cells (None: no cap).
+        reads_context: the model reads the scan around the slices (`Evidence.context`): stage 1 takes its
+            two channels beside the slice unprojection's eight (``in_channels`` 10), and the
+            conditioning layers read it at the decoder's cells. A batch without context reads "no
+            scan" (zeros), so such a model also predicts from slices alone.
+        conditioning: the decoder's levels receive the evidence at their own cells
+            (`EvidenceConditioning`, zero-initialised when the base does not hold its weights).
     """
 
     def __init__(
@@ -127,6 +144,8 @@ class Reconstructor(nn.Module):
         active_margin: int = 1,
         train_active: TrainBand = "union",
         max_active_voxels: int | None = None,
+        reads_context: bool = False,
+        conditioning: bool = False,
     ) -> None:
         super().__init__()
         if not (isinstance(active_margin, int) and active_margin >= 1):
@@ -137,22 +156,29 @@ class Reconstructor(nn.Module):
         self.structure_config = {
             "latent_channels": self.decoder_config["latent_channels"],
             **(structure or {}),
+            **({"in_channels": 8 + CONTEXT_CHANNELS} if reads_context else {}),
         }
+        self.reads_context, self.uses_conditioning = bool(reads_context), bool(conditioning)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.decoder = SLatMeshDecoder(**self.decoder_config)
             self.structure = SparseStructureNet(**self.structure_config)
+            self.conditioning = (
+                EvidenceConditioning(self.decoder_config["model_channels"]) if conditioning else None
+            )
         self.base = base
         self.structure_in_base = base is None
         if base:
             self.load_base(resolve_checkpoint(base))
+        parts = [self.decoder, self.structure] + ([self.conditioning] if self.conditioning else [])
         self.base_fingerprint = hashlib.sha256(
-            (base_fingerprint(self.decoder) + base_fingerprint(self.structure)).encode()
+            "".join(base_fingerprint(p) for p in parts).encode()
         ).hexdigest()
         self.data_contract: dict[str, Any] | None = None  # an adapter folder's data settings (from_adapter)
         self.latent_encoder = latent_encoder
         self.uses_structure = latent_encoder == "slice"
         self.encoder = make_encoder(latent_encoder, self.resolution, latents_dir)
+        self.reader = SliceUnprojection(self.resolution)  # the evidence the conditioning layers read
         self.active_margin, self.train_active, self.max_active_voxels = (
             active_margin,
             train_active,
@@ -171,6 +197,7 @@ class Reconstructor(nn.Module):
             k.removeprefix(STRUCTURE_PREFIX): v for k, v in state.items() if k.startswith(STRUCTURE_PREFIX)
         }
         self.decoder = SLatMeshDecoder.from_state_dict(state, str(path), **self.decoder_config)
+        self._load_conditioning(state, path)
         if structure:
             fit = state_dict_fit(self.structure.state_dict(), structure)
             if fit.missing or fit.unexpected or fit.mismatched:
@@ -180,6 +207,28 @@ class Reconstructor(nn.Module):
                 )
             self.structure.load_state_dict(structure)
             self.structure_in_base = True
+
+    def _load_conditioning(self, state: dict[str, torch.Tensor], path: str | Path) -> None:
+        """The base's conditioning layers (our files) into `EvidenceConditioning`; a base without them
+        (Meta's file) leaves them at zero; a base with them for a model without is refused."""
+        own = {
+            k.removeprefix(CONDITIONING_PREFIX): v
+            for k, v in state.items()
+            if k.startswith(CONDITIONING_PREFIX)
+        }
+        if not own:
+            return
+        if self.conditioning is None:
+            raise ValueError(
+                f"{path} holds conditioning layers (evidence at every decoder level): set model.conditioning: "
+                "true (and model.reads_context: true if it was trained with the scan) to use this base"
+            )
+        fit = state_dict_fit(self.conditioning.state_dict(), own)
+        if fit.missing or fit.unexpected or fit.mismatched:
+            raise ValueError(
+                f"{path}: conditioning weights do not fit EvidenceConditioning: {fit.describe()}"
+            )
+        self.conditioning.load_state_dict(own)
 
     @classmethod
     def from_adapter(cls, folder: str | Path, base: str | None = None) -> Reconstructor:
@@ -192,6 +241,8 @@ class Reconstructor(nn.Module):
             base or s["base_checkpoint"],
             latent_encoder=s["latent_encoder"],
             active_margin=s["active_margin"],
+            reads_context=s.get("reads_context", False),
+            conditioning=s.get("conditioning", False),
         )
         model.data_contract = model.attach_adapter(folder).get("data")
         return model.eval()
@@ -204,6 +255,8 @@ class Reconstructor(nn.Module):
             "base_checkpoint": self.base,
             "latent_encoder": self.latent_encoder,
             "active_margin": self.active_margin,
+            "reads_context": self.reads_context,
+            "conditioning": self.uses_conditioning,
         }
         return {k: values[k] for k in MODEL_SETTINGS}
 
@@ -213,6 +266,8 @@ class Reconstructor(nn.Module):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             inject_lora(self.decoder, lora)
+            if self.conditioning is not None:
+                inject_lora(self.conditioning, conditioning_lora(lora))
             if structure_lora is not None and self.uses_structure:
                 inject_lora(self.structure, structure_lora)
 
@@ -237,9 +292,20 @@ class Reconstructor(nn.Module):
         ``train_active``); ignored in eval mode, so predictions never depend on it.
         """
         n = 4 * self.resolution
+        if evidence.context is not None and not self.reads_context:
+            raise ValueError(
+                "the batch carries the scan as context (data.context: volume) but this model does not read "
+                "context (model.reads_context: false; trained without it): use data.context: none"
+            )
+        cond = None
+        if self.conditioning is not None:
+            cond = self.conditioning.bind(evidence, self.resolution, self.reader)
         if isinstance(self.encoder, PrecomputedLatents):
-            return Reconstruction(vertex_sdf_grid(self.decoder(self.encoder(evidence)), n))
-        logits, latent = self.structure(self.encoder(evidence))
+            return Reconstruction(vertex_sdf_grid(self.decoder(self.encoder(evidence), cond), n))
+        x = self.encoder(evidence)
+        if self.reads_context:
+            x = torch.cat([x, context_on_grid(evidence, self.resolution).to(x.dtype)], dim=1)
+        logits, latent = self.structure(x)
         occupancy = logits.detach() > 0
         active = self.band(occupancy, coarse_truth)
         count, cap = int(active.sum()), self.max_active_voxels
@@ -251,7 +317,7 @@ class Reconstructor(nn.Module):
         fill = vertex_fill(occupancy, n).to(latent.dtype)
         if count == 0:
             return Reconstruction(fill, logits, active)
-        out = self.decoder(active_latent(active, latent))
+        out = self.decoder(active_latent(active, latent), cond)
         return Reconstruction(vertex_sdf_grid(out, n, fill), logits, active)
 
     @staticmethod
@@ -270,14 +336,34 @@ class Reconstructor(nn.Module):
         """A copy of stage 1 with LoRA merged into its base weights."""
         return merge_lora_weights(self.structure, inplace=False)  # type: ignore[return-value]
 
+    def merged_note(self) -> str:
+        """What Meta's `SLatMeshDecoder` can and cannot use of `save_merged`'s file (printed by export)."""
+        note = "Meta's SLatMeshDecoder loads the decoder keys (its own names, strict on them)"
+        left = ["structure.* (stage 1: which cells to decode)"] if self.uses_structure else []
+        if self.conditioning is not None:
+            left.append(
+                "conditioning.* (the evidence added at every decoder level: without it the decoder runs as if "
+                "given no slices or scan at its levels, so its output differs from this model's)"
+            )
+        return note + ("; it cannot use " + " or ".join(left) if left else "") + "."
+
     def save_merged(self, path: str | Path) -> Path:
-        """The decoder with LoRA merged, in Meta's names, plus stage 1 (merged) under ``structure.``: a
-        complete base for ``base``; Meta's loader (non-strict) reads the decoder part. Atomic."""
+        """The decoder with LoRA merged, in Meta's names, plus stage 1 (merged) under ``structure.``
+        and the conditioning layers (merged) under ``conditioning.``: a complete base for ``base``.
+        Meta's loader (non-strict) reads the decoder part, which without those layers is the
+        decoder of a model that does not condition its levels. Atomic."""
         from safetensors.torch import save_file
 
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.merged_decoder().state_dict().items()}
         if self.uses_structure:
             structure = self.merged_structure().state_dict()
             tensors |= {f"{STRUCTURE_PREFIX}{k}": v.detach().cpu().contiguous() for k, v in structure.items()}
-        metadata = {"format": "pt", "decoder": json.dumps(self.decoder_config)}
+        if self.conditioning is not None:
+            merged = merge_lora_weights(self.conditioning, inplace=False).state_dict()
+            tensors |= {f"{CONDITIONING_PREFIX}{k}": v.detach().cpu().contiguous() for k, v in merged.items()}
+        metadata = {
+            "format": "pt",
+            "decoder": json.dumps(self.decoder_config),
+            "for_meta": self.merged_note(),
+        }
         return atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
