@@ -10,7 +10,7 @@ validation does) with parts of the pipeline swapped for the truth or removed:
 - grid cap: the true SDF sampled on the frame's (4R+1)^3 vertex grid (what a perfect decoder at this
   frame and resolution would score).
 
-    python benchmarks/ablation.py --ckpt outputs/experiment/b/checkpoints/best.ckpt [--json out.json]
+    python benchmarks/ablation.py --ckpt outputs/experiment/b/checkpoints/best.ckpt [--views 3] [--context none] [--json out.json]
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ class Ablated(LoRAMeshDecoderModule):
         if self.mode == "grid cap (true SDF)":
             return Reconstruction(batch.targets.sdf.float())
         if self.mode == "stage 1 alone":
-            logits, _ = self.structure(self.encoder(batch.evidence))
+            logits, _ = self.structure(self.model.stage_one_input(batch.evidence))
             return Reconstruction(
                 vertex_fill(logits > 0, n), logits, torch.ones_like(logits, dtype=torch.bool)
             )
@@ -83,6 +83,9 @@ def main() -> None:
     parser.add_argument(
         "--views", type=int, help="input slices per sample (default: as the checkpoint validated)"
     )
+    parser.add_argument(
+        "--context", choices=("volume", "none"), help="the scan as context (default: as trained)"
+    )
     parser.add_argument("--json")
     args = parser.parse_args()
     module = Ablated.load_from_checkpoint(args.ckpt, map_location="cpu", weights_only=True).eval()
@@ -92,6 +95,8 @@ def main() -> None:
     data.pop("_instantiator", None)
     if args.views:
         data["views"] = args.views
+    if args.context:
+        data["context"] = args.context
     dm = TSDataModule(**data)
     dm.setup("validate")
     module.classes = list(data["classes"])

@@ -285,6 +285,14 @@ class Reconstructor(nn.Module):
             active = truth if self.train_active == "truth" else active | truth
         return active
 
+    def stage_one_input(self, evidence: Evidence) -> torch.Tensor:
+        """(B, 8 or 10, R, R, R): the slice unprojection, and the scan on the R^3 cells when the model
+        reads context."""
+        x = self.encoder(evidence)
+        if self.reads_context:
+            x = torch.cat([x, context_on_grid(evidence, self.resolution).to(x.dtype)], dim=1)
+        return x
+
     def forward(self, evidence: Evidence, coarse_truth: torch.Tensor | None = None) -> Reconstruction:
         """Stage 1 on the slice ``evidence``, then the decoder on the band around its surface.
 
@@ -302,10 +310,7 @@ class Reconstructor(nn.Module):
             cond = self.conditioning.bind(evidence, self.resolution, self.reader)
         if isinstance(self.encoder, PrecomputedLatents):
             return Reconstruction(vertex_sdf_grid(self.decoder(self.encoder(evidence), cond), n))
-        x = self.encoder(evidence)
-        if self.reads_context:
-            x = torch.cat([x, context_on_grid(evidence, self.resolution).to(x.dtype)], dim=1)
-        logits, latent = self.structure(x)
+        logits, latent = self.structure(self.stage_one_input(evidence))
         occupancy = logits.detach() > 0
         active = self.band(occupancy, coarse_truth)
         count, cap = int(active.sum()), self.max_active_voxels
