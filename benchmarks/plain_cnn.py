@@ -42,6 +42,11 @@ class DenseOccupancyCNN(LoRAMeshDecoderModule):
         self.requires_grad_(False)
         self.cnn.requires_grad_(True)
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """The checkpoint holds the CNN's weights (``cnn.``), not the two-stage model's trainable ones."""
+        self.configure_adapters()
+        checkpoint["state_dict"] = {**self.state_dict(), **checkpoint["state_dict"]}
+
     def forward(self, batch: Batch) -> Reconstruction:
         x = self.cells(batch.evidence)
         if self.hparams.get("reads_context"):
