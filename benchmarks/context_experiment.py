@@ -21,9 +21,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from experiment import VARIANTS, cli, variant_config
+from experiment import VARIANTS, cli
 from fill_between_slices import score as itk_score
-from views_experiment import CLASS_SHORT, scores
+from views_experiment import CLASS_SHORT, scores, train_variant
 
 ROOT = Path(__file__).resolve().parents[1]
 STACK = ["--data.views", "16", "--data.view_layout", "stack", "--data.axes", "[2]", "--data.view_spacing_mm"]
@@ -45,15 +45,7 @@ INPUTS: dict[str, list[str]] = {
 
 
 def run_variant(key: str, out: Path) -> dict[str, Any]:
-    variant = VARIANTS[key]
-    cfg = str(variant_config(key, out))
-    runner = variant.get("runner")
-    ckpt: list[str] = []
-    summary: dict[str, Any] = {}
-    if variant.get("train", True):
-        cli("fit", "--config", cfg, runner=runner)
-        ckpt = ["--ckpt_path", str(out / key / "checkpoints" / "best.ckpt")]
-        summary = json.loads((out / key / "checkpoints" / "run_summary.json").read_text())
+    cfg, runner, ckpt, summary = train_variant(key, out)
     by_input = {}
     for name, flags in INPUTS.items():
         for context in ("volume", "none"):

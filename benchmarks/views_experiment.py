@@ -37,6 +37,19 @@ SETTINGS: dict[str, list[str]] = {
 """The view settings every variant is scored at (flags of ``lora-sam3d test``)."""
 
 
+def train_variant(key: str, out: Path) -> tuple[str, str | None, list[str], dict[str, Any]]:
+    """Variant ``key``'s config under ``out``, trained once unless it is the base as shipped: (config,
+    runner, the ``--ckpt_path`` flags to test it with, its run summary)."""
+    variant = VARIANTS[key]
+    cfg = str(variant_config(key, out))
+    runner = variant.get("runner")
+    if not variant.get("train", True):
+        return cfg, runner, [], {}
+    cli("fit", "--config", cfg, runner=runner)
+    summary = json.loads((out / key / "checkpoints" / "run_summary.json").read_text())
+    return cfg, runner, ["--ckpt_path", str(out / key / "checkpoints" / "best.ckpt")], summary
+
+
 def scores(run: Path) -> dict[str, Any]:
     """The test metrics of the newest logged run in ``run``."""
     rows = metrics_rows(run)[-1]
@@ -61,14 +74,7 @@ def main() -> None:
     results: dict[str, Any] = json.loads(docs.read_text()) if docs.is_file() else {}
     for key in args.variants:
         variant = VARIANTS[key]
-        cfg = str(variant_config(key, out))
-        runner = variant.get("runner")
-        ckpt: list[str] = []
-        summary: dict[str, Any] = {}
-        if variant.get("train", True):
-            cli("fit", "--config", cfg, runner=runner)
-            ckpt = ["--ckpt_path", str(out / key / "checkpoints" / "best.ckpt")]
-            summary = json.loads((out / key / "checkpoints" / "run_summary.json").read_text())
+        cfg, runner, ckpt, summary = train_variant(key, out)
         by_views = {}
         for name, flags in SETTINGS.items():
             cli("test", "--config", cfg, *ckpt, *flags, runner=runner)

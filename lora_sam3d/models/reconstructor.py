@@ -178,7 +178,12 @@ class Reconstructor(nn.Module):
         self.latent_encoder = latent_encoder
         self.uses_structure = latent_encoder == "slice"
         self.encoder = make_encoder(latent_encoder, self.resolution, latents_dir)
-        self.reader = SliceUnprojection(self.resolution)  # the evidence the conditioning layers read
+        # the evidence the conditioning layers read: stage 1's own unprojection when it has one
+        self.reader = (
+            self.encoder
+            if isinstance(self.encoder, SliceUnprojection)
+            else SliceUnprojection(self.resolution)
+        )
         self.active_margin, self.train_active, self.max_active_voxels = (
             active_margin,
             train_active,
