@@ -44,6 +44,24 @@ class Reconstructed:
     prediction: Prediction
 
 
+def _reads_scan(context: bool | str | None, model_reads: bool) -> bool:
+    """Whether ``reconstruct`` reads the scan: ``context`` as the YAML's ``data.context`` spells it
+    too, None meaning as the model was trained; anything else, or the scan asked of a model that
+    does not read it, is refused."""
+    if context in ("volume", "none"):
+        context = context == "volume"
+    if not (context is None or isinstance(context, bool)):
+        raise ValueError(
+            f"reconstruct: context must be True, False, None, 'volume' or 'none' (as data.context), got {context!r}"
+        )
+    if context and not model_reads:
+        raise ValueError(
+            "reconstruct: the scan was asked (context=True or 'volume') but this model does not read "
+            "the scan (trained without it): give context=None, False or 'none'"
+        )
+    return model_reads if context is None else context
+
+
 def reconstruct(
     model: Any,
     image: str | Path,
@@ -57,7 +75,7 @@ def reconstruct(
     data: DataContract | Mapping[str, Any] | None = None,
     smooth_iterations: int = 10,
     nsd_tolerance_mm: float = 3.0,
-    context: bool | None = None,
+    context: bool | str | None = None,
 ) -> Reconstructed:
     """Reconstruct ``class_name`` in ``image`` from its ``mask`` on one slice (``axis`` with ``index`` or
     ``position_mm``, as a viewer numbers it) or on several (``slices``: ``[{"axis": "axial", "index":
@@ -67,8 +85,9 @@ def reconstruct(
     or a trained `LoRAMeshDecoderModule` (``load_from_checkpoint``). ``data``: how the model reads
     scans (a `DataContract` or the dict a checkpoint or ``model.json`` stores), when the model does
     not carry it. ``smooth_iterations``: the writer's Taubin smoothing of the mesh (0: none).
-    ``context``: read the scan around the slices (None: when the model reads context, as it was
-    trained; True with a model that does not is an error).
+    ``context``: read the scan around the slices: ``True`` or ``"volume"`` (the YAML's spelling),
+    ``False`` or ``"none"``, or None (when the model reads context, as it was trained); asking for
+    the scan with a model that does not read it is an error.
     """
     data = data if data is not None else getattr(model, "data_contract", None)
     network = getattr(model, "model", model)
@@ -85,11 +104,7 @@ def reconstruct(
         str(image), str(mask), class_name, axis, index, position_mm, label_value, slices and list(slices)
     )
     contract = data if isinstance(data, DataContract) else DataContract.from_dict(data)
-    if context and not network.reads_context:
-        raise ValueError(
-            "reconstruct: context=True but this model does not read context (trained without the scan)"
-        )
-    use = network.reads_context if context is None else context
+    use = _reads_scan(context, network.reads_context)
     requests = PredictionDataset.from_settings([item], contract, context="volume" if use else "none")
     requests.check_view_counts(contract.views, None)
     batch = collate([requests[0]])

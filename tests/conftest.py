@@ -37,6 +37,7 @@ def run_config(out: Path | str, data: Path | str, epochs: int = 1, quiet: bool =
     trainer: dict[str, Any] = {
         "max_epochs": epochs, "accelerator": "cpu", "devices": 1, "default_root_dir": str(out),
         "enable_model_summary": False, "callbacks": callbacks,
+        "num_sanity_val_steps": 0,  # every run validates after its epoch; the sanity pass would only repeat it
     }  # fmt: skip
     data_cfg: dict[str, Any] = {
         "root": str(data), "classes": list(TEST_CLASSES), "batch_size": 2, "spacing": 2.0,

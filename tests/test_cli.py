@@ -89,7 +89,7 @@ def first_step_loss(metrics_csv: Path, step: int) -> float:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("cli")
-    result = run("fit", "--config", str(write_config(tmp, "run", epochs=2)))
+    result = here("fit", "--config", str(write_config(tmp, "run", epochs=2)))
     assert result.returncode == 0, result.stderr[-3000:]
     return tmp
 
@@ -340,7 +340,7 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(
         assert len(partial) == 1, "the half-written file sits beside, under a temporary name"
         with pytest.raises((RuntimeError, OSError)):  # truncated: torch refuses it
             torch.load(partial[0], map_location="cpu", weights_only=True)
-    resumed = run(
+    resumed = here(  # the kill needs its own process; the resume does not
         "fit", "--config", str(variant_config(trained, name, checkpoint=steps)), "--ckpt_path", "last"
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -536,6 +536,13 @@ def test_a_checkpoint_or_an_adapter_alone_reconstructs_a_new_scan(trained: Path)
         assert np.allclose(got.mask.affine, on_disk.affine)
         got.mesh.save(trained / folder / "again.stl", coordinate_system="LPS")
         assert (trained / folder / "again.stl").read_bytes()[:9] == b"SPACE=LPS"
+    # context spelled as the YAML spells it; this model reads no scan, so "none" is its only reading
+    args = (loaded, image, mask, "heart_ventricle_left")
+    plain = lora_sam3d.reconstruct(*args, axis="axial", index=z, context="none")
+    np.testing.assert_array_equal(plain.mesh.vertices, got.mesh.vertices)
+    for bad, message in (("volume", "does not read"), ("yes", "'volume' or 'none'")):
+        with pytest.raises(ValueError, match=message):
+            lora_sam3d.reconstruct(*args, axis="axial", index=z, context=bad)
 
 
 def check_report(folder: Path, scored: dict[str, str | None]) -> None:

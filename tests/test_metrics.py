@@ -95,3 +95,35 @@ def test_chamfer() -> None:
     b = np.array([[0.0, 0, 1]])
     assert chamfer_mm(a, b) == pytest.approx(0.5 * ((1 + math.sqrt(2)) / 2 + 1))
     assert chamfer_mm(np.zeros((0, 3)), b) == math.inf
+
+
+def test_one_surface_pass_equals_monais_three_functions() -> None:
+    """`surface_distances` finds the surfaces once; the values are MONAI's own three functions'."""
+    import warnings
+
+    from monai.metrics import (
+        compute_average_surface_distance,
+        compute_hausdorff_distance,
+        compute_surface_dice,
+    )
+
+    rng = np.random.default_rng(0)
+    for spacing in ((1.5, 1.5, 1.5), (0.8, 0.8, 3.0)):
+        for _ in range(3):
+            z = np.indices((30, 28, 26)).astype(float)
+            centre = rng.uniform(10, 16, size=3)[:, None, None, None]
+            radius = rng.uniform(5, 9)
+            gt = ((z - centre) ** 2).sum(0) < radius**2
+            pred = ((z - centre - rng.normal(0, 1.5, size=3)[:, None, None, None]) ** 2).sum(0) < (
+                radius + rng.normal(0, 1.5)
+            ) ** 2
+            pred &= rng.random(pred.shape) > 0.02  # holes: surfaces of another shape
+            p, g = (torch.as_tensor(v)[None, None].float() for v in (pred, gt))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                expected = (
+                    float(compute_hausdorff_distance(p, g, include_background=True, percentile=95, spacing=list(spacing))),
+                    float(compute_average_surface_distance(p, g, include_background=True, symmetric=True, spacing=list(spacing))),
+                    float(compute_surface_dice(p, g, [2.0], include_background=True, spacing=list(spacing))),
+                )  # fmt: skip
+            assert surface_distances(pred, gt, spacing, 2.0) == pytest.approx(expected, rel=1e-6, abs=1e-9)
