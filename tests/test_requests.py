@@ -33,6 +33,11 @@ def test_axis_names_and_file_axes_as_viewers_number_them() -> None:
         36.0
     )
     assert locate_slice(lps, 0, 5, None).position_mm == pytest.approx(-0.8 * 5)
+    for whole in (12.0, np.float64(12), np.int64(12)):  # a computed or YAML-written index
+        assert locate_slice(lps, 2, whole, None).name == "axial12"
+    for bad in (12.5, "12", True):
+        with pytest.raises(DataError, match=r"index must be a whole slice number of the file, got "):
+            locate_slice(lps, 2, bad, None)
     assert locate_slice(lps, 2, None, 37.4).index == 12, "position_mm -> the nearest file slice"
     # a scan stored slice-first (file axis 0 runs S-I, as some exports do): axial is file axis 0
     permuted = np.zeros((4, 4))

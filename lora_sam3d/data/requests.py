@@ -89,7 +89,7 @@ class PredictItem:
     mask: str
     class_name: str
     axis: int | str = "axial"
-    index: int | None = None
+    index: int | float | None = None  # a whole number: 16.0 is slice 16, 16.5 is refused
     position_mm: float | None = None
     label_value: int | None = None
     slices: list[dict[str, Any]] | None = None
@@ -218,9 +218,11 @@ def locate_slice(img: nib.Nifti1Image, axis: int, index: int | None, position_mm
                 f"{min(first, last):.1f} to {max(first, last):.1f} mm"
             )
         index = int(np.clip(found, 0, n - 1))
-    if isinstance(index, np.integer):
-        index = int(index)
-    if not (isinstance(index, int) and not isinstance(index, bool) and 0 <= index < n):
+    if isinstance(index, np.integer | np.floating | float) and float(index).is_integer():
+        index = int(index)  # 16.0 from a computation or a YAML file is slice 16
+    if not isinstance(index, int) or isinstance(index, bool):
+        raise DataError(f"index must be a whole slice number of the file, got {index!r}")
+    if not 0 <= index < n:
         raise DataError(
             f"index {index} is outside the file's {AXIS_NAMES[axis]} axis (file axis {file_axis}, "
             f"slices 0..{n - 1})"
