@@ -78,7 +78,6 @@ def surface_distances(
         _, (to_gt, to_pred), _ = get_edge_surface_distance(
             pred[box], gt[box], distance_metric="euclidean", spacing=spacing, symmetric=True
         )
-    to_gt, to_pred = to_gt.float(), to_pred.float()
     hd95 = max(float(torch.quantile(d, 0.95)) for d in (to_gt, to_pred))
     assd = float(torch.cat([to_gt, to_pred]).mean())
     within = int((to_gt <= tolerance_mm).sum()) + int((to_pred <= tolerance_mm).sum())
