@@ -65,7 +65,7 @@ def timed_steps(step: Any, params: list[torch.nn.Parameter], repeats: int) -> fl
 def two_stage(batch: Batch, repeats: int, base: str = "builtin:shapes", **model: Any) -> dict[str, Any]:
     """The demo's LoRA training step on ``batch`` (``model``: further module arguments)."""
     module = LoRAMeshDecoderModule(
-        decoder=dict(DEMO, resolution=16), base_checkpoint=base, classes=CLASSES, **model
+        decoder=dict(DEMO, resolution=16), base={"checkpoint": base}, classes=CLASSES, **model
     )
     module.configure_adapters()
     module.train()

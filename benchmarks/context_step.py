@@ -32,10 +32,10 @@ from coarse_to_fine import two_stage  # benchmarks/ is the script's folder
 from lora_sam3d.data import HEART_CLASSES, DataSettings, TS_SAM3D_Dataset, collate, write_phantoms
 from lora_sam3d.data.requests import PredictionDataset
 from lora_sam3d.data.settings import DataContract
-from lora_sam3d.models import Reconstructor
+from lora_sam3d.models import ModelConfig, Reconstructor
 
 DEMO = {"resolution": 16, "model_channels": 64, "num_blocks": 4, "num_heads": 4, "num_groups": 8}
-CONTEXT_MODEL = {"reads_context": True, "conditioning": True}
+CONTEXT_MODEL = {"context": {"read": True, "conditioning": True}}
 
 
 def dataset(root: Path, context: str) -> TS_SAM3D_Dataset:
@@ -78,7 +78,9 @@ def request_rows(root: Path, repeats: int) -> list[dict[str, Any]]:
     image, mask = case / "ct.nii.gz", case / "segmentations" / "heart_ventricle_left.nii.gz"
     z = np.flatnonzero((np.asarray(nib.load(mask).dataobj) > 0).any(axis=(0, 1)))
     picks = z[np.linspace(0, len(z) - 1, 16).round().astype(int)]
-    model = Reconstructor(DEMO, base="builtin:scan_shapes", **CONTEXT_MODEL).eval()
+    model = Reconstructor(
+        ModelConfig(DEMO, base={"checkpoint": "builtin:scan_shapes"}, **CONTEXT_MODEL)
+    ).eval()
     extent = {"heart_ventricle_left": 80.0}
     contract = DataContract(
         ["heart_ventricle_left"], extent, 1.5, "ct", [-200.0, 400.0], 64, 2.0, 16, 16, "stack"

@@ -34,31 +34,41 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "b": {"name": "(b) LoRA r=4 on to_qkv+to_out", "model": {}},
     "c": {
         "name": "(c) LoRA r=4 on q,v only",
-        "model": {"lora": {"target_modules": ["to_qkv"], "qkv_slices": ["q", "v"]}},
+        "model": {"finetune": {"lora": {"target_modules": ["to_qkv"], "qkv_slices": ["q", "v"]}}},
     },
     "d": {
         "name": "(d) full fine-tuning",
-        "model": {"finetune": "full", "optimizer": {"init_args": {"lr": 0.001}}},
+        "model": {"finetune": {"mode": "full"}, "optimizer": {"init_args": {"lr": 0.001}}},
     },
-    "e": {"name": "(e) LoRA r=16 on to_qkv+to_out", "model": {"lora": {"rank": 16, "alpha": 32}}},
+    "e": {
+        "name": "(e) LoRA r=16 on to_qkv+to_out",
+        "model": {"finetune": {"lora": {"rank": 16, "alpha": 32}}},
+    },
     "f": {
         "name": "(f) from scratch, same budget (full training, random init)",
-        "model": {"base_checkpoint": None, "finetune": "full", "optimizer": {"init_args": {"lr": 0.002}}},
+        "model": {
+            "base": {"checkpoint": None},
+            "finetune": {"mode": "full"},
+            "optimizer": {"init_args": {"lr": 0.002}},
+        },
     },
     "g": {
         "name": "(g) plain dense 3D CNN on 32^3 cells, same budget",
         "model": {
-            "base_checkpoint": None,
-            "finetune": "full",
+            "base": {"checkpoint": None},
+            "finetune": {"mode": "full"},
             "decoder": {"resolution": 8},
             "optimizer": {"init_args": {"lr": 0.002}},
         },
         "runner": "benchmarks/plain_cnn.py",
     },
-    "h": {"name": "(h) LoRA on the decoder, stage 1 trained fully", "model": {"structure_finetune": "full"}},
+    "h": {
+        "name": "(h) LoRA on the decoder, stage 1 trained fully",
+        "model": {"finetune": {"structure_mode": "full"}},
+    },
     "i": {
         "name": "(i) LoRA, decoder trained on predicted active sets only",
-        "model": {"train_active": "predicted"},
+        "model": {"band": {"train_on": "predicted"}},
     },
 }
 

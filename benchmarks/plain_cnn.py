@@ -2,7 +2,7 @@
 
 No pretrained base, no sparse decoder: `SparseStructureNet`'s U-Net run densely on the frame's
 (4R)^3 cells (the decoder's output grid), trained from scratch with the same losses, data, frame
-and budget, and scored by the same code on the scan's own grid. With ``model.reads_context: true``
+and budget, and scored by the same code on the scan's own grid. With ``model.context.read: true``
 it also reads the scan at each cell (`Evidence.context`, on the same (4R)^3 cells), the inputs the
 two-stage model gets. It answers "does the pretrained two-stage decoder with LoRA beat what a plain
 network learns from these phantoms alone?".
@@ -34,8 +34,8 @@ class DenseOccupancyCNN(LoRAMeshDecoderModule):
         n = 4 * self.resolution
         self.cells = SliceUnprojection(n)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.hparams.base_seed)
-            extra = CONTEXT_CHANNELS if self.hparams.get("reads_context") else 0
+            torch.manual_seed(self.model.config.base.seed)
+            extra = CONTEXT_CHANNELS if self.model.reads_context else 0
             self.cnn = SparseStructureNet(in_channels=8 + extra, channels=cnn_channels, latent_channels=0)
 
     def configure_adapters(self) -> None:
@@ -49,7 +49,7 @@ class DenseOccupancyCNN(LoRAMeshDecoderModule):
 
     def forward(self, batch: Batch) -> Reconstruction:
         x = self.cells(batch.evidence)
-        if self.hparams.get("reads_context"):
+        if self.model.reads_context:
             x = torch.cat([x, context_on_grid(batch.evidence, x.shape[-1]).to(x.dtype)], dim=1)
         logits, _ = self.cnn(x)  # (B, n, n, n) cells
         n = logits.shape[-1]

@@ -3,7 +3,7 @@
 What `configs/sam3d.yaml` trains: `Reconstructor` at R = 64 (768 channels, 12 blocks), stage 1
 trained fully and LoRA r = 4 on the decoder's ``to_qkv``/``to_out``, against full fine-tuning of
 both stages, on heart-sized active sets (a synthetic ellipsoid whose true band holds about 5-9k
-cells, ``train_active: truth`` so the set does not depend on a random stage 1). For batch 1 and 4,
+cells, ``band.train_on: truth`` so the set does not depend on a random stage 1). For batch 1 and 4,
 bf16 autocast and fp32, with and without gradient checkpointing: median step time, steps/s, peak
 GPU memory (`torch.cuda.max_memory_allocated`), trainable parameters, checkpoint and adapter
 sizes, LoRA/full ratios; then bf16 against fp32 on the loss after ``--loss-steps`` steps. The step
@@ -29,7 +29,7 @@ import torch
 from lora_sam3d.inputs import Batch, Evidence, SampleInfo, Targets
 from lora_sam3d.lora import LoRAConfig, freeze_base_params
 from lora_sam3d.losses import LossWeights, reconstruction_losses
-from lora_sam3d.models import Reconstructor
+from lora_sam3d.models import ModelConfig, Reconstructor
 from lora_sam3d.models.adapter_files import save_model_adapter
 
 SIZES: dict[str, dict[str, Any]] = {
@@ -93,7 +93,11 @@ def synthetic_batch(r: int, batch: int, device: torch.device) -> Batch:
 def build(size: str, variant: str, checkpointing: bool, device: torch.device) -> Reconstructor:
     spec = SIZES[size]
     model = Reconstructor(
-        {**spec["decoder"], "use_checkpoint": checkpointing}, spec["structure"], seed=0, train_active="truth"
+        ModelConfig(
+            {**spec["decoder"], "use_checkpoint": checkpointing},
+            spec["structure"],
+            band={"train_on": "truth"},
+        )
     )
     with torch.no_grad():  # Meta zero-initialises the output layer, which would give LoRA no gradient
         model.decoder.out_layer.weight.normal_(0, 0.02)

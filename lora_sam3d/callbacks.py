@@ -107,7 +107,7 @@ class AdapterCheckpoint(L.Callback):
             trainer.state.fn != TrainerFn.FITTING
             or trainer.sanity_checking
             or not trainer.is_global_zero
-            or pl_module.hparams.get("finetune") != "lora"
+            or getattr(getattr(pl_module, "finetune", None), "mode", None) != "lora"
         ):
             return
         self._save(trainer, pl_module, "adapter-last")
@@ -185,7 +185,7 @@ def save_adapter_of(module: Any, directory: Path) -> Path:
     """A `LoRAMeshDecoderModule`'s adapter folder: its model's adapters, classes, unfrozen modules and
     data settings (see `lora_sam3d.models.adapter_files.save_model_adapter`)."""
     return save_model_adapter(
-        module.model, directory, module.classes, module.hparams.unfreeze or [], module.data_contract
+        module.model, directory, module.classes, module.finetune.unfreeze, module.data_contract
     )
 
 

@@ -79,24 +79,24 @@ def check_design(meta: dict[str, Any]) -> None:
         )
 
 
-def check_checkpoint(checkpoint: dict[str, Any], hparams: Any, base_fingerprint: str) -> dict[str, Any]:
+def check_checkpoint(checkpoint: dict[str, Any], finetune: Any, base_fingerprint: str) -> dict[str, Any]:
     """A checkpoint's ``lora_sam3d`` section, checked against the model about to load it: written by
-    this design, in the same fine-tuning modes (``hparams``), on the same base weights."""
+    this design, in the same fine-tuning modes (``finetune``, a `FinetuneConfig`), on the same base weights."""
     meta = checkpoint.get("lora_sam3d")
     if not isinstance(meta, dict):
         raise ValueError("this checkpoint was not written by lora-sam3d (no 'lora_sam3d' section)")
     check_design(meta)
-    for key in ("finetune", "structure_finetune"):
-        if meta[key] != hparams[key]:
+    for key, field in (("finetune", "mode"), ("structure_finetune", "structure_mode")):
+        if meta[key] != getattr(finetune, field):
             raise ValueError(
-                f"checkpoint has {key} '{meta[key]}' but the model is configured for "
-                f"'{hparams[key]}'; set model.{key}: {meta[key]}"
+                f"checkpoint has finetune.{field} '{meta[key]}' but the model is configured for "
+                f"'{getattr(finetune, field)}'; set model.finetune.{field}: {meta[key]}"
             )
     if meta["base_fingerprint"] != base_fingerprint:
         raise ValueError(
             f"checkpoint was trained on another base (fingerprint {meta['base_fingerprint'][:12]}..., "
             f"this model {base_fingerprint[:12]}...; the base path stored in the checkpoint is "
-            f"{meta.get('base_checkpoint')!r}: point model.base_checkpoint to that base)"
+            f"{meta.get('base_checkpoint')!r}: point model.base.checkpoint to that base)"
         )
     return meta
 

@@ -85,7 +85,7 @@ def _export(args: argparse.Namespace) -> None:
     except READ_ERRORS as err:
         raise unreadable(ckpt, err) from err
     written = [module.model.save_merged(out / "decoder-merged.safetensors")]
-    if module.hparams.finetune == "lora":
+    if module.finetune.mode == "lora":
         written.append(save_adapter_of(module, out / "adapter"))
     for path in written:
         print(f"wrote {path}")

@@ -732,7 +732,7 @@ def read_adapter_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
         raise ValueError(
             f"{directory} is a file, but an adapter is a folder holding {ADAPTER_CONFIG_NAME} and "
             f"{ADAPTER_WEIGHTS_NAME} (a Lightning checkpoint goes to --ckpt_path, whole decoder weights "
-            "to model.base_checkpoint)"
+            "to model.base.checkpoint)"
         )
     cfg_path = Path(directory) / ADAPTER_CONFIG_NAME
     if not cfg_path.is_file():

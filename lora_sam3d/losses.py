@@ -9,7 +9,6 @@ scan's own grid (`lora_sam3d.metrics`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch.nn import functional as F
@@ -42,24 +41,19 @@ DIAGNOSTICS = (
 
 @dataclass(frozen=True)
 class LossWeights:
-    """The terms' weights and the SDF clamp (frame units) of `reconstruction_losses`."""
+    """The terms' weights and the SDF clamp (frame units) of `reconstruction_losses` (``model.loss``).
+
+    Args:
+        sdf, occupancy, dice: the decoder's truncated SDF L1, cell occupancy BCE and soft Dice.
+        structure: stage 1's occupancy BCE + soft Dice on the R^3 cells.
+        sdf_truncation: the SDF clamp of the L1 term, frame units.
+    """
 
     sdf: float = 1.0
     occupancy: float = 1.0
     dice: float = 0.5
     structure: float = 1.0
     sdf_truncation: float = 0.1
-
-    @classmethod
-    def from_hparams(cls, h: Any) -> LossWeights:
-        """From the LightningModule's flat ``sdf_weight``, ``occupancy_weight``, ... hyper-parameters."""
-        return cls(
-            h["sdf_weight"],
-            h["occupancy_weight"],
-            h["dice_weight"],
-            h["structure_weight"],
-            h["sdf_truncation"],
-        )
 
 
 def soft_dice_loss(prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -13,8 +13,11 @@ and loading checks every key and the base and fails loudly on a mismatch.
 
 from __future__ import annotations
 
+import io
+from collections.abc import Mapping
 from dataclasses import asdict
-from typing import Any, Literal
+from pathlib import Path
+from typing import IO, Any, Literal
 
 import lightning as L
 import torch
@@ -24,37 +27,38 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lora_sam3d.adapters import AdapterBank
 from lora_sam3d.checkpoint_io import DESIGN, check_checkpoint, upgrade_state_dict
 from lora_sam3d.inputs import Batch
-from lora_sam3d.lora import LoRAConfig, has_lora
+from lora_sam3d.lora import has_lora
 from lora_sam3d.losses import DIAGNOSTICS, LossWeights, frame_diagnostics, reconstruction_losses
 from lora_sam3d.metrics import MeshMetrics, WeightedMeans
+from lora_sam3d.models.config import BandConfig, BaseConfig, ContextConfig, LatentConfig, ModelConfig, coerce
 from lora_sam3d.models.finetuning import (
+    FinetuneConfig,
+    adopt_adapter,
     check_stage_one_adaptable,
     check_trainable_state,
-    lora_configs,
     output_layer_blocks_lora,
     set_trainable,
 )
 from lora_sam3d.models.reconstructor import Reconstruction, Reconstructor
+from lora_sam3d.old_keys import MODEL_KEYS, new_path, upgrade
 from lora_sam3d.predictions import Prediction, prediction_records, score_batch, warn_empty
 
 __all__ = ["LoRAMeshDecoderModule"]
+
+
+BASE, CONTEXT, BAND, LATENTS = BaseConfig(), ContextConfig(), BandConfig(), LatentConfig()
+FINETUNE, LOSS = FinetuneConfig(), LossWeights()
+"""The groups' defaults (frozen: one instance is shared safely)."""
 
 
 def default_optimizer(params: Any) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
 
 
-def check_choices(
-    classes: list[str], finetune: str, structure_finetune: str, on_nonfinite: str, adapter: Any, adapters: Any
-) -> None:
+def check_choices(classes: list[str], on_nonfinite: str, adapter: Any, adapters: Any) -> None:
     """One-line errors for module arguments outside their choices (the CLI checks them too; Python does not)."""
-    for name, value, allowed in (
-        ("finetune", finetune, ("lora", "full")),
-        ("structure_finetune", structure_finetune, ("lora", "full")),
-        ("on_nonfinite", on_nonfinite, ("raise", "skip")),
-    ):
-        if value not in allowed:
-            raise ValueError(f"model.{name} must be one of {list(allowed)}, got {value!r}")
+    if on_nonfinite not in ("raise", "skip"):
+        raise ValueError(f"model.on_nonfinite must be one of ['raise', 'skip'], got {on_nonfinite!r}")
     if not classes:
         raise ValueError("model.classes is empty: name the structures (the command links data.classes)")
     if adapter and adapters:
@@ -66,8 +70,8 @@ def check_data_agrees(data: Any, resolution: int, classes: list[str], context: b
     and scan context is given only to a model that reads it."""
     if data.get("context") == "volume" and not context:
         raise ValueError(
-            "data.context is volume but this model does not read context (model.reads_context: false; a "
-            "checkpoint or adapter trained without the scan): use data.context: none, or train with model.reads_context: true"
+            "data.context is volume but this model does not read context (model.context.read: false; a "
+            "checkpoint or adapter trained without the scan): use data.context: none, or train with model.context.read: true"
         )
     if data.get("resolution") not in (None, resolution):
         raise ValueError(
@@ -86,34 +90,23 @@ class LoRAMeshDecoderModule(L.LightningModule):
 
     Args:
         classes: class names, in the data's order (per-class metrics; the CLI links ``data.classes``).
-        decoder: `SLatMeshDecoder` arguments (default: the tiny CPU config).
+        decoder: `SLatMeshDecoder` arguments (default: the tiny CPU config, `TINY_DECODER`).
         structure: `SparseStructureNet` arguments (``channels``, ``num_groups``).
-        base_checkpoint: our safetensors base (both stages), Meta's ``slat_decoder_mesh`` file (decoder
-            only: stage 1 must train, ``structure_finetune: full``) or ``builtin:shapes`` (shipped).
-        base_seed: initialises what the base does not hold (all of it without ``base_checkpoint``).
-        adapter_seed: the LoRA A matrices are drawn from this seed, whatever ran before.
-        finetune: ``lora`` (base frozen, adapters trained) or ``full`` (every weight of both stages).
-        structure_finetune: with ``finetune: lora``, stage 1 trains by ``lora`` (its convolutions) or ``full``.
-        lora: the decoder's adapters (default `LoRAConfig()`: r=4, alpha=8 on ``to_qkv`` and ``to_out``).
-        structure_lora: stage 1's adapters (default r=2, alpha=4 on every convolution,
-            `STRUCTURE_LORA_TARGETS`), used with ``structure_finetune: lora``.
-        unfreeze: decoder module names trained as well in ``lora`` mode (e.g. ``["out_layer"]``).
+        base, context, band, latents: the model's groups (`lora_sam3d.models.config`: the base weights
+            and their seed, whether the scan is read and the decoder's levels conditioned, the band the
+            decoder runs on, where the latents come from).
+        finetune: what trains (`FinetuneConfig`: mode, both stages' LoRA, ``unfreeze``, the adapters' seed).
+        loss: the loss terms' weights (`LossWeights`).
         adapter: an adapter folder to start from (e.g. for ``predict`` without a checkpoint).
         adapters: one adapter per structure on one base, outside ``fit``: class name (or a shell pattern
             such as ``heart_*``) -> adapter folder (see `lora_sam3d.adapters.AdapterBank`).
-        latent_encoder: ``slice`` or ``precomputed`` (Meta's structured latents in ``latents_dir``).
-        active_margin: the decoder runs on cells within this many cells of stage 1's surface.
-        train_active: the decoder trains on ``predicted`` (stage 1's band), ``truth`` or ``union`` cells.
-        max_active_voxels: an error is raised when a batch has more active cells (None: no cap).
-        reads_context: the model reads the scan around the slices (``data.context: volume``); stored in
-            checkpoints and adapters (`Reconstructor`).
-        conditioning: the decoder's levels receive the evidence at their cells (`EvidenceConditioning`).
-        sdf_weight, occupancy_weight, dice_weight: the decoder's loss terms (`lora_sam3d.losses`).
-        structure_weight: weight of stage 1's occupancy BCE + soft Dice on the R^3 cells.
-        sdf_truncation: SDF clamp for the L1 term, frame units.
         nsd_tolerance_mm: tolerance of the normalised surface Dice.
         on_nonfinite: ``raise`` (default) or ``skip`` a step whose loss or gradients are not finite.
         optimizer, scheduler: LightningCLI callables, given the trainable parameters only.
+        old_keys: the flat keys of earlier versions (``base_checkpoint``, ``lora``, ...), mapped to
+            their groups with a warning (`lora_sam3d.old_keys`).
+
+    Every group also takes a dict of its fields; hyper-parameters store them as plain dicts.
     """
 
     def __init__(
@@ -121,53 +114,41 @@ class LoRAMeshDecoderModule(L.LightningModule):
         classes: list[str],
         decoder: dict[str, Any] | None = None,
         structure: dict[str, Any] | None = None,
-        base_checkpoint: str | None = None,
-        base_seed: int = 0,
-        adapter_seed: int = 0,
-        finetune: Literal["lora", "full"] = "lora",
-        structure_finetune: Literal["lora", "full"] = "lora",
-        lora: LoRAConfig | None = None,
-        structure_lora: LoRAConfig | None = None,
-        unfreeze: list[str] | None = None,
+        base: BaseConfig = BASE,
+        context: ContextConfig = CONTEXT,
+        band: BandConfig = BAND,
+        latents: LatentConfig = LATENTS,
+        finetune: FinetuneConfig = FINETUNE,
+        loss: LossWeights = LOSS,
         adapter: str | None = None,
         adapters: dict[str, str] | None = None,
-        latent_encoder: Literal["slice", "precomputed"] = "slice",
-        latents_dir: str | None = None,
-        active_margin: int = 1,
-        train_active: Literal["predicted", "truth", "union"] = "union",
-        max_active_voxels: int | None = None,
-        reads_context: bool = False,
-        conditioning: bool = False,
-        sdf_weight: float = 1.0,
-        occupancy_weight: float = 1.0,
-        dice_weight: float = 0.5,
-        structure_weight: float = 1.0,
-        sdf_truncation: float = 0.1,
         nsd_tolerance_mm: float = 3.0,
         on_nonfinite: Literal["raise", "skip"] = "raise",
         optimizer: OptimizerCallable = default_optimizer,
         scheduler: LRSchedulerCallable | None = None,
+        **old_keys: Any,
     ) -> None:
         super().__init__()
-        check_choices(classes, finetune, structure_finetune, on_nonfinite, adapter, adapters)
-        self.save_hyperparameters(ignore=["optimizer", "scheduler", "lora", "structure_lora"])
+        check_choices(classes, on_nonfinite, adapter, adapters)
+        groups = {"base": base, "context": context, "band": band, "latents": latents}
+        groups |= {"finetune": finetune, "loss": loss}
+        groups = with_old_keys(groups, old_keys)
+        config = ModelConfig(
+            decoder or {}, structure or {}, *(groups[k] for k in ("base", "context", "band", "latents"))
+        )
         first = adapter or next(iter((adapters or {}).values()), None)
-        self.lora_config, self.structure_lora_config, adopted = lora_configs(lora, structure_lora, first)
-        # an adapter folder's own settings replace the configured ones
+        # an adapter folder's own LoRA settings replace the configured ones
+        self.finetune = adopt_adapter(coerce(FinetuneConfig, groups["finetune"], "model.finetune"), first)
+        self.loss_weights = coerce(LossWeights, groups["loss"], "model.loss")
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", "old_keys", *groups])
+        for key in [k for k in self.hparams if k in MODEL_KEYS]:  # flat keys of the CLI's given hparams
+            del self.hparams[key]
         self.hparams.update(
-            adopted, lora=asdict(self.lora_config), structure_lora=asdict(self.structure_lora_config)
+            {**config.to_dict(), "finetune": self.finetune.to_dict(), "loss": asdict(self.loss_weights)}
         )
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
-        self.loss_weights = LossWeights.from_hparams(self.hparams)
-        model_args = ("latent_encoder", "latents_dir", "active_margin", "train_active", "max_active_voxels")
-        self.model = Reconstructor(
-            decoder,
-            structure,
-            base_checkpoint,
-            base_seed,
-            **{k: self.hparams[k] for k in (*model_args, "reads_context", "conditioning")},
-        )
-        check_stage_one_adaptable(self.model, finetune, self.hparams.structure_finetune)
+        self.model = Reconstructor(config)
+        check_stage_one_adaptable(self.model, self.finetune)
         self.classes = list(classes)
         self.strict_loading = False  # partial checkpoints: on_load_checkpoint checks every key itself
         self.val_metrics, self.test_metrics = (MeshMetrics(self.classes, nsd_tolerance_mm) for _ in "vt")
@@ -175,6 +156,23 @@ class LoRAMeshDecoderModule(L.LightningModule):
         self.data_contract: dict[str, Any] | None = None  # see TSDataModule.contract; set by fit, stored
         self.bank: AdapterBank | None = None  # model.adapters, read once
         self.skipped_steps = 0
+
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls, checkpoint_path: str | Path | IO, *args: Any, **kwargs: Any
+    ) -> LoRAMeshDecoderModule:
+        """Lightning's loader; a checkpoint of the flat layout has its hyper-parameters moved to the
+        tree first (silently: the file is not the user's to edit), then loads as any other."""
+        if isinstance(checkpoint_path, str | Path) and Path(checkpoint_path).is_file():
+            ckpt = torch.load(checkpoint_path, weights_only=True, map_location="cpu")
+            hparams = ckpt.get("hyper_parameters") or {}
+            if any(new_path("model", k, v) for k, v in hparams.items()):
+                ckpt["hyper_parameters"] = upgrade(hparams, "model", warn=False)
+                buffer = io.BytesIO()
+                torch.save(ckpt, buffer)
+                buffer.seek(0)
+                checkpoint_path = buffer
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)  # type: ignore[return-value]
 
     # The model's parts, as the callbacks, export and benchmarks reach them.
     decoder = property(lambda self: self.model.decoder)
@@ -189,15 +187,14 @@ class LoRAMeshDecoderModule(L.LightningModule):
         Called from `setup` and from `on_load_checkpoint`: ``load_from_checkpoint`` restores the
         state before any ``setup`` runs, so the LoRA tensors must exist by then.
         """
-        h, m, unfreeze = self.hparams, self.model, list(self.hparams.unfreeze or [])
-        if h.finetune == "lora" and not has_lora(m.decoder) and output_layer_blocks_lora(m, unfreeze):
+        h, m, ft = self.hparams, self.model, self.finetune
+        if ft.mode == "lora" and not has_lora(m.decoder) and output_layer_blocks_lora(m, ft.unfreeze):
             rank_zero_warn(
                 "the base decoder's out_layer is all zeros (as freshly initialised), so every LoRA "
-                "gradient is zero: give model.base_checkpoint or add 'out_layer' to model.unfreeze"
+                "gradient is zero: give model.base.checkpoint or add 'out_layer' to model.finetune.unfreeze"
             )
-        lora, stage1, seed = self.lora_config, self.structure_lora_config, h.adapter_seed
-        injected = set_trainable(m, h.finetune, h.structure_finetune, lora, stage1, unfreeze, seed)
-        if h.finetune == "full":
+        injected = set_trainable(m, ft)
+        if ft.mode == "full":
             return
         if injected and h.adapter:
             self.data_contract = m.attach_adapter(h.adapter).get("data") or self.data_contract
@@ -316,27 +313,47 @@ class LoRAMeshDecoderModule(L.LightningModule):
         checkpoint["lora_sam3d"] = checkpoint_section(self, sorted(trainable))
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        meta = check_checkpoint(checkpoint, self.hparams, self.model.base_fingerprint)
+        meta = check_checkpoint(checkpoint, self.finetune, self.model.base_fingerprint)
         upgrade_state_dict(checkpoint["state_dict"])
         self.data_contract = meta.get("data") or self.data_contract
         self.configure_adapters()
         check_trainable_state(self.model, checkpoint["state_dict"], prefix="model.")
-        # The frozen base is rebuilt from model.base_checkpoint, not stored: hand the loader its own
+        # The frozen base is rebuilt from model.base.checkpoint, not stored: hand the loader its own
         # tensors so it does not list ~100 "missing" keys that are not missing.
         checkpoint["state_dict"] = {**self.state_dict(), **checkpoint["state_dict"]}
 
 
+def with_old_keys(groups: dict[str, Any], old_keys: dict[str, Any]) -> dict[str, Any]:
+    """The module's groups with the flat keys of earlier versions (``base_checkpoint=...``) moved
+    into them, with one warning; a keyword that is neither is the usual TypeError."""
+    given = {k: v for k, v in old_keys.items() if not k.startswith("_")}  # Lightning's own keys
+    unknown = sorted(k for k in given if k not in MODEL_KEYS)
+    if unknown:
+        raise TypeError(f"LoRAMeshDecoderModule got unexpected arguments {unknown}")
+    if not given:
+        return groups
+    moved = upgrade(given, "model", "LoRAMeshDecoderModule arguments")
+    out = dict(groups)
+    for name, values in moved.items():
+        current = groups[name]
+        current = asdict(current) if not isinstance(current, Mapping) else dict(current)
+        out[name] = {**current, **values}
+    return out
+
+
 def checkpoint_section(module: LoRAMeshDecoderModule, trainable: list[str]) -> dict[str, Any]:
     """What a checkpoint says of itself beside its tensors (checked by `check_checkpoint` on load)."""
-    stored = module.model.settings()
+    stored, ft = module.model.settings(), module.finetune
     return {
         "design": DESIGN,
-        "finetune": module.hparams.finetune,
-        "structure_finetune": module.hparams.structure_finetune,
-        "lora": asdict(module.lora_config),
-        "structure_lora": asdict(module.structure_lora_config),
-        "unfreeze": list(module.hparams.unfreeze or []),
-        **{k: stored[k] for k in ("decoder", "structure", "base_checkpoint")},
+        "finetune": ft.mode,
+        "structure_finetune": ft.structure_mode,
+        "lora": asdict(ft.lora),
+        "structure_lora": asdict(ft.structure_lora),
+        "unfreeze": list(ft.unfreeze),
+        "decoder": stored["decoder"],
+        "structure": stored["structure"],
+        "base_checkpoint": module.model.base,
         "base_fingerprint": module.model.base_fingerprint,
         "trainable": trainable,
         "data": module.data_contract,

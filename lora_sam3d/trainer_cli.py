@@ -10,6 +10,7 @@ Checkpoints are written by `AtomicCheckpointIO` unless the config names other ``
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from lora_sam3d.errors import error_line
 from lora_sam3d.models.adapter_files import AdapterSettings, read_adapter_settings
 from lora_sam3d.models.reconstructor import TINY_DECODER
 from lora_sam3d.module import LoRAMeshDecoderModule
+from lora_sam3d.old_keys import upgrade, upgrade_argv
 from lora_sam3d.weights import READ_ERRORS, require_file, unreadable
 
 __all__ = ["LoRASAM3DCLI", "adopt_data_settings", "decoder_resolution", "run"]
@@ -78,25 +80,30 @@ class LoRASAM3DCLI(LightningCLI):
         parser.link_arguments("model.decoder", "data.resolution", compute_fn=decoder_resolution)
 
     def _parse_ckpt_path(self) -> None:
-        """LightningCLI reads ``--ckpt_path``'s hyper-parameters (they then define the model);
-        a file torch cannot read gets our one-line error instead of a traceback."""
+        """``--ckpt_path``'s hyper-parameters define the model (as LightningCLI's own reading, whose
+        few lines this replaces): those of the flat layout are moved to the tree first, and a file
+        torch cannot read gets our one-line error instead of a traceback."""
         path = self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
         if path and path not in ("last", "best", "hpc", "registry") and "://" not in str(path):
             require_file(path)
         self._stored_classes, self._stored_data = None, None
-        self._base_given = self.config[self.config.subcommand].model.get("base_checkpoint") if path else None
+        if not (path and Path(path).is_file()):
+            return
+        cfg = self.config[self.config.subcommand]
+        base_given = cfg.model.get("base.checkpoint")
         try:
-            if path and Path(path).is_file():  # before its hyper-parameters reach the parser
-                self._read_checkpoint(path)
-            super()._parse_ckpt_path()
+            hparams = self._read_checkpoint(path)
         except READ_ERRORS as err:
             raise unreadable(path, err) from err
-        cfg = self.config[self.config.subcommand] if path else None
-        if cfg is not None and self._base_given and self._base_given != cfg.model.get("base_checkpoint"):
-            cfg.model.base_checkpoint = self._base_given  # the config points to a moved base
+        if hparams:
+            self.config = self.parser.parse_object({self.config.subcommand: {"model": hparams}}, self.config)
+        cfg = self.config[self.config.subcommand]
+        if base_given and base_given != cfg.model.get("base.checkpoint"):
+            cfg.model["base.checkpoint"] = base_given  # the config points to a moved base
 
-    def _read_checkpoint(self, path: str) -> None:
-        """The design, data settings and classes a checkpoint stores."""
+    def _read_checkpoint(self, path: str) -> dict[str, Any]:
+        """The design, data settings and classes a checkpoint stores, and its model hyper-parameters
+        (in the tree's layout; Lightning's own keys left out)."""
         try:
             ckpt = torch.load(path, weights_only=True, map_location="cpu")
         except Exception as err:  # torch raises KeyError, UnpicklingError... for non-checkpoints
@@ -105,7 +112,10 @@ class LoRASAM3DCLI(LightningCLI):
         if isinstance(meta, dict):
             check_design(meta)
             self._stored_data = (meta.get("data"), f"the checkpoint {path}")
-        self._stored_classes = ckpt.get("hyper_parameters", {}).get("classes")
+        hparams = dict(ckpt.get("hyper_parameters") or {})
+        self._stored_classes = hparams.get("classes")
+        hparams = {k: v for k, v in hparams.items() if not k.startswith("_")}
+        return upgrade(hparams, "model", warn=False)
 
     def instantiate_classes(self) -> None:
         """A model built from settings stored in an adapter's model.json says so when it fails."""
@@ -140,9 +150,9 @@ class LoRASAM3DCLI(LightningCLI):
         model = stored.model if stored is not None else {}
         source = str(stored.model_file) if stored is not None else ""
         self._settings_source = source if model else ""
-        for key, value in model.items():
+        for key, value in flatten(model).items():
             given = cfg.model.get(key)
-            if not (key == "base_checkpoint" and given and given != value):
+            if not (key == "base.checkpoint" and given and given != value):
                 cfg.model[key] = value
         if "decoder" in model:
             cfg.data.resolution = decoder_resolution(model["decoder"])
@@ -152,16 +162,33 @@ class LoRASAM3DCLI(LightningCLI):
             data, source = getattr(self, "_stored_data", None) or (None, "")
         if data:
             adopt_data_settings(cfg.data, data, source)
-        base = cfg.model.get("base_checkpoint")
+        base = cfg.model.get("base.checkpoint")
         if base and not base.startswith("builtin:") and not Path(base).is_file() and source:
             raise FileNotFoundError(
                 f"base checkpoint {base} (the path stored in {source}) does not exist; if it moved, "
-                "give its new path with --model.base_checkpoint"
+                "give its new path with --model.base.checkpoint"
             )
 
 
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"base": {"checkpoint": x}, "decoder": {...}}`` as ``{"base.checkpoint": x, "decoder": {...}}``:
+    the groups of `MODEL_SETTINGS` set field by field (the decoder's and stage 1's dicts whole)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and key not in ("decoder", "structure"):
+            out |= flatten(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def run(args: list[str] | None, model_class: type | None = None) -> None:
-    """The LightningCLI over `LoRAMeshDecoderModule` (or a subclass with its arguments, e.g. a baseline)."""
+    """The LightningCLI over `LoRAMeshDecoderModule` (or a subclass with its arguments, e.g. a baseline);
+    the flat keys of earlier versions on the command line or in a config are mapped (`upgrade_argv`)."""
+    if args is None:  # the process's own command line: upgraded in place (LightningCLI reads it there)
+        sys.argv[1:] = upgrade_argv(sys.argv[1:])
+    else:
+        args = upgrade_argv(list(args))
     LoRASAM3DCLI(
         model_class or LoRAMeshDecoderModule,
         TSDataModule,

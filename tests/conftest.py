@@ -17,6 +17,10 @@ import yaml
 sys.path.insert(0, str(Path(__file__).parent))
 
 TEST_CLASSES = ["heart_ventricle_left", "heart_myocardium"]
+SHAPES = {"checkpoint": "builtin:shapes"}
+"""``model.base`` of the shipped base most tests adapt."""
+SCAN = {"read": True, "conditioning": True}
+"""``model.context`` of a model that reads the scan at stage 1 and every decoder level."""
 TEST_DECODER = {"resolution": 16, "model_channels": 64, "num_blocks": 4, "num_heads": 4, "num_groups": 8}
 
 
@@ -45,8 +49,8 @@ def run_config(out: Path | str, data: Path | str, epochs: int = 1, quiet: bool =
     }  # fmt: skip
     model: dict[str, Any] = {
         "decoder": dict(TEST_DECODER),
-        "base_checkpoint": "builtin:shapes",
-        "finetune": "lora",
+        "base": {"checkpoint": "builtin:shapes"},
+        "finetune": {"mode": "lora"},
     }
     if quiet:
         trainer |= {

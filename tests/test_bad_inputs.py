@@ -100,7 +100,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Setup:
     assert main(["predict", "--config", s.config("good"), "--ckpt_path", str(s.ckpt)]) == 0
 
     def full(cfg: dict) -> None:
-        cfg["model"]["finetune"] = "full"
+        cfg["model"]["finetune"] = {"mode": "full"}
 
     assert main(["fit", "--config", s.config("full", full, own=True)]) == 0
     return s
@@ -342,7 +342,7 @@ def predict_items(
             del (
                 cfg["data"]["root"],
                 cfg["data"]["classes"],
-                cfg["model"]["base_checkpoint"],
+                cfg["model"]["base"]["checkpoint"],
                 cfg["model"]["decoder"],
             )
         cfg["model"].update(model or {})
@@ -405,7 +405,7 @@ def edited_adapter(s: Setup, name: str, edit: Callable[[dict], None]) -> Path:
 def moved_base_adapter(s: Setup) -> Path:
     """The trained adapter, its model.json naming a base file that has since moved away."""
     return edited_adapter(
-        s, "adapter-moved", set_in("base_checkpoint", str(s.root / "moved" / "shapes.safetensors"))
+        s, "adapter-moved", set_in("base", {"checkpoint": str(s.root / "moved" / "shapes.safetensors")})
     )
 
 
@@ -437,7 +437,7 @@ def one_stage(path: Path) -> None:
         k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.decoder.")
     }
     hparams = ckpt["hyper_parameters"]
-    for key in ("structure", "structure_finetune", "active_margin", "train_active", "max_active_voxels"):
+    for key in ("structure", "band"):
         hparams.pop(key, None)
     hparams["latent_band"] = None
     torch.save(ckpt, path)
@@ -454,7 +454,11 @@ def base_replaced(s: Setup) -> list[str]:
     shutil.copy(resolve_checkpoint("builtin:shapes"), base)
     assert (
         main(
-            ["fit", "--config", s.config("replaced", set_in("model", "base_checkpoint", str(base)), own=True)]
+            [
+                "fit",
+                "--config",
+                s.config("replaced", set_in("model", "base", "checkpoint", str(base)), own=True),
+            ]
         )
         == 0
     )
@@ -463,7 +467,7 @@ def base_replaced(s: Setup) -> list[str]:
     save_file(weights, str(base))
 
     def stored_base(cfg: dict) -> None:  # the checkpoint's own base path, as a predict config leaves it
-        del cfg["model"]["base_checkpoint"]
+        del cfg["model"]["base"]["checkpoint"]
 
     return predict_from(s, "replaced-predict", s.root / "replaced" / "checkpoints" / "last.ckpt", stored_base)
 
@@ -485,27 +489,27 @@ RUN_CASES: dict[str, tuple[Callable[[Setup], list[str]], str]] = {
         r"\"data\.batch_size\":\s+Expected a <class 'int'>\. Got value: eight",
     ),
     "unknown fine-tuning mode": (
-        lambda s: fit_with(s, "f", set_in("model", "finetune", "partial")),
-        r"\"model\.finetune\":\s+Expected a typing\.Literal\['lora', 'full'\]\. Got value: partial",
+        lambda s: fit_with(s, "f", set_in("model", "finetune", "mode", "partial")),
+        r"\"model\.finetune\.mode\":\s+Expected a typing\.Literal\['lora', 'full'\]\. Got value: partial",
     ),
     "unknown class name": (
         lambda s: fit_with(s, "c", set_in("data", "classes", ["heart_atrium_middle"])),
         r"missing files .*heart_atrium_middle\.nii\.gz",
     ),
     "unfreeze an absent module": (
-        lambda s: fit_with(s, "u", set_in("model", "unfreeze", ["head"])),
-        r"unfreeze: the decoder has no module 'head'",
+        lambda s: fit_with(s, "u", set_in("model", "finetune", "unfreeze", ["head"])),
+        r"model\.finetune\.unfreeze: the decoder has no module 'head'",
     ),
     "on_nonfinite value": (
         lambda s: fit_with(s, "n", set_in("model", "on_nonfinite", "ignore")),
         r"\"model\.on_nonfinite\":\s+Expected a typing\.Literal\['raise', 'skip'\]\. Got value: ignore",
     ),
     "LoRA rank 0": (
-        lambda s: fit_with(s, "r", set_in("model", "lora", {"rank": 0})),
+        lambda s: fit_with(s, "r", set_in("model", "finetune", "lora", {"rank": 0})),
         r"rank must be a positive integer",
     ),
     "LoRA target absent": (
-        lambda s: fit_with(s, "tg", set_in("model", "lora", {"target_modules": ["query"]})),
+        lambda s: fit_with(s, "tg", set_in("model", "finetune", "lora", {"target_modules": ["query"]})),
         r"no module matched target_modules=\['query'\]",
     ),
     "negative batch size": (
@@ -538,16 +542,16 @@ RUN_CASES: dict[str, tuple[Callable[[Setup], list[str]], str]] = {
     ),
     # base decoder
     "missing base checkpoint": (
-        lambda s: fit_with(s, "b1", set_in("model", "base_checkpoint", str(s.root / "base.safetensors"))),
+        lambda s: fit_with(s, "b1", set_in("model", "base", "checkpoint", str(s.root / "base.safetensors"))),
         r"checkpoint .*base\.safetensors does not exist",
     ),
     "unknown shipped base": (
-        lambda s: fit_with(s, "b2", set_in("model", "base_checkpoint", "builtin:nope")),
+        lambda s: fit_with(s, "b2", set_in("model", "base", "checkpoint", "builtin:nope")),
         r"no shipped decoder 'builtin:nope'; available: \['builtin:scan_shapes', 'builtin:shapes'\]",
     ),
     "truncated base checkpoint": (
         lambda s: fit_with(
-            s, "b3", set_in("model", "base_checkpoint", str(broken_copy(s, s.full_ckpt, "b3", truncate)))
+            s, "b3", set_in("model", "base", "checkpoint", str(broken_copy(s, s.full_ckpt, "b3", truncate)))
         ),
         r"cannot read checkpoint .*b3/last\.ckpt",
     ),
@@ -563,7 +567,9 @@ RUN_CASES: dict[str, tuple[Callable[[Setup], list[str]], str]] = {
     ),
     "base checkpoint that runs code": (
         lambda s: fit_with(
-            s, "b5", set_in("model", "base_checkpoint", str(broken_copy(s, s.full_ckpt, "b5", code_pickle)))
+            s,
+            "b5",
+            set_in("model", "base", "checkpoint", str(broken_copy(s, s.full_ckpt, "b5", code_pickle))),
         ),
         r"cannot read checkpoint .*b5/last\.ckpt: it holds Python objects .* refused \(torch\.load weights_only=True\)",
     ),
@@ -620,7 +626,9 @@ RUN_CASES: dict[str, tuple[Callable[[Setup], list[str]], str]] = {
     ),
     "adapter of another base": (
         lambda s: fit_with(
-            s, "a4", lambda cfg: (with_adapter(s.adapter)(cfg), set_in("model", "base_checkpoint", None)(cfg))
+            s,
+            "a4",
+            lambda cfg: (with_adapter(s.adapter)(cfg), set_in("model", "base", "checkpoint", None)(cfg)),
         ),
         r"trained on another base model",
     ),
@@ -750,7 +758,7 @@ RUN_CASES: dict[str, tuple[Callable[[Setup], list[str]], str]] = {
             s, "p20", ckpt=None, root=None, model={"adapter": str(moved_base_adapter(s))}
         ),
         r"base checkpoint .*moved/shapes\.safetensors \(the path stored in .*adapter-moved/model\.json\) does not "
-        r"exist; if it moved, give its new path with --model\.base_checkpoint$",
+        r"exist; if it moved, give its new path with --model\.base\.checkpoint$",
     ),
     "a text file as the checkpoint": (
         lambda s: predict_from(s, "txt", text_file(s)),
@@ -816,34 +824,34 @@ def load_adapter_into(adapter: Path, **lora: object) -> None:
 # ``--ckpt_path`` defines the model from the checkpoint's own hyper-parameters, so these cannot arise).
 API_CASES: dict[str, tuple[Callable[[Setup], None], type[Exception], str]] = {
     "checkpoint of another rank": (
-        lambda s: load_ckpt(s.ckpt, lora={"rank": 8}),
+        lambda s: load_ckpt(s.ckpt, finetune={"lora": {"rank": 8}}),
         ValueError,
         r"mis-shaped keys .*lora_A: expected \(8, 64\), got \(4, 64\)",
     ),
     "checkpoint of other targets": (
-        lambda s: load_ckpt(s.ckpt, lora={"target_modules": ["to_qkv"]}),
+        lambda s: load_ckpt(s.ckpt, finetune={"lora": {"target_modules": ["to_qkv"]}}),
         ValueError,
         r"unexpected keys \[.*to_out\.lora_A",
     ),
     "checkpoint with other trained heads": (
-        lambda s: load_ckpt(s.ckpt, unfreeze=["out_layer"]),
+        lambda s: load_ckpt(s.ckpt, finetune={"unfreeze": ["out_layer"]}),
         ValueError,
         r"missing keys \['model\.decoder\.out_layer\.bias'",
     ),
     "checkpoint of another base": (
-        lambda s: load_ckpt(s.ckpt, base_checkpoint=None),
+        lambda s: load_ckpt(s.ckpt, base={"checkpoint": None}),
         ValueError,
         r"trained on another base .*stored in the checkpoint is 'builtin:shapes'",
     ),
     "LoRA checkpoint where a full fine-tune is expected": (
-        lambda s: load_ckpt(s.ckpt, finetune="full"),
+        lambda s: load_ckpt(s.ckpt, finetune={"mode": "full"}),
         ValueError,
-        r"checkpoint has finetune 'lora' but the model is configured for 'full'",
+        r"checkpoint has finetune\.mode 'lora' but the model is configured for 'full'",
     ),
     "full fine-tune where LoRA is expected": (
-        lambda s: load_ckpt(s.full_ckpt, finetune="lora"),
+        lambda s: load_ckpt(s.full_ckpt, finetune={"mode": "lora"}),
         ValueError,
-        r"checkpoint has finetune 'full' but the model is configured for 'lora'; set model\.finetune: full",
+        r"checkpoint has finetune\.mode 'full' but the model is configured for 'lora'; set model\.finetune\.mode: full",
     ),
     "adapter into LoRA of another rank": (
         lambda s: load_adapter_into(s.adapter, rank=8),
@@ -973,7 +981,7 @@ def test_the_readme_states_how_many_bad_inputs_are_tested() -> None:
 
 
 def test_a_moved_base_is_pointed_to(setup: Setup, capsys: pytest.CaptureFixture[str]) -> None:
-    """The base an adapter's model.json names has moved: `--model.base_checkpoint` points to its new
+    """The base an adapter's model.json names has moved: `--model.base.checkpoint` points to its new
     place and the prediction is the one the original base gives."""
     from lora_sam3d.weights import resolve_checkpoint
 
@@ -982,7 +990,7 @@ def test_a_moved_base_is_pointed_to(setup: Setup, capsys: pytest.CaptureFixture[
     shutil.copy(resolve_checkpoint("builtin:shapes"), moved)
     adapter = moved_base_adapter(setup)  # model.json names <root>/moved/shapes.safetensors, which is gone
     argv = predict_items(setup, "moved-ok", ckpt=None, root=None, model={"adapter": str(adapter)})
-    code, err = cli(*argv, "--model.base_checkpoint", str(moved), capsys=capsys)
+    code, err = cli(*argv, "--model.base.checkpoint", str(moved), capsys=capsys)
     assert code == 0, err[-2000:]
     reference = predict_items(setup, "moved-ref", ckpt=None, root=None, model={"adapter": str(setup.adapter)})
     assert cli(*reference, capsys=capsys)[0] == 0

@@ -55,7 +55,7 @@ def here(*args: str) -> subprocess.CompletedProcess[str]:
 
 def write_config(tmp: Path, name: str, epochs: int = 1, finetune: str = "lora") -> Path:
     cfg = run_config(tmp / name, tmp / "data", epochs)
-    cfg["model"]["finetune"] = finetune
+    cfg["model"]["finetune"] = {"mode": finetune}
     return write_yaml(cfg, tmp / f"{name}.yaml")
 
 
@@ -204,7 +204,7 @@ def test_a_checkpoint_defines_the_model_whatever_the_config_says(trained: Path) 
     """With --ckpt_path, the model is built from the checkpoint's own hyper-parameters: a config asking
     for another rank and fine-tuning mode still predicts with the checkpoint's adapters."""
     cfg = yaml.safe_load((trained / "run.yaml").read_text())
-    cfg["model"] |= {"lora": {"rank": 8}, "finetune": "full"}
+    cfg["model"] |= {"finetune": {"mode": "full", "lora": {"rank": 8}}}
     cfg["trainer"]["callbacks"][2]["init_args"]["output_dir"] = str(trained / "disagreeing")
     path = write_yaml(cfg, trained / "disagreeing.yaml")
     done = here(
@@ -262,7 +262,7 @@ def test_export_merges_and_matches_the_lora_model(trained: Path) -> None:
     meta = reference.build(num_groups=config.pop("num_groups"), **config)
     meta.load_state_dict(decoder_part)
     # the whole file is a complete base: both stages merged, no adapters
-    merged = LoRAMeshDecoderModule(decoder=module.model.decoder_config, base_checkpoint=str(merged_file),
+    merged = LoRAMeshDecoderModule(decoder=module.model.decoder_config, base={"checkpoint": str(merged_file)},
                                    classes=["heart_ventricle_left"]).eval()  # fmt: skip
     ds = TS_SAM3D_Dataset(trained / "data", ["heart_ventricle_left"], split="val", resolution=16, spacing=2.0,
                           slice_sampling_method="central", cache_dir=trained / "data" / ".cache")  # fmt: skip
@@ -614,12 +614,14 @@ def test_one_adapter_per_structure_on_one_base(trained: Path) -> None:
     )
     assert exported.returncode == 0, exported.stderr[-3000:]
     from lora_sam3d.data import PredictionDataset, collate
-    from lora_sam3d.models import Reconstructor
+    from lora_sam3d.models import ModelConfig, Reconstructor
     from lora_sam3d.models.adapter_files import read_model_file
 
     folder = adapters["heart_myocardium"]
     merged = Reconstructor(
-        TEST_DECODER, base=str(trained / "export-myo" / "decoder-merged.safetensors")
+        ModelConfig(
+            TEST_DECODER, base={"checkpoint": str(trained / "export-myo" / "decoder-merged.safetensors")}
+        )
     ).eval()
     adapted = Reconstructor.from_adapter(folder)
     item = items["heart_myocardium"]

@@ -14,14 +14,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import TEST_CLASSES, TEST_DECODER, run_config, write_yaml
+from conftest import SCAN, TEST_CLASSES, TEST_DECODER, run_config, write_yaml
 from scipy import ndimage
 from test_cli import here
 
 from lora_sam3d.data import DataError, write_phantoms
 from lora_sam3d.data.dataset import TS_SAM3D_Dataset
 from lora_sam3d.inputs import collate
-from lora_sam3d.models import Reconstructor
+from lora_sam3d.models import ModelConfig, Reconstructor
 from lora_sam3d.models.decoder import SLatMeshDecoder
 
 
@@ -100,8 +100,10 @@ def test_conditioning_starts_as_metas_computation_and_metas_weights_load_strictl
 ) -> None:
     meta = meta_layout_decoder(tmp_path)
     batch = collate([dataset(data, views=3)[k] for k in range(2)])
-    plain = Reconstructor(TEST_DECODER, base=str(meta)).eval()
-    conditioned = Reconstructor(TEST_DECODER, base=str(meta), conditioning=True).eval()
+    plain = Reconstructor(ModelConfig(TEST_DECODER, base={"checkpoint": str(meta)})).eval()
+    conditioned = Reconstructor(
+        ModelConfig(TEST_DECODER, base={"checkpoint": str(meta)}, context={"conditioning": True})
+    ).eval()
     assert conditioned.conditioning is not None
     assert all(not level[2].weight.any() for level in conditioned.conditioning.levels)
     with torch.no_grad():
@@ -116,11 +118,13 @@ def test_conditioning_starts_as_metas_computation_and_metas_weights_load_strictl
     # the merged export keeps Meta's names for the decoder: Meta-style strict loading reads it
     exported = conditioned.save_merged(tmp_path / "merged.safetensors")
     SLatMeshDecoder.from_pretrained(exported, strict=True, **META_LAYOUT)
-    again = Reconstructor(TEST_DECODER, base=str(exported), conditioning=True).eval()
+    again = Reconstructor(
+        ModelConfig(TEST_DECODER, base={"checkpoint": str(exported)}, context={"conditioning": True})
+    ).eval()
     with torch.no_grad():
         assert torch.allclose(again(batch.evidence).sdf, conditioned(batch.evidence).sdf, atol=1e-6)
-    with pytest.raises(ValueError, match=r"model\.conditioning: true"):
-        Reconstructor(TEST_DECODER, base=str(exported))
+    with pytest.raises(ValueError, match=r"model\.context\.conditioning: true"):
+        Reconstructor(ModelConfig(TEST_DECODER, base={"checkpoint": str(exported)}))
 
 
 def test_sixteen_slices_are_a_set_with_context_and_conditioning(data: Path) -> None:
@@ -128,7 +132,7 @@ def test_sixteen_slices_are_a_set_with_context_and_conditioning(data: Path) -> N
     batch = collate([ds[0], ds[1]])
     assert batch.evidence.valid.sum(1).tolist() == [16, 16]
     model = Reconstructor(
-        TEST_DECODER, base="builtin:scan_shapes", reads_context=True, conditioning=True
+        ModelConfig(TEST_DECODER, base={"checkpoint": "builtin:scan_shapes"}, context=SCAN)
     ).eval()
     order = list(np.random.default_rng(0).permutation(16))
     with torch.no_grad():
@@ -163,7 +167,7 @@ def trained(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One short LoRA fit on the shipped context base, with the scan as context and the view mix."""
     tmp = tmp_path_factory.mktemp("context-run")
     cfg = run_config(tmp / "run", data, quiet=True)
-    cfg["model"] |= {"base_checkpoint": "builtin:scan_shapes", "reads_context": True, "conditioning": True}
+    cfg["model"] |= {"base": {"checkpoint": "builtin:scan_shapes"}, "context": SCAN}
     cfg["data"] |= {"views": 16, "view_layouts": ["orthogonal", "stack"], "context": "volume",
                     "cache_dir": str(data / ".cache")}  # fmt: skip
     result = here("fit", "--config", str(write_yaml(cfg, tmp / "run.yaml")))

@@ -17,14 +17,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TEST_CLASSES, TEST_DECODER
+from conftest import SHAPES, TEST_CLASSES, TEST_DECODER
 
 from lora_sam3d.adapters import AdapterBank
 from lora_sam3d.data import TS_SAM3D_Dataset, collate
 from lora_sam3d.inputs import Batch, Targets
 from lora_sam3d.lora import LoRAConfig, lora_layers
 from lora_sam3d.losses import LossWeights, reconstruction_losses
-from lora_sam3d.models import Reconstruction, Reconstructor
+from lora_sam3d.models import ModelConfig, Reconstruction, Reconstructor
 from lora_sam3d.models.adapter_files import save_model_adapter
 from lora_sam3d.models.structure import surface_band, vertex_fill
 
@@ -98,7 +98,7 @@ def batch(phantoms: Path) -> Batch:
 
 
 def test_each_train_active_mode_runs_the_decoder_on_its_band(batch: Batch) -> None:
-    predicted_model = Reconstructor(TEST_DECODER, base="builtin:shapes").eval()
+    predicted_model = Reconstructor(ModelConfig(TEST_DECODER, base=SHAPES)).eval()
     with torch.no_grad():
         logits, _ = predicted_model.structure(predicted_model.encoder(batch.evidence))
     predicted = surface_band(logits > 0, 1)
@@ -106,7 +106,7 @@ def test_each_train_active_mode_runs_the_decoder_on_its_band(batch: Batch) -> No
     assert not torch.equal(predicted, truth), "the test needs stage 1 to differ from the truth"
     expected = {"predicted": predicted, "truth": truth, "union": predicted | truth}
     for mode, band in expected.items():
-        model = Reconstructor(TEST_DECODER, base="builtin:shapes", train_active=mode)
+        model = Reconstructor(ModelConfig(TEST_DECODER, base=SHAPES, band={"train_on": mode}))
         seen: list[int] = []
         model.decoder.register_forward_hook(
             lambda _m, args, _o, seen=seen: seen.append(args[0].feats.shape[0])
@@ -122,7 +122,7 @@ def test_each_train_active_mode_runs_the_decoder_on_its_band(batch: Batch) -> No
 
 def random_adapter(folder: Path, seed: int, extent_mm: dict[str, float]) -> Path:
     """A LoRA adapter of the shipped base with random (non-zero) B matrices, written as fit writes one."""
-    model = Reconstructor(TEST_DECODER, base="builtin:shapes")
+    model = Reconstructor(ModelConfig(TEST_DECODER, base=SHAPES))
     model.add_lora(
         LoRAConfig(4, 8.0), LoRAConfig(2, 4.0, target_modules=r"(enc|dec)\d\.[03]|head"), seed=seed
     )
@@ -139,7 +139,7 @@ def test_adapter_bank_routes_by_exact_name_then_one_pattern(batch: Batch, tmp_pa
     lv, heart = TEST_CLASSES[0], TEST_CLASSES[1]
     a = random_adapter(tmp_path / "a", 1, {lv: 60.0})
     b = random_adapter(tmp_path / "b", 2, {lv: 90.0, heart: 95.0})
-    model = Reconstructor(TEST_DECODER, base="builtin:shapes").eval()
+    model = Reconstructor(ModelConfig(TEST_DECODER, base=SHAPES)).eval()
     model.add_lora(LoRAConfig(4, 8.0), LoRAConfig(2, 4.0, target_modules=r"(enc|dec)\d\.[03]|head"))
     names = [n for n, _ in model.named_parameters() if "lora_" in n]
     bank = AdapterBank(model, {"heart_*": b, lv: a}, names)
@@ -225,7 +225,7 @@ def test_checkpoints_of_the_module_holding_both_stages_itself_load(
     with torch.no_grad():
         expected = new.eval()(batch).sdf
         torch.testing.assert_close(old.eval()(batch).sdf, expected, rtol=0, atol=0)
-    base = LoRAMeshDecoderModule(TEST_CLASSES, decoder=TEST_DECODER, base_checkpoint="builtin:shapes")
+    base = LoRAMeshDecoderModule(TEST_CLASSES, decoder=TEST_DECODER, base={"checkpoint": "builtin:shapes"})
     base.configure_adapters()
     with torch.no_grad():
         assert not torch.allclose(base.eval()(batch).sdf, expected, atol=1e-4), (
@@ -243,9 +243,9 @@ def test_peft_loads_our_adapter_folder_and_computes_our_output(lora_run: Path) -
     folder = lora_run / "checkpoints" / "adapter-last"
     ours = Reconstructor.from_adapter(folder).decoder
     peft = PeftModel.from_pretrained(
-        Reconstructor(TEST_DECODER, base="builtin:shapes").decoder, str(folder)
+        Reconstructor(ModelConfig(TEST_DECODER, base=SHAPES)).decoder, str(folder)
     ).eval()
-    bare = Reconstructor(TEST_DECODER, base="builtin:shapes").decoder.eval()
+    bare = Reconstructor(ModelConfig(TEST_DECODER, base=SHAPES)).decoder.eval()
     gen = torch.Generator().manual_seed(0)
     cells = torch.unique(torch.randint(0, 16, (300, 3), generator=gen), dim=0)
     x = SparseTensor(

@@ -20,7 +20,9 @@ from lora_sam3d.models.structure import active_latent, surface_band
 from lora_sam3d.module import LoRAMeshDecoderModule
 
 DECODER = dict(resolution=8, model_channels=64, num_blocks=2, num_heads=4, num_groups=8)
-TRAINS = dict(decoder=DECODER, unfreeze=["out_layer"])  # LoRA gets gradients from the first step on
+TRAINS = dict(
+    decoder=DECODER, finetune={"unfreeze": ["out_layer"]}
+)  # LoRA gets gradients from the first step on
 CLASSES = ["heart_ventricle_left", "heart_myocardium"]
 
 
@@ -40,7 +42,7 @@ def trainer(tmp_path: Path, **kw) -> L.Trainer:
 
 
 def test_optimizer_gets_only_lora_and_unfrozen(datamodule: TSDataModule, tmp_path: Path) -> None:
-    module = LoRAMeshDecoderModule(decoder=DECODER, unfreeze=["out_layer"], classes=CLASSES)
+    module = LoRAMeshDecoderModule(decoder=DECODER, finetune={"unfreeze": ["out_layer"]}, classes=CLASSES)
     t = trainer(tmp_path)
     t.fit(module, datamodule=datamodule)
     params = {id(p) for group in t.optimizers[0].param_groups for p in group["params"]}
@@ -62,7 +64,7 @@ def test_optimizer_gets_only_lora_and_unfrozen(datamodule: TSDataModule, tmp_pat
 
 
 def test_adapter_folder_reproduces_the_model(datamodule: TSDataModule, tmp_path: Path) -> None:
-    module = LoRAMeshDecoderModule(decoder=DECODER, classes=CLASSES, unfreeze=["out_layer"])
+    module = LoRAMeshDecoderModule(decoder=DECODER, classes=CLASSES, finetune={"unfreeze": ["out_layer"]})
     trainer(tmp_path).fit(module, datamodule=datamodule)
     save_adapter_of(module, tmp_path / "adapter")
     assert (tmp_path / "adapter" / "structure" / "adapter_model.safetensors").is_file()
@@ -117,8 +119,8 @@ def test_decoder_runs_on_the_active_band_only(datamodule: TSDataModule) -> None:
 
 def test_active_cap_and_empty_stage_one(datamodule: TSDataModule, tmp_path: Path) -> None:
     batch = collate([datamodule.datasets["val"][i] for i in range(2)])
-    capped = LoRAMeshDecoderModule(decoder=DECODER, classes=CLASSES, max_active_voxels=3).eval()
-    with pytest.raises(ValueError, match=r"active voxels in this batch exceed model.max_active_voxels=3"):
+    capped = LoRAMeshDecoderModule(decoder=DECODER, classes=CLASSES, band={"max_voxels": 3}).eval()
+    with pytest.raises(ValueError, match=r"active voxels in this batch exceed model.band.max_voxels=3"):
         capped(batch)
 
     class Blind(LoRAMeshDecoderModule):
@@ -148,7 +150,7 @@ def test_shipped_base_decoder_loads() -> None:
     meta = json.loads((files("lora_sam3d.assets") / "shapes.json").read_text())
     module = LoRAMeshDecoderModule(
         decoder=dict(resolution=16, model_channels=64, num_blocks=4, num_heads=4, num_groups=8),
-        base_checkpoint="builtin:shapes", classes=CLASSES,
+        base={"checkpoint": "builtin:shapes"}, classes=CLASSES,
     )  # fmt: skip
     assert "lora-sam3d fit --config configs/pretrain_shapes.yaml" in meta["command"]
     assert module.decoder.out_layer.weight.abs().sum() > 0, "trained weights, not the zero-initialised head"
@@ -160,7 +162,7 @@ def test_shipped_base_decoder_loads() -> None:
         FileNotFoundError,
         match=r"no shipped decoder 'builtin:nope'; available: \['builtin:scan_shapes', 'builtin:shapes'\]",
     ):
-        LoRAMeshDecoderModule(CLASSES, decoder=DECODER, base_checkpoint="builtin:nope")
+        LoRAMeshDecoderModule(CLASSES, decoder=DECODER, base={"checkpoint": "builtin:nope"})
 
 
 class PoisonedModule(LoRAMeshDecoderModule):
@@ -306,11 +308,11 @@ def test_writer_formats_and_coordinate_systems(datamodule: TSDataModule, tmp_pat
 
 
 def test_stage_one_trained_fully_and_its_adapter_form(datamodule: TSDataModule, tmp_path: Path) -> None:
-    """``structure_finetune: full``: the optimizer gets all of stage 1 (no adapters there) beside the
+    """``finetune.structure_mode: full``: the optimizer gets all of stage 1 (no adapters there) beside the
     decoder's LoRA; the adapter folder carries stage 1 as full weights, and loading it switches a new
     module to that mode and reproduces the model."""
     module = LoRAMeshDecoderModule(
-        decoder=DECODER, classes=CLASSES, structure_finetune="full", unfreeze=["out_layer"]
+        decoder=DECODER, classes=CLASSES, finetune={"structure_mode": "full", "unfreeze": ["out_layer"]}
     )
     before = {k: v.clone() for k, v in module.model.structure.state_dict().items()}
     t = trainer(tmp_path)
@@ -327,7 +329,7 @@ def test_stage_one_trained_fully_and_its_adapter_form(datamodule: TSDataModule, 
     assert (tmp_path / "adapter" / "structure.safetensors").is_file()
     assert not (tmp_path / "adapter" / "structure").exists()
     again = LoRAMeshDecoderModule(decoder=DECODER, classes=CLASSES, adapter=str(tmp_path / "adapter"))
-    assert again.hparams.structure_finetune == "full", "the adapter folder says how stage 1 was trained"
+    assert again.finetune.structure_mode == "full", "the adapter folder says how stage 1 was trained"
     again.configure_adapters()
     batch = collate([datamodule.datasets["val"][i] for i in range(2)])
     with torch.no_grad():
@@ -353,8 +355,8 @@ def test_precomputed_latents_replace_stage_one(datamodule: TSDataModule, tmp_pat
             str(folder / f"{sid}.safetensors"),
         )
         cells += len(band) if i < 2 else 0
-    module = LoRAMeshDecoderModule(CLASSES, decoder=DECODER, latent_encoder="precomputed", latents_dir=str(folder),
-                                   structure_finetune="full", unfreeze=["out_layer"])  # fmt: skip
+    module = LoRAMeshDecoderModule(CLASSES, decoder=DECODER, latents={"encoder": "precomputed", "dir": str(folder)},
+                                   finetune={"structure_mode": "full", "unfreeze": ["out_layer"]})  # fmt: skip
     module.configure_adapters()
     seen: list[int] = []
     module.decoder.register_forward_hook(lambda _m, args, _o: seen.append(args[0].feats.shape[0]))

@@ -17,10 +17,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import TEST_DECODER
+from conftest import SHAPES, TEST_DECODER
 
 from lora_sam3d.data import DataError, PredictionDataset, Preprocessing, collate
-from lora_sam3d.models import Reconstructor
+from lora_sam3d.models import ModelConfig, Reconstructor
 
 LV = "heart_ventricle_left"
 EXTENTS = {LV: 60.0, "ball": 40.0}
@@ -50,7 +50,7 @@ def test_slices_are_a_set_whatever_their_order(phantoms: Path) -> None:
     orders = ([0, 1, 2], [2, 0, 1], [1, 2, 0])
     data = requests([lv_request(phantoms, [planes[j] for j in order]) for order in orders])
     assert len(set(data.stems)) == 1, data.stems
-    model = Reconstructor(TEST_DECODER, base="builtin:shapes").eval()
+    model = Reconstructor(ModelConfig(TEST_DECODER, base=SHAPES)).eval()
     batch = collate([data[k] for k in range(3)])
     with torch.no_grad():
         sdf = model(batch.evidence).sdf
@@ -140,7 +140,7 @@ def test_samples_of_different_view_counts_collate_in_either_order(phantoms: Path
     views (padded rows are not valid) and reconstructs as it does alone."""
     planes = centre_slices(phantoms)
     one, three = requests([lv_request(phantoms, planes[:1])])[0], requests([lv_request(phantoms, planes)])[0]
-    model = Reconstructor(TEST_DECODER, base="builtin:shapes").eval()
+    model = Reconstructor(ModelConfig(TEST_DECODER, base=SHAPES)).eval()
     with torch.no_grad():
         alone = [model(collate([s]).evidence).sdf[0] for s in (one, three)]
         for order in ((0, 1), (1, 0)):

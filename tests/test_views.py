@@ -12,12 +12,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import TEST_CLASSES, TEST_DECODER
+from conftest import SHAPES, TEST_CLASSES, TEST_DECODER
 
 from lora_sam3d.data import DataError, DataSettings, TS_SAM3D_Dataset, collate
 from lora_sam3d.inputs import Evidence
 from lora_sam3d.latent import SliceUnprojection
-from lora_sam3d.models import Reconstructor
+from lora_sam3d.models import ModelConfig, Reconstructor
 
 
 def view_pixels_world(s: dict, k: int) -> np.ndarray:
@@ -90,7 +90,7 @@ def test_view_order_does_not_matter(phantoms: Path) -> None:
     batch = collate([ds[i] for i in range(2)])
     views = batch.evidence
     assert bool(views.valid.all()), "the test needs three views in each sample"
-    model = Reconstructor(TEST_DECODER, base="builtin:shapes").eval()
+    model = Reconstructor(ModelConfig(TEST_DECODER, base=SHAPES)).eval()
     with torch.no_grad():
         expected = model(views).sdf
         evidence = SliceUnprojection(16)(views)

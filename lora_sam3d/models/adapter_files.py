@@ -39,16 +39,9 @@ STRUCTURE_ADAPTER = "structure"
 CONDITIONING_ADAPTER = "conditioning"
 """Sub-folder of an adapter folder holding the conditioning layers' adapter (models that have them)."""
 
-MODEL_SETTINGS = (
-    "decoder",
-    "structure",
-    "base_checkpoint",
-    "latent_encoder",
-    "active_margin",
-    "reads_context",
-    "conditioning",
-)
-"""The model arguments an adapter folder's `MODEL_FILE` stores: the model it was trained with."""
+MODEL_SETTINGS = ("decoder", "structure", "base", "latents", "band", "context")
+"""The groups of `lora_sam3d.models.config.ModelConfig` an adapter folder's `MODEL_FILE` stores (the
+model it was trained with; each group with the keys that change what it predicts)."""
 
 MODEL_FILE = "model.json"
 """In an adapter folder: the model it was trained with (classes, decoder and stage-1 sizes, base) and
@@ -123,8 +116,10 @@ class AdapterSettings:
 
 def read_adapter_settings(folder: str | Path) -> AdapterSettings:
     """What an adapter folder says of its model, classes, data and adapters (see `AdapterSettings`)."""
+    from lora_sam3d.old_keys import upgrade
+
     src = Path(folder)
-    stored = read_model_file(src)
+    stored = upgrade(read_model_file(src), "model", warn=False)  # folders of the flat layout too
     meta = read_adapter_config(src)
     structure_lora = None
     if (src / STRUCTURE_ADAPTER).is_dir():

@@ -3,18 +3,20 @@
 Coarse to fine, as SAM 3D Objects: stage 1 (`SparseStructureNet`) reads the slice evidence on the
 R^3 grid and predicts occupancy and latents; the mesh decoder (`SLatMeshDecoder`) runs on the band
 of active cells around the predicted surface only and subdivides them 4x; vertices no active cell
-reaches take their sign from stage 1 (`vertex_fill`). With ``latent_encoder: precomputed``, Meta's
+reaches take their sign from stage 1 (`vertex_fill`). With ``latents.encoder: precomputed``, Meta's
 structured latents replace stage 1. No Lightning here: a notebook loads a base, attaches an
 adapter and reconstructs the `lora_sam3d.inputs.Evidence` of a batch with this class alone; `lora_sam3d.module` wraps it for training.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,6 +33,7 @@ from lora_sam3d.models.conditioning import (
     CONDITIONING_PREFIX,
     EvidenceConditioning,
 )
+from lora_sam3d.models.config import TRAIN_BANDS, ModelConfig, TrainBand
 from lora_sam3d.models.decoder import SLatMeshDecoder
 from lora_sam3d.models.mesh import vertex_sdf_grid
 from lora_sam3d.models.structure import (
@@ -66,9 +69,6 @@ configs/sam3d.yaml gives Meta's size)."""
 
 STRUCTURE_LORA_TARGETS = r"(enc|dec)\d\.[03]|head"
 """Every convolution of `SparseStructureNet` (full-match regex on module names)."""
-
-TrainBand = Literal["predicted", "truth", "union"]
-TRAIN_BANDS: tuple[str, ...] = ("predicted", "truth", "union")
 
 
 @dataclass
@@ -113,58 +113,43 @@ class Reconstructor(nn.Module):
     """Slice evidence in, vertex SDF (and meshes in world mm) out: stage 1 + SAM 3D's mesh decoder.
 
     Args:
-        decoder: `SLatMeshDecoder` arguments over `TINY_DECODER`.
-        structure: `SparseStructureNet` arguments (``channels``, ``num_groups``).
-        base: base weights: our safetensors (decoder keys plus stage-1 keys under ``structure.``),
-            Meta's ``slat_decoder_mesh`` file (decoder only: stage 1 keeps its ``seed`` weights and
-            `structure_in_base` is False), or ``builtin:<name>``; None: both stages from ``seed``.
-        seed: initialises what the base does not hold, in a forked RNG (same in every process).
-        latent_encoder: ``slice`` (both stages from the slice) or ``precomputed`` (Meta's structured
-            latents in ``latents_dir`` replace stage 1).
-        active_margin: the decoder runs on cells within this many cells of stage 1's surface.
-        train_active: in training mode, with ``gt_coarse_occupancy`` in the batch, the decoder runs on
-            ``predicted`` (stage 1's band), ``truth`` (the band of the true coarse surface) or ``union``.
-        max_active_voxels: an error is raised when a batch has more active cells (None: no cap).
-        reads_context: the model reads the scan around the slices (`Evidence.context`): stage 1 takes its
-            two channels beside the slice unprojection's eight (``in_channels`` 10), and the
-            conditioning layers read it at the decoder's cells. A batch without context reads "no
-            scan" (zeros), so such a model also predicts from slices alone.
-        conditioning: the decoder's levels receive the evidence at their own cells
-            (`EvidenceConditioning`, zero-initialised when the base does not hold its weights).
+        config: the model (`ModelConfig`, or its nested dicts as a YAML section or ``model.json``
+            holds them): the decoder and stage-1 sizes; the base (our safetensors with stage 1 under
+            ``structure.``, Meta's ``slat_decoder_mesh`` file, whose stage 1 keeps its ``base.seed``
+            weights so `structure_in_base` is False, or ``builtin:<name>``; None: both stages from
+            ``base.seed``, drawn in a forked RNG); ``context.read``: stage 1 takes the scan's two
+            channels beside the slice unprojection's eight, and a batch without the scan reads "no
+            scan" (zeros), so such a model also predicts from slices alone; ``context.conditioning``:
+            the decoder's levels receive the evidence at their own cells (`EvidenceConditioning`,
+            zero-initialised when the base does not hold its weights); the band (``band.train_on``
+            counts in training mode, with the true coarse occupancy given); ``latents.encoder:
+            precomputed``: Meta's structured latents in ``latents.dir`` replace stage 1.
     """
 
-    def __init__(
-        self,
-        decoder: dict[str, Any] | None = None,
-        structure: dict[str, Any] | None = None,
-        base: str | None = None,
-        seed: int = 0,
-        latent_encoder: Literal["slice", "precomputed"] = "slice",
-        latents_dir: str | None = None,
-        active_margin: int = 1,
-        train_active: TrainBand = "union",
-        max_active_voxels: int | None = None,
-        reads_context: bool = False,
-        conditioning: bool = False,
-    ) -> None:
+    def __init__(self, config: ModelConfig | Mapping[str, Any] | None = None) -> None:
         super().__init__()
-        if not (isinstance(active_margin, int) and active_margin >= 1):
-            raise ValueError(f"model.active_margin must be an integer >= 1 (cells), got {active_margin!r}")
-        if train_active not in TRAIN_BANDS:
-            raise ValueError(f"model.train_active must be one of {list(TRAIN_BANDS)}, got {train_active!r}")
+        if isinstance(config, Mapping):
+            from lora_sam3d.old_keys import upgrade
+
+            config = ModelConfig.from_dict(upgrade(config, "model", "Reconstructor config"))
+        self.config = c = config or ModelConfig()
+        decoder, structure, reads_context = c.decoder, c.structure, c.context.read
+        base, seed = c.base.checkpoint, c.base.seed
         self.decoder_config = {**TINY_DECODER, **(decoder or {})}
         self.structure_config = {
             "latent_channels": self.decoder_config["latent_channels"],
             **(structure or {}),
             **({"in_channels": 8 + CONTEXT_CHANNELS} if reads_context else {}),
         }
-        self.reads_context, self.uses_conditioning = bool(reads_context), bool(conditioning)
+        self.reads_context, self.uses_conditioning = bool(reads_context), bool(c.context.conditioning)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.decoder = SLatMeshDecoder(**self.decoder_config)
             self.structure = SparseStructureNet(**self.structure_config)
             self.conditioning = (
-                EvidenceConditioning(self.decoder_config["model_channels"]) if conditioning else None
+                EvidenceConditioning(self.decoder_config["model_channels"])
+                if self.uses_conditioning
+                else None
             )
         self.base = base
         self.structure_in_base = base is None
@@ -175,9 +160,9 @@ class Reconstructor(nn.Module):
             "".join(base_fingerprint(p) for p in parts).encode()
         ).hexdigest()
         self.data_contract: dict[str, Any] | None = None  # an adapter folder's data settings (from_adapter)
-        self.latent_encoder = latent_encoder
-        self.uses_structure = latent_encoder == "slice"
-        self.encoder = make_encoder(latent_encoder, self.resolution, latents_dir)
+        self.latent_encoder = c.latents.encoder
+        self.uses_structure = self.latent_encoder == "slice"
+        self.encoder = make_encoder(self.latent_encoder, self.resolution, c.latents.dir)
         # the evidence the conditioning layers read: stage 1's own unprojection when it has one
         self.reader = (
             self.encoder
@@ -185,9 +170,9 @@ class Reconstructor(nn.Module):
             else SliceUnprojection(self.resolution)
         )
         self.active_margin, self.train_active, self.max_active_voxels = (
-            active_margin,
-            train_active,
-            max_active_voxels,
+            c.band.margin,
+            c.band.train_on,
+            c.band.max_voxels,
         )
 
     @property
@@ -225,8 +210,8 @@ class Reconstructor(nn.Module):
             return
         if self.conditioning is None:
             raise ValueError(
-                f"{path} holds conditioning layers (evidence at every decoder level): set model.conditioning: "
-                "true (and model.reads_context: true if it was trained with the scan) to use this base"
+                f"{path} holds conditioning layers (evidence at every decoder level): set model.context.conditioning: "
+                "true (and model.context.read: true if it was trained with the scan) to use this base"
             )
         fit = state_dict_fit(self.conditioning.state_dict(), own)
         if fit.missing or fit.unexpected or fit.mismatched:
@@ -239,29 +224,23 @@ class Reconstructor(nn.Module):
     def from_adapter(cls, folder: str | Path, base: str | None = None) -> Reconstructor:
         """The model an adapter folder was trained with (its ``model.json``), with the adapter attached;
         ``base`` replaces the base path stored there (e.g. a moved file)."""
-        s = read_adapter_settings(folder).require_model().model
-        model = cls(
-            s["decoder"],
-            s["structure"],
-            base or s["base_checkpoint"],
-            latent_encoder=s["latent_encoder"],
-            active_margin=s["active_margin"],
-            reads_context=s.get("reads_context", False),
-            conditioning=s.get("conditioning", False),
-        )
+        config = ModelConfig.from_dict(read_adapter_settings(folder).require_model().model)
+        if base:
+            config = dataclasses.replace(config, base=dataclasses.replace(config.base, checkpoint=base))
+        model = cls(config)
         model.data_contract = model.attach_adapter(folder).get("data")
         return model.eval()
 
     def settings(self) -> dict[str, Any]:
         """The `MODEL_SETTINGS` of this model, as adapter folders' ``model.json`` and checkpoints store them."""
+        c = self.config
         values = {
             "decoder": self.decoder_config,
             "structure": self.structure_config,
-            "base_checkpoint": self.base,
-            "latent_encoder": self.latent_encoder,
-            "active_margin": self.active_margin,
-            "reads_context": self.reads_context,
-            "conditioning": self.uses_conditioning,
+            "base": {"checkpoint": self.base},
+            "latents": {"encoder": c.latents.encoder},
+            "band": {"margin": c.band.margin},
+            "context": {"read": c.context.read, "conditioning": c.context.conditioning},
         }
         return {k: values[k] for k in MODEL_SETTINGS}
 
@@ -308,7 +287,7 @@ class Reconstructor(nn.Module):
         if evidence.context is not None and not self.reads_context:
             raise ValueError(
                 "the batch carries the scan as context (data.context: volume) but this model does not read "
-                "context (model.reads_context: false; trained without it): use data.context: none"
+                "context (model.context.read: false; trained without it): use data.context: none"
             )
         cond = None
         if self.conditioning is not None:
@@ -321,8 +300,8 @@ class Reconstructor(nn.Module):
         count, cap = int(active.sum()), self.max_active_voxels
         if cap is not None and count > cap:
             raise ValueError(
-                f"{count} active voxels in this batch exceed model.max_active_voxels={cap}: lower "
-                "data.batch_size or model.active_margin, or raise the cap"
+                f"{count} active voxels in this batch exceed model.band.max_voxels={cap}: lower "
+                "data.batch_size or model.band.margin, or raise the cap"
             )
         fill = vertex_fill(occupancy, n).to(latent.dtype)
         if count == 0:

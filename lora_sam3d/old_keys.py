@@ -1,0 +1,204 @@
+"""The flat model keys of earlier versions and their places in today's settings tree.
+
+Configs, command lines, checkpoints' hyper-parameters and adapter folders' ``model.json`` written
+before the tree (``model.base_checkpoint``, ``model.lora.rank``, ``model.reads_context``) still
+load: `upgrade` moves each old key to its new place. A user's config or command line gets one
+warning listing old -> new (they can fix it); stored files are upgraded silently (they cannot). A
+key given both ways with different values is an error naming both. Written by hand: this is the
+project's own history, no library knows it.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["MODEL_KEYS", "conflict_error", "new_path", "upgrade", "upgrade_argv", "upgrade_config"]
+
+MODEL_KEYS: dict[str, str] = {
+    "base_checkpoint": "base.checkpoint",
+    "base_seed": "base.seed",
+    "reads_context": "context.read",
+    "conditioning": "context.conditioning",
+    "active_margin": "band.margin",
+    "train_active": "band.train_on",
+    "max_active_voxels": "band.max_voxels",
+    "latent_encoder": "latents.encoder",
+    "latents_dir": "latents.dir",
+    "finetune": "finetune.mode",
+    "structure_finetune": "finetune.structure_mode",
+    "lora": "finetune.lora",
+    "structure_lora": "finetune.structure_lora",
+    "unfreeze": "finetune.unfreeze",
+    "adapter_seed": "finetune.seed",
+    "sdf_weight": "loss.sdf",
+    "occupancy_weight": "loss.occupancy",
+    "dice_weight": "loss.dice",
+    "structure_weight": "loss.structure",
+    "sdf_truncation": "loss.sdf_truncation",
+}
+"""``model.<old>`` -> ``model.<new>``. ``finetune`` is old when its value is not a mapping."""
+
+SECTIONS = {"model": MODEL_KEYS}
+
+
+def new_path(section: str, key: str, value: Any = None, has_sub: bool = False) -> str | None:
+    """The new place of ``<section>.<key>`` (its first segment), or None when it is not an old key.
+    A key whose new place starts with its own name (``finetune``) is old only as a plain value."""
+    table = SECTIONS.get(section, {})
+    if key not in table:
+        return None
+    new = table[key]
+    if new.split(".")[0] == key and (has_sub or isinstance(value, Mapping)):
+        return None
+    return new
+
+
+def conflict_error(
+    section: str, old: str, new: str, old_value: Any, new_value: Any, where: str
+) -> ValueError:
+    return ValueError(
+        f"{where}: {section}.{old} (an earlier name of {section}.{new}) is {old_value!r} but "
+        f"{section}.{new} is {new_value!r}: give {section}.{new} alone"
+    )
+
+
+def _get(tree: Mapping[str, Any], path: str) -> Any:
+    node: Any = tree
+    for part in path.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _set(tree: dict[str, Any], path: str, value: Any) -> None:
+    *parents, last = path.split(".")
+    node = tree
+    for part in parents:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {} if child is None else dict(child) if isinstance(child, Mapping) else {}
+            node[part] = child
+        node = child
+    if isinstance(value, Mapping) and isinstance(node.get(last), Mapping):
+        node[last] = {**value, **node[last]}  # the new spelling's own sub-keys win
+    else:
+        node[last] = value
+
+
+def _moved(section: str, values: Mapping[str, Any], where: str) -> tuple[dict[str, Any], list[str]]:
+    """``values`` with every old key at its new place, and the list of "old -> new" moves."""
+    out = copy.deepcopy(dict(values or {}))
+    moved = []
+    for key in list(out):
+        new = new_path(section, key, out[key])
+        if new is None:
+            continue
+        value = out.pop(key)
+        given = _get(out, new)
+        if given is not None and given != value and not isinstance(value, Mapping):
+            raise conflict_error(section, key, new, value, given, where or section)
+        _set(out, new, value)
+        moved.append(f"{section}.{key} -> {section}.{new}")
+    return out, moved
+
+
+def _warn(where: str, moved: list[str]) -> None:
+    if moved:
+        warnings.warn(
+            f"{where} uses the earlier flat keys {', '.join(moved)}: they still work; write the new "
+            "ones (the settings tree of docs/configuration.md)",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def upgrade(
+    values: Mapping[str, Any] | None, section: str = "model", where: str = "", warn: bool = True
+) -> dict[str, Any]:
+    """``values`` (one section: the model's arguments) with every old key moved to its new place.
+
+    ``warn``: one warning naming ``where`` and each old -> new (configs and command lines; stored
+    files pass False). A key given both ways with different values is an error naming both."""
+    out, moved = _moved(section, values or {}, where)
+    if warn:
+        _warn(where or section, moved)
+    return out
+
+
+def upgrade_config(config: Mapping[str, Any], where: str) -> tuple[dict[str, Any], bool]:
+    """A whole config (``model:``, ``data:``... sections) upgraded, and whether anything moved (one
+    warning for the file)."""
+    out, moved = dict(config), []
+    for section in SECTIONS:
+        if isinstance(out.get(section), Mapping):
+            out[section], more = _moved(section, out[section], where)
+            moved += more
+    _warn(where, moved)
+    return out, bool(moved)
+
+
+def upgrade_argv(argv: list[str]) -> list[str]:
+    """Command-line options of the flat layout (``--model.lora.rank 16``, ``--model.reads_context
+    false``) renamed to the tree's, with one warning for the command line; a config file with old
+    keys is replaced by its upgraded text (jsonargparse reads YAML text given to ``--config``)."""
+    import yaml
+
+    out: list[str] = []
+    moved: list[str] = []
+    given: dict[str, tuple[str, str | None]] = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("--config", "-c") and i + 1 < len(argv):
+            out += [arg, _upgraded_config_arg(argv[i + 1], yaml)]
+            i += 2
+            continue
+        if arg.startswith("--config="):
+            out.append("--config=" + _upgraded_config_arg(arg.split("=", 1)[1], yaml))
+            i += 1
+            continue
+        name, eq, inline = arg.partition("=")
+        parts = name[2:].split(".") if name.startswith("--") else []
+        if len(parts) >= 2 and parts[0] in SECTIONS:
+            section, key, rest = parts[0], parts[1], parts[2:]
+            value = inline if eq else (argv[i + 1] if i + 1 < len(argv) else None)
+            new = new_path(section, key, None, has_sub=bool(rest))
+            if new is not None:
+                dotted = ".".join([section, new, *rest])
+                moved.append(f"{name} -> --{dotted}")
+                name = f"--{dotted}"
+            full, spelled = name[2:], arg.partition("=")[0]
+            if full in given and given[full][1] != value:
+                raise ValueError(
+                    f"the command line gives {given[full][0]} {given[full][1]} and {spelled} {value}, two "
+                    f"values of one setting (--{full}): give --{full} once"
+                )
+            given[full] = (spelled, value)
+            out.append(name + (eq + inline if eq else ""))
+            i += 1
+            continue
+        out.append(arg)
+        i += 1
+    _warn("the command line", moved)
+    return out
+
+
+def _upgraded_config_arg(path: str, yaml: Any) -> str:
+    """A ``--config`` value: the file's path when it has no old key, else its upgraded YAML text."""
+    from pathlib import Path
+
+    file = Path(path)
+    if not file.is_file():
+        return path
+    try:
+        config = yaml.safe_load(file.read_text())
+    except yaml.YAMLError:
+        return path  # the command's own check reports it, naming the file
+    if not isinstance(config, Mapping):
+        return path
+    new, changed = upgrade_config(config, f"config {path}")
+    return yaml.safe_dump(new, sort_keys=False) if changed else path

@@ -1,0 +1,149 @@
+"""Files and command lines of the flat layout (before the settings tree) still load and predict as before.
+
+``tests/data/previous_main`` was written by the previous main (see its README): a checkpoint, an
+adapter folder and the flat config that trained them, with what they reconstructed then
+(``expected.json``). They are read here by today's code: the same voxels, SDF and Dice.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from lora_sam3d.cli import main
+from lora_sam3d.old_keys import MODEL_KEYS, upgrade, upgrade_argv
+
+OLD = Path(__file__).parent / "data" / "previous_main"
+EXPECTED = json.loads((OLD / "expected.json").read_text())
+
+
+def reconstructed(model: object, phantoms: Path, context: str) -> dict[str, float]:
+    from lora_sam3d.api import reconstruct
+
+    case = phantoms / "s0001"
+    mask = case / "segmentations" / "heart_ventricle_left.nii.gz"
+    r = reconstruct(model, case / "ct.nii.gz", mask, "heart_ventricle_left", index=16, context=context)
+    return {
+        "voxels": int(np.asarray(r.mask.dataobj).sum()),
+        "sdf_sum": float(r.prediction.sdf.sum()),
+        "dice": float(r.prediction.metrics["dice"]),
+    }
+
+
+def assert_as_before(got: dict[str, float], key: str) -> None:
+    want = EXPECTED[key]
+    assert got["voxels"] == want["voxels"], (key, got, want)
+    assert got["sdf_sum"] == pytest.approx(want["sdf_sum"], rel=1e-5), key
+    assert got["dice"] == pytest.approx(want["dice"], abs=1e-6), key
+
+
+def test_a_checkpoint_of_the_flat_layout_loads_silently_and_predicts_as_before(phantoms: Path) -> None:
+    from lora_sam3d.module import LoRAMeshDecoderModule
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*earlier flat keys.*")  # a stored file is not the user's
+        module = LoRAMeshDecoderModule.load_from_checkpoint(
+            OLD / "last.ckpt", map_location="cpu", weights_only=True
+        )
+    assert module.model.config.base.checkpoint == "builtin:scan_shapes"
+    assert module.model.reads_context and module.model.uses_conditioning
+    assert module.finetune.lora.rank == 2 and module.finetune.lora.alpha == 4
+    for context in ("volume", "none"):
+        assert_as_before(reconstructed(module, phantoms, context), f"checkpoint/{context}")
+
+
+def test_an_adapter_folder_of_the_flat_layout_loads_and_predicts_as_before(phantoms: Path) -> None:
+    from lora_sam3d.models import Reconstructor
+
+    model = Reconstructor.from_adapter(OLD / "adapter")
+    assert model.config.context.read and model.config.band.margin == 1
+    for context in ("volume", "none"):
+        assert_as_before(reconstructed(model, phantoms, context), f"adapter/{context}")
+
+
+def test_the_flat_config_and_checkpoint_predict_through_the_command(
+    phantoms: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The previous main's own config file (flat keys) with its checkpoint: `predict` runs, with one
+    warning naming each old key and its new place."""
+    config = yaml.safe_load((OLD / "flat_config.yaml").read_text())
+    data = tmp_path / "data"
+    shutil.copytree(phantoms, data, ignore=shutil.ignore_patterns(".cache"))
+    text = (OLD / "flat_config.yaml").read_text().replace("/tmp/old/data", str(data))
+    path = tmp_path / "flat.yaml"
+    path.write_text(text.replace("/tmp/old/run", str(tmp_path / "run")))
+    assert config["model"]["reads_context"] is True and "base_checkpoint" in config["model"]
+    with pytest.warns(UserWarning, match=r"earlier flat keys") as caught:
+        code = main(
+            ["predict", "--config", str(path), "--ckpt_path", str(OLD / "last.ckpt"), "--data.views", "3"]
+        )
+    assert code == 0, capsys.readouterr().err
+    moved = [str(w.message) for w in caught if "earlier flat keys" in str(w.message)]
+    assert len(moved) == 1 and str(path) in moved[0], moved
+    for old in ("base_checkpoint", "reads_context", "conditioning", "lora"):
+        assert f"model.{old} -> model.{MODEL_KEYS[old]}" in moved[0]
+    written = yaml.safe_load(next((tmp_path / "run").rglob("config.yaml")).read_text())
+    assert written["model"]["context"] == {"read": True, "conditioning": True}, "config.yaml says the tree"
+    assert written["model"]["finetune"]["lora"]["rank"] == 2
+    assert list((tmp_path / "run" / "predictions").rglob("*.ply")), "meshes written"
+
+
+def test_command_line_keys_of_the_flat_layout_are_renamed_with_one_warning() -> None:
+    argv = ["fit", "--model.lora.rank", "16", "--model.reads_context=false", "--model.finetune", "full"]
+    with pytest.warns(UserWarning, match=r"the command line uses the earlier flat keys") as caught:
+        new = upgrade_argv(argv)
+    assert new == [
+        "fit",
+        "--model.finetune.lora.rank",
+        "16",
+        "--model.context.read=false",
+        "--model.finetune.mode",
+        "full",
+    ]
+    assert len(caught) == 1 and "--model.lora.rank -> --model.finetune.lora.rank" in str(caught[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tree = ["fit", "--model.finetune.lora.rank", "16", "--model.finetune.mode", "full"]
+        assert upgrade_argv(tree) == tree, "the tree's own keys pass untouched, silently"
+    with pytest.raises(
+        ValueError, match=r"--model\.reads_context true and --model\.context\.read false, two values"
+    ):
+        upgrade_argv(["fit", "--model.reads_context", "true", "--model.context.read", "false"])
+
+
+def test_a_key_given_old_and_new_with_different_values_is_one_line_naming_both(tmp_path: Path) -> None:
+    with pytest.raises(
+        ValueError, match=r"model\.base_checkpoint \(an earlier name of model\.base\.checkpoint\)"
+    ):
+        upgrade(
+            {"base_checkpoint": "a.safetensors", "base": {"checkpoint": "b.safetensors"}}, where="config x"
+        )
+    same = upgrade(
+        {"finetune": "full", "lora": {"rank": 8}, "base": {"seed": 3}, "base_checkpoint": "a"}, warn=False
+    )
+    assert same == {"finetune": {"mode": "full", "lora": {"rank": 8}}, "base": {"seed": 3, "checkpoint": "a"}}
+    bad = tmp_path / "both.yaml"
+    bad.write_text(yaml.safe_dump({"model": {"reads_context": True, "context": {"read": False}}}))
+    with pytest.raises(
+        ValueError, match=rf"config {bad}: model\.reads_context .* is True but model\.context\.read is False"
+    ):
+        upgrade_argv(["fit", "--config", str(bad)])
+
+
+def test_the_module_takes_flat_keyword_arguments_with_a_warning() -> None:
+    from conftest import TEST_DECODER
+
+    from lora_sam3d.module import LoRAMeshDecoderModule
+
+    with pytest.warns(UserWarning, match=r"model\.unfreeze -> model\.finetune\.unfreeze"):
+        module = LoRAMeshDecoderModule(["a"], decoder=TEST_DECODER, unfreeze=["out_layer"], base_seed=3)
+    assert module.finetune.unfreeze == ["out_layer"] and module.model.config.base.seed == 3
+    assert module.hparams["finetune"]["unfreeze"] == ["out_layer"] and "unfreeze" not in module.hparams
+    with pytest.raises(TypeError, match=r"unexpected arguments \['ranks'\]"):
+        LoRAMeshDecoderModule(["a"], decoder=TEST_DECODER, ranks=4)
