@@ -141,7 +141,7 @@ class LoRAMeshDecoderModule(L.LightningModule):
         self.finetune = adopt_adapter(coerce(FinetuneConfig, groups["finetune"], "model.finetune"), first)
         self.loss_weights = coerce(LossWeights, groups["loss"], "model.loss")
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "old_keys", *groups])
-        for key in [k for k in self.hparams if k in MODEL_KEYS]:  # flat keys of the CLI's given hparams
+        for key in [k for k in self.hparams if k in MODEL_KEYS]:  # old keys (Lightning records **kwargs too)
             del self.hparams[key]
         self.hparams.update(
             {**config.to_dict(), "finetune": self.finetune.to_dict(), "loss": asdict(self.loss_weights)}

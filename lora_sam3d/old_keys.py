@@ -166,7 +166,8 @@ def upgrade_argv(argv: list[str]) -> list[str]:
         if len(parts) >= 2 and parts[0] in SECTIONS:
             section, key, rest = parts[0], parts[1], parts[2:]
             value = inline if eq else (argv[i + 1] if i + 1 < len(argv) else None)
-            new = new_path(section, key, None, has_sub=bool(rest))
+            inline_mapping = (value or "").lstrip().startswith("{")  # --model.finetune '{mode: full}'
+            new = new_path(section, key, None, has_sub=bool(rest) or inline_mapping)
             if new is not None:
                 dotted = ".".join([section, new, *rest])
                 moved.append(f"{name} -> --{dotted}")

@@ -111,6 +111,11 @@ def test_command_line_keys_of_the_flat_layout_are_renamed_with_one_warning() -> 
         warnings.simplefilter("error")
         tree = ["fit", "--model.finetune.lora.rank", "16", "--model.finetune.mode", "full"]
         assert upgrade_argv(tree) == tree, "the tree's own keys pass untouched, silently"
+        assert upgrade_argv(["fit", "--model.finetune", "{mode: full}"]) == [
+            "fit",
+            "--model.finetune",
+            "{mode: full}",
+        ]
     with pytest.raises(
         ValueError, match=r"--model\.reads_context true and --model\.context\.read false, two values"
     ):
