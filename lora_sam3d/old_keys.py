@@ -13,7 +13,10 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 __all__ = ["MODEL_KEYS", "conflict_error", "new_path", "upgrade", "upgrade_argv", "upgrade_config"]
 
@@ -80,7 +83,7 @@ def _set(tree: dict[str, Any], path: str, value: Any) -> None:
     for part in parents:
         child = node.get(part)
         if not isinstance(child, dict):
-            child = {} if child is None else dict(child) if isinstance(child, Mapping) else {}
+            child = dict(child) if isinstance(child, Mapping) else {}
             node[part] = child
         node = child
     if isinstance(value, Mapping) and isinstance(node.get(last), Mapping):
@@ -93,7 +96,10 @@ def _moved(section: str, values: Mapping[str, Any], where: str) -> tuple[dict[st
     """``values`` with every old key at its new place, and the list of "old -> new" moves."""
     out = copy.deepcopy(dict(values or {}))
     moved = []
-    for key in list(out):
+    # a plain value that becomes its own group's field (finetune: full -> finetune.mode) moves first,
+    # so that the group it turns into is there for the keys moved into it (lora -> finetune.lora)
+    table = SECTIONS.get(section, {})
+    for key in sorted(out, key=lambda k: table.get(k, "").split(".")[0] != k):
         new = new_path(section, key, out[key])
         if new is None:
             continue
@@ -145,8 +151,6 @@ def upgrade_argv(argv: list[str]) -> list[str]:
     """Command-line options of the flat layout (``--model.lora.rank 16``, ``--model.reads_context
     false``) renamed to the tree's, with one warning for the command line; a config file with old
     keys is replaced by its upgraded text (jsonargparse reads YAML text given to ``--config``)."""
-    import yaml
-
     out: list[str] = []
     moved: list[str] = []
     given: dict[str, tuple[str, str | None]] = {}
@@ -154,11 +158,11 @@ def upgrade_argv(argv: list[str]) -> list[str]:
     while i < len(argv):
         arg = argv[i]
         if arg in ("--config", "-c") and i + 1 < len(argv):
-            out += [arg, _upgraded_config_arg(argv[i + 1], yaml)]
+            out += [arg, _upgraded_config_arg(argv[i + 1])]
             i += 2
             continue
         if arg.startswith("--config="):
-            out.append("--config=" + _upgraded_config_arg(arg.split("=", 1)[1], yaml))
+            out.append("--config=" + _upgraded_config_arg(arg.split("=", 1)[1]))
             i += 1
             continue
         name, eq, inline = arg.partition("=")
@@ -188,10 +192,8 @@ def upgrade_argv(argv: list[str]) -> list[str]:
     return out
 
 
-def _upgraded_config_arg(path: str, yaml: Any) -> str:
+def _upgraded_config_arg(path: str) -> str:
     """A ``--config`` value: the file's path when it has no old key, else its upgraded YAML text."""
-    from pathlib import Path
-
     file = Path(path)
     if not file.is_file():
         return path

@@ -133,6 +133,8 @@ def test_a_key_given_old_and_new_with_different_values_is_one_line_naming_both(t
         {"finetune": "full", "lora": {"rank": 8}, "base": {"seed": 3}, "base_checkpoint": "a"}, warn=False
     )
     assert same == {"finetune": {"mode": "full", "lora": {"rank": 8}}, "base": {"seed": 3, "checkpoint": "a"}}
+    reordered = upgrade({"lora": {"rank": 8}, "finetune": "full"}, warn=False)  # the mode is kept either way
+    assert reordered == {"finetune": {"mode": "full", "lora": {"rank": 8}}}
     bad = tmp_path / "both.yaml"
     bad.write_text(yaml.safe_dump({"model": {"reads_context": True, "context": {"read": False}}}))
     with pytest.raises(

@@ -20,6 +20,7 @@ from torch import nn
 
 from lora_sam3d.atomic import atomic_write
 from lora_sam3d.lora import has_lora, load_adapter, read_adapter_config, save_adapter
+from lora_sam3d.old_keys import upgrade
 
 __all__ = [
     "CONDITIONING_ADAPTER",
@@ -116,8 +117,6 @@ class AdapterSettings:
 
 def read_adapter_settings(folder: str | Path) -> AdapterSettings:
     """What an adapter folder says of its model, classes, data and adapters (see `AdapterSettings`)."""
-    from lora_sam3d.old_keys import upgrade
-
     src = Path(folder)
     stored = upgrade(read_model_file(src), "model", warn=False)  # folders of the flat layout too
     meta = read_adapter_config(src)

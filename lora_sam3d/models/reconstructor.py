@@ -43,6 +43,7 @@ from lora_sam3d.models.structure import (
     surface_band,
     vertex_fill,
 )
+from lora_sam3d.old_keys import upgrade
 from lora_sam3d.weights import load_weights, resolve_checkpoint
 
 __all__ = [
@@ -129,8 +130,6 @@ class Reconstructor(nn.Module):
     def __init__(self, config: ModelConfig | Mapping[str, Any] | None = None) -> None:
         super().__init__()
         if isinstance(config, Mapping):
-            from lora_sam3d.old_keys import upgrade
-
             config = ModelConfig.from_dict(upgrade(config, "model", "Reconstructor config"))
         self.config = c = config or ModelConfig()
         decoder, structure, reads_context = c.decoder, c.structure, c.context.read
