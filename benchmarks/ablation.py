@@ -28,6 +28,7 @@ from lora_sam3d.metrics import MeshMetrics
 from lora_sam3d.models import Reconstruction
 from lora_sam3d.models.structure import vertex_fill
 from lora_sam3d.module import LoRAMeshDecoderModule
+from lora_sam3d.old_keys import upgrade
 from lora_sam3d.predictions import score_batch
 
 ROWS = ("as trained", "wider band at inference", "stage 1 alone", "oracle stage 1", "grid cap (true SDF)")
@@ -90,13 +91,13 @@ def main() -> None:
     args = parser.parse_args()
     module = Ablated.load_from_checkpoint(args.ckpt, map_location="cpu", weights_only=True).eval()
     ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=True)
-    data = dict(ckpt["datamodule_hyper_parameters"])
+    data = upgrade(ckpt["datamodule_hyper_parameters"], "data", warn=False)  # earlier flat ones too
     data["num_workers"] = 0
     data.pop("_instantiator", None)
     if args.views:
-        data["views"] = args.views
+        data.setdefault("views", {})["count"] = args.views
     if args.context:
-        data["context"] = args.context
+        data.setdefault("context", {})["source"] = args.context
     dm = TSDataModule(**data)
     dm.setup("validate")
     module.classes = list(data["classes"])

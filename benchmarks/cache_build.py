@@ -62,7 +62,11 @@ def loader_rate(root: Path, workers: int, batches: int) -> float:
     from lora_sam3d.data import DataSettings, TS_SAM3D_Dataset, collate
 
     ds = TS_SAM3D_Dataset(
-        root, HEART_CLASSES, split=None, augment=True, settings=DataSettings(spacing=1.5, views=3)
+        root,
+        HEART_CLASSES,
+        split=None,
+        augment=True,
+        settings=DataSettings(preprocessing={"spacing_mm": 1.5}, views={"count": 3}),  # type: ignore[arg-type]
     )
     it = iter(DataLoader(ds, batch_size=8, shuffle=True, num_workers=workers, collate_fn=collate))
     next(it)  # workers started

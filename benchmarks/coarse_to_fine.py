@@ -45,7 +45,14 @@ CLASSES = ["heart_myocardium", "heart_atrium_left", "heart_ventricle_left", "hea
 
 
 def samples(root: Path, resolution: int, n: int) -> dict[str, Any]:
-    ds = TS_SAM3D_Dataset(root, CLASSES, split="train", resolution=resolution, spacing=1.5, seed=1)
+    ds = TS_SAM3D_Dataset(
+        root,
+        CLASSES,
+        split="train",
+        frame={"resolution": resolution},
+        preprocessing={"spacing_mm": 1.5},
+        seed=1,
+    )
     return collate([ds[i] for i in range(n)])
 
 
@@ -111,8 +118,8 @@ def peak_rss_bytes() -> int:
 
 def reference(root: Path) -> dict[str, Any]:
     """One central axial slice per heart structure of a training case, framed at R = 64."""
-    ds = TS_SAM3D_Dataset(root, CLASSES, split="train", slice_sampling_method="central", resolution=64,
-                          spacing=1.5, axes=(2,))  # fmt: skip
+    ds = TS_SAM3D_Dataset(root, CLASSES, split="train", slice_sampling_method="central", frame={"resolution": 64},
+                          preprocessing={"spacing_mm": 1.5}, sampling={"axes": [2]})  # fmt: skip
     n_samples = len(CLASSES)
     batch = collate([ds[i] for i in range(n_samples)])  # items run case -> class: one per structure
     bands = surface_band(batch.targets.coarse_occupancy.bool(), 1)

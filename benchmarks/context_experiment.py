@@ -5,8 +5,8 @@ beside ITK's morphological contour interpolation on the same stacks.
 Each variant of `benchmarks/experiment.py` named below is trained once from `configs/demo.yaml`
 (the view mix and the scan as context, blanked for a quarter of the training samples), then scored
 with ``lora-sam3d test`` on the held-out test cases at every input of `INPUTS`, once reading the
-scan (``--data.context volume``) and once from the slices alone (``none``); one checkpoint serves
-all of them, the base is scored as shipped. Stacks are axial (``--data.axes [2]``), through each
+scan (``--data.context.source volume``) and once from the slices alone (``none``); one checkpoint serves
+all of them, the base is scored as shipped. Stacks are axial (``--data.sampling.axes [2]``), through each
 structure's central slice, as `benchmarks/fill_between_slices.py` keeps the file's slices for ITK.
 Scores are on each scan's own grid. Writes ``docs/context_experiment.json`` and
 ``docs/context_dice.png`` (test Dice against the number of slices) and prints Markdown tables.
@@ -26,18 +26,26 @@ from fill_between_slices import score as itk_score
 from views_experiment import CLASS_SHORT, scores, train_variant
 
 ROOT = Path(__file__).resolve().parents[1]
-STACK = ["--data.views", "16", "--data.view_layout", "stack", "--data.axes", "[2]", "--data.view_spacing_mm"]
+STACK = [
+    "--data.views.count",
+    "16",
+    "--data.views.layout",
+    "stack",
+    "--data.sampling.axes",
+    "[2]",
+    "--data.views.spacing_mm",
+]
 INPUTS: dict[str, list[str]] = {
-    "1 slice": ["--data.views", "1"],
-    "3 orthogonal": ["--data.views", "3", "--data.view_layout", "orthogonal"],
+    "1 slice": ["--data.views.count", "1"],
+    "3 orthogonal": ["--data.views.count", "3", "--data.views.layout", "orthogonal"],
     "stack 10 mm": [*STACK, "10"],
     "stack 20 mm": [*STACK, "20"],
     "3 parallel 10 mm": [
-        "--data.views",
+        "--data.views.count",
         "3",
-        "--data.view_layout",
+        "--data.views.layout",
         "parallel",
-        "--data.view_spacing_mm",
+        "--data.views.spacing_mm",
         "10",
     ],
 }
@@ -49,7 +57,7 @@ def run_variant(key: str, out: Path) -> dict[str, Any]:
     by_input = {}
     for name, flags in INPUTS.items():
         for context in ("volume", "none"):
-            cli("test", "--config", cfg, *ckpt, *flags, "--data.context", context, runner=runner)
+            cli("test", "--config", cfg, *ckpt, *flags, "--data.context.source", context, runner=runner)
             by_input[f"{name}, {'scan' if context == 'volume' else 'slices only'}"] = scores(out / key)
     return {
         "by_input": by_input,

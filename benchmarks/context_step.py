@@ -39,7 +39,11 @@ CONTEXT_MODEL = {"context": {"read": True, "conditioning": True}}
 
 
 def dataset(root: Path, context: str) -> TS_SAM3D_Dataset:
-    settings = DataSettings(resolution=16, spacing=1.5, views=3, view_layout="orthogonal", context=context)  # type: ignore[arg-type]
+    settings = DataSettings(
+        preprocessing={"spacing_mm": 1.5},
+        views={"count": 3},
+        context={"source": context},  # type: ignore[arg-type]
+    )
     return TS_SAM3D_Dataset(
         root, HEART_CLASSES, split="val", slice_sampling_method="central", settings=settings
     )

@@ -72,10 +72,12 @@ def main() -> None:
         write_phantoms(root, n_cases=args.cases, shape=args.shape, spacing=args.spacing)
         write_s = time.perf_counter() - start
         start = time.perf_counter()
-        ds = TS_SAM3D_Dataset(root, HEART_CLASSES, resolution=16, spacing=1.5, cache_dir=cache, augment=True)
+        ds = TS_SAM3D_Dataset(
+            root, HEART_CLASSES, augment=True, preprocessing={"spacing_mm": 1.5}, cache_dir=cache
+        )
         cold_s = (time.perf_counter() - start) / args.cases
         start = time.perf_counter()
-        TS_SAM3D_Dataset(root, HEART_CLASSES, resolution=16, spacing=1.5, cache_dir=cache)
+        TS_SAM3D_Dataset(root, HEART_CLASSES, preprocessing={"spacing_mm": 1.5}, cache_dir=cache)
         reopen_s = time.perf_counter() - start
         rows = {"cases": args.cases, "shape": list(args.shape), "phantom_write_s_per_case": write_s / args.cases,
                 "cold_cache_s_per_case": cold_s, "warm_reopen_s": reopen_s}  # fmt: skip

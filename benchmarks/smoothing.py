@@ -25,6 +25,7 @@ from scipy.spatial import cKDTree
 from lora_sam3d.callbacks import MeshPredictionWriter
 from lora_sam3d.data import TSDataModule
 from lora_sam3d.module import LoRAMeshDecoderModule
+from lora_sam3d.old_keys import upgrade
 
 
 def distances(a: trimesh.Trimesh, b: trimesh.Trimesh, n: int = 20_000) -> tuple[float, float]:
@@ -46,7 +47,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=10)
     args = parser.parse_args()
     out = Path(args.out)
-    data_cfg = dict(yaml.safe_load(Path(args.config).read_text())["data"])
+    data_cfg = upgrade(yaml.safe_load(Path(args.config).read_text())["data"], "data", f"config {args.config}")
     data_cfg.pop("phantoms", None)
     data = TSDataModule(**data_cfg)
     module = LoRAMeshDecoderModule.load_from_checkpoint(args.ckpt, map_location="cpu", weights_only=True)

@@ -22,15 +22,15 @@ from experiment import VARIANTS, cli, last_value, metrics_rows, variant_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS: dict[str, list[str]] = {
-    "1 view": ["--data.views", "1"],
-    "2 orthogonal": ["--data.views", "2", "--data.view_layout", "orthogonal"],
-    "3 orthogonal": ["--data.views", "3", "--data.view_layout", "orthogonal"],
+    "1 view": ["--data.views.count", "1"],
+    "2 orthogonal": ["--data.views.count", "2", "--data.views.layout", "orthogonal"],
+    "3 orthogonal": ["--data.views.count", "3", "--data.views.layout", "orthogonal"],
     "3 parallel, 10 mm": [
-        "--data.views",
+        "--data.views.count",
         "3",
-        "--data.view_layout",
+        "--data.views.layout",
         "parallel",
-        "--data.view_spacing_mm",
+        "--data.views.spacing_mm",
         "10",
     ],
 }

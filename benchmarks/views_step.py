@@ -25,7 +25,7 @@ from lora_sam3d.data import HEART_CLASSES, DataSettings, TS_SAM3D_Dataset, colla
 
 def dataset(root: Path, views: int) -> TS_SAM3D_Dataset:
     """Validation-split samples (a fixed view count) with the training split's preprocessing."""
-    settings = DataSettings(resolution=16, spacing=1.5, views=views, view_layout="orthogonal")
+    settings = DataSettings(preprocessing={"spacing_mm": 1.5}, views={"count": views, "layout": "orthogonal"})  # type: ignore[arg-type]
     return TS_SAM3D_Dataset(
         root, HEART_CLASSES, split="val", slice_sampling_method="central", settings=settings
     )

@@ -45,14 +45,14 @@ class Reconstructed:
 
 
 def _reads_scan(context: bool | str | None, model_reads: bool) -> bool:
-    """Whether ``reconstruct`` reads the scan: ``context`` as the YAML's ``data.context`` spells it
+    """Whether ``reconstruct`` reads the scan: ``context`` as the YAML's ``data.context.source`` spells it
     too, None meaning as the model was trained; anything else, or the scan asked of a model that
     does not read it, is refused."""
     if context in ("volume", "none"):
         context = context == "volume"
     if not (context is None or isinstance(context, bool)):
         raise ValueError(
-            f"reconstruct: context must be True, False, None, 'volume' or 'none' (as data.context), got {context!r}"
+            f"reconstruct: context must be True, False, None, 'volume' or 'none' (as data.context.source), got {context!r}"
         )
     if context and not model_reads:
         raise ValueError(

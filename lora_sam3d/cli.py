@@ -99,12 +99,12 @@ def _build_cache(args: argparse.Namespace) -> int:
 
     from lora_sam3d.data import TSDataModule
     from lora_sam3d.data.cache import BuildInterrupted
-    from lora_sam3d.data.cases import discover_cases
     from lora_sam3d.data.dataset import cache_dataset
+    from lora_sam3d.old_keys import upgrade
 
     if args.config:
         config = yaml.safe_load(Path(args.config).read_text()) or {}
-        data = dict(config.get("data") or {})
+        data = upgrade(config.get("data") or {}, "data", f"config {args.config}")
         if not data.get("root") or not data.get("classes"):
             raise ValueError(f"config {args.config} has no data.root and data.classes: give a fit config")
     elif args.root and args.classes:
@@ -116,11 +116,10 @@ def _build_cache(args: argparse.Namespace) -> int:
     data.pop("predict_items", None)
     module = TSDataModule(**data)
     module.write_phantoms_if_empty()  # as fit would: a demo config on a fresh clone
-    s = module.settings
-    cases = discover_cases(module.root, module.classes, s.layout, s.label_values, "skip")
+    cases = module.settings.cases.find(module.root, module.classes, on_bad_case="skip")
     try:
         built, failed, _ = cache_dataset(
-            cases, module.classes, s, module.cache_dir, workers=args.workers, progress=True
+            cases, module.classes, module.settings, module.cache_dir, workers=args.workers, progress=True
         )
     except BuildInterrupted as stop:
         done = sum(1 for c in cases if _has_entry(module.cache_dir, c.case_id))

@@ -14,7 +14,6 @@ and loading checks every key and the base and fails loudly on a mismatch.
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import IO, Any, Literal
@@ -40,7 +39,7 @@ from lora_sam3d.models.finetuning import (
     set_trainable,
 )
 from lora_sam3d.models.reconstructor import Reconstruction, Reconstructor
-from lora_sam3d.old_keys import MODEL_KEYS, new_path, upgrade
+from lora_sam3d.old_keys import MODEL_KEYS, fold_keywords, new_path, upgrade
 from lora_sam3d.predictions import Prediction, prediction_records, score_batch, warn_empty
 
 __all__ = ["LoRAMeshDecoderModule"]
@@ -68,15 +67,17 @@ def check_choices(classes: list[str], on_nonfinite: str, adapter: Any, adapters:
 def check_data_agrees(data: Any, resolution: int, classes: list[str], context: bool = False) -> None:
     """The data module's resolution and class list (its hyper-parameters ``data``) must be the model's,
     and scan context is given only to a model that reads it."""
-    if data.get("context") == "volume" and not context:
+    source = (data.get("context") or {}).get("source")
+    data_resolution = (data.get("frame") or {}).get("resolution")
+    if source == "volume" and not context:
         raise ValueError(
-            "data.context is volume but this model does not read context (model.context.read: false; a "
-            "checkpoint or adapter trained without the scan): use data.context: none, or train with model.context.read: true"
+            "data.context.source is volume but this model does not read context (model.context.read: false; a "
+            "checkpoint or adapter trained without the scan): use data.context.source: none, or train with model.context.read: true"
         )
-    if data.get("resolution") not in (None, resolution):
+    if data_resolution not in (None, resolution):
         raise ValueError(
-            f"data resolution {data['resolution']} differs from the decoder's resolution {resolution}: "
-            "set data.resolution and model.decoder.resolution to the same value"
+            f"data resolution {data_resolution} differs from the decoder's resolution {resolution}: "
+            "set data.frame.resolution and model.decoder.resolution to the same value"
         )
     if data.get("classes") is not None and list(data["classes"]) != classes:
         raise ValueError(
@@ -132,7 +133,7 @@ class LoRAMeshDecoderModule(L.LightningModule):
         check_choices(classes, on_nonfinite, adapter, adapters)
         groups = {"base": base, "context": context, "band": band, "latents": latents}
         groups |= {"finetune": finetune, "loss": loss}
-        groups = with_old_keys(groups, old_keys)
+        groups = fold_keywords("model", groups, old_keys, "LoRAMeshDecoderModule")
         config = ModelConfig(
             decoder or {}, structure or {}, *(groups[k] for k in ("base", "context", "band", "latents"))
         )
@@ -321,24 +322,6 @@ class LoRAMeshDecoderModule(L.LightningModule):
         # The frozen base is rebuilt from model.base.checkpoint, not stored: hand the loader its own
         # tensors so it does not list ~100 "missing" keys that are not missing.
         checkpoint["state_dict"] = {**self.state_dict(), **checkpoint["state_dict"]}
-
-
-def with_old_keys(groups: dict[str, Any], old_keys: dict[str, Any]) -> dict[str, Any]:
-    """The module's groups with the flat keys of earlier versions (``base_checkpoint=...``) moved
-    into them, with one warning; a keyword that is neither is the usual TypeError."""
-    given = {k: v for k, v in old_keys.items() if not k.startswith("_")}  # Lightning's own keys
-    unknown = sorted(k for k in given if k not in MODEL_KEYS)
-    if unknown:
-        raise TypeError(f"LoRAMeshDecoderModule got unexpected arguments {unknown}")
-    if not given:
-        return groups
-    moved = upgrade(given, "model", "LoRAMeshDecoderModule arguments")
-    out = dict(groups)
-    for name, values in moved.items():
-        current = groups[name]
-        current = asdict(current) if not isinstance(current, Mapping) else dict(current)
-        out[name] = {**current, **values}
-    return out
 
 
 def checkpoint_section(module: LoRAMeshDecoderModule, trainable: list[str]) -> dict[str, Any]:

@@ -1,8 +1,8 @@
 """The flat model keys of earlier versions and their places in today's settings tree.
 
 Configs, command lines, checkpoints' hyper-parameters and adapter folders' ``model.json`` written
-before the tree (``model.base_checkpoint``, ``model.lora.rank``, ``model.reads_context``) still
-load: `upgrade` moves each old key to its new place. A user's config or command line gets one
+before the tree (``model.base_checkpoint``, ``model.lora.rank``, ``data.views: 3``, ``data.spacing``)
+still load: `upgrade` moves each old key to its new place. A user's config or command line gets one
 warning listing old -> new (they can fix it); stored files are upgraded silently (they cannot). A
 key given both ways with different values is an error naming both. Written by hand: this is the
 project's own history, no library knows it.
@@ -13,12 +13,23 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Mapping
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-__all__ = ["MODEL_KEYS", "conflict_error", "new_path", "upgrade", "upgrade_argv", "upgrade_config"]
+__all__ = [
+    "DATA_KEYS",
+    "MODEL_KEYS",
+    "conflict_error",
+    "fold_keywords",
+    "get_path",
+    "new_path",
+    "upgrade",
+    "upgrade_argv",
+    "upgrade_config",
+]
 
 MODEL_KEYS: dict[str, str] = {
     "base_checkpoint": "base.checkpoint",
@@ -42,9 +53,39 @@ MODEL_KEYS: dict[str, str] = {
     "structure_weight": "loss.structure",
     "sdf_truncation": "loss.sdf_truncation",
 }
-"""``model.<old>`` -> ``model.<new>``. ``finetune`` is old when its value is not a mapping."""
+"""``model.<old>`` -> ``model.<new>``; ``finetune`` is old when its value is not a mapping."""
 
-SECTIONS = {"model": MODEL_KEYS}
+DATA_KEYS: dict[str, str] = {
+    "spacing": "preprocessing.spacing_mm",
+    "modality": "preprocessing.modality",
+    "ct_window_hu": "preprocessing.ct_window_hu",
+    "resolution": "frame.resolution",
+    "slice_size": "frame.slice_size",
+    "frame_scale": "frame.scale",
+    "extent_mm": "frame.extent_mm",
+    "sdf_truncation_mm": "frame.sdf_truncation_mm",
+    "coarse_target": "frame.coarse_target",
+    "views": "views.count",
+    "view_layout": "views.layout",
+    "view_layouts": "views.layouts",
+    "view_spacing_mm": "views.spacing_mm",
+    "context": "context.source",
+    "context_dropout": "context.dropout",
+    "train_sampling": "sampling.train",
+    "eval_sampling": "sampling.eval",
+    "axes": "sampling.axes",
+    "min_occupancy": "sampling.min_occupancy",
+    "samples_per_class": "sampling.samples_per_class",
+    "slices_per_axis": "sampling.slices_per_axis",
+    "augment": "sampling.augment",
+    "layout": "cases.layout",
+    "label_values": "cases.label_values",
+    "on_bad_case": "cases.on_bad_case",
+}
+"""``data.<old>`` -> ``data.<new>``; ``views`` and ``context`` are old when their value is not a
+mapping. The stored `DataContract` keeps the old names (its keys map to the tree by this table)."""
+
+SECTIONS = {"model": MODEL_KEYS, "data": DATA_KEYS}
 
 
 def new_path(section: str, key: str, value: Any = None, has_sub: bool = False) -> str | None:
@@ -68,7 +109,7 @@ def conflict_error(
     )
 
 
-def _get(tree: Mapping[str, Any], path: str) -> Any:
+def get_path(tree: Mapping[str, Any], path: str) -> Any:
     node: Any = tree
     for part in path.split("."):
         if not isinstance(node, Mapping) or part not in node:
@@ -104,7 +145,7 @@ def _moved(section: str, values: Mapping[str, Any], where: str) -> tuple[dict[st
         if new is None:
             continue
         value = out.pop(key)
-        given = _get(out, new)
+        given = get_path(out, new)
         if given is not None and given != value and not isinstance(value, Mapping):
             raise conflict_error(section, key, new, value, given, where or section)
         _set(out, new, value)
@@ -205,3 +246,28 @@ def _upgraded_config_arg(path: str) -> str:
         return path
     new, changed = upgrade_config(config, f"config {path}")
     return yaml.safe_dump(new, sort_keys=False) if changed else path
+
+
+def fold_keywords(
+    section: str, groups: dict[str, Any], keywords: dict[str, Any], where: str
+) -> dict[str, Any]:
+    """A constructor's groups with the flat keywords of earlier versions (``base_checkpoint=...``,
+    ``spacing=2.0``, a plain ``views=3``) moved into them, with one warning; a keyword that is
+    neither is the usual TypeError. Lightning's own keys (``_instantiator``) are left out."""
+    given = {k: v for k, v in keywords.items() if not k.startswith("_")}
+    unknown = sorted(k for k in given if k not in SECTIONS[section])
+    if unknown:
+        raise TypeError(f"{where} got unexpected arguments {unknown}")
+    out = dict(groups)
+    for name, value in groups.items():  # views=3: a plain value where the group is now
+        if value is not None and not is_dataclass(value) and new_path(section, name, value):
+            given[name] = out.pop(name)
+            out[name] = None
+    for name, values in upgrade(given, section, f"a call of {where}").items():
+        current = out[name]
+        if isinstance(values, Mapping) and current is not None:
+            current = dict(current) if isinstance(current, Mapping) else asdict(current)
+            out[name] = {**current, **values}
+        else:
+            out[name] = values
+    return out

@@ -25,7 +25,7 @@ from lora_sam3d.errors import error_line
 from lora_sam3d.models.adapter_files import AdapterSettings, read_adapter_settings
 from lora_sam3d.models.reconstructor import TINY_DECODER
 from lora_sam3d.module import LoRAMeshDecoderModule
-from lora_sam3d.old_keys import upgrade, upgrade_argv
+from lora_sam3d.old_keys import DATA_KEYS, get_path, upgrade, upgrade_argv
 from lora_sam3d.weights import READ_ERRORS, require_file, unreadable
 
 __all__ = ["LoRASAM3DCLI", "adopt_data_settings", "decoder_resolution", "run"]
@@ -38,38 +38,38 @@ def decoder_resolution(decoder: dict[str, Any] | None) -> int:
 def adopt_data_settings(data_cfg: Any, stored: dict[str, Any], source: str) -> None:
     """Outside ``fit``, the stored preprocessing defines how scans are read: a setting the config
     leaves at its default takes the stored value (so ``config.yaml`` says what ran); one the config
-    sets to another value is refused, naming both, since the model was trained on the stored one."""
-    defaults = DataSettings()
+    sets to another value is refused, naming both, since the model was trained on the stored one.
+    ``stored`` is a `DataContract` dict; its keys' places in the data section are `DATA_KEYS`."""
+    defaults = DataSettings().to_dict()
     trained = stored.get("views") or 1  # models written before several views existed saw one
-    asked = data_cfg.get("views") or 1  # a request's slices are counted once their masks are read
+    asked = data_cfg.get("views.count") or 1  # a request's slices are counted once their masks are read
     if asked > trained:
         raise ValueError(
-            f"{asked} views asked (data.views) but {source} was trained with at most {trained} "
-            f"view{'s' if trained > 1 else ''}: ask for {trained} or fewer, or train with data.views: {asked}"
+            f"{asked} views asked (data.views.count) but {source} was trained with at most {trained} "
+            f"view{'s' if trained > 1 else ''}: ask for {trained} or fewer, or train with data.views.count: {asked}"
         )
     for key in PREPROCESSING_SETTINGS:
         if key not in stored or stored[key] is None:
             continue
-        given, want = data_cfg.get(key), stored[key]
-        same = (
-            list(given) == list(want)
-            if isinstance(want, list | tuple) and given is not None
-            else given == want
+        path = DATA_KEYS[key]
+        given, want, default = (
+            _plain(data_cfg.get(path)),
+            _plain(stored[key]),
+            _plain(get_path(defaults, path)),
         )
-        if same:
+        if given == want:
             continue
-        default = getattr(defaults, key)
-        is_default = (
-            list(given) == list(default)
-            if isinstance(default, list | tuple) and given is not None
-            else given == default
-        )
-        if not is_default:
+        if given != default:
             raise ValueError(
-                f"data.{key} is {given!r} but {source} was trained with {want!r}: a model reads scans the way "
-                f"it was trained; remove data.{key} from the config or command line"
+                f"data.{path} is {given!r} but {source} was trained with {want!r}: a model reads scans the way "
+                f"it was trained; remove data.{path} from the config or command line"
             )
-        data_cfg[key] = list(want) if isinstance(want, list | tuple) else want
+        data_cfg[path] = want
+
+
+def _plain(value: Any) -> Any:
+    """Lists and tuples compare as lists."""
+    return list(value) if isinstance(value, list | tuple) else value
 
 
 class LoRASAM3DCLI(LightningCLI):
@@ -77,7 +77,7 @@ class LoRASAM3DCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.link_arguments("data.classes", "model.classes")
-        parser.link_arguments("model.decoder", "data.resolution", compute_fn=decoder_resolution)
+        parser.link_arguments("model.decoder", "data.frame.resolution", compute_fn=decoder_resolution)
 
     def _parse_ckpt_path(self) -> None:
         """``--ckpt_path``'s hyper-parameters define the model (as LightningCLI's own reading, whose
@@ -155,7 +155,7 @@ class LoRASAM3DCLI(LightningCLI):
             if not (key == "base.checkpoint" and given and given != value):
                 cfg.model[key] = value
         if "decoder" in model:
-            cfg.data.resolution = decoder_resolution(model["decoder"])
+            cfg.data["frame.resolution"] = decoder_resolution(model["decoder"])
         if stored is not None and stored.data:
             data, source = stored.data, source
         else:

@@ -14,6 +14,9 @@ from typing import Any
 import pytest
 import yaml
 
+from lora_sam3d.data.settings import DataSettings
+from lora_sam3d.old_keys import upgrade
+
 sys.path.insert(0, str(Path(__file__).parent))
 
 TEST_CLASSES = ["heart_ventricle_left", "heart_myocardium"]
@@ -22,6 +25,12 @@ SHAPES = {"checkpoint": "builtin:shapes"}
 SCAN = {"read": True, "conditioning": True}
 """``model.context`` of a model that reads the scan at stage 1 and every decoder level."""
 TEST_DECODER = {"resolution": 16, "model_channels": 64, "num_blocks": 4, "num_heads": 4, "num_groups": 8}
+
+
+def data_settings(**flat: Any) -> DataSettings:
+    """The tests' shorthand for `DataSettings`: the flat names (``resolution=8, spacing=2.0``) put in
+    their groups by the old-key table (`lora_sam3d.old_keys.DATA_KEYS`), without its warning."""
+    return DataSettings.from_dict(upgrade(flat, "data", warn=False))
 
 
 def run_config(out: Path | str, data: Path | str, epochs: int = 1, quiet: bool = False) -> dict[str, Any]:
@@ -44,8 +53,8 @@ def run_config(out: Path | str, data: Path | str, epochs: int = 1, quiet: bool =
         "num_sanity_val_steps": 0,  # every run validates after its epoch; the sanity pass would only repeat it
     }  # fmt: skip
     data_cfg: dict[str, Any] = {
-        "root": str(data), "classes": list(TEST_CLASSES), "batch_size": 2, "spacing": 2.0,
-        "eval_sampling": "central",
+        "root": str(data), "classes": list(TEST_CLASSES), "batch_size": 2,
+        "preprocessing": {"spacing_mm": 2.0}, "sampling": {"eval": "central"},
     }  # fmt: skip
     model: dict[str, Any] = {
         "decoder": dict(TEST_DECODER),
@@ -60,13 +69,14 @@ def run_config(out: Path | str, data: Path | str, epochs: int = 1, quiet: bool =
             "logger": False,
         }
         callbacks[2]["init_args"]["write_png"] = False
-        data_cfg["samples_per_class"] = 1
+        data_cfg["sampling"]["samples_per_class"] = 1
     else:
         trainer |= {"deterministic": True, "limit_train_batches": 3, "limit_val_batches": 2, "log_every_n_steps": 1,
                     "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(out)}}}  # fmt: skip
         callbacks[0]["init_args"] |= {"save_top_k": -1, "filename": "{epoch}"}
         model["optimizer"] = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.003}}
-        data_cfg |= {"phantoms": {"n_cases": 4, "shape": [48, 48, 32]}, "samples_per_class": 2}
+        data_cfg["phantoms"] = {"n_cases": 4, "shape": [48, 48, 32]}
+        data_cfg["sampling"]["samples_per_class"] = 2
     return {"seed_everything": 0, "trainer": trainer, "model": model, "data": data_cfg}
 
 

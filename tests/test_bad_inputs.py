@@ -335,9 +335,9 @@ def predict_items(
     def edit(cfg: dict) -> None:
         cfg["data"].update(predict_items=[item, item] if twice else [item], num_workers=workers)
         if modality:
-            cfg["data"]["modality"] = modality
+            cfg["data"]["preprocessing"]["modality"] = modality
         if extent:
-            cfg["data"]["extent_mm"] = extent
+            cfg["data"]["frame"] = {"extent_mm": extent}
         if root is None:  # a predict-only config: no data folder, no classes, no model settings
             del (
                 cfg["data"]["root"],
@@ -517,12 +517,12 @@ RUN_CASES: dict[str, tuple[Callable[[Setup], list[str]], str]] = {
         r"DataError: data\.batch_size must be an integer >= 1, got -2$",
     ),
     "min_occupancy above 1": (
-        lambda s: fit_with(s, "mo", set_in("data", "min_occupancy", 2.0)),
-        r"DataError: data\.min_occupancy must be a fraction in \[0, 1\], got 2\.0$",
+        lambda s: fit_with(s, "mo", set_in("data", "sampling", "min_occupancy", 2.0)),
+        r"DataError: data\.sampling\.min_occupancy must be a fraction in \[0, 1\], got 2\.0$",
     ),
     "frame_scale 0": (
-        lambda s: fit_with(s, "fs", set_in("data", "frame_scale", 0)),
-        r"DataError: data\.frame_scale must be a number > 0, got 0",
+        lambda s: fit_with(s, "fs", set_in("data", "frame", "scale", 0)),
+        r"DataError: data\.frame\.scale must be a number > 0, got 0",
     ),
     "class name with a slash": (
         lambda s: fit_with(s, "sl", set_in("data", "classes", ["heart/ventricle_left"])),
@@ -709,7 +709,7 @@ RUN_CASES: dict[str, tuple[Callable[[Setup], list[str]], str]] = {
     ),
     "checkpoint without stored data settings": (
         lambda s: predict_items(s, "p10", ckpt=broken_copy(s, s.ckpt, "p10", no_contract), root=None),
-        r"predict item 1 .*: class 'heart_myocardium' has no frame extent; known: \[\] \(set data\.extent_mm",
+        r"predict item 1 .*: class 'heart_myocardium' has no frame extent; known: \[\] \(set data\.frame\.extent_mm",
     ),
     # users' own files and folders
     "predict into a folder an earlier predict wrote": (
@@ -741,7 +741,7 @@ RUN_CASES: dict[str, tuple[Callable[[Setup], list[str]], str]] = {
     ),
     "extent_mm unsafe class name": (
         lambda s: predict_items(s, "p17", extent={"../outside": 50.0}),
-        r"data\.extent_mm: class names \['\.\./outside'\] are not safe file-name parts",
+        r"data\.frame\.extent_mm: class names \['\.\./outside'\] are not safe file-name parts",
     ),
     "class matched by two adapter patterns": (
         lambda s: predict_items(
@@ -751,7 +751,7 @@ RUN_CASES: dict[str, tuple[Callable[[Setup], list[str]], str]] = {
     ),
     "preprocessing against the checkpoint's": (
         lambda s: predict_items(s, "p19", modality="mr"),
-        r"data\.modality is 'mr' but the checkpoint .*last\.ckpt was trained with 'ct': a model reads scans the way",
+        r"data\.preprocessing\.modality is 'mr' but the checkpoint .*last\.ckpt was trained with 'ct': a model reads scans the way",
     ),
     "adapter whose base moved": (
         lambda s: predict_items(

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import TEST_DECODER, run_config, write_yaml
+from conftest import TEST_DECODER, data_settings, run_config, write_yaml
 
 from lora_sam3d.data import HEART_CLASSES, discover_cases
 
@@ -264,8 +264,7 @@ def test_export_merges_and_matches_the_lora_model(trained: Path) -> None:
     # the whole file is a complete base: both stages merged, no adapters
     merged = LoRAMeshDecoderModule(decoder=module.model.decoder_config, base={"checkpoint": str(merged_file)},
                                    classes=["heart_ventricle_left"]).eval()  # fmt: skip
-    ds = TS_SAM3D_Dataset(trained / "data", ["heart_ventricle_left"], split="val", resolution=16, spacing=2.0,
-                          slice_sampling_method="central", cache_dir=trained / "data" / ".cache")  # fmt: skip
+    ds = TS_SAM3D_Dataset(trained / "data", ["heart_ventricle_left"], split="val", slice_sampling_method="central", settings=data_settings(resolution=16, spacing=2.0, cache_dir=trained / "data" / ".cache"))  # fmt: skip
     batch = collate([ds[0], ds[1]])
     with torch.no_grad():
         lora_out = module(batch).sdf

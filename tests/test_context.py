@@ -14,7 +14,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import SCAN, TEST_CLASSES, TEST_DECODER, run_config, write_yaml
+from conftest import SCAN, TEST_CLASSES, TEST_DECODER, data_settings, run_config, write_yaml
 from scipy import ndimage
 from test_cli import here
 
@@ -34,7 +34,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def dataset(data: Path, split: str = "test", **settings: object) -> TS_SAM3D_Dataset:
     kw = {"resolution": 16, "spacing": 2.0, "cache_dir": str(data / ".cache"), **settings}
-    return TS_SAM3D_Dataset(data, TEST_CLASSES, split, "central", **kw)
+    return TS_SAM3D_Dataset(data, TEST_CLASSES, split, "central", settings=data_settings(**kw))
 
 
 def cell_world_points(frame_to_world: np.ndarray, n: int) -> np.ndarray:
@@ -70,10 +70,7 @@ def test_context_is_the_file_read_at_the_frames_points_and_outside_reads_no_scan
 
 
 def test_training_blanks_the_context_of_some_samples(data: Path) -> None:
-    ds = TS_SAM3D_Dataset(
-        data, TEST_CLASSES, "train", "random_axis", resolution=16, spacing=2.0, cache_dir=str(data / ".cache"),
-        samples_per_class=8, context="volume", context_dropout=0.5,
-    )  # fmt: skip
+    ds = TS_SAM3D_Dataset(data, TEST_CLASSES, "train", "random_axis", settings=data_settings(resolution=16, spacing=2.0, cache_dir=str(data / ".cache"), samples_per_class=8, context="volume", context_dropout=0.5))  # fmt: skip
     blank = [not ds[k]["context"].any() for k in range(len(ds))]
     assert 0 < sum(blank) < len(blank)
 
@@ -158,7 +155,7 @@ def test_a_stack_is_every_nth_slice_of_the_file_that_holds_the_structure(data: P
             assert sample["view_mask"][j].any()
         centre = np.linalg.inv(case.affine) @ sample["frame_to_world"].numpy() @ np.array([0, 0, 0, 1.0])
         assert centre[axis] == pytest.approx((min(planes) + max(planes)) / 2, abs=1e-6)
-    with pytest.raises(DataError, match=r"data\.view_spacing_mm"):
+    with pytest.raises(DataError, match=r"data\.views\.spacing_mm"):
         dataset(data, views=8, view_layout="stack", view_spacing_mm=400.0)[0]
 
 
@@ -168,7 +165,7 @@ def trained(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("context-run")
     cfg = run_config(tmp / "run", data, quiet=True)
     cfg["model"] |= {"base": {"checkpoint": "builtin:scan_shapes"}, "context": SCAN}
-    cfg["data"] |= {"views": 16, "view_layouts": ["orthogonal", "stack"], "context": "volume",
+    cfg["data"] |= {"views": {"count": 16, "layouts": ["orthogonal", "stack"]}, "context": {"source": "volume"},
                     "cache_dir": str(data / ".cache")}  # fmt: skip
     result = here("fit", "--config", str(write_yaml(cfg, tmp / "run.yaml")))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -213,7 +210,7 @@ def test_predict_from_1_3_and_16_slices_with_and_without_context(data: Path, tra
     assert [len(r["slice"].split("+")) for r in rows] == [1, 3, 16, 1]
     assert all(float(r["dice"]) > 0.3 for r in rows), [r["dice"] for r in rows]
     # the same slice with and without the scan: the context changes the surface
-    cfg["data"]["context"] = "none"
+    cfg["data"]["context"] = {"source": "none"}
     cfg["data"]["predict_items"] = [items[0]]
     cfg["trainer"]["callbacks"][0]["init_args"]["output_dir"] = str(trained / "none")
     result = here(
@@ -228,7 +225,7 @@ def test_predict_from_1_3_and_16_slices_with_and_without_context(data: Path, tra
 
 def test_context_for_a_model_that_does_not_read_it_is_refused(data: Path, tmp_path: Path) -> None:
     cfg = run_config(tmp_path / "run", data, quiet=True)
-    cfg["data"] |= {"context": "volume", "cache_dir": str(data / ".cache")}
+    cfg["data"] |= {"context": {"source": "volume"}, "cache_dir": str(data / ".cache")}
     result = here("validate", "--config", str(write_yaml(cfg, tmp_path / "run.yaml")))
     assert result.returncode != 0
-    assert "does not read context" in result.stderr and "data.context: none" in result.stderr
+    assert "does not read context" in result.stderr and "data.context.source: none" in result.stderr

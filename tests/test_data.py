@@ -14,6 +14,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import data_settings
 from torch.utils.data import DataLoader
 
 from lora_sam3d.data import (
@@ -32,6 +33,7 @@ from lora_sam3d.data import (
 )
 from lora_sam3d.data.dataset import EpochOffsetDistributedSampler, EpochShuffleSampler
 from lora_sam3d.data.phantoms import grid_affine
+from lora_sam3d.data.settings import DataSettings
 
 SMALL = dict(shape=(56, 56, 40), spacing=(1.8, 1.8, 2.6))
 
@@ -43,11 +45,15 @@ def phantom_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+DATASET_ARGS = ("classes", "split", "slice_sampling_method", "augment", "score_targets")
+
+
 def dataset(root: Path, **kw) -> TS_SAM3D_Dataset:
-    args = dict(
-        classes=HEART_CLASSES, resolution=8, spacing=2.0, cache_dir=root.parent / f"{root.name}-cache"
-    )
-    return TS_SAM3D_Dataset(root, **(args | kw))
+    """A dataset of ``root``: `TS_SAM3D_Dataset`'s own arguments from ``kw``, the rest settings by
+    their flat names (`data_settings`) over R = 8, 2 mm and a cache beside ``root``."""
+    own = {"classes": HEART_CLASSES} | {k: kw.pop(k) for k in DATASET_ARGS if k in kw}
+    flat = {"resolution": 8, "spacing": 2.0, "cache_dir": root.parent / f"{root.name}-cache"} | kw
+    return TS_SAM3D_Dataset(root, **own, settings=data_settings(**flat))
 
 
 def save(array: np.ndarray, affine: np.ndarray, path: Path) -> Path:
@@ -114,10 +120,7 @@ def test_sdf_of_a_sphere_is_within_half_a_voxel(tmp_path: Path) -> None:
     affine[:3, 3] = -24
     centre, radius = np.array([1.3, -2.1, 0.7]), 11.0
     sphere_case(tmp_path, "s0001", centre, radius, affine, shape)
-    ds = TS_SAM3D_Dataset(
-        tmp_path, ["ball"], resolution=8, spacing=1.0, slice_sampling_method="central", cache_dir=tmp_path / "c",
-        extent_mm={"ball": 24.0}, sdf_truncation_mm=6.0,
-    )  # fmt: skip
+    ds = TS_SAM3D_Dataset(tmp_path, ["ball"], slice_sampling_method="central", settings=data_settings(resolution=8, spacing=1.0, cache_dir=tmp_path / "c", extent_mm={"ball": 24.0}, sdf_truncation_mm=6.0))  # fmt: skip
     sample = ds[0]
     side = 2 * 24.0
     n = 33
@@ -310,20 +313,26 @@ def test_cache_rebuilds_only_what_changed_and_removes_nothing(
     root = tmp_path / "data"
     shutil.copytree(phantom_root, root)
     cache = tmp_path / "cache"
-    fit = TS_SAM3D_Dataset(root, HEART_CLASSES, resolution=8, spacing=2.0, cache_dir=cache)
+    fit = TS_SAM3D_Dataset(
+        root, HEART_CLASSES, settings=data_settings(resolution=8, spacing=2.0, cache_dir=cache)
+    )
     first = set(folders(cache))
     assert len(first) == 5 + 5 and not [p for p in cache.rglob(".*") if p.is_dir()], "labels and images"
     # another class list shares the images; only its labels are new
-    TS_SAM3D_Dataset(root, ["heart_myocardium"], resolution=8, spacing=2.0, cache_dir=cache)
+    TS_SAM3D_Dataset(
+        root, ["heart_myocardium"], settings=data_settings(resolution=8, spacing=2.0, cache_dir=cache)
+    )
     assert len(set(folders(cache)) - first) == 5 and all("/" not in n for n in set(folders(cache)) - first)
     # a colleague's run with another spacing, on the same cache, while `fit` reads it
-    TS_SAM3D_Dataset(root, ["heart_myocardium"], resolution=8, spacing=2.5, cache_dir=cache)
+    TS_SAM3D_Dataset(
+        root, ["heart_myocardium"], settings=data_settings(resolution=8, spacing=2.5, cache_dir=cache)
+    )
     assert first <= set(folders(cache)), "another run's entries are never deleted"
     assert all(np.isfinite(fit[i]["gt_sdf"].numpy()).all() for i in range(0, len(fit), 7))
     before = set(folders(cache))
     img = nib.load(str(root / "s0002" / "ct.nii.gz"))
     nib.save(nib.Nifti1Image(np.asarray(img.dataobj) + 5, img.affine), str(root / "s0002" / "ct.nii.gz"))
-    TS_SAM3D_Dataset(root, HEART_CLASSES, resolution=8, spacing=2.0, cache_dir=cache)
+    TS_SAM3D_Dataset(root, HEART_CLASSES, settings=data_settings(resolution=8, spacing=2.0, cache_dir=cache))
     entries = {e.name: e for e in cache_entries(cache)}
     assert set(entries) == before | (set(folders(cache)) - before) and len(entries) == len(before) + 2, (
         "the rebuilt case has a new labels and a new image entry beside the old ones"
@@ -374,7 +383,9 @@ def test_cache_listing_unused_days_and_every_stale_reason(
     root = tmp_path / "data"
     shutil.copytree(phantom_root, root, ignore=shutil.ignore_patterns("s0004", "s0005", ".cache"))
     cache = tmp_path / "cache"
-    TS_SAM3D_Dataset(root, ["heart_myocardium"], resolution=8, spacing=2.0, cache_dir=cache)
+    TS_SAM3D_Dataset(
+        root, ["heart_myocardium"], settings=data_settings(resolution=8, spacing=2.0, cache_dir=cache)
+    )
     names = [n for n in folders(cache) if "/" not in n]
     images = [n for n in folders(cache) if n.startswith("images/")]
     assert [n.split("-")[0] for n in names] == ["s0001", "s0002", "s0003"]
@@ -540,8 +551,7 @@ def test_predict_items_reproduce_dataset_inputs(tmp_path: Path) -> None:
     affine = np.diag([-2.0, -2.0, 2.0, 1.0])
     affine[:3, 3] = [40.0, 30.0, -20.0]
     sphere_case(root, "s0001", np.array([20.0, 10.0, 0.0]), 9.0, affine, (24, 20, 22))
-    ds = TS_SAM3D_Dataset(root, ["ball"], slice_sampling_method="central", resolution=8, spacing=2.0,
-                          cache_dir=tmp_path / "cache")  # fmt: skip
+    ds = TS_SAM3D_Dataset(root, ["ball"], slice_sampling_method="central", settings=data_settings(resolution=8, spacing=2.0, cache_dir=tmp_path / "cache"))  # fmt: skip
     samples = {int(ds[i]["axis"]): ds[i] for i in range(len(ds))}
     image, mask = str(root / "s0001" / "ct.nii.gz"), str(root / "s0001" / "segmentations" / "ball.nii.gz")
     file_index = {2: int(samples[2]["index"]), 0: 23 - int(samples[0]["index"])}  # x is stored flipped
@@ -631,8 +641,7 @@ def test_cropped_cache_gives_the_samples_of_whole_volumes(
     from lora_sam3d.data.cases import discover_cases
     from lora_sam3d.data.volume import load_volume
 
-    ds = TS_SAM3D_Dataset(phantom_root, classes, split="val", resolution=8, spacing=2.0, views=3,
-                          frame_scale=frame_scale, slice_sampling_method="central", cache_dir=tmp_path)  # fmt: skip
+    ds = TS_SAM3D_Dataset(phantom_root, classes, split="val", slice_sampling_method="central", settings=data_settings(resolution=8, spacing=2.0, views=3, frame_scale=frame_scale, cache_dir=tmp_path))  # fmt: skip
     case = ds.cases[0]
     source = next(c for c in discover_cases(phantom_root, classes) if c.case_id == case.case_id)
     whole = load_volume(source.image, source.class_masks, ds.prep)
@@ -666,12 +675,15 @@ def test_cropped_cache_gives_the_samples_of_whole_volumes(
 def test_image_entries_are_reused_when_they_hold_the_reach(phantom_root: Path, tmp_path: Path) -> None:
     """A run whose frames reach further cuts an image entry of its own; a run whose reach lies inside
     an existing entry reads the smallest such entry and cuts none."""
-    settings = dict(split="val", resolution=8, spacing=2.0, cache_dir=tmp_path)
-    small = TS_SAM3D_Dataset(phantom_root, ["heart_atrium_left"], frame_scale=1.0, **settings)
+
+    def settings(scale: float) -> DataSettings:
+        return data_settings(resolution=8, spacing=2.0, cache_dir=tmp_path, frame_scale=scale)
+
+    small = TS_SAM3D_Dataset(phantom_root, ["heart_atrium_left"], "val", settings=settings(1.0))
     first = set((tmp_path / "images").iterdir())
-    wide = TS_SAM3D_Dataset(phantom_root, HEART_CLASSES, frame_scale=2.0, **settings)
+    wide = TS_SAM3D_Dataset(phantom_root, HEART_CLASSES, "val", settings=settings(2.0))
     assert len(set((tmp_path / "images").iterdir()) - first) == len(wide.cases), "a larger box each"
-    again = TS_SAM3D_Dataset(phantom_root, ["heart_atrium_left"], frame_scale=0.8, **settings)
+    again = TS_SAM3D_Dataset(phantom_root, ["heart_atrium_left"], "val", settings=settings(0.8))
     assert [c.image_dir for c in again.cases] == [c.image_dir for c in small.cases], (
         "the smallest that holds it"
     )
@@ -693,7 +705,11 @@ def test_cache_build_command_names_failures_and_sums_up(
     shutil.copytree(phantom_root, root, ignore=shutil.ignore_patterns(".cache"))
     (root / "s0003" / "ct.nii.gz").write_bytes(b"not a NIfTI file")
     config = tmp_path / "fit.yaml"
-    config.write_text(yaml.safe_dump({"data": {"root": str(root), "classes": HEART_CLASSES, "spacing": 2.0}}))
+    config.write_text(
+        yaml.safe_dump(
+            {"data": {"root": str(root), "classes": HEART_CLASSES, "preprocessing": {"spacing_mm": 2.0}}}
+        )
+    )
     assert main(["cache", "--build", "--config", str(config), "--workers", "2"]) == 1
     out = capsys.readouterr().out
     assert "caching 5 of 5 cases" in out and "5/5" in out, out
@@ -706,16 +722,21 @@ def test_cache_build_command_names_failures_and_sums_up(
     assert "caching 5 of 5 cases" in capsys.readouterr().out, "spacing 1.5 by default: entries of its own"
     assert main(["cache", "--build", "--config", str(config)]) == 1
     assert "caching 1 of 5 cases" in capsys.readouterr().out, "only the failed case is tried again"
-    refused_then_skipped(root, "s0003", r"image file .* \(set data\.on_bad_case: skip", spacing=2.0)
+    refused_then_skipped(root, "s0003", r"image file .* \(set data\.cases\.on_bad_case: skip", spacing=2.0)
 
 
 def refused_then_skipped(root: Path, bad: str, why: str, **settings: Any) -> None:
     """A dataset on ``root`` refuses to start with the one bad case (the error matching ``why``), and
     with ``on_bad_case: skip`` warns which case it left out and uses the other four."""
     with pytest.raises(DataError, match=rf"1 of \d cases could not be cached: {bad}: {why}"):
-        TS_SAM3D_Dataset(root, HEART_CLASSES, split=None, resolution=8, **settings)
+        TS_SAM3D_Dataset(root, HEART_CLASSES, split=None, settings=data_settings(resolution=8, **settings))
     with pytest.warns(UserWarning, match=rf"1 of \d cases could not be cached and are left out: {bad}: "):
-        ds = TS_SAM3D_Dataset(root, HEART_CLASSES, split=None, resolution=8, on_bad_case="skip", **settings)
+        ds = TS_SAM3D_Dataset(
+            root,
+            HEART_CLASSES,
+            split=None,
+            settings=data_settings(resolution=8, on_bad_case="skip", **settings),
+        )
     assert sorted(c.case_id for c in ds.cases) == sorted(
         {"s0001", "s0002", "s0003", "s0004", "s0005"} - {bad}
     )

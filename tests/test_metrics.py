@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import data_settings
 
 from lora_sam3d.data import TS_SAM3D_Dataset, write_phantoms
 from lora_sam3d.geometry import mask_surface, sdf_on_grid
@@ -21,8 +22,7 @@ def test_scores_on_the_scan_grid_do_not_depend_on_resolution(tmp_path: Path) -> 
     write_phantoms(root, n_cases=3, shape=(48, 48, 32))
     scores = []
     for r in (8, 16):
-        ds = TS_SAM3D_Dataset(root, ["heart_ventricle_left"], split="test", slice_sampling_method="central", resolution=r,
-                              spacing=2.0)  # fmt: skip
+        ds = TS_SAM3D_Dataset(root, ["heart_ventricle_left"], split="test", slice_sampling_method="central", settings=data_settings(resolution=r, spacing=2.0))  # fmt: skip
         sample = ds[0]
         native = sample["native"]
         assert native["spacing_mm"].round(3).tolist() == [1.6, 1.6, 2.5], "the source file's own spacing"

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SHAPES, TEST_CLASSES, TEST_DECODER
+from conftest import SHAPES, TEST_CLASSES, TEST_DECODER, data_settings
 
 from lora_sam3d.adapters import AdapterBank
 from lora_sam3d.data import TS_SAM3D_Dataset, collate
@@ -91,7 +91,11 @@ def test_reconstruction_losses_by_hand() -> None:
 def batch(phantoms: Path) -> Batch:
     """One validation sample of each test class (left ventricle first)."""
     ds = TS_SAM3D_Dataset(
-        phantoms, TEST_CLASSES, split="val", slice_sampling_method="central", resolution=16, spacing=2.0
+        phantoms,
+        TEST_CLASSES,
+        split="val",
+        slice_sampling_method="central",
+        settings=data_settings(resolution=16, spacing=2.0),
     )
     samples = [ds[i] for i in range(len(ds))]
     return collate([next(s for s in samples if s["class_name"] == c) for c in TEST_CLASSES])

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from lora_sam3d.cli import main
-from lora_sam3d.old_keys import MODEL_KEYS, upgrade, upgrade_argv
+from lora_sam3d.old_keys import DATA_KEYS, MODEL_KEYS, upgrade, upgrade_argv
 
 OLD = Path(__file__).parent / "data" / "previous_main"
 EXPECTED = json.loads((OLD / "expected.json").read_text())
@@ -70,8 +70,8 @@ def test_an_adapter_folder_of_the_flat_layout_loads_and_predicts_as_before(phant
 def test_the_flat_config_and_checkpoint_predict_through_the_command(
     phantoms: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """The previous main's own config file (flat keys) with its checkpoint: `predict` runs, with one
-    warning naming each old key and its new place."""
+    """The previous main's own config file (flat keys) with its checkpoint and a flat command-line
+    key: `predict` runs, with one warning per source naming each old key and its new place."""
     config = yaml.safe_load((OLD / "flat_config.yaml").read_text())
     data = tmp_path / "data"
     shutil.copytree(phantoms, data, ignore=shutil.ignore_patterns(".cache"))
@@ -85,12 +85,17 @@ def test_the_flat_config_and_checkpoint_predict_through_the_command(
         )
     assert code == 0, capsys.readouterr().err
     moved = [str(w.message) for w in caught if "earlier flat keys" in str(w.message)]
-    assert len(moved) == 1 and str(path) in moved[0], moved
+    assert len(moved) == 2 and str(path) in moved[0] and "the command line" in moved[1], "one per source"
     for old in ("base_checkpoint", "reads_context", "conditioning", "lora"):
         assert f"model.{old} -> model.{MODEL_KEYS[old]}" in moved[0]
+    for old in ("spacing", "views", "view_layout", "context", "context_dropout", "eval_sampling"):
+        assert f"data.{old} -> data.{DATA_KEYS[old]}" in moved[0]
+    assert "--data.views -> --data.views.count" in moved[1]
     written = yaml.safe_load(next((tmp_path / "run").rglob("config.yaml")).read_text())
     assert written["model"]["context"] == {"read": True, "conditioning": True}, "config.yaml says the tree"
     assert written["model"]["finetune"]["lora"]["rank"] == 2
+    assert written["data"]["views"]["count"] == 3 and written["data"]["context"]["source"] == "volume"
+    assert written["data"]["preprocessing"]["spacing_mm"] == 2.0
     assert list((tmp_path / "run" / "predictions").rglob("*.ply")), "meshes written"
 
 

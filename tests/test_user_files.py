@@ -88,7 +88,7 @@ def test_empty_slices_are_dropped_before_the_count_is_checked(phantoms: Path) ->
         data = requests([lv_request(phantoms, [*planes, empty])])
     assert len(data.slices[0]) == 3
     data.check_view_counts(trained=3, asked=None)
-    with pytest.raises(DataError, match=r"has 3 slices with mask voxels but data\.views is 1"):
+    with pytest.raises(DataError, match=r"has 3 slices with mask voxels but data\.views\.count is 1"):
         data.check_view_counts(trained=3, asked=1)
     with pytest.raises(DataError, match=r"3 views asked .* trained with at most 2 views"):
         data.check_view_counts(trained=2, asked=None)

@@ -12,9 +12,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import SHAPES, TEST_CLASSES, TEST_DECODER
+from conftest import SHAPES, TEST_CLASSES, TEST_DECODER, data_settings
 
 from lora_sam3d.data import DataError, DataSettings, TS_SAM3D_Dataset, collate
+from lora_sam3d.data.settings import ViewSettings
 from lora_sam3d.inputs import Evidence
 from lora_sam3d.latent import SliceUnprojection
 from lora_sam3d.models import ModelConfig, Reconstructor
@@ -34,7 +35,7 @@ def view_pixels_world(s: dict, k: int) -> np.ndarray:
 
 
 def views_dataset(root: Path, split: str = "val", **settings: object) -> TS_SAM3D_Dataset:
-    s = DataSettings(resolution=16, spacing=2.0, **settings)  # type: ignore[arg-type]
+    s = data_settings(resolution=16, spacing=2.0, **settings)
     return TS_SAM3D_Dataset(root, TEST_CLASSES, split=split, slice_sampling_method="central", settings=s)
 
 
@@ -156,24 +157,24 @@ def test_max_pool_target_equals_brute_force(phantoms: Path) -> None:
 
 def test_view_settings_are_checked(phantoms: Path) -> None:
     with pytest.raises(
-        DataError, match=r"data\.view_spacing_mm is below one voxel of the resampled grid \(0\.50 voxels\)"
+        DataError, match=r"data\.views\.spacing_mm is below one voxel of the resampled grid \(0\.50 voxels\)"
     ):
         views_dataset(phantoms, views=2, view_layout="parallel", view_spacing_mm=1.0)[0]
     with pytest.raises(
         DataError,
-        match=r"data\.views must be an integer 1\.\.32 \(at most 3 with view_layout: orthogonal alone\), got 4",
+        match=r"data\.views\.count must be null or an integer 1\.\.32 \(at most 3 with views\.layout: orthogonal alone\), got 4",
     ):
-        DataSettings(views=4)
-    DataSettings(views=4, view_layout="parallel")
+        ViewSettings(count=4)
+    ViewSettings(count=4, layout="parallel")
     shape = views_dataset(phantoms, views=1).cases[0].image.shape
-    with pytest.raises(DataError, match=r"data\.view_spacing_mm: 3 parallel views .* leave the scan"):
+    with pytest.raises(DataError, match=r"data\.views\.spacing_mm: 3 parallel views .* leave the scan"):
         views_dataset(phantoms, views=3, view_layout="parallel", view_spacing_mm=2.0 * max(shape))[0]
-    with pytest.raises(DataError, match=r"data\.view_spacing_mm must be a positive number \(mm\), got 0"):
-        DataSettings(views=2, view_layout="parallel", view_spacing_mm=0)
+    with pytest.raises(DataError, match=r"data\.views\.spacing_mm must be a positive number \(mm\), got 0"):
+        DataSettings(views={"count": 2, "layout": "parallel", "spacing_mm": 0})  # type: ignore[arg-type]
     with pytest.raises(
-        DataError, match=r"data\.view_layout must be orthogonal, parallel or stack, got 'radial'"
+        DataError, match=r"data\.views\.layout must be orthogonal, parallel or stack, got 'radial'"
     ):
-        DataSettings(view_layout="radial")  # type: ignore[arg-type]
+        ViewSettings(layout="radial")  # type: ignore[arg-type]
 
 
 def test_a_request_of_three_slices(phantoms: Path, tmp_path: Path) -> None:
@@ -232,7 +233,7 @@ def test_predict_with_one_two_and_three_slices_through_the_command(phantoms: Pat
     from lora_sam3d.cli import main
 
     cfg = run_config(tmp_path / "v3", phantoms, quiet=True)
-    cfg["data"]["views"] = 3
+    cfg["data"]["views"] = {"count": 3}
     assert main(["fit", "--config", str(write_yaml(cfg, tmp_path / "v3.yaml"))]) == 0
     case = phantoms / "s0004"
     mask = str(case / "segmentations" / "heart_ventricle_left.nii.gz")

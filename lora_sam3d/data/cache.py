@@ -704,7 +704,7 @@ def check_failed(failed: Mapping[str, str], n_cases: int, on_bad_case: str = "er
     if on_bad_case != "skip":
         raise DataError(
             f"{len(failed)} of {n_cases} cases could not be cached: {listed} "
-            "(set data.on_bad_case: skip to go on without them)"
+            "(set data.cases.on_bad_case: skip to go on without them)"
         )
     warnings.warn(
         f"{len(failed)} of {n_cases} cases could not be cached and are left out: {listed}", stacklevel=3

@@ -18,20 +18,29 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset
 
 from lora_sam3d.data.cache import check_failed
-from lora_sam3d.data.cases import Layout, check_class_names, discover_cases
+from lora_sam3d.data.cases import check_class_names
 from lora_sam3d.data.dataset import (
     EpochOffsetDistributedSampler,
     EpochShuffleSampler,
     ResumableSampler,
-    SamplingMethod,
     TS_SAM3D_Dataset,
     cache_dataset,
 )
 from lora_sam3d.data.phantoms import PhantomKind, write_phantoms
 from lora_sam3d.data.requests import PredictionDataset, PredictItem
-from lora_sam3d.data.settings import Context, DataContract, DataSettings, ViewLayout
-from lora_sam3d.data.volume import DataError
+from lora_sam3d.data.settings import (
+    CaseSettings,
+    ContextSettings,
+    DataContract,
+    DataSettings,
+    FrameSettings,
+    SamplingMethod,
+    SamplingSettings,
+    ViewSettings,
+)
+from lora_sam3d.data.volume import DataError, Preprocessing
 from lora_sam3d.inputs import Batch, collate
+from lora_sam3d.old_keys import DATA_KEYS, fold_keywords
 
 __all__ = ["PhantomSpec", "ResumableDataLoader", "TSDataModule"]
 
@@ -72,78 +81,66 @@ class ResumableDataLoader(DataLoader):
             self.sampler.resume(int(state["epoch"]), int(state["batches"]) * self.batch_size)
 
 
-_DEFAULT = DataSettings()
+PREPROCESSING, FRAME, VIEWS = Preprocessing(), FrameSettings(), ViewSettings()
+CONTEXT, SAMPLING, CASES = ContextSettings(), SamplingSettings(), CaseSettings()
+"""The groups' defaults (frozen: one instance is shared safely)."""
 
 
 class TSDataModule(L.LightningDataModule):
     """Train/val/test/predict data from a TotalSegmentator-layout folder.
-
-    The settings from ``resolution`` to ``on_bad_case`` are `DataSettings` fields (documented
-    there, defaults taken from there); they are listed flat so a config's ``data`` section names
-    them directly.
 
     Args:
         root: data folder (see `lora_sam3d.data.cases`); may be left out only to predict
             ``predict_items`` with a checkpoint or adapter that stores its data settings.
         classes: structure names; their order fixes the class indices (with ``--ckpt_path`` or
             ``model.adapter``, left out = the stored ones).
+        preprocessing, frame, views, context, sampling, cases: the settings tree's groups
+            (`lora_sam3d.data.settings`: how scans are read, the frame and its targets, the slices
+            of a sample, the scan as context, which slices are drawn, how cases are found); each also
+            takes a dict of its fields. ``views.count`` given also caps a request's slices (a request
+            with more is refused), while left out a request may have as many slices as the model
+            was trained with.
+        seed, cache_dir: as `DataSettings`.
         batch_size, num_workers: DataLoader settings (workers are persistent when > 0).
-        train_sampling / eval_sampling: slice sampling for the training split and for val/test.
-        augment: intensity augmentation of the training split's input slices.
         phantoms: if given and ``root`` holds no case, `prepare_data` writes synthetic phantoms there.
         predict_items: reconstruction requests on new scans for ``predict`` (`PredictItem`); they
             use the preprocessing, slice size, frame scale and per-class frame extents stored in
-            the model's checkpoint or adapter (``extent_mm`` here overrides extents), or, for a
+            the model's checkpoint or adapter (``frame.extent_mm`` here overrides extents), or, for a
             model without stored settings, this config's and the training split's. Without
             them, ``predict`` runs on ``predict_split`` (with ground truth, so metrics are written too).
         intensity_check: a request's scan unlike the modality the model reads (an MR-range scan read
             as CT: most voxels above the window) gets a warning naming the file and the share
             (``warn``), or is refused (``error``).
-        views: as `DataSettings.views` (1 when not given); given, it also caps a request's slices
-            (a request with more is refused), while left out a request may have as many slices as
-            the model was trained with.
+        old_keys: the flat keys of earlier versions (``spacing``, ``views``, ...), moved to their
+            groups with a warning (`lora_sam3d.old_keys`).
+
+    Hyper-parameters store the groups as plain dicts (`DataSettings.to_dict`).
     """
 
     def __init__(
         self,
         root: str | None = None,
         classes: list[str] | None = None,
+        preprocessing: Preprocessing = PREPROCESSING,
+        frame: FrameSettings = FRAME,
+        views: ViewSettings = VIEWS,
+        context: ContextSettings = CONTEXT,
+        sampling: SamplingSettings = SAMPLING,
+        cases: CaseSettings = CASES,
+        seed: int = 0,
+        cache_dir: str | None = None,
         batch_size: int = 4,
         num_workers: int = 0,
-        train_sampling: SamplingMethod = "random_axis",
-        eval_sampling: SamplingMethod = "uniform",
-        augment: bool = True,
         phantoms: PhantomSpec | None = None,
         predict_items: list[PredictItem] | None = None,
         predict_split: Literal["train", "val", "test"] | None = "test",
         intensity_check: Literal["warn", "error"] = "warn",
-        resolution: int = _DEFAULT.resolution,
-        spacing: float = _DEFAULT.spacing,
-        cache_dir: str | None = _DEFAULT.cache_dir,
-        seed: int = _DEFAULT.seed,
-        axes: tuple[int, ...] = _DEFAULT.axes,
-        min_occupancy: float = _DEFAULT.min_occupancy,
-        samples_per_class: int = _DEFAULT.samples_per_class,
-        slices_per_axis: int = _DEFAULT.slices_per_axis,
-        slice_size: int | None = _DEFAULT.slice_size,
-        extent_mm: dict[str, float] | None = _DEFAULT.extent_mm,
-        frame_scale: float = _DEFAULT.frame_scale,
-        sdf_truncation_mm: float = _DEFAULT.sdf_truncation_mm,
-        layout: Layout = _DEFAULT.layout,
-        label_values: dict[str, int] | None = _DEFAULT.label_values,
-        modality: Literal["ct", "mr"] = _DEFAULT.modality,
-        ct_window_hu: tuple[float, float] = _DEFAULT.ct_window_hu,
-        on_bad_case: Literal["error", "skip"] = _DEFAULT.on_bad_case,
-        views: int | None = None,
-        view_layout: ViewLayout = _DEFAULT.view_layout,
-        view_spacing_mm: float = _DEFAULT.view_spacing_mm,
-        coarse_target: Literal["centre", "any"] = _DEFAULT.coarse_target,
-        view_layouts: list[ViewLayout] | None = None,
-        context: Context = _DEFAULT.context,
-        context_dropout: float = _DEFAULT.context_dropout,
+        **old_keys: Any,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        groups = {"preprocessing": preprocessing, "frame": frame, "views": views, "context": context}
+        groups |= {"sampling": sampling, "cases": cases}
+        groups = fold_keywords("data", groups, old_keys, "TSDataModule")
         for key, value in (("batch_size", batch_size), ("num_workers", num_workers)):
             if (
                 not isinstance(value, int)
@@ -154,10 +151,12 @@ class TSDataModule(L.LightningDataModule):
                     f"data.{key} must be an integer >= {1 if key == 'batch_size' else 0}, got {value!r}"
                 )
         check_class_names(classes or [])
-        check_class_names(list(extent_mm or {}), "data.extent_mm")
-        self.settings = DataSettings.pick(
-            {**self.hparams, "views": _DEFAULT.views if views is None else views}
-        )
+        self.settings = DataSettings(**groups, seed=seed, cache_dir=cache_dir)  # type: ignore[arg-type]
+        check_class_names(list(self.settings.frame.extent_mm or {}), "data.frame.extent_mm")
+        self.save_hyperparameters(ignore=["old_keys", *groups])
+        for key in [k for k in self.hparams if k in DATA_KEYS and k not in groups]:
+            del self.hparams[key]  # old keys (Lightning records **kwargs too)
+        self.hparams.update(self.settings.to_dict())
         self.datasets: dict[str, Dataset] = {}
 
     @property
@@ -205,28 +204,28 @@ class TSDataModule(L.LightningDataModule):
         if self._predicting_items() and h.root is None:
             return
         self.write_phantoms_if_empty()
-        cases = discover_cases(self.root, self.classes, s.layout, s.label_values, s.on_bad_case)
+        cases = s.cases.find(self.root, self.classes)
         _, failed, _ = cache_dataset(
             cases, self.classes, s, self.cache_dir, workers=max(1, h.num_workers), progress=True
         )
-        check_failed(failed, len(cases), s.on_bad_case)
+        check_failed(failed, len(cases), s.cases.on_bad_case)
 
     def setup(self, stage: str | None = None) -> None:
-        h = self.hparams
+        h, sampling = self.hparams, self.settings.sampling
         if stage in ("fit", None) and "train" not in self.datasets:
             self.datasets["train"] = self._dataset(
-                "train", h.train_sampling, augment=h.augment, score_targets=False
+                "train", sampling.train, augment=sampling.augment, score_targets=False
             )
         for split, stages in (("val", ("fit", "validate", None)), ("test", ("test", None))):
             if stage in stages and split not in self.datasets:
-                self.datasets[split] = self._dataset(split, h.eval_sampling)
+                self.datasets[split] = self._dataset(split, sampling.eval)
         if (
             stage in ("predict", None)
             and not h.predict_items
             and h.predict_split
             and "predict" not in self.datasets
         ):
-            self.datasets["predict"] = self._dataset(h.predict_split, h.eval_sampling)
+            self.datasets["predict"] = self._dataset(h.predict_split, sampling.eval)
 
     def contract(self) -> DataContract:
         """What predicting on a new scan needs from the data this model was trained on (stored in its
@@ -239,16 +238,16 @@ class TSDataModule(L.LightningDataModule):
         return DataContract(
             classes=self.classes,
             extent_mm=dict(train.extent_mm),
-            spacing=s.spacing,
-            modality=s.modality,
-            ct_window_hu=list(s.ct_window_hu),
-            slice_size=train.slice_size,
-            frame_scale=s.frame_scale,
-            resolution=s.resolution,
-            views=s.views,
-            view_layout=s.view_layout,
-            view_layouts=list(s.view_layouts) if s.view_layouts else None,
-            context=s.context,
+            spacing=s.preprocessing.spacing_mm,
+            modality=s.preprocessing.modality,
+            ct_window_hu=list(s.preprocessing.ct_window_hu),
+            slice_size=s.frame.pixels,
+            frame_scale=s.frame.scale,
+            resolution=s.frame.resolution,
+            views=s.views.most,
+            view_layout=s.views.layout,
+            view_layouts=list(s.views.layouts) if s.views.layouts else None,
+            context=s.context.source,
         )
 
     def _request_dataset(self) -> PredictionDataset:
@@ -269,25 +268,25 @@ class TSDataModule(L.LightningDataModule):
         if stored:
             contract = DataContract.from_dict(stored)
             dataset = PredictionDataset.from_settings(
-                h.predict_items, contract, h.extent_mm, h.intensity_check, h.context
+                h.predict_items, contract, s.frame.extent_mm, h.intensity_check, s.context.source
             )
             trained = contract.views
         else:
             extents = {}
             if h.root is not None:
-                reference = self.datasets.get("train") or self._dataset("train", h.train_sampling)
+                reference = self.datasets.get("train") or self._dataset("train", s.sampling.train)
                 extents = dict(reference.extent_mm)
             dataset = PredictionDataset(
                 h.predict_items,
-                s.prep,
-                {**extents, **(h.extent_mm or {})},
-                s.frame_scale,
-                s.slice_size or 4 * s.resolution,
+                s.preprocessing,
+                {**extents, **(s.frame.extent_mm or {})},
+                s.frame.scale,
+                s.frame.pixels,
                 h.intensity_check,
-                h.context,
-                4 * s.resolution,
+                s.context.source,
+                4 * s.frame.resolution,
             )
-        dataset.check_view_counts(trained, h.views)
+        dataset.check_view_counts(trained, s.views.count)
         dataset.check_unique_outputs()
         return dataset
 
@@ -307,9 +306,9 @@ class TSDataModule(L.LightningDataModule):
         sampler: Any = None
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         if shuffle and distributed:
-            sampler = EpochOffsetDistributedSampler(dataset, shuffle=True, seed=h.seed)
+            sampler = EpochOffsetDistributedSampler(dataset, shuffle=True, seed=self.settings.seed)
         elif shuffle:
-            sampler = EpochShuffleSampler(len(dataset), h.seed)  # type: ignore[arg-type]
+            sampler = EpochShuffleSampler(len(dataset), self.settings.seed)  # type: ignore[arg-type]
         elif distributed:  # each sample once over all processes (Lightning's default would pad with repeats)
             sampler = UnrepeatedDistributedSampler(dataset, shuffle=False)
         loader = ResumableDataLoader if shuffle else DataLoader

@@ -12,14 +12,14 @@ import math
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 from lora_sam3d.data.cache import CachedCase, build_cases, build_images, check_failed
-from lora_sam3d.data.cases import SPLITS, Case, discover_cases, split_counts
+from lora_sam3d.data.cases import SPLITS, Case, split_counts
 from lora_sam3d.data.frame import (
     Frame,
     make_frame,
@@ -29,10 +29,11 @@ from lora_sam3d.data.frame import (
     sample_slice,
     slice_pointmap,
 )
-from lora_sam3d.data.settings import DataSettings
+from lora_sam3d.data.settings import GROUPS, SAMPLING_METHODS, DataSettings, SamplingMethod
 from lora_sam3d.data.views import seen_centre, stack_planes, stack_views, view_planes, view_rows
 from lora_sam3d.data.volume import DataError, class_mask
 from lora_sam3d.geometry import frame_box, mask_signed_distance
+from lora_sam3d.old_keys import fold_keywords
 
 __all__ = [
     "EpochOffsetDistributedSampler",
@@ -49,8 +50,6 @@ __all__ = [
     "slice_frame",
     "slice_inputs",
 ]
-
-SamplingMethod = Literal["random_axis", "uniform", "central", "all"]
 
 
 def assign_splits(
@@ -91,18 +90,20 @@ def cache_dataset(
     training split's statistic, `class_extents_mm`, or the settings'), then the image of each of
     ``image_cases`` (default: all) cut to what frames of those extents can read. Returns (case id ->
     `CachedCase` with its image, case id -> why it failed, class -> extent in mm)."""
-    s = settings
+    s, prep = settings, settings.preprocessing
     assign_splits(list(cases), s.seed)
-    built, failed = build_cases(cases, classes, s.prep, cache_dir, s.sdf_truncation_mm, workers, progress)
+    built, failed = build_cases(cases, classes, prep, cache_dir, s.frame.sdf_truncation_mm, workers, progress)
     wanted = [c for c in (cases if image_cases is None else image_cases) if c.case_id in built]
     train = [built[c.case_id] for c in cases if c.split == "train" and c.case_id in built]
     stats = class_extents_mm(train or [built[c.case_id] for c in wanted], classes)
-    extents = {**stats, **(s.extent_mm or {})}
+    extents = {**stats, **(s.frame.extent_mm or {})}
     side_vox = {
-        bit: s.frame_scale * extents[name] / s.spacing for bit, name in enumerate(classes) if name in extents
+        bit: s.frame.scale * extents[name] / prep.spacing_mm
+        for bit, name in enumerate(classes)
+        if name in extents
     }
     pairs = list({c.case_id: (c, built[c.case_id]) for c in wanted}.values())
-    failed |= build_images(pairs, side_vox, s.prep, workers, progress)
+    failed |= build_images(pairs, side_vox, prep, workers, progress)
     with_image = {c.case_id: cached for c, cached in pairs if c.case_id not in failed}
     return with_image, failed, extents
 
@@ -185,8 +186,9 @@ class TS_SAM3D_Dataset(Dataset):
         augment: intensity augmentation (contrast, brightness, noise) of the input slice.
         score_targets: add ``native`` (the scan's own mask around the frame) to each sample, for
             metrics; the data module turns it off for the training split.
-        settings: the `DataSettings` (resolution, spacing, cache, frame, ...), or give its fields
-            as keywords (``resolution=16, spacing=1.5``), not both.
+        settings: the `DataSettings`, or give its fields as keywords (``frame={"resolution": 16},
+            preprocessing={"spacing_mm": 1.5}``), not both; the flat keys of earlier versions
+            (``resolution=16``) are moved to the tree with a warning.
     """
 
     def __init__(
@@ -204,10 +206,10 @@ class TS_SAM3D_Dataset(Dataset):
             raise TypeError(
                 f"TS_SAM3D_Dataset: pass DataSettings or its fields, not both (got {sorted(fields)})"
             )
-        s = settings if settings is not None else DataSettings(**fields)
+        s = settings if settings is not None else DataSettings(**fold_fields(fields))
         if split is not None and split not in SPLITS:
             raise DataError(f"split must be one of {SPLITS} or None, got {split!r}")
-        if slice_sampling_method not in ("random_axis", "uniform", "central", "all"):
+        if slice_sampling_method not in SAMPLING_METHODS:
             raise DataError(
                 f"slice_sampling_method must be random_axis, uniform, central or all; got {slice_sampling_method!r}"
             )
@@ -216,16 +218,16 @@ class TS_SAM3D_Dataset(Dataset):
         self.split = split
         self.method = slice_sampling_method
         self.settings = s
-        self.resolution = s.resolution
+        self.resolution = s.frame.resolution
         self.augment = augment
         self.seed = s.seed
-        self.axes = s.axes
-        self.slice_size = s.slice_size or 4 * s.resolution
+        self.axes = s.sampling.axes
+        self.slice_size = s.frame.pixels
         self.score_targets = score_targets
-        self.prep = s.prep
+        self.prep = s.preprocessing
         self.cache_dir = s.cache_path(self.root)
 
-        cases = discover_cases(self.root, self.classes, s.layout, s.label_values, s.on_bad_case)
+        cases = s.cases.find(self.root, self.classes)
         assign_splits(cases, s.seed)
         wanted = [c for c in cases if split is None or c.split == split]
         if not wanted:
@@ -234,7 +236,7 @@ class TS_SAM3D_Dataset(Dataset):
         built, failed, self.extent_mm = cache_dataset(
             [*wanted, *train], self.classes, s, self.cache_dir, image_cases=wanted
         )
-        check_failed(failed, len({c.case_id for c in [*wanted, *train]}), s.on_bad_case)
+        check_failed(failed, len({c.case_id for c in [*wanted, *train]}), s.cases.on_bad_case)
         wanted = [c for c in wanted if c.case_id in built]
         if not wanted:
             raise DataError(f"no case of split {split!r} in {self.root} could be cached")
@@ -253,7 +255,7 @@ class TS_SAM3D_Dataset(Dataset):
     # -- enumeration ------------------------------------------------------------------------------
     def _valid_indices(self, case: CachedCase, bit: int, axis: int) -> np.ndarray:
         areas = np.asarray(case.class_info(bit)["slice_areas"][axis])
-        return np.flatnonzero(areas >= max(1.0, self.settings.min_occupancy * areas.max()))
+        return np.flatnonzero(areas >= max(1.0, self.settings.sampling.min_occupancy * areas.max()))
 
     def _enumerate(self) -> list[tuple[int, int, int, int]]:
         """(case index, class bit, axis, slice index); axis/index -1 = drawn per item (random_axis)."""
@@ -272,7 +274,7 @@ class TS_SAM3D_Dataset(Dataset):
                     empty.append(f"{case.case_id}/{self.classes[bit]}{why}")
                     continue
                 if self.method == "random_axis":
-                    items += [(ci, bit, -1, -1)] * self.settings.samples_per_class
+                    items += [(ci, bit, -1, -1)] * self.settings.sampling.samples_per_class
                     continue
                 for axis in self.axes:
                     valid = self._valid_indices(case, bit, axis)
@@ -283,7 +285,9 @@ class TS_SAM3D_Dataset(Dataset):
                         centroid = (areas * np.arange(len(areas))).sum() / areas.sum()
                         chosen = valid[[np.abs(valid - centroid).argmin()]]
                     else:
-                        pick = np.linspace(0, len(valid) - 1, min(self.settings.slices_per_axis, len(valid)))
+                        pick = np.linspace(
+                            0, len(valid) - 1, min(self.settings.sampling.slices_per_axis, len(valid))
+                        )
                         chosen = valid[np.unique(np.round(pick).astype(int))]
                     items += [(ci, bit, axis, int(i)) for i in chosen]
         if empty:
@@ -299,21 +303,21 @@ class TS_SAM3D_Dataset(Dataset):
     def _check_stacks(self) -> None:
         """A stack setting that leaves one slice of the structure for every sample is refused; for some
         samples, a warning counts them (they are scored from their one slice)."""
-        s = self.settings
-        if s.views <= 1 or s.view_layout != "stack" or self.method == "random_axis":
+        v = self.settings.views
+        if v.most <= 1 or v.layout != "stack" or self.method == "random_axis":
             return
         thin = []
         for ci, bit, axis, index in self.items:
             case = self.cases[ci]
             present = np.asarray(case.class_info(bit)["slice_areas"][axis]) > 0
-            if not stack_planes(axis, index, s.views, s.view_spacing_mm / case.spacing_mm, present):
+            if not stack_planes(axis, index, v.most, v.spacing_mm / case.spacing_mm, present):
                 thin.append(f"{case.case_id}/{self.classes[bit]} axis {axis}")
         why = (
-            f"data.view_spacing_mm: {s.view_spacing_mm:g} mm apart, a stack keeps one slice of the structure for "
+            f"data.views.spacing_mm: {v.spacing_mm:g} mm apart, a stack keeps one slice of the structure for "
             f"{len(thin)} of {len(self.items)} samples of split {self.split!r} (e.g. {thin[:3]})"
         )
         if len(thin) == len(self.items):
-            raise DataError(f"{why}: a stack needs at least two; give a smaller data.view_spacing_mm")
+            raise DataError(f"{why}: a stack needs at least two; give a smaller data.views.spacing_mm")
         if thin:
             warnings.warn(f"{why}; they are read from that one slice", stacklevel=3)
 
@@ -341,19 +345,19 @@ class TS_SAM3D_Dataset(Dataset):
     ) -> tuple[list[tuple[int, int]], float | None]:
         """The sample's view planes after the first, and the frame's centre along ``axis`` they give.
 
-        The training split draws the layout (`DataSettings.layouts`) and the count (view dropout:
-        1..views; a stack 2..views); the other splits use ``view_layout`` and ``views``."""
-        s = self.settings
-        if s.views <= 1:
+        The training split draws the layout (`ViewSettings.drawn`) and the count (view dropout:
+        1..count; a stack 2..count); the other splits use ``views.layout`` and ``views.count``."""
+        v = self.settings.views
+        if v.most <= 1:
             return [], None
         training = self.split == "train" and rng is not None
-        layout = s.view_layout
-        if training and len(s.layouts) > 1:
-            layout = str(rng.choice(list(s.layouts)))  # type: ignore[union-attr]
-        most = min(s.views, 3) if layout == "orthogonal" else s.views
+        layout = v.layout
+        if training and len(v.drawn) > 1:
+            layout = str(rng.choice(list(v.drawn)))  # type: ignore[union-attr]
+        most = min(v.most, 3) if layout == "orthogonal" else v.most
         count = int(rng.integers(2 if layout == "stack" else 1, most + 1)) if training else most  # type: ignore[union-attr]
         first, _ = slice_frame(case.labels, bit, case.affine, case.spacing_mm, axis, index, side_mm)
-        spacing_vox = s.view_spacing_mm / case.spacing_mm
+        spacing_vox = v.spacing_mm / case.spacing_mm
         present = np.asarray(case.class_info(bit)["slice_areas"][axis]) > 0
         try:
             planes = view_planes(
@@ -375,7 +379,7 @@ class TS_SAM3D_Dataset(Dataset):
     ) -> dict[str, Any]:
         name = self.classes[bit]
         s, n, r = self.settings, 4 * self.resolution, self.resolution
-        side_mm = s.frame_scale * self.extent_mm[name]
+        side_mm = s.frame.scale * self.extent_mm[name]
         planes, centre = self._planes(case, bit, axis, index, side_mm, rng)
         sample, frame = slice_inputs(
             case.image,
@@ -391,18 +395,20 @@ class TS_SAM3D_Dataset(Dataset):
             centre,
         )
         slice_name = f"axis{axis}_slice{index}"
-        if s.views > 1:
+        if s.views.most > 1:
             rows = view_rows(case.image, case.labels, bit, frame, planes, self.slice_size)
-            sample |= stack_views(sample, rows, s.views)
-            slice_name += "".join(f"+axis{row['axis']}_slice{row['index']}" for row in rows[: s.views - 1])
-        if s.context == "volume":
+            sample |= stack_views(sample, rows, s.views.most)
+            slice_name += "".join(
+                f"+axis{row['axis']}_slice{row['index']}" for row in rows[: s.views.most - 1]
+            )
+        if s.context.source == "volume":
             sample["context"] = self._context(case, frame, rng)
         crop, origin = case.sdf(bit)
         sample["gt_sdf"] = torch.from_numpy(
-            sample_sdf(frame, crop, origin, n + 1, s.sdf_truncation_mm, side_mm)
+            sample_sdf(frame, crop, origin, n + 1, s.frame.sdf_truncation_mm, side_mm)
         )
         sample["gt_occupancy"] = torch.from_numpy(sample_occupancy(frame, crop, origin, n))
-        if s.coarse_target == "any":  # a cell is occupied when any of its 4^3 fine cells is
+        if s.frame.coarse_target == "any":  # a cell is occupied when any of its 4^3 fine cells is
             sample["gt_coarse_occupancy"] = (
                 sample["gt_occupancy"].reshape(r, 4, r, 4, r, 4).any(5).any(3).any(1)
             )
@@ -421,17 +427,29 @@ class TS_SAM3D_Dataset(Dataset):
 
     def _context(self, case: CachedCase, frame: Frame, rng: np.random.Generator | None) -> torch.Tensor:
         """The scan around the sample (`sample_context` on the decoder's (4R)^3 cells); a training
-        sample blanks it with probability ``context_dropout`` and scales its intensity as the slices'."""
+        sample blanks it with probability ``context.dropout`` and scales its intensity as the slices'."""
         context = sample_context(
             frame, case.image, 4 * self.resolution, case.native_affine, case.native_shape
         )
         if self.split == "train" and rng is not None:
-            if rng.uniform() < self.settings.context_dropout:
+            if rng.uniform() < self.settings.context.dropout:
                 context[:] = 0.0
             elif self.augment:
                 context[0] = np.clip(context[0] * rng.uniform(0.85, 1.15) + rng.uniform(-0.05, 0.05), 0, 1)
                 context[0] *= context[1]
         return torch.from_numpy(context)
+
+
+def fold_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """`TS_SAM3D_Dataset`'s keywords as `DataSettings` groups: the tree's own (``frame={...}``) as
+    they are, the flat keys of earlier versions (``resolution=16``) moved into their groups."""
+    groups = {k: v for k, v in fields.items() if k in GROUPS or k in ("seed", "cache_dir")}
+    old = {k: v for k, v in fields.items() if k not in groups}
+    return (
+        fold_keywords("data", {k: groups.get(k) for k in GROUPS} | groups, old, "TS_SAM3D_Dataset")
+        if old
+        else groups
+    )
 
 
 def native_target(case: CachedCase, bit: int, frame_to_world: np.ndarray) -> dict[str, np.ndarray]:

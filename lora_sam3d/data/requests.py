@@ -82,7 +82,7 @@ class PredictItem:
             them in one order (axial, coronal, sagittal; along one direction by position), whatever
             order they are given in; two that land on one slice of the model's grid are refused.
         context: ``none`` to reconstruct from the slices alone although the run reads the scan as
-            context (``data.context: volume``); ``volume`` asks for it; None: as the run.
+            context (``data.context.source: volume``); ``volume`` asks for it; None: as the run.
     """
 
     image: str
@@ -439,19 +439,19 @@ class PredictionDataset(Dataset):
 
     def check_view_counts(self, trained: int | None, asked: int | None) -> None:
         """Refuse a request with more slices (those with mask voxels) than the model was ``trained``
-        with, or than ``data.views`` ``asked`` for when the config gives it: never a silent choice."""
+        with, or than ``data.views.count`` ``asked`` for when the config gives it: never a silent choice."""
         for k, refs in enumerate(self.slices, start=1):
             n, names = len(refs), "+".join(r.name for r in refs)
             if trained is not None and n > trained:
                 raise DataError(
                     f"predict item {k} ({names}): {n} views asked (its slices with mask voxels) but the model "
                     f"was trained with at most {trained} view{'s' if trained > 1 else ''}: ask for {trained} "
-                    f"or fewer, or train with data.views: {n}"
+                    f"or fewer, or train with data.views.count: {n}"
                 )
             if asked is not None and n > asked:
                 raise DataError(
-                    f"predict item {k} ({names}) has {n} slices with mask voxels but data.views is {asked}: "
-                    f"give data.views: {n} (at most what the model was trained with) or fewer slices"
+                    f"predict item {k} ({names}) has {n} slices with mask voxels but data.views.count is {asked}: "
+                    f"give data.views.count: {n} (at most what the model was trained with) or fewer slices"
                 )
 
     def check_unique_outputs(self) -> None:
@@ -495,7 +495,7 @@ class PredictionDataset(Dataset):
         if item.class_name not in self.extent_mm:
             raise DataError(
                 f"class {item.class_name!r} has no frame extent; known: {sorted(self.extent_mm)} "
-                "(set data.extent_mm, or use a checkpoint that stores its classes' extents)"
+                "(set data.frame.extent_mm, or use a checkpoint that stores its classes' extents)"
             )
         if not Path(item.image).is_file():
             raise DataError(f"image {item.image} does not exist")

@@ -56,12 +56,12 @@ def view_planes(
         return stack_planes(axis, index, count, spacing_vox, present)
     if layout == "parallel" and spacing_vox < 1:
         raise DataError(
-            f"data.view_spacing_mm is below one voxel of the resampled grid ({spacing_vox:.2f} voxels): "
-            "parallel views would repeat a plane; give at least data.spacing"
+            f"data.views.spacing_mm is below one voxel of the resampled grid ({spacing_vox:.2f} voxels): "
+            "parallel views would repeat a plane; give at least data.preprocessing.spacing_mm"
         )
     if layout == "parallel" and (count - 1) * spacing_vox >= shape[axis]:
         raise DataError(
-            f"data.view_spacing_mm: {count} parallel views {spacing_vox:.1f} voxels apart span "
+            f"data.views.spacing_mm: {count} parallel views {spacing_vox:.1f} voxels apart span "
             f"{(count - 1) * spacing_vox:.0f} voxels along axis {axis}, more than the scan's "
             f"{shape[axis]}: the views would leave the scan; give a smaller spacing or fewer views"
         )
@@ -83,8 +83,8 @@ def stack_planes(
         raise ValueError("view_planes: the stack layout needs the structure's slices (present)")
     if spacing_vox < 1:
         raise DataError(
-            f"data.view_spacing_mm is below one voxel of the resampled grid ({spacing_vox:.2f} voxels): "
-            "stacked views would repeat a plane; give at least data.spacing"
+            f"data.views.spacing_mm is below one voxel of the resampled grid ({spacing_vox:.2f} voxels): "
+            "stacked views would repeat a plane; give at least data.preprocessing.spacing_mm"
         )
     inside = set(np.flatnonzero(present).tolist())
     planes: list[tuple[int, int]] = []

@@ -101,12 +101,21 @@ class Preprocessing:
     mr_percentiles: tuple[float, float] = (0.5, 99.5)
 
     def __post_init__(self) -> None:
-        if not self.spacing_mm > 0:
-            raise DataError(f"spacing_mm must be positive, got {self.spacing_mm}")
+        spacing = self.spacing_mm
+        if not (isinstance(spacing, int | float) and not isinstance(spacing, bool) and spacing > 0):
+            raise DataError(f"data.preprocessing.spacing_mm must be a positive number (mm), got {spacing!r}")
         if self.modality not in ("ct", "mr"):
-            raise DataError(f"modality must be 'ct' or 'mr', got {self.modality!r}")
-        if not self.ct_window_hu[0] < self.ct_window_hu[1]:
-            raise DataError(f"ct_window_hu must be (low, high) with low < high, got {self.ct_window_hu}")
+            raise DataError(f"data.preprocessing.modality must be ct or mr, got {self.modality!r}")
+        try:
+            low, high = (float(v) for v in self.ct_window_hu)
+        except (TypeError, ValueError):
+            low, high = 0.0, 0.0
+        if not low < high:
+            raise DataError(
+                f"data.preprocessing.ct_window_hu must be [low, high] with low < high (HU), got {list(self.ct_window_hu)!r}"
+            )
+        object.__setattr__(self, "ct_window_hu", (low, high))  # one cache key for [-200, 400] and floats
+        object.__setattr__(self, "mr_percentiles", tuple(float(v) for v in self.mr_percentiles))
 
 
 def open_nifti(path: str | Path, what: str = "image") -> nib.Nifti1Image:

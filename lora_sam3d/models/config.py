@@ -13,7 +13,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Literal, TypeVar, get_args
+from typing import Any, Literal, get_args
+
+from lora_sam3d.config_tree import coerce
 
 __all__ = [
     "TRAIN_BANDS",
@@ -28,24 +30,6 @@ __all__ = [
 
 TrainBand = Literal["predicted", "truth", "union"]
 TRAIN_BANDS: tuple[str, ...] = get_args(TrainBand)
-
-T = TypeVar("T")
-
-
-def coerce(cls: type[T], value: T | Mapping[str, Any] | None, where: str) -> T:
-    """``value`` as a ``cls`` instance: an instance as is, a mapping (a YAML section, a checkpoint's
-    dict) by its keys, None as the defaults; an unknown key is an error naming ``where``."""
-    if value is None:
-        return cls()
-    if isinstance(value, cls):
-        return value
-    if not isinstance(value, Mapping):
-        raise ValueError(f"{where} must be a mapping of {cls.__name__} settings, got {value!r}")
-    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(value) - known)
-    if unknown:
-        raise ValueError(f"{where} has no setting {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-    return cls(**value)
 
 
 @dataclass(frozen=True)
@@ -67,7 +51,7 @@ class ContextConfig:
     """How the model reads the scan around the slices.
 
     Args:
-        read: stage 1 reads the scan (``data.context: volume``) beside the slice unprojection; a batch
+        read: stage 1 reads the scan (``data.context.source: volume``) beside the slice unprojection; a batch
             without it reads "no scan" (zeros), so such a model also predicts from slices alone.
         conditioning: the decoder's levels receive the evidence at their own cells (`EvidenceConditioning`).
     """

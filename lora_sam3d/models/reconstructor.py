@@ -285,8 +285,8 @@ class Reconstructor(nn.Module):
         n = 4 * self.resolution
         if evidence.context is not None and not self.reads_context:
             raise ValueError(
-                "the batch carries the scan as context (data.context: volume) but this model does not read "
-                "context (model.context.read: false; trained without it): use data.context: none"
+                "the batch carries the scan as context (data.context.source: volume) but this model does not read "
+                "context (model.context.read: false; trained without it): use data.context.source: none"
             )
         cond = None
         if self.conditioning is not None:
