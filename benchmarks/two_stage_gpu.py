@@ -31,6 +31,7 @@ from lora_sam3d.lora import LoRAConfig, freeze_base_params
 from lora_sam3d.losses import LossWeights, reconstruction_losses
 from lora_sam3d.models import ModelConfig, Reconstructor
 from lora_sam3d.models.adapter_files import save_model_adapter
+from lora_sam3d.models.manifest import Manifest
 
 SIZES: dict[str, dict[str, Any]] = {
     "reference": {"decoder": dict(resolution=64, model_channels=768, num_blocks=12, num_heads=12, num_groups=32),
@@ -184,7 +185,7 @@ def main() -> None:
                     }
                     if variant == "lora" and not checkpointing and bf16 and batch_size == args.batches[0]:
                         with tempfile.TemporaryDirectory() as tmp:
-                            save_model_adapter(model, tmp, ["structure"])
+                            save_model_adapter(model, tmp, Manifest.describe(model, ["structure"]))
                             row["adapter_bytes"] = sum(
                                 p.stat().st_size for p in Path(tmp).rglob("*.safetensors")
                             )

@@ -184,9 +184,7 @@ class MergeOnEnd(L.Callback):
 def save_adapter_of(module: Any, directory: Path) -> Path:
     """A `LoRAMeshDecoderModule`'s adapter folder: its model's adapters, classes, unfrozen modules and
     data settings (see `lora_sam3d.models.adapter_files.save_model_adapter`)."""
-    return save_model_adapter(
-        module.model, directory, module.classes, module.finetune.unfreeze, module.data_contract
-    )
+    return save_model_adapter(module.model, directory, module.manifest())
 
 
 class MeshPredictionWriter(BasePredictionWriter):

@@ -1,4 +1,4 @@
-"""Lightning checkpoint files: written atomically, and recognised as this model's design on load.
+"""Lightning checkpoint files: written atomically, and checked against the model on load.
 
 `AtomicCheckpointIO` writes Lightning checkpoints beside their final name, syncs, then renames.
 Lightning's own `TorchCheckpointIO` writes through an fsspec transaction whose temporary file lives
@@ -24,16 +24,10 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from lora_sam3d.atomic import atomic_write
+from lora_sam3d.models.manifest import Manifest
 from lora_sam3d.weights import require_file, unreadable
 
-__all__ = [
-    "DESIGN",
-    "OLD_PREFIXES",
-    "AtomicCheckpointIO",
-    "check_checkpoint",
-    "check_design",
-    "upgrade_state_dict",
-]
+__all__ = ["OLD_PREFIXES", "AtomicCheckpointIO", "check_checkpoint", "upgrade_state_dict"]
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -65,40 +59,23 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise unreadable(path, err) from err
 
 
-DESIGN = "coarse-to-fine-1"
-"""Checkpoints carry this; those of the one-stage design (none) are refused with a clear error."""
-
-
-def check_design(meta: dict[str, Any]) -> None:
-    """Refuse a checkpoint's ``lora_sam3d`` section written by another model design, saying so."""
-    if meta.get("design") != DESIGN:
-        raise ValueError(
-            "this checkpoint is from the earlier one-stage design (the decoder read a dense slice "
-            "unprojection); the coarse-to-fine model (stage 1 + decoder on the active band) cannot "
-            "use it: train again with this version"
-        )
-
-
-def check_checkpoint(checkpoint: dict[str, Any], finetune: Any, base_fingerprint: str) -> dict[str, Any]:
-    """A checkpoint's ``lora_sam3d`` section, checked against the model about to load it: written by
-    this design, in the same fine-tuning modes (``finetune``, a `FinetuneConfig`), on the same base weights."""
-    meta = checkpoint.get("lora_sam3d")
-    if not isinstance(meta, dict):
-        raise ValueError("this checkpoint was not written by lora-sam3d (no 'lora_sam3d' section)")
-    check_design(meta)
-    for key, field in (("finetune", "mode"), ("structure_finetune", "structure_mode")):
-        if meta[key] != getattr(finetune, field):
+def check_checkpoint(checkpoint: dict[str, Any], finetune: Any, base_fingerprint: str) -> Manifest:
+    """A checkpoint's `Manifest`, checked against the model about to load it: written by this
+    design, in the same fine-tuning modes (``finetune``, a `FinetuneConfig`), on the same base weights."""
+    manifest = Manifest.of_checkpoint(checkpoint)
+    for field in ("mode", "structure_mode"):
+        if manifest.finetune.get(field) != getattr(finetune, field):
             raise ValueError(
-                f"checkpoint has finetune.{field} '{meta[key]}' but the model is configured for "
-                f"'{getattr(finetune, field)}'; set model.finetune.{field}: {meta[key]}"
+                f"checkpoint has finetune.{field} '{manifest.finetune.get(field)}' but the model is "
+                f"configured for '{getattr(finetune, field)}'; set model.finetune.{field}: {manifest.finetune.get(field)}"
             )
-    if meta["base_fingerprint"] != base_fingerprint:
+    if manifest.base_fingerprint != base_fingerprint:
         raise ValueError(
-            f"checkpoint was trained on another base (fingerprint {meta['base_fingerprint'][:12]}..., "
+            f"checkpoint was trained on another base (fingerprint {str(manifest.base_fingerprint)[:12]}..., "
             f"this model {base_fingerprint[:12]}...; the base path stored in the checkpoint is "
-            f"{meta.get('base_checkpoint')!r}: point model.base.checkpoint to that base)"
+            f"{manifest.base_checkpoint!r}: point model.base.checkpoint to that base)"
         )
-    return meta
+    return manifest
 
 
 OLD_PREFIXES = ("decoder.", "structure.")

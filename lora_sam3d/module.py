@@ -7,8 +7,9 @@ plain PyTorch; losses and per-sample records are plain functions (`lora_sam3d.lo
 `lora_sam3d.adapters`; batches are `lora_sam3d.inputs.Batch` records. What stays here is
 Lightning's contract: LoRA is injected once (in `setup`, or when a checkpoint is loaded), so fit
 followed by validate/test/predict in one process never wraps twice; the optimizer sees the trainable tensors only; checkpoints keep only those tensors
-plus a description of themselves (fine-tuning mode, LoRA config, the base weights' fingerprint),
-and loading checks every key and the base and fails loudly on a mismatch.
+plus their manifest (`lora_sam3d.models.manifest.Manifest`, also an adapter folder's ``model.json``),
+and loading checks every key and the base and fails loudly on a mismatch. The data module is never
+read from here: `lora_sam3d.data_link.DataLink` hands over what crosses.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lora_sam3d.adapters import AdapterBank
-from lora_sam3d.checkpoint_io import DESIGN, check_checkpoint, upgrade_state_dict
+from lora_sam3d.checkpoint_io import check_checkpoint, upgrade_state_dict
+from lora_sam3d.data_link import DataLink
 from lora_sam3d.inputs import Batch
 from lora_sam3d.lora import has_lora
 from lora_sam3d.losses import DIAGNOSTICS, LossWeights, frame_diagnostics, reconstruction_losses
@@ -38,6 +40,7 @@ from lora_sam3d.models.finetuning import (
     output_layer_blocks_lora,
     set_trainable,
 )
+from lora_sam3d.models.manifest import Manifest
 from lora_sam3d.models.reconstructor import Reconstruction, Reconstructor
 from lora_sam3d.old_keys import MODEL_KEYS, fold_keywords, new_path, upgrade
 from lora_sam3d.predictions import Prediction, prediction_records, score_batch, warn_empty
@@ -62,28 +65,6 @@ def check_choices(classes: list[str], on_nonfinite: str, adapter: Any, adapters:
         raise ValueError("model.classes is empty: name the structures (the command links data.classes)")
     if adapter and adapters:
         raise ValueError("give model.adapter (one adapter) or model.adapters (one per structure), not both")
-
-
-def check_data_agrees(data: Any, resolution: int, classes: list[str], context: bool = False) -> None:
-    """The data module's resolution and class list (its hyper-parameters ``data``) must be the model's,
-    and scan context is given only to a model that reads it."""
-    source = (data.get("context") or {}).get("source")
-    data_resolution = (data.get("frame") or {}).get("resolution")
-    if source == "volume" and not context:
-        raise ValueError(
-            "data.context.source is volume but this model does not read context (model.context.read: false; a "
-            "checkpoint or adapter trained without the scan): use data.context.source: none, or train with model.context.read: true"
-        )
-    if data_resolution not in (None, resolution):
-        raise ValueError(
-            f"data resolution {data_resolution} differs from the decoder's resolution {resolution}: "
-            "set data.frame.resolution and model.decoder.resolution to the same value"
-        )
-    if data.get("classes") is not None and list(data["classes"]) != classes:
-        raise ValueError(
-            f"model.classes {classes} differ from data.classes {list(data['classes'])}: the class "
-            "indices would not match (the command links them; give both the same list)"
-        )
 
 
 class LoRAMeshDecoderModule(L.LightningModule):
@@ -206,19 +187,20 @@ class LoRAMeshDecoderModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         self.configure_adapters()
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        check_data_agrees(
-            getattr(datamodule, "hparams", None) or {},
-            self.resolution,
-            self.classes,
-            self.model.reads_context,
-        )
         if stage == "fit" and self.hparams.get("adapters"):
             raise ValueError(
                 "model.adapters routes prediction to one adapter per structure; train one adapter per run"
             )
-        if stage == "fit" and hasattr(datamodule, "contract"):
-            self.data_contract = datamodule.contract().to_dict()  # what predicting on a new scan will need
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        """`DataLink`: the one place the data module and this module meet (see its docstring)."""
+        return [DataLink()]
+
+    def manifest(self, trainable: list[str] | None = None) -> Manifest:
+        """What a checkpoint or adapter folder of this module says of it (one writer for both)."""
+        return Manifest.describe(
+            self.model, self.classes, self.data_contract, self.finetune.to_dict(), trainable
+        )
 
     def trainable_names(self) -> list[str]:
         return [n for n, p in self.named_parameters() if p.requires_grad]
@@ -311,33 +293,14 @@ class LoRAMeshDecoderModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainable = set(self.trainable_names())
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
-        checkpoint["lora_sam3d"] = checkpoint_section(self, sorted(trainable))
+        self.manifest(sorted(trainable)).write_to(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        meta = check_checkpoint(checkpoint, self.finetune, self.model.base_fingerprint)
+        manifest = check_checkpoint(checkpoint, self.finetune, self.model.base_fingerprint)
         upgrade_state_dict(checkpoint["state_dict"])
-        self.data_contract = meta.get("data") or self.data_contract
+        self.data_contract = manifest.data or self.data_contract
         self.configure_adapters()
         check_trainable_state(self.model, checkpoint["state_dict"], prefix="model.")
         # The frozen base is rebuilt from model.base.checkpoint, not stored: hand the loader its own
         # tensors so it does not list ~100 "missing" keys that are not missing.
         checkpoint["state_dict"] = {**self.state_dict(), **checkpoint["state_dict"]}
-
-
-def checkpoint_section(module: LoRAMeshDecoderModule, trainable: list[str]) -> dict[str, Any]:
-    """What a checkpoint says of itself beside its tensors (checked by `check_checkpoint` on load)."""
-    stored, ft = module.model.settings(), module.finetune
-    return {
-        "design": DESIGN,
-        "finetune": ft.mode,
-        "structure_finetune": ft.structure_mode,
-        "lora": asdict(ft.lora),
-        "structure_lora": asdict(ft.structure_lora),
-        "unfreeze": list(ft.unfreeze),
-        "decoder": stored["decoder"],
-        "structure": stored["structure"],
-        "base_checkpoint": module.model.base,
-        "base_fingerprint": module.model.base_fingerprint,
-        "trainable": trainable,
-        "data": module.data_contract,
-    }

@@ -18,11 +18,11 @@ import torch
 from lightning.pytorch.cli import LightningCLI
 
 from lora_sam3d.callbacks import SaveConfigOnStart
-from lora_sam3d.checkpoint_io import check_design
 from lora_sam3d.data import DataError, TSDataModule
 from lora_sam3d.data.settings import PREPROCESSING_SETTINGS, DataSettings
 from lora_sam3d.errors import error_line
 from lora_sam3d.models.adapter_files import AdapterSettings, read_adapter_settings
+from lora_sam3d.models.manifest import Manifest
 from lora_sam3d.models.reconstructor import TINY_DECODER
 from lora_sam3d.module import LoRAMeshDecoderModule
 from lora_sam3d.old_keys import DATA_KEYS, get_path, upgrade, upgrade_argv
@@ -102,18 +102,16 @@ class LoRASAM3DCLI(LightningCLI):
             cfg.model["base.checkpoint"] = base_given  # the config points to a moved base
 
     def _read_checkpoint(self, path: str) -> dict[str, Any]:
-        """The design, data settings and classes a checkpoint stores, and its model hyper-parameters
-        (in the tree's layout; Lightning's own keys left out)."""
+        """A checkpoint's manifest (its data contract and classes, kept for `_adopt_stored`) and its
+        model hyper-parameters (in the tree's layout; Lightning's own keys left out)."""
         try:
             ckpt = torch.load(path, weights_only=True, map_location="cpu")
         except Exception as err:  # torch raises KeyError, UnpicklingError... for non-checkpoints
             raise unreadable(path, err) from err
-        meta = ckpt.get("lora_sam3d")
-        if isinstance(meta, dict):
-            check_design(meta)
-            self._stored_data = (meta.get("data"), f"the checkpoint {path}")
+        manifest = Manifest.of_checkpoint(ckpt, f"checkpoint {path}")
+        self._stored_data = (manifest.data, f"the checkpoint {path}")
+        self._stored_classes = manifest.classes or None
         hparams = dict(ckpt.get("hyper_parameters") or {})
-        self._stored_classes = hparams.get("classes")
         hparams = {k: v for k, v in hparams.items() if not k.startswith("_")}
         return upgrade(hparams, "model", warn=False)
 

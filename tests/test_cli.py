@@ -99,7 +99,11 @@ def test_fit_writes_small_lora_checkpoints_and_adapters(trained: Path) -> None:
     ckpt = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=True)
     keys = set(ckpt["state_dict"])
     assert keys and all(".lora_A" in k or ".lora_B" in k for k in keys), sorted(keys)[:5]
-    assert ckpt["lora_sam3d"]["finetune"] == "lora" and len(ckpt["lora_sam3d"]["base_fingerprint"]) == 64
+    manifest = ckpt["lora_sam3d"]
+    assert manifest["finetune"]["mode"] == "lora" and len(manifest["base_fingerprint"]) == 64
+    assert manifest == json.loads((ckpt_dir / "adapter-last" / "model.json").read_text()) | {
+        "trainable": manifest["trainable"]
+    }  # one record for both (an adapter folder lists no trained tensor names)
     full = here("fit", "--config", str(write_config(trained, "full", epochs=1, finetune="full")))
     assert full.returncode == 0, full.stderr[-3000:]
     full_ckpt = torch.load(

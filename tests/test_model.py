@@ -26,6 +26,7 @@ from lora_sam3d.lora import LoRAConfig, lora_layers
 from lora_sam3d.losses import LossWeights, reconstruction_losses
 from lora_sam3d.models import ModelConfig, Reconstruction, Reconstructor
 from lora_sam3d.models.adapter_files import save_model_adapter
+from lora_sam3d.models.manifest import Manifest
 from lora_sam3d.models.structure import surface_band, vertex_fill
 
 DOCS = Path(__file__).parents[1] / "docs" / "api.md"
@@ -136,7 +137,7 @@ def random_adapter(folder: Path, seed: int, extent_mm: dict[str, float]) -> Path
             layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * 0.05)
     data = {"classes": list(extent_mm), "extent_mm": extent_mm, "spacing": 2.0, "modality": "ct",
             "ct_window_hu": [-200, 400], "slice_size": 64, "frame_scale": 2.0, "resolution": 16}  # fmt: skip
-    return save_model_adapter(model, folder, list(extent_mm), data=data)
+    return save_model_adapter(model, folder, Manifest.describe(model, list(extent_mm), data))
 
 
 def test_adapter_bank_routes_by_exact_name_then_one_pattern(batch: Batch, tmp_path: Path) -> None:

@@ -159,3 +159,33 @@ def test_the_module_takes_flat_keyword_arguments_with_a_warning() -> None:
     assert module.hparams["finetune"]["unfreeze"] == ["out_layer"] and "unfreeze" not in module.hparams
     with pytest.raises(TypeError, match=r"unexpected arguments \['ranks'\]"):
         LoRAMeshDecoderModule(["a"], decoder=TEST_DECODER, ranks=4)
+
+
+def test_one_manifest_reads_both_earlier_layouts_and_writes_one_layout_for_both(tmp_path: Path) -> None:
+    """The previous main's checkpoint section and model.json describe the same model; read by the
+    one reader they agree, and today's writer gives checkpoints and folders the same record."""
+    import torch
+
+    from lora_sam3d.models import Reconstructor
+    from lora_sam3d.models.manifest import SECTION, VERSION, Manifest
+
+    ckpt = torch.load(OLD / "last.ckpt", map_location="cpu", weights_only=True)
+    from_ckpt = Manifest.of_checkpoint(ckpt)
+    from_folder = Manifest.of_folder(OLD / "adapter")
+    assert from_folder is not None and from_ckpt.version == from_folder.version == 1
+    assert from_ckpt.classes == from_folder.classes == ["heart_ventricle_left", "heart_myocardium"]
+    assert from_ckpt.data == from_folder.data and from_ckpt.data["extent_mm"]["heart_myocardium"] == 72.0
+    assert from_ckpt.model["decoder"] == from_folder.model["decoder"]
+    assert from_folder.model["context"] == {"read": True, "conditioning": True}  # flat keys moved
+    assert from_ckpt.finetune["mode"] == "lora" and from_ckpt.finetune["lora"]["rank"] == 2
+
+    model = Reconstructor.from_adapter(OLD / "adapter")
+    today = Manifest.describe(model, from_folder.classes, from_folder.data, from_ckpt.finetune)
+    written: dict = {}
+    today.write_to(written)
+    today.write_folder(tmp_path)
+    assert written[SECTION] == json.loads((tmp_path / "model.json").read_text())
+    assert written[SECTION]["version"] == VERSION and Manifest.of_folder(tmp_path) == today
+    assert Manifest.of_checkpoint(written) == today
+    with pytest.raises(ValueError, match=r"^test was written by a newer lora-sam3d \(manifest version 3;"):
+        Manifest.from_dict({**today.to_dict(), "version": 3}, "test")

@@ -158,6 +158,7 @@ class TSDataModule(L.LightningDataModule):
             del self.hparams[key]  # old keys (Lightning records **kwargs too)
         self.hparams.update(self.settings.to_dict())
         self.datasets: dict[str, Dataset] = {}
+        self.trained: dict[str, Any] | None = None  # the model's data contract, see use_trained_contract
 
     @property
     def root(self) -> Path:
@@ -250,20 +251,22 @@ class TSDataModule(L.LightningDataModule):
             context=s.context.source,
         )
 
+    def use_trained_contract(self, contract: dict[str, Any] | None) -> None:
+        """The data contract of the model about to predict (its checkpoint's or adapter's manifest,
+        handed over by `lora_sam3d.data_link.DataLink`): requests are read the way it was trained."""
+        self.trained = contract
+
+    def request_classes(self) -> list[str]:
+        """The class name of each predict item, in order."""
+        return [
+            item.class_name if isinstance(item, PredictItem) else item.get("class_name")
+            for item in self.hparams.predict_items or []
+        ]
+
     def _request_dataset(self) -> PredictionDataset:
-        """The predict items' dataset, with the model's stored data settings when it has them (read
-        here, after Lightning restored the checkpoint), else this config's and the training split's."""
-        h, s = self.hparams, self.settings
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        stored = getattr(module, "data_contract", None)
-        bank = getattr(module, "bank", None)
-        if bank is not None:  # model.adapters: every request's class has its adapter
-            for k, item in enumerate(h.predict_items or [], start=1):
-                name = item.class_name if isinstance(item, PredictItem) else item.get("class_name")
-                try:
-                    bank.key_for(name)
-                except ValueError as err:
-                    raise DataError(f"predict item {k}: {err}") from None
+        """The predict items' dataset, with the model's data contract when it has one (see
+        `use_trained_contract`), else this config's and the training split's."""
+        h, s, stored = self.hparams, self.settings, self.trained
         trained = None
         if stored:
             contract = DataContract.from_dict(stored)

@@ -3,15 +3,14 @@
 A folder holds the decoder's adapter in PEFT's layout (``adapter_model.safetensors`` +
 ``adapter_config.json``, see `lora_sam3d.lora.save_adapter`), stage 1's beside it (its LoRA adapter
 in ``structure/``, or its full weights in ``structure.safetensors`` when it trained fully) and
-``model.json``: the model it was trained with and its data settings, so the folder alone can
-predict. `read_adapter_settings` is the one reader of a folder's settings: the model
+``model.json``: its `lora_sam3d.models.manifest.Manifest` (the model it was trained with, its
+classes and data settings), so the folder alone can predict. `read_adapter_settings` is the one reader of a folder's settings: the model
 (`lora_sam3d.models.Reconstructor.from_adapter`), the LightningModule and the command all use it.
 Plain PyTorch and safetensors.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -20,7 +19,7 @@ from torch import nn
 
 from lora_sam3d.atomic import atomic_write
 from lora_sam3d.lora import has_lora, load_adapter, read_adapter_config, save_adapter
-from lora_sam3d.old_keys import upgrade
+from lora_sam3d.models.manifest import MODEL_FILE, MODEL_SETTINGS, Manifest
 
 __all__ = [
     "CONDITIONING_ADAPTER",
@@ -40,14 +39,6 @@ STRUCTURE_ADAPTER = "structure"
 CONDITIONING_ADAPTER = "conditioning"
 """Sub-folder of an adapter folder holding the conditioning layers' adapter (models that have them)."""
 
-MODEL_SETTINGS = ("decoder", "structure", "base", "latents", "band", "context")
-"""The groups of `lora_sam3d.models.config.ModelConfig` an adapter folder's `MODEL_FILE` stores (the
-model it was trained with; each group with the keys that change what it predicts)."""
-
-MODEL_FILE = "model.json"
-"""In an adapter folder: the model it was trained with (classes, decoder and stage-1 sizes, base) and
-its data settings, so the folder alone can predict."""
-
 
 class TwoStageModel(Protocol):
     """What adapter folders read and write of a model (`lora_sam3d.models.Reconstructor`)."""
@@ -62,19 +53,9 @@ class TwoStageModel(Protocol):
 
 
 def read_model_file(directory: str | Path) -> dict[str, Any]:
-    """An adapter folder's `MODEL_FILE` ({} for folders written before it existed)."""
-    path = Path(directory) / MODEL_FILE
-    if not path.is_file():
-        return {}
-    try:
-        stored = json.loads(path.read_text())
-    except ValueError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
-    if not isinstance(stored, dict):
-        raise ValueError(
-            f"{path} must hold a JSON object (the model's settings), got {type(stored).__name__}"
-        )
-    return stored
+    """An adapter folder's `MODEL_FILE` as this version writes it ({} for folders without one)."""
+    manifest = Manifest.of_folder(directory)
+    return manifest.to_dict() if manifest is not None else {}
 
 
 @dataclass
@@ -118,16 +99,16 @@ class AdapterSettings:
 def read_adapter_settings(folder: str | Path) -> AdapterSettings:
     """What an adapter folder says of its model, classes, data and adapters (see `AdapterSettings`)."""
     src = Path(folder)
-    stored = upgrade(read_model_file(src), "model", warn=False)  # folders of the flat layout too
+    manifest = Manifest.of_folder(src) or Manifest(classes=[], model={})
     meta = read_adapter_config(src)
     structure_lora = None
     if (src / STRUCTURE_ADAPTER).is_dir():
         structure_lora = read_adapter_config(src / STRUCTURE_ADAPTER)["lora_sam3d"]["config"]
     return AdapterSettings(
         folder=src,
-        model={k: stored[k] for k in MODEL_SETTINGS if k in stored},
-        classes=list(stored.get("classes") or []),
-        data=stored.get("data"),
+        model=manifest.model,
+        classes=list(manifest.classes),
+        data=manifest.data,
         lora=meta["lora_sam3d"]["config"],
         structure_lora=structure_lora,
         structure_full=(src / f"{STRUCTURE_ADAPTER}.safetensors").is_file(),
@@ -135,21 +116,15 @@ def read_adapter_settings(folder: str | Path) -> AdapterSettings:
     )
 
 
-def save_model_adapter(
-    model: TwoStageModel,
-    directory: str | Path,
-    classes: list[str],
-    unfreeze: list[str] | None = None,
-    data: dict[str, Any] | None = None,
-) -> Path:
-    """Write both stages' adapters of ``model`` and its `MODEL_FILE` to ``directory`` (see the module
-    docstring). Stage 1 without LoRA but trainable is written as full weights."""
+def save_model_adapter(model: TwoStageModel, directory: str | Path, manifest: Manifest) -> Path:
+    """Write both stages' adapters of ``model`` and its `Manifest` (`MODEL_FILE`) to ``directory``
+    (see the module docstring). Stage 1 without LoRA but trainable is written as full weights."""
     from safetensors.torch import save_file
 
     out = Path(directory)
-    save_adapter(model.decoder, out, modules_to_save=unfreeze or [], base_model_name_or_path=model.base)
-    text = json.dumps({"classes": list(classes), **model.settings(), "data": data}, indent=2)
-    atomic_write(out / MODEL_FILE, lambda tmp: tmp.write_text(text))
+    unfreeze = list(manifest.finetune.get("unfreeze") or [])
+    save_adapter(model.decoder, out, modules_to_save=unfreeze, base_model_name_or_path=model.base)
+    manifest.write_folder(out)
     if model.conditioning is not None and has_lora(model.conditioning):
         save_adapter(model.conditioning, out / CONDITIONING_ADAPTER)
     if has_lora(model.structure):
