@@ -56,6 +56,7 @@ def _phantoms(args: argparse.Namespace) -> None:
         shape=args.shape,
         spacing=args.spacing,
         seed=args.seed,
+        workers=args.workers,
     )
     print(
         f"wrote {len(ids)} {args.kind} phantoms ({args.layout} layout) to {args.root}: {ids[0]} .. {ids[-1]}"
@@ -195,6 +196,7 @@ def _extra_parser() -> argparse.ArgumentParser:
     ph.add_argument("--shape", type=int, nargs=3, default=(96, 96, 64), metavar=("X", "Y", "Z"))
     ph.add_argument("--spacing", type=float, nargs=3, default=(1.6, 1.6, 2.5), metavar=("SX", "SY", "SZ"))
     ph.add_argument("--seed", type=int, default=0)
+    ph.add_argument("--workers", type=int, default=1, help="cases written at once (processes; same files)")
     ph.set_defaults(run=_phantoms)
     ex = sub.add_parser(
         "export", help="merge a checkpoint's or an adapter's LoRA: decoder-merged.safetensors (+ adapter/)"

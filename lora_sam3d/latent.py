@@ -33,6 +33,9 @@ __all__ = [
 
 LATENT_CHANNELS = 8
 
+PLANE_AXES = torch.tensor([[1, 2], [0, 2], [0, 1]])
+"""The two in-plane axes of a slice normal to axis 0, 1 or 2, in order."""
+
 
 def latent_cell_centres(resolution: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """(R^3, 3) frame coordinates of the latent grid's cell centres, x-major like `torch.nonzero`."""
@@ -63,16 +66,19 @@ class SliceUnprojection:
         return self.at(views, u).view(b, LATENT_CHANNELS, r, r, r)
 
     def at(self, views: Evidence, u: torch.Tensor) -> torch.Tensor:
-        """(B, 8, P): the features at points ``u`` (B, P, 3) in frame coordinates (any grid's cells)."""
-        k = views.valid.shape[1]
-        reads, dists = [], []
-        for j in range(k):
-            (m, intensity, dist2d), d_plane = self._read(u, views, j)
-            reads.append(torch.stack([m, intensity, dist2d, d_plane], dim=1))
-            dists.append(d_plane)
-        read, d = torch.stack(reads, dim=1), torch.stack(dists, dim=1)  # (B, K, 4, P), (B, K, P)
-        valid = views.valid.to(u.device)[:, :, None]
-        closeness = torch.where(valid, -((d / self.plane_decay) ** 2), float("-inf"))
+        """(B, 8, P): the features at points ``u`` (B, P, 3) in frame coordinates (any grid's cells).
+
+        Only the valid (sample, view) pairs are read, in one batched call: a batch padded to 16 views
+        for one stack costs what its real views cost. Padding reads 0 with weight 0, as it did when
+        every view was read, so the features are the same."""
+        b, k = views.valid.shape
+        valid = views.valid.to(u.device)
+        sample, view = valid.nonzero(as_tuple=True)
+        m, intensity, dist2d, d_plane = self._read(u[sample], views, sample, view)
+        read = u.new_zeros(b, k, 4, u.shape[1])
+        read[sample, view] = torch.stack([m, intensity, dist2d, d_plane], dim=1)
+        d = read[:, :, 3]  # (B, K, P)
+        closeness = torch.where(valid[:, :, None], -((d / self.plane_decay) ** 2), float("-inf"))
         weight = torch.softmax(closeness, dim=1)  # (B, K, P); 1 for a single view
         merged = (weight[:, :, None] * read).sum(1) if k > 1 else read[:, 0]
         evidence = (read[:, :, 0] * torch.exp(closeness)).amax(1)
@@ -80,21 +86,25 @@ class SliceUnprojection:
         return torch.stack([m, intensity, dist2d, d_plane, u[..., 0], u[..., 1], u[..., 2], evidence], dim=1)
 
     @staticmethod
-    def _read(u: torch.Tensor, views: Evidence, j: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """View ``j`` of each sample at every cell: (mask, intensity, 2D distance) (3, B, R^3) read at
-        the cell's projection, and the cell's signed distance to the view's plane (B, R^3)."""
-        axis, device = views.axis[:, j], u.device
-        normal = F.one_hot(axis.long(), 3).to(u.dtype)  # (B, 3)
-        plane = torch.stack(
-            [torch.tensor([p for p in range(3) if p != int(a)], device=device) for a in axis.tolist()]
-        )
+    def _read(
+        u: torch.Tensor, views: Evidence, sample: torch.Tensor, view: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        """View ``view[i]`` of sample ``sample[i]`` at its points ``u[i]`` (V, P, 3): mask, intensity and
+        2D distance (each (V, P)) read at the points' projections onto the view's plane, and the
+        points' signed distance to that plane (V, P)."""
+        device = u.device
+        axis = views.axis.to(device)[sample, view].long()
+        normal = F.one_hot(axis, 3).to(u.dtype)  # (V, 3)
+        plane = PLANE_AXES.to(device)[axis]  # (V, 2): the in-plane axes, in order
         up = torch.gather(u, 2, plane[:, None, :1].expand(-1, u.shape[1], 1))[..., 0]
         uq = torch.gather(u, 2, plane[:, None, 1:].expand(-1, u.shape[1], 1))[..., 0]
         grid = torch.stack([2 * uq, 2 * up], dim=-1)[:, :, None, :]  # grid_sample (x, y) = (column, row)
-        maps = torch.stack([m[:, j].to(u.dtype) for m in (views.mask, views.image, views.distance)], dim=1)
+        maps = torch.stack(
+            [m.to(device)[sample, view].to(u.dtype) for m in (views.mask, views.image, views.distance)], dim=1
+        )
         read = F.grid_sample(maps, grid, mode="bilinear", padding_mode="border", align_corners=False)[..., 0]
-        d_plane = (u * normal[:, None, :]).sum(-1) - views.offset[:, j, None].to(u.dtype)
-        return read.unbind(1), d_plane
+        d_plane = (u * normal[:, None, :]).sum(-1) - views.offset.to(device)[sample, view, None].to(u.dtype)
+        return (*read.unbind(1), d_plane)
 
 
 class PrecomputedLatents:

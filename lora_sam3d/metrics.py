@@ -84,14 +84,18 @@ def surface_distances(
     return hd95, assd, within / (len(to_gt) + len(to_pred))
 
 
-def chamfer_mm(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor, chunk: int = 4096) -> float:
-    """Symmetric Chamfer distance: mean of the two mean nearest-neighbour distances (same units as input)."""
-    ta = torch.as_tensor(np.asarray(a), dtype=torch.float32)
-    tb = torch.as_tensor(np.asarray(b), dtype=torch.float32)
-    if len(ta) == 0 or len(tb) == 0:
-        return math.inf if len(tb) else math.nan
-    ab = torch.cat([torch.cdist(x, tb).min(1).values for x in ta.split(chunk)])
-    ba = torch.cat([torch.cdist(x, ta).min(1).values for x in tb.split(chunk)])
+def chamfer_mm(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> float:
+    """Symmetric Chamfer distance: mean of the two mean nearest-neighbour distances (same units as
+    input), exact, in float64; nearest neighbours from scipy's k-d tree (O(n log m), where all
+    pairwise distances would cost n * m)."""
+    from scipy.spatial import cKDTree
+
+    pa = np.asarray(a.detach().cpu() if isinstance(a, torch.Tensor) else a, dtype=np.float64).reshape(-1, 3)
+    pb = np.asarray(b.detach().cpu() if isinstance(b, torch.Tensor) else b, dtype=np.float64).reshape(-1, 3)
+    if len(pa) == 0 or len(pb) == 0:
+        return math.inf if len(pb) else math.nan
+    ab = cKDTree(pb).query(pa)[0]
+    ba = cKDTree(pa).query(pb)[0]
     return 0.5 * float(ab.mean() + ba.mean())
 
 

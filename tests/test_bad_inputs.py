@@ -35,6 +35,8 @@ from conftest import TEST_DECODER, run_config, write_yaml
 from lora_sam3d.cli import main
 from lora_sam3d.data import write_phantoms
 
+pytestmark = pytest.mark.e2e  # every test here runs the command end to end
+
 
 @dataclass
 class Setup:

@@ -91,6 +91,7 @@ def add_structures(root: Path, count: int) -> list[str]:
     return names
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("n_classes", [40, 70])
 def test_many_classes_train_and_predict(phantoms: Path, tmp_path: Path, n_classes: int) -> None:
     """The heart structures plus small extra ones: a LoRA fit and a predict through the command; the

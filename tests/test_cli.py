@@ -20,6 +20,8 @@ from conftest import TEST_DECODER, data_settings, run_config, write_yaml
 
 from lora_sam3d.data import HEART_CLASSES, discover_cases
 
+pytestmark = pytest.mark.e2e  # every test here runs the command end to end
+
 
 def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     """`lora-sam3d ARGS` in a fresh process; ``tests/`` is importable there for the fault callbacks."""
@@ -87,10 +89,13 @@ def first_step_loss(metrics_csv: Path, step: int) -> float:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def trained(tmp_path_factory: pytest.TempPathFactory, lora_run: Path, phantoms: Path) -> Path:
+    """A folder holding conftest's shared fit as ``run/`` (the fit ``write_config(tmp, "run",
+    epochs=2)`` gives) and its phantoms as ``data/``: tests write their own runs beside them."""
     tmp = tmp_path_factory.mktemp("cli")
-    result = here("fit", "--config", str(write_config(tmp, "run", epochs=2)))
-    assert result.returncode == 0, result.stderr[-3000:]
+    (tmp / "run").symlink_to(lora_run, target_is_directory=True)
+    (tmp / "data").symlink_to(phantoms, target_is_directory=True)
+    write_config(tmp, "run", epochs=2)  # run.yaml, the config of that fit
     return tmp
 
 
@@ -308,6 +313,25 @@ def test_phantoms_command(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "wrote 3 heart phantoms" in result.stdout
     assert [c.split for c in discover_cases(tmp_path / "d", HEART_CLASSES)] == ["train", "val", "test"]
+    two = run(
+        "phantoms",
+        "--root",
+        str(tmp_path / "w"),
+        "--n-cases",
+        "3",
+        "--shape",
+        "40",
+        "40",
+        "30",
+        "--workers",
+        "2",
+    )
+    assert two.returncode == 0, two.stderr
+    files = sorted(p.relative_to(tmp_path / "d") for p in (tmp_path / "d").rglob("*.*"))
+    assert len(files) == 19 and files == sorted(
+        p.relative_to(tmp_path / "w") for p in (tmp_path / "w").rglob("*.*")
+    )
+    assert all((tmp_path / "d" / f).read_bytes() == (tmp_path / "w" / f).read_bytes() for f in files)
 
 
 @pytest.mark.parametrize(
@@ -491,8 +515,9 @@ def test_a_checkpoint_or_an_adapter_alone_reconstructs_a_new_scan(trained: Path)
         "index": z,
         "class_name": "heart_ventricle_left",
     }
-    away = trained / "data-moved-away"
-    (trained / "data").rename(away)
+    data = (trained / "data").resolve()  # the training data itself (the session's phantoms), not the link
+    away = data.with_name(f"{data.name}-moved-away")
+    data.rename(away)
     try:
         by_ckpt = here("predict", "--config", str(predict_only_config(trained, "scan-ckpt", [item])),
                       "--ckpt_path", str(trained / "run" / "checkpoints" / "last.ckpt"))  # fmt: skip
@@ -501,7 +526,7 @@ def test_a_checkpoint_or_an_adapter_alone_reconstructs_a_new_scan(trained: Path)
             "predict", "--config", str(predict_only_config(trained, "scan-adapter", [item], adapter))
         )
     finally:
-        away.rename(trained / "data")
+        away.rename(data)
     assert by_ckpt.returncode == 0, by_ckpt.stderr[-3000:]
     assert by_adapter.returncode == 0, by_adapter.stderr[-3000:]
     stem = f"s0042_heart_ventricle_left_axial{z}"

@@ -172,6 +172,7 @@ def trained(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp
 
 
+@pytest.mark.e2e
 def test_predict_from_1_3_and_16_slices_with_and_without_context(data: Path, trained: Path) -> None:
     case = data / "s0004"
     image, mask = case / "ct.nii.gz", case / "segmentations" / "heart_ventricle_left.nii.gz"

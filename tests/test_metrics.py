@@ -95,6 +95,13 @@ def test_chamfer() -> None:
     b = np.array([[0.0, 0, 1]])
     assert chamfer_mm(a, b) == pytest.approx(0.5 * ((1 + math.sqrt(2)) / 2 + 1))
     assert chamfer_mm(np.zeros((0, 3)), b) == math.inf
+    assert math.isnan(chamfer_mm(b, np.zeros((0, 3))))
+    rng = np.random.default_rng(0)  # the k-d tree's nearest neighbours are every pair's closest
+    p, q = rng.normal(size=(700, 3)) * 20, rng.normal(size=(500, 3)) * 20 + 3
+    d = torch.cdist(torch.as_tensor(p), torch.as_tensor(q))
+    brute = 0.5 * float(d.min(1).values.mean() + d.min(0).values.mean())
+    assert chamfer_mm(p, q) == pytest.approx(brute, rel=1e-12)
+    assert chamfer_mm(torch.as_tensor(p, dtype=torch.float32), q) == pytest.approx(brute, rel=1e-6)
 
 
 def test_one_surface_pass_equals_monais_three_functions() -> None:

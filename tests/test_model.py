@@ -186,6 +186,7 @@ def run_example(code: str, lora_run: Path, phantoms: Path, tmp_path: Path) -> st
     return done.stdout
 
 
+@pytest.mark.e2e
 def test_the_readme_example_runs_as_written(lora_run: Path, phantoms: Path, tmp_path: Path) -> None:
     text = (DOCS.parents[1] / "README.md").read_text()
     code = re.search(r"## Python API\n.*?```python\n(.*?)```", text, re.S)
@@ -194,6 +195,7 @@ def test_the_readme_example_runs_as_written(lora_run: Path, phantoms: Path, tmp_
     assert "centre" in out and len(out.split("centre")[1].split()) == 3
 
 
+@pytest.mark.e2e
 def test_the_api_example_runs_without_lightning(lora_run: Path, phantoms: Path, tmp_path: Path) -> None:
     """docs/api.md's example, as written, in a process where ``import lightning`` fails; its mesh's
     centre lies within the left ventricle's box in the scan."""

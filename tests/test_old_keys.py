@@ -67,6 +67,7 @@ def test_an_adapter_folder_of_the_flat_layout_loads_and_predicts_as_before(phant
         assert_as_before(reconstructed(model, phantoms, context), f"adapter/{context}")
 
 
+@pytest.mark.e2e
 def test_the_flat_config_and_checkpoint_predict_through_the_command(
     phantoms: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

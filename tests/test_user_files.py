@@ -199,6 +199,7 @@ def big_phantoms(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
 def test_an_interrupted_cache_build_stops_and_keeps_what_it_finished(
     big_phantoms: Path, tmp_path: Path, stop: str

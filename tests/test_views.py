@@ -222,6 +222,7 @@ def test_a_request_of_three_slices(phantoms: Path, tmp_path: Path) -> None:
                           Preprocessing(2.0), {TEST_CLASSES[0]: 60.0}, 2.0, 64)  # fmt: skip
 
 
+@pytest.mark.e2e
 def test_predict_with_one_two_and_three_slices_through_the_command(phantoms: Path, tmp_path: Path) -> None:
     """A model trained with views up to 3 predicts requests of 1, 2 and 3 slices in one run (each scored
     against the 3D mask); a model trained on one view refuses three, naming its maximum."""

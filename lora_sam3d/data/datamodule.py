@@ -195,7 +195,13 @@ class TSDataModule(L.LightningDataModule):
         if not has_cases and h.phantoms is not None:
             spec = h.phantoms if isinstance(h.phantoms, PhantomSpec) else PhantomSpec(**h.phantoms)
             write_phantoms(
-                self.root, spec.n_cases, spec.kind, shape=spec.shape, spacing=spec.spacing, seed=spec.seed
+                self.root,
+                spec.n_cases,
+                spec.kind,
+                shape=spec.shape,
+                spacing=spec.spacing,
+                seed=spec.seed,
+                workers=max(1, h.num_workers),
             )
 
     def prepare_data(self) -> None:

@@ -148,12 +148,18 @@ def sample_context(
 
 def _inside(frame: Frame, u: np.ndarray, affine: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """(n, n, n) float32, 1 where the frame's cell centre (coordinates ``u`` per axis) lies in the voxel
-    box [-0.5, N - 0.5] of the grid (``affine``, ``shape``)."""
-    grid = np.stack(np.meshgrid(u, u, u, indexing="ij"), axis=-1).reshape(-1, 3)
+    box [-0.5, N - 0.5] of the grid (``affine``, ``shape``). Each of the grid's voxel coordinates is
+    affine in the three frame coordinates, so it is built by broadcasting three (n,) vectors, never
+    as an (n^3, 3) array of points (the frame may lie obliquely in the scan)."""
     to_scan = np.linalg.inv(np.asarray(affine, dtype=np.float64)) @ frame.frame_to_world
-    vox = grid @ to_scan[:3, :3].T + to_scan[:3, 3]
-    inside = np.all((vox >= -0.5) & (vox <= np.asarray(shape[:3]) - 0.5), axis=1)
-    return inside.reshape(len(u), len(u), len(u)).astype(np.float32)
+    inside = np.ones((len(u),) * 3, dtype=bool)
+    for d in range(3):
+        a = to_scan[d, :3]
+        vox = (
+            (a[0] * u)[:, None, None] + (a[1] * u)[None, :, None] + (a[2] * u)[None, None, :] + to_scan[d, 3]
+        )
+        inside &= (vox >= -0.5) & (vox <= shape[d] - 0.5)
+    return inside.astype(np.float32)
 
 
 def sample_slice(frame: Frame, plane: np.ndarray, axis: int, size: int, order: int) -> np.ndarray:

@@ -286,39 +286,56 @@ def write_phantoms(
     spacing: Sequence[float] = (1.6, 1.6, 2.5),
     seed: int = 0,
     split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2),
+    workers: int = 1,
 ) -> list[str]:
     """Write ``n_cases`` phantoms under ``root`` plus ``meta.csv`` (with a UTF-8 BOM, ';'-separated,
     as TotalSegmentator's). Returns the case ids. The cropped layout stores one integer label map
-    with values 1..5 in the order of the class list (see `phantom_label_values`)."""
+    with values 1..5 in the order of the class list (see `phantom_label_values`). Each case draws
+    from its own seed, so ``workers`` processes write the same files as one."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    make = {"heart": heart_case, "shapes": shapes_case, "hard_shapes": hard_shapes_case}[kind]
-    classes = HEART_CLASSES if kind == "heart" else SHAPE_CLASSES
     ids = [f"s{i + 1:04d}" for i in range(n_cases)]
     n_train, n_val, n_test = split_counts(n_cases, split_fractions)
     splits = ["train"] * n_train + ["val"] * n_val + ["test"] * n_test
-    for case_id, seed_i in zip(ids, range(n_cases), strict=True):
-        rng = np.random.default_rng([seed, seed_i, ("heart", "shapes", "hard_shapes").index(kind)])
-        hu, masks, affine = make(shape, spacing, rng)
-        case_dir = root / case_id
-        case_dir.mkdir(exist_ok=True)
-        if layout == "totalsegmentator":
-            (case_dir / "segmentations").mkdir(exist_ok=True)
-            _save(hu, affine, case_dir / "ct.nii.gz")
-            for name, m in masks.items():
-                _save(m.astype(np.uint8), affine, case_dir / "segmentations" / f"{name}.nii.gz")
-        else:
-            label = np.zeros(hu.shape, dtype=np.uint8)
-            for value, name in enumerate(classes, start=1):
-                label[masks[name]] = value
-            _save(hu, affine, case_dir / f"{case_id}-image.nii.gz")
-            _save(label, affine, case_dir / f"{case_id}-label.nii.gz")
+    jobs = [
+        (root, case_id, i, kind, layout, tuple(shape), tuple(spacing), seed) for i, case_id in enumerate(ids)
+    ]
+    if workers > 1 and n_cases > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(min(workers, n_cases)) as pool:
+            list(pool.map(_write_case, jobs))
+    else:
+        for job in jobs:
+            _write_case(job)
     with (root / "meta.csv").open("w", newline="", encoding="utf-8-sig") as f:
         writer = csv.writer(f, delimiter=";")
         writer.writerow(["image_id", "age", "gender", "institute", "study_type", "split"])
         for case_id, split in zip(ids, splits, strict=True):
             writer.writerow([case_id, 60, "f", "phantom", "ct thorax", split])
     return ids
+
+
+def _write_case(job: tuple) -> None:
+    """One case of `write_phantoms` (a top-level function, so worker processes can run it)."""
+    root, case_id, index, kind, layout, shape, spacing, seed = job
+    make = {"heart": heart_case, "shapes": shapes_case, "hard_shapes": hard_shapes_case}[kind]
+    classes = HEART_CLASSES if kind == "heart" else SHAPE_CLASSES
+    rng = np.random.default_rng([seed, index, ("heart", "shapes", "hard_shapes").index(kind)])
+    hu, masks, affine = make(shape, spacing, rng)
+    case_dir = root / case_id
+    case_dir.mkdir(exist_ok=True)
+    if layout == "totalsegmentator":
+        (case_dir / "segmentations").mkdir(exist_ok=True)
+        _save(hu, affine, case_dir / "ct.nii.gz")
+        for name, m in masks.items():
+            _save(m.astype(np.uint8), affine, case_dir / "segmentations" / f"{name}.nii.gz")
+    else:
+        label = np.zeros(hu.shape, dtype=np.uint8)
+        for value, name in enumerate(classes, start=1):
+            label[masks[name]] = value
+        _save(hu, affine, case_dir / f"{case_id}-image.nii.gz")
+        _save(label, affine, case_dir / f"{case_id}-label.nii.gz")
 
 
 def phantom_label_values(kind: PhantomKind = "heart") -> dict[str, int]:

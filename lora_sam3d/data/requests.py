@@ -638,7 +638,7 @@ class PredictionDataset(Dataset):
 
     @property
     def max_views(self) -> int:
-        """The most views any request has: every sample's views are padded to it, so a batch stacks."""
+        """The most views any request has (`collate` pads each batch to its own most)."""
         return max((len(refs) for refs in self.slices), default=1)
 
     def _view_labels(

@@ -156,8 +156,10 @@ def view_rows(
 
 def stack_views(first: dict[str, Any], rows: list[dict[str, Any]], k: int) -> dict[str, torch.Tensor]:
     """The ``view_*`` tensors of a sample (`lora_sam3d.inputs.collate` reads them): its first view (the sample's ``image``, ``mask``,
-    ``mask_distance``, ``axis``, ``index``, ``offset``) and ``rows``, padded to ``k`` views."""
+    ``mask_distance``, ``axis``, ``index``, ``offset``) and ``rows``, at most ``k`` views. Not padded:
+    `collate` pads a batch to its most views, so a one-slice sample does not carry 15 empty ones."""
     size = first["mask"].shape[-1]
+    k = 1 + min(len(rows), k - 1)
     out = {
         "view_image": torch.zeros(k, size, size),
         "view_mask": torch.zeros(k, size, size, dtype=torch.bool),
