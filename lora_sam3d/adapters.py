@@ -52,7 +52,7 @@ class AdapterBank:
         (first, base), *others = known.items()
         for key, data in others:
             for name in PREPROCESSING_SETTINGS:
-                if data[name] != base[name]:
+                if data.get(name) != base.get(name):
                     raise ValueError(
                         f"model.adapters: {self.folders[first]} and {self.folders[key]} were trained with "
                         f"different data.{name} ({base[name]} vs {data[name]}); one run predicts with one "

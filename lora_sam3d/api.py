@@ -114,7 +114,7 @@ def reconstruct(
             rec = network.eval()(batch.evidence)
     finally:
         network.train(was_training)
-    (record,) = prediction_records(rec, batch, nsd_tolerance_mm)
+    (record,) = prediction_records(rec, batch, nsd_tolerance_mm, network.reads_context)
     assert record.source_image is not None
     surface = record.mesh.smoothed(smooth_iterations)
     on_scan = mask_on_source_grid(record.sdf, record.frame_to_world, record.source_image)

@@ -320,6 +320,10 @@ class MeshPredictionWriter(BasePredictionWriter):
             )
 
 
+SCAN_WORDS = {True: "read", False: "not read", None: "n/a"}
+"""The ``scan`` column: the model read the scan, did not although it can, or reads none."""
+
+
 def metrics_row(record: Prediction) -> dict[str, Any]:
     """A sample's row of ``metrics.csv``: which slice of which case, what it was scored against, the scores."""
     return {
@@ -329,6 +333,7 @@ def metrics_row(record: Prediction) -> dict[str, Any]:
         "grid_index": record.index,
         "file_index": "" if record.file_index is None else record.file_index,
         "slice": record.slice_name or f"axis{record.axis}_slice{record.index}",
+        "scan": SCAN_WORDS[record.scan_read],
         "scored_against": record.scored_against,
         **(record.metrics or {}),
     }
@@ -347,6 +352,7 @@ def report_sample(record: Prediction, mesh: Mesh) -> ReportSample:
         record.gt_mesh,
         record.metrics,
         record.scored_against,
+        SCAN_WORDS[record.scan_read],
     )
 
 
@@ -363,7 +369,17 @@ def _means(rows: list[dict[str, Any]]) -> dict[str, float]:
     keys = [
         k
         for k in rows[0]
-        if k not in ("case_id", "class_name", "axis", "grid_index", "file_index", "slice", "scored_against")
+        if k
+        not in (
+            "case_id",
+            "class_name",
+            "axis",
+            "grid_index",
+            "file_index",
+            "slice",
+            "scan",
+            "scored_against",
+        )
     ]
     out = {}
     for k in keys:

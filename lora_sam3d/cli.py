@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import stat
 import sys
 from pathlib import Path
+from typing import TextIO
 
 from lora_sam3d import __version__
 from lora_sam3d.errors import error_line
@@ -57,9 +59,11 @@ def _phantoms(args: argparse.Namespace) -> None:
         spacing=args.spacing,
         seed=args.seed,
         workers=args.workers,
+        modality=args.modality,
     )
     print(
-        f"wrote {len(ids)} {args.kind} phantoms ({args.layout} layout) to {args.root}: {ids[0]} .. {ids[-1]}"
+        f"wrote {len(ids)} {args.kind} phantoms ({args.modality.upper()}, {args.layout} layout) to {args.root}: "
+        f"{ids[0]} .. {ids[-1]}"
     )
 
 
@@ -123,10 +127,15 @@ def _build_cache(args: argparse.Namespace) -> int:
             cases, module.classes, module.settings, module.cache_dir, workers=args.workers, progress=True
         )
     except BuildInterrupted as stop:
-        done = sum(1 for c in cases if _has_entry(module.cache_dir, c.case_id))
+        labelled = sum(1 for c in cases if _has_entry(module.cache_dir, c.case_id))
+        done = (  # a case is cached once its labels and its image are; the images are cut last
+            f"{labelled} of {len(cases)} cases' labels cached, no image cut yet"
+            if stop.what.startswith("caching")
+            else f"the labels of {labelled} of {len(cases)} cases and {stop.finished} of {stop.total} images cut"
+        )
         print(
-            f"lora-sam3d: interrupted while {stop.what}: {done} of {len(cases)} cases cached in "
-            f"{module.cache_dir} (finished entries kept); run the same command again to build the rest",
+            f"lora-sam3d: interrupted while {stop.what}: {done} in {module.cache_dir} (finished entries "
+            "kept); run the same command again to build the rest",
             file=sys.stderr,
         )
         return 130
@@ -197,6 +206,7 @@ def _extra_parser() -> argparse.ArgumentParser:
     ph.add_argument("--spacing", type=float, nargs=3, default=(1.6, 1.6, 2.5), metavar=("SX", "SY", "SZ"))
     ph.add_argument("--seed", type=int, default=0)
     ph.add_argument("--workers", type=int, default=1, help="cases written at once (processes; same files)")
+    ph.add_argument("--modality", choices=("ct", "mr"), default="ct", help="mr: MR-like images, mri.nii.gz")
     ph.set_defaults(run=_phantoms)
     ex = sub.add_parser(
         "export", help="merge a checkpoint's or an adapter's LoRA: decoder-merged.safetensors (+ adapter/)"
@@ -234,13 +244,37 @@ def _extra_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _is_pipe(stream: TextIO) -> bool:
+    try:
+        return stat.S_ISFIFO(os.fstat(stream.fileno()).st_mode)
+    except (OSError, ValueError, AttributeError):  # a replaced stream (tests, notebooks)
+        return False
+
+
+def _is_devnull(stream: TextIO) -> bool:
+    try:
+        now, null = os.fstat(stream.fileno()), os.stat(os.devnull)
+    except (OSError, ValueError, AttributeError):
+        return False
+    return (now.st_dev, now.st_ino) == (null.st_dev, null.st_ino)
+
+
 def main(argv: list[str] | None = None) -> int:
     explicit = argv is not None
     argv = list(argv) if explicit else sys.argv[1:]
     try:
         if argv and argv[0] in TRAINER_COMMANDS:
             _check_yaml(argv)
-            _lightning_cli(argv if explicit else None)
+            was_pipe = _is_pipe(sys.stdout)
+            try:
+                _lightning_cli(argv if explicit else None)
+            except SystemExit as exit_:
+                # rich's progress bar meets a closed pipe (`predict ... | head -1`) by pointing stdout at
+                # /dev/null and exiting 1; every output is written by then: the exit of a closed pipe
+                if exit_.code == 1 and was_pipe and _is_devnull(sys.stdout):
+                    return 141
+                raise
+            sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
             return 0
         parser = _extra_parser()
         args = parser.parse_args(argv)

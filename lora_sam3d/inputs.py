@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["CONTEXT_CHANNELS", "Batch", "Evidence", "SampleInfo", "Targets", "collate"]
+__all__ = ["CONTEXT_CHANNELS", "Batch", "Evidence", "SampleInfo", "Targets", "collate", "output_stem"]
 
 CONTEXT_CHANNELS = 2
 """The scan as context: normalised intensity, and 1 where the cell lies inside the scan (0 outside)."""
@@ -124,6 +124,8 @@ class SampleInfo(_Record):
             or a request's ``axial16+coronal69``).
         source_image: the NIfTI each sample was read from (its grid receives the predicted mask).
         file_index: a request's first slice in the file's own numbering (None for a split's sample).
+        scan_read: per sample, whether it carries the scan as context (a request with ``context:
+            none``, or a run with ``data.context.source: none``, does not).
     """
 
     case_id: list[str]
@@ -132,6 +134,7 @@ class SampleInfo(_Record):
     source_image: list[str | None]
     class_index: torch.Tensor | None = None
     file_index: list[int | None] | None = None
+    scan_read: list[bool] | None = None
 
 
 @dataclass
@@ -243,5 +246,13 @@ def collate(samples: list[dict[str, Any]]) -> Batch:
         source_image=[s.get("source_image") for s in samples],
         class_index=_optional_stack(samples, "class_index"),
         file_index=[s.get("file_index") for s in samples],
+        scan_read=[s.get("context") is not None for s in samples],
     )
     return Batch(evidence, targets, info)
+
+
+def output_stem(case_id: str, class_name: str, slice_name: str, scan_read: bool | None) -> str:
+    """``<case>_<class>_<slices>``, with ``_noscan`` when ``scan_read`` is False (a model that
+    reads the scan asked to reconstruct from the slices alone): the names of one request read
+    with and without the scan differ."""
+    return f"{case_id}_{class_name}_{slice_name}{'_noscan' if scan_read is False else ''}"

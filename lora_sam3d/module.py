@@ -287,7 +287,7 @@ class LoRAMeshDecoderModule(L.LightningModule):
 
     def predict_step(self, batch: Batch, batch_idx: int) -> list[Prediction]:
         """Per sample: the mesh in world RAS mm, the SDF grid, the frame, and metrics when ground truth exists."""
-        return prediction_records(self(batch), batch, self.hparams.nsd_tolerance_mm)
+        return prediction_records(self(batch), batch, self.hparams.nsd_tolerance_mm, self.model.reads_context)
 
     # -- checkpoints ------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

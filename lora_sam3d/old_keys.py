@@ -71,6 +71,7 @@ DATA_KEYS: dict[str, str] = {
     "view_spacing_mm": "views.spacing_mm",
     "context": "context.source",
     "context_dropout": "context.dropout",
+    "context_reading": "context.reading",
     "train_sampling": "sampling.train",
     "eval_sampling": "sampling.eval",
     "axes": "sampling.axes",

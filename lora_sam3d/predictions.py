@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lora_sam3d.geometry import Mesh, mask_surface, sdf_on_grid
-from lora_sam3d.inputs import Batch
+from lora_sam3d.inputs import Batch, output_stem
 from lora_sam3d.metrics import sample_metrics
 from lora_sam3d.models.reconstructor import Reconstruction, Reconstructor
 
@@ -39,6 +39,9 @@ class Prediction:
         gt_sdf, gt_mesh, metrics: the truth and the scores, when the sample has ground truth.
         scored_against: what the scores compare with: ``truth`` (a split's label) or ``request
             mask`` (the 3D mask a request gave for a new scan).
+        scan_read: whether the model read the scan around the slices; None for a model that reads
+            no scan. False names the outputs ``..._noscan`` (`stem`), so one run can hold a request
+            with and without the scan.
     """
 
     case_id: str
@@ -59,12 +62,19 @@ class Prediction:
     views_image: np.ndarray | None = None
     views_mask: np.ndarray | None = None
     file_index: int | None = None
+    scan_read: bool | None = None
 
     @property
     def stem(self) -> str:
         """The file-name stem of this sample's outputs: ``<case>_<class>_<slice>``, the slice as
-        ``axial57`` (a request's file slice) or ``axis2_slice44`` (a split's canonical slice)."""
-        return f"{self.case_id}_{self.class_name}_{self.slice_name or f'axis{self.axis}_slice{self.index}'}"
+        ``axial57`` (a request's file slice) or ``axis2_slice44`` (a split's canonical slice), and
+        ``_noscan`` after it when a model that reads the scan did not (`output_stem`)."""
+        return output_stem(
+            self.case_id,
+            self.class_name,
+            self.slice_name or f"axis{self.axis}_slice{self.index}",
+            self.scan_read,
+        )
 
 
 @dataclass
@@ -112,9 +122,12 @@ def score_batch(
     return out
 
 
-def prediction_records(rec: Reconstruction, batch: Batch, tolerance_mm: float) -> list[Prediction]:
+def prediction_records(
+    rec: Reconstruction, batch: Batch, tolerance_mm: float, reads_scan: bool = False
+) -> list[Prediction]:
     """The `Prediction` of each sample, scored when it carries ground truth (``native``): a split's
-    label, or the 3D mask a request gave (``scored_against``)."""
+    label, or the 3D mask a request gave (``scored_against``). ``reads_scan``: whether the model
+    reads the scan (then each record says whether its sample carried it)."""
     warn_empty(rec, batch)
     ev, targets, info = batch.evidence, batch.targets, batch.info
     meshes = Reconstructor.meshes(rec, ev.frame_to_world)
@@ -134,6 +147,7 @@ def prediction_records(rec: Reconstruction, batch: Batch, tolerance_mm: float) -
             mesh=mesh,
             slice_name=info.slice_name[i],
             file_index=info.file_index[i] if info.file_index else None,
+            scan_read=bool(info.scan_read[i]) if reads_scan and info.scan_read else None,
         )
         valid = ev.valid[i].cpu()
         if int(valid.sum()) > 1:

@@ -30,6 +30,7 @@ __all__ = [
     "SCRIPT",
     "SHOWN",
     "STYLE",
+    "TILES_PER_ROW",
     "ReportEntry",
     "ReportSample",
     "entry",
@@ -39,6 +40,9 @@ __all__ = [
 ]
 
 SHOWN = ("dice", "hd95_mm", "assd_mm", "nsd", "chamfer_mm")
+
+TILES_PER_ROW = 3
+"""Input slices a row in the viewer's picture of a several-slice sample."""
 
 
 @dataclass
@@ -59,6 +63,7 @@ class ReportSample:
     truth: Mesh | None = None
     metrics: dict[str, float] | None = None
     scored_against: str = "truth"
+    scan: str = "n/a"  # whether the scan was read: read, not read, or n/a (a model that reads none)
 
 
 @dataclass
@@ -72,6 +77,7 @@ class ReportEntry:
     metrics: dict[str, float] | None
     scored_against: str
     view: dict[str, Any] | None  # {"pred": mesh arrays, "truth": mesh arrays | None, "slice": PNG data URI}
+    scan: str = "n/a"
 
 
 def _mesh_arrays(mesh: Mesh | None) -> dict[str, np.ndarray] | None:
@@ -110,8 +116,9 @@ def _view_json(view: dict[str, Any]) -> dict[str, Any]:
 
 def slice_png(image: np.ndarray, mask: np.ndarray) -> str:
     """The input slice (grey) with its mask's outline in red, as a PNG data URI (rows = the slice's
-    second axis, as the previews show it). A stack (K, S, S) of several views gives them side by
-    side, in input order, 2 pixels apart."""
+    second axis, as the previews show it). A stack (K, S, S) of several views gives them in input
+    order, left to right and row by row, at most `TILES_PER_ROW` a row, 2 pixels apart (so ten
+    slices stay readable rather than shrinking to thumbnails)."""
     from PIL import Image
     from scipy.ndimage import binary_erosion
 
@@ -124,9 +131,16 @@ def slice_png(image: np.ndarray, mask: np.ndarray) -> str:
         rgb = np.repeat(grey[..., None], 3, axis=-1)
         m = np.asarray(plane_mask, dtype=bool).T
         rgb[m & ~binary_erosion(m)] = (214, 39, 40)
-        tiles += [rgb, np.full((rgb.shape[0], 2, 3), 255, dtype=np.uint8)]
+        tiles.append(rgb)
+    per_row = min(len(tiles), TILES_PER_ROW)
+    h, w = tiles[0].shape[:2]
+    n_rows = -(-len(tiles) // per_row)
+    sheet = np.full((n_rows * (h + 2) - 2, per_row * (w + 2) - 2, 3), 255, dtype=np.uint8)
+    for k, tile in enumerate(tiles):
+        r, c = divmod(k, per_row)
+        sheet[r * (h + 2) : r * (h + 2) + h, c * (w + 2) : c * (w + 2) + w] = tile
     buf = io.BytesIO()
-    Image.fromarray(np.concatenate(tiles[:-1], axis=1)).save(buf, format="PNG")
+    Image.fromarray(sheet).save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
@@ -138,7 +152,14 @@ def entry(s: ReportSample, view: bool = True) -> ReportEntry:
         "slice": slice_png(s.image, s.mask),
     }
     return ReportEntry(
-        s.stem, s.case_id, s.class_name, s.slice_name, s.metrics, s.scored_against, shown if view else None
+        s.stem,
+        s.case_id,
+        s.class_name,
+        s.slice_name,
+        s.metrics,
+        s.scored_against,
+        shown if view else None,
+        s.scan,
     )
 
 
@@ -148,23 +169,35 @@ def _fmt(value: float | None) -> str:
     return "failed" if math.isinf(value) else f"{value:.3f}"
 
 
+def _breakable(text: str) -> str:
+    """``text`` escaped, with line-break opportunities after its ``_`` and ``+`` (long sample and slice
+    names wrap inside their cells instead of pushing the score columns off-screen)."""
+    return html.escape(text).replace("_", "_<wbr>").replace("+", "+<wbr>")
+
+
 def _table(entries: list[ReportEntry]) -> str:
     scored = any(e.metrics for e in entries)
     head = (
-        "<tr><th>sample</th><th>case</th><th>class</th><th>slice</th>"
+        "<tr><th>sample</th><th>case</th><th>class</th><th>slice</th><th>scan</th>"
         + ("".join(f"<th>{m}</th>" for m in SHOWN) + "<th>scored against</th>" if scored else "")
         + "</tr>"
     )
     rows = []
     for e in entries:
         name = html.escape(e.stem)
-        first = f'<a href="#{name}">{name}</a>' if e.view else name
-        cells = [first, *map(html.escape, (e.case_id, e.class_name, e.slice_name))]
+        shown = _breakable(e.stem)
+        first = f'<a href="#{name}">{shown}</a>' if e.view else shown
+        cells = [
+            first,
+            *map(html.escape, (e.case_id, e.class_name)),
+            _breakable(e.slice_name),
+            html.escape(e.scan),
+        ]
         if scored:
             cells += [_fmt((e.metrics or {}).get(m)) for m in SHOWN]
             cells.append(html.escape(e.scored_against) if e.metrics else "-")
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-    return f"<table>{head}{''.join(rows)}</table>"
+    return f'<div class="table"><table>{head}{"".join(rows)}</table></div>'
 
 
 def _per_class(entries: list[ReportEntry]) -> str:
@@ -181,14 +214,18 @@ def _per_class(entries: list[ReportEntry]) -> str:
         hd95 = [v["hd95_mm"] for v in values if math.isfinite(v.get("hd95_mm", math.nan))]
         fig.add_trace(go.Box(y=dice, name=c, boxpoints="all", showlegend=False), row=1, col=1)
         fig.add_trace(go.Box(y=hd95, name=c, boxpoints="all", showlegend=False), row=1, col=2)
-    fig.update_layout(height=380, margin={"l": 40, "r": 10, "t": 40, "b": 80})
+    fig.update_yaxes(range=[0, 1.02], title_text="Dice", row=1, col=1)  # Dice lies in 0..1
+    fig.update_yaxes(rangemode="tozero", title_text="mm", row=1, col=2)
+    fig.update_layout(height=380, margin={"l": 50, "r": 10, "t": 40, "b": 80})
     return '<div id="per-class">' + fig.to_html(full_html=False, include_plotlyjs=False) + "</div>"
 
 
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:24px;color:#222}
+.table{overflow-x:auto;max-width:100%}
 table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
-td:nth-child(-n+4),th:nth-child(-n+4){text-align:left}
+td:first-child,td:nth-child(4){max-width:18em}
+td:nth-child(-n+5),th:nth-child(-n+5){text-align:left}
 #viewer{border-top:2px solid #888;border-bottom:2px solid #888;margin:20px 0;padding:8px 0}
 .row{display:grid;grid-template-columns:3fr 2fr;gap:16px}.row>div{min-width:0;overflow:hidden}
 #slice{width:100%;image-rendering:pixelated;border:1px solid #ccc}
@@ -219,13 +256,15 @@ function show(stem) {
   if (s.view.truth) traces.push(mesh(s.view.truth, 'truth', '#2ca02c', 0.35));
   const title = 'surface, world RAS mm' + (s.view.truth ? ' (red: predicted, green: true)' : '')
     + (s.view.pred ? '' : ' (empty prediction)');
-  Plotly.react('surface', traces, {title, margin: {l: 0, r: 0, t: 30, b: 0}, height: 460,
-    scene: {aspectmode: 'data', xaxis: {title: 'R (mm)'}, yaxis: {title: 'A (mm)'}, zaxis: {title: 'S (mm)'}}},
+  // plotly.js 3 reads titles as {text: ...} only (a plain string is dropped)
+  Plotly.react('surface', traces, {title: {text: title, x: 0.01, xanchor: 'left'}, margin: {l: 0, r: 0, t: 60, b: 0}, height: 480,
+    scene: {aspectmode: 'data', xaxis: {title: {text: 'R (mm)'}}, yaxis: {title: {text: 'A (mm)'}},
+            zaxis: {title: {text: 'S (mm)'}}}},
     {responsive: true});
   document.getElementById('slice').src = s.view.slice;
   const several = s.slice_name.includes('+');
   document.getElementById('slice-title').textContent = several
-    ? 'input slices ' + s.slice_name.split('+').join(', ') + ' (left to right) and their masks (red)'
+    ? 'input slices ' + s.slice_name.split('+').join(', ') + ' (left to right, row by row) and their masks (red)'
     : 'input slice ' + s.slice_name + ' and its mask (red)';
   document.getElementById('metrics').textContent = s.metrics_text;
 }

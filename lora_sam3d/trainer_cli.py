@@ -11,6 +11,7 @@ Checkpoints are written by `AtomicCheckpointIO` unless the config names other ``
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,8 @@ def adopt_data_settings(data_cfg: Any, stored: dict[str, Any], source: str) -> N
         )
         if given == want:
             continue
+        if key in SCAN_UNITS and stored.get("context_reading") == "relative" and given != default:
+            continue  # a relative reader reads another modality or window through its own statistics
         if given != default:
             raise ValueError(
                 f"data.{path} is {given!r} but {source} was trained with {want!r}: a model reads scans the way "
@@ -67,9 +70,19 @@ def adopt_data_settings(data_cfg: Any, stored: dict[str, Any], source: str) -> N
         data_cfg[path] = want
 
 
+SCAN_UNITS = ("modality", "ct_window_hu")
+"""The stored settings that only set the scan's absolute units: a model that reads the scan
+relative to the marked tissue (``data.context.reading: relative``) may be given others."""
+
+
 def _plain(value: Any) -> Any:
     """Lists and tuples compare as lists."""
     return list(value) if isinstance(value, list | tuple) else value
+
+
+def _as_plain(value: Any) -> Any:
+    """A parsed setting as plain Python: a jsonargparse namespace as its dict."""
+    return value.as_dict() if hasattr(value, "as_dict") else value
 
 
 class LoRASAM3DCLI(LightningCLI):
@@ -96,10 +109,47 @@ class LoRASAM3DCLI(LightningCLI):
         except READ_ERRORS as err:
             raise unreadable(path, err) from err
         if hparams:
+            self._check_against(cfg.model, hparams, path)
             self.config = self.parser.parse_object({self.config.subcommand: {"model": hparams}}, self.config)
         cfg = self.config[self.config.subcommand]
         if base_given and base_given != cfg.model.get("base.checkpoint"):
             cfg.model["base.checkpoint"] = base_given  # the config points to a moved base
+
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        """LightningCLI's parsing, keeping the command line's own options (`_check_against` reads them)."""
+        given = sys.argv[1:] if args is None else args
+        self._given = [
+            a.partition("=")[0][2:] for a in given if isinstance(a, str) and a.startswith("--model.")
+        ]
+        super().parse_arguments(parser, args)
+
+    def _check_against(self, model: Any, hparams: dict[str, Any], path: str) -> None:
+        """A model setting that contradicts ``--ckpt_path``'s own: refused when the command line gives
+        it (the user asked for it), a warning naming it when a config file does (the checkpoint's
+        value is used: the weights were trained with it)."""
+        stored = {k: v for k, v in flatten(hparams).items() if k != "classes"}
+        defaults = self._subcommand_parsers[self.config.subcommand].get_defaults().model
+        for key, value in stored.items():
+            given, default = _plain(_as_plain(model.get(key))), _plain(_as_plain(defaults.get(key)))
+            if given is None or given == _plain(value):
+                continue
+            line = [
+                g
+                for g in getattr(self, "_given", [])
+                if f"model.{key}" == g or f"model.{key}".startswith(g + ".")
+            ]
+            if line:
+                raise ValueError(
+                    f"--{line[0]} asks for model.{key}: {given!r} but the checkpoint {path} was trained with "
+                    f"{value!r}: a checkpoint defines its model; drop --{line[0]} (to read no scan, "
+                    "--data.context.source none), or train a model with it"
+                )
+            if given != default:  # a config file's own value, not a default nobody asked for
+                warnings.warn(
+                    f"model.{key} is {given!r} in the config but {value!r} in the checkpoint {path}: the "
+                    "checkpoint's value is used (its weights were trained with it)",
+                    stacklevel=2,
+                )
 
     def _read_checkpoint(self, path: str) -> dict[str, Any]:
         """A checkpoint's manifest (its data contract and classes, kept for `_adopt_stored`) and its

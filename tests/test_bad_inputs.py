@@ -171,7 +171,7 @@ DATA_CASES: dict[str, tuple[Callable[[Path], None], str]] = {
     ),
     "label affine": (
         lambda c: edit_label(c, shifted),
-        r"heart_myocardium\.nii\.gz and image .*ct\.nii\.gz have different affines",
+        r"heart_myocardium\.nii\.gz and image .*ct\.nii\.gz lie on different grids: the same voxel lies up to [\d.]+ mm apart",
     ),
     "NaN voxels": (lambda c: edit_image(c, with_nan), r"ct\.nii\.gz has 1 NaN/inf voxels"),
     "fractional float label": (
@@ -331,6 +331,13 @@ def predict_items(
         scan = nib.load(str(case / "ct.nii.gz"))
         save_nifti(np.zeros(scan.shape, np.uint8), scan.affine, s.root / "empty_mask.nii.gz")
         save_nifti(np.ones((10, 10), np.uint8), np.eye(4), s.root / "mask2d.nii.gz")
+        labels = (
+            np.asarray(nib.load(str(case / "segmentations" / "heart_myocardium.nii.gz")).dataobj) > 0
+        ) * 1
+        labels[
+            np.asarray(nib.load(str(case / "segmentations" / "heart_ventricle_left.nii.gz")).dataobj) > 0
+        ] = 2
+        save_nifti(labels.astype(np.uint8), scan.affine, s.root / "label_map.nii.gz")
     item = {"image": str(case / "ct.nii.gz"), "mask": str(case / "segmentations" / "heart_myocardium.nii.gz"),
             "axis": "axial", "index": 20, "class_name": "heart_myocardium"} | change  # fmt: skip
 
@@ -703,6 +710,20 @@ RUN_CASES: dict[str, tuple[Callable[[Setup], list[str]], str]] = {
     "predict item empty mask slice": (
         lambda s: predict_items(s, "p5", mask=str(s.root / "empty_mask.nii.gz")),
         r"predict item 1 .*: mask .*empty_mask\.nii\.gz has no voxels on axial20 \(file axis 2, index 20\)$",
+    ),
+    "predict item label map without label_value": (
+        lambda s: predict_items(s, "p5b", mask=str(s.root / "label_map.nii.gz")),
+        r"predict item 1 .*: mask .*label_map\.nii\.gz holds 2 label values \[1, 2\]: a label map, not one "
+        r"structure's mask; give the structure's value",
+    ),
+    "predict item label_value absent from the mask": (
+        lambda s: predict_items(s, "p5c", mask=str(s.root / "label_map.nii.gz"), label_value=9),
+        r"predict item 1 .*: mask .*label_map\.nii\.gz holds no voxel of label value 9; values present: \[1, 2\]$",
+    ),
+    "predict with a model setting the checkpoint contradicts": (
+        lambda s: [*predict_items(s, "p5d"), "--model.finetune.lora.rank", "31"],
+        r"--model\.finetune\.lora\.rank asks for model\.finetune\.lora\.rank: 31 but the checkpoint .* was "
+        r"trained with \d+: a checkpoint defines its model",
     ),
     "predict item truncated image (found before the workers start)": (
         lambda s: predict_items(

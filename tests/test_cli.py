@@ -599,9 +599,13 @@ def check_report(folder: Path, scored: dict[str, str | None]) -> None:
         np.testing.assert_allclose(vertices, written.vertices, atol=0.006)
         assert (e["view"]["truth"] is not None) == (scored[e["stem"]] is not None)
         png = Image.open(io.BytesIO(base64.b64decode(e["view"]["slice"].split(",", 1)[1])))
-        views = e["slice_name"].count("+") + 1  # every input slice, side by side, 2 pixels apart
+        views = e["slice_name"].count("+") + 1  # every input slice, 3 a row, 2 pixels apart
+        per_row, n_rows = min(views, 3), -(-views // 3)
+        side = (png.size[1] + 2) // n_rows - 2
         assert (
-            png.mode == "RGB" and png.size[1] >= 32 and png.size[0] == views * png.size[1] + 2 * (views - 1)
+            png.mode == "RGB"
+            and side >= 32
+            and png.size == (per_row * (side + 2) - 2, n_rows * (side + 2) - 2)
         )
         if scored[e["stem"]]:
             assert f"(against the {scored[e['stem']]})" in e["metrics_text"]

@@ -209,6 +209,7 @@ def test_predict_from_1_3_and_16_slices_with_and_without_context(data: Path, tra
         rows = list(csv.DictReader(f))
     assert len(rows) == 4
     assert [len(r["slice"].split("+")) for r in rows] == [1, 3, 16, 1]
+    assert [r["scan"] for r in rows] == ["read", "read", "read", "not read"], "every row says it"
     assert all(float(r["dice"]) > 0.3 for r in rows), [r["dice"] for r in rows]
     # the same slice with and without the scan: the context changes the surface
     cfg["data"]["context"] = {"source": "none"}
@@ -220,7 +221,7 @@ def test_predict_from_1_3_and_16_slices_with_and_without_context(data: Path, tra
     assert result.returncode == 0, result.stderr[-3000:]
     stem = f"s0004_heart_ventricle_left_axial{mid}"
     with_scan = nib.load(out / f"{stem}_mask.nii.gz").get_fdata()
-    without = nib.load(trained / "none" / f"{stem}_mask.nii.gz").get_fdata()
+    without = nib.load(trained / "none" / f"{stem}_noscan_mask.nii.gz").get_fdata()  # named by the reading
     assert not np.array_equal(with_scan, without)
 
 

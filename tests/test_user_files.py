@@ -230,6 +230,7 @@ def test_an_interrupted_cache_build_stops_and_keeps_what_it_finished(
     assert "run the same command again" in lines[-1]
     built = finished_entries(cache)
     assert 1 <= built < 8, f"{built} entries: the queued cases were not built"
+    assert f"{built} of 8 cases' labels cached, no image cut yet" in lines[-1], "it counts what is done"
     assert not [p for p in cache.rglob(".*") if p.name.endswith(".tmp")], "no temporary folder left"
     again = command(*args)
     out, err = again.communicate(timeout=600)

@@ -121,8 +121,23 @@ def read_meta_splits(root: Path) -> dict[str, str]:
     return splits
 
 
+TS_IMAGES = ("ct.nii.gz", "mri.nii.gz")
+"""A TotalSegmentator-layout case's image: the CT dataset's ``ct.nii.gz``, or the MRI dataset's ``mri.nii.gz``."""
+
+
+def _ts_image(case_dir: Path) -> Path:
+    """The case's image: ``ct.nii.gz``, else ``mri.nii.gz``; a case holding both is refused (which one
+    the labels belong to cannot be told)."""
+    found = [case_dir / name for name in TS_IMAGES if (case_dir / name).is_file()]
+    if len(found) > 1:
+        raise DataError(
+            f"case {case_dir.name} holds both ct.nii.gz and mri.nii.gz: keep one image per case folder"
+        )
+    return found[0] if found else case_dir / TS_IMAGES[0]
+
+
 def _detect_layout(case_dir: Path) -> str | None:
-    if (case_dir / "ct.nii.gz").is_file() or (case_dir / "segmentations").is_dir():
+    if any((case_dir / n).is_file() for n in TS_IMAGES) or (case_dir / "segmentations").is_dir():
         return "totalsegmentator"
     if (case_dir / f"{case_dir.name}-image.nii.gz").is_file():
         return "cropped"
@@ -169,7 +184,7 @@ def discover_cases(
         cases.append(case)
     if not cases:
         raise DataError(
-            f"no cases found in {root}: expected sXXXX/ct.nii.gz with sXXXX/segmentations/<class>.nii.gz "
+            f"no cases found in {root}: expected sXXXX/ct.nii.gz (or mri.nii.gz) with sXXXX/segmentations/<class>.nii.gz "
             f"(TotalSegmentator layout) or sXXXX/sXXXX-image.nii.gz with sXXXX-label.nii.gz (cropped layout)"
             + (f"; {len(skipped)} cases skipped as bad" if skipped else "")
         )
@@ -181,7 +196,7 @@ def _case_from_dir(
 ) -> Case:
     cid = case_dir.name
     if kind == "totalsegmentator":
-        image = case_dir / "ct.nii.gz"
+        image = _ts_image(case_dir)
         masks = {
             bit: (case_dir / "segmentations" / f"{name}.nii.gz", None) for bit, name in enumerate(classes)
         }

@@ -8,7 +8,7 @@ by the model.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,6 +38,7 @@ from lora_sam3d.data.settings import (
     SamplingSettings,
     ViewSettings,
 )
+from lora_sam3d.data.tissue import tissue_ranges
 from lora_sam3d.data.volume import DataError, Preprocessing
 from lora_sam3d.inputs import Batch, collate
 from lora_sam3d.old_keys import DATA_KEYS, fold_keywords
@@ -255,6 +256,8 @@ class TSDataModule(L.LightningDataModule):
             view_layout=s.views.layout,
             view_layouts=list(s.views.layouts) if s.views.layouts else None,
             context=s.context.source,
+            tissue=tissue_ranges(train.cases, self.classes),
+            context_reading=s.context.reading,
         )
 
     def use_trained_contract(self, contract: dict[str, Any] | None) -> None:
@@ -276,6 +279,9 @@ class TSDataModule(L.LightningDataModule):
         trained = None
         if stored:
             contract = DataContract.from_dict(stored)
+            if contract.context_reading == "relative":  # the scan's units are this config's (an MR, say)
+                prep = s.preprocessing
+                contract = replace(contract, modality=prep.modality, ct_window_hu=list(prep.ct_window_hu))
             dataset = PredictionDataset.from_settings(
                 h.predict_items, contract, s.frame.extent_mm, h.intensity_check, s.context.source
             )
@@ -294,6 +300,7 @@ class TSDataModule(L.LightningDataModule):
                 h.intensity_check,
                 s.context.source,
                 4 * s.frame.resolution,
+                reading=s.context.reading,
             )
         dataset.check_view_counts(trained, s.views.count)
         dataset.check_unique_outputs()

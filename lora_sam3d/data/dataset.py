@@ -30,6 +30,7 @@ from lora_sam3d.data.frame import (
     slice_pointmap,
 )
 from lora_sam3d.data.settings import GROUPS, SAMPLING_METHODS, DataSettings, SamplingMethod
+from lora_sam3d.data.tissue import drawn_views, marked_tissue, relative_sample, views_inside
 from lora_sam3d.data.views import seen_centre, stack_planes, stack_views, view_planes, view_rows
 from lora_sam3d.data.volume import DataError, class_mask
 from lora_sam3d.geometry import frame_box, mask_signed_distance
@@ -403,6 +404,10 @@ class TS_SAM3D_Dataset(Dataset):
             )
         if s.context.source == "volume":
             sample["context"] = self._context(case, frame, rng)
+        if s.context.reading == "relative":  # every intensity against the tissue its own slices mark
+            images, masks = drawn_views(sample)
+            inside = views_inside(sample, frame, case.image.shape)
+            relative_sample(sample, marked_tissue(images, masks, side_mm / self.slice_size, inside), inside)
         crop, origin = case.sdf(bit)
         sample["gt_sdf"] = torch.from_numpy(
             sample_sdf(frame, crop, origin, n + 1, s.frame.sdf_truncation_mm, side_mm)
@@ -434,7 +439,7 @@ class TS_SAM3D_Dataset(Dataset):
         if self.split == "train" and rng is not None:
             if rng.uniform() < self.settings.context.dropout:
                 context[:] = 0.0
-            elif self.augment:
+            elif self.augment and self.settings.context.reading == "absolute":  # relative: invariant
                 context[0] = np.clip(context[0] * rng.uniform(0.85, 1.15) + rng.uniform(-0.05, 0.05), 0, 1)
                 context[0] *= context[1]
         return torch.from_numpy(context)

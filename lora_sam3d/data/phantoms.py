@@ -11,6 +11,11 @@ case differs in size, position, orientation and a smooth random deformation of e
 file has a non-trivial affine (anisotropic spacing, a flipped axis, an oblique rotation), so the
 reorientation and resampling code is exercised for real. Shapes are implicit functions evaluated
 at each voxel centre's world position: the ground truth is exact in millimetres.
+
+``modality="mr"`` writes the same anatomy as an MR-like scan (``mri.nii.gz``, as TotalSegmentator's
+MRI dataset names it): each tissue's intensity drawn per case (sequences differ, so a tissue may
+be bright in one case and dark in the next, and no Hounsfield unit holds), a smooth multiplicative
+bias field, Rician noise and an arbitrary range (`mr_from_ct`).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ __all__ = [
     "grid_affine",
     "hard_shapes_case",
     "heart_case",
+    "mr_from_ct",
     "phantom_label_values",
     "shapes_case",
     "world_points",
@@ -51,6 +57,9 @@ HEART_CLASSES = (
 )
 SHAPE_CLASSES = ("ellipsoid", "box", "superquadric", "torus")
 PhantomKind = Literal["heart", "shapes", "hard_shapes"]
+Modality = Literal["ct", "mr"]
+IMAGE_NAMES = {"ct": "ct.nii.gz", "mr": "mri.nii.gz"}
+"""The image file of a TotalSegmentator-layout case, by modality."""
 
 
 def _rotation(rng: np.random.Generator, max_deg: float) -> np.ndarray:
@@ -270,6 +279,32 @@ def hard_shapes_case(
     return np.round(hu).astype(np.int16), masks, affine
 
 
+def mr_from_ct(hu: np.ndarray, affine: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """An MR-like image (float32, >= 0) of a phantom's anatomy from its CT (``hu``): every 60 HU band
+    of tissue gets an intensity drawn for this case (a smooth random, non-monotone map, so contrast
+    between two tissues may flip between cases as it does between sequences; air stays dark), times
+    a bias field smooth across the volume (+-25%), with Rician noise, scaled to a range drawn
+    between 300 and 4000."""
+    centres = np.arange(-940.0, 460.0, 60.0)
+    weights = rng.uniform(0.05, 1.0, centres.size)
+    weights[centres < -900] = 0.0  # air has no signal
+    h = np.clip(hu.astype(np.float32), -1000, 500)
+    signal = np.zeros(hu.shape, dtype=np.float32)
+    total = np.zeros(hu.shape, dtype=np.float32)
+    for c, w in zip(centres, weights, strict=True):
+        g = np.exp(-0.5 * ((h - c) / 35.0) ** 2)
+        signal += w * g
+        total += g
+    signal /= np.maximum(total, 1e-6)
+    p = world_points(hu.shape, affine) / 150.0  # world mm over a body's size
+    bias = np.exp(0.25 * np.tanh(p @ rng.normal(0, 1, 3) + 0.5 * (p**2) @ rng.normal(0, 1, 3)))
+    sigma = rng.uniform(0.01, 0.04)
+    noisy = np.hypot(
+        signal * bias.reshape(hu.shape) + rng.normal(0, sigma, hu.shape), rng.normal(0, sigma, hu.shape)
+    )
+    return (noisy * rng.uniform(300.0, 4000.0)).astype(np.float32)
+
+
 def _save(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
     img = nib.Nifti1Image(array, affine)
     img.set_qform(affine, code=1)
@@ -287,18 +322,23 @@ def write_phantoms(
     seed: int = 0,
     split_fractions: tuple[float, float, float] = (0.6, 0.2, 0.2),
     workers: int = 1,
+    modality: Modality = "ct",
 ) -> list[str]:
     """Write ``n_cases`` phantoms under ``root`` plus ``meta.csv`` (with a UTF-8 BOM, ';'-separated,
     as TotalSegmentator's). Returns the case ids. The cropped layout stores one integer label map
     with values 1..5 in the order of the class list (see `phantom_label_values`). Each case draws
-    from its own seed, so ``workers`` processes write the same files as one."""
+    from its own seed, so ``workers`` processes write the same files as one. ``modality="mr"``:
+    MR-like images of the same anatomy (`mr_from_ct`), ``mri.nii.gz`` in TotalSegmentator's layout."""
+    if modality not in IMAGE_NAMES:
+        raise ValueError(f"phantom modality {modality!r}: expected 'ct' or 'mr'")
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     ids = [f"s{i + 1:04d}" for i in range(n_cases)]
     n_train, n_val, n_test = split_counts(n_cases, split_fractions)
     splits = ["train"] * n_train + ["val"] * n_val + ["test"] * n_test
     jobs = [
-        (root, case_id, i, kind, layout, tuple(shape), tuple(spacing), seed) for i, case_id in enumerate(ids)
+        (root, case_id, i, kind, layout, tuple(shape), tuple(spacing), seed, modality)
+        for i, case_id in enumerate(ids)
     ]
     if workers > 1 and n_cases > 1:
         from concurrent.futures import ProcessPoolExecutor
@@ -312,22 +352,24 @@ def write_phantoms(
         writer = csv.writer(f, delimiter=";")
         writer.writerow(["image_id", "age", "gender", "institute", "study_type", "split"])
         for case_id, split in zip(ids, splits, strict=True):
-            writer.writerow([case_id, 60, "f", "phantom", "ct thorax", split])
+            writer.writerow([case_id, 60, "f", "phantom", f"{modality} thorax", split])
     return ids
 
 
 def _write_case(job: tuple) -> None:
     """One case of `write_phantoms` (a top-level function, so worker processes can run it)."""
-    root, case_id, index, kind, layout, shape, spacing, seed = job
+    root, case_id, index, kind, layout, shape, spacing, seed, modality = job
     make = {"heart": heart_case, "shapes": shapes_case, "hard_shapes": hard_shapes_case}[kind]
     classes = HEART_CLASSES if kind == "heart" else SHAPE_CLASSES
     rng = np.random.default_rng([seed, index, ("heart", "shapes", "hard_shapes").index(kind)])
     hu, masks, affine = make(shape, spacing, rng)
+    if modality == "mr":  # the same anatomy (same seed) as the CT phantom, another contrast
+        hu = mr_from_ct(hu, affine, np.random.default_rng([seed, index, 7]))
     case_dir = root / case_id
     case_dir.mkdir(exist_ok=True)
     if layout == "totalsegmentator":
         (case_dir / "segmentations").mkdir(exist_ok=True)
-        _save(hu, affine, case_dir / "ct.nii.gz")
+        _save(hu, affine, case_dir / IMAGE_NAMES[modality])
         for name, m in masks.items():
             _save(m.astype(np.uint8), affine, case_dir / "segmentations" / f"{name}.nii.gz")
     else:

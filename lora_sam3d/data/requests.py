@@ -27,17 +27,28 @@ from lora_sam3d.data.cases import check_class_names
 from lora_sam3d.data.dataset import native_from_mask, slice_inputs
 from lora_sam3d.data.frame import sample_context
 from lora_sam3d.data.settings import Context, DataContract
+from lora_sam3d.data.tissue import (
+    Tissue,
+    drawn_views,
+    marked_tissue,
+    relative_sample,
+    tissue_mismatch,
+    views_inside,
+)
 from lora_sam3d.data.views import seen_centre, stack_views, view_rows
 from lora_sam3d.data.volume import (
     DataError,
     IsotropicGrid,
     Preprocessing,
+    affine_difference,
     canonical_grid,
     integer_labels,
     intensity_mismatch,
     load_volume,
+    structure_mask,
 )
 from lora_sam3d.geometry import AXIS_NAMES
+from lora_sam3d.inputs import output_stem
 
 __all__ = [
     "PredictItem",
@@ -264,6 +275,7 @@ def read_slice_mask(path: Path, img: nib.Nifti1Image, ref: SliceRef, label_value
     a 3D mask or label map on the scan's grid, a 2D NIfTI (or a one-slice 3D one, e.g. (X, Y, 1)), or
     an image (`read_png_mask`). Values are read as training labels are (`integer_labels`)."""
     want = tuple(s for i, s in enumerate(img.shape) if i != ref.file_axis)
+    whole_file = True  # the data read is the whole mask file (a 2D mask), not one slice of a 3D one
     if path.suffix.lower() in (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"):
         data = read_png_mask(path, label_value)
     else:
@@ -277,6 +289,7 @@ def read_slice_mask(path: Path, img: nib.Nifti1Image, ref: SliceRef, label_value
             take: list[Any] = [slice(None)] * 3
             take[ref.file_axis] = ref.index
             data = integer_labels(np.asarray(mask_img.dataobj[tuple(take)]), path, "mask")
+            whole_file = False
         else:
             data = integer_labels(np.asarray(mask_img.dataobj), path, "mask")
     if data.shape != want:
@@ -284,7 +297,7 @@ def read_slice_mask(path: Path, img: nib.Nifti1Image, ref: SliceRef, label_value
             f"2D mask {path} has shape {data.shape} but {ref.name} (file axis {ref.file_axis}) of the image "
             f"has shape {want}"
         )
-    mask = data == label_value if label_value is not None else data != 0
+    mask = structure_mask(data, label_value, path, value_required=whole_file)
     if not mask.any():
         raise DataError(
             f"mask {path} has no voxels on {ref.name} (file axis {ref.file_axis}, index {ref.index})"
@@ -308,8 +321,8 @@ def check_mask_grid(mask_img: nib.Nifti1Image, img: nib.Nifti1Image, path: Path)
         )
     if not np.allclose(mask_img.affine, img.affine, atol=1e-3):
         raise DataError(
-            f"mask {path} has the image's shape {img.shape} but another affine (voxel -> world mm):\n"
-            f"{np.round(mask_img.affine, 3)}\nvs the image's\n{np.round(img.affine, 3)}"
+            f"mask {path} has the image's shape {img.shape} but another grid (affine): "
+            f"{affine_difference(mask_img.affine, img.affine)}; a 3D mask must be on the scan's grid"
         )
 
 
@@ -321,8 +334,7 @@ def read_mask_volume(path: Path, img: nib.Nifti1Image, label_value: int | None) 
     mask_img = load_mask_nifti(path)
     if len(mask_img.shape) != 3 or mask_img.shape != img.shape:
         return None
-    data = integer_labels(np.asarray(mask_img.dataobj), path, "mask")
-    return data == label_value if label_value is not None else data != 0
+    return structure_mask(integer_labels(np.asarray(mask_img.dataobj), path, "mask"), label_value, path)
 
 
 def contradicting_pairs(refs: list[SliceRef], masks: list[np.ndarray]) -> list[tuple[int, int]]:
@@ -368,7 +380,9 @@ def case_names(images: Sequence[str | Path]) -> list[str]:
 
     def name(path: Path) -> str:
         folders = (
-            path.parent.parts[1:] if path.name.split(".")[0] in ("ct", "image", "mr") else path.parts[1:-1]
+            path.parent.parts[1:]
+            if path.name.split(".")[0] in ("ct", "image", "mr", "mri")
+            else path.parts[1:-1]
         )
         parents = folders[: len(folders) - 1] if folders and case_name(path) == folders[-1] else folders
         return "-".join(
@@ -390,10 +404,10 @@ def case_names(images: Sequence[str | Path]) -> list[str]:
 
 
 def case_name(image: str | Path) -> str:
-    """The case id of an image: its folder for TotalSegmentator's ``<case>/ct.nii.gz``, else the file stem."""
+    """The case id of an image: its folder for TotalSegmentator's ``<case>/ct.nii.gz`` (or ``mri.nii.gz``), else the file stem."""
     path = Path(image)
     stem = path.name.removesuffix(".gz").removesuffix(".nii")
-    return path.parent.name if stem in ("ct", "image", "mr") and path.parent.name else stem
+    return path.parent.name if stem in ("ct", "image", "mr", "mri") and path.parent.name else stem
 
 
 class PredictionDataset(Dataset):
@@ -414,9 +428,16 @@ class PredictionDataset(Dataset):
         intensity_check: Literal["warn", "error"] = "warn",
         context: Context = "none",
         context_cells: int = 64,
+        scan_readable: bool | None = None,
+        tissue: Mapping[str, Sequence[float]] | None = None,
+        reading: str = "absolute",
     ) -> None:
+        self.tissue = dict(tissue or {})  # per class, the training scans' tissue (`tissue_ranges`)
+        self.reading = reading  # how the model reads the scan (`ContextSettings.reading`)
         self.intensity_check = intensity_check
         self.context, self.context_cells = context, context_cells
+        # whether the model reads the scan at all (then a request without it is named ..._noscan)
+        self.scan_readable = context == "volume" if scan_readable is None else scan_readable
         self.items = [i if isinstance(i, PredictItem) else PredictItem(**i) for i in items]
         self.prep, self.extent_mm, self.frame_scale, self.slice_size = (
             prep,
@@ -428,6 +449,7 @@ class PredictionDataset(Dataset):
         self.masks: list[list[np.ndarray]] = []
         self.grids: list[IsotropicGrid] = []  # per item, the model's grid of its scan
         self._finite: set[str] = set()
+        self._whole_masks: set[tuple[str, int | None]] = set()  # (3D mask, label value) pairs checked
         for k, item in enumerate(self.items, start=1):
             try:
                 self._check(item)
@@ -461,16 +483,27 @@ class PredictionDataset(Dataset):
             if stem in stems:
                 raise DataError(
                     f"predict items {stems[stem]} and {k} ask for the same reconstruction ({stem}: same scan, "
-                    "structure and slice), so the second would overwrite the first's files; remove one"
+                    "structure, slices and reading of the scan), so the second would overwrite the first's "
+                    "files; remove one"
                 )
             stems[stem] = k
 
+    def reads_scan(self, i: int) -> bool:
+        """Whether request ``i``'s sample carries the scan: its own ``context``, else the run's."""
+        return (self.items[i].context or self.context) == "volume"
+
     @property
     def stems(self) -> list[str]:
-        """Each request's output name: ``<case>_<class>_<slice>`` (unique within the request list)."""
+        """Each request's output name (`output_stem`: ``<case>_<class>_<slices>``, ``_noscan`` when a
+        model that reads the scan does not for it); unique within the request list."""
         return [
-            f"{c}_{i.class_name}_{'+'.join(r.name for r in refs)}"
-            for c, i, refs in zip(self.case_ids, self.items, self.slices, strict=True)
+            output_stem(
+                c,
+                i.class_name,
+                "+".join(r.name for r in refs),
+                self.reads_scan(k) if self.scan_readable else None,
+            )
+            for k, (c, i, refs) in enumerate(zip(self.case_ids, self.items, self.slices, strict=True))
         ]
 
     @classmethod
@@ -488,7 +521,19 @@ class PredictionDataset(Dataset):
         c = data if isinstance(data, DataContract) else DataContract.from_dict(data)
         extents = {**c.extent_mm, **(extent_mm or {})}
         cells = 4 * (c.resolution or c.slice_size // 4)
-        return cls(items, c.prep, extents, c.frame_scale, c.slice_size, intensity_check, context, cells)
+        return cls(
+            items,
+            c.prep,
+            extents,
+            c.frame_scale,
+            c.slice_size,
+            intensity_check,
+            context,
+            cells,
+            c.context == "volume",
+            c.tissue,
+            c.context_reading,
+        )
 
     def _check(self, item: PredictItem) -> None:
         check_class_names([item.class_name], "class_name")
@@ -507,6 +552,10 @@ class PredictionDataset(Dataset):
         for k, plane in enumerate(item.planes(), start=1):
             if not Path(plane["mask"]).is_file():
                 raise DataError(f"mask {plane['mask']} does not exist")
+            # a 3D mask is checked whole (a label map without label_value, a value it lacks) before any slice
+            if (plane["mask"], plane["label_value"]) not in self._whole_masks:
+                read_mask_volume(Path(plane["mask"]), img, plane["label_value"])
+                self._whole_masks.add((plane["mask"], plane["label_value"]))
             ref = locate_slice(img, parse_axis(plane["axis"]), plane["index"], plane["position_mm"])
             if any((r.file_axis, r.index) == (ref.file_axis, ref.index) for r in refs):
                 raise DataError(
@@ -631,10 +680,69 @@ class PredictionDataset(Dataset):
                 )
             ]
             sample |= stack_views(sample, rows, self.max_views)
-        if (item.context or self.context) == "volume":
+        inside = views_inside(sample, frame, volume.image.shape)
+        tissue = self._check_tissue(i, sample, side_mm, inside)
+        if self.reads_scan(i):
             context = sample_context(frame, volume.image, self.context_cells, raw.affine, raw.shape)
             sample["context"] = torch.from_numpy(context)
+        if self.reading == "relative":
+            relative_sample(sample, tissue, inside)
+        self._warn_at_edge(i, sample, side_mm)
         return sample
+
+    def _check_tissue(
+        self, i: int, sample: dict[str, Any], side_mm: float, inside: np.ndarray
+    ) -> Tissue | None:
+        """The tissue under the drawn masks (`marked_tissue`; None, with a warning naming the request,
+        when the masks are too small for statistics), checked against what the model saw of the
+        class in training (`tissue_mismatch`): a warning naming the request, or an error with
+        ``intensity_check: error``."""
+        images, masks = drawn_views(sample)
+        item = self.items[i]
+        tissue = marked_tissue(images, masks, side_mm / masks.shape[-1], inside)
+        trained = self.tissue.get(item.class_name)
+        if tissue is None and (trained is not None or self.reading == "relative"):
+            warnings.warn(
+                f"predict item {i + 1} ({item.class_name} in {item.image}, {'+'.join(r.name for r in self.slices[i])}): "
+                "its drawn masks are too small (or fill their slices) for statistics of the marked tissue: "
+                "not compared with the training scans, and a relative reading of the scan reads neutral",
+                stacklevel=2,
+            )
+        # a relative reader sees no absolute unit: only a model that reads them is warned of them
+        absolute = self.reading == "absolute"
+        why = None if tissue is None or trained is None or not absolute else tissue_mismatch(tissue, trained)
+        if why is None:
+            return tissue
+        message = (
+            f"predict item {i + 1} ({item.class_name} in {item.image}): {why}; is the scan another modality "
+            "or rescaled, its contrast inverted, or the mask drawn on another scan?"
+        )
+        if self.intensity_check == "error":
+            raise DataError(f"{message} (data.intensity_check: error refuses it; warn only warns)")
+        warnings.warn(message, stacklevel=2)
+        return tissue
+
+    def _warn_at_edge(self, i: int, sample: dict[str, Any], side_mm: float) -> None:
+        """A drawn mask that reaches the frame's edge is cut there: the structure is larger than
+        the frame its class was trained with, and its surface past the edge cannot be reconstructed."""
+        masks = sample["view_mask"][sample["view_valid"]] if "view_mask" in sample else sample["mask"][None]
+        masks = np.asarray(masks, dtype=bool)
+        edge = masks[:, [0, -1], :].any(axis=(1, 2)) | masks[:, :, [0, -1]].any(axis=(1, 2))
+        if not edge.any():
+            return
+        refs, pixel_mm = self.slices[i], side_mm / masks.shape[-1]
+        names = [refs[k].name for k in np.flatnonzero(edge) if k < len(refs)]
+        rows, cols = np.flatnonzero(masks.any(axis=(0, 2))), np.flatnonzero(masks.any(axis=(0, 1)))
+        span = max(rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1) * pixel_mm
+        item = self.items[i]
+        warnings.warn(
+            f"predict item {i + 1} ({item.class_name} in {item.image}): the mask of {', '.join(names)} reaches "
+            f"the edge of the {side_mm:.0f} mm frame of {item.class_name} (at least {span:.0f} mm of it is "
+            "inside): the structure is larger than the frame the model was trained with, and its surface "
+            "past the edge is cut; give data.frame.extent_mm a larger extent for this class, or a model "
+            "trained on larger frames",
+            stacklevel=2,
+        )
 
     @property
     def max_views(self) -> int:

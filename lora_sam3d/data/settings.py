@@ -44,6 +44,8 @@ VIEW_LAYOUTS: tuple[str, ...] = get_args(ViewLayout)
 
 Context = Literal["volume", "none"]
 CONTEXTS: tuple[str, ...] = get_args(Context)
+Reading = Literal["absolute", "relative"]
+READINGS: tuple[str, ...] = get_args(Reading)
 
 SamplingMethod = Literal["random_axis", "uniform", "central", "all"]
 SAMPLING_METHODS: tuple[str, ...] = get_args(SamplingMethod)
@@ -185,15 +187,21 @@ class ContextSettings:
             (``model.context.read``); ``none``: the slices only.
         dropout: with ``source: volume``, the share of training samples whose context is blanked
             (read as "no scan"), so one adapter serves requests with and without it.
+        reading: ``absolute``: the scan's normalised intensity (CT window, MR percentiles);
+            ``relative``: each cell's intensity read against the tissue the sample's masks mark on
+            its slices and the tissue around it (`lora_sam3d.data.tissue.relative_intensity`), so
+            another contrast, protocol or modality gives the same evidence.
     """
 
     GROUP = "context"
     source: Context = "none"
     dropout: float = 0.25
+    reading: Reading = "absolute"
 
     def __post_init__(self) -> None:
         _check(self, "source", self.source in CONTEXTS, " or ".join(CONTEXTS))
         _check(self, "dropout", _fraction(self.dropout), "a fraction in [0, 1]")
+        _check(self, "reading", self.reading in READINGS, " or ".join(READINGS))
 
 
 @dataclass(frozen=True)
@@ -303,7 +311,14 @@ class DataSettings:
         return cls(**{k: v for k, v in (values or {}).items() if k in known})
 
 
-PREPROCESSING_SETTINGS = ("spacing", "modality", "ct_window_hu", "frame_scale", "slice_size")
+PREPROCESSING_SETTINGS = (
+    "spacing",
+    "modality",
+    "ct_window_hu",
+    "frame_scale",
+    "slice_size",
+    "context_reading",
+)
 """The `DataContract` keys that say how a model was trained to read scans: predicting uses the
 stored values, and adapters routed in one run must agree on them (their places in the ``data``
 section: `lora_sam3d.old_keys.DATA_KEYS`)."""
@@ -326,6 +341,10 @@ class DataContract:
         view_layouts: the layouts training drew from (None: ``view_layout`` alone).
         context: ``volume`` when it trained with the scan as context (the model's ``context``
             says whether it can read it), ``none`` otherwise.
+        context_reading: how the scan is read, ``absolute`` or ``relative`` (`ContextSettings`).
+        tissue: per class, what the structure looked like in the training scans (normalised
+            intensity range inside it and of its contrast with its surroundings,
+            `lora_sam3d.data.tissue.tissue_ranges`); None in models written before it existed.
     """
 
     classes: list[str]
@@ -340,6 +359,8 @@ class DataContract:
     view_layout: str = "orthogonal"
     view_layouts: list[str] | None = None
     context: str = "none"
+    tissue: dict[str, list[float]] | None = None
+    context_reading: str = "absolute"  # models written before the relative reading read absolute
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

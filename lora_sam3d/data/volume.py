@@ -12,6 +12,7 @@ TotalSegmentator's are).
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import Counter
 from collections.abc import Mapping
@@ -34,12 +35,14 @@ __all__ = [
     "Preprocessing",
     "Volume",
     "add_class",
+    "affine_difference",
     "canonical_grid",
     "check_same_grid",
     "class_mask",
     "integer_labels",
     "intensity_mismatch",
     "label_dtype",
+    "label_values_present",
     "load_image",
     "load_labels",
     "load_nifti",
@@ -48,6 +51,7 @@ __all__ = [
     "open_nifti",
     "read_array",
     "read_labels",
+    "structure_mask",
 ]
 
 MAX_CLASSES = 32767
@@ -242,6 +246,42 @@ def integer_labels(data: np.ndarray, path: str | Path, what: str = "label") -> n
     return rounded.astype(np.int32)
 
 
+def label_values_present(data: np.ndarray) -> list[int]:
+    """The distinct non-zero values of an integer label array, ascending (a counting pass for the
+    small non-negative types masks come in, a sort otherwise)."""
+    data = np.asarray(data)
+    if data.dtype == np.bool_:
+        return [1] if data.any() else []
+    if data.size and data.dtype.kind in "iu" and int(data.min()) >= 0 and int(data.max()) < 1 << 16:
+        flat, seen = data.reshape(-1), np.zeros(int(data.max()) + 1, dtype=bool)
+        for start in range(0, flat.size, 1 << 22):  # in chunks: bincount copies to 8-byte integers
+            seen |= np.bincount(flat[start : start + (1 << 22)], minlength=seen.size) > 0
+        return [int(v) for v in np.flatnonzero(seen) if v]
+    return [int(v) for v in np.unique(data) if v]
+
+
+def structure_mask(
+    data: np.ndarray, value: int | None, path: str | Path, what: str = "mask", value_required: bool = True
+) -> np.ndarray:
+    """Where one structure is in integer label data: the voxels equal to ``value``, or without a
+    value the non-zero ones of a binary mask. A label map (several non-zero values) without a
+    value is refused, naming the values: it would silently read the union of a TotalSegmentator-
+    style map as one structure. A value the file does not hold is refused too, naming those it
+    does (``value_required=False``: an empty mask, a training case without that structure)."""
+    present = label_values_present(data)
+    if value is None and len(present) > 1:
+        shown = present if len(present) <= 12 else [*present[:12], "..."]
+        raise DataError(
+            f"{what} {path} holds {len(present)} label values {shown}: a label map, not one structure's "
+            "mask; give the structure's value (label_value for a request, data.cases.label_values to "
+            "train), or a mask with one non-zero value"
+        )
+    if value_required and value is not None and present and int(value) not in present:
+        shown = present if len(present) <= 12 else [*present[:12], "..."]
+        raise DataError(f"{what} {path} holds no voxel of label value {value}; values present: {shown}")
+    return data != 0 if value is None else data == value
+
+
 def check_same_grid(
     grid: tuple[tuple[int, ...], np.ndarray], label: nib.Nifti1Image, image_path: Path, label_path: Path
 ) -> None:
@@ -253,8 +293,26 @@ def check_same_grid(
         )
     if not np.allclose(affine, label.affine, atol=1e-3):
         raise DataError(
-            f"label {label_path} and image {image_path} have different affines:\n{label.affine}\nvs\n{affine}"
+            f"label {label_path} and image {image_path} lie on different grids: {affine_difference(label.affine, affine)}"
         )
+
+
+def affine_difference(a: np.ndarray, b: np.ndarray) -> str:
+    """Two voxel -> world affines' difference in one line: how far apart (mm) the grids put the same
+    voxel, at the worst corner of a 512-voxel cube; both matrices go to the debug log."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    logging.getLogger("lora_sam3d").debug("affine\n%s\nvs\n%s", np.round(a, 4), np.round(b, 4))
+    corners = np.array([[i, j, k, 1.0] for i in (0, 511) for j in (0, 511) for k in (0, 511)])
+    moved = np.linalg.norm((corners @ (a - b).T)[:, :3], axis=1)
+    origin = float(np.linalg.norm(a[:3, 3] - b[:3, 3]))
+    return (
+        f"the same voxel lies up to {moved.max():.3g} mm apart (origins {origin:.3g} mm apart; voxel sizes "
+        f"{_sizes(a)} vs {_sizes(b)} mm)"
+    )
+
+
+def _sizes(affine: np.ndarray) -> str:
+    return " x ".join(f"{v:.3g}" for v in np.linalg.norm(affine[:3, :3], axis=0))
 
 
 INTENSITY_SHARE = 0.5
@@ -385,7 +443,8 @@ def load_labels(
             check_same_grid(grid, label_img, image_path, label_path)
             loaded[label_path] = read_labels(label_img, label_path)
         data = loaded[label_path]
-        mask = data != 0 if value is None else data == value
+        ours = in_memory is not None and label_path in in_memory  # a request's own binary view masks
+        mask = (data != 0) if ours else structure_mask(data, value, label_path, "label", value_required=False)
         add_class(labels, bit, mask, names)
         uses[label_path] -= 1
         if not uses[label_path]:  # one mask file in memory at a time (a label map: until its last class)
