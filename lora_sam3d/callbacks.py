@@ -264,8 +264,7 @@ class MeshPredictionWriter(BasePredictionWriter):
             mesh = record.mesh.smoothed(self.smooth_iterations)
             for output in self.outputs:
                 self.written += output.write(record, mesh, out)
-            if record.metrics is not None:
-                self.rows.append(metrics_row(record))
+            self.rows.append(metrics_row(record))  # every sample: its drawn-slice Dice needs no truth
             if self.report:  # compact: only what the page shows, a 3D view for the first report_views
                 self.samples.append(
                     entry(report_sample(record, mesh), view=len(self.samples) < self.report_views)
@@ -290,7 +289,8 @@ class MeshPredictionWriter(BasePredictionWriter):
             return
         out = self._dir(trainer)
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=list(self.rows[0]))
+        columns = list(dict.fromkeys(k for row in self.rows for k in row))  # scored rows have more
+        writer = csv.DictWriter(buf, fieldnames=columns, restval="")
         writer.writeheader()
         writer.writerows(self.rows)
         text = buf.getvalue()
@@ -306,17 +306,25 @@ class MeshPredictionWriter(BasePredictionWriter):
             counts[kind] = counts.get(kind, 0) + 1
         summary = ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items()))
         rank_zero_info(f"predictions written to {self._dir(trainer)}: {summary}")
-        if self.rows:
-            means = _means(self.rows)
+        scored = [r for r in self.rows if r.get("dice") not in (None, "")]
+        if scored:
+            means = _means(scored)
             rank_zero_info(
-                "mean over {} samples: Dice {:.3f}, HD95 {:.1f} mm, ASSD {:.1f} mm, NSD@{}mm {:.3f}".format(
-                    len(self.rows),
+                "mean over {} samples: Dice {:.3f}, HD95 {:.1f} mm, ASSD {:.1f} mm, NSD@{}mm {:.3f}; "
+                "on the drawn slices Dice {:.3f}".format(
+                    len(scored),
                     means["dice"],
                     means["hd95_mm"],
                     means["assd_mm"],
                     pl_module.hparams.get("nsd_tolerance_mm", 3.0),
                     means["nsd"],
+                    means["drawn_dice"],
                 )
+            )
+        elif self.rows:
+            rank_zero_info(
+                f"{len(self.rows)} samples without truth (not scored); on the drawn slices Dice "
+                f"{_means(self.rows)['drawn_dice']:.3f}"
             )
 
 
@@ -334,7 +342,8 @@ def metrics_row(record: Prediction) -> dict[str, Any]:
         "file_index": "" if record.file_index is None else record.file_index,
         "slice": record.slice_name or f"axis{record.axis}_slice{record.index}",
         "scan": SCAN_WORDS[record.scan_read],
-        "scored_against": record.scored_against,
+        "scored_against": record.scored_against if record.metrics is not None else "",
+        "drawn_dice": record.drawn_dice,
         **(record.metrics or {}),
     }
 
@@ -353,6 +362,7 @@ def report_sample(record: Prediction, mesh: Mesh) -> ReportSample:
         record.metrics,
         record.scored_against,
         SCAN_WORDS[record.scan_read],
+        record.drawn_dice,
     )
 
 
@@ -368,7 +378,7 @@ def _from_all_processes(trainer: L.Trainer, items: list[Any]) -> list[Any]:
 def _means(rows: list[dict[str, Any]]) -> dict[str, float]:
     keys = [
         k
-        for k in rows[0]
+        for k in dict.fromkeys(k for r in rows for k in r)
         if k
         not in (
             "case_id",
@@ -383,7 +393,8 @@ def _means(rows: list[dict[str, Any]]) -> dict[str, float]:
     ]
     out = {}
     for k in keys:
-        values = torch.tensor([float(r[k]) for r in rows], dtype=torch.float64)
+        given = [r[k] for r in rows if r.get(k) not in (None, "")]  # rows without truth lack its scores
+        values = torch.tensor([float(v) for v in given], dtype=torch.float64)
         finite = values[torch.isfinite(values)]
         out[k] = float(finite.mean()) if len(finite) else math.nan
     return out

@@ -32,7 +32,9 @@ __all__ = [
     "surface_distances",
 ]
 
-METRICS = ("dice", "iou", "hd95_mm", "assd_mm", "nsd", "chamfer_mm")
+METRICS = ("dice", "iou", "hd95_mm", "assd_mm", "nsd", "chamfer_mm", "drawn_dice")
+"""What validation and test log per class; ``drawn_dice`` is the prediction against the drawing on
+the drawn planes (`lora_sam3d.models.drawing.drawn_dice`), the others against the truth in 3D."""
 
 
 Spacing = float | tuple[float, float, float] | np.ndarray

@@ -16,6 +16,7 @@ import numpy as np
 from lora_sam3d.geometry import Mesh, mask_surface, sdf_on_grid
 from lora_sam3d.inputs import Batch, output_stem
 from lora_sam3d.metrics import sample_metrics
+from lora_sam3d.models.drawing import drawn_dice
 from lora_sam3d.models.reconstructor import Reconstruction, Reconstructor
 
 __all__ = ["Prediction", "Scored", "prediction_records", "score_batch", "warn_empty"]
@@ -39,6 +40,7 @@ class Prediction:
         gt_sdf, gt_mesh, metrics: the truth and the scores, when the sample has ground truth.
         scored_against: what the scores compare with: ``truth`` (a split's label) or ``request
             mask`` (the 3D mask a request gave for a new scan).
+        drawn_dice: the prediction against the user's drawing on the drawn planes (no truth needed).
         scan_read: whether the model read the scan around the slices; None for a model that reads
             no scan. False names the outputs ``..._noscan`` (`stem`), so one run can hold a request
             with and without the scan.
@@ -63,6 +65,7 @@ class Prediction:
     views_mask: np.ndarray | None = None
     file_index: int | None = None
     scan_read: bool | None = None
+    drawn_dice: float | None = None
 
     @property
     def stem(self) -> str:
@@ -107,6 +110,7 @@ def score_batch(
     frame_to_world = batch.evidence.frame_to_world
     meshes = meshes if meshes is not None else Reconstructor.meshes(rec, frame_to_world)
     natives = batch.targets.native or [None] * len(meshes)
+    drawn = drawn_dice(rec.sdf.detach(), batch.evidence)
     out: list[Scored | None] = []
     for i, (mesh, native) in enumerate(zip(meshes, natives, strict=True)):
         if native is None:
@@ -118,7 +122,7 @@ def score_batch(
         values = sample_metrics(
             pred, native["gt"], native["spacing_mm"], tolerance_mm, mesh.vertices, truth.vertices
         )
-        out.append(Scored(mesh, truth, values))
+        out.append(Scored(mesh, truth, values | {"drawn_dice": drawn[i]}))
     return out
 
 
@@ -132,6 +136,7 @@ def prediction_records(
     ev, targets, info = batch.evidence, batch.targets, batch.info
     meshes = Reconstructor.meshes(rec, ev.frame_to_world)
     scored = score_batch(rec, batch, tolerance_mm, meshes)
+    drawn = drawn_dice(rec.sdf.detach(), ev)
     out = []
     for i, (mesh, score) in enumerate(zip(meshes, scored, strict=True)):
         record = Prediction(
@@ -148,6 +153,7 @@ def prediction_records(
             slice_name=info.slice_name[i],
             file_index=info.file_index[i] if info.file_index else None,
             scan_read=bool(info.scan_read[i]) if reads_scan and info.scan_read else None,
+            drawn_dice=drawn[i],
         )
         valid = ev.valid[i].cpu()
         if int(valid.sum()) > 1:

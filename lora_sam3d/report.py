@@ -64,6 +64,7 @@ class ReportSample:
     metrics: dict[str, float] | None = None
     scored_against: str = "truth"
     scan: str = "n/a"  # whether the scan was read: read, not read, or n/a (a model that reads none)
+    drawn_dice: float | None = None  # the prediction against the drawing on the drawn planes
 
 
 @dataclass
@@ -78,6 +79,7 @@ class ReportEntry:
     scored_against: str
     view: dict[str, Any] | None  # {"pred": mesh arrays, "truth": mesh arrays | None, "slice": PNG data URI}
     scan: str = "n/a"
+    drawn_dice: float | None = None
 
 
 def _mesh_arrays(mesh: Mesh | None) -> dict[str, np.ndarray] | None:
@@ -160,6 +162,7 @@ def entry(s: ReportSample, view: bool = True) -> ReportEntry:
         s.scored_against,
         shown if view else None,
         s.scan,
+        s.drawn_dice,
     )
 
 
@@ -178,7 +181,7 @@ def _breakable(text: str) -> str:
 def _table(entries: list[ReportEntry]) -> str:
     scored = any(e.metrics for e in entries)
     head = (
-        "<tr><th>sample</th><th>case</th><th>class</th><th>slice</th><th>scan</th>"
+        "<tr><th>sample</th><th>case</th><th>class</th><th>slice</th><th>scan</th><th>drawn slices Dice</th>"
         + ("".join(f"<th>{m}</th>" for m in SHOWN) + "<th>scored against</th>" if scored else "")
         + "</tr>"
     )
@@ -192,6 +195,7 @@ def _table(entries: list[ReportEntry]) -> str:
             *map(html.escape, (e.case_id, e.class_name)),
             _breakable(e.slice_name),
             html.escape(e.scan),
+            _fmt(e.drawn_dice),
         ]
         if scored:
             cells += [_fmt((e.metrics or {}).get(m)) for m in SHOWN]
@@ -278,9 +282,14 @@ show(decodeURIComponent(location.hash.slice(1)) || (data.length ? data[0].stem :
 
 
 def _metrics_text(e: ReportEntry) -> str:
+    drawn = f"on the drawn slices Dice {_fmt(e.drawn_dice)} · " if e.drawn_dice is not None else ""
     if not e.metrics:
-        return "no ground truth: not scored"
-    return " · ".join(f"{m} {_fmt(e.metrics.get(m))}" for m in SHOWN) + f" (against the {e.scored_against})"
+        return drawn + "no ground truth: not scored in 3D"
+    return (
+        drawn
+        + " · ".join(f"{m} {_fmt(e.metrics.get(m))}" for m in SHOWN)
+        + f" (against the {e.scored_against})"
+    )
 
 
 def write_report(path: str | Path, samples: list[ReportSample | ReportEntry], title: str) -> Path:

@@ -134,6 +134,7 @@ def test_active_cap_and_empty_stage_one(datamodule: TSDataModule, tmp_path: Path
     blind = Blind(decoder=DECODER, classes=CLASSES)
     blind.setup("validate")
     blind.eval()
+    blind.model.drawing_width = 0.0  # the network's own (empty) surface
     with (
         pytest.warns(UserWarning, match=r"stage 1 found no surface for .*scored as a failure"),
         torch.no_grad(),
@@ -141,6 +142,14 @@ def test_active_cap_and_empty_stage_one(datamodule: TSDataModule, tmp_path: Path
         blind.validation_step(batch, 0)
     out = blind.val_metrics.compute()
     assert sum(float(out[f"failures/{c}"]) for c in CLASSES) == 2 and float(out["dice"]) == 0.0
+    # the drawing given back: the slab of the drawn slices alone, scored for what it is
+    blind.val_metrics.reset()
+    blind.model.drawing_width = 1.0
+    with pytest.warns(UserWarning, match=r"stage 1 found no surface"), torch.no_grad():
+        blind.validation_step(batch, 0)
+    out = blind.val_metrics.compute()
+    assert sum(float(out[f"failures/{c}"]) for c in CLASSES) == 0
+    assert float(out["dice"]) < 0.5 < float(out["drawn_dice"])
 
 
 def test_shipped_base_decoder_loads() -> None:

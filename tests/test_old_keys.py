@@ -28,6 +28,10 @@ def reconstructed(model: object, phantoms: Path, context: str) -> dict[str, floa
 
     case = phantoms / "s0001"
     mask = case / "segmentations" / "heart_ventricle_left.nii.gz"
+    network = getattr(model, "model", model)
+    network.drawing_width = (
+        0.0  # the network's own surface, as the previous main gave it (no drawing blended in)
+    )
     r = reconstruct(model, case / "ct.nii.gz", mask, "heart_ventricle_left", index=16, context=context)
     return {
         "voxels": int(np.asarray(r.mask.dataobj).sum()),

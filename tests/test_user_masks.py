@@ -91,13 +91,24 @@ def test_one_run_reads_a_request_with_and_without_the_scan(phantoms: Path, tmp_p
     that reads the scan: two outputs, told apart by their names and by every row's ``scan`` column."""
     case = phantoms / "s0001"
     out = tmp_path / "out"
+    mask = nib.load(case / "segmentations" / f"{LV}.nii.gz")
+    nib.save(nib.Nifti1Image(np.asarray(mask.dataobj)[:, :, 16], np.eye(4)), tmp_path / "slice16.nii.gz")
+    items = [
+        request(case),
+        request(case, context="none"),
+        request(case, tmp_path / "slice16.nii.gz", index=16),
+    ]
+    items[2]["slices"], items[2]["index"] = (
+        [{"axis": "axial", "index": 16}, {"axis": "axial", "index": 18}],
+        None,
+    )
+    items[2]["slices"][1]["mask"] = str(case / "segmentations" / f"{LV}.nii.gz")
     config = {
         "trainer": {"accelerator": "cpu", "logger": False, "enable_progress_bar": False,
                     "default_root_dir": str(tmp_path / "run"),
                     "callbacks": [{"class_path": "lora_sam3d.callbacks.MeshPredictionWriter",
                                    "init_args": {"output_dir": str(out), "write_png": False}}]},
-        "data": {"predict_items": [request(case), request(case, context="none")],
-                 "context": {"source": "volume"}},
+        "data": {"predict_items": items, "context": {"source": "volume"}},
     }  # fmt: skip
     path = tmp_path / "predict.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -105,9 +116,14 @@ def test_one_run_reads_a_request_with_and_without_the_scan(phantoms: Path, tmp_p
     stem = f"s0001_{LV}_axial16"
     assert (out / f"{stem}.ply").is_file() and (out / f"{stem}_noscan.ply").is_file()
     with (out / "metrics.csv").open() as f:
-        rows = {r["scan"]: r for r in csv.DictReader(f)}
+        listed = list(csv.DictReader(f))
+    rows = {r["scan"]: r for r in listed if r["slice"] == "axial16"}
     assert set(rows) == {"read", "not read"}
     assert rows["read"]["dice"] != rows["not read"]["dice"], "two reconstructions, not one written twice"
+    # a request whose masks are slices only (no 3D truth): a row all the same, its drawn-slice Dice
+    (unscored,) = [r for r in listed if r["slice"] == "axial16+axial18"]
+    assert unscored["dice"] == "" and unscored["scored_against"] == ""
+    assert float(unscored["drawn_dice"]) > 0.97 and all(float(r["drawn_dice"]) > 0.97 for r in listed)
     assert "<td>not read</td>" in (out / "report.html").read_text()
 
 

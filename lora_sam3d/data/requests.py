@@ -725,8 +725,7 @@ class PredictionDataset(Dataset):
     def _warn_at_edge(self, i: int, sample: dict[str, Any], side_mm: float) -> None:
         """A drawn mask that reaches the frame's edge is cut there: the structure is larger than
         the frame its class was trained with, and its surface past the edge cannot be reconstructed."""
-        masks = sample["view_mask"][sample["view_valid"]] if "view_mask" in sample else sample["mask"][None]
-        masks = np.asarray(masks, dtype=bool)
+        masks = drawn_views(sample)[1].astype(bool)
         edge = masks[:, [0, -1], :].any(axis=(1, 2)) | masks[:, :, [0, -1]].any(axis=(1, 2))
         if not edge.any():
             return

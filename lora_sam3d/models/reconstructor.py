@@ -35,6 +35,7 @@ from lora_sam3d.models.conditioning import (
 )
 from lora_sam3d.models.config import TRAIN_BANDS, ModelConfig, TrainBand
 from lora_sam3d.models.decoder import SLatMeshDecoder
+from lora_sam3d.models.drawing import DRAWING_WIDTH, keep_drawing
 from lora_sam3d.models.mesh import vertex_sdf_grid
 from lora_sam3d.models.structure import (
     STRUCTURE_PREFIX,
@@ -141,6 +142,9 @@ class Reconstructor(nn.Module):
             **({"in_channels": 8 + CONTEXT_CHANNELS} if reads_context else {}),
         }
         self.reads_context, self.uses_conditioning = bool(reads_context), bool(c.context.conditioning)
+        # in eval mode the drawn slices' own distances are blended in near their planes (`keep_drawing`;
+        # width in grid cells, 0: the network's surface as it is)
+        self.drawing_width = DRAWING_WIDTH
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.decoder = SLatMeshDecoder(**self.decoder_config)
@@ -292,7 +296,8 @@ class Reconstructor(nn.Module):
         if self.conditioning is not None:
             cond = self.conditioning.bind(evidence, self.resolution, self.reader)
         if isinstance(self.encoder, PrecomputedLatents):
-            return Reconstruction(vertex_sdf_grid(self.decoder(self.encoder(evidence), cond), n))
+            sdf = vertex_sdf_grid(self.decoder(self.encoder(evidence), cond), n)
+            return Reconstruction(self._given_back(sdf, evidence))
         logits, latent = self.structure(self.stage_one_input(evidence))
         occupancy = logits.detach() > 0
         active = self.band(occupancy, coarse_truth)
@@ -304,9 +309,16 @@ class Reconstructor(nn.Module):
             )
         fill = vertex_fill(occupancy, n).to(latent.dtype)
         if count == 0:
-            return Reconstruction(fill, logits, active)
+            return Reconstruction(self._given_back(fill, evidence), logits, active)
         out = self.decoder(active_latent(active, latent), cond)
-        return Reconstruction(vertex_sdf_grid(out, n, fill), logits, active)
+        return Reconstruction(self._given_back(vertex_sdf_grid(out, n, fill), evidence), logits, active)
+
+    def _given_back(self, sdf: torch.Tensor, evidence: Evidence) -> torch.Tensor:
+        """In eval mode, the user's drawing given back on its planes (`keep_drawing`); training
+        learns the network's own surface."""
+        if self.training or not self.drawing_width:
+            return sdf
+        return keep_drawing(sdf, evidence, self.drawing_width)
 
     @staticmethod
     def meshes(rec: Reconstruction, frame_to_world: torch.Tensor) -> list[Mesh]:

@@ -1,0 +1,103 @@
+"""The drawing given back: one trained checkpoint scored on the held-out test split at every layout,
+with the drawing blended in near the drawn planes (`lora_sam3d.models.drawing`, the default) and
+without it (the network's own surface), beside ITK's fill between slices on the same stacks.
+
+For each layout (one slice, three orthogonal, three parallel 10 mm apart, axial stacks 10 and 20
+mm apart) and reading (with the scan, slices only) the test split is run through Lightning's
+``Trainer.test`` twice in one process, ``Reconstructor.drawing_width`` 1 then 0, and the logged
+``test/dice``, ``test/hd95_mm`` and ``test/drawn_dice`` (the prediction against the drawing on the
+drawn planes) are kept. Writes ``docs/drawing_experiment.json`` and prints a Markdown table.
+
+    python benchmarks/drawing_experiment.py --config configs/demo.yaml --ckpt outputs/demo/checkpoints/best.ckpt
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import yaml
+from fill_between_slices import score as itk_score
+
+from lora_sam3d.data import TSDataModule
+from lora_sam3d.module import LoRAMeshDecoderModule
+
+ROOT = Path(__file__).resolve().parents[1]
+STACK = {"views": {"count": 16, "layout": "stack"}, "sampling": {"axes": [2]}}
+LAYOUTS: dict[str, dict[str, Any]] = {
+    "1 slice": {"views": {"count": 1}},
+    "3 orthogonal": {"views": {"count": 3, "layout": "orthogonal"}},
+    "3 parallel 10 mm": {"views": {"count": 3, "layout": "parallel", "spacing_mm": 10.0}},
+    "stack 10 mm": {**STACK, "views": {**STACK["views"], "spacing_mm": 10.0}},
+    "stack 20 mm": {**STACK, "views": {**STACK["views"], "spacing_mm": 20.0}},
+}
+
+
+def merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = merged(out.get(k) or {}, v) if isinstance(v, dict) else v
+    return out
+
+
+def run(config: Path, ckpt: Path) -> dict[str, Any]:
+    data_cfg = yaml.safe_load(config.read_text())["data"]
+    data_cfg.pop("phantoms", None)
+    module = LoRAMeshDecoderModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    results: dict[str, Any] = {}
+    for name, layout in LAYOUTS.items():
+        for source in ("volume", "none"):
+            cfg = merged(data_cfg, {**layout, "context": {"source": source}})
+            cfg["sampling"] = {**cfg.get("sampling", {}), "eval": "central"}
+            data = TSDataModule(**cfg)
+            for width in (1.0, 0.0):
+                module.model.drawing_width = width
+                (logged,) = trainer.test(module, datamodule=data, verbose=False)
+                key = f"{name}, {'scan' if source == 'volume' else 'slices only'}, {'drawing kept' if width else 'network only'}"
+                results[key] = {
+                    k.removeprefix("test/"): float(v) for k, v in logged.items() if k.startswith("test/")
+                }
+                print(
+                    f"{key}: Dice {results[key]['dice']:.3f}, drawn slices {results[key]['drawn_dice']:.3f}",
+                    flush=True,
+                )
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", default="configs/demo.yaml")
+    parser.add_argument("--ckpt", default="outputs/demo/checkpoints/best.ckpt")
+    parser.add_argument("--json", default=str(ROOT / "docs" / "drawing_experiment.json"))
+    parser.add_argument(
+        "--itk", action="store_true", help="also ITK's fill between slices (the benchmarks extra)"
+    )
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    results = {"model": run(Path(args.config), Path(args.ckpt))}
+    if args.itk:
+        cfg = yaml.safe_load(Path(args.config).read_text())["data"]
+        results["ITK fill between slices"] = {
+            f"stack {mm:g} mm": itk_score(Path(cfg["root"]), cfg["classes"], mm) for mm in (10.0, 20.0)
+        }
+    Path(args.json).write_text(json.dumps(results, indent=2))
+    print("| layout | reading | drawing | test Dice | HD95 mm | drawn-slice Dice |")
+    print("|---|---|---|---|---|---|")
+    for key, v in results["model"].items():
+        name, reading, drawing = key.split(", ")
+        print(
+            f"| {name} | {reading} | {drawing} | {v['dice']:.3f} | {v['hd95_mm']:.2f} | {v['drawn_dice']:.3f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
