@@ -126,6 +126,9 @@ class SampleInfo(_Record):
         file_index: a request's first slice in the file's own numbering (None for a split's sample).
         scan_read: per sample, whether it carries the scan as context (a request with ``context:
             none``, or a run with ``data.context.source: none``, does not).
+        shown_image: per sample, its views' (K, S, S) intensities as the scan has them when the
+            model reads them otherwise (``data.context.reading: relative``), for what people are
+            shown (report, previews); None where the model reads the scan's own.
     """
 
     case_id: list[str]
@@ -135,6 +138,7 @@ class SampleInfo(_Record):
     class_index: torch.Tensor | None = None
     file_index: list[int | None] | None = None
     scan_read: list[bool] | None = None
+    shown_image: list[torch.Tensor | None] | None = None
 
 
 @dataclass
@@ -247,6 +251,7 @@ def collate(samples: list[dict[str, Any]]) -> Batch:
         class_index=_optional_stack(samples, "class_index"),
         file_index=[s.get("file_index") for s in samples],
         scan_read=[s.get("context") is not None for s in samples],
+        shown_image=[s.get("shown_image") for s in samples],
     )
     return Batch(evidence, targets, info)
 

@@ -156,8 +156,11 @@ def prediction_records(
             drawn_dice=drawn[i],
         )
         valid = ev.valid[i].cpu()
+        shown = info.shown_image[i] if info.shown_image else None  # the scan's own intensities
+        if shown is not None:
+            record.image = shown[0].cpu().numpy()
         if int(valid.sum()) > 1:
-            record.views_image = ev.image[i].cpu()[valid].numpy()
+            record.views_image = (ev.image[i].cpu()[valid] if shown is None else shown.cpu()).numpy()
             record.views_mask = ev.mask[i].cpu()[valid].numpy()
         if score is not None:
             record.gt_mesh, values = score.truth, score.metrics

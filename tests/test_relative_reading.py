@@ -161,6 +161,11 @@ def test_a_request_whose_mask_is_too_small_reads_neutral_with_a_warning(
         sample = requests[0]
     inside = sample["context"][1] > 0
     assert torch.allclose(sample["context"][0][inside], torch.tensor(0.5)), "neutral evidence"
+    absolute = PredictionDataset([item], Preprocessing(2.0), {LV: 60.0}, 1.5, 64, context="volume")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        shown = absolute[0]["image"][0]
+    assert torch.equal(sample["shown_image"][0], shown), "people are shown the scan, not the evidence"
     assert torch.isfinite(sample["context"]).all() and torch.isfinite(sample["image"]).all()
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -109,6 +109,8 @@ def relative_sample(sample: dict[str, Any], tissue: Tissue | None, inside: np.nd
     absolute unit anywhere. View pixels outside the scan (``inside``, `views_inside`) read neutral."""
     import torch
 
+    # what a person is shown of the slices (report, previews) stays the scan itself
+    sample["shown_image"] = torch.as_tensor(drawn_views(sample)[0]).clone()
     if "view_image" in sample:
         views = relative_intensity(np.asarray(sample["view_image"]), tissue)
         valid = np.asarray(sample["view_valid"], dtype=bool)
