@@ -103,14 +103,19 @@ def warn_empty(rec: Reconstruction, batch: Batch) -> None:
 
 
 def score_batch(
-    rec: Reconstruction, batch: Batch, tolerance_mm: float, meshes: list[Mesh] | None = None
+    rec: Reconstruction,
+    batch: Batch,
+    tolerance_mm: float,
+    meshes: list[Mesh] | None = None,
+    drawn: list[float] | None = None,
 ) -> list[Scored | None]:
     """Per sample with ``native`` ground truth: the predicted mesh, the true mesh and the metrics on
-    the scan's own grid at its own spacing (NSD at ``tolerance_mm``); None for a sample without."""
+    the scan's own grid at its own spacing (NSD at ``tolerance_mm``), with the drawn-slice Dice
+    (``drawn``, computed when not given); None for a sample without."""
     frame_to_world = batch.evidence.frame_to_world
     meshes = meshes if meshes is not None else Reconstructor.meshes(rec, frame_to_world)
     natives = batch.targets.native or [None] * len(meshes)
-    drawn = drawn_dice(rec.sdf.detach(), batch.evidence)
+    drawn = drawn if drawn is not None else drawn_dice(rec.sdf.detach(), batch.evidence)
     out: list[Scored | None] = []
     for i, (mesh, native) in enumerate(zip(meshes, natives, strict=True)):
         if native is None:
@@ -135,8 +140,8 @@ def prediction_records(
     warn_empty(rec, batch)
     ev, targets, info = batch.evidence, batch.targets, batch.info
     meshes = Reconstructor.meshes(rec, ev.frame_to_world)
-    scored = score_batch(rec, batch, tolerance_mm, meshes)
     drawn = drawn_dice(rec.sdf.detach(), ev)
+    scored = score_batch(rec, batch, tolerance_mm, meshes, drawn)
     out = []
     for i, (mesh, score) in enumerate(zip(meshes, scored, strict=True)):
         record = Prediction(
