@@ -146,20 +146,19 @@ def test_sdf_of_a_sphere_is_within_half_a_voxel(tmp_path: Path) -> None:
 # Samples
 
 
-def test_sample_keys_shapes_and_pointmap(phantom_root: Path) -> None:
+def test_sample_keys_and_shapes(phantom_root: Path) -> None:
     ds = dataset(phantom_root, split="train")
     s = ds[0]
-    assert (
-        s["image"].shape == (3, 32, 32) and s["mask"].shape == (32, 32) and s["pointmap"].shape == (3, 32, 32)
-    )
+    assert s["image"].shape == (3, 32, 32) and s["mask"].shape == (32, 32)
+    assert "pointmap" not in s, "no key nothing reads"
     assert s["gt_sdf"].shape == (33, 33, 33) and s["gt_occupancy"].shape == (32, 32, 32)
     assert s["frame_to_world"].shape == (4, 4) and s["class_name"] in HEART_CLASSES
-    pm = s["pointmap"].numpy()
-    assert np.isnan(pm[:, ~s["mask"].numpy()]).all() and np.isfinite(pm[:, s["mask"].numpy()]).all()
-    vox = np.linalg.inv(s["affine"].numpy()) @ np.vstack(
-        [pm[:, s["mask"].numpy()], np.ones((1, int(s["mask"].sum())))]
+    # the slice lies on its plane: the frame's centre along the axis plus the offset is the slice index
+    centre = np.linalg.inv(s["affine"].numpy()) @ s["frame_to_world"].numpy() @ np.array([0, 0, 0, 1.0])
+    side = np.linalg.norm(
+        (np.linalg.inv(s["affine"].numpy()) @ s["frame_to_world"].numpy())[:3, int(s["axis"])]
     )
-    assert np.allclose(vox[int(s["axis"])], int(s["index"]), atol=1e-6), "pointmap lies on the slice plane"
+    assert np.isclose(centre[int(s["axis"])] + float(s["offset"]) * side, int(s["index"]), atol=1e-4)
     batch = collate([ds[i] for i in range(3)])
     assert batch.targets.sdf is not None and batch.targets.sdf.shape == (3, 33, 33, 33) and len(batch) == 3
     assert s["gt_coarse_occupancy"].shape == (8, 8, 8) and s["gt_coarse_occupancy"].any()

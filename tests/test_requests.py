@@ -126,7 +126,7 @@ def test_masks_as_users_have_them(case: Path, tmp_path: Path) -> None:
         PredictItem(image, str(tmp_path / "slice.png"), "heart_ventricle_left", index=z),
     ])  # fmt: skip
     for other in samples[1:]:
-        for key in ("image", "mask", "frame_to_world", "pointmap"):
+        for key in ("image", "mask", "frame_to_world"):
             assert torch.equal(samples[0][key].nan_to_num(), other[key].nan_to_num()), key
     # a 3D mask or label map is the structure's truth on the scan's grid, to score against; a 2D mask is not
     assert [s["native"] is not None for s in samples] == [True, True, False, False]

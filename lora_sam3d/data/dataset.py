@@ -27,7 +27,6 @@ from lora_sam3d.data.frame import (
     sample_occupancy,
     sample_sdf,
     sample_slice,
-    slice_pointmap,
 )
 from lora_sam3d.data.settings import GROUPS, SAMPLING_METHODS, DataSettings, SamplingMethod
 from lora_sam3d.data.tissue import drawn_views, marked_tissue, relative_sample, views_inside
@@ -554,7 +553,6 @@ def slice_inputs(
         "image": torch.from_numpy(np.repeat(plane[None].astype(np.float32), 3, axis=0)),
         "mask": torch.from_numpy(mask),
         "mask_distance": torch.from_numpy(mask_signed_distance(mask)),
-        "pointmap": torch.from_numpy(slice_pointmap(frame, axis, slice_size, mask, offset)),
         "affine": torch.from_numpy(np.array(affine, dtype=np.float64)),
         "frame_to_world": torch.from_numpy(frame.frame_to_world),
         "axis": torch.tensor(axis),

@@ -27,7 +27,6 @@ __all__ = [
     "sample_occupancy",
     "sample_sdf",
     "sample_slice",
-    "slice_pointmap",
 ]
 
 
@@ -172,18 +171,3 @@ def sample_slice(frame: Frame, plane: np.ndarray, axis: int, size: int, order: i
     return ndimage.map_coordinates(
         np.asarray(plane, dtype=np.float32), coords, order=order, mode="constant", cval=0.0
     )
-
-
-def slice_pointmap(frame: Frame, axis: int, size: int, mask: np.ndarray, offset: float = 0.0) -> np.ndarray:
-    """(3, size, size) world RAS mm of each pixel of the frame's square cross-section at ``offset``
-    (frame units) along ``axis``; NaN off the mask."""
-    u = (np.arange(size) + 0.5) / size - 0.5
-    p, q = plane_axes(axis)
-    uvw = np.zeros((size, size, 3))
-    uvw[..., axis] = offset
-    uvw[..., p], uvw[..., q] = np.meshgrid(u, u, indexing="ij")
-    world = (frame.frame_to_world @ np.concatenate([uvw, np.ones((size, size, 1))], axis=-1)[..., None])[
-        ..., :3, 0
-    ]
-    world[~mask.astype(bool)] = np.nan
-    return world.transpose(2, 0, 1).astype(np.float32)
