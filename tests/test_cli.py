@@ -611,6 +611,11 @@ def check_report(folder: Path, scored: dict[str, str | None]) -> None:
             assert f"(against the {scored[e['stem']]})" in e["metrics_text"]
             assert re.search(rf"<td>{re.escape(scored[e['stem']])}</td></tr>", page)
     assert ('id="per-class"' in page) == any(scored.values())
+    if any(scored.values()):
+        assert '"range":[0,1.02]' in page.replace(" ", ""), "the Dice axis spans 0..1"
+    # plotly.js 3 drops string titles: the viewer's title and its world axes as {text: ...}
+    assert "{title: {text: title" in page and all(f"title: {{text: '{a} (mm)'}}" in page for a in "RAS")
+    assert '<div class="table">' in page, "the summary table scrolls in its own box, not the page"
     assert page.count("<option value=") == len(data) and page.count('id="surface"') == 1, "one live 3D view"
 
 
