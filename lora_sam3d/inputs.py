@@ -1,7 +1,7 @@
 """The typed seam between data and model: `Evidence`, `Targets` and `SampleInfo`, gathered in `Batch`.
 
-A dataset item is a plain dict (its keys are listed in docs/api.md); `collate` turns a list of them
-into a `Batch`, the only thing that crosses from `lora_sam3d.data` to the model, the losses, the
+A dataset item is one `Sample` (a typed dict, built by `lora_sam3d.data.dataset.slice_sample` for
+training, validation and requests alike); `collate` turns a list of them into a `Batch`, the only thing that crosses from `lora_sam3d.data` to the model, the losses, the
 scores and the writers. What the model may read is `Evidence` alone (the slices and the frame): the
 3D truth lives in `Targets`, so it cannot leak into a forward pass by a misspelt key. Plain
 dataclasses of tensors, moved with `Batch.to` (the data module's ``transfer_batch_to_device``).
@@ -10,11 +10,21 @@ dataclasses of tensors, moved with `Batch.to` (the data module's ``transfer_batc
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import Any, TypeVar
+from typing import Any, TypedDict, TypeVar
 
+import numpy as np
 import torch
 
-__all__ = ["CONTEXT_CHANNELS", "Batch", "Evidence", "SampleInfo", "Targets", "collate", "output_stem"]
+__all__ = [
+    "CONTEXT_CHANNELS",
+    "Batch",
+    "Evidence",
+    "Sample",
+    "SampleInfo",
+    "Targets",
+    "collate",
+    "output_stem",
+]
 
 CONTEXT_CHANNELS = 2
 """The scan as context: normalised intensity, and 1 where the cell lies inside the scan (0 outside)."""
@@ -24,6 +34,45 @@ def _pick(value: Any, idx: list[int]) -> Any:
     if value is None:
         return None
     return value[idx] if isinstance(value, torch.Tensor) else [value[i] for i in idx]
+
+
+class Sample(TypedDict, total=False):
+    """One dataset item: K views (K varies by sample; `collate` pads), the frame, and what names and
+    scores it. Every key is read by `collate`; the view keys are `Evidence`'s fields of one sample.
+
+    Attributes:
+        view_image, view_mask, view_distance: (K, S, S) float32 / bool / float32, as `Evidence`.
+        view_axis, view_index: (K,) int64; view_offset: (K,) float32; view_valid: (K,) bool.
+        frame_to_world: (4, 4) float64, frame coordinates -> world (RAS) mm.
+        context: (2, n, n, n) float32 or None, the scan around the slices (absent: slices alone).
+        gt_sdf, gt_occupancy, gt_coarse_occupancy: the 3D truth in the frame (training and scoring).
+        native: the scan's own mask for scoring (`lora_sam3d.data.dataset.native_box`) or None.
+        scored_against: "truth" or "request mask"; case_id, class_name, source_image, slice_name:
+            names; class_index: () int64; file_index: a request's first slice in its file.
+        shown_image: (K, S, S) the views as a person sees them, when the model reads them relative.
+    """
+
+    view_image: torch.Tensor
+    view_mask: torch.Tensor
+    view_distance: torch.Tensor
+    view_axis: torch.Tensor
+    view_index: torch.Tensor
+    view_offset: torch.Tensor
+    view_valid: torch.Tensor
+    frame_to_world: torch.Tensor
+    context: torch.Tensor | None
+    gt_sdf: torch.Tensor
+    gt_occupancy: torch.Tensor
+    gt_coarse_occupancy: torch.Tensor
+    native: dict[str, np.ndarray] | None
+    scored_against: str
+    case_id: str
+    class_name: str
+    class_index: torch.Tensor
+    source_image: str | None
+    slice_name: str
+    file_index: int | None
+    shown_image: torch.Tensor
 
 
 R = TypeVar("R", bound="_Record")
@@ -161,20 +210,9 @@ class Batch:
         return Batch(self.evidence.select(idx), self.targets.select(idx), self.info.select(idx))
 
 
-def _views(sample: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """A sample's views as (K, ...) tensors: its ``view_*`` rows, or its one slice as one view."""
-    if "view_image" in sample:
-        return {k.removeprefix("view_"): v for k, v in sample.items() if k.startswith("view_")}
-    offset = sample.get("offset", torch.tensor(0.0))
-    return {
-        "image": sample["image"][:1],
-        "mask": sample["mask"][None],
-        "distance": sample["mask_distance"][None],
-        "axis": torch.as_tensor(sample["axis"]).reshape(1).long(),
-        "index": torch.as_tensor(sample["index"]).reshape(1).long(),
-        "offset": torch.as_tensor(offset).reshape(1).float(),
-        "valid": torch.ones(1, dtype=torch.bool),
-    }
+def _views(sample: Sample) -> dict[str, torch.Tensor]:
+    """A sample's views as (K, ...) tensors, named as `Evidence`'s fields."""
+    return {k.removeprefix("view_"): v for k, v in sample.items() if k.startswith("view_")}  # type: ignore[misc]
 
 
 _PADDING = {
@@ -197,7 +235,7 @@ def _stack_padded(rows: list[torch.Tensor], k: int, fill: float | bool | int) ->
     return out
 
 
-def _optional_stack(samples: list[dict[str, Any]], key: str) -> torch.Tensor | None:
+def _optional_stack(samples: list[Sample], key: str) -> torch.Tensor | None:
     present = [key in s for s in samples]
     if not any(present):
         return None
@@ -206,7 +244,7 @@ def _optional_stack(samples: list[dict[str, Any]], key: str) -> torch.Tensor | N
     return torch.stack([s[key] for s in samples])
 
 
-def _context(samples: list[dict[str, Any]]) -> torch.Tensor | None:
+def _context(samples: list[Sample]) -> torch.Tensor | None:
     """The samples' context stacked; a sample without one (a request with ``context: none``) reads zeros."""
     given = [s.get("context") for s in samples]
     first = next((c for c in given if c is not None), None)
@@ -215,7 +253,7 @@ def _context(samples: list[dict[str, Any]]) -> torch.Tensor | None:
     return torch.stack([torch.zeros_like(first) if c is None else c for c in given])
 
 
-def collate(samples: list[dict[str, Any]]) -> Batch:
+def collate(samples: list[Sample]) -> Batch:
     """A `Batch` from dataset items; samples of different view counts are padded to the most."""
     if not samples:
         raise ValueError("collate: an empty list of samples")

@@ -34,6 +34,7 @@ from lora_sam3d.data import (
 from lora_sam3d.data.dataset import EpochOffsetDistributedSampler, EpochShuffleSampler
 from lora_sam3d.data.phantoms import grid_affine
 from lora_sam3d.data.settings import DataSettings
+from lora_sam3d.inputs import Sample
 
 SMALL = dict(shape=(56, 56, 40), spacing=(1.8, 1.8, 2.6))
 
@@ -149,16 +150,18 @@ def test_sdf_of_a_sphere_is_within_half_a_voxel(tmp_path: Path) -> None:
 def test_sample_keys_and_shapes(phantom_root: Path) -> None:
     ds = dataset(phantom_root, split="train")
     s = ds[0]
-    assert s["image"].shape == (3, 32, 32) and s["mask"].shape == (32, 32)
-    assert "pointmap" not in s, "no key nothing reads"
+    k = len(s["view_valid"])
+    assert (
+        s["view_image"].shape == (k, 32, 32) and s["view_mask"].shape == (k, 32, 32) and s["view_valid"].all()
+    )
+    assert set(s) <= set(Sample.__annotations__), "one typed sample: no key nothing reads"
     assert s["gt_sdf"].shape == (33, 33, 33) and s["gt_occupancy"].shape == (32, 32, 32)
     assert s["frame_to_world"].shape == (4, 4) and s["class_name"] in HEART_CLASSES
     # the slice lies on its plane: the frame's centre along the axis plus the offset is the slice index
-    centre = np.linalg.inv(s["affine"].numpy()) @ s["frame_to_world"].numpy() @ np.array([0, 0, 0, 1.0])
-    side = np.linalg.norm(
-        (np.linalg.inv(s["affine"].numpy()) @ s["frame_to_world"].numpy())[:3, int(s["axis"])]
-    )
-    assert np.isclose(centre[int(s["axis"])] + float(s["offset"]) * side, int(s["index"]), atol=1e-4)
+    to_grid = np.linalg.inv(ds.cases[0].affine) @ s["frame_to_world"].numpy()
+    axis, index, offset = int(s["view_axis"][0]), int(s["view_index"][0]), float(s["view_offset"][0])
+    side = np.linalg.norm(to_grid[:3, axis])
+    assert np.isclose((to_grid @ np.array([0, 0, 0, 1.0]))[axis] + offset * side, index, atol=1e-4)
     batch = collate([ds[i] for i in range(3)])
     assert batch.targets.sdf is not None and batch.targets.sdf.shape == (3, 33, 33, 33) and len(batch) == 3
     assert s["gt_coarse_occupancy"].shape == (8, 8, 8) and s["gt_coarse_occupancy"].any()
@@ -198,8 +201,8 @@ def test_frame_ignores_3d_label_away_from_slice(phantom_root: Path, tmp_path: Pa
     before = ds[0]
     case_id, axis, index, bit = (
         before["case_id"],
-        int(before["axis"]),
-        int(before["index"]),
+        int(before["view_axis"][0]),
+        int(before["view_index"][0]),
         int(before["class_index"]),
     )
     label_path = root / case_id / "segmentations" / f"{before['class_name']}.nii.gz"
@@ -208,7 +211,7 @@ def test_frame_ignores_3d_label_away_from_slice(phantom_root: Path, tmp_path: Pa
     # Grow the structure everywhere more than 4 voxels (of the resampled grid) away from the slice.
     vox = np.stack(np.meshgrid(*[np.arange(n) for n in data.shape], indexing="ij"), -1)
     world = vox @ img.affine[:3, :3].T + img.affine[:3, 3]
-    to_grid = np.linalg.inv(before["affine"].numpy())
+    to_grid = np.linalg.inv(ds.cases[0].affine)
     along = (world @ to_grid[:3, :3].T + to_grid[:3, 3])[..., axis]
     data[(np.abs(along - index) > 4) & (np.roll(data, 3, axis=0) > 0)] = 1
     nib.save(nib.Nifti1Image(data, img.affine), str(label_path))
@@ -216,7 +219,9 @@ def test_frame_ignores_3d_label_away_from_slice(phantom_root: Path, tmp_path: Pa
     assert rebuilt.extent_mm == ds.extent_mm, "extents come from the training split only"
     after = rebuilt.make_sample(rebuilt.cases[0], bit, axis, index)
     assert torch.equal(after["frame_to_world"], before["frame_to_world"])
-    assert torch.equal(after["image"], before["image"]) and torch.equal(after["mask"], before["mask"])
+    assert torch.equal(after["view_image"], before["view_image"]) and torch.equal(
+        after["view_mask"], before["view_mask"]
+    )
     assert not torch.equal(after["gt_occupancy"], before["gt_occupancy"]), "the 3D target did change"
 
 
@@ -252,8 +257,8 @@ def test_deterministic_with_workers(phantom_root: Path) -> None:
             a.evidence.index, b.evidence.index
         )
         assert torch.equal(a.evidence.image, b.evidence.image) and torch.equal(a.targets.sdf, b.targets.sdf)
-    epoch0 = [(int(ds[i]["axis"]), int(ds[i]["index"])) for i in range(6)]
-    epoch1 = [(int(ds[len(ds) + i]["axis"]), int(ds[len(ds) + i]["index"])) for i in range(6)]
+    epoch0 = [(int(ds[i]["view_axis"][0]), int(ds[i]["view_index"][0])) for i in range(6)]
+    epoch1 = [(int(ds[len(ds) + i]["view_axis"][0]), int(ds[len(ds) + i]["view_index"][0])) for i in range(6)]
     assert epoch0 != epoch1, "random_axis draws vary by epoch"
     sampler = EpochShuffleSampler(len(ds), seed=3)
     sampler.set_epoch(2)
@@ -551,9 +556,12 @@ def test_predict_items_reproduce_dataset_inputs(tmp_path: Path) -> None:
     affine[:3, 3] = [40.0, 30.0, -20.0]
     sphere_case(root, "s0001", np.array([20.0, 10.0, 0.0]), 9.0, affine, (24, 20, 22))
     ds = TS_SAM3D_Dataset(root, ["ball"], slice_sampling_method="central", settings=data_settings(resolution=8, spacing=2.0, cache_dir=tmp_path / "cache"))  # fmt: skip
-    samples = {int(ds[i]["axis"]): ds[i] for i in range(len(ds))}
+    samples = {int(ds[i]["view_axis"][0]): ds[i] for i in range(len(ds))}
     image, mask = str(root / "s0001" / "ct.nii.gz"), str(root / "s0001" / "segmentations" / "ball.nii.gz")
-    file_index = {2: int(samples[2]["index"]), 0: 23 - int(samples[0]["index"])}  # x is stored flipped
+    file_index = {
+        2: int(samples[2]["view_index"][0]),
+        0: 23 - int(samples[0]["view_index"][0]),
+    }  # x is stored flipped
     items = [PredictItem(image, mask, "ball", axis="axial", index=file_index[2]),
              PredictItem(image, mask, "ball", axis="sagittal", index=file_index[0])]  # fmt: skip
     dm = TSDataModule(str(root), ["ball"], cache_dir=str(tmp_path / "cache"), resolution=8, spacing=2.0,
@@ -567,8 +575,10 @@ def test_predict_items_reproduce_dataset_inputs(tmp_path: Path) -> None:
     for i, axis in enumerate((2, 0)):
         s = samples[axis]
         assert torch.equal(p.evidence.frame_to_world[i], s["frame_to_world"])
-        torch.testing.assert_close(p.evidence.image[i, 0], s["image"][0], atol=1e-3, rtol=0)  # cache: float16
-        assert torch.equal(p.evidence.mask[i, 0], s["mask"])
+        torch.testing.assert_close(
+            p.evidence.image[i, 0], s["view_image"][0], atol=1e-3, rtol=0
+        )  # cache: float16
+        assert torch.equal(p.evidence.mask[i, 0], s["view_mask"][0])
 
 
 # ---------------------------------------------------------------------------------------------

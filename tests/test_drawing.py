@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_sam3d.data.dataset import mask_signed_distance
+from lora_sam3d.geometry import mask_signed_distance
 from lora_sam3d.inputs import Evidence
 from lora_sam3d.models.drawing import _drawn_on_grid, drawn_dice, keep_drawing
 

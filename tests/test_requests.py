@@ -91,7 +91,7 @@ def test_a_file_slice_and_its_plane_position_name_the_same_input(case: Path) -> 
         PredictItem(str(case / "ct.nii.gz"), mask, "heart_ventricle_left", "axial", index=z),
         PredictItem(str(case / "ct.nii.gz"), mask, "heart_ventricle_left", 2, position_mm=ref.position_mm + 1.0),
     ])  # fmt: skip
-    for key in ("image", "mask", "frame_to_world"):
+    for key in ("view_image", "view_mask", "frame_to_world"):
         assert torch.equal(by_index[key], by_position[key]), key
     assert by_index["case_id"] == "s0001" and by_index["slice_name"] == f"axial{z}"
     # the frame's centre lies on the file's slice z: back in file voxels, within half a slice plus half
@@ -104,7 +104,9 @@ def test_a_file_slice_and_its_plane_position_name_the_same_input(case: Path) -> 
     pixel_mm2 = (side_mm / 32) ** 2
     _, truth = lv_slice(case)
     voxel_mm2 = 1.2 * 1.2
-    assert by_index["mask"].sum().item() * pixel_mm2 == pytest.approx(truth.sum() * voxel_mm2, rel=0.15)
+    assert by_index["view_mask"][0].sum().item() * pixel_mm2 == pytest.approx(
+        truth.sum() * voxel_mm2, rel=0.15
+    )
 
 
 def test_masks_as_users_have_them(case: Path, tmp_path: Path) -> None:
@@ -126,7 +128,7 @@ def test_masks_as_users_have_them(case: Path, tmp_path: Path) -> None:
         PredictItem(image, str(tmp_path / "slice.png"), "heart_ventricle_left", index=z),
     ])  # fmt: skip
     for other in samples[1:]:
-        for key in ("image", "mask", "frame_to_world"):
+        for key in ("view_image", "view_mask", "frame_to_world"):
             assert torch.equal(samples[0][key].nan_to_num(), other[key].nan_to_num()), key
     # a 3D mask or label map is the structure's truth on the scan's grid, to score against; a 2D mask is not
     assert [s["native"] is not None for s in samples] == [True, True, False, False]
@@ -171,7 +173,7 @@ def test_masks_are_read_as_training_labels_are(case: Path, tmp_path: Path) -> No
     ]
     samples = request_samples(forms)
     for form, other in zip(forms[1:], samples[1:], strict=True):
-        assert torch.equal(samples[0]["mask"], other["mask"]), form.mask
+        assert torch.equal(samples[0]["view_mask"], other["view_mask"]), form.mask
 
     def refused(mask: np.ndarray | Image.Image, name: str, pattern: str) -> None:
         path = tmp_path / name
@@ -212,7 +214,7 @@ def test_every_request_is_checked_before_anything_runs(case: Path, tmp_path: Pat
     nib.save(nib.Nifti1Image(band, img.affine), str(tmp_path / "last.nii.gz"))
     (sample,) = request_samples([PredictItem(str(case / "ct.nii.gz"), str(tmp_path / "last.nii.gz"),
                                              "heart_ventricle_left", index=last)])  # fmt: skip
-    assert sample["slice_name"] == f"axial{last}" and sample["mask"].any()
+    assert sample["slice_name"] == f"axial{last}" and sample["view_mask"][0].any()
     data = np.asarray(img.dataobj).astype(np.float32)
     data[3, 3, 3] = np.nan
     for patient in ("p1", "p2"):

@@ -108,7 +108,7 @@ def test_the_last_file_slice_of_a_scan_cut_inside_the_structure_reaches_the_mode
         item = {"image": str(case / "ct.nii.gz"), "mask": str(case / "segmentations" / "ball.nii.gz"),
                 "class_name": "ball", "axis": name, "index": shape[axis] - 1}  # fmt: skip
         sample = requests([item])[0]
-        assert sample["mask"].any(), f"{name}: the last file slice's mask reached the model"
+        assert sample["view_mask"][0].any(), f"{name}: the last file slice's mask reached the model"
         assert sample["slice_name"] == f"{name}{shape[axis] - 1}"
 
 

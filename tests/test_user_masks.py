@@ -61,7 +61,9 @@ def test_a_label_map_without_its_value_is_refused_naming_the_values(phantoms: Pa
         PredictionDataset([request(case, labels, label_value=7)], prep, EXTENTS, 1.5, 64)
     with_value = PredictionDataset([request(case, labels, label_value=2)], prep, EXTENTS, 1.5, 64)[0]
     plain = PredictionDataset([request(case)], prep, EXTENTS, 1.5, 64)[0]
-    assert torch.equal(with_value["mask"], plain["mask"]), "label value 2 is the ventricle's own mask"
+    assert torch.equal(with_value["view_mask"], plain["view_mask"]), (
+        "label value 2 is the ventricle's own mask"
+    )
     assert with_value["native"]["gt"].sum() == plain["native"]["gt"].sum()
     # a training label file that is a label map: the case is refused naming the file and its values
     data = tmp_path / "data"

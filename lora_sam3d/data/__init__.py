@@ -7,7 +7,7 @@ import Lightning only when first asked for, so the model runs from Python withou
 from typing import Any
 
 from lora_sam3d.data.cases import Case, discover_cases
-from lora_sam3d.data.dataset import TS_SAM3D_Dataset, assign_splits, slice_inputs
+from lora_sam3d.data.dataset import TS_SAM3D_Dataset, assign_splits, slice_sample
 from lora_sam3d.data.frame import Frame, make_frame
 from lora_sam3d.data.phantoms import HEART_CLASSES, SHAPE_CLASSES, phantom_label_values, write_phantoms
 from lora_sam3d.data.requests import PredictionDataset, PredictItem
@@ -35,7 +35,7 @@ __all__ = [
     "load_volume",
     "make_frame",
     "phantom_label_values",
-    "slice_inputs",
+    "slice_sample",
     "write_phantoms",
 ]
 

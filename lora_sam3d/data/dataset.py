@@ -26,13 +26,13 @@ from lora_sam3d.data.frame import (
     sample_context,
     sample_occupancy,
     sample_sdf,
-    sample_slice,
 )
 from lora_sam3d.data.settings import GROUPS, SAMPLING_METHODS, DataSettings, SamplingMethod
 from lora_sam3d.data.tissue import drawn_views, marked_tissue, relative_sample, views_inside
-from lora_sam3d.data.views import seen_centre, stack_planes, stack_views, view_planes, view_rows
+from lora_sam3d.data.views import cut_views, seen_centre, stack_planes, view_planes
 from lora_sam3d.data.volume import DataError, class_mask
-from lora_sam3d.geometry import frame_box, mask_signed_distance
+from lora_sam3d.geometry import frame_box
+from lora_sam3d.inputs import Sample
 from lora_sam3d.old_keys import fold_keywords
 
 __all__ = [
@@ -47,8 +47,9 @@ __all__ = [
     "native_box",
     "native_from_mask",
     "native_target",
+    "place_frame",
     "slice_frame",
-    "slice_inputs",
+    "slice_sample",
 ]
 
 
@@ -322,7 +323,7 @@ class TS_SAM3D_Dataset(Dataset):
             warnings.warn(f"{why}; they are read from that one slice", stacklevel=3)
 
     # -- one sample -------------------------------------------------------------------------------
-    def __getitem__(self, item: int) -> dict[str, Any]:
+    def __getitem__(self, item: int) -> Sample:
         """Item ``k`` of epoch ``e`` may be asked as ``e * len(self) + k`` (see `EpochShuffleSampler`):
         random_axis draws and augmentation then vary by epoch, reproducibly."""
         epoch, local = divmod(int(item), len(self.items))
@@ -376,31 +377,25 @@ class TS_SAM3D_Dataset(Dataset):
 
     def make_sample(
         self, case: CachedCase, bit: int, axis: int, index: int, rng: np.random.Generator | None = None
-    ) -> dict[str, Any]:
+    ) -> Sample:
         name = self.classes[bit]
         s, n, r = self.settings, 4 * self.resolution, self.resolution
         side_mm = s.frame.scale * self.extent_mm[name]
         planes, centre = self._planes(case, bit, axis, index, side_mm, rng)
-        sample, frame = slice_inputs(
+        frame = place_frame(case.labels, bit, case.affine, case.spacing_mm, axis, index, side_mm, centre)
+        sample = slice_sample(
             case.image,
             case.labels,
-            bit,
-            case.affine,
-            case.spacing_mm,
-            axis,
-            index,
-            side_mm,
+            frame,
+            [(axis, index, bit)] + [(a, i, bit) for a, i in planes],
             self.slice_size,
+            s.views.most,
             rng if self.augment else None,
-            centre,
         )
-        slice_name = f"axis{axis}_slice{index}"
-        if s.views.most > 1:
-            rows = view_rows(case.image, case.labels, bit, frame, planes, self.slice_size)
-            sample |= stack_views(sample, rows, s.views.most)
-            slice_name += "".join(
-                f"+axis{row['axis']}_slice{row['index']}" for row in rows[: s.views.most - 1]
-            )
+        slice_name = "+".join(  # every view's plane, the sampled one first
+            f"axis{a}_slice{i}"
+            for a, i in zip(sample["view_axis"].tolist(), sample["view_index"].tolist(), strict=True)
+        )
         if s.context.source == "volume":
             sample["context"] = self._context(case, frame, rng)
         if s.context.reading == "relative":  # every intensity against the tissue its own slices mark
@@ -425,7 +420,7 @@ class TS_SAM3D_Dataset(Dataset):
             "class_name": name,
             "class_index": torch.tensor(bit),
             "source_image": case.meta["image"],
-            "slice_name": slice_name,  # every view's plane, the sampled one first
+            "slice_name": slice_name,
         }
         return sample
 
@@ -516,8 +511,7 @@ def slice_frame(
     return make_frame(mask2d, axis, index, side_mm, spacing_mm, affine), mask2d
 
 
-def slice_inputs(
-    image: np.ndarray,
+def place_frame(
     labels: np.ndarray,
     bit: int,
     affine: np.ndarray,
@@ -525,39 +519,35 @@ def slice_inputs(
     axis: int,
     index: int,
     side_mm: float,
-    slice_size: int,
-    rng: np.random.Generator | None = None,
     centre_along_axis: float | None = None,
-) -> tuple[dict[str, Any], Frame]:
-    """The model's inputs for one slice (no 3D ground truth is read) and the frame they define.
+) -> Frame:
+    """The frame a sample's first slice places (`slice_frame`). With ``centre_along_axis`` (voxels;
+    from the other views, `lora_sam3d.data.views.seen_centre`) it is centred there along ``axis``
+    instead of on the slice, which then lies off the frame's centre."""
+    frame, _ = slice_frame(labels, bit, affine, spacing_mm, axis, index, side_mm)
+    if centre_along_axis is None:
+        return frame
+    centre = list(frame.centre_vox)
+    centre[axis] = float(centre_along_axis)
+    return Frame(tuple(centre), frame.side_vox, frame.grid_affine)  # type: ignore[arg-type]
 
-    ``image`` and ``labels`` are the canonical isotropic volume and its class bits; only the slice
-    ``index`` along ``axis`` is read. With ``rng``, the input intensities are augmented. With
-    ``centre_along_axis`` (voxels; from other views, `lora_sam3d.data.views.seen_centre`), the frame
-    is centred there along ``axis`` instead of on the slice, which then lies off the frame's centre.
-    """
-    frame, mask2d = slice_frame(labels, bit, affine, spacing_mm, axis, index, side_mm)
-    if centre_along_axis is not None:
-        centre = list(frame.centre_vox)
-        centre[axis] = float(centre_along_axis)
-        frame = Frame(tuple(centre), frame.side_vox, frame.grid_affine)  # type: ignore[arg-type]
-    offset = (index - frame.centre_vox[axis]) / frame.side_vox
-    take: list[Any] = [slice(None)] * 3
-    take[axis] = index
-    plane = sample_slice(frame, np.asarray(image[tuple(take)]), axis, slice_size, order=1)
-    mask = sample_slice(frame, mask2d.astype(np.float32), axis, slice_size, order=0) > 0.5
+
+def slice_sample(
+    image: np.ndarray,
+    labels: np.ndarray,
+    frame: Frame,
+    planes: list[tuple[int, int, int]],
+    slice_size: int,
+    most: int,
+    rng: np.random.Generator | None = None,
+) -> Sample:
+    """A sample's model inputs from its slices, the same for training, validation and requests: the
+    views (`cut_views`; no 3D ground truth is read) and the frame's placement. With ``rng``, the first
+    view's intensities are augmented (a training sample)."""
+    sample: Sample = cut_views(image, labels, frame, planes, slice_size, most)  # type: ignore[assignment]
     if rng is not None:
-        plane = np.clip(plane * rng.uniform(0.85, 1.15) + rng.uniform(-0.05, 0.05), 0, 1)
-        plane = plane + rng.normal(0, 0.01, plane.shape)
-    sample = {
-        "image": torch.from_numpy(np.repeat(plane[None].astype(np.float32), 3, axis=0)),
-        "mask": torch.from_numpy(mask),
-        "mask_distance": torch.from_numpy(mask_signed_distance(mask)),
-        "affine": torch.from_numpy(np.array(affine, dtype=np.float64)),
-        "frame_to_world": torch.from_numpy(frame.frame_to_world),
-        "axis": torch.tensor(axis),
-        "index": torch.tensor(index),
-        "offset": torch.tensor(offset, dtype=torch.float32),
-        "spacing_mm": torch.tensor(spacing_mm, dtype=torch.float64),
-    }
-    return sample, frame
+        first = sample["view_image"][0].numpy()
+        first = np.clip(first * rng.uniform(0.85, 1.15) + rng.uniform(-0.05, 0.05), 0, 1)
+        sample["view_image"][0] = torch.from_numpy(first + rng.normal(0, 0.01, first.shape))
+    sample["frame_to_world"] = torch.from_numpy(frame.frame_to_world)
+    return sample

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import Dataset
 
 from lora_sam3d.data.cases import check_class_names
-from lora_sam3d.data.dataset import native_from_mask, slice_inputs
+from lora_sam3d.data.dataset import native_from_mask, place_frame, slice_sample
 from lora_sam3d.data.frame import sample_context
 from lora_sam3d.data.settings import Context, DataContract
 from lora_sam3d.data.tissue import (
@@ -35,7 +35,7 @@ from lora_sam3d.data.tissue import (
     tissue_mismatch,
     views_inside,
 )
-from lora_sam3d.data.views import seen_centre, stack_views, view_rows
+from lora_sam3d.data.views import seen_centre
 from lora_sam3d.data.volume import (
     DataError,
     IsotropicGrid,
@@ -48,7 +48,7 @@ from lora_sam3d.data.volume import (
     structure_mask,
 )
 from lora_sam3d.geometry import AXIS_NAMES
-from lora_sam3d.inputs import output_stem
+from lora_sam3d.inputs import Sample, output_stem
 
 __all__ = [
     "PredictItem",
@@ -624,7 +624,7 @@ class PredictionDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
+    def __getitem__(self, i: int) -> Sample:
         item, refs = self.items[i], self.slices[i]
         raw = nib.load(item.image)
         try:
@@ -644,7 +644,7 @@ class PredictionDataset(Dataset):
             "scored_against": "request mask",
         }
 
-    def _inputs(self, i: int, raw: nib.Nifti1Image) -> dict[str, Any]:
+    def _inputs(self, i: int, raw: nib.Nifti1Image) -> Sample:
         """Request ``i``'s model inputs: its slices resampled like a split's, in the frame they place."""
         item, refs = self.items[i], self.slices[i]
         classes, in_memory = self._view_labels(i, raw)
@@ -657,29 +657,11 @@ class PredictionDataset(Dataset):
             if others
             else None
         )
-        sample, frame = slice_inputs(
-            volume.image,
-            volume.labels,
-            0,
-            volume.affine,
-            volume.spacing_mm,
-            refs[0].axis,
-            indices[0],
-            side_mm,
-            self.slice_size,
-            None,
-            centre,
+        frame = place_frame(
+            volume.labels, 0, volume.affine, volume.spacing_mm, refs[0].axis, indices[0], side_mm, centre
         )
-        if self.max_views > 1:
-            rows = [
-                row
-                for k, (r, index) in enumerate(zip(refs, indices, strict=True))
-                if k
-                for row in view_rows(
-                    volume.image, volume.labels, k, frame, [(r.axis, index)], self.slice_size
-                )
-            ]
-            sample |= stack_views(sample, rows, self.max_views)
+        planes = [(r.axis, index, k) for k, (r, index) in enumerate(zip(refs, indices, strict=True))]
+        sample = slice_sample(volume.image, volume.labels, frame, planes, self.slice_size, self.max_views)
         inside = views_inside(sample, frame, volume.image.shape)
         tissue = self._check_tissue(i, sample, side_mm, inside)
         if self.reads_scan(i):
@@ -690,9 +672,7 @@ class PredictionDataset(Dataset):
         self._warn_at_edge(i, sample, side_mm)
         return sample
 
-    def _check_tissue(
-        self, i: int, sample: dict[str, Any], side_mm: float, inside: np.ndarray
-    ) -> Tissue | None:
+    def _check_tissue(self, i: int, sample: Sample, side_mm: float, inside: np.ndarray) -> Tissue | None:
         """The tissue under the drawn masks (`marked_tissue`; None, with a warning naming the request,
         when the masks are too small for statistics), checked against what the model saw of the
         class in training (`tissue_mismatch`): a warning naming the request, or an error with
@@ -722,7 +702,7 @@ class PredictionDataset(Dataset):
         warnings.warn(message, stacklevel=2)
         return tissue
 
-    def _warn_at_edge(self, i: int, sample: dict[str, Any], side_mm: float) -> None:
+    def _warn_at_edge(self, i: int, sample: Sample, side_mm: float) -> None:
         """A drawn mask that reaches the frame's edge is cut there: the structure is larger than
         the frame its class was trained with, and its surface past the edge cannot be reconstructed."""
         masks = drawn_views(sample)[1].astype(bool)

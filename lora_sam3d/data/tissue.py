@@ -96,31 +96,25 @@ def relative_intensity(image: np.ndarray, tissue: Tissue | None) -> np.ndarray:
 
 
 def drawn_views(sample: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    """(images, masks) (K, S, S) of a sample's real views: its ``view_*`` rows, or its one slice."""
-    if "view_mask" in sample:
-        valid = np.asarray(sample["view_valid"], dtype=bool)
-        return np.asarray(sample["view_image"])[valid], np.asarray(sample["view_mask"])[valid]
-    return np.asarray(sample["image"])[:1], np.asarray(sample["mask"])[None]
+    """(images, masks) (K, S, S) of a sample's real views (its ``view_*`` rows that are valid)."""
+    valid = np.asarray(sample["view_valid"], dtype=bool)
+    return np.asarray(sample["view_image"])[valid], np.asarray(sample["view_mask"])[valid]
 
 
 def relative_sample(sample: dict[str, Any], tissue: Tissue | None, inside: np.ndarray) -> None:
-    """Read every intensity a sample carries relative to ``tissue``, in place: its slice
-    (``image``), its views (``view_image``) and its context (`read_relative`), so the model sees no
-    absolute unit anywhere. View pixels outside the scan (``inside``, `views_inside`) read neutral."""
+    """Read every intensity a sample carries relative to ``tissue``, in place: its views
+    (``view_image``) and its context (`read_relative`), so the model sees no absolute unit
+    anywhere. View pixels outside the scan (``inside``, `views_inside`) read neutral."""
     import torch
 
     # what a person is shown of the slices (report, previews) stays the scan itself
     sample["shown_image"] = torch.as_tensor(drawn_views(sample)[0]).clone()
-    if "view_image" in sample:
-        views = relative_intensity(np.asarray(sample["view_image"]), tissue)
-        valid = np.asarray(sample["view_valid"], dtype=bool)
-        rows = views[valid]
-        rows[~inside] = 0.5
-        views[valid], views[~valid] = rows, 0.0  # padding stays padding
-        sample["view_image"] = torch.from_numpy(views)
-    first = relative_intensity(np.asarray(sample["image"]), tissue)
-    first[:, ~inside[0]] = 0.5
-    sample["image"] = torch.from_numpy(first)
+    views = relative_intensity(np.asarray(sample["view_image"]), tissue)
+    valid = np.asarray(sample["view_valid"], dtype=bool)
+    rows = views[valid]
+    rows[~inside] = 0.5
+    views[valid], views[~valid] = rows, 0.0  # padding stays padding
+    sample["view_image"] = torch.from_numpy(views)
     if sample.get("context") is not None:
         sample["context"] = torch.from_numpy(read_relative(np.asarray(sample["context"]), tissue))
 
@@ -177,14 +171,10 @@ def marked_tissue(
 def views_inside(sample: Mapping[str, Any], frame: Frame, shape: Sequence[int]) -> np.ndarray:
     """(K, S, S) bool: which pixels of each real view of ``sample`` lie inside the volume of
     ``shape`` (the canonical grid the views were cut from, in ``frame``)."""
-    if "view_axis" in sample:
-        valid = np.asarray(sample["view_valid"], dtype=bool)
-        axes = np.asarray(sample["view_axis"])[valid]
-    else:
-        axes = np.asarray(sample["axis"]).reshape(1)
-    size = np.asarray(sample["mask"]).shape[-1]
+    valid = np.asarray(sample["view_valid"], dtype=bool)
+    size = np.asarray(sample["view_mask"]).shape[-1]
     out = []
-    for axis in axes:
+    for axis in np.asarray(sample["view_axis"])[valid]:
         p, q = plane_axes(int(axis))
         ones = np.ones((shape[p], shape[q]), dtype=np.float32)
         out.append(sample_slice(frame, ones, int(axis), size, order=0) > 0.5)

@@ -34,7 +34,7 @@ from lora_sam3d.data.settings import ViewLayout
 from lora_sam3d.data.volume import DataError, class_mask
 from lora_sam3d.geometry import mask_signed_distance
 
-__all__ = ["ViewLayout", "seen_centre", "stack_planes", "stack_views", "view_planes", "view_rows"]
+__all__ = ["ViewLayout", "cut_views", "seen_centre", "stack_planes", "view_planes"]
 
 
 def view_planes(
@@ -120,66 +120,41 @@ def seen_centre(
     return None if lo > hi else (lo + hi) / 2
 
 
-def view_rows(
+def cut_views(
     image: np.ndarray,
     labels: np.ndarray,
-    bit: int,
     frame: Frame,
-    planes: list[tuple[int, int]],
+    planes: list[tuple[int, int, int]],
     slice_size: int,
-) -> list[dict[str, Any]]:
-    """Each plane's view (image, mask, signed 2D distance, axis, index, offset in frame units); planes
-    whose mask is empty are skipped."""
-    rows = []
-    for axis, index in planes:
+    most: int,
+) -> dict[str, torch.Tensor]:
+    """A sample's views, the ``view_*`` tensors `lora_sam3d.inputs.collate` reads: each plane
+    ``(axis, index, bit)`` of ``image`` with the mask of class ``bit`` of ``labels``, resampled over
+    the frame's square at that plane, the mask's signed 2D distance and the plane's offset along
+    its axis in frame units. The first plane (the one that placed the frame) is always kept; a later
+    one whose mask is empty, or crosses the plane outside the frame, is skipped; at most ``most``
+    views. Not padded: `collate` pads a batch to its most views."""
+    rows: list[tuple[np.ndarray, np.ndarray, int, int]] = []
+    for k, (axis, index, bit) in enumerate(planes):
+        if len(rows) == most:
+            break
         take: list[Any] = [slice(None)] * 3
         take[axis] = index
         mask2d = class_mask(labels[tuple(take)], bit)
-        if not mask2d.any():
+        if k and not mask2d.any():
             continue
         mask = sample_slice(frame, mask2d.astype(np.float32), axis, slice_size, order=0) > 0.5
-        if not mask.any():  # the structure crosses this plane outside the frame
+        if k and not mask.any():
             continue
         plane = sample_slice(frame, np.asarray(image[tuple(take)]), axis, slice_size, order=1)
-        rows.append(
-            {
-                "image": plane.astype(np.float32),
-                "mask": mask,
-                "distance": mask_signed_distance(mask),
-                "axis": axis,
-                "index": index,
-                "offset": (index - frame.centre_vox[axis]) / frame.side_vox,
-            }
-        )
-    return rows
-
-
-def stack_views(first: dict[str, Any], rows: list[dict[str, Any]], k: int) -> dict[str, torch.Tensor]:
-    """The ``view_*`` tensors of a sample (`lora_sam3d.inputs.collate` reads them): its first view (the sample's ``image``, ``mask``,
-    ``mask_distance``, ``axis``, ``index``, ``offset``) and ``rows``, at most ``k`` views. Not padded:
-    `collate` pads a batch to its most views, so a one-slice sample does not carry 15 empty ones."""
-    size = first["mask"].shape[-1]
-    k = 1 + min(len(rows), k - 1)
-    out = {
-        "view_image": torch.zeros(k, size, size),
-        "view_mask": torch.zeros(k, size, size, dtype=torch.bool),
-        "view_distance": torch.ones(k, size, size),
-        "view_axis": torch.zeros(k, dtype=torch.long),
-        "view_index": torch.zeros(k, dtype=torch.long),
-        "view_offset": torch.zeros(k, dtype=torch.float32),
-        "view_valid": torch.zeros(k, dtype=torch.bool),
+        rows.append((plane.astype(np.float32), mask, axis, index))
+    offsets = [(index - frame.centre_vox[axis]) / frame.side_vox for _, _, axis, index in rows]
+    return {
+        "view_image": torch.from_numpy(np.stack([r[0] for r in rows])),
+        "view_mask": torch.from_numpy(np.stack([r[1] for r in rows])),
+        "view_distance": torch.from_numpy(np.stack([mask_signed_distance(r[1]) for r in rows])),
+        "view_axis": torch.tensor([r[2] for r in rows], dtype=torch.long),
+        "view_index": torch.tensor([r[3] for r in rows], dtype=torch.long),
+        "view_offset": torch.tensor(offsets, dtype=torch.float32),
+        "view_valid": torch.ones(len(rows), dtype=torch.bool),
     }
-    out["view_image"][0], out["view_mask"][0] = first["image"][0], first["mask"]
-    out["view_distance"][0], out["view_axis"][0], out["view_index"][0] = (
-        first["mask_distance"],
-        first["axis"],
-        first["index"],
-    )
-    out["view_offset"][0], out["view_valid"][0] = float(first.get("offset", 0.0)), True
-    for j, row in enumerate(rows[: k - 1], start=1):
-        out["view_image"][j] = torch.from_numpy(row["image"])
-        out["view_mask"][j] = torch.from_numpy(row["mask"])
-        out["view_distance"][j] = torch.from_numpy(row["distance"])
-        out["view_axis"][j], out["view_index"][j] = row["axis"], row["index"]
-        out["view_offset"][j], out["view_valid"][j] = float(row["offset"]), True
-    return out
