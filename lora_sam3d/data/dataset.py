@@ -47,7 +47,7 @@ __all__ = [
     "native_box",
     "native_from_mask",
     "native_target",
-    "place_frame",
+    "recentred",
     "slice_frame",
     "slice_sample",
 ]
@@ -341,7 +341,7 @@ class TS_SAM3D_Dataset(Dataset):
         bit: int,
         axis: int,
         index: int,
-        side_mm: float,
+        first: Frame,
         rng: np.random.Generator | None,
     ) -> tuple[list[tuple[int, int]], float | None]:
         """The sample's view planes after the first, and the frame's centre along ``axis`` they give.
@@ -357,7 +357,6 @@ class TS_SAM3D_Dataset(Dataset):
             layout = str(rng.choice(list(v.drawn)))  # type: ignore[union-attr]
         most = min(v.most, 3) if layout == "orthogonal" else v.most
         count = int(rng.integers(2 if layout == "stack" else 1, most + 1)) if training else most  # type: ignore[union-attr]
-        first, _ = slice_frame(case.labels, bit, case.affine, case.spacing_mm, axis, index, side_mm)
         spacing_vox = v.spacing_mm / case.spacing_mm
         present = np.asarray(case.class_info(bit)["slice_areas"][axis]) > 0
         try:
@@ -381,8 +380,9 @@ class TS_SAM3D_Dataset(Dataset):
         name = self.classes[bit]
         s, n, r = self.settings, 4 * self.resolution, self.resolution
         side_mm = s.frame.scale * self.extent_mm[name]
-        planes, centre = self._planes(case, bit, axis, index, side_mm, rng)
-        frame = place_frame(case.labels, bit, case.affine, case.spacing_mm, axis, index, side_mm, centre)
+        first, _ = slice_frame(case.labels, bit, case.affine, case.spacing_mm, axis, index, side_mm)
+        planes, centre = self._planes(case, bit, axis, index, first, rng)
+        frame = recentred(first, axis, centre)
         sample = slice_sample(
             case.image,
             case.labels,
@@ -511,20 +511,10 @@ def slice_frame(
     return make_frame(mask2d, axis, index, side_mm, spacing_mm, affine), mask2d
 
 
-def place_frame(
-    labels: np.ndarray,
-    bit: int,
-    affine: np.ndarray,
-    spacing_mm: float,
-    axis: int,
-    index: int,
-    side_mm: float,
-    centre_along_axis: float | None = None,
-) -> Frame:
-    """The frame a sample's first slice places (`slice_frame`). With ``centre_along_axis`` (voxels;
-    from the other views, `lora_sam3d.data.views.seen_centre`) it is centred there along ``axis``
-    instead of on the slice, which then lies off the frame's centre."""
-    frame, _ = slice_frame(labels, bit, affine, spacing_mm, axis, index, side_mm)
+def recentred(frame: Frame, axis: int, centre_along_axis: float | None) -> Frame:
+    """The frame a sample's first slice placed (`slice_frame`), centred at ``centre_along_axis``
+    (voxels; from the other views, `lora_sam3d.data.views.seen_centre`) along ``axis`` instead of on
+    the slice, which then lies off the frame's centre; unchanged when that is None."""
     if centre_along_axis is None:
         return frame
     centre = list(frame.centre_vox)

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import Dataset
 
 from lora_sam3d.data.cases import check_class_names
-from lora_sam3d.data.dataset import native_from_mask, place_frame, slice_sample
+from lora_sam3d.data.dataset import native_from_mask, recentred, slice_frame, slice_sample
 from lora_sam3d.data.frame import sample_context
 from lora_sam3d.data.settings import Context, DataContract
 from lora_sam3d.data.tissue import (
@@ -657,9 +657,10 @@ class PredictionDataset(Dataset):
             if others
             else None
         )
-        frame = place_frame(
-            volume.labels, 0, volume.affine, volume.spacing_mm, refs[0].axis, indices[0], side_mm, centre
+        first, _ = slice_frame(
+            volume.labels, 0, volume.affine, volume.spacing_mm, refs[0].axis, indices[0], side_mm
         )
+        frame = recentred(first, refs[0].axis, centre)
         planes = [(r.axis, index, k) for k, (r, index) in enumerate(zip(refs, indices, strict=True))]
         sample = slice_sample(volume.image, volume.labels, frame, planes, self.slice_size, self.max_views)
         inside = views_inside(sample, frame, volume.image.shape)
