@@ -20,6 +20,7 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
+from regions import region_scores, summarise
 
 from lora_sam3d.data.cases import discover_cases
 from lora_sam3d.data.dataset import assign_splits
@@ -59,7 +60,7 @@ def score(data: Path, classes: list[str], spacing_mm: float, split: str = "test"
     cases = discover_cases(data, classes)
     assign_splits(cases)
     per_class: dict[str, list[dict[str, float]]] = {c: [] for c in classes}
-    counts = []
+    counts, regions = [], []
     for case in (c for c in cases if c.split == split):
         for bit, name in enumerate(classes):
             path, value = case.class_masks[bit]
@@ -72,7 +73,11 @@ def score(data: Path, classes: list[str], spacing_mm: float, split: str = "test"
             spacing = np.linalg.norm(img.affine[:3, :3], axis=0)
             slices = kept_slices(gt, axis, max(1, round(spacing_mm / spacing[axis])))
             counts.append(len(slices))
-            per_class[name].append(sample_metrics(fill_between(gt, axis, slices), gt, spacing, 3.0))
+            filled = fill_between(gt, axis, slices)
+            per_class[name].append(sample_metrics(filled, gt, spacing, 3.0))
+            index = np.arange(gt.shape[axis]).reshape([-1 if a == axis else 1 for a in range(3)])
+            middle = np.broadcast_to((index >= min(slices)) & (index <= max(slices)), gt.shape)
+            regions.append(region_scores(filled, gt, middle))
     result: dict[str, Any] = {}
     for name, rows in per_class.items():
         result[name] = {
@@ -80,6 +85,7 @@ def score(data: Path, classes: list[str], spacing_mm: float, split: str = "test"
         }
     result["mean"] = {k: float(np.mean([result[c][k] for c in classes])) for k in ("dice", "hd95_mm", "nsd")}
     result["slices_per_structure"] = float(np.mean(counts))
+    result["caps"] = summarise(regions)  # the middle (between the first and last kept slice) and the caps
     return result
 
 

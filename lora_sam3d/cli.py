@@ -206,7 +206,12 @@ def _extra_parser() -> argparse.ArgumentParser:
     ph.add_argument("--spacing", type=float, nargs=3, default=(1.6, 1.6, 2.5), metavar=("SX", "SY", "SZ"))
     ph.add_argument("--seed", type=int, default=0)
     ph.add_argument("--workers", type=int, default=1, help="cases written at once (processes; same files)")
-    ph.add_argument("--modality", choices=("ct", "mr"), default="ct", help="mr: MR-like images, mri.nii.gz")
+    ph.add_argument(
+        "--modality",
+        choices=("ct", "mr", "mixed"),
+        default="ct",
+        help="mr: MR-like images, mri.nii.gz; mixed: every second case MR (read with modality auto)",
+    )
     ph.set_defaults(run=_phantoms)
     ex = sub.add_parser(
         "export", help="merge a checkpoint's or an adapter's LoRA: decoder-merged.safetensors (+ adapter/)"

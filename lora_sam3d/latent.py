@@ -1,7 +1,10 @@
 """Step 5 of the data flow: a batch's `Evidence` -> what stage 1 reads (or Meta's latents instead).
 
 `SliceUnprojection` (no parameters) gives every cell of the R^3 frame grid 8 features read from the
-slice at the cell's orthogonal projection, as a dense (B, 8, R, R, R) tensor; stage 1
+slice at the cell's orthogonal projection, as a dense (B, 8, R, R, R) tensor, and with
+``interpolation`` 2 more: the slices' own shape-based interpolation (`shape_interpolation`: the
+signed distances of the two nearest parallel slices either side of the cell, blended linearly
+by the cell's distance to each, as a classic "fill between slices" interpolates); stage 1
 (`lora_sam3d.models.structure`) turns it into occupancy and the decoder's latent. `PrecomputedLatents`
 reads structured latents exported from Meta's SAM 3D pipeline (its `sample_sparse_structure` +
 `sample_slat` outputs), which replace both stages' choice of voxels and latents. Both build
@@ -21,6 +24,7 @@ from lora_sam3d.sparse import SparseTensor
 
 __all__ = [
     "EVIDENCE_FEATURES",
+    "INTERPOLATION_CHANNELS",
     "LATENT_CHANNELS",
     "PrecomputedLatents",
     "SliceUnprojection",
@@ -29,9 +33,14 @@ __all__ = [
     "evidence_at_cells",
     "latent_cell_centres",
     "make_encoder",
+    "shape_interpolation",
+    "with_context",
 ]
 
 LATENT_CHANNELS = 8
+
+INTERPOLATION_CHANNELS = 2
+"""`shape_interpolation`'s features: the interpolated signed distance, and how closely it is bracketed."""
 
 PLANE_AXES = torch.tensor([[1, 2], [0, 2], [0, 1]])
 """The two in-plane axes of a slice normal to axis 0, 1 or 2, in order."""
@@ -53,20 +62,26 @@ class SliceUnprojection:
     the views (the nearest plane dominates), and the evidence channel is the largest over views of
     the mask damped by the distance to its plane (``m * exp(-(d / plane_decay)^2)``). With one view
     the weights are exactly 1. Channels: mask, intensity, 2D distance, plane distance, the cell's
-    position (3), evidence. All in frame units.
+    position (3), evidence. All in frame units. With ``interpolation``, the two channels of
+    `shape_interpolation` follow (10 in all).
     """
 
-    def __init__(self, resolution: int, plane_decay: float = 0.1) -> None:
+    def __init__(self, resolution: int, plane_decay: float = 0.1, interpolation: bool = False) -> None:
         self.resolution = resolution
         self.plane_decay = plane_decay
+        self.interpolation = interpolation
+
+    @property
+    def channels(self) -> int:
+        return LATENT_CHANNELS + (INTERPOLATION_CHANNELS if self.interpolation else 0)
 
     def __call__(self, views: Evidence) -> torch.Tensor:
         b, r = views.valid.shape[0], self.resolution
         u = latent_cell_centres(r, views.device).expand(b, -1, -1)  # (B, R^3, 3)
-        return self.at(views, u).view(b, LATENT_CHANNELS, r, r, r)
+        return self.at(views, u).view(b, self.channels, r, r, r)
 
     def at(self, views: Evidence, u: torch.Tensor) -> torch.Tensor:
-        """(B, 8, P): the features at points ``u`` (B, P, 3) in frame coordinates (any grid's cells).
+        """(B, 8 or 10, P): the features at points ``u`` (B, P, 3) in frame coordinates (any grid's cells).
 
         Only the valid (sample, view) pairs are read, in one batched call: a batch padded to 16 views
         for one stack costs what its real views cost. Padding reads 0 with weight 0, as it did when
@@ -83,7 +98,11 @@ class SliceUnprojection:
         merged = (weight[:, :, None] * read).sum(1) if k > 1 else read[:, 0]
         evidence = (read[:, :, 0] * torch.exp(closeness)).amax(1)
         m, intensity, dist2d, d_plane = merged.unbind(1)
-        return torch.stack([m, intensity, dist2d, d_plane, u[..., 0], u[..., 1], u[..., 2], evidence], dim=1)
+        out = [m, intensity, dist2d, d_plane, u[..., 0], u[..., 1], u[..., 2], evidence]
+        if self.interpolation:
+            axis = views.axis.to(u.device)
+            out += shape_interpolation(read[:, :, 2], d, valid, axis, self.plane_decay).unbind(1)
+        return torch.stack(out, dim=1)
 
     @staticmethod
     def _read(
@@ -105,6 +124,51 @@ class SliceUnprojection:
         read = F.grid_sample(maps, grid, mode="bilinear", padding_mode="border", align_corners=False)[..., 0]
         d_plane = (u * normal[:, None, :]).sum(-1) - views.offset.to(device)[sample, view, None].to(u.dtype)
         return (*read.unbind(1), d_plane)
+
+
+def shape_interpolation(
+    distance: torch.Tensor, d_plane: torch.Tensor, valid: torch.Tensor, axis: torch.Tensor, plane_decay: float
+) -> torch.Tensor:
+    """(B, 2, P): the drawn slices' shape-based interpolation at P points, from each view's 2D signed
+    distance ``distance`` (B, K, P) read at the points' projections and the points' signed distance
+    ``d_plane`` (B, K, P) to each view's plane (``valid`` (B, K), ``axis`` (B, K)).
+
+    Along each axis, a point between two parallel drawn planes takes their distances blended
+    linearly by its distance to each (the nearest plane on either side; on a plane, that plane's);
+    points bracketed along several axes average them. Channel 0 is that distance (0 where no two
+    parallel slices bracket the point: beyond a stack's ends, or with one slice per axis), channel 1
+    how close the bracket is, ``exp(-gap / (2 plane_decay))`` for planes ``gap`` apart (1 on a drawn
+    plane, 0: none), so a 10 mm stack's interpolation counts for more than that of two slices far
+    apart."""
+    inf = torch.tensor(float("inf"), device=distance.device, dtype=distance.dtype)
+    value = torch.zeros_like(distance[:, 0])
+    closeness = torch.zeros_like(value)
+    count = torch.zeros_like(value)
+    for a in range(3):
+        same = (valid & (axis == a))[:, :, None]
+        if not bool(same.any()):
+            continue
+        below, k_below = torch.where(same & (d_plane >= 0), d_plane, inf).min(
+            1
+        )  # plane at or under the point
+        above, k_above = torch.where(same & (d_plane <= 0), -d_plane, inf).min(1)  # plane at or over it
+        bracketed = torch.isfinite(below) & torch.isfinite(above)
+        gap = torch.where(bracketed, below + above, 0.0)
+        t = torch.where(gap > 0, below / gap.clamp_min(1e-12), 0.0)  # 0 on the lower plane, 1 on the upper
+        v_below = distance.gather(1, k_below[:, None])[:, 0]
+        v_above = distance.gather(1, k_above[:, None])[:, 0]
+        blended = (1 - t) * v_below + t * v_above
+        value = value + torch.where(bracketed, blended, 0.0)
+        closeness = torch.maximum(closeness, torch.where(bracketed, torch.exp(-gap / (2 * plane_decay)), 0.0))
+        count = count + bracketed.to(value.dtype)
+    return torch.stack([value / count.clamp_min(1), closeness], dim=1)
+
+
+def with_context(slices: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """The slices' features and the scan's in the model's channel order, along dim 1: the slice
+    unprojection's 8, the scan's 2, then the interpolation's 2 when there are any (so a base
+    trained without the interpolation keeps its first channels)."""
+    return torch.cat([slices[:, :LATENT_CHANNELS], context, slices[:, LATENT_CHANNELS:]], dim=1)
 
 
 class PrecomputedLatents:
@@ -172,17 +236,20 @@ def context_at(evidence: Evidence, u: torch.Tensor) -> torch.Tensor:
 
 
 EVIDENCE_FEATURES = LATENT_CHANNELS + CONTEXT_CHANNELS
-"""Features `evidence_at_cells` gives each cell: the slice unprojection's 8, then the context's 2."""
+"""Features `evidence_at_cells` gives each cell: the slice unprojection's 8, then the context's 2
+(then `INTERPOLATION_CHANNELS` more when the reader interpolates)."""
 
 
 def evidence_at_cells(
     evidence: Evidence, coords: torch.Tensor, resolution: int, reader: SliceUnprojection
 ) -> torch.Tensor:
-    """(N, 10) evidence at sparse cells: ``coords`` (N, 4) = (sample, x, y, z) on a ``resolution``^3
-    grid over the frame; the slices' 8 features (`SliceUnprojection.at`) and the context's 2."""
+    """(N, 10 or 12) evidence at sparse cells: ``coords`` (N, 4) = (sample, x, y, z) on a ``resolution``^3
+    grid over the frame; the slices' 8 features (`SliceUnprojection.at`), the context's 2 and the
+    interpolation's 2 if the reader gives them (`with_context`)."""
     n, b = coords.shape[0], len(evidence)
+    width = reader.channels + CONTEXT_CHANNELS
     if n == 0:
-        return torch.zeros(0, EVIDENCE_FEATURES, device=coords.device)
+        return torch.zeros(0, width, device=coords.device)
     sample = coords[:, 0].long()
     u = (coords[:, 1:].float() + 0.5) / resolution - 0.5
     order = torch.argsort(sample, stable=True)
@@ -191,15 +258,17 @@ def evidence_at_cells(
     slot = torch.arange(n, device=coords.device) - starts[sample[order]]
     padded = torch.zeros(b, int(counts.max()), 3, device=coords.device)
     padded[sample[order], slot] = u[order]
-    feats = torch.cat([reader.at(evidence, padded), context_at(evidence, padded)], dim=1)  # (B, F, P)
-    out = torch.empty(n, EVIDENCE_FEATURES, device=coords.device, dtype=feats.dtype)
+    feats = with_context(reader.at(evidence, padded), context_at(evidence, padded))  # (B, F, P)
+    out = torch.empty(n, width, device=coords.device, dtype=feats.dtype)
     out[order] = feats[sample[order], :, slot]
     return out
 
 
-def make_encoder(kind: str, resolution: int, latents_dir: str | None = None) -> Any:
+def make_encoder(
+    kind: str, resolution: int, latents_dir: str | None = None, interpolation: bool = False
+) -> Any:
     if kind == "slice":
-        return SliceUnprojection(resolution)
+        return SliceUnprojection(resolution, interpolation=interpolation)
     if kind == "precomputed":
         if latents_dir is None:
             raise ValueError("latent encoder 'precomputed' needs latents_dir")

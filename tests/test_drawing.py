@@ -54,8 +54,11 @@ def test_a_drawn_plane_takes_the_drawing_and_the_rest_stays() -> None:
     mid = N // 2  # the plane at offset 0 is the vertex slice N/2 along axis 2
     on_plane = _drawn_on_grid(ev.distance[0, 0], 2, N)  # the drawing's distance at the plane's vertices
     torch.testing.assert_close(kept[0, :, :, mid], on_plane, atol=1e-5, rtol=0)
-    assert torch.equal(kept[0, :, :, : mid - 3], sdf[0, :, :, : mid - 3]), "untouched past 3 sigma"
-    near = (kept - sdf)[0, :, :, mid + 1].abs().max() / (kept - sdf)[0, :, :, mid].abs().max()
+    assert torch.equal(kept[0, :, :, : mid - 4], sdf[0, :, :, : mid - 4]), "untouched past 1 cell + 3 sigma"
+    torch.testing.assert_close(
+        kept[0, :, :, mid + 1], _drawn_on_grid(ev.distance[0, 0], 2, N), atol=1e-5, rtol=0
+    )
+    near = (kept - sdf)[0, :, :, mid + 2].abs().max() / (kept - sdf)[0, :, :, mid].abs().max()
     assert 0.3 < near < 0.9, "the surface bends to the drawing over a cell, not cut at the plane"
     assert torch.equal(keep_drawing(sdf, ev, width=0.0), sdf)
 

@@ -125,6 +125,26 @@ def test_each_train_active_mode_runs_the_decoder_on_its_band(batch: Batch) -> No
             ), f"{mode}: inference uses stage 1's band"
 
 
+def test_a_wider_training_band_reaches_where_stage_one_errs_and_inference_keeps_its_margin(batch: Batch) -> None:
+    """``band.train_margin: 2``: training runs the decoder on the band two cells around stage 1's
+    surface and the true one, which covers more of the true surface than the one-cell band does;
+    inference keeps ``band.margin``; a margin that is not a whole number of cells is refused."""
+    model = Reconstructor(ModelConfig(TEST_DECODER, base=SHAPES, band={"train_margin": 2}))
+    truth = batch.targets.coarse_occupancy.bool()
+    with torch.no_grad():
+        logits, _ = model.structure(model.encoder(batch.evidence))
+        wide = model.train()(batch.evidence, truth).active
+        narrow = model.eval()(batch.evidence, truth).active
+    occupied = logits > 0
+    assert torch.equal(wide, surface_band(occupied, 2) | surface_band(truth, 2))
+    assert torch.equal(narrow, surface_band(occupied, 1))
+    true_surface = surface_band(truth, 1) & (truth != occupied)  # true surface cells stage 1 gets wrong
+    assert true_surface.any(), "the test needs stage 1 to err somewhere"
+    assert (wide & true_surface).sum() == true_surface.sum() > (narrow & true_surface).sum()
+    with pytest.raises(ValueError, match=r"model\.band\.train_margin must be an integer >= 1 \(cells\) or null, got 1\.5"):
+        ModelConfig(band={"train_margin": 1.5})
+
+
 def random_adapter(folder: Path, seed: int, extent_mm: dict[str, float]) -> Path:
     """A LoRA adapter of the shipped base with random (non-zero) B matrices, written as fit writes one."""
     model = Reconstructor(ModelConfig(TEST_DECODER, base=SHAPES))

@@ -149,7 +149,7 @@ def test_active_cap_and_empty_stage_one(datamodule: TSDataModule, tmp_path: Path
         blind.validation_step(batch, 0)
     out = blind.val_metrics.compute()
     assert sum(float(out[f"failures/{c}"]) for c in CLASSES) == 0
-    assert float(out["dice"]) < 0.5 < float(out["drawn_dice"])
+    assert float(out["dice"]) < 0.7 < float(out["drawn_dice"])
 
 
 def test_shipped_base_decoder_loads() -> None:

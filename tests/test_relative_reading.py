@@ -168,5 +168,48 @@ def test_a_request_whose_mask_is_too_small_reads_neutral_with_a_warning(
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         write_phantoms(tmp_path / "w", n_cases=1, shape=(16, 16, 8), modality="mr")
-    with pytest.raises(ValueError, match=r"phantom modality 'pet': expected 'ct' or 'mr'"):
+    with pytest.raises(ValueError, match=r"phantom modality 'pet': expected 'ct', 'mr' or 'mixed'"):
         write_phantoms(tmp_path / "x", n_cases=1, modality="pet")  # type: ignore[arg-type]
+
+
+def test_a_mixed_data_set_reads_each_scan_as_its_file_says(
+    mr_phantoms: Path, phantoms: Path, tmp_path: Path
+) -> None:
+    """`phantoms --modality mixed` writes CT and MR cases in one root; ``modality: auto`` reads the
+    CT through the CT window and the MR by its percentiles, so each case's absolute sample is the
+    one its own modality gives; a file not named for its modality is read by its voxels."""
+    root = tmp_path / "mixed"
+    write_phantoms(root, n_cases=4, shape=(48, 48, 32), modality="mixed")
+    assert sorted(p.name for p in root.glob("s*/*.nii.gz")) == [
+        "ct.nii.gz",
+        "ct.nii.gz",
+        "mri.nii.gz",
+        "mri.nii.gz",
+    ]
+    assert (root / "s0002" / "mri.nii.gz").is_file() and (root / "s0001" / "ct.nii.gz").is_file()
+    auto = Preprocessing(2.0, "auto")
+    ct = np.asarray(nib.load(phantoms / "s0001" / "ct.nii.gz").dataobj, dtype=np.float32)
+    mr = np.asarray(nib.load(mr_phantoms / "s0001" / "mri.nii.gz").dataobj, dtype=np.float32)
+    assert auto.modality_of(phantoms / "s0001" / "ct.nii.gz", ct) == "ct"
+    assert auto.modality_of(mr_phantoms / "s0001" / "mri.nii.gz", mr) == "mr"
+    assert auto.modality_of(tmp_path / "scan.nii.gz", ct) == "ct", "air in HU"
+    assert auto.modality_of(tmp_path / "scan.nii.gz", mr) == "mr"
+    with pytest.raises(DataError, match=r"modality must be ct, mr or auto, got 'pet'"):
+        Preprocessing(2.0, "pet")  # type: ignore[arg-type]
+
+    def first_image(data: Path, modality: str) -> torch.Tensor:
+        settings = DataSettings(preprocessing={"spacing_mm": 2.0, "modality": modality}, views={"count": 1})
+        ds = TS_SAM3D_Dataset(
+            data, CLASSES, split="train", slice_sampling_method="central", settings=settings
+        )
+        return ds[0]["view_image"]
+
+    # s0001 (train) is the CT case of the mixed root, the same anatomy and seed as the CT phantoms
+    torch.testing.assert_close(first_image(root, "auto"), first_image(phantoms, "ct"))
+    mixed_mr = tmp_path / "mr_only"
+    mixed_mr.mkdir()
+    shutil.copytree(root / "s0002", mixed_mr / "s0002")
+    (mixed_mr / "meta.csv").write_text("image_id;split\ns0002;train\n", encoding="utf-8")
+    as_mr, as_ct = first_image(mixed_mr, "auto"), first_image(mixed_mr, "ct")
+    torch.testing.assert_close(as_mr, first_image(mixed_mr, "mr"))
+    assert float(as_ct.mean()) > float(as_mr.mean()) + 0.2, "an MR read as CT is white"

@@ -55,6 +55,7 @@ class PhantomSpec:
     shape: tuple[int, int, int] = (96, 96, 64)
     spacing: tuple[float, float, float] = (1.6, 1.6, 2.5)
     seed: int = 0
+    modality: Literal["ct", "mr", "mixed"] = "ct"
 
 
 class ResumableDataLoader(DataLoader):
@@ -203,6 +204,7 @@ class TSDataModule(L.LightningDataModule):
                 spacing=spec.spacing,
                 seed=spec.seed,
                 workers=max(1, h.num_workers),
+                modality=spec.modality,
             )
 
     def prepare_data(self) -> None:

@@ -57,7 +57,7 @@ HEART_CLASSES = (
 )
 SHAPE_CLASSES = ("ellipsoid", "box", "superquadric", "torus")
 PhantomKind = Literal["heart", "shapes", "hard_shapes"]
-Modality = Literal["ct", "mr"]
+Modality = Literal["ct", "mr", "mixed"]
 IMAGE_NAMES = {"ct": "ct.nii.gz", "mr": "mri.nii.gz"}
 """The image file of a TotalSegmentator-layout case, by modality."""
 
@@ -328,9 +328,11 @@ def write_phantoms(
     as TotalSegmentator's). Returns the case ids. The cropped layout stores one integer label map
     with values 1..5 in the order of the class list (see `phantom_label_values`). Each case draws
     from its own seed, so ``workers`` processes write the same files as one. ``modality="mr"``:
-    MR-like images of the same anatomy (`mr_from_ct`), ``mri.nii.gz`` in TotalSegmentator's layout."""
-    if modality not in IMAGE_NAMES:
-        raise ValueError(f"phantom modality {modality!r}: expected 'ct' or 'mr'")
+    MR-like images of the same anatomy (`mr_from_ct`), ``mri.nii.gz`` in TotalSegmentator's layout;
+    ``"mixed"``: every second case (s0002, s0004, ...) MR, the others CT, so each split holds both
+    (read with ``data.preprocessing.modality: auto``)."""
+    if modality not in (*IMAGE_NAMES, "mixed"):
+        raise ValueError(f"phantom modality {modality!r}: expected 'ct', 'mr' or 'mixed'")
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     ids = [f"s{i + 1:04d}" for i in range(n_cases)]
@@ -351,9 +353,16 @@ def write_phantoms(
     with (root / "meta.csv").open("w", newline="", encoding="utf-8-sig") as f:
         writer = csv.writer(f, delimiter=";")
         writer.writerow(["image_id", "age", "gender", "institute", "study_type", "split"])
-        for case_id, split in zip(ids, splits, strict=True):
-            writer.writerow([case_id, 60, "f", "phantom", f"{modality} thorax", split])
+        for i, (case_id, split) in enumerate(zip(ids, splits, strict=True)):
+            writer.writerow([case_id, 60, "f", "phantom", f"{case_modality(modality, i)} thorax", split])
     return ids
+
+
+def case_modality(modality: Modality, index: int) -> Literal["ct", "mr"]:
+    """The modality of case ``index`` (0-based) of a `write_phantoms` call."""
+    if modality == "mixed":
+        return "mr" if index % 2 else "ct"
+    return modality
 
 
 def _write_case(job: tuple) -> None:
@@ -363,6 +372,7 @@ def _write_case(job: tuple) -> None:
     classes = HEART_CLASSES if kind == "heart" else SHAPE_CLASSES
     rng = np.random.default_rng([seed, index, ("heart", "shapes", "hard_shapes").index(kind)])
     hu, masks, affine = make(shape, spacing, rng)
+    modality = case_modality(modality, index)
     if modality == "mr":  # the same anatomy (same seed) as the CT phantom, another contrast
         hu = mr_from_ct(hu, affine, np.random.default_rng([seed, index, 7]))
     case_dir = root / case_id

@@ -94,13 +94,14 @@ class Preprocessing:
     Args:
         spacing_mm: isotropic output voxel size.
         modality: ``ct`` clips to ``ct_window_hu`` then scales to [0, 1]; ``mr`` scales the
-            ``mr_percentiles`` of each volume to [0, 1] and clips.
+            ``mr_percentiles`` of each volume to [0, 1] and clips; ``auto`` reads each scan as its
+            file says (`modality_of`): a data set of CT and MR cases, or requests of both.
         ct_window_hu: (low, high) Hounsfield window.
         mr_percentiles: (low, high) percentiles.
     """
 
     spacing_mm: float = 1.5
-    modality: Literal["ct", "mr"] = "ct"
+    modality: Literal["ct", "mr", "auto"] = "ct"
     ct_window_hu: tuple[float, float] = (-200.0, 400.0)
     mr_percentiles: tuple[float, float] = (0.5, 99.5)
 
@@ -108,8 +109,8 @@ class Preprocessing:
         spacing = self.spacing_mm
         if not (isinstance(spacing, int | float) and not isinstance(spacing, bool) and spacing > 0):
             raise DataError(f"data.preprocessing.spacing_mm must be a positive number (mm), got {spacing!r}")
-        if self.modality not in ("ct", "mr"):
-            raise DataError(f"data.preprocessing.modality must be ct or mr, got {self.modality!r}")
+        if self.modality not in ("ct", "mr", "auto"):
+            raise DataError(f"data.preprocessing.modality must be ct, mr or auto, got {self.modality!r}")
         try:
             low, high = (float(v) for v in self.ct_window_hu)
         except (TypeError, ValueError):
@@ -120,6 +121,20 @@ class Preprocessing:
             )
         object.__setattr__(self, "ct_window_hu", (low, high))  # one cache key for [-200, 400] and floats
         object.__setattr__(self, "mr_percentiles", tuple(float(v) for v in self.mr_percentiles))
+
+    def modality_of(self, path: str | Path, image: np.ndarray) -> Literal["ct", "mr"]:
+        """How the scan ``path`` is read: ``modality`` itself, or with ``auto`` what the file says:
+        TotalSegmentator's ``ct.nii.gz`` / ``mri.nii.gz`` (a name beginning ``ct`` or ``mr``), else
+        its voxels: CT when at least 1% of them lie at or below -500 (air and lung in Hounsfield units,
+        which no MR magnitude, nor a z-scored MR, reaches), else MR."""
+        if self.modality != "auto":
+            return self.modality
+        name = Path(path).name.lower()
+        if name.startswith(("mr", "t1", "t2")):
+            return "mr"
+        if name.startswith("ct"):
+            return "ct"
+        return "ct" if float((image <= -500).mean()) >= 0.01 else "mr"
 
 
 def open_nifti(path: str | Path, what: str = "image") -> nib.Nifti1Image:
@@ -325,6 +340,8 @@ def intensity_mismatch(image: np.ndarray, prep: Preprocessing, path: str | Path)
     of the voxels above the window's top (an MR range such as 0..4000 clipped to white; a real CT
     has air below the window and little above it). As MR: a tenth or more of the voxels negative
     (MR magnitudes are not; Hounsfield units are)."""
+    if prep.modality == "auto":
+        return None  # each scan is read as what it looks like
     if prep.modality == "ct":
         share = float((image > prep.ct_window_hu[1]).mean())
         if share > INTENSITY_SHARE:
@@ -346,7 +363,7 @@ def normalise(image: np.ndarray, prep: Preprocessing, path: Path) -> np.ndarray:
     if not np.isfinite(image).all():
         bad = int((~np.isfinite(image)).sum())
         raise DataError(f"image {path} has {bad} NaN/inf voxels: expected finite intensities")
-    if prep.modality == "ct":
+    if prep.modality_of(path, image) == "ct":
         low, high = prep.ct_window_hu
     else:
         low, high = np.percentile(image, prep.mr_percentiles)

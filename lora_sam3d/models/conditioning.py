@@ -27,20 +27,20 @@ CONDITIONING_LORA_TARGETS = r"levels\.\d\.(0|2)"
 
 
 class EvidenceConditioning(nn.Module):
-    """One MLP per decoder level: (N, 10) evidence at the level's cells -> (N, channels) added to ``h``.
+    """One MLP per decoder level: (N, 10 or 12) evidence at the level's cells -> (N, channels) added to ``h``.
 
     Args:
         model_channels: the decoder's width (its levels have C, C/4 and C/8 channels).
         hidden: the MLPs' hidden width.
+        features: the evidence's features a cell (12 with the slices' interpolation).
     """
 
-    def __init__(self, model_channels: int, hidden: int = 32) -> None:
+    def __init__(self, model_channels: int, hidden: int = 32, features: int = EVIDENCE_FEATURES) -> None:
         super().__init__()
-        self.config = {"model_channels": model_channels, "hidden": hidden}
+        self.config = {"model_channels": model_channels, "hidden": hidden, "features": features}
         widths = (model_channels, model_channels // 4, model_channels // 8)
         self.levels = nn.ModuleList(
-            nn.Sequential(nn.Linear(EVIDENCE_FEATURES, hidden), nn.SiLU(), nn.Linear(hidden, c))
-            for c in widths
+            nn.Sequential(nn.Linear(features, hidden), nn.SiLU(), nn.Linear(hidden, c)) for c in widths
         )
         for level in self.levels:
             nn.init.zeros_(level[2].weight)

@@ -48,16 +48,22 @@ class BaseConfig:
 
 @dataclass(frozen=True)
 class ContextConfig:
-    """How the model reads the scan around the slices.
+    """What the model reads beside the slice unprojection: the scan around the slices, and the slices'
+    own interpolation.
 
     Args:
         read: stage 1 reads the scan (``data.context.source: volume``) beside the slice unprojection; a batch
             without it reads "no scan" (zeros), so such a model also predicts from slices alone.
         conditioning: the decoder's levels receive the evidence at their own cells (`EvidenceConditioning`).
+        interpolation: both stages also read the drawn slices' shape-based interpolation
+            (`lora_sam3d.latent.shape_interpolation`): between parallel slices the model learns the
+            correction to a classic fill between slices. A base trained without it reads it through
+            zero weights (its outputs unchanged) until training moves them.
     """
 
     read: bool = False
     conditioning: bool = False
+    interpolation: bool = False
 
 
 @dataclass(frozen=True)
@@ -68,15 +74,26 @@ class BandConfig:
         margin: cells within this many cells of stage 1's surface (an integer >= 1).
         train_on: while training, ``predicted`` (stage 1's band), ``truth`` (the true band) or ``union``.
         max_voxels: an error is raised when a batch has more active cells (None: no cap).
+        train_margin: while training, the band's margin (None: ``margin``). Wider than ``margin``, the
+            decoder learns cells farther from stage 1's surface, where stage 1's errors lie, so it can
+            move the surface past them at inference (with a ``margin`` as wide).
     """
 
     margin: int = 1
     train_on: TrainBand = "union"
     max_voxels: int | None = None
+    train_margin: int | None = None
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.margin, int) and not isinstance(self.margin, bool) and self.margin >= 1):
+        def cells(value: object) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+        if not cells(self.margin):
             raise ValueError(f"model.band.margin must be an integer >= 1 (cells), got {self.margin!r}")
+        if self.train_margin is not None and not cells(self.train_margin):
+            raise ValueError(
+                f"model.band.train_margin must be an integer >= 1 (cells) or null, got {self.train_margin!r}"
+            )
         if self.train_on not in TRAIN_BANDS:
             raise ValueError(f"model.band.train_on must be one of {list(TRAIN_BANDS)}, got {self.train_on!r}")
 

@@ -50,8 +50,9 @@ def _broadcast(plane: torch.Tensor, along: torch.Tensor, axis: int) -> tuple[tor
 
 def keep_drawing(sdf: torch.Tensor, evidence: Evidence, width: float = 1.0) -> torch.Tensor:
     """(B, n+1, n+1, n+1) ``sdf`` with each valid view's drawn distance blended in near its plane:
-    weight exp(-d^2 / 2 sigma^2) at a distance d from the plane, sigma = ``width`` grid cells (cut at
-    3 sigma), so the drawn plane itself takes the drawing's distance."""
+    weight 1 on the vertex slices within one grid cell of the plane (the two the plane lies between,
+    so the surface read on the plane is the drawing's), then exp(-e^2 / 2 sigma^2) at e cells beyond
+    them, sigma = ``width`` grid cells (cut at 3 sigma)."""
     if width <= 0:
         return sdf
     b, n = sdf.shape[0], sdf.shape[-1] - 1
@@ -63,8 +64,8 @@ def keep_drawing(sdf: torch.Tensor, evidence: Evidence, width: float = 1.0) -> t
         drawn = torch.zeros_like(sdf[i])
         for k in torch.nonzero(evidence.valid[i]).flatten().tolist():
             axis = int(evidence.axis[i, k])
-            d = u - float(evidence.offset[i, k])
-            weight = torch.exp(-0.5 * (d / sigma) ** 2) * (d.abs() <= 3 * sigma)
+            beyond = ((u - float(evidence.offset[i, k])).abs() - 1.0 / n).clamp_min(0)
+            weight = torch.exp(-0.5 * (beyond / sigma) ** 2) * (beyond <= 3 * sigma)
             if not weight.any():
                 continue  # the plane lies outside the frame's vertex grid
             plane, w = _broadcast(_drawn_on_grid(evidence.distance[i, k], axis, n), weight, axis)

@@ -25,7 +25,15 @@ from torch import nn
 from lora_sam3d.atomic import atomic_write
 from lora_sam3d.geometry import Mesh, marching_cubes
 from lora_sam3d.inputs import CONTEXT_CHANNELS, Evidence
-from lora_sam3d.latent import PrecomputedLatents, SliceUnprojection, context_on_grid, make_encoder
+from lora_sam3d.latent import (
+    EVIDENCE_FEATURES,
+    INTERPOLATION_CHANNELS,
+    PrecomputedLatents,
+    SliceUnprojection,
+    context_on_grid,
+    make_encoder,
+    with_context,
+)
 from lora_sam3d.lora import LoRAConfig, base_fingerprint, inject_lora, merge_lora_weights, state_dict_fit
 from lora_sam3d.models.adapter_files import MODEL_SETTINGS, load_model_adapter, read_adapter_settings
 from lora_sam3d.models.conditioning import (
@@ -136,10 +144,14 @@ class Reconstructor(nn.Module):
         decoder, structure, reads_context = c.decoder, c.structure, c.context.read
         base, seed = c.base.checkpoint, c.base.seed
         self.decoder_config = {**TINY_DECODER, **(decoder or {})}
+        self.interpolation = bool(c.context.interpolation)
+        extra = (CONTEXT_CHANNELS if reads_context else 0) + (
+            INTERPOLATION_CHANNELS if self.interpolation else 0
+        )
         self.structure_config = {
             "latent_channels": self.decoder_config["latent_channels"],
             **(structure or {}),
-            **({"in_channels": 8 + CONTEXT_CHANNELS} if reads_context else {}),
+            **({"in_channels": 8 + extra} if extra else {}),
         }
         self.reads_context, self.uses_conditioning = bool(reads_context), bool(c.context.conditioning)
         # in eval mode the drawn slices' own distances are blended in near their planes (`keep_drawing`;
@@ -149,8 +161,9 @@ class Reconstructor(nn.Module):
             torch.manual_seed(seed)
             self.decoder = SLatMeshDecoder(**self.decoder_config)
             self.structure = SparseStructureNet(**self.structure_config)
+            features = EVIDENCE_FEATURES + (INTERPOLATION_CHANNELS if self.interpolation else 0)
             self.conditioning = (
-                EvidenceConditioning(self.decoder_config["model_channels"])
+                EvidenceConditioning(self.decoder_config["model_channels"], features=features)
                 if self.uses_conditioning
                 else None
             )
@@ -165,18 +178,19 @@ class Reconstructor(nn.Module):
         self.data_contract: dict[str, Any] | None = None  # an adapter folder's data settings (from_adapter)
         self.latent_encoder = c.latents.encoder
         self.uses_structure = self.latent_encoder == "slice"
-        self.encoder = make_encoder(self.latent_encoder, self.resolution, c.latents.dir)
+        self.encoder = make_encoder(self.latent_encoder, self.resolution, c.latents.dir, self.interpolation)
         # the evidence the conditioning layers read: stage 1's own unprojection when it has one
         self.reader = (
             self.encoder
             if isinstance(self.encoder, SliceUnprojection)
-            else SliceUnprojection(self.resolution)
+            else SliceUnprojection(self.resolution, interpolation=self.interpolation)
         )
         self.active_margin, self.train_active, self.max_active_voxels = (
             c.band.margin,
             c.band.train_on,
             c.band.max_voxels,
         )
+        self.train_margin = c.band.train_margin
 
     @property
     def resolution(self) -> int:
@@ -185,7 +199,7 @@ class Reconstructor(nn.Module):
 
     def load_base(self, path: str | Path) -> None:
         """Read a base file (see ``base``) into both stages; any mismatch is an error naming the file."""
-        state = load_weights(path)
+        state = self._widened(load_weights(path), path)
         structure = {
             k.removeprefix(STRUCTURE_PREFIX): v for k, v in state.items() if k.startswith(STRUCTURE_PREFIX)
         }
@@ -200,6 +214,28 @@ class Reconstructor(nn.Module):
                 )
             self.structure.load_state_dict(structure)
             self.structure_in_base = True
+
+    def _widened(self, state: dict[str, torch.Tensor], path: str | Path) -> dict[str, torch.Tensor]:
+        """A base trained without the slices' interpolation, for a model that reads it: the first
+        layer of stage 1 and of each conditioning level get zero weights for the interpolation's
+        channels (the last ones, `with_context`), so the model's outputs are the base's until training
+        moves them. Any other width is left for the loaders to refuse."""
+        if not self.interpolation:
+            return state
+        wanted = {"structure.enc0.0.weight": self.structure_config.get("in_channels", 8)}
+        if self.conditioning is not None:
+            width = self.conditioning.config["features"]
+            wanted |= {
+                f"{CONDITIONING_PREFIX}levels.{j}.0.weight": width
+                for j in range(len(self.conditioning.levels))
+            }
+        out = dict(state)
+        for key, width in wanted.items():
+            w = state.get(key)
+            if w is not None and w.shape[1] == width - INTERPOLATION_CHANNELS:
+                pad = w.new_zeros(w.shape[0], INTERPOLATION_CHANNELS, *w.shape[2:])
+                out[key] = torch.cat([w, pad], dim=1)
+        return out
 
     def _load_conditioning(self, state: dict[str, torch.Tensor], path: str | Path) -> None:
         """The base's conditioning layers (our files) into `EvidenceConditioning`; a base without them
@@ -243,7 +279,11 @@ class Reconstructor(nn.Module):
             "base": {"checkpoint": self.base},
             "latents": {"encoder": c.latents.encoder},
             "band": {"margin": c.band.margin},
-            "context": {"read": c.context.read, "conditioning": c.context.conditioning},
+            "context": {
+                "read": c.context.read,
+                "conditioning": c.context.conditioning,
+                "interpolation": c.context.interpolation,
+            },
         }
         return {k: values[k] for k in MODEL_SETTINGS}
 
@@ -265,19 +305,22 @@ class Reconstructor(nn.Module):
     # -- forward ----------------------------------------------------------------------------------
     def band(self, occupancy: torch.Tensor, coarse_truth: torch.Tensor | None = None) -> torch.Tensor:
         """(B, R, R, R) bool: the cells the decoder runs on (see ``train_active``; ``coarse_truth``, the
-        true R^3 occupancy, counts in training mode only)."""
-        active = surface_band(occupancy, self.active_margin)
+        true R^3 occupancy, and ``train_margin`` count in training mode only)."""
+        margin = self.active_margin
+        if self.training and self.train_margin is not None:
+            margin = self.train_margin
+        active = surface_band(occupancy, margin)
         if self.training and self.train_active != "predicted" and coarse_truth is not None:
-            truth = surface_band(coarse_truth.bool(), self.active_margin)
+            truth = surface_band(coarse_truth.bool(), margin)
             active = truth if self.train_active == "truth" else active | truth
         return active
 
     def stage_one_input(self, evidence: Evidence) -> torch.Tensor:
-        """(B, 8 or 10, R, R, R): the slice unprojection, and the scan on the R^3 cells when the model
-        reads context."""
+        """(B, 8 to 12, R, R, R): the slice unprojection, the scan on the R^3 cells when the model
+        reads context, and the slices' interpolation when it reads that (`with_context`'s order)."""
         x = self.encoder(evidence)
         if self.reads_context:
-            x = torch.cat([x, context_on_grid(evidence, self.resolution).to(x.dtype)], dim=1)
+            x = with_context(x, context_on_grid(evidence, self.resolution).to(x.dtype))
         return x
 
     def forward(self, evidence: Evidence, coarse_truth: torch.Tensor | None = None) -> Reconstruction:
