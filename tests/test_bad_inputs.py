@@ -572,7 +572,7 @@ RUN_CASES: dict[str, tuple[Callable[[Setup], list[str]], str]] = {
     ),
     "unknown shipped base": (
         lambda s: fit_with(s, "b2", set_in("model", "base", "checkpoint", "builtin:nope")),
-        r"no shipped decoder 'builtin:nope'; available: \['builtin:scan_shapes', 'builtin:shapes'\]",
+        r"no shipped decoder 'builtin:nope'; available: \['builtin:relative_shapes', 'builtin:scan_shapes', 'builtin:shapes'\]",
     ),
     "truncated base checkpoint": (
         lambda s: fit_with(

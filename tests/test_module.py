@@ -169,7 +169,7 @@ def test_shipped_base_decoder_loads() -> None:
     assert not torch.equal(module.structure.head.weight, random.structure.head.weight)
     with pytest.raises(
         FileNotFoundError,
-        match=r"no shipped decoder 'builtin:nope'; available: \['builtin:scan_shapes', 'builtin:shapes'\]",
+        match=r"no shipped decoder 'builtin:nope'; available: \['builtin:relative_shapes', 'builtin:scan_shapes', 'builtin:shapes'\]",
     ):
         LoRAMeshDecoderModule(CLASSES, decoder=DECODER, base={"checkpoint": "builtin:nope"})
 

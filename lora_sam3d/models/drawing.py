@@ -1,12 +1,12 @@
 """The user's drawing given back: the predicted surface meets each drawn slice's contour on its plane.
 
 A user looks first at the slices they drew; a 3D result that disagrees there is wrong to them,
-whatever its Dice. `keep_drawing` blends each drawn view's own signed distance into the predicted
-SDF near the view's plane: on the plane the SDF is the drawing's (so the mask there is the user's,
-up to the grid's resolution), and it returns to the prediction over ``width`` grid cells on either
-side, so the surface bends to the contour instead of being cut and pasted. Where two drawn planes
-cross, their distances are averaged by weight: the result follows neither drawing blindly where
-they disagree. `drawn_dice` scores a prediction against the drawing on each drawn plane (no truth
+whatever its Dice. `keep_drawing` corrects the predicted SDF near each drawn view's plane by its
+residual to the view's own signed distance: on the plane the mask is the user's (up to the grid's
+resolution), and the correction fades over ``width`` grid cells on either side, so the surface
+bends to the contour instead of being cut and pasted, and keeps the network's shape across the
+plane. Where two drawn planes cross, their corrections are averaged by weight: the result follows
+neither drawing blindly where they disagree. `drawn_dice` scores a prediction against the drawing on each drawn plane (no truth
 needed). Written here: no library blends a 3D SDF with 2D distance maps on arbitrary planes.
 """
 
@@ -48,32 +48,50 @@ def _broadcast(plane: torch.Tensor, along: torch.Tensor, axis: int) -> tuple[tor
     return plane.unsqueeze(axis), along.reshape(shape)
 
 
+def _on_plane(sdf: torch.Tensor, axis: int, offset: float) -> torch.Tensor:
+    """One sample's (n+1)^3 ``sdf`` read on the plane ``offset`` (frame units) normal to ``axis``:
+    linear between the two vertex slices it lies between, (n+1, n+1) in the plane's axis order."""
+    n = sdf.shape[-1] - 1
+    pos = min(max((offset + 0.5) * n, 0.0), float(n))
+    low = min(int(pos), n - 1)
+    f = pos - low
+    return (1 - f) * sdf.select(axis, low) + f * sdf.select(axis, low + 1)
+
+
 def keep_drawing(sdf: torch.Tensor, evidence: Evidence, width: float = 1.0) -> torch.Tensor:
-    """(B, n+1, n+1, n+1) ``sdf`` with each valid view's drawn distance blended in near its plane:
-    weight 1 on the vertex slices within one grid cell of the plane (the two the plane lies between,
-    so the surface read on the plane is the drawing's), then exp(-e^2 / 2 sigma^2) at e cells beyond
-    them, sigma = ``width`` grid cells (cut at 3 sigma)."""
+    """(B, n+1, n+1, n+1) ``sdf`` bent to each valid view's drawing near its plane.
+
+    On the plane the prediction is corrected by its residual to the drawn distance: in full where
+    the two disagree in sign or lie within a grid cell of the contour, and only up to a cell's
+    distance where both agree (deep inside or far outside the drawing a 2D distance says nothing of
+    the third dimension), so the mask on the plane is the drawing's. The correction is applied in
+    full on the vertex slices within one grid cell of the plane and fades as exp(-e^2 / 2 sigma^2)
+    at e cells beyond them, sigma = ``width`` grid cells (cut at 3 sigma): the network's own shape
+    across the plane is kept (a stack's caps, a thin wall) and only its offset from the drawing is
+    removed. Crossing views' corrections are averaged by weight."""
     if width <= 0:
         return sdf
     b, n = sdf.shape[0], sdf.shape[-1] - 1
-    sigma = width / n
+    sigma, cell = width / n, 1.0 / n
     u = _vertex_coords(n, sdf.device)
     out = sdf.clone()
     for i in range(b):
         total = torch.zeros_like(sdf[i])
-        drawn = torch.zeros_like(sdf[i])
+        correction = torch.zeros_like(sdf[i])
         for k in torch.nonzero(evidence.valid[i]).flatten().tolist():
-            axis = int(evidence.axis[i, k])
-            beyond = ((u - float(evidence.offset[i, k])).abs() - 1.0 / n).clamp_min(0)
+            axis, offset = int(evidence.axis[i, k]), float(evidence.offset[i, k])
+            beyond = ((u - offset).abs() - cell).clamp_min(0)
             weight = torch.exp(-0.5 * (beyond / sigma) ** 2) * (beyond <= 3 * sigma)
             if not weight.any():
                 continue  # the plane lies outside the frame's vertex grid
-            plane, w = _broadcast(_drawn_on_grid(evidence.distance[i, k], axis, n), weight, axis)
+            drawn = _drawn_on_grid(evidence.distance[i, k], axis, n).to(sdf.dtype)
+            net = _on_plane(sdf[i], axis, offset)
+            near = (drawn.sign() != net.sign()) | (drawn.abs() < cell) | (net.abs() < cell)
+            residual = torch.where(near, drawn - net, drawn.clamp(-cell, cell) - net.clamp(-cell, cell))
+            plane, w = _broadcast(residual, weight, axis)
             total = total + w
-            drawn = drawn + w * plane.to(sdf.dtype)
-        touched = total > 0
-        blend = torch.where(touched, drawn / total.clamp_min(1e-12), sdf[i])
-        out[i] = sdf[i] + total.clamp(max=1.0) * (blend - sdf[i])
+            correction = correction + w * plane
+        out[i] = sdf[i] + correction / total.clamp_min(1.0)
     return out
 
 
