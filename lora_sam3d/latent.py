@@ -148,10 +148,9 @@ def shape_interpolation(
         same = (valid & (axis == a))[:, :, None]
         if not bool(same.any()):
             continue
-        below, k_below = torch.where(same & (d_plane >= 0), d_plane, inf).min(
-            1
-        )  # plane at or under the point
-        above, k_above = torch.where(same & (d_plane <= 0), -d_plane, inf).min(1)  # plane at or over it
+        # the nearest plane at or under the point, and at or over it
+        below, k_below = torch.where(same & (d_plane >= 0), d_plane, inf).min(1)
+        above, k_above = torch.where(same & (d_plane <= 0), -d_plane, inf).min(1)
         bracketed = torch.isfinite(below) & torch.isfinite(above)
         gap = torch.where(bracketed, below + above, 0.0)
         t = torch.where(gap > 0, below / gap.clamp_min(1e-12), 0.0)  # 0 on the lower plane, 1 on the upper

@@ -154,7 +154,7 @@ class Reconstructor(nn.Module):
             **({"in_channels": 8 + extra} if extra else {}),
         }
         self.reads_context, self.uses_conditioning = bool(reads_context), bool(c.context.conditioning)
-        # in eval mode the drawn slices' own distances are blended in near their planes (`keep_drawing`;
+        # in eval mode the surface is corrected to the drawn slices near their planes (`keep_drawing`;
         # width in grid cells, 0: the network's surface as it is)
         self.drawing_width = DRAWING_WIDTH
         with torch.random.fork_rng(devices=[]):
@@ -199,7 +199,7 @@ class Reconstructor(nn.Module):
 
     def load_base(self, path: str | Path) -> None:
         """Read a base file (see ``base``) into both stages; any mismatch is an error naming the file."""
-        state = self._widened(load_weights(path), path)
+        state = self._widened(load_weights(path))
         structure = {
             k.removeprefix(STRUCTURE_PREFIX): v for k, v in state.items() if k.startswith(STRUCTURE_PREFIX)
         }
@@ -215,7 +215,7 @@ class Reconstructor(nn.Module):
             self.structure.load_state_dict(structure)
             self.structure_in_base = True
 
-    def _widened(self, state: dict[str, torch.Tensor], path: str | Path) -> dict[str, torch.Tensor]:
+    def _widened(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A base trained without the slices' interpolation, for a model that reads it: the first
         layer of stage 1 and of each conditioning level get zero weights for the interpolation's
         channels (the last ones, `with_context`), so the model's outputs are the base's until training
