@@ -125,7 +125,9 @@ def test_each_train_active_mode_runs_the_decoder_on_its_band(batch: Batch) -> No
             ), f"{mode}: inference uses stage 1's band"
 
 
-def test_a_wider_training_band_reaches_where_stage_one_errs_and_inference_keeps_its_margin(batch: Batch) -> None:
+def test_a_wider_training_band_reaches_where_stage_one_errs_and_inference_keeps_its_margin(
+    batch: Batch,
+) -> None:
     """``band.train_margin: 2``: training runs the decoder on the band two cells around stage 1's
     surface and the true one, which covers more of the true surface than the one-cell band does;
     inference keeps ``band.margin``; a margin that is not a whole number of cells is refused."""
@@ -141,7 +143,9 @@ def test_a_wider_training_band_reaches_where_stage_one_errs_and_inference_keeps_
     true_surface = surface_band(truth, 1) & (truth != occupied)  # true surface cells stage 1 gets wrong
     assert true_surface.any(), "the test needs stage 1 to err somewhere"
     assert (wide & true_surface).sum() == true_surface.sum() > (narrow & true_surface).sum()
-    with pytest.raises(ValueError, match=r"model\.band\.train_margin must be an integer >= 1 \(cells\) or null, got 1\.5"):
+    with pytest.raises(
+        ValueError, match=r"model\.band\.train_margin must be an integer >= 1 \(cells\) or null, got 1\.5"
+    ):
         ModelConfig(band={"train_margin": 1.5})
 
 
