@@ -51,6 +51,14 @@ def merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def layout_data(data_cfg: dict[str, Any], layout: str, source: str) -> TSDataModule:
+    """The data module of one layout of `LAYOUTS`, the scan carried (``volume``) or not (``none``),
+    each structure's central slice."""
+    cfg = merged(data_cfg, {**LAYOUTS[layout], "context": {"source": source}})
+    cfg["sampling"] = {**cfg.get("sampling", {}), "eval": "central"}
+    return TSDataModule(**cfg)
+
+
 def load(ckpt: Path, margin: int | None) -> LoRAMeshDecoderModule:
     """The checkpoint's module; ``margin``: the band's margin at inference instead of the trained one."""
     module = LoRAMeshDecoderModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
@@ -59,19 +67,14 @@ def load(ckpt: Path, margin: int | None) -> LoRAMeshDecoderModule:
     return module
 
 
-def run(config: Path, ckpt: Path, margin: int | None = None) -> dict[str, Any]:
-    data_cfg = yaml.safe_load(config.read_text())["data"]
-    data_cfg.pop("phantoms", None)
-    module = load(ckpt, margin)
+def run(module: LoRAMeshDecoderModule, data_cfg: dict[str, Any]) -> dict[str, Any]:
     trainer = L.Trainer(
         accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
     )
     results: dict[str, Any] = {}
-    for name, layout in LAYOUTS.items():
+    for name in LAYOUTS:
         for source in ("volume", "none"):
-            cfg = merged(data_cfg, {**layout, "context": {"source": source}})
-            cfg["sampling"] = {**cfg.get("sampling", {}), "eval": "central"}
-            data = TSDataModule(**cfg)
+            data = layout_data(data_cfg, name, source)
             for width in (1.0, 0.0):
                 module.model.drawing_width = width
                 (logged,) = trainer.test(module, datamodule=data, verbose=False)
@@ -91,9 +94,7 @@ def caps_and_middle(
 ) -> dict[str, float]:
     """The model's error on a stack's middle and on its caps, on each scan's own grid: a voxel is in
     the middle when its centre lies between the first and the last drawn plane along the stack."""
-    cfg = merged(data_cfg, {**LAYOUTS[f"stack {spacing_mm:g} mm"], "context": {"source": "volume"}})
-    cfg["sampling"] = {**cfg.get("sampling", {}), "eval": "central"}
-    data = TSDataModule(**cfg)
+    data = layout_data(data_cfg, f"stack {spacing_mm:g} mm", "volume")
     data.prepare_data()
     data.setup("test")
     model = module.model.eval()
@@ -130,10 +131,10 @@ def main() -> None:
     parser.add_argument("--margin", type=int, help="the band's margin at inference (default: as trained)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
-    results = {"model": run(Path(args.config), Path(args.ckpt), args.margin)}
     cfg = yaml.safe_load(Path(args.config).read_text())["data"]
     cfg.pop("phantoms", None)
-    module = load(Path(args.ckpt), args.margin)
+    module = load(Path(args.ckpt), args.margin)  # one module for every layout, then the caps
+    results = {"model": run(module, cfg)}
     results["caps and middle"] = {f"stack {mm:g} mm": caps_and_middle(module, cfg, mm) for mm in (10.0, 20.0)}
     if args.itk:
         results["ITK fill between slices"] = {

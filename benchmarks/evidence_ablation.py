@@ -24,10 +24,9 @@ from typing import Any
 import lightning as L
 import torch
 import yaml
-from drawing_experiment import LAYOUTS, merged
+from drawing_experiment import layout_data
 
 from lora_sam3d import latent
-from lora_sam3d.data import TSDataModule
 from lora_sam3d.module import LoRAMeshDecoderModule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,9 +66,9 @@ def main() -> None:
         latent.shape_interpolation = INTERPOLATION
         apply(module)
         for name in ("1 slice", "3 orthogonal", "stack 10 mm"):
-            cfg = merged(data_cfg, {**LAYOUTS[name], "context": {"source": "volume"}})
-            cfg["sampling"] = {**cfg.get("sampling", {}), "eval": "central"}
-            (logged,) = trainer.validate(module, datamodule=TSDataModule(**cfg), verbose=False)
+            (logged,) = trainer.validate(
+                module, datamodule=layout_data(data_cfg, name, "volume"), verbose=False
+            )
             row = {k.removeprefix("val/"): float(v) for k, v in logged.items() if k.startswith("val/")}
             results.setdefault(variant, {})[name] = row
             print(f"{variant}, {name}: Dice {row['dice']:.3f}, HD95 {row['hd95_mm']:.2f}", flush=True)
