@@ -61,14 +61,14 @@ class Ablated(LoRAMeshDecoderModule):
 
 
 def score(module: Ablated, dm: TSDataModule) -> dict[str, float]:
-    metrics = MeshMetrics(module.classes or [], module.hparams.nsd_tolerance_mm)
+    metrics = MeshMetrics(module.classes or [], module.steps.nsd_tolerance_mm)
     actives = []
     with torch.no_grad():
         for batch in dm.val_dataloader():
             rec = module(batch)
             if rec.active is not None:
                 actives += rec.active_counts()
-            scored = score_batch(rec, batch, module.hparams.nsd_tolerance_mm)
+            scored = score_batch(rec, batch, module.steps.nsd_tolerance_mm)
             metrics.update([s.metrics for s in scored if s], batch.info.class_index)
     out = {k: float(v) for k, v in metrics.compute().items() if "/" not in k}
     out |= {f"dice/{c}": float(metrics.compute()[f"dice/{c}"]) for c in module.classes or []}
@@ -92,7 +92,7 @@ def main() -> None:
     module = Ablated.load_from_checkpoint(args.ckpt, map_location="cpu", weights_only=True).eval()
     ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=True)
     data = upgrade(ckpt["datamodule_hyper_parameters"], "data", warn=False)  # earlier flat ones too
-    data["num_workers"] = 0
+    data["loader"] = {**(data.get("loader") or {}), "num_workers": 0}
     data.pop("_instantiator", None)
     if args.views:
         data.setdefault("views", {})["count"] = args.views

@@ -79,7 +79,7 @@ def reconstruct(
 ) -> Reconstructed:
     """Reconstruct ``class_name`` in ``image`` from its ``mask`` on one slice (``axis`` with ``index`` or
     ``position_mm``, as a viewer numbers it) or on several (``slices``: ``[{"axis": "axial", "index":
-    16}, ...]``), as a ``predict_items`` entry says it (`PredictItem`).
+    16}, ...]``), as a ``predict.items`` entry says it (`PredictItem`).
 
     ``model``: a `Reconstructor` (`Reconstructor.from_adapter` keeps the folder's data settings),
     or a trained `LoRAMeshDecoderModule` (``load_from_checkpoint``). ``data``: how the model reads

@@ -316,7 +316,7 @@ class MeshPredictionWriter(BasePredictionWriter):
                     means["dice"],
                     means["hd95_mm"],
                     means["assd_mm"],
-                    pl_module.hparams.get("nsd_tolerance_mm", 3.0),
+                    pl_module.steps.nsd_tolerance_mm,
                     means["nsd"],
                     means["drawn_dice"],
                 )

@@ -118,7 +118,7 @@ def _build_cache(args: argparse.Namespace) -> int:
         raise ValueError("cache --build needs --config <fit config>, or --root <data folder> with --classes")
     if args.workers < 1:
         raise ValueError(f"--workers must be at least 1, got {args.workers}")
-    data.pop("predict_items", None)
+    data.pop("predict", None)  # the requests are not the cache's
     module = TSDataModule(**data)
     module.write_phantoms_if_empty()  # as fit would: a demo config on a fresh clone
     cases = module.settings.cases.find(module.root, module.classes, on_bad_case="skip")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import io
 from dataclasses import asdict
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Any
 
 import lightning as L
 import torch
@@ -31,7 +31,15 @@ from lora_sam3d.inputs import Batch
 from lora_sam3d.lora import has_lora
 from lora_sam3d.losses import DIAGNOSTICS, LossWeights, frame_diagnostics, reconstruction_losses
 from lora_sam3d.metrics import MeshMetrics, WeightedMeans
-from lora_sam3d.models.config import BandConfig, BaseConfig, ContextConfig, LatentConfig, ModelConfig, coerce
+from lora_sam3d.models.config import (
+    BandConfig,
+    BaseConfig,
+    ContextConfig,
+    LatentConfig,
+    ModelConfig,
+    StepConfig,
+    coerce,
+)
 from lora_sam3d.models.finetuning import (
     FinetuneConfig,
     adopt_adapter,
@@ -49,7 +57,7 @@ __all__ = ["LoRAMeshDecoderModule"]
 
 
 BASE, CONTEXT, BAND, LATENTS = BaseConfig(), ContextConfig(), BandConfig(), LatentConfig()
-FINETUNE, LOSS = FinetuneConfig(), LossWeights()
+FINETUNE, LOSS, STEPS = FinetuneConfig(), LossWeights(), StepConfig()
 """The groups' defaults (frozen: one instance is shared safely)."""
 
 
@@ -57,10 +65,8 @@ def default_optimizer(params: Any) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
 
 
-def check_choices(classes: list[str], on_nonfinite: str, adapter: Any, adapters: Any) -> None:
+def check_choices(classes: list[str], adapter: Any, adapters: Any) -> None:
     """One-line errors for module arguments outside their choices (the CLI checks them too; Python does not)."""
-    if on_nonfinite not in ("raise", "skip"):
-        raise ValueError(f"model.on_nonfinite must be one of ['raise', 'skip'], got {on_nonfinite!r}")
     if not classes:
         raise ValueError("model.classes is empty: name the structures (the command links data.classes)")
     if adapter and adapters:
@@ -82,8 +88,7 @@ class LoRAMeshDecoderModule(L.LightningModule):
         adapter: an adapter folder to start from (e.g. for ``predict`` without a checkpoint).
         adapters: one adapter per structure on one base, outside ``fit``: class name (or a shell pattern
             such as ``heart_*``) -> adapter folder (see `lora_sam3d.adapters.AdapterBank`).
-        nsd_tolerance_mm: tolerance of the normalised surface Dice.
-        on_nonfinite: ``raise`` (default) or ``skip`` a step whose loss or gradients are not finite.
+        steps: the NSD tolerance steps score with and what a non-finite step does (`StepConfig`).
         optimizer, scheduler: LightningCLI callables, given the trainable parameters only.
         old_keys: the flat keys of earlier versions (``base_checkpoint``, ``lora``, ...), mapped to
             their groups with a warning (`lora_sam3d.old_keys`).
@@ -104,16 +109,15 @@ class LoRAMeshDecoderModule(L.LightningModule):
         loss: LossWeights = LOSS,
         adapter: str | None = None,
         adapters: dict[str, str] | None = None,
-        nsd_tolerance_mm: float = 3.0,
-        on_nonfinite: Literal["raise", "skip"] = "raise",
+        steps: StepConfig = STEPS,
         optimizer: OptimizerCallable = default_optimizer,
         scheduler: LRSchedulerCallable | None = None,
         **old_keys: Any,
     ) -> None:
         super().__init__()
-        check_choices(classes, on_nonfinite, adapter, adapters)
+        check_choices(classes, adapter, adapters)
         groups = {"base": base, "context": context, "band": band, "latents": latents}
-        groups |= {"finetune": finetune, "loss": loss}
+        groups |= {"finetune": finetune, "loss": loss, "steps": steps}
         groups = fold_keywords("model", groups, old_keys, "LoRAMeshDecoderModule")
         config = ModelConfig(
             decoder or {}, structure or {}, *(groups[k] for k in ("base", "context", "band", "latents"))
@@ -122,18 +126,26 @@ class LoRAMeshDecoderModule(L.LightningModule):
         # an adapter folder's own LoRA settings replace the configured ones
         self.finetune = adopt_adapter(coerce(FinetuneConfig, groups["finetune"], "model.finetune"), first)
         self.loss_weights = coerce(LossWeights, groups["loss"], "model.loss")
+        self.steps = coerce(StepConfig, groups["steps"], "model.steps")
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "old_keys", *groups])
         for key in [k for k in self.hparams if k in MODEL_KEYS]:  # old keys (Lightning records **kwargs too)
             del self.hparams[key]
         self.hparams.update(
-            {**config.to_dict(), "finetune": self.finetune.to_dict(), "loss": asdict(self.loss_weights)}
+            {
+                **config.to_dict(),
+                "finetune": self.finetune.to_dict(),
+                "loss": asdict(self.loss_weights),
+                "steps": asdict(self.steps),
+            }
         )
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.model = Reconstructor(config)
         check_stage_one_adaptable(self.model, self.finetune)
         self.classes = list(classes)
         self.strict_loading = False  # partial checkpoints: on_load_checkpoint checks every key itself
-        self.val_metrics, self.test_metrics = (MeshMetrics(self.classes, nsd_tolerance_mm) for _ in "vt")
+        self.val_metrics, self.test_metrics = (
+            MeshMetrics(self.classes, self.steps.nsd_tolerance_mm) for _ in "vt"
+        )
         self.val_diagnostics, self.test_diagnostics = (WeightedMeans(DIAGNOSTICS) for _ in "vt")
         self.data_contract: dict[str, Any] | None = None  # see TSDataModule.contract; set by fit, stored
         self.bank: AdapterBank | None = None  # model.adapters, read once
@@ -246,8 +258,8 @@ class LoRAMeshDecoderModule(L.LightningModule):
         optimizer.zero_grad(set_to_none=True)  # parameters without a gradient are not updated
 
     def _nonfinite(self, message: str) -> None:
-        if self.hparams.on_nonfinite == "raise":
-            raise FloatingPointError(f"{message}; set model.on_nonfinite: skip to skip such steps")
+        if self.steps.on_nonfinite == "raise":
+            raise FloatingPointError(f"{message}; set model.steps.on_nonfinite: skip to skip such steps")
         self.skipped_steps += 1
         rank_zero_warn(f"{message}; step skipped ({self.skipped_steps} so far)")
         self.log("train/skipped_steps", float(self.skipped_steps), reduce_fx="max")
@@ -257,7 +269,7 @@ class LoRAMeshDecoderModule(L.LightningModule):
         diagnostics = frame_diagnostics(rec, batch.targets, self.loss_weights, 4 * self.resolution)
         getattr(self, f"{stage}_diagnostics").update(diagnostics, len(batch))
         warn_empty(rec, batch)
-        scored = score_batch(rec, batch, self.hparams.nsd_tolerance_mm)
+        scored = score_batch(rec, batch, self.steps.nsd_tolerance_mm)
         classes = batch.info.class_index
         if classes is None:
             raise ValueError("validation and test batches need class indices (a split's samples)")
@@ -287,7 +299,7 @@ class LoRAMeshDecoderModule(L.LightningModule):
 
     def predict_step(self, batch: Batch, batch_idx: int) -> list[Prediction]:
         """Per sample: the mesh in world RAS mm, the SDF grid, the frame, and metrics when ground truth exists."""
-        return prediction_records(self(batch), batch, self.hparams.nsd_tolerance_mm, self.model.reads_context)
+        return prediction_records(self(batch), batch, self.steps.nsd_tolerance_mm, self.model.reads_context)
 
     # -- checkpoints ------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

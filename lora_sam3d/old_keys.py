@@ -52,6 +52,8 @@ MODEL_KEYS: dict[str, str] = {
     "dice_weight": "loss.dice",
     "structure_weight": "loss.structure",
     "sdf_truncation": "loss.sdf_truncation",
+    "nsd_tolerance_mm": "steps.nsd_tolerance_mm",
+    "on_nonfinite": "steps.on_nonfinite",
 }
 """``model.<old>`` -> ``model.<new>``; ``finetune`` is old when its value is not a mapping."""
 
@@ -82,6 +84,11 @@ DATA_KEYS: dict[str, str] = {
     "layout": "cases.layout",
     "label_values": "cases.label_values",
     "on_bad_case": "cases.on_bad_case",
+    "batch_size": "loader.batch_size",
+    "num_workers": "loader.num_workers",
+    "predict_items": "predict.items",
+    "predict_split": "predict.split",
+    "intensity_check": "predict.intensity_check",
 }
 """``data.<old>`` -> ``data.<new>``; ``views`` and ``context`` are old when their value is not a
 mapping. The stored `DataContract` keeps the old names (its keys map to the tree by this table)."""

@@ -72,7 +72,7 @@ def run_config(out: Path | str, data: Path | str, epochs: int = 1, quiet: bool =
         "num_sanity_val_steps": 0,  # every run validates after its epoch; the sanity pass would only repeat it
     }  # fmt: skip
     data_cfg: dict[str, Any] = {
-        "root": str(data), "classes": list(TEST_CLASSES), "batch_size": 2,
+        "root": str(data), "classes": list(TEST_CLASSES), "loader": {"batch_size": 2},
         "preprocessing": {"spacing_mm": 2.0}, "sampling": {"eval": "central"},
     }  # fmt: skip
     model: dict[str, Any] = {

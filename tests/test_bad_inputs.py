@@ -342,7 +342,8 @@ def predict_items(
             "axis": "axial", "index": 20, "class_name": "heart_myocardium"} | change  # fmt: skip
 
     def edit(cfg: dict) -> None:
-        cfg["data"].update(predict_items=[item, item] if twice else [item], num_workers=workers)
+        cfg["data"]["predict"] = {"items": [item, item] if twice else [item]}
+        cfg["data"].setdefault("loader", {})["num_workers"] = workers
         if modality:
             cfg["data"]["preprocessing"]["modality"] = modality
         if extent:
@@ -510,8 +511,8 @@ RUN_CASES: dict[str, tuple[Callable[[Setup], list[str]], str]] = {
     "missing config file": (lambda s: ["fit", "--config", str(s.root / "nope.yaml")], r"nope\.yaml"),
     "wrong config key": (lambda s: ["fit", "--config", s.config("k"), "--model.rank", "4"], r"model\.rank"),
     "wrong value type": (
-        lambda s: fit_with(s, "t", set_in("data", "batch_size", "eight")),
-        r"\"data\.batch_size\":\s+Expected a <class 'int'>\. Got value: eight",
+        lambda s: fit_with(s, "t", set_in("data", "loader", "batch_size", "eight")),
+        r"\"data\.loader\.batch_size\":\s+Expected a <class 'int'>\. Got value: eight",
     ),
     "unknown fine-tuning mode": (
         lambda s: fit_with(s, "f", set_in("model", "finetune", "mode", "partial")),
@@ -526,8 +527,8 @@ RUN_CASES: dict[str, tuple[Callable[[Setup], list[str]], str]] = {
         r"model\.finetune\.unfreeze: the decoder has no module 'head'",
     ),
     "on_nonfinite value": (
-        lambda s: fit_with(s, "n", set_in("model", "on_nonfinite", "ignore")),
-        r"\"model\.on_nonfinite\":\s+Expected a typing\.Literal\['raise', 'skip'\]\. Got value: ignore",
+        lambda s: fit_with(s, "n", set_in("model", "steps", "on_nonfinite", "ignore")),
+        r"\"model\.steps\.on_nonfinite\":\s+Expected a typing\.Literal\['raise', 'skip'\]\. Got value: ignore",
     ),
     "LoRA rank 0": (
         lambda s: fit_with(s, "r", set_in("model", "finetune", "lora", {"rank": 0})),
@@ -538,8 +539,8 @@ RUN_CASES: dict[str, tuple[Callable[[Setup], list[str]], str]] = {
         r"no module matched target_modules=\['query'\]",
     ),
     "negative batch size": (
-        lambda s: fit_with(s, "bs", set_in("data", "batch_size", -2)),
-        r"DataError: data\.batch_size must be an integer >= 1, got -2$",
+        lambda s: fit_with(s, "bs", set_in("data", "loader", "batch_size", -2)),
+        r"DataError: data\.loader\.batch_size must be an integer >= 1, got -2$",
     ),
     "min_occupancy above 1": (
         lambda s: fit_with(s, "mo", set_in("data", "sampling", "min_occupancy", 2.0)),
@@ -671,7 +672,7 @@ RUN_CASES: dict[str, tuple[Callable[[Setup], list[str]], str]] = {
         ),
         r"adapter-last.*expected \(8, 64\), got \(4, 64\)",
     ),
-    # reconstruction requests on new scans (data.predict_items)
+    # reconstruction requests on new scans (data.predict.items)
     "predict item image missing": (
         lambda s: predict_items(s, "p1", image=str(s.root / "scan.nii.gz")),
         r"predict item 1 \(heart_myocardium in .*scan\.nii\.gz, axial index 20\): image .*scan\.nii\.gz does not exist$",

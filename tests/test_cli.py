@@ -248,7 +248,7 @@ def test_every_shipped_config_parses(name: str, capsys: pytest.CaptureFixture[st
     out = capsys.readouterr()
     assert done.value.code in (0, None), out.err[-2000:]
     data = yaml.safe_load(out.out)["data"]
-    assert data.get("predict_items") or (data["root"] and data["classes"]), (
+    assert (data.get("predict") or {}).get("items") or (data["root"] and data["classes"]), (
         "a training config names its data, a predict config its requests"
     )
 
@@ -397,9 +397,9 @@ def test_ddp_on_two_cpu_processes_equals_one_process(tmp_path: Path) -> None:
     ddp = tmp_path / "ddp.yaml"
     ddp.write_text((Path(__file__).parents[1] / "configs" / "ddp.yaml").read_text())
     probe = {"class_path": "faults.DDPProbe", "init_args": {"path": str(tmp_path / "probe")}}
-    one = here("fit", "--config", str(variant_config(tmp_path, "one", epochs=1, batch_size=2)))
+    one = here("fit", "--config", str(variant_config(tmp_path, "one", epochs=1, loader={"batch_size": 2})))
     assert one.returncode == 0, one.stderr[-3000:]
-    two = run("fit", "--config", str(variant_config(tmp_path, "two", callbacks=[probe], epochs=1, batch_size=1)),
+    two = run("fit", "--config", str(variant_config(tmp_path, "two", callbacks=[probe], epochs=1, loader={"batch_size": 1})),
               "--config", str(ddp))  # fmt: skip
     assert two.returncode == 0, two.stderr[-3000:]
 
@@ -439,7 +439,7 @@ def test_ddp_on_two_cpu_processes_equals_one_process(tmp_path: Path) -> None:
     results, summaries = {}, {}
     written = {"class_path": "faults.WrittenProbe", "init_args": {"path": str(tmp_path / "written")}}
     for name, extra in (("one-eval", []), ("two-eval", ["--config", str(ddp)])):
-        cfg = ["--config", str(variant_config(tmp_path, name, epochs=1, batch_size=2, callbacks=[written],
+        cfg = ["--config", str(variant_config(tmp_path, name, epochs=1, loader={"batch_size": 2}, callbacks=[written],
                                               classes=["heart_ventricle_left"])), *extra]  # fmt: skip
         for command in ("validate", "predict"):
             done = run(command, *cfg, *every)
@@ -498,7 +498,7 @@ def predict_only_config(trained: Path, name: str, items: list[dict], model: dict
               "init_args": {"output_dir": str(trained / name), "write_png": False}}  # fmt: skip
     cfg = {"trainer": {"accelerator": "cpu", "devices": 1, "logger": False, "callbacks": [writer],
                        "default_root_dir": str(trained / name)},
-           "data": {"predict_items": items}}  # fmt: skip
+           "data": {"predict": {"items": items}}}  # fmt: skip
     if model:
         cfg["model"] = model
     return write_yaml(cfg, trained / f"{name}.yaml")

@@ -199,7 +199,7 @@ def test_predict_from_1_3_and_16_slices_with_and_without_context(data: Path, tra
               "init_args": {"output_dir": str(out), "write_png": False}}  # fmt: skip
     cfg = {"trainer": {"accelerator": "cpu", "devices": 1, "logger": False, "callbacks": [writer],
                        "default_root_dir": str(out)},
-           "data": {"predict_items": items, "context": "volume"}}  # fmt: skip
+           "data": {"predict": {"items": items}, "context": "volume"}}  # fmt: skip
     ckpt = trained / "run" / "checkpoints" / "last.ckpt"
     result = here(
         "predict", "--config", str(write_yaml(cfg, trained / "predict.yaml")), "--ckpt_path", str(ckpt)
@@ -213,7 +213,7 @@ def test_predict_from_1_3_and_16_slices_with_and_without_context(data: Path, tra
     assert all(float(r["dice"]) > 0.3 for r in rows), [r["dice"] for r in rows]
     # the same slice with and without the scan: the context changes the surface
     cfg["data"]["context"] = {"source": "none"}
-    cfg["data"]["predict_items"] = [items[0]]
+    cfg["data"]["predict"] = {"items": [items[0]]}
     cfg["trainer"]["callbacks"][0]["init_args"]["output_dir"] = str(trained / "none")
     result = here(
         "predict", "--config", str(write_yaml(cfg, trained / "none.yaml")), "--ckpt_path", str(ckpt)

@@ -194,12 +194,12 @@ def lora_state(module: LoRAMeshDecoderModule) -> dict[str, torch.Tensor]:
 def test_nonfinite_loss_raises_or_skips_the_step(datamodule: TSDataModule, tmp_path: Path) -> None:
     raising = PoisonedModule(**TRAINS, classes=CLASSES)
     with pytest.raises(
-        FloatingPointError, match=r"non-finite training loss at step 1 \(cases \[.*on_nonfinite: skip"
+        FloatingPointError, match=r"non-finite training loss at step 1 \(cases \[.*steps.on_nonfinite: skip"
     ):
         trainer(tmp_path, limit_train_batches=3).fit(raising, datamodule=datamodule)
 
     # skip: the poisoned step changes nothing, so the run equals one that never saw that batch's update
-    skipping = PoisonedModule(**TRAINS, classes=CLASSES, on_nonfinite="skip")
+    skipping = PoisonedModule(**TRAINS, classes=CLASSES, steps={"on_nonfinite": "skip"})
     seen: list[dict[str, torch.Tensor]] = []
 
     class Snapshot(L.Callback):
@@ -235,7 +235,7 @@ def test_nonfinite_gradients_raise_or_skip_the_step(datamodule: TSDataModule, tm
         trainer(tmp_path, limit_train_batches=2).fit(
             PoisonedGradients(**TRAINS, classes=CLASSES), datamodule=datamodule
         )
-    skipping = PoisonedGradients(**TRAINS, classes=CLASSES, on_nonfinite="skip")
+    skipping = PoisonedGradients(**TRAINS, classes=CLASSES, steps={"on_nonfinite": "skip"})
     t = trainer(tmp_path, limit_train_batches=3)
     with pytest.warns(UserWarning, match="non-finite gradients at step 1.*step skipped"):
         t.fit(skipping, datamodule=datamodule)

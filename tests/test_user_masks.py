@@ -110,7 +110,7 @@ def test_one_run_reads_a_request_with_and_without_the_scan(phantoms: Path, tmp_p
                     "default_root_dir": str(tmp_path / "run"),
                     "callbacks": [{"class_path": "lora_sam3d.callbacks.MeshPredictionWriter",
                                    "init_args": {"output_dir": str(out), "write_png": False}}]},
-        "data": {"predict_items": items, "context": {"source": "volume"}},
+        "data": {"predict": {"items": items}, "context": {"source": "volume"}},
     }  # fmt: skip
     path = tmp_path / "predict.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -133,7 +133,7 @@ def test_a_model_setting_the_checkpoint_contradicts_is_refused_naming_both(
     phantoms: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     config = {"trainer": {"accelerator": "cpu", "logger": False},
-              "data": {"predict_items": [request(phantoms / "s0001")]}}  # fmt: skip
+              "data": {"predict": {"items": [request(phantoms / "s0001")]}}}  # fmt: skip
     path = tmp_path / "predict.yaml"
     path.write_text(yaml.safe_dump(config))
     for flag in (["--model.reads_context", "false"], ["--model.finetune.lora.rank", "8"]):
@@ -171,7 +171,7 @@ def test_marked_tissue_unlike_the_training_scans_is_named(
         ):
             PredictionDataset.from_settings([item], contract)[0]
         refusing = PredictionDataset.from_settings([item], contract, intensity_check="error")
-        with pytest.raises(DataError, match=r"data\.intensity_check: error refuses it"):
+        with pytest.raises(DataError, match=r"data\.predict\.intensity_check: error refuses it"):
             refusing[0]
 
 
@@ -185,7 +185,7 @@ def test_predict_into_a_closed_pipe_writes_everything_and_exits_141(phantoms: Pa
                     "default_root_dir": str(tmp_path / "run"),
                     "callbacks": [{"class_path": "lora_sam3d.callbacks.MeshPredictionWriter",
                                    "init_args": {"output_dir": str(out), "write_png": False}}]},
-        "data": {"predict_items": [request(phantoms / "s0001")], "context": {"source": "volume"}},
+        "data": {"predict": {"items": [request(phantoms / "s0001")]}, "context": {"source": "volume"}},
     }  # fmt: skip
     path = tmp_path / "predict.yaml"
     path.write_text(yaml.safe_dump(config))

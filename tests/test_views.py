@@ -246,7 +246,7 @@ def test_predict_with_one_two_and_three_slices_through_the_command(phantoms: Pat
     writer = {"class_path": "lora_sam3d.callbacks.MeshPredictionWriter",
               "init_args": {"output_dir": str(tmp_path / "out"), "write_png": False}}  # fmt: skip
     request = {"trainer": {"accelerator": "cpu", "devices": 1, "logger": False, "callbacks": [writer],
-                           "default_root_dir": str(tmp_path / "out")}, "data": {"predict_items": items}}  # fmt: skip
+                           "default_root_dir": str(tmp_path / "out")}, "data": {"predict": {"items": items}}}  # fmt: skip
     (tmp_path / "request.yaml").write_text(yaml.safe_dump(request))
     ckpt = tmp_path / "v3" / "checkpoints" / "last.ckpt"
     assert main(["predict", "--config", str(tmp_path / "request.yaml"), "--ckpt_path", str(ckpt)]) == 0

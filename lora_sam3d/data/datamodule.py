@@ -8,7 +8,7 @@ by the model.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,6 +17,7 @@ import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset
 
+from lora_sam3d.config_tree import coerce
 from lora_sam3d.data.cache import check_failed
 from lora_sam3d.data.cases import check_class_names
 from lora_sam3d.data.dataset import (
@@ -43,7 +44,46 @@ from lora_sam3d.data.volume import DataError, Preprocessing
 from lora_sam3d.inputs import Batch, collate
 from lora_sam3d.old_keys import DATA_KEYS, fold_keywords
 
-__all__ = ["PhantomSpec", "ResumableDataLoader", "TSDataModule"]
+__all__ = ["LoaderSettings", "PhantomSpec", "PredictSettings", "ResumableDataLoader", "TSDataModule"]
+
+
+@dataclass(frozen=True)
+class LoaderSettings:
+    """How batches are loaded (``data.loader``): ``batch_size`` samples a batch, built by
+    ``num_workers`` loader processes (persistent when > 0; 0: in the training process)."""
+
+    batch_size: int = 4
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        for key, low in (("batch_size", 1), ("num_workers", 0)):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise DataError(f"data.loader.{key} must be an integer >= {low}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class PredictSettings:
+    """What ``predict`` reads (``data.predict``).
+
+    Args:
+        items: reconstruction requests on new scans (`PredictItem`, or their fields as dicts); they
+            use the preprocessing, slice size, frame scale and per-class frame extents stored in
+            the model's checkpoint or adapter (``frame.extent_mm`` overrides extents), or, for a
+            model without stored settings, the config's and the training split's. Without them,
+            ``predict`` runs on ``split`` (with ground truth, so metrics are written too).
+        split: the split predicted without ``items`` (None: none).
+        intensity_check: a request's scan unlike the modality the model reads (an MR-range scan read
+            as CT: most voxels above the window) gets a warning naming the file and the share
+            (``warn``), or is refused (``error``).
+    """
+
+    items: list[PredictItem] | None = None
+    split: Literal["train", "val", "test"] | None = "test"
+    intensity_check: Literal["warn", "error"] = "warn"
+
+
+LOADER, PREDICT = LoaderSettings(), PredictSettings()
 
 
 @dataclass
@@ -93,7 +133,7 @@ class TSDataModule(L.LightningDataModule):
 
     Args:
         root: data folder (see `lora_sam3d.data.cases`); may be left out only to predict
-            ``predict_items`` with a checkpoint or adapter that stores its data settings.
+            ``predict.items`` with a checkpoint or adapter that stores its data settings.
         classes: structure names; their order fixes the class indices (with ``--ckpt_path`` or
             ``model.adapter``, left out = the stored ones).
         preprocessing, frame, views, context, sampling, cases: the settings tree's groups
@@ -103,16 +143,10 @@ class TSDataModule(L.LightningDataModule):
             with more is refused), while left out a request may have as many slices as the model
             was trained with.
         seed, cache_dir: as `DataSettings`.
-        batch_size, num_workers: DataLoader settings (workers are persistent when > 0).
+        loader: the DataLoader's ``batch_size`` and ``num_workers`` (`LoaderSettings`).
         phantoms: if given and ``root`` holds no case, `prepare_data` writes synthetic phantoms there.
-        predict_items: reconstruction requests on new scans for ``predict`` (`PredictItem`); they
-            use the preprocessing, slice size, frame scale and per-class frame extents stored in
-            the model's checkpoint or adapter (``frame.extent_mm`` here overrides extents), or, for a
-            model without stored settings, this config's and the training split's. Without
-            them, ``predict`` runs on ``predict_split`` (with ground truth, so metrics are written too).
-        intensity_check: a request's scan unlike the modality the model reads (an MR-range scan read
-            as CT: most voxels above the window) gets a warning naming the file and the share
-            (``warn``), or is refused (``error``).
+        predict: the requests on new scans (``items``), the split predicted without them and the
+            intensity check (`PredictSettings`).
         old_keys: the flat keys of earlier versions (``spacing``, ``views``, ...), moved to their
             groups with a warning (`lora_sam3d.old_keys`).
 
@@ -131,34 +165,27 @@ class TSDataModule(L.LightningDataModule):
         cases: CaseSettings = CASES,
         seed: int = 0,
         cache_dir: str | None = None,
-        batch_size: int = 4,
-        num_workers: int = 0,
+        loader: LoaderSettings = LOADER,
         phantoms: PhantomSpec | None = None,
-        predict_items: list[PredictItem] | None = None,
-        predict_split: Literal["train", "val", "test"] | None = "test",
-        intensity_check: Literal["warn", "error"] = "warn",
+        predict: PredictSettings = PREDICT,
         **old_keys: Any,
     ) -> None:
         super().__init__()
         groups = {"preprocessing": preprocessing, "frame": frame, "views": views, "context": context}
-        groups |= {"sampling": sampling, "cases": cases}
+        groups |= {"sampling": sampling, "cases": cases, "loader": loader, "predict": predict}
         groups = fold_keywords("data", groups, old_keys, "TSDataModule")
-        for key, value in (("batch_size", batch_size), ("num_workers", num_workers)):
-            if (
-                not isinstance(value, int)
-                or isinstance(value, bool)
-                or value < (1 if key == "batch_size" else 0)
-            ):
-                raise DataError(
-                    f"data.{key} must be an integer >= {1 if key == 'batch_size' else 0}, got {value!r}"
-                )
+        self.loader_settings = coerce(LoaderSettings, groups.pop("loader"), "data.loader")
+        self.predict_settings = coerce(PredictSettings, groups.pop("predict"), "data.predict")
         check_class_names(classes or [])
         self.settings = DataSettings(**groups, seed=seed, cache_dir=cache_dir)  # type: ignore[arg-type]
         check_class_names(list(self.settings.frame.extent_mm or {}), "data.frame.extent_mm")
-        self.save_hyperparameters(ignore=["old_keys", *groups])
+        self.save_hyperparameters(ignore=["old_keys", "loader", "predict", *groups])
         for key in [k for k in self.hparams if k in DATA_KEYS and k not in groups]:
             del self.hparams[key]  # old keys (Lightning records **kwargs too)
         self.hparams.update(self.settings.to_dict())
+        self.hparams.update(
+            {"loader": asdict(self.loader_settings), "predict": asdict(self.predict_settings)}
+        )
         self.datasets: dict[str, Dataset] = {}
         self.trained: dict[str, Any] | None = None  # the model's data contract, see use_trained_contract
 
@@ -167,7 +194,7 @@ class TSDataModule(L.LightningDataModule):
         if self.hparams.root is None:
             raise DataError(
                 "data.root is not set: training, validation, test and predicting a split read the data "
-                "folder (only data.predict_items with a checkpoint or adapter that stores its settings do not)"
+                "folder (only data.predict.items with a checkpoint or adapter that stores its settings do not)"
             )
         return Path(self.hparams.root)
 
@@ -186,7 +213,7 @@ class TSDataModule(L.LightningDataModule):
 
     def _predicting_items(self) -> bool:
         trainer = self.trainer
-        return bool(self.hparams.predict_items) and (trainer is None or trainer.state.fn == "predict")
+        return bool(self.predict_settings.items) and (trainer is None or trainer.state.fn == "predict")
 
     def write_phantoms_if_empty(self) -> None:
         """Write the configured phantoms (``data.phantoms``) when the root holds no case yet."""
@@ -203,7 +230,7 @@ class TSDataModule(L.LightningDataModule):
                 shape=spec.shape,
                 spacing=spec.spacing,
                 seed=spec.seed,
-                workers=max(1, h.num_workers),
+                workers=max(1, self.loader_settings.num_workers),
                 modality=spec.modality,
             )
 
@@ -216,12 +243,17 @@ class TSDataModule(L.LightningDataModule):
         self.write_phantoms_if_empty()
         cases = s.cases.find(self.root, self.classes)
         _, failed, _ = cache_dataset(
-            cases, self.classes, s, self.cache_dir, workers=max(1, h.num_workers), progress=True
+            cases,
+            self.classes,
+            s,
+            self.cache_dir,
+            workers=max(1, self.loader_settings.num_workers),
+            progress=True,
         )
         check_failed(failed, len(cases), s.cases.on_bad_case)
 
     def setup(self, stage: str | None = None) -> None:
-        h, sampling = self.hparams, self.settings.sampling
+        sampling = self.settings.sampling
         if stage in ("fit", None) and "train" not in self.datasets:
             self.datasets["train"] = self._dataset(
                 "train", sampling.train, augment=sampling.augment, score_targets=False
@@ -231,11 +263,11 @@ class TSDataModule(L.LightningDataModule):
                 self.datasets[split] = self._dataset(split, sampling.eval)
         if (
             stage in ("predict", None)
-            and not h.predict_items
-            and h.predict_split
+            and not self.predict_settings.items
+            and self.predict_settings.split
             and "predict" not in self.datasets
         ):
-            self.datasets["predict"] = self._dataset(h.predict_split, sampling.eval)
+            self.datasets["predict"] = self._dataset(self.predict_settings.split, sampling.eval)
 
     def contract(self) -> DataContract:
         """What predicting on a new scan needs from the data this model was trained on (stored in its
@@ -271,7 +303,7 @@ class TSDataModule(L.LightningDataModule):
         """The class name of each predict item, in order."""
         return [
             item.class_name if isinstance(item, PredictItem) else item.get("class_name")
-            for item in self.hparams.predict_items or []
+            for item in self.predict_settings.items or []
         ]
 
     def _request_dataset(self) -> PredictionDataset:
@@ -285,7 +317,11 @@ class TSDataModule(L.LightningDataModule):
                 prep = s.preprocessing
                 contract = replace(contract, modality=prep.modality, ct_window_hu=list(prep.ct_window_hu))
             dataset = PredictionDataset.from_settings(
-                h.predict_items, contract, s.frame.extent_mm, h.intensity_check, s.context.source
+                self.predict_settings.items,
+                contract,
+                s.frame.extent_mm,
+                self.predict_settings.intensity_check,
+                s.context.source,
             )
             trained = contract.views
         else:
@@ -294,12 +330,12 @@ class TSDataModule(L.LightningDataModule):
                 reference = self.datasets.get("train") or self._dataset("train", s.sampling.train)
                 extents = dict(reference.extent_mm)
             dataset = PredictionDataset(
-                h.predict_items,
+                self.predict_settings.items,
                 s.preprocessing,
                 {**extents, **(s.frame.extent_mm or {})},
                 s.frame.scale,
                 s.frame.pixels,
-                h.intensity_check,
+                self.predict_settings.intensity_check,
                 s.context.source,
                 4 * s.frame.resolution,
                 reading=s.context.reading,
@@ -319,7 +355,6 @@ class TSDataModule(L.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.datasets:
             raise RuntimeError(f"no {split} dataset: call setup() with the matching stage first")
-        h = self.hparams
         dataset = self.datasets[split]
         sampler: Any = None
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -333,10 +368,10 @@ class TSDataModule(L.LightningDataModule):
         extra = {"position": self._train_position} if shuffle else {}
         return loader(
             dataset,
-            batch_size=h.batch_size,
+            batch_size=self.loader_settings.batch_size,
             sampler=sampler,
-            num_workers=h.num_workers,
-            persistent_workers=h.num_workers > 0,
+            num_workers=self.loader_settings.num_workers,
+            persistent_workers=self.loader_settings.num_workers > 0,
             collate_fn=collate,
             **extra,
         )
@@ -360,6 +395,6 @@ class TSDataModule(L.LightningDataModule):
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def predict_dataloader(self) -> DataLoader:
-        if self.hparams.predict_items and "predict" not in self.datasets:
+        if self.predict_settings.items and "predict" not in self.datasets:
             self.datasets["predict"] = self._request_dataset()
         return self._loader("predict", shuffle=False)

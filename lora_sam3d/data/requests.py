@@ -602,7 +602,7 @@ class PredictionDataset(Dataset):
             raise DataError(f"image {path} has {bad} NaN/inf voxels: intensities must be finite")
         why = intensity_mismatch(values, self.prep, path)
         if why and self.intensity_check == "error":
-            raise DataError(f"{why} (data.intensity_check: error refuses it; warn only warns)")
+            raise DataError(f"{why} (data.predict.intensity_check: error refuses it; warn only warns)")
         if why:
             warnings.warn(why, stacklevel=3)
 
@@ -699,7 +699,7 @@ class PredictionDataset(Dataset):
             "or rescaled, its contrast inverted, or the mask drawn on another scan?"
         )
         if self.intensity_check == "error":
-            raise DataError(f"{message} (data.intensity_check: error refuses it; warn only warns)")
+            raise DataError(f"{message} (data.predict.intensity_check: error refuses it; warn only warns)")
         warnings.warn(message, stacklevel=2)
         return tissue
 

@@ -1,7 +1,14 @@
 """The two-stage model (`Reconstructor`), the mesh decoder, and the step from its output to SDF grids and meshes."""
 
 from lora_sam3d.geometry import Mesh, marching_cubes
-from lora_sam3d.models.config import BandConfig, BaseConfig, ContextConfig, LatentConfig, ModelConfig
+from lora_sam3d.models.config import (
+    BandConfig,
+    BaseConfig,
+    ContextConfig,
+    LatentConfig,
+    ModelConfig,
+    StepConfig,
+)
 from lora_sam3d.models.decoder import SLatMeshDecoder
 from lora_sam3d.models.mesh import decode_meshes, vertex_sdf_grid
 from lora_sam3d.models.reconstructor import Reconstruction, Reconstructor
@@ -16,6 +23,7 @@ __all__ = [
     "Reconstruction",
     "Reconstructor",
     "SLatMeshDecoder",
+    "StepConfig",
     "decode_meshes",
     "marching_cubes",
     "vertex_sdf_grid",

@@ -24,6 +24,7 @@ __all__ = [
     "ContextConfig",
     "LatentConfig",
     "ModelConfig",
+    "StepConfig",
     "TrainBand",
     "coerce",
 ]
@@ -110,6 +111,26 @@ class LatentConfig:
 
     encoder: Literal["slice", "precomputed"] = "slice"
     dir: str | None = None
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """What a training or evaluation step does beyond its loss (``model.steps``).
+
+    Args:
+        nsd_tolerance_mm: the tolerance of the normalised surface Dice it scores with.
+        on_nonfinite: ``raise`` (default) or ``skip`` a training step whose loss or gradients are
+            not finite.
+    """
+
+    nsd_tolerance_mm: float = 3.0
+    on_nonfinite: Literal["raise", "skip"] = "raise"
+
+    def __post_init__(self) -> None:
+        if self.on_nonfinite not in ("raise", "skip"):
+            raise ValueError(
+                f"model.steps.on_nonfinite must be one of ['raise', 'skip'], got {self.on_nonfinite!r}"
+            )
 
 
 @dataclass(frozen=True)
