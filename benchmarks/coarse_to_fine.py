@@ -30,12 +30,12 @@ import torch
 
 from lora_sam3d.data import TS_SAM3D_Dataset, collate, write_phantoms
 from lora_sam3d.inputs import Batch
-from lora_sam3d.latent import SliceUnprojection
 from lora_sam3d.lora import LoRAConfig, freeze_base_params, inject_lora
-from lora_sam3d.losses import reconstruction_losses
 from lora_sam3d.models import SLatMeshDecoder, vertex_sdf_grid
+from lora_sam3d.models.latent import SliceUnprojection
 from lora_sam3d.models.structure import active_latent, surface_band
-from lora_sam3d.module import LoRAMeshDecoderModule
+from lora_sam3d.training.losses import reconstruction_losses
+from lora_sam3d.training.module import LoRAMeshDecoderModule
 
 DEMO = dict(model_channels=64, num_blocks=4, num_heads=4, num_groups=8)
 REFERENCE = dict(resolution=64, model_channels=768, latent_channels=8, num_blocks=12, num_heads=12,

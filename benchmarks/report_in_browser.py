@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from lora_sam3d.geometry import marching_cubes
-from lora_sam3d.report import ReportSample, write_report
+from lora_sam3d.predict.report import ReportSample, write_report
 
 
 def ellipsoid(radii: tuple[float, float, float]) -> np.ndarray:

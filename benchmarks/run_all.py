@@ -3,7 +3,7 @@
 Each script measures its own baseline in the same run (plain layer, Meta's reference, full
 fine-tuning, a training step); this entry point only gathers their JSON into one generated
 section of docs/benchmarks.md (between the `generated` markers), with the machine and commands.
-The demo experiment is separate (`benchmarks/experiment.py`, ~25 minutes).
+The demo experiment is separate (`benchmarks/experiments/experiment.py`, ~25 minutes).
 
     python benchmarks/run_all.py [--quick]
 """

@@ -28,10 +28,10 @@ import torch
 
 from lora_sam3d.inputs import Batch, Evidence, SampleInfo, Targets
 from lora_sam3d.lora import LoRAConfig, freeze_base_params
-from lora_sam3d.losses import LossWeights, reconstruction_losses
 from lora_sam3d.models import ModelConfig, Reconstructor
-from lora_sam3d.models.adapter_files import save_model_adapter
-from lora_sam3d.models.manifest import Manifest
+from lora_sam3d.models.adapters.files import save_model_adapter
+from lora_sam3d.models.adapters.manifest import Manifest
+from lora_sam3d.training.losses import LossWeights, reconstruction_losses
 
 SIZES: dict[str, dict[str, Any]] = {
     "reference": {"decoder": dict(resolution=64, model_channels=768, num_blocks=12, num_heads=12, num_groups=32),

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from lora_sam3d.atomic import atomic_write
+from lora_sam3d.io.atomic import atomic_write
 
 __all__ = [
     "AXIS_NAMES",

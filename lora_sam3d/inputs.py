@@ -23,7 +23,6 @@ __all__ = [
     "SampleInfo",
     "Targets",
     "collate",
-    "output_stem",
 ]
 
 CONTEXT_CHANNELS = 2
@@ -292,10 +291,3 @@ def collate(samples: list[Sample]) -> Batch:
         shown_image=[s.get("shown_image") for s in samples],
     )
     return Batch(evidence, targets, info)
-
-
-def output_stem(case_id: str, class_name: str, slice_name: str, scan_read: bool | None) -> str:
-    """``<case>_<class>_<slices>``, with ``_noscan`` when ``scan_read`` is False (a model that
-    reads the scan asked to reconstruct from the slices alone): the names of one request read
-    with and without the scan differ."""
-    return f"{case_id}_{class_name}_{slice_name}{'_noscan' if scan_read is False else ''}"

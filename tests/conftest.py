@@ -33,7 +33,7 @@ import pytest  # noqa: E402
 import yaml  # noqa: E402
 
 from lora_sam3d.data.settings import DataSettings  # noqa: E402
-from lora_sam3d.old_keys import upgrade  # noqa: E402
+from lora_sam3d.settings.old_keys import upgrade  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -46,9 +46,15 @@ SCAN = {"read": True, "conditioning": True}
 TEST_DECODER = {"resolution": 16, "model_channels": 64, "num_blocks": 4, "num_heads": 4, "num_groups": 8}
 
 
+def data_groups(**flat: Any) -> dict[str, Any]:
+    """The tests' shorthand for `TSDataModule`'s groups: the flat names put in their groups (as
+    `data_settings`), to pass as keywords."""
+    return upgrade(flat, "data", warn=False)
+
+
 def data_settings(**flat: Any) -> DataSettings:
     """The tests' shorthand for `DataSettings`: the flat names (``resolution=8, spacing=2.0``) put in
-    their groups by the old-key table (`lora_sam3d.old_keys.DATA_KEYS`), without its warning."""
+    their groups by the old-key table (`lora_sam3d.settings.old_keys.DATA_KEYS`), without its warning."""
     return DataSettings.from_dict(upgrade(flat, "data", warn=False))
 
 

@@ -24,7 +24,7 @@ def _die() -> None:
 
 class Kill(L.Callback):
     """SIGKILL at the start of training step ``at_step``, or during the ``nth`` write of a file whose
-    final name is ``in_save_of`` (the temporary file is named after it, see `lora_sam3d.atomic`)."""
+    final name is ``in_save_of`` (the temporary file is named after it, see `lora_sam3d.io.atomic`)."""
 
     def __init__(self, at_step: int | None = None, in_save_of: str | None = None, nth: int = 1) -> None:
         self.at_step, self.in_save_of, self.nth = at_step, in_save_of, nth

@@ -473,7 +473,7 @@ def base_replaced(s: Setup) -> list[str]:
     """Fit on a copy of the shipped base, then change that file: its checkpoint no longer fits it."""
     from safetensors.torch import load_file, save_file
 
-    from lora_sam3d.weights import resolve_checkpoint
+    from lora_sam3d.io.weights import resolve_checkpoint
 
     base = s.root / "replaced" / "shapes.safetensors"
     base.parent.mkdir(parents=True, exist_ok=True)
@@ -851,16 +851,16 @@ def test_bad_run_inputs(setup: Setup, name: str, capsys: pytest.CaptureFixture[s
 
 
 def load_ckpt(path: Path, **override: object) -> None:
-    from lora_sam3d.module import LoRAMeshDecoderModule
+    from lora_sam3d.training.module import LoRAMeshDecoderModule
 
     LoRAMeshDecoderModule.load_from_checkpoint(path, map_location="cpu", weights_only=True, **override)
 
 
 def load_adapter_into(adapter: Path, **lora: object) -> None:
     """The adapter loaded into the shipped base injected with LoRA of the given settings."""
+    from lora_sam3d.io.weights import resolve_checkpoint
     from lora_sam3d.lora import LoRAConfig, inject_lora, load_adapter
     from lora_sam3d.models import SLatMeshDecoder
-    from lora_sam3d.weights import resolve_checkpoint
 
     size = TEST_DECODER | {"latent_channels": 8}
     decoder = SLatMeshDecoder.from_pretrained(resolve_checkpoint("builtin:shapes"), **size)
@@ -1030,7 +1030,7 @@ def test_the_reliability_page_states_how_many_bad_inputs_are_tested() -> None:
 def test_a_moved_base_is_pointed_to(setup: Setup, capsys: pytest.CaptureFixture[str]) -> None:
     """The base an adapter's model.json names has moved: `--model.base.checkpoint` points to its new
     place and the prediction is the one the original base gives."""
-    from lora_sam3d.weights import resolve_checkpoint
+    from lora_sam3d.io.weights import resolve_checkpoint
 
     moved = setup.root / "new-home" / "shapes.safetensors"
     moved.parent.mkdir(exist_ok=True)

@@ -14,7 +14,8 @@ from conftest import TEST_CLASSES, run_config, write_yaml
 
 from lora_sam3d.data import DataError
 from lora_sam3d.data.cases import discover_cases
-from lora_sam3d.data.volume import Preprocessing, add_class, class_mask, label_dtype, load_volume
+from lora_sam3d.data.labels import add_class, class_mask, label_dtype
+from lora_sam3d.data.volume import Preprocessing, load_volume
 
 
 @pytest.mark.parametrize(

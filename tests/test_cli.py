@@ -259,7 +259,7 @@ def test_export_merges_and_matches_the_lora_model(trained: Path) -> None:
 
     from lora_sam3d.data import TS_SAM3D_Dataset, collate
     from lora_sam3d.models.structure import active_latent, surface_band
-    from lora_sam3d.module import LoRAMeshDecoderModule
+    from lora_sam3d.training.module import LoRAMeshDecoderModule
 
     ckpt = trained / "run" / "checkpoints" / "last.ckpt"
     result = here("export", "--ckpt_path", str(ckpt), "--output", str(trained / "export"))
@@ -549,7 +549,7 @@ def test_a_checkpoint_or_an_adapter_alone_reconstructs_a_new_scan(trained: Path)
     # the notebook call gives what the command wrote, for the same request
     import lora_sam3d
     from lora_sam3d.models import Reconstructor
-    from lora_sam3d.module import LoRAMeshDecoderModule
+    from lora_sam3d.training.module import LoRAMeshDecoderModule
 
     loaded = LoRAMeshDecoderModule.load_from_checkpoint(
         trained / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True
@@ -585,7 +585,7 @@ def check_report(folder: Path, scored: dict[str, str | None]) -> None:
     import trimesh
     from PIL import Image
 
-    from lora_sam3d.report import unpacked
+    from lora_sam3d.predict.report import unpacked
 
     page = (folder / "report.html").read_text()
     assert 'src="http' not in page and "Plotly" in page, "self-contained: no network at view time"
@@ -653,7 +653,7 @@ def test_one_adapter_per_structure_on_one_base(trained: Path) -> None:
     assert exported.returncode == 0, exported.stderr[-3000:]
     from lora_sam3d.data import PredictionDataset, collate
     from lora_sam3d.models import ModelConfig, Reconstructor
-    from lora_sam3d.models.adapter_files import read_model_file
+    from lora_sam3d.models.adapters.files import read_model_file
 
     folder = adapters["heart_myocardium"]
     merged = Reconstructor(

@@ -14,7 +14,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import data_settings
+from conftest import data_groups, data_settings
 from torch.utils.data import DataLoader
 
 from lora_sam3d.data import (
@@ -100,7 +100,7 @@ def test_canonical_grid_from_the_header_is_nibabels() -> None:
     nibabel's reorientation gives, for every axis order and flip."""
     from itertools import permutations
 
-    from lora_sam3d.data.volume import canonical_grid
+    from lora_sam3d.data.nifti import canonical_grid
 
     data = np.zeros((5, 6, 7), np.float32)
     for order in permutations(range(3)):
@@ -448,8 +448,8 @@ def test_concurrent_builders_of_one_cache_both_succeed(phantom_root: Path, tmp_p
         "from lora_sam3d.data import HEART_CLASSES, TS_SAM3D_Dataset\n"
         f"Path({str(tmp_path)!r}, 'ready-' + sys.argv[1]).touch()\n"
         f"while not Path({str(go)!r}).exists(): time.sleep(0.01)\n"
-        f"ds = TS_SAM3D_Dataset({str(phantom_root)!r}, HEART_CLASSES, resolution=8, spacing=1.7,"
-        f" cache_dir={str(tmp_path / 'cache')!r})\n"
+        f"ds = TS_SAM3D_Dataset({str(phantom_root)!r}, HEART_CLASSES, frame={{'resolution': 8}},"
+        f" preprocessing={{'spacing_mm': 1.7}}, cache_dir={str(tmp_path / 'cache')!r})\n"
         "print(len(ds))\n"
     )
     procs = [subprocess.Popen([sys.executable, "-c", script, str(k)], stdout=subprocess.PIPE,
@@ -470,7 +470,7 @@ def test_concurrent_builders_of_one_cache_both_succeed(phantom_root: Path, tmp_p
 
 
 def test_a_finished_entry_wins_over_a_late_builder(tmp_path: Path) -> None:
-    from lora_sam3d.atomic import atomic_dir
+    from lora_sam3d.io.atomic import atomic_dir
 
     final = tmp_path / "entry"
     atomic_dir(final, lambda d: (d / "meta.json").write_text("first"))
@@ -530,8 +530,8 @@ def test_ct_window_and_mr_percentiles(tmp_path: Path) -> None:
 
 def test_datamodule_writes_phantoms_and_splits(tmp_path: Path) -> None:
     dm = TSDataModule(
-        str(tmp_path / "empty"), list(HEART_CLASSES), resolution=8, spacing=2.0, batch_size=2,
-        phantoms=PhantomSpec(n_cases=4, shape=(48, 48, 32)), eval_sampling="central",
+        str(tmp_path / "empty"), list(HEART_CLASSES), **data_groups(resolution=8, spacing=2.0, batch_size=2,
+        eval_sampling="central"), phantoms=PhantomSpec(n_cases=4, shape=(48, 48, 32)),
     )  # fmt: skip
     dm.prepare_data()
     assert (tmp_path / "empty" / "meta.csv").is_file()
@@ -564,8 +564,8 @@ def test_predict_items_reproduce_dataset_inputs(tmp_path: Path) -> None:
     }  # x is stored flipped
     items = [PredictItem(image, mask, "ball", axis="axial", index=file_index[2]),
              PredictItem(image, mask, "ball", axis="sagittal", index=file_index[0])]  # fmt: skip
-    dm = TSDataModule(str(root), ["ball"], cache_dir=str(tmp_path / "cache"), resolution=8, spacing=2.0,
-                      predict_items=items)  # fmt: skip
+    dm = TSDataModule(str(root), ["ball"], cache_dir=str(tmp_path / "cache"),
+                      **data_groups(resolution=8, spacing=2.0, predict_items=items))  # fmt: skip
     dm.setup("predict")
     p = next(iter(dm.predict_dataloader()))
     assert p.targets.sdf is None and p.info.slice_name == [

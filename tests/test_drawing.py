@@ -79,8 +79,8 @@ def test_crossing_drawings_are_averaged_and_any_order_gives_the_same() -> None:
 def test_a_trained_model_gives_the_drawing_back(phantoms: Path) -> None:
     """The previous main's adapter, with and without the drawing given back: the drawn slice comes
     back (one slice: Dice 1 on its plane; three orthogonal: >= 0.98) and the 3D Dice does not drop."""
-    from lora_sam3d.api import reconstruct
     from lora_sam3d.models import Reconstructor
+    from lora_sam3d.predict.api import reconstruct
 
     model = Reconstructor.from_adapter(OLD)
     case = phantoms / "s0001"

@@ -14,8 +14,8 @@ from conftest import SCAN, TEST_CLASSES, TEST_DECODER, data_settings
 from lora_sam3d.data import write_phantoms
 from lora_sam3d.data.dataset import TS_SAM3D_Dataset
 from lora_sam3d.inputs import Evidence, collate
-from lora_sam3d.latent import LATENT_CHANNELS, SliceUnprojection
 from lora_sam3d.models import ModelConfig, Reconstructor
+from lora_sam3d.models.latent import LATENT_CHANNELS, SliceUnprojection
 
 SIZE = 64
 

@@ -19,15 +19,15 @@ import pytest
 import torch
 from conftest import SHAPES, TEST_CLASSES, TEST_DECODER, data_settings
 
-from lora_sam3d.adapters import AdapterBank
 from lora_sam3d.data import TS_SAM3D_Dataset, collate
 from lora_sam3d.inputs import Batch, Targets
 from lora_sam3d.lora import LoRAConfig, lora_layers
-from lora_sam3d.losses import LossWeights, reconstruction_losses
 from lora_sam3d.models import ModelConfig, Reconstruction, Reconstructor
-from lora_sam3d.models.adapter_files import save_model_adapter
-from lora_sam3d.models.manifest import Manifest
+from lora_sam3d.models.adapters.bank import AdapterBank
+from lora_sam3d.models.adapters.files import save_model_adapter
+from lora_sam3d.models.adapters.manifest import Manifest
 from lora_sam3d.models.structure import surface_band, vertex_fill
+from lora_sam3d.training.losses import LossWeights, reconstruction_losses
 
 DOCS = Path(__file__).parents[1] / "docs" / "api.md"
 
@@ -243,7 +243,7 @@ def test_checkpoints_of_the_module_holding_both_stages_itself_load(
 ) -> None:
     """Checkpoints written before the model moved under ``model.`` (keys ``decoder.*``/``structure.*``)
     load and give the same reconstruction as today's."""
-    from lora_sam3d.module import LoRAMeshDecoderModule
+    from lora_sam3d.training.module import LoRAMeshDecoderModule
 
     ckpt = torch.load(lora_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["state_dict"] and all(k.startswith("model.") for k in ckpt["state_dict"])

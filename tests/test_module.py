@@ -9,15 +9,16 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from conftest import data_groups
 
 from lora_sam3d.callbacks import save_adapter_of
 from lora_sam3d.data import TSDataModule, collate
 from lora_sam3d.inputs import Batch
-from lora_sam3d.latent import SliceUnprojection
 from lora_sam3d.lora import lora_layers
 from lora_sam3d.models import Reconstruction
+from lora_sam3d.models.latent import SliceUnprojection
 from lora_sam3d.models.structure import active_latent, surface_band
-from lora_sam3d.module import LoRAMeshDecoderModule
+from lora_sam3d.training.module import LoRAMeshDecoderModule
 
 DECODER = dict(resolution=8, model_channels=64, num_blocks=2, num_heads=4, num_groups=8)
 TRAINS = dict(
@@ -28,8 +29,8 @@ CLASSES = ["heart_ventricle_left", "heart_myocardium"]
 
 @pytest.fixture(scope="module")
 def datamodule(phantoms: Path) -> TSDataModule:
-    dm = TSDataModule(str(phantoms), CLASSES, resolution=8, spacing=2.0, batch_size=2, eval_sampling="central",
-                      samples_per_class=2)  # fmt: skip
+    dm = TSDataModule(str(phantoms), CLASSES, **data_groups(resolution=8, spacing=2.0, batch_size=2,
+                      eval_sampling="central", samples_per_class=2))  # fmt: skip
     dm.prepare_data()
     dm.setup("fit")
     return dm
@@ -372,7 +373,7 @@ def test_precomputed_latents_replace_stage_one(datamodule: TSDataModule, tmp_pat
     batch = collate([val[i] for i in range(2)])
     rec = module.train()(batch)
     assert rec.coarse_logits is None and rec.active is None and seen == [cells]
-    from lora_sam3d.losses import reconstruction_losses
+    from lora_sam3d.training.losses import reconstruction_losses
 
     reconstruction_losses(rec, batch.targets, module.loss_weights, 32)["loss"].backward()
     grads = {n for n, p in module.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}

@@ -17,14 +17,14 @@ import pytest
 import yaml
 
 from lora_sam3d.cli import main
-from lora_sam3d.old_keys import DATA_KEYS, MODEL_KEYS, upgrade, upgrade_argv
+from lora_sam3d.settings.old_keys import DATA_KEYS, MODEL_KEYS, upgrade, upgrade_argv
 
 OLD = Path(__file__).parent / "data" / "previous_main"
 EXPECTED = json.loads((OLD / "expected.json").read_text())
 
 
 def reconstructed(model: object, phantoms: Path, context: str) -> dict[str, float]:
-    from lora_sam3d.api import reconstruct
+    from lora_sam3d.predict.api import reconstruct
 
     case = phantoms / "s0001"
     mask = case / "segmentations" / "heart_ventricle_left.nii.gz"
@@ -48,7 +48,7 @@ def assert_as_before(got: dict[str, float], key: str) -> None:
 
 
 def test_a_checkpoint_of_the_flat_layout_loads_silently_and_predicts_as_before(phantoms: Path) -> None:
-    from lora_sam3d.module import LoRAMeshDecoderModule
+    from lora_sam3d.training.module import LoRAMeshDecoderModule
 
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*earlier flat keys.*")  # a stored file is not the user's
@@ -56,7 +56,7 @@ def test_a_checkpoint_of_the_flat_layout_loads_silently_and_predicts_as_before(p
             OLD / "last.ckpt", map_location="cpu", weights_only=True
         )
     assert module.model.config.base.checkpoint == "builtin:scan_shapes"
-    assert module.model.reads_context and module.model.uses_conditioning
+    assert module.model.config.context.read and module.model.config.context.conditioning
     assert module.finetune.lora.rank == 2 and module.finetune.lora.alpha == 4
     for context in ("volume", "none"):
         assert_as_before(reconstructed(module, phantoms, context), f"checkpoint/{context}")
@@ -155,17 +155,19 @@ def test_a_key_given_old_and_new_with_different_values_is_one_line_naming_both(t
         upgrade_argv(["fit", "--config", str(bad)])
 
 
-def test_the_module_takes_flat_keyword_arguments_with_a_warning() -> None:
+def test_the_constructors_take_the_tree_and_the_flat_keys_map_on_the_way_in() -> None:
+    """The flat keys live in one module (`lora_sam3d.settings.old_keys`), applied where settings
+    come in (configs, command lines, stored files); the constructors take the tree's names only."""
     from conftest import TEST_DECODER
 
-    from lora_sam3d.module import LoRAMeshDecoderModule
+    from lora_sam3d.training.module import LoRAMeshDecoderModule
 
-    with pytest.warns(UserWarning, match=r"model\.unfreeze -> model\.finetune\.unfreeze"):
-        module = LoRAMeshDecoderModule(["a"], decoder=TEST_DECODER, unfreeze=["out_layer"], base_seed=3)
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'unfreeze'"):
+        LoRAMeshDecoderModule(["a"], decoder=TEST_DECODER, unfreeze=["out_layer"])
+    groups = upgrade({"unfreeze": ["out_layer"], "base_seed": 3}, warn=False)
+    module = LoRAMeshDecoderModule(["a"], decoder=TEST_DECODER, **groups)
     assert module.finetune.unfreeze == ["out_layer"] and module.model.config.base.seed == 3
     assert module.hparams["finetune"]["unfreeze"] == ["out_layer"] and "unfreeze" not in module.hparams
-    with pytest.raises(TypeError, match=r"unexpected arguments \['ranks'\]"):
-        LoRAMeshDecoderModule(["a"], decoder=TEST_DECODER, ranks=4)
 
 
 def test_one_manifest_reads_both_earlier_layouts_and_writes_one_layout_for_both(tmp_path: Path) -> None:
@@ -174,7 +176,7 @@ def test_one_manifest_reads_both_earlier_layouts_and_writes_one_layout_for_both(
     import torch
 
     from lora_sam3d.models import Reconstructor
-    from lora_sam3d.models.manifest import SECTION, VERSION, Manifest
+    from lora_sam3d.models.adapters.manifest import SECTION, VERSION, Manifest
 
     ckpt = torch.load(OLD / "last.ckpt", map_location="cpu", weights_only=True)
     from_ckpt = Manifest.of_checkpoint(ckpt)

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from lora_sam3d.data import DataError, PredictionDataset, PredictItem, Preprocessing, write_phantoms
-from lora_sam3d.data.requests import case_name, locate_slice, parse_axis
+from lora_sam3d.data.requests import locate_slice, parse_axis
+from lora_sam3d.data.requests.names import case_name
 
 EXTENTS = {"heart_ventricle_left": 60.0, "heart_myocardium": 80.0}
 

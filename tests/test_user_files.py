@@ -154,7 +154,7 @@ def test_samples_of_different_view_counts_collate_in_either_order(phantoms: Path
 
 def test_a_checkpoint_loads_quietly(lora_run: Path) -> None:
     """``load_from_checkpoint`` rebuilds the frozen base from its file: no warning lists its keys as missing."""
-    from lora_sam3d.module import LoRAMeshDecoderModule
+    from lora_sam3d.training.module import LoRAMeshDecoderModule
 
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")

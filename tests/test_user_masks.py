@@ -23,7 +23,7 @@ import yaml
 from lora_sam3d.cli import main
 from lora_sam3d.data import DataError, PredictionDataset, Preprocessing
 from lora_sam3d.data.settings import DataContract
-from lora_sam3d.models.manifest import Manifest
+from lora_sam3d.models.adapters.manifest import Manifest
 
 OLD = Path(__file__).parent / "data" / "previous_main" / "last.ckpt"
 """A checkpoint of a model that reads the scan (see tests/data/previous_main/README.md)."""
@@ -207,8 +207,8 @@ def test_predict_into_a_closed_pipe_writes_everything_and_exits_141(phantoms: Pa
 def test_reconstruct_takes_the_yaml_spellings_of_context(phantoms: Path) -> None:
     """``context="none"`` is the slices alone (as ``False``), ``"volume"`` the scan (as ``True``), on
     a model that reads the scan; any other value is refused naming the accepted ones."""
-    from lora_sam3d.api import reconstruct
     from lora_sam3d.models import Reconstructor
+    from lora_sam3d.predict.api import reconstruct
 
     model = Reconstructor.from_adapter(OLD.parent / "adapter")
     case = phantoms / "s0001"

@@ -17,8 +17,8 @@ from conftest import SHAPES, TEST_CLASSES, TEST_DECODER, data_settings
 from lora_sam3d.data import DataError, DataSettings, TS_SAM3D_Dataset, collate
 from lora_sam3d.data.settings import ViewSettings
 from lora_sam3d.inputs import Evidence
-from lora_sam3d.latent import SliceUnprojection
 from lora_sam3d.models import ModelConfig, Reconstructor
+from lora_sam3d.models.latent import SliceUnprojection
 
 
 def view_pixels_world(s: dict, k: int) -> np.ndarray:

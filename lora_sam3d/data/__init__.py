@@ -1,18 +1,20 @@
 """Medical volumes to slice samples: NIfTI -> canonical isotropic volume -> slice -> frame -> targets.
 
-Everything here but `TSDataModule` is plain PyTorch and NumPy; the data module (and `PhantomSpec`)
-import Lightning only when first asked for, so the model runs from Python without it.
+Everything here is plain PyTorch and NumPy. `TSDataModule` and `PhantomSpec` live with the Lightning
+parts (`lora_sam3d.training.datamodule`); they are found here too, imported when first asked for.
 """
 
 from typing import Any
 
 from lora_sam3d.data.cases import Case, discover_cases
-from lora_sam3d.data.dataset import TS_SAM3D_Dataset, assign_splits, slice_sample
+from lora_sam3d.data.dataset import TS_SAM3D_Dataset, assign_splits
 from lora_sam3d.data.frame import Frame, make_frame
+from lora_sam3d.data.nifti import DataError
 from lora_sam3d.data.phantoms import HEART_CLASSES, SHAPE_CLASSES, phantom_label_values, write_phantoms
 from lora_sam3d.data.requests import PredictionDataset, PredictItem
+from lora_sam3d.data.sample import slice_sample
 from lora_sam3d.data.settings import DataSettings
-from lora_sam3d.data.volume import DataError, Preprocessing, Volume, load_volume
+from lora_sam3d.data.volume import Preprocessing, Volume, load_volume
 from lora_sam3d.inputs import collate
 
 __all__ = [
@@ -42,7 +44,7 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name in ("PhantomSpec", "TSDataModule"):
-        from lora_sam3d.data import datamodule
+        from lora_sam3d.training import datamodule
 
         return getattr(datamodule, name)
     raise AttributeError(f"module 'lora_sam3d.data' has no attribute {name!r}")

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from lora_sam3d.data.volume import MAX_CLASSES, DataError
+from lora_sam3d.data.labels import MAX_CLASSES
+from lora_sam3d.data.nifti import DataError
 
 __all__ = [
     "SPLITS",

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from lora_sam3d.data.volume import DataError
+from lora_sam3d.data.nifti import DataError
 from lora_sam3d.inputs import CONTEXT_CHANNELS
 
 __all__ = [

@@ -29,8 +29,8 @@ from typing import Literal
 import nibabel as nib
 import numpy as np
 
-from lora_sam3d.atomic import atomic_write
 from lora_sam3d.data.cases import split_counts
+from lora_sam3d.io.atomic import atomic_write
 
 __all__ = [
     "HEART_CLASSES",

@@ -6,7 +6,7 @@ targets (``frame``), the slices of a sample (``views``), the scan as context (``
 slices are drawn (``sampling``) and how cases are found (``cases``). Values are checked on
 construction, with the key named (``data.frame.resolution``), so a bad setting fails before any file
 is read or written. `DataContract` is what a trained model keeps of its data, in the same tree. The
-flat keys of earlier versions (``data.spacing``, ``data.views: 3``) are mapped by `lora_sam3d.old_keys`.
+flat keys of earlier versions (``data.spacing``, ``data.views: 3``) are mapped by `lora_sam3d.settings.old_keys`.
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from lora_sam3d.config_tree import coerce
 from lora_sam3d.data.cases import Case, Layout, discover_cases
-from lora_sam3d.data.volume import DataError, Preprocessing
+from lora_sam3d.data.nifti import DataError
+from lora_sam3d.data.volume import Preprocessing
+from lora_sam3d.settings.tree import coerce
 
 __all__ = [
     "CONTEXTS",
@@ -321,7 +322,7 @@ PREPROCESSING_SETTINGS = (
 )
 """The `DataContract` keys that say how a model was trained to read scans: predicting uses the
 stored values, and adapters routed in one run must agree on them (their places in the ``data``
-section: `lora_sam3d.old_keys.DATA_KEYS`)."""
+section: `lora_sam3d.settings.old_keys.DATA_KEYS`)."""
 
 
 @dataclass

@@ -15,7 +15,7 @@ holds up to K views: the sampled slice first, then, by ``layout``,
 
 A view whose mask is empty at its plane, or whose plane leaves the volume, is skipped. Every view
 is resampled over the frame's square cross-section at its plane, and its plane's position is kept
-as an offset in frame units, so `lora_sam3d.latent.SliceUnprojection` places it in the frame.
+as an offset in frame units, so `lora_sam3d.models.latent.SliceUnprojection` places it in the frame.
 Views are padded to K rows with ``view_valid`` marking the real ones, so a batch stacks. The frame
 comes from the views only: in the first slice's plane, its mask's centroid; along the first
 slice's normal, the middle of the structure's extent as the other views see it (`seen_centre`;
@@ -30,8 +30,9 @@ import numpy as np
 import torch
 
 from lora_sam3d.data.frame import Frame, plane_axes, sample_slice
+from lora_sam3d.data.labels import class_mask
+from lora_sam3d.data.nifti import DataError
 from lora_sam3d.data.settings import ViewLayout
-from lora_sam3d.data.volume import DataError, class_mask
 from lora_sam3d.geometry import mask_signed_distance
 
 __all__ = ["ViewLayout", "cut_views", "seen_centre", "stack_planes", "view_planes"]

@@ -3,16 +3,10 @@
 nibabel reads the files and gives the closest canonical (RAS) orientation; scipy.ndimage resamples
 (linear for the image, nearest for labels). The affine is carried exactly through every step: the
 resampled grid keeps the first voxel centre and the axis directions, only the spacing changes.
-Labels of all requested classes are packed into one array (`label_dtype`, `class_mask`): up to 64
-classes as one bit per class in the smallest unsigned integer that holds them (uint8 for 8 classes,
-uint64 for 64), so overlapping structures stay exact; past 64, as a label map (signed int8 up to
-127 classes, int16 beyond; 0 = background, c + 1 = class c), which needs the classes disjoint (as
-TotalSegmentator's are).
-"""
+Labels of all requested classes are packed into one array (`lora_sam3d.data.labels`)."""
 
 from __future__ import annotations
 
-import logging
 import math
 from collections import Counter
 from collections.abc import Mapping
@@ -24,45 +18,31 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from lora_sam3d.data.labels import add_class, label_dtype, read_labels, structure_mask
+from lora_sam3d.data.nifti import (
+    Box,
+    DataError,
+    canonical_grid,
+    check_same_grid,
+    load_nifti,
+    open_nifti,
+    read_array,
+)
+
 __all__ = [
     "INTENSITY_SHARE",
-    "LABEL_TOLERANCE",
-    "MAX_CLASSES",
-    "Box",
-    "DataError",
     "IsotropicGrid",
     "LabelVolume",
     "Preprocessing",
     "Volume",
-    "add_class",
-    "affine_difference",
-    "canonical_grid",
-    "check_same_grid",
-    "class_mask",
-    "integer_labels",
     "intensity_mismatch",
-    "label_dtype",
-    "label_values_present",
     "load_image",
     "load_labels",
-    "load_nifti",
     "load_volume",
     "normalise",
-    "open_nifti",
-    "read_array",
-    "read_labels",
-    "structure_mask",
 ]
 
-MAX_CLASSES = 32767
-"""The most classes a label map (int16) holds."""
 
-Box = tuple[list[int], list[int]]
-"""(low, high) voxel corners of a box on a grid, high exclusive."""
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file and what was expected."""
 
 
 @dataclass
@@ -135,199 +115,6 @@ class Preprocessing:
         if name.startswith("ct"):
             return "ct"
         return "ct" if float((image <= -500).mean()) >= 0.01 else "mr"
-
-
-def open_nifti(path: str | Path, what: str = "image") -> nib.Nifti1Image:
-    """Open a 3D NIfTI and check its header (3D, a usable affine), in the file's own orientation;
-    no voxel is read."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{what} file {path} does not exist")
-    try:
-        img = nib.load(str(path))
-    except Exception as err:
-        raise DataError(f"{what} file {path} is not a readable NIfTI file: {err}") from err
-    shape = img.shape
-    if len(shape) == 4 and shape[3] == 1:
-        img = img.slicer[..., 0]
-        shape = img.shape
-    if len(shape) != 3:
-        raise DataError(f"{what} file {path} has shape {shape}: expected a 3D volume")
-    affine = img.affine
-    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
-        raise DataError(f"{what} file {path} has a non-invertible or non-finite affine:\n{affine}")
-    return img
-
-
-def load_nifti(path: str | Path, what: str = "image") -> nib.Nifti1Image:
-    """Read a 3D NIfTI, check it, and return it in the closest canonical (RAS) orientation."""
-    img = open_nifti(path, what)
-    try:  # reorienting reads the voxels when the axes must change
-        return nib.as_closest_canonical(img)
-    except Exception as err:
-        raise DataError(f"{what} file {path} cannot be read (truncated or corrupt?): {err}") from err
-
-
-def canonical_grid(img: nib.Nifti1Image) -> tuple[tuple[int, ...], np.ndarray]:
-    """(shape, affine) of ``img`` in the closest canonical orientation, from its header alone (what
-    ``nib.as_closest_canonical`` gives without reading the voxels)."""
-    ornt = nib.orientations.io_orientation(img.affine)
-    shape = tuple(int(img.shape[int(a)]) for a in np.argsort(ornt[:, 0]))
-    return shape, img.affine @ nib.orientations.inv_ornt_aff(ornt, img.shape)
-
-
-def read_array(
-    img: nib.Nifti1Image, path: str | Path, what: str, dtype: type | None = np.float32
-) -> np.ndarray:
-    """The voxel data (``dtype`` None: as stored, or float when the header scales it), with
-    truncated or corrupt files reported by name."""
-    try:
-        data = np.asarray(img.dataobj, dtype=dtype)
-    except Exception as err:  # EOFError, zlib.error, OSError on truncated/corrupt .nii.gz
-        raise DataError(f"{what} file {path} cannot be read (truncated or corrupt?): {err}") from err
-    return data
-
-
-def label_dtype(n_classes: int) -> np.dtype:
-    """The array type holding ``n_classes`` classes: unsigned bits up to 64 classes (the smallest of
-    uint8/16/32/64), a signed label map beyond (int8 up to 127 classes, else int16)."""
-    if n_classes > MAX_CLASSES:
-        raise DataError(
-            f"{n_classes} classes given; at most {MAX_CLASSES} are supported (an int16 label map)"
-        )
-    for dtype in (np.uint8, np.uint16, np.uint32, np.uint64):
-        if n_classes <= 8 * np.dtype(dtype).itemsize:
-            return np.dtype(dtype)
-    return np.dtype(np.int8 if n_classes <= 127 else np.int16)
-
-
-def class_mask(labels: np.ndarray, c: int) -> np.ndarray:
-    """Where class ``c`` is present in ``labels`` (any part of a `label_dtype` array): bit ``c`` of an
-    unsigned array, value ``c + 1`` of a signed label map."""
-    labels = np.asarray(labels)
-    if labels.dtype.kind == "u":
-        return (labels >> labels.dtype.type(c)) & 1 == 1
-    return labels == c + 1
-
-
-def add_class(labels: np.ndarray, c: int, mask: np.ndarray, names: Mapping[int, str]) -> None:
-    """Mark class ``c`` where ``mask`` is true, in place. A label map cannot hold two classes in one
-    voxel: an overlap is an error naming both classes (``names``) and the voxel count."""
-    if labels.dtype.kind == "u":
-        labels |= mask.astype(labels.dtype) << labels.dtype.type(c)
-        return
-    taken = mask & (labels != 0)
-    if taken.any():
-        other = int(np.bincount(labels[taken].astype(np.int64)).argmax()) - 1
-        raise DataError(
-            f"{names.get(other, other)} and {names.get(c, c)} overlap in {int(taken.sum())} voxels: past 64 "
-            "classes the labels are stored as a label map, which needs the classes disjoint; train the "
-            "overlapping ones in separate runs"
-        )
-    labels[mask] = c + 1
-
-
-LABEL_TOLERANCE = 1e-3
-"""A float label value within this of an integer is read as that integer (tools that write float masks)."""
-
-
-def read_labels(img: nib.Nifti1Image, path: str | Path) -> np.ndarray:
-    """Integer label values of a NIfTI label or mask file (see `integer_labels`)."""
-    return integer_labels(read_array(img, path, "label", None), path)
-
-
-def integer_labels(data: np.ndarray, path: str | Path, what: str = "label") -> np.ndarray:
-    """Integer label values, as the field reads masks: binary or integer; float only when every value
-    is within `LABEL_TOLERANCE` of an integer (then rounded). NaN/inf or fractional values are errors
-    naming ``path``. Training labels and request masks both go through here. Integer data is returned
-    as it is (a uint8 body CT mask stays 1 byte a voxel)."""
-    data = np.asarray(data)
-    if data.dtype.kind in "iub":
-        return data
-    data = data.astype(np.float64, copy=False)
-    finite = np.isfinite(data)
-    if not finite.all():
-        raise DataError(
-            f"{what} {path} has {int((~finite).sum())} NaN/inf voxels: a mask must hold integers (0 = background)"
-        )
-    rounded = np.rint(data)
-    off = np.abs(data - rounded) > LABEL_TOLERANCE
-    if off.any():
-        found = np.unique(data[off])
-        raise DataError(
-            f"{what} {path} has {int(off.sum())} voxels that are not integers (e.g. {found[:5].tolist()}): "
-            f"expected a binary or integer mask (float values are accepted within {LABEL_TOLERANCE} of an integer)"
-        )
-    return rounded.astype(np.int32)
-
-
-def label_values_present(data: np.ndarray) -> list[int]:
-    """The distinct non-zero values of an integer label array, ascending (a counting pass for the
-    small non-negative types masks come in, a sort otherwise)."""
-    data = np.asarray(data)
-    if data.dtype == np.bool_:
-        return [1] if data.any() else []
-    if data.size and data.dtype.kind in "iu" and int(data.min()) >= 0 and int(data.max()) < 1 << 16:
-        flat, seen = data.reshape(-1), np.zeros(int(data.max()) + 1, dtype=bool)
-        for start in range(0, flat.size, 1 << 22):  # in chunks: bincount copies to 8-byte integers
-            seen |= np.bincount(flat[start : start + (1 << 22)], minlength=seen.size) > 0
-        return [int(v) for v in np.flatnonzero(seen) if v]
-    return [int(v) for v in np.unique(data) if v]
-
-
-def structure_mask(
-    data: np.ndarray, value: int | None, path: str | Path, what: str = "mask", value_required: bool = True
-) -> np.ndarray:
-    """Where one structure is in integer label data: the voxels equal to ``value``, or without a
-    value the non-zero ones of a binary mask. A label map (several non-zero values) without a
-    value is refused, naming the values: it would silently read the union of a TotalSegmentator-
-    style map as one structure. A value the file does not hold is refused too, naming those it
-    does (``value_required=False``: an empty mask, a training case without that structure)."""
-    present = label_values_present(data)
-    if value is None and len(present) > 1:
-        shown = present if len(present) <= 12 else [*present[:12], "..."]
-        raise DataError(
-            f"{what} {path} holds {len(present)} label values {shown}: a label map, not one structure's "
-            "mask; give the structure's value (label_value for a request, data.cases.label_values to "
-            "train), or a mask with one non-zero value"
-        )
-    if value_required and value is not None and present and int(value) not in present:
-        shown = present if len(present) <= 12 else [*present[:12], "..."]
-        raise DataError(f"{what} {path} holds no voxel of label value {value}; values present: {shown}")
-    return data != 0 if value is None else data == value
-
-
-def check_same_grid(
-    grid: tuple[tuple[int, ...], np.ndarray], label: nib.Nifti1Image, image_path: Path, label_path: Path
-) -> None:
-    """``label`` (canonical) lies on the image's canonical ``grid`` (shape, affine)."""
-    shape, affine = grid
-    if tuple(shape) != tuple(label.shape):
-        raise DataError(
-            f"label {label_path} has shape {label.shape} but image {image_path} has {tuple(shape)}"
-        )
-    if not np.allclose(affine, label.affine, atol=1e-3):
-        raise DataError(
-            f"label {label_path} and image {image_path} lie on different grids: {affine_difference(label.affine, affine)}"
-        )
-
-
-def affine_difference(a: np.ndarray, b: np.ndarray) -> str:
-    """Two voxel -> world affines' difference in one line: how far apart (mm) the grids put the same
-    voxel, at the worst corner of a 512-voxel cube; both matrices go to the debug log."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    logging.getLogger("lora_sam3d").debug("affine\n%s\nvs\n%s", np.round(a, 4), np.round(b, 4))
-    corners = np.array([[i, j, k, 1.0] for i in (0, 511) for j in (0, 511) for k in (0, 511)])
-    moved = np.linalg.norm((corners @ (a - b).T)[:, :3], axis=1)
-    origin = float(np.linalg.norm(a[:3, 3] - b[:3, 3]))
-    return (
-        f"the same voxel lies up to {moved.max():.3g} mm apart (origins {origin:.3g} mm apart; voxel sizes "
-        f"{_sizes(a)} vs {_sizes(b)} mm)"
-    )
-
-
-def _sizes(affine: np.ndarray) -> str:
-    return " x ".join(f"{v:.3g}" for v in np.linalg.norm(affine[:3, :3], axis=0))
 
 
 INTENSITY_SHARE = 0.5

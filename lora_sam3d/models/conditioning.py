@@ -2,7 +2,7 @@
 
 SAM 3D's decoder sees the object only through its latent; here the slices and the scan reach it
 again at its own cells. At each level (the input level and after each subdivision: R, 2R and 4R
-cells a side) every active cell reads the evidence at its centre (`lora_sam3d.latent.evidence_at_cells`:
+cells a side) every active cell reads the evidence at its centre (`lora_sam3d.models.latent.evidence_at_cells`:
 the slice unprojection's 8 features and the scan's 2) and a small MLP per level adds the result to
 the hidden features, through the decoder's ``cond`` seam. The layers live in their own module (its
 weights under ``conditioning.`` in our base files), so Meta's ``slat_decoder_mesh`` weights still
@@ -16,8 +16,8 @@ from __future__ import annotations
 from torch import nn
 
 from lora_sam3d.inputs import Evidence
-from lora_sam3d.latent import EVIDENCE_FEATURES, SliceUnprojection, evidence_at_cells
 from lora_sam3d.models.decoder import CONDITIONING_PREFIX, Conditioning
+from lora_sam3d.models.latent import EVIDENCE_FEATURES, SliceUnprojection, evidence_at_cells
 from lora_sam3d.sparse import SparseTensor
 
 __all__ = ["CONDITIONING_LORA_TARGETS", "CONDITIONING_PREFIX", "EvidenceConditioning"]

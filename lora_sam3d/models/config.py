@@ -2,9 +2,9 @@
 
 `ModelConfig` is what a trained model is made of: the decoder and stage-1 sizes, the base, how the
 scan is read, the band the decoder runs on and where the latents come from. `FinetuneConfig`
-(`lora_sam3d.models.finetuning`) says what trains and `LossWeights` (`lora_sam3d.losses`) how.
+(`lora_sam3d.models.finetuning`) says what trains and `LossWeights` (`lora_sam3d.training.losses`) how.
 The LightningCLI arguments and the YAML files mirror the tree (``model.base.checkpoint``,
-``model.context.read``); the flat keys of earlier versions are mapped by `lora_sam3d.old_keys`.
+``model.context.read``); the flat keys of earlier versions are mapped by `lora_sam3d.settings.old_keys`.
 Checkpoints and ``model.json`` store the tree as plain dicts (`ModelConfig.to_dict`), so
 ``torch.load(weights_only=True)`` reads them.
 """
@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal, get_args
 
-from lora_sam3d.config_tree import coerce
+from lora_sam3d.settings.tree import coerce
 
 __all__ = [
     "TRAIN_BANDS",
@@ -57,7 +57,7 @@ class ContextConfig:
             without it reads "no scan" (zeros), so such a model also predicts from slices alone.
         conditioning: the decoder's levels receive the evidence at their own cells (`EvidenceConditioning`).
         interpolation: both stages also read the drawn slices' shape-based interpolation
-            (`lora_sam3d.latent.shape_interpolation`): between parallel slices the model learns the
+            (`lora_sam3d.models.latent.shape_interpolation`): between parallel slices the model learns the
             correction to a classic fill between slices. A base trained without it reads it through
             zero weights (its outputs unchanged) until training moves them.
     """

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from lora_sam3d.io.weights import load_weights
 from lora_sam3d.lora import state_dict_fit
 from lora_sam3d.models.mesh import FEATS_CHANNELS
 from lora_sam3d.models.structure import STRUCTURE_PREFIX
@@ -31,7 +32,6 @@ from lora_sam3d.sparse import (
     SparseSubdivide,
     SparseTensor,
 )
-from lora_sam3d.weights import load_weights
 
 __all__ = [
     "CONDITIONING_PREFIX",

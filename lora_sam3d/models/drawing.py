@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from lora_sam3d.inputs import Evidence
-from lora_sam3d.latent import PLANE_AXES
+from lora_sam3d.models.latent import PLANE_AXES
 
 __all__ = ["DRAWING_WIDTH", "drawn_dice", "keep_drawing"]
 

@@ -2,7 +2,7 @@
 
 `set_trainable` injects LoRA once (both stages, or the decoder alone with stage 1 trained fully) and
 freezes the base; `FinetuneConfig` (``model.finetune``) says what trains, `adopt_adapter` takes an
-adapter folder's own LoRA configs. `lora_sam3d.module.LoRAMeshDecoderModule` calls these from Lightning's hooks; a
+adapter folder's own LoRA configs. `lora_sam3d.training.module.LoRAMeshDecoderModule` calls these from Lightning's hooks; a
 notebook or another trainer can call them the same way.
 """
 
@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 from lora_sam3d.lora import LoRAConfig, freeze_base_params, has_lora, state_dict_fit
-from lora_sam3d.models.adapter_files import read_adapter_settings
+from lora_sam3d.models.adapters.files import read_adapter_settings
 from lora_sam3d.models.reconstructor import STRUCTURE_LORA_TARGETS, Reconstructor
 
 __all__ = [
@@ -92,7 +92,7 @@ def check_stage_one_adaptable(model: Reconstructor, finetune: FinetuneConfig) ->
     lora = finetune.structure_mode == finetune.mode == "lora"
     if lora and model.uses_structure and not model.structure_in_base:
         raise ValueError(
-            f"model.base.checkpoint {model.base} has no stage-1 (sparse structure) weights, so LoRA has "
+            f"model.base.checkpoint {model.config.base.checkpoint} has no stage-1 (sparse structure) weights, so LoRA has "
             "nothing to adapt there: set model.finetune.structure_mode: full to train stage 1 from scratch"
         )
 

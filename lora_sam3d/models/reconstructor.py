@@ -5,7 +5,7 @@ R^3 grid and predicts occupancy and latents; the mesh decoder (`SLatMeshDecoder`
 of active cells around the predicted surface only and subdivides them 4x; vertices no active cell
 reaches take their sign from stage 1 (`vertex_fill`). With ``latents.encoder: precomputed``, Meta's
 structured latents replace stage 1. No Lightning here: a notebook loads a base, attaches an
-adapter and reconstructs the `lora_sam3d.inputs.Evidence` of a batch with this class alone; `lora_sam3d.module` wraps it for training.
+adapter and reconstructs the `lora_sam3d.inputs.Evidence` of a batch with this class alone; `lora_sam3d.training.module` wraps it for training.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import dataclasses
 import hashlib
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,20 +22,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from lora_sam3d.atomic import atomic_write
 from lora_sam3d.geometry import Mesh, marching_cubes
 from lora_sam3d.inputs import CONTEXT_CHANNELS, Evidence
-from lora_sam3d.latent import (
-    EVIDENCE_FEATURES,
-    INTERPOLATION_CHANNELS,
-    PrecomputedLatents,
-    SliceUnprojection,
-    context_on_grid,
-    make_encoder,
-    with_context,
-)
+from lora_sam3d.io.atomic import atomic_write
+from lora_sam3d.io.weights import load_weights, resolve_checkpoint
 from lora_sam3d.lora import LoRAConfig, base_fingerprint, inject_lora, merge_lora_weights, state_dict_fit
-from lora_sam3d.models.adapter_files import MODEL_SETTINGS, load_model_adapter, read_adapter_settings
+from lora_sam3d.models.adapters.files import MODEL_SETTINGS, load_model_adapter, read_adapter_settings
 from lora_sam3d.models.conditioning import (
     CONDITIONING_LORA_TARGETS,
     CONDITIONING_PREFIX,
@@ -44,6 +36,15 @@ from lora_sam3d.models.conditioning import (
 from lora_sam3d.models.config import TRAIN_BANDS, ModelConfig, TrainBand
 from lora_sam3d.models.decoder import SLatMeshDecoder
 from lora_sam3d.models.drawing import DRAWING_WIDTH, keep_drawing
+from lora_sam3d.models.latent import (
+    EVIDENCE_FEATURES,
+    INTERPOLATION_CHANNELS,
+    PrecomputedLatents,
+    SliceUnprojection,
+    context_on_grid,
+    make_encoder,
+    with_context,
+)
 from lora_sam3d.models.mesh import vertex_sdf_grid
 from lora_sam3d.models.structure import (
     STRUCTURE_PREFIX,
@@ -52,8 +53,7 @@ from lora_sam3d.models.structure import (
     surface_band,
     vertex_fill,
 )
-from lora_sam3d.old_keys import upgrade
-from lora_sam3d.weights import load_weights, resolve_checkpoint
+from lora_sam3d.settings.old_keys import upgrade
 
 __all__ = [
     "STRUCTURE_LORA_TARGETS",
@@ -141,56 +141,52 @@ class Reconstructor(nn.Module):
         if isinstance(config, Mapping):
             config = ModelConfig.from_dict(upgrade(config, "model", "Reconstructor config"))
         self.config = c = config or ModelConfig()
-        decoder, structure, reads_context = c.decoder, c.structure, c.context.read
-        base, seed = c.base.checkpoint, c.base.seed
-        self.decoder_config = {**TINY_DECODER, **(decoder or {})}
-        self.interpolation = bool(c.context.interpolation)
-        extra = (CONTEXT_CHANNELS if reads_context else 0) + (
-            INTERPOLATION_CHANNELS if self.interpolation else 0
-        )
+        interpolation = c.context.interpolation
+        self.decoder_config = {**TINY_DECODER, **(c.decoder or {})}
+        extra = (CONTEXT_CHANNELS if c.context.read else 0) + (INTERPOLATION_CHANNELS if interpolation else 0)
         self.structure_config = {
             "latent_channels": self.decoder_config["latent_channels"],
-            **(structure or {}),
+            **(c.structure or {}),
             **({"in_channels": 8 + extra} if extra else {}),
         }
-        self.reads_context, self.uses_conditioning = bool(reads_context), bool(c.context.conditioning)
         # in eval mode the surface is corrected to the drawn slices near their planes (`keep_drawing`;
         # width in grid cells, 0: the network's surface as it is)
         self.drawing_width = DRAWING_WIDTH
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.manual_seed(c.base.seed)
             self.decoder = SLatMeshDecoder(**self.decoder_config)
             self.structure = SparseStructureNet(**self.structure_config)
-            features = EVIDENCE_FEATURES + (INTERPOLATION_CHANNELS if self.interpolation else 0)
+            features = EVIDENCE_FEATURES + (INTERPOLATION_CHANNELS if interpolation else 0)
             self.conditioning = (
                 EvidenceConditioning(self.decoder_config["model_channels"], features=features)
-                if self.uses_conditioning
+                if c.context.conditioning
                 else None
             )
-        self.base = base
-        self.structure_in_base = base is None
-        if base:
-            self.load_base(resolve_checkpoint(base))
+        self.structure_in_base = c.base.checkpoint is None
+        if c.base.checkpoint:
+            self.load_base(resolve_checkpoint(c.base.checkpoint))
         parts = [self.decoder, self.structure] + ([self.conditioning] if self.conditioning else [])
         self.base_fingerprint = hashlib.sha256(
             "".join(base_fingerprint(p) for p in parts).encode()
         ).hexdigest()
         self.data_contract: dict[str, Any] | None = None  # an adapter folder's data settings (from_adapter)
-        self.latent_encoder = c.latents.encoder
-        self.uses_structure = self.latent_encoder == "slice"
-        self.encoder = make_encoder(self.latent_encoder, self.resolution, c.latents.dir, self.interpolation)
+        self.encoder = make_encoder(c.latents.encoder, self.resolution, c.latents.dir, interpolation)
         # the evidence the conditioning layers read: stage 1's own unprojection when it has one
         self.reader = (
             self.encoder
             if isinstance(self.encoder, SliceUnprojection)
-            else SliceUnprojection(self.resolution, interpolation=self.interpolation)
+            else SliceUnprojection(self.resolution, interpolation=interpolation)
         )
-        self.active_margin, self.train_active, self.max_active_voxels = (
-            c.band.margin,
-            c.band.train_on,
-            c.band.max_voxels,
-        )
-        self.train_margin = c.band.train_margin
+
+    def set_band(self, **fields: Any) -> None:
+        """Change the band (``margin=2``: a wider band at inference); the rest of the config is fixed
+        by the weights, the band is not (every setting of ``model.band`` still has one name)."""
+        self.config = replace(self.config, band=replace(self.config.band, **fields))
+
+    @property
+    def uses_structure(self) -> bool:
+        """Stage 1 predicts the occupied cells (``latents.encoder: slice``), rather than Meta's latents."""
+        return self.config.latents.encoder == "slice"
 
     @property
     def resolution(self) -> int:
@@ -220,7 +216,7 @@ class Reconstructor(nn.Module):
         layer of stage 1 and of each conditioning level get zero weights for the interpolation's
         channels (the last ones, `with_context`), so the model's outputs are the base's until training
         moves them. Any other width is left for the loaders to refuse."""
-        if not self.interpolation:
+        if not self.config.context.interpolation:
             return state
         wanted = {"structure.enc0.0.weight": self.structure_config.get("in_channels", 8)}
         if self.conditioning is not None:
@@ -276,7 +272,7 @@ class Reconstructor(nn.Module):
         values = {
             "decoder": self.decoder_config,
             "structure": self.structure_config,
-            "base": {"checkpoint": self.base},
+            "base": {"checkpoint": self.config.base.checkpoint},
             "latents": {"encoder": c.latents.encoder},
             "band": {"margin": c.band.margin},
             "context": {
@@ -304,22 +300,23 @@ class Reconstructor(nn.Module):
 
     # -- forward ----------------------------------------------------------------------------------
     def band(self, occupancy: torch.Tensor, coarse_truth: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, R, R, R) bool: the cells the decoder runs on (see ``train_active``; ``coarse_truth``, the
-        true R^3 occupancy, and ``train_margin`` count in training mode only)."""
-        margin = self.active_margin
-        if self.training and self.train_margin is not None:
-            margin = self.train_margin
+        """(B, R, R, R) bool: the cells the decoder runs on (see ``band.train_on``; ``coarse_truth``, the
+        true R^3 occupancy, and ``band.train_margin`` count in training mode only)."""
+        band = self.config.band
+        margin = band.margin
+        if self.training and band.train_margin is not None:
+            margin = band.train_margin
         active = surface_band(occupancy, margin)
-        if self.training and self.train_active != "predicted" and coarse_truth is not None:
+        if self.training and band.train_on != "predicted" and coarse_truth is not None:
             truth = surface_band(coarse_truth.bool(), margin)
-            active = truth if self.train_active == "truth" else active | truth
+            active = truth if band.train_on == "truth" else active | truth
         return active
 
     def stage_one_input(self, evidence: Evidence) -> torch.Tensor:
         """(B, 8 to 12, R, R, R): the slice unprojection, the scan on the R^3 cells when the model
         reads context, and the slices' interpolation when it reads that (`with_context`'s order)."""
         x = self.encoder(evidence)
-        if self.reads_context:
+        if self.config.context.read:
             x = with_context(x, context_on_grid(evidence, self.resolution).to(x.dtype))
         return x
 
@@ -327,10 +324,10 @@ class Reconstructor(nn.Module):
         """Stage 1 on the slice ``evidence``, then the decoder on the band around its surface.
 
         ``coarse_truth``: (B, R, R, R) stage 1's target, which widens the band while training (see
-        ``train_active``); ignored in eval mode, so predictions never depend on it.
+        ``band.train_on``); ignored in eval mode, so predictions never depend on it.
         """
         n = 4 * self.resolution
-        if evidence.context is not None and not self.reads_context:
+        if evidence.context is not None and not self.config.context.read:
             raise ValueError(
                 "the batch carries the scan as context (data.context.source: volume) but this model does not read "
                 "context (model.context.read: false; trained without it): use data.context.source: none"
@@ -344,7 +341,7 @@ class Reconstructor(nn.Module):
         logits, latent = self.structure(self.stage_one_input(evidence))
         occupancy = logits.detach() > 0
         active = self.band(occupancy, coarse_truth)
-        count, cap = int(active.sum()), self.max_active_voxels
+        count, cap = int(active.sum()), self.config.band.max_voxels
         if cap is not None and count > cap:
             raise ValueError(
                 f"{count} active voxels in this batch exceed model.band.max_voxels={cap}: lower "

@@ -1,0 +1,385 @@
+"""`PredictionDataset`: requests on new scans checked once in the main process (each bad one
+reported by its number), then turned into the model's input on its canonical isotropic grid."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Literal
+
+import nibabel as nib
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from lora_sam3d.data.cases import check_class_names
+from lora_sam3d.data.frame import sample_context
+from lora_sam3d.data.nifti import DataError, canonical_grid
+from lora_sam3d.data.requests.items import (
+    PredictItem,
+    SliceRef,
+    _as_given,
+    file_slices_read,
+    grid_slice,
+    locate_slice,
+    parse_axis,
+)
+from lora_sam3d.data.requests.masks import contradicting_pairs, read_mask_volume, read_slice_mask
+from lora_sam3d.data.requests.names import case_names, output_stem
+from lora_sam3d.data.sample import native_from_mask, recentred, slice_frame, slice_sample
+from lora_sam3d.data.settings import Context, DataContract
+from lora_sam3d.data.tissue import (
+    Tissue,
+    drawn_views,
+    marked_tissue,
+    relative_sample,
+    tissue_mismatch,
+    views_inside,
+)
+from lora_sam3d.data.views import seen_centre
+from lora_sam3d.data.volume import IsotropicGrid, Preprocessing, intensity_mismatch, load_volume
+from lora_sam3d.inputs import Sample
+
+__all__ = [
+    "PredictionDataset",
+]
+
+
+class PredictionDataset(Dataset):
+    """Input samples (no ground truth) for `PredictItem`s.
+
+    Each request's slice is located in its file and its mask read when the dataset is built; a
+    sample is then the model's input on the canonical grid resampled to ``prep.spacing_mm``, at the
+    canonical slice through the file slice's plane.
+    """
+
+    def __init__(
+        self,
+        items: Sequence[PredictItem | Mapping[str, Any]],
+        prep: Preprocessing,
+        extent_mm: Mapping[str, float],
+        frame_scale: float,
+        slice_size: int,
+        intensity_check: Literal["warn", "error"] = "warn",
+        context: Context = "none",
+        context_cells: int = 64,
+        scan_readable: bool | None = None,
+        tissue: Mapping[str, Sequence[float]] | None = None,
+        reading: str = "absolute",
+    ) -> None:
+        self.tissue = dict(tissue or {})  # per class, the training scans' tissue (`tissue_ranges`)
+        self.reading = reading  # how the model reads the scan (`ContextSettings.reading`)
+        self.intensity_check = intensity_check
+        self.context, self.context_cells = context, context_cells
+        # whether the model reads the scan at all (then a request without it is named ..._noscan)
+        self.scan_readable = context == "volume" if scan_readable is None else scan_readable
+        self.items = [i if isinstance(i, PredictItem) else PredictItem(**i) for i in items]
+        self.prep, self.extent_mm, self.frame_scale, self.slice_size = (
+            prep,
+            dict(extent_mm),
+            frame_scale,
+            slice_size,
+        )
+        self.slices: list[list[SliceRef]] = []  # per item, its views (the first places the frame)
+        self.masks: list[list[np.ndarray]] = []
+        self.grids: list[IsotropicGrid] = []  # per item, the model's grid of its scan
+        self._finite: set[str] = set()
+        self._whole_masks: set[tuple[str, int | None]] = set()  # (3D mask, label value) pairs checked
+        for k, item in enumerate(self.items, start=1):
+            try:
+                self._check(item)
+            except DataError as err:
+                raise DataError(
+                    f"predict item {k} ({item.class_name} in {item.image}, {_as_given(item)}): {err}"
+                ) from None
+        self.case_ids = case_names([item.image for item in self.items])
+
+    def check_view_counts(self, trained: int | None, asked: int | None) -> None:
+        """Refuse a request with more slices (those with mask voxels) than the model was ``trained``
+        with, or than ``data.views.count`` ``asked`` for when the config gives it: never a silent choice."""
+        for k, refs in enumerate(self.slices, start=1):
+            n, names = len(refs), "+".join(r.name for r in refs)
+            if trained is not None and n > trained:
+                raise DataError(
+                    f"predict item {k} ({names}): {n} views asked (its slices with mask voxels) but the model "
+                    f"was trained with at most {trained} view{'s' if trained > 1 else ''}: ask for {trained} "
+                    f"or fewer, or train with data.views.count: {n}"
+                )
+            if asked is not None and n > asked:
+                raise DataError(
+                    f"predict item {k} ({names}) has {n} slices with mask voxels but data.views.count is {asked}: "
+                    f"give data.views.count: {n} (at most what the model was trained with) or fewer slices"
+                )
+
+    def check_unique_outputs(self) -> None:
+        """Refuse two requests that would write the same output files (same scan, structure and slice)."""
+        stems: dict[str, int] = {}
+        for k, stem in enumerate(self.stems, start=1):
+            if stem in stems:
+                raise DataError(
+                    f"predict items {stems[stem]} and {k} ask for the same reconstruction ({stem}: same scan, "
+                    "structure, slices and reading of the scan), so the second would overwrite the first's "
+                    "files; remove one"
+                )
+            stems[stem] = k
+
+    def reads_scan(self, i: int) -> bool:
+        """Whether request ``i``'s sample carries the scan: its own ``context``, else the run's."""
+        return (self.items[i].context or self.context) == "volume"
+
+    @property
+    def stems(self) -> list[str]:
+        """Each request's output name (`output_stem`: ``<case>_<class>_<slices>``, ``_noscan`` when a
+        model that reads the scan does not for it); unique within the request list."""
+        return [
+            output_stem(
+                c,
+                i.class_name,
+                "+".join(r.name for r in refs),
+                self.reads_scan(k) if self.scan_readable else None,
+            )
+            for k, (c, i, refs) in enumerate(zip(self.case_ids, self.items, self.slices, strict=True))
+        ]
+
+    @classmethod
+    def from_settings(
+        cls,
+        items: Sequence[PredictItem | Mapping[str, Any]],
+        data: DataContract | Mapping[str, Any],
+        extent_mm: Mapping[str, float] | None = None,
+        intensity_check: Literal["warn", "error"] = "warn",
+        context: Context = "none",
+    ) -> PredictionDataset:
+        """The requests read as a model was trained to read scans: ``data`` is the `DataContract` a
+        checkpoint or adapter folder stores (or its dict); ``extent_mm`` overrides stored extents;
+        ``context``: whether the samples carry the scan (items may say otherwise)."""
+        c = data if isinstance(data, DataContract) else DataContract.from_dict(data)
+        extents = {**c.extent_mm, **(extent_mm or {})}
+        cells = 4 * (c.resolution or c.slice_size // 4)
+        return cls(
+            items,
+            c.prep,
+            extents,
+            c.frame_scale,
+            c.slice_size,
+            intensity_check,
+            context,
+            cells,
+            c.context == "volume",
+            c.tissue,
+            c.context_reading,
+        )
+
+    def _check(self, item: PredictItem) -> None:
+        check_class_names([item.class_name], "class_name")
+        if item.class_name not in self.extent_mm:
+            raise DataError(
+                f"class {item.class_name!r} has no frame extent; known: {sorted(self.extent_mm)} "
+                "(set data.frame.extent_mm, or use a checkpoint that stores its classes' extents)"
+            )
+        if not Path(item.image).is_file():
+            raise DataError(f"image {item.image} does not exist")
+        try:
+            img = nib.load(item.image)
+        except Exception as err:
+            raise DataError(f"image {item.image} is not a readable NIfTI file: {err}") from err
+        refs, masks = [], []
+        for k, plane in enumerate(item.planes(), start=1):
+            if not Path(plane["mask"]).is_file():
+                raise DataError(f"mask {plane['mask']} does not exist")
+            # a 3D mask is checked whole (a label map without label_value, a value it lacks) before any slice
+            if (plane["mask"], plane["label_value"]) not in self._whole_masks:
+                read_mask_volume(Path(plane["mask"]), img, plane["label_value"])
+                self._whole_masks.add((plane["mask"], plane["label_value"]))
+            ref = locate_slice(img, parse_axis(plane["axis"]), plane["index"], plane["position_mm"])
+            if any((r.file_axis, r.index) == (ref.file_axis, ref.index) for r in refs):
+                raise DataError(
+                    f"slice {k} ({ref.name}) is a plane given before: each slice must be another plane"
+                )
+            try:
+                masks.append(read_slice_mask(Path(plane["mask"]), img, ref, plane["label_value"]))
+            except DataError as err:
+                if not item.slices or "has no voxels on" not in str(err):
+                    raise
+                warnings.warn(
+                    f"{item.class_name} in {item.image}: slice {k} ({ref.name}) skipped: {err}", stacklevel=2
+                )
+                continue
+            refs.append(ref)
+        if not refs:
+            raise DataError(f"no slice of {item.class_name} has mask voxels: nothing to reconstruct from")
+        for a, b in contradicting_pairs(refs, masks):
+            warnings.warn(
+                f"{item.class_name} in {item.image}: the masks of slices {a + 1} ({refs[a].name}) and {b + 1} "
+                f"({refs[b].name}) do not overlap on the line where their planes cross: is one of them wrong?",
+                stacklevel=2,
+            )
+        grid = IsotropicGrid.of(*canonical_grid(img), self.prep.spacing_mm)
+        refs = self._on_grid(refs, grid)
+        self.grids.append(grid)
+        # the slices as a set: one order whatever order they came in, so the frame and the names are too
+        order = sorted(range(len(refs)), key=lambda j: refs[j].order)
+        self.slices.append([refs[j] for j in order])
+        self.masks.append([masks[j] for j in order])
+        if item.image not in self._finite:  # each scan read once here, so a bad one fails before any output
+            self._check_intensities(item.image, img)
+            self._finite.add(item.image)
+
+    def _check_intensities(self, path: str, img: nib.Nifti1Image) -> None:
+        """The scan's voxels are readable and finite, and look like the modality the model reads
+        (`intensity_mismatch`: a warning, or an error with ``intensity_check: error``)."""
+        try:
+            values = np.asarray(img.dataobj, dtype=np.float32)
+        except Exception as err:
+            raise DataError(f"image {path} cannot be read (truncated or corrupt?): {err}") from err
+        bad = int((~np.isfinite(values)).sum())
+        if bad:
+            raise DataError(f"image {path} has {bad} NaN/inf voxels: intensities must be finite")
+        why = intensity_mismatch(values, self.prep, path)
+        if why and self.intensity_check == "error":
+            raise DataError(f"{why} (data.predict.intensity_check: error refuses it; warn only warns)")
+        if why:
+            warnings.warn(why, stacklevel=3)
+
+    def _on_grid(self, refs: list[SliceRef], grid: IsotropicGrid) -> list[SliceRef]:
+        """The refs with the slice of the model's grid each one is read on; two on one grid slice
+        would be one view read twice, so that is refused, naming both."""
+        placed = [replace(r, grid_index=grid_slice(r, grid)) for r in refs]
+        seen: dict[tuple[int, int], SliceRef] = {}
+        for ref in placed:
+            other = seen.setdefault((ref.axis, ref.grid_index), ref)
+            if other is not ref:
+                raise DataError(
+                    f"slices {other.name} and {ref.name} land on one slice of the model's grid "
+                    f"({self.prep.spacing_mm:g} mm spacing), so they would be one view read twice: give "
+                    f"slices at least {self.prep.spacing_mm:g} mm apart, or one of them"
+                )
+        return placed
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> Sample:
+        item, refs = self.items[i], self.slices[i]
+        raw = nib.load(item.image)
+        try:
+            sample = self._inputs(i, raw)
+        except DataError as err:
+            raise DataError(f"predict item {i + 1} (image {item.image}, mask {item.mask}): {err}") from err
+        truth = read_mask_volume(Path(item.mask), raw, item.label_value)
+        frame_to_world = np.asarray(sample["frame_to_world"], dtype=np.float64)
+        return sample | {
+            "case_id": self.case_ids[i],
+            "class_name": item.class_name,
+            "source_image": str(item.image),
+            "slice_name": "+".join(r.name for r in refs),
+            "file_index": refs[0].index,
+            # a 3D mask of the structure is its truth on the scan's grid: the prediction is scored against it
+            "native": None if truth is None else native_from_mask(truth, raw.affine, frame_to_world),
+            "scored_against": "request mask",
+        }
+
+    def _inputs(self, i: int, raw: nib.Nifti1Image) -> Sample:
+        """Request ``i``'s model inputs: its slices resampled like a split's, in the frame they place."""
+        item, refs = self.items[i], self.slices[i]
+        classes, in_memory = self._view_labels(i, raw)
+        volume = load_volume(item.image, classes, self.prep, in_memory)
+        indices = [r.grid_index for r in refs]
+        side_mm = self.frame_scale * self.extent_mm[item.class_name]
+        others = [(r.axis, index) for r, index in zip(refs[1:], indices[1:], strict=True)]
+        centre = (
+            seen_centre(volume.labels, list(range(1, len(refs))), others, refs[0].axis, indices[0])
+            if others
+            else None
+        )
+        first, _ = slice_frame(
+            volume.labels, 0, volume.affine, volume.spacing_mm, refs[0].axis, indices[0], side_mm
+        )
+        frame = recentred(first, refs[0].axis, centre)
+        planes = [(r.axis, index, k) for k, (r, index) in enumerate(zip(refs, indices, strict=True))]
+        sample = slice_sample(volume.image, volume.labels, frame, planes, self.slice_size, self.max_views)
+        inside = views_inside(sample, frame, volume.image.shape)
+        tissue = self._check_tissue(i, sample, side_mm, inside)
+        if self.reads_scan(i):
+            context = sample_context(frame, volume.image, self.context_cells, raw.affine, raw.shape)
+            sample["context"] = torch.from_numpy(context)
+        if self.reading == "relative":
+            relative_sample(sample, tissue, inside)
+        self._warn_at_edge(i, sample, side_mm)
+        return sample
+
+    def _check_tissue(self, i: int, sample: Sample, side_mm: float, inside: np.ndarray) -> Tissue | None:
+        """The tissue under the drawn masks (`marked_tissue`; None, with a warning naming the request,
+        when the masks are too small for statistics), checked against what the model saw of the
+        class in training (`tissue_mismatch`): a warning naming the request, or an error with
+        ``intensity_check: error``."""
+        images, masks = drawn_views(sample)
+        item = self.items[i]
+        tissue = marked_tissue(images, masks, side_mm / masks.shape[-1], inside)
+        trained = self.tissue.get(item.class_name)
+        if tissue is None and (trained is not None or self.reading == "relative"):
+            warnings.warn(
+                f"predict item {i + 1} ({item.class_name} in {item.image}, {'+'.join(r.name for r in self.slices[i])}): "
+                "its drawn masks are too small (or fill their slices) for statistics of the marked tissue: "
+                "not compared with the training scans, and a relative reading of the scan reads neutral",
+                stacklevel=2,
+            )
+        # a relative reader sees no absolute unit: only a model that reads them is warned of them
+        absolute = self.reading == "absolute"
+        why = None if tissue is None or trained is None or not absolute else tissue_mismatch(tissue, trained)
+        if why is None:
+            return tissue
+        message = (
+            f"predict item {i + 1} ({item.class_name} in {item.image}): {why}; is the scan another modality "
+            "or rescaled, its contrast inverted, or the mask drawn on another scan?"
+        )
+        if self.intensity_check == "error":
+            raise DataError(f"{message} (data.predict.intensity_check: error refuses it; warn only warns)")
+        warnings.warn(message, stacklevel=2)
+        return tissue
+
+    def _warn_at_edge(self, i: int, sample: Sample, side_mm: float) -> None:
+        """A drawn mask that reaches the frame's edge is cut there: the structure is larger than
+        the frame its class was trained with, and its surface past the edge cannot be reconstructed."""
+        masks = drawn_views(sample)[1].astype(bool)
+        edge = masks[:, [0, -1], :].any(axis=(1, 2)) | masks[:, :, [0, -1]].any(axis=(1, 2))
+        if not edge.any():
+            return
+        refs, pixel_mm = self.slices[i], side_mm / masks.shape[-1]
+        names = [refs[k].name for k in np.flatnonzero(edge) if k < len(refs)]
+        rows, cols = np.flatnonzero(masks.any(axis=(0, 2))), np.flatnonzero(masks.any(axis=(0, 1)))
+        span = max(rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1) * pixel_mm
+        item = self.items[i]
+        warnings.warn(
+            f"predict item {i + 1} ({item.class_name} in {item.image}): the mask of {', '.join(names)} reaches "
+            f"the edge of the {side_mm:.0f} mm frame of {item.class_name} (at least {span:.0f} mm of it is "
+            "inside): the structure is larger than the frame the model was trained with, and its surface "
+            "past the edge is cut; give data.frame.extent_mm a larger extent for this class, or a model "
+            "trained on larger frames",
+            stacklevel=2,
+        )
+
+    @property
+    def max_views(self) -> int:
+        """The most views any request has (`collate` pads each batch to its own most)."""
+        return max((len(refs) for refs in self.slices), default=1)
+
+    def _view_labels(
+        self, i: int, raw: nib.Nifti1Image
+    ) -> tuple[dict[int, tuple[Path, None]], dict[Path, nib.Nifti1Image]]:
+        """Request ``i``'s slice masks as label volumes in the file's orientation, view k as class bit k,
+        for `load_volume`. Each mask is repeated on the file slices around its model grid slice's plane
+        (`file_slices_read`), so the nearest-neighbour resampling cannot miss it."""
+        classes, images = {}, {}
+        grid = self.grids[i]
+        for k, (ref, mask) in enumerate(zip(self.slices[i], self.masks[i], strict=True)):
+            labels = np.zeros(raw.shape, dtype=np.uint8)
+            for j in file_slices_read(ref, raw, grid):
+                take: list[Any] = [slice(None)] * 3
+                take[ref.file_axis] = j
+                labels[tuple(take)] = mask
+            key = Path(f"<view {k + 1} of request {i + 1}>")
+            classes[k], images[key] = (key, None), nib.Nifti1Image(labels, raw.affine)
+        return classes, images

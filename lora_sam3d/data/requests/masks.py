@@ -1,0 +1,142 @@
+"""The user's masks as they have them: a 3D mask or label map on the scan's grid, or a 2D mask of
+one slice (NIfTI or PNG), read and checked against the scan's grid; slices that contradict each
+other where they cross are found (`contradicting_pairs`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from lora_sam3d.data.labels import integer_labels, structure_mask
+from lora_sam3d.data.nifti import DataError, affine_difference
+from lora_sam3d.data.requests.items import SliceRef
+
+__all__ = [
+    "check_mask_grid",
+    "contradicting_pairs",
+    "load_mask_nifti",
+    "read_mask_volume",
+    "read_png_mask",
+    "read_slice_mask",
+]
+
+
+def read_png_mask(path: Path, label_value: int | None) -> np.ndarray:
+    """A 2D mask drawn or exported as an image, as integer levels: palette images through their
+    palette (index 0 may be any colour), colour images by luminance. Refused with the reason: JPEG
+    (lossy: edges blur into extra levels), and without ``label_value`` more than two levels (an
+    anti-aliased or soft-edged mask, whose edge pixels are neither in nor out)."""
+    from PIL import Image
+
+    if path.suffix.lower() in (".jpg", ".jpeg"):
+        raise DataError(
+            f"mask {path} is a JPEG: its lossy compression blurs the mask's edge into extra grey levels; "
+            "save the mask as PNG or NIfTI"
+        )
+    try:
+        image = Image.open(path)
+        if image.mode in ("P", "PA", "RGB", "RGBA", "LA"):
+            image = image.convert("RGB").convert("L")
+        data = np.asarray(image)
+    except Exception as err:
+        raise DataError(f"mask {path} is not a readable image: {err}") from err
+    levels = np.unique(data)
+    if label_value is None and len(levels) > 2:
+        raise DataError(
+            f"mask {path} has {len(levels)} grey levels (e.g. {levels[:6].tolist()}): expected a binary mask "
+            "(two levels); an anti-aliased or soft-edged export leaves edge pixels neither in nor out. "
+            "Export it without smoothing, or give label_value for a label map"
+        )
+    return data.astype(np.int64)
+
+
+def read_slice_mask(path: Path, img: nib.Nifti1Image, ref: SliceRef, label_value: int | None) -> np.ndarray:
+    """The request's mask on its slice, (a, b) bool in the file's axis order, whatever form it came in:
+    a 3D mask or label map on the scan's grid, a 2D NIfTI (or a one-slice 3D one, e.g. (X, Y, 1)), or
+    an image (`read_png_mask`). Values are read as training labels are (`integer_labels`)."""
+    want = tuple(s for i, s in enumerate(img.shape) if i != ref.file_axis)
+    whole_file = True  # the data read is the whole mask file (a 2D mask), not one slice of a 3D one
+    if path.suffix.lower() in (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"):
+        data = read_png_mask(path, label_value)
+    else:
+        mask_img = load_mask_nifti(path)
+        if len(mask_img.shape) == 3 and mask_img.shape != img.shape and sorted(mask_img.shape)[0] == 1:
+            data = integer_labels(
+                np.squeeze(np.asarray(mask_img.dataobj), axis=mask_img.shape.index(1)), path, "mask"
+            )
+        elif len(mask_img.shape) == 3:
+            check_mask_grid(mask_img, img, path)
+            take: list[Any] = [slice(None)] * 3
+            take[ref.file_axis] = ref.index
+            data = integer_labels(np.asarray(mask_img.dataobj[tuple(take)]), path, "mask")
+            whole_file = False
+        else:
+            data = integer_labels(np.asarray(mask_img.dataobj), path, "mask")
+    if data.shape != want:
+        raise DataError(
+            f"2D mask {path} has shape {data.shape} but {ref.name} (file axis {ref.file_axis}) of the image "
+            f"has shape {want}"
+        )
+    mask = structure_mask(data, label_value, path, value_required=whole_file)
+    if not mask.any():
+        raise DataError(
+            f"mask {path} has no voxels on {ref.name} (file axis {ref.file_axis}, index {ref.index})"
+        )
+    return mask
+
+
+def load_mask_nifti(path: Path) -> nib.Nifti1Image:
+    try:
+        return nib.load(str(path))
+    except Exception as err:
+        raise DataError(f"mask {path} is not a readable NIfTI file: {err}") from err
+
+
+def check_mask_grid(mask_img: nib.Nifti1Image, img: nib.Nifti1Image, path: Path) -> None:
+    """A 3D request mask must lie on the scan's grid: the message says which of shape and affine differs."""
+    if mask_img.shape != img.shape:
+        raise DataError(
+            f"mask {path} has shape {mask_img.shape} but the image has {img.shape}: a 3D mask must be on "
+            "the scan's grid"
+        )
+    if not np.allclose(mask_img.affine, img.affine, atol=1e-3):
+        raise DataError(
+            f"mask {path} has the image's shape {img.shape} but another grid (affine): "
+            f"{affine_difference(mask_img.affine, img.affine)}; a 3D mask must be on the scan's grid"
+        )
+
+
+def read_mask_volume(path: Path, img: nib.Nifti1Image, label_value: int | None) -> np.ndarray | None:
+    """The whole 3D mask of a request (bool, the scan's grid and orientation), or None when the mask
+    is 2D (a slice only: nothing to score against)."""
+    if path.suffix.lower() not in (".nii", ".gz"):
+        return None
+    mask_img = load_mask_nifti(path)
+    if len(mask_img.shape) != 3 or mask_img.shape != img.shape:
+        return None
+    return structure_mask(integer_labels(np.asarray(mask_img.dataobj), path, "mask"), label_value, path)
+
+
+def contradicting_pairs(refs: list[SliceRef], masks: list[np.ndarray]) -> list[tuple[int, int]]:
+    """Pairs of slices (indices into ``refs``) of different file axes whose masks (file orientation)
+    mark no common voxel on the line where the two planes cross, while at least one marks some:
+    masks of one structure must agree there."""
+    pairs = []
+    for a in range(len(refs)):
+        for b in range(a + 1, len(refs)):
+            if refs[a].file_axis == refs[b].file_axis:
+                continue
+            line_a = _line(masks[a], refs[a].file_axis, refs[b].file_axis, refs[b].index)
+            line_b = _line(masks[b], refs[b].file_axis, refs[a].file_axis, refs[a].index)
+            if (line_a.any() or line_b.any()) and not (line_a & line_b).any():
+                pairs.append((a, b))
+    return pairs
+
+
+def _line(mask: np.ndarray, own_axis: int, other_axis: int, other_index: int) -> np.ndarray:
+    """The row of a slice's 2D mask (its two file axes in order) at ``other_index`` along ``other_axis``."""
+    dims = [d for d in range(3) if d != own_axis]
+    return np.take(mask, other_index, axis=dims.index(other_axis))
