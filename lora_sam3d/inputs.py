@@ -45,7 +45,7 @@ class Sample(TypedDict, total=False):
         frame_to_world: (4, 4) float64, frame coordinates -> world (RAS) mm.
         context: (2, n, n, n) float32 or None, the scan around the slices (absent: slices alone).
         gt_sdf, gt_occupancy, gt_coarse_occupancy: the 3D truth in the frame (training and scoring).
-        native: the scan's own mask for scoring (`lora_sam3d.data.dataset.native_box`) or None.
+        native: the scan's own mask for scoring (`lora_sam3d.data.sample.native_box`) or None.
         scored_against: "truth" or "request mask"; case_id, class_name, source_image, slice_name:
             names; class_index: () int64; file_index: a request's first slice in its file.
         shown_image: (K, S, S) the views as a person sees them, when the model reads them relative.
@@ -150,7 +150,7 @@ class Targets(_Record):
         occupancy: (B, n, n, n) bool, the (4R)^3 cells inside the structure.
         coarse_occupancy: (B, R, R, R) bool, stage 1's target on the R^3 cells.
         native: per sample, the scan's own mask around the frame (``gt``, ``affine``, ``spacing_mm``;
-            see `lora_sam3d.data.dataset.native_box`) or None; None for a batch without any.
+            see `lora_sam3d.data.sample.native_box`) or None; None for a batch without any.
         scored_against: per sample, ``truth`` (a split's label) or ``request mask`` (a request's 3D mask).
     """
 

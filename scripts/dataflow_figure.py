@@ -14,20 +14,20 @@ import matplotlib.pyplot as plt
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
 
 STEPS = [
-    ("scan + labels,\nor a request\n(NIfTI, PNG)", "data/volume.py\ndata/requests.py", "#dbe9f6"),
+    ("scan + labels,\nor a request\n(NIfTI, PNG)", "data/nifti.py\ndata/volume.py\ndata/requests/", "#dbe9f6"),
     (
-        "slices + masks\ncut in the frame\n(1-3 views)",
-        "data/dataset.py\ndata/views.py\ndata/frame.py",
+        "slices + masks\ncut in the frame\n(1-16 views)",
+        "data/sample.py\ndata/views.py\ndata/frame.py",
         "#dbe9f6",
     ),
     ("Evidence\n(typed batch)", "inputs.py", "#fde8c8"),
-    ("stage 1:\noccupancy and\nlatents on R^3", "latent.py\nmodels/structure.py", "#e2f0d9"),
+    ("stage 1:\noccupancy and\nlatents on R^3", "models/latent.py\nmodels/structure.py", "#e2f0d9"),
     ("active band\naround stage 1's\nsurface", "models/\nreconstructor.py", "#e2f0d9"),
-    ("SAM 3D mesh\ndecoder + LoRA,\nto (4R)^3 cells", "models/decoder.py\nlora.py\nsparse/", "#e2f0d9"),
+    ("SAM 3D mesh\ndecoder + LoRA,\nto (4R)^3 cells", "models/decoder.py\nlora/\nsparse/", "#e2f0d9"),
     ("vertex SDF ->\nmesh in world\nRAS mm", "models/mesh.py\ngeometry.py", "#e2f0d9"),
     (
         "mesh, NIfTI\nmask, metrics,\nreport.html",
-        "callbacks.py\noutputs.py\nmetrics.py\nreport.py",
+        "predict/\nmetrics.py\n(training/ fits)",
         "#f3dde8",
     ),
 ]
@@ -58,7 +58,7 @@ def main() -> None:
         fontsize=10,
         color="#3b6e2b",
     )
-    ax.text(14.1, 3.2, "Lightning callbacks", fontsize=10, color="#8c2b5d")
+    ax.text(14.1, 3.2, "predict/, training/ (Lightning)", fontsize=10, color="#8c2b5d")
     out = Path(__file__).resolve().parents[1] / "docs" / "dataflow.png"
     fig.savefig(out, bbox_inches="tight")
     print(f"wrote {out}")

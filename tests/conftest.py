@@ -100,7 +100,7 @@ def run_config(out: Path | str, data: Path | str, epochs: int = 1, quiet: bool =
                     "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(out)}}}  # fmt: skip
         callbacks[0]["init_args"] |= {"save_top_k": -1, "filename": "{epoch}"}
         model["optimizer"] = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.003}}
-        data_cfg["phantoms"] = {"n_cases": 4, "shape": [48, 48, 32]}
+        data_cfg.setdefault("cases", {})["phantoms"] = {"n_cases": 4, "shape": [48, 48, 32]}
         data_cfg["sampling"]["samples_per_class"] = 2
     return {"seed_everything": 0, "trainer": trainer, "model": model, "data": data_cfg}
 

@@ -740,9 +740,9 @@ RUN_CASES: dict[str, tuple[Callable[[Setup], list[str]], str]] = {
     ),
     "predict item class no adapter covers": (
         lambda s: predict_items(
-            s, "p8", ckpt=None, model={"adapters": {"heart_ventricle_left": str(s.adapter)}}
+            s, "p8", ckpt=None, model={"finetune": {"adapters": {"heart_ventricle_left": str(s.adapter)}}}
         ),
-        r"predict item 1: class 'heart_myocardium' is covered by no adapter of model\.adapters "
+        r"predict item 1: class 'heart_myocardium' is covered by no adapter of model\.finetune\.adapters "
         r"\(keys \['heart_ventricle_left'\]\)$",
     ),
     "adapters trained on different bases": (
@@ -751,7 +751,11 @@ RUN_CASES: dict[str, tuple[Callable[[Setup], list[str]], str]] = {
             "p9",
             ckpt=None,
             root=None,  # the base the first adapter's model.json names (the replaced file)
-            model={"adapters": {"heart_myocardium": str(s.adapter), "heart_*": str(replaced_adapter(s))}},
+            model={
+                "finetune": {
+                    "adapters": {"heart_myocardium": str(s.adapter), "heart_*": str(replaced_adapter(s))}
+                }
+            },
         ),
         r"load_adapter: .*replaced/checkpoints/adapter-last was trained on another base model",
     ),
@@ -793,9 +797,12 @@ RUN_CASES: dict[str, tuple[Callable[[Setup], list[str]], str]] = {
     ),
     "class matched by two adapter patterns": (
         lambda s: predict_items(
-            s, "p18", ckpt=None, model={"adapters": {"heart_*": str(s.adapter), "heart_m*": str(s.adapter)}}
+            s,
+            "p18",
+            ckpt=None,
+            model={"finetune": {"adapters": {"heart_*": str(s.adapter), "heart_m*": str(s.adapter)}}},
         ),
-        r"predict item 1: class 'heart_myocardium' matches 2 patterns of model\.adapters \(\['heart_\*', 'heart_m\*'\]\)",
+        r"predict item 1: class 'heart_myocardium' matches 2 patterns of model\.finetune\.adapters \(\['heart_\*', 'heart_m\*'\]\)",
     ),
     "preprocessing against the checkpoint's": (
         lambda s: predict_items(s, "p19", modality="mr"),
@@ -803,7 +810,7 @@ RUN_CASES: dict[str, tuple[Callable[[Setup], list[str]], str]] = {
     ),
     "adapter whose base moved": (
         lambda s: predict_items(
-            s, "p20", ckpt=None, root=None, model={"adapter": str(moved_base_adapter(s))}
+            s, "p20", ckpt=None, root=None, model={"finetune": {"adapter": str(moved_base_adapter(s))}}
         ),
         r"base checkpoint .*moved/shapes\.safetensors \(the path stored in .*adapter-moved/model\.json\) does not "
         r"exist; if it moved, give its new path with --model\.base\.checkpoint$",
@@ -814,7 +821,9 @@ RUN_CASES: dict[str, tuple[Callable[[Setup], list[str]], str]] = {
         r"pickle; it looks like text\)$",
     ),
     "adapter whose model.json was edited": (
-        lambda s: predict_items(s, "p21", ckpt=None, root=None, model={"adapter": str(edited_model_file(s))}),
+        lambda s: predict_items(
+            s, "p21", ckpt=None, root=None, model={"finetune": {"adapter": str(edited_model_file(s))}}
+        ),
         r"shapes\.safetensors holds weights of another decoder size .*\(check model\.decoder\) \(the model "
         r"settings come from .*adapter-edited/model\.json\)$",
     ),
@@ -1036,10 +1045,14 @@ def test_a_moved_base_is_pointed_to(setup: Setup, capsys: pytest.CaptureFixture[
     moved.parent.mkdir(exist_ok=True)
     shutil.copy(resolve_checkpoint("builtin:shapes"), moved)
     adapter = moved_base_adapter(setup)  # model.json names <root>/moved/shapes.safetensors, which is gone
-    argv = predict_items(setup, "moved-ok", ckpt=None, root=None, model={"adapter": str(adapter)})
+    argv = predict_items(
+        setup, "moved-ok", ckpt=None, root=None, model={"finetune": {"adapter": str(adapter)}}
+    )
     code, err = cli(*argv, "--model.base.checkpoint", str(moved), capsys=capsys)
     assert code == 0, err[-2000:]
-    reference = predict_items(setup, "moved-ref", ckpt=None, root=None, model={"adapter": str(setup.adapter)})
+    reference = predict_items(
+        setup, "moved-ref", ckpt=None, root=None, model={"finetune": {"adapter": str(setup.adapter)}}
+    )
     assert cli(*reference, capsys=capsys)[0] == 0
     import trimesh
 

@@ -297,7 +297,7 @@ def test_errors_are_one_line(tmp_path: Path) -> None:
     """The real command's stderr: no traceback, our one line last (tests/test_bad_inputs.py checks 87
     more errors through `main` in this process)."""
     cfg = run_config(tmp_path / "o", tmp_path / "nodata")
-    cfg["data"]["phantoms"] = None
+    cfg["data"].setdefault("cases", {})["phantoms"] = None
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))
     bad = run("fit", "--config", str(tmp_path / "bad.yaml"))
     assert bad.returncode == 2 and "data root" in bad.stderr and "nodata" in bad.stderr
@@ -522,7 +522,7 @@ def test_a_checkpoint_or_an_adapter_alone_reconstructs_a_new_scan(trained: Path)
     try:
         by_ckpt = here("predict", "--config", str(predict_only_config(trained, "scan-ckpt", [item])),
                       "--ckpt_path", str(trained / "run" / "checkpoints" / "last.ckpt"))  # fmt: skip
-        adapter = {"adapter": str(trained / "run" / "checkpoints" / "adapter-last")}
+        adapter = {"finetune": {"adapter": str(trained / "run" / "checkpoints" / "adapter-last")}}
         by_adapter = here(
             "predict", "--config", str(predict_only_config(trained, "scan-adapter", [item], adapter))
         )
@@ -554,7 +554,7 @@ def test_a_checkpoint_or_an_adapter_alone_reconstructs_a_new_scan(trained: Path)
     loaded = LoRAMeshDecoderModule.load_from_checkpoint(
         trained / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True
     )
-    models = {"scan-adapter": Reconstructor.from_adapter(adapter["adapter"]), "scan-ckpt": loaded}
+    models = {"scan-adapter": Reconstructor.from_adapter(adapter["finetune"]["adapter"]), "scan-ckpt": loaded}
     for folder, model in models.items():
         got = lora_sam3d.reconstruct(model, image, mask, "heart_ventricle_left", axis="axial", index=z)
         assert got.name == stem
@@ -637,11 +637,15 @@ def test_one_adapter_per_structure_on_one_base(trained: Path) -> None:
                                       "class_name": "heart_ventricle_left"},
              "heart_myocardium": {"image": str(trained / "data" / "s0004" / "ct.nii.gz"), "mask": str(myo),
                                   "axis": "coronal", "index": 24, "class_name": "heart_myocardium"}}  # fmt: skip
-    routed = predict_only_config(trained, "routed", list(items.values()), {"adapters": adapters})
+    routed = predict_only_config(
+        trained, "routed", list(items.values()), {"finetune": {"adapters": adapters}}
+    )
     done = here("predict", "--config", str(routed))
     assert done.returncode == 0, done.stderr[-3000:]
     for cls, item in items.items():
-        single = predict_only_config(trained, f"single-{cls}", [item], {"adapter": adapters[cls]})
+        single = predict_only_config(
+            trained, f"single-{cls}", [item], {"finetune": {"adapter": adapters[cls]}}
+        )
         alone = here("predict", "--config", str(single))
         assert alone.returncode == 0, alone.stderr[-3000:]
         (path,) = [p for p in (trained / f"single-{cls}").glob("*.ply") if not p.name.endswith("_truth.ply")]

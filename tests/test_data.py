@@ -531,7 +531,7 @@ def test_ct_window_and_mr_percentiles(tmp_path: Path) -> None:
 def test_datamodule_writes_phantoms_and_splits(tmp_path: Path) -> None:
     dm = TSDataModule(
         str(tmp_path / "empty"), list(HEART_CLASSES), **data_groups(resolution=8, spacing=2.0, batch_size=2,
-        eval_sampling="central"), phantoms=PhantomSpec(n_cases=4, shape=(48, 48, 32)),
+        eval_sampling="central"), cases={"phantoms": PhantomSpec(n_cases=4, shape=(48, 48, 32))},
     )  # fmt: skip
     dm.prepare_data()
     assert (tmp_path / "empty" / "meta.csv").is_file()

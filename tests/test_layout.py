@@ -87,7 +87,10 @@ def test_no_import_circle() -> None:
     ("lower", "upper"),
     [
         ("lora_sam3d.data", ("lora_sam3d.models", "lora_sam3d.models.latent", "lora_sam3d.training.module")),
-        ("lora_sam3d.models", ("lora_sam3d.data", "lora_sam3d.training.module", "lora_sam3d.models.adapters.bank")),
+        (
+            "lora_sam3d.models",
+            ("lora_sam3d.data", "lora_sam3d.training.module", "lora_sam3d.models.adapters.bank"),
+        ),
         ("lora_sam3d.models.latent", ("lora_sam3d.data", "lora_sam3d.models")),
         ("lora_sam3d.inputs", ("lora_sam3d.data", "lora_sam3d.models", "lora_sam3d.models.latent")),
         ("lora_sam3d.geometry", ("lora_sam3d.data", "lora_sam3d.models", "lora_sam3d.models.latent")),
@@ -136,9 +139,79 @@ def test_every_public_module_declares_its_api() -> None:
         listed = ast.literal_eval(declared[0].value)
         lazy = {
             "lora_sam3d.data": {"PhantomSpec", "TSDataModule"},
-            "lora_sam3d": {"reconstruct", "Reconstructor", "LoRAMeshDecoderModule", "TSDataModule", "TS_SAM3D_Dataset"},
+            "lora_sam3d": {
+                "reconstruct",
+                "Reconstructor",
+                "LoRAMeshDecoderModule",
+                "TSDataModule",
+                "TS_SAM3D_Dataset",
+            },
             "lora_sam3d.training": {"LoRAMeshDecoderModule", "TSDataModule"},
         }.get(name, set())
         unknown += [f"{name}.{n}" for n in listed if n not in defined | lazy]
     assert not missing
     assert not unknown
+
+
+MAX_TOP_LEVEL = 15
+MAX_FILE_LINES = 500
+PLAIN = ("lora_sam3d.models", "lora_sam3d.lora", "lora_sam3d.sparse")
+
+
+def test_the_package_reads_by_role() -> None:
+    """At most 15 entries at the top of the package, and no module over 500 lines."""
+    top = [p.name for p in PACKAGE.iterdir() if p.name != "__pycache__" and not p.name.startswith(".")]
+    assert len(top) <= MAX_TOP_LEVEL, sorted(top)
+    long = {
+        name: n
+        for name, path in MODULES.items()
+        if (n := len(path.read_text().splitlines())) > MAX_FILE_LINES
+    }
+    assert not long
+
+
+def test_plain_pytorch_stays_plain() -> None:
+    """Nothing under models/, lora/ or sparse/ imports Lightning (or a module that does)."""
+
+    def lightning(path: Path) -> bool:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            if any(n.split(".")[0] in ("lightning", "pytorch_lightning") for n in names):
+                return True
+        return False
+
+    plain = [m for m in MODULES if m.startswith(PLAIN)]
+    assert plain
+    reached = set(plain)
+    frontier = list(plain)
+    while frontier:  # every package module a plain module reaches, directly or not
+        for m in GRAPH[frontier.pop()]:
+            if m not in reached:
+                reached.add(m)
+                frontier.append(m)
+    assert not sorted(m for m in reached if lightning(MODULES[m]))
+
+
+def test_the_earlier_flat_names_live_in_one_module() -> None:
+    """The flat model keys of earlier versions (``active_margin``, ``reads_context``, ...) name nothing
+    in the code but their table in `lora_sam3d.settings.old_keys`."""
+    from lora_sam3d.settings.old_keys import MODEL_KEYS
+
+    tree_names = {part for path in MODEL_KEYS.values() for part in path.split(".")}
+    old = {k for k in MODEL_KEYS if k not in tree_names}
+    assert {"active_margin", "reads_context", "base_checkpoint"} <= old
+    found = []
+    for name, path in MODULES.items():
+        if name == "lora_sam3d.settings.old_keys":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            ident = (
+                node.attr if isinstance(node, ast.Attribute)
+                else node.id if isinstance(node, ast.Name)
+                else node.arg if isinstance(node, ast.keyword | ast.arg)
+                else None
+            )  # fmt: skip
+            if ident in old:
+                found.append(f"{name}: {ident}")
+    assert not found

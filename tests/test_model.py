@@ -187,7 +187,7 @@ def test_adapter_bank_routes_by_exact_name_then_one_pattern(batch: Batch, tmp_pa
         assert not torch.allclose(routed.sdf[i], alone[other].sdf[i], atol=1e-3), "the two adapters differ"
     with pytest.raises(
         ValueError,
-        match=r"'heart_myocardium' matches 2 patterns of model.adapters \(\['heart_\*', 'heart_m\*'\]\)",
+        match=r"'heart_myocardium' matches 2 patterns of model.finetune.adapters \(\['heart_\*', 'heart_m\*'\]\)",
     ):
         AdapterBank(model, {"heart_*": a, "heart_m*": b}, names).key_for(heart)
     with pytest.raises(ValueError, match=r"class 'spleen' is covered by no adapter"):

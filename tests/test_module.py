@@ -69,7 +69,9 @@ def test_adapter_folder_reproduces_the_model(datamodule: TSDataModule, tmp_path:
     trainer(tmp_path).fit(module, datamodule=datamodule)
     save_adapter_of(module, tmp_path / "adapter")
     assert (tmp_path / "adapter" / "structure" / "adapter_model.safetensors").is_file()
-    again = LoRAMeshDecoderModule(decoder=DECODER, classes=CLASSES, adapter=str(tmp_path / "adapter"))
+    again = LoRAMeshDecoderModule(
+        decoder=DECODER, classes=CLASSES, finetune={"adapter": str(tmp_path / "adapter")}
+    )
     again.configure_adapters()
     again.eval()
     batch = collate([datamodule.datasets["val"][i] for i in range(2)])
@@ -338,7 +340,9 @@ def test_stage_one_trained_fully_and_its_adapter_form(datamodule: TSDataModule, 
     save_adapter_of(module, tmp_path / "adapter")
     assert (tmp_path / "adapter" / "structure.safetensors").is_file()
     assert not (tmp_path / "adapter" / "structure").exists()
-    again = LoRAMeshDecoderModule(decoder=DECODER, classes=CLASSES, adapter=str(tmp_path / "adapter"))
+    again = LoRAMeshDecoderModule(
+        decoder=DECODER, classes=CLASSES, finetune={"adapter": str(tmp_path / "adapter")}
+    )
     assert again.finetune.structure_mode == "full", "the adapter folder says how stage 1 was trained"
     again.configure_adapters()
     batch = collate([datamodule.datasets["val"][i] for i in range(2)])

@@ -132,7 +132,7 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     cfg = yaml.safe_load(Path(args.config).read_text())["data"]
-    cfg.pop("phantoms", None)
+    cfg.get("cases", {}).pop("phantoms", None)
     module = load(Path(args.ckpt), args.margin)  # one module for every layout, then the caps
     results = {"model": run(module, cfg)}
     results["caps and middle"] = {f"stack {mm:g} mm": caps_and_middle(module, cfg, mm) for mm in (10.0, 20.0)}

@@ -56,7 +56,7 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     data_cfg = yaml.safe_load(Path(args.config).read_text())["data"]
-    data_cfg.pop("phantoms", None)
+    data_cfg.get("cases", {}).pop("phantoms", None)
     trainer = L.Trainer(
         accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
     )

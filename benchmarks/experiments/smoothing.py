@@ -48,7 +48,7 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     data_cfg = upgrade(yaml.safe_load(Path(args.config).read_text())["data"], "data", f"config {args.config}")
-    data_cfg.pop("phantoms", None)
+    data_cfg.get("cases", {}).pop("phantoms", None)
     data = TSDataModule(**data_cfg)
     module = LoRAMeshDecoderModule.load_from_checkpoint(args.ckpt, map_location="cpu", weights_only=True)
     writers = [

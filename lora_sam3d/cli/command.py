@@ -219,7 +219,9 @@ def _extra_parser() -> argparse.ArgumentParser:
     ex.add_argument(
         "--ckpt_path", help="a trained checkpoint (its adapter is merged and written as adapter/)"
     )
-    ex.add_argument("--adapter", help="or an adapter folder (e.g. one of model.adapters): merged on its base")
+    ex.add_argument(
+        "--adapter", help="or an adapter folder (e.g. one of model.finetune.adapters): merged on its base"
+    )
     ex.add_argument("--output", required=True, help="output folder")
     ex.set_defaults(run=_export)
     ca = sub.add_parser(

@@ -2,7 +2,7 @@
 
 A YAML file is the whole experiment (`configs/demo.yaml`). The data module's resolution is linked
 from the decoder's and its class list to the model's, so the two cannot disagree. Outside ``fit``,
-a model that carries its own settings (``--ckpt_path``, ``model.adapter``, ``model.adapters``)
+a model that carries its own settings (``--ckpt_path``, ``model.finetune.adapter``, ``model.finetune.adapters``)
 defines itself: the stored model settings, classes and preprocessing replace what the config
 leaves at its defaults (read by `lora_sam3d.models.adapters.files.read_adapter_settings`).
 Checkpoints are written by `AtomicCheckpointIO` unless the config names other ``trainer.plugins``.
@@ -178,11 +178,13 @@ class LoRASAM3DCLI(LightningCLI):
             ) from err
 
     def before_instantiate_classes(self) -> None:
-        """A model that carries its own settings defines itself: outside ``fit``, ``model.adapter``
-        (or ``model.adapters``) sets the base, decoder and stage-1 settings it was trained with;
+        """A model that carries its own settings defines itself: outside ``fit``, ``model.finetune.adapter``
+        (or ``model.finetune.adapters``) sets the base, decoder and stage-1 settings it was trained with;
         with ``--ckpt_path`` or an adapter, ``data.classes`` left out means the stored classes."""
         cfg = self.config[self.config.subcommand]
-        adapters = list((cfg.model.get("adapters") or {}).values()) or [cfg.model.get("adapter")]
+        adapters = list((cfg.model.get("finetune.adapters") or {}).values()) or [
+            cfg.model.get("finetune.adapter")
+        ]
         stored = [read_adapter_settings(f) for f in adapters if f]
         if self.config.subcommand != "fit":  # to train further, the config says what it trains
             self._adopt_stored(cfg, stored[0] if stored else None)
@@ -241,7 +243,9 @@ def run(args: list[str] | None, model_class: type | None = None) -> None:
         model_class or LoRAMeshDecoderModule,
         TSDataModule,
         args=args,
-        trainer_defaults={"plugins": [{"class_path": "lora_sam3d.training.checkpoint_io.AtomicCheckpointIO"}]},
+        trainer_defaults={
+            "plugins": [{"class_path": "lora_sam3d.training.checkpoint_io.AtomicCheckpointIO"}]
+        },
         save_config_callback=SaveConfigOnStart,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"prog": "lora-sam3d", "exit_on_error": False},  # errors reach `main`: one line

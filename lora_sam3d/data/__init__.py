@@ -1,7 +1,7 @@
 """Medical volumes to slice samples: NIfTI -> canonical isotropic volume -> slice -> frame -> targets.
 
-Everything here is plain PyTorch and NumPy. `TSDataModule` and `PhantomSpec` live with the Lightning
-parts (`lora_sam3d.training.datamodule`); they are found here too, imported when first asked for.
+Everything here is plain PyTorch and NumPy. `TSDataModule` lives with the Lightning parts
+(`lora_sam3d.training.datamodule`); it is found here too, imported when first asked for.
 """
 
 from typing import Any
@@ -10,7 +10,13 @@ from lora_sam3d.data.cases import Case, discover_cases
 from lora_sam3d.data.dataset import TS_SAM3D_Dataset, assign_splits
 from lora_sam3d.data.frame import Frame, make_frame
 from lora_sam3d.data.nifti import DataError
-from lora_sam3d.data.phantoms import HEART_CLASSES, SHAPE_CLASSES, phantom_label_values, write_phantoms
+from lora_sam3d.data.phantoms import (
+    HEART_CLASSES,
+    SHAPE_CLASSES,
+    PhantomSpec,
+    phantom_label_values,
+    write_phantoms,
+)
 from lora_sam3d.data.requests import PredictionDataset, PredictItem
 from lora_sam3d.data.sample import slice_sample
 from lora_sam3d.data.settings import DataSettings
@@ -43,7 +49,7 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("PhantomSpec", "TSDataModule"):
+    if name == "TSDataModule":
         from lora_sam3d.training import datamodule
 
         return getattr(datamodule, name)

@@ -31,7 +31,6 @@ MAX_CLASSES = 32767
 """The most classes a label map (int16) holds."""
 
 
-
 def label_dtype(n_classes: int) -> np.dtype:
     """The array type holding ``n_classes`` classes: unsigned bits up to 64 classes (the smallest of
     uint8/16/32/64), a signed label map beyond (int8 up to 127 classes, else int16)."""

@@ -25,7 +25,6 @@ Box = tuple[list[int], list[int]]
 """(low, high) voxel corners of a box on a grid, high exclusive."""
 
 
-
 class DataError(ValueError):
     """Bad input data; the message names the file and what was expected."""
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -37,6 +38,7 @@ __all__ = [
     "SHAPE_CLASSES",
     "Deformation",
     "PhantomKind",
+    "PhantomSpec",
     "ellipsoid",
     "grid_affine",
     "hard_shapes_case",
@@ -393,3 +395,15 @@ def _write_case(job: tuple) -> None:
 def phantom_label_values(kind: PhantomKind = "heart") -> dict[str, int]:
     classes = HEART_CLASSES if kind == "heart" else SHAPE_CLASSES
     return {name: i for i, name in enumerate(classes, start=1)}
+
+
+@dataclass
+class PhantomSpec:
+    """Synthetic data to write into an empty data folder (``data.cases.phantoms``; the embedded default)."""
+
+    kind: PhantomKind = "heart"
+    n_cases: int = 12
+    shape: tuple[int, int, int] = (96, 96, 64)
+    spacing: tuple[float, float, float] = (1.6, 1.6, 2.5)
+    seed: int = 0
+    modality: Literal["ct", "mr", "mixed"] = "ct"

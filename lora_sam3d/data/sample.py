@@ -13,11 +13,11 @@ from lora_sam3d.data.cache import CachedCase
 from lora_sam3d.data.frame import (
     Frame,
     make_frame,
+    sample_slice,
 )
 from lora_sam3d.data.labels import class_mask
 from lora_sam3d.data.nifti import DataError
-from lora_sam3d.data.views import cut_views
-from lora_sam3d.geometry import frame_box
+from lora_sam3d.geometry import frame_box, mask_signed_distance
 from lora_sam3d.inputs import Sample
 
 __all__ = [
@@ -110,10 +110,38 @@ def slice_sample(
     most: int,
     rng: np.random.Generator | None = None,
 ) -> Sample:
-    """A sample's model inputs from its slices, the same for training, validation and requests: the
-    views (`cut_views`; no 3D ground truth is read) and the frame's placement. With ``rng``, the first
-    view's intensities are augmented (a training sample)."""
-    sample: Sample = cut_views(image, labels, frame, planes, slice_size, most)  # type: ignore[assignment]
+    """A sample's model inputs from its slices, the same for training, validation and requests (no
+    3D ground truth is read): the ``view_*`` tensors `lora_sam3d.inputs.collate` reads and the
+    frame's placement. Each plane ``(axis, index, bit)`` of ``image`` with the mask of class ``bit``
+    of ``labels`` is resampled over the frame's square at that plane, with the mask's signed 2D
+    distance and the plane's offset along its axis in frame units. The first plane (the one that
+    placed the frame) is always kept; a later one whose mask is empty, or crosses the plane outside
+    the frame, is skipped; at most ``most`` views. Not padded: `collate` pads a batch to its most
+    views. With ``rng``, the first view's intensities are augmented (a training sample)."""
+    rows: list[tuple[np.ndarray, np.ndarray, int, int]] = []
+    for k, (axis, index, bit) in enumerate(planes):
+        if len(rows) == most:
+            break
+        take: list[Any] = [slice(None)] * 3
+        take[axis] = index
+        mask2d = class_mask(labels[tuple(take)], bit)
+        if k and not mask2d.any():
+            continue
+        mask = sample_slice(frame, mask2d.astype(np.float32), axis, slice_size, order=0) > 0.5
+        if k and not mask.any():
+            continue
+        plane = sample_slice(frame, np.asarray(image[tuple(take)]), axis, slice_size, order=1)
+        rows.append((plane.astype(np.float32), mask, axis, index))
+    offsets = [(index - frame.centre_vox[axis]) / frame.side_vox for _, _, axis, index in rows]
+    sample: Sample = {  # type: ignore[typeddict-item]
+        "view_image": torch.from_numpy(np.stack([r[0] for r in rows])),
+        "view_mask": torch.from_numpy(np.stack([r[1] for r in rows])),
+        "view_distance": torch.from_numpy(np.stack([mask_signed_distance(r[1]) for r in rows])),
+        "view_axis": torch.tensor([r[2] for r in rows], dtype=torch.long),
+        "view_index": torch.tensor([r[3] for r in rows], dtype=torch.long),
+        "view_offset": torch.tensor(offsets, dtype=torch.float32),
+        "view_valid": torch.ones(len(rows), dtype=torch.bool),
+    }
     if rng is not None:
         first = sample["view_image"][0].numpy()
         first = np.clip(first * rng.uniform(0.85, 1.15) + rng.uniform(-0.05, 0.05), 0, 1)

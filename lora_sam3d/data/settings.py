@@ -18,6 +18,7 @@ from typing import Any, Literal, get_args
 
 from lora_sam3d.data.cases import Case, Layout, discover_cases
 from lora_sam3d.data.nifti import DataError
+from lora_sam3d.data.phantoms import PhantomSpec
 from lora_sam3d.data.volume import Preprocessing
 from lora_sam3d.settings.tree import coerce
 
@@ -243,15 +244,19 @@ class SamplingSettings:
 @dataclass(frozen=True)
 class CaseSettings:
     """How cases are found (see `lora_sam3d.data.cases.discover_cases`): the folder ``layout``, the
-    ``label_values`` of a label map, and whether a case that cannot be read stops the run
-    (``on_bad_case: error``) or is left out with a warning (``skip``)."""
+    ``label_values`` of a label map, whether a case that cannot be read stops the run
+    (``on_bad_case: error``) or is left out with a warning (``skip``), and the synthetic
+    ``phantoms`` written into a data folder that holds no case yet (`PhantomSpec`; none: nothing)."""
 
     GROUP = "cases"
     layout: Layout = "auto"
     label_values: dict[str, int] | None = None
     on_bad_case: Literal["error", "skip"] = "error"
+    phantoms: PhantomSpec | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.phantoms, Mapping):
+            object.__setattr__(self, "phantoms", PhantomSpec(**self.phantoms))
         _check(self, "on_bad_case", self.on_bad_case in ("error", "skip"), "error or skip")
 
     def find(self, root: str | Path, classes: Sequence[str], on_bad_case: str | None = None) -> list[Case]:

@@ -27,15 +27,13 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch
 
-from lora_sam3d.data.frame import Frame, plane_axes, sample_slice
+from lora_sam3d.data.frame import Frame, plane_axes
 from lora_sam3d.data.labels import class_mask
 from lora_sam3d.data.nifti import DataError
 from lora_sam3d.data.settings import ViewLayout
-from lora_sam3d.geometry import mask_signed_distance
 
-__all__ = ["ViewLayout", "cut_views", "seen_centre", "stack_planes", "view_planes"]
+__all__ = ["ViewLayout", "seen_centre", "stack_planes", "view_planes"]
 
 
 def view_planes(
@@ -119,43 +117,3 @@ def seen_centre(
         if along.size:
             lo, hi = min(lo, float(along[0])), max(hi, float(along[-1]))
     return None if lo > hi else (lo + hi) / 2
-
-
-def cut_views(
-    image: np.ndarray,
-    labels: np.ndarray,
-    frame: Frame,
-    planes: list[tuple[int, int, int]],
-    slice_size: int,
-    most: int,
-) -> dict[str, torch.Tensor]:
-    """A sample's views, the ``view_*`` tensors `lora_sam3d.inputs.collate` reads: each plane
-    ``(axis, index, bit)`` of ``image`` with the mask of class ``bit`` of ``labels``, resampled over
-    the frame's square at that plane, the mask's signed 2D distance and the plane's offset along
-    its axis in frame units. The first plane (the one that placed the frame) is always kept; a later
-    one whose mask is empty, or crosses the plane outside the frame, is skipped; at most ``most``
-    views. Not padded: `collate` pads a batch to its most views."""
-    rows: list[tuple[np.ndarray, np.ndarray, int, int]] = []
-    for k, (axis, index, bit) in enumerate(planes):
-        if len(rows) == most:
-            break
-        take: list[Any] = [slice(None)] * 3
-        take[axis] = index
-        mask2d = class_mask(labels[tuple(take)], bit)
-        if k and not mask2d.any():
-            continue
-        mask = sample_slice(frame, mask2d.astype(np.float32), axis, slice_size, order=0) > 0.5
-        if k and not mask.any():
-            continue
-        plane = sample_slice(frame, np.asarray(image[tuple(take)]), axis, slice_size, order=1)
-        rows.append((plane.astype(np.float32), mask, axis, index))
-    offsets = [(index - frame.centre_vox[axis]) / frame.side_vox for _, _, axis, index in rows]
-    return {
-        "view_image": torch.from_numpy(np.stack([r[0] for r in rows])),
-        "view_mask": torch.from_numpy(np.stack([r[1] for r in rows])),
-        "view_distance": torch.from_numpy(np.stack([mask_signed_distance(r[1]) for r in rows])),
-        "view_axis": torch.tensor([r[2] for r in rows], dtype=torch.long),
-        "view_index": torch.tensor([r[3] for r in rows], dtype=torch.long),
-        "view_offset": torch.tensor(offsets, dtype=torch.float32),
-        "view_valid": torch.ones(len(rows), dtype=torch.bool),
-    }

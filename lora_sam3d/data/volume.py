@@ -43,8 +43,6 @@ __all__ = [
 ]
 
 
-
-
 @dataclass
 class Volume:
     """A preprocessed case.

@@ -65,7 +65,7 @@ def require_file(path: str | os.PathLike[str], what: str = "checkpoint") -> Path
     if path.is_dir():
         raise IsADirectoryError(
             f"{what} {path} is a folder, expected a file (.ckpt or .safetensors; an adapter folder "
-            "goes in model.adapter)"
+            "goes in model.finetune.adapter)"
         )
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} does not exist")

@@ -64,4 +64,3 @@ __all__ = [
     "state_dict_fit",
     "unload_lora",
 ]
-

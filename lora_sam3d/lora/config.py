@@ -19,7 +19,6 @@ __all__ = [
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
-_PEFT_PREFIX = "base_model.model."
 _QKV = ("q", "k", "v")
 
 Selector = list[str] | tuple[str, ...] | str | Callable[[str, nn.Module], bool]

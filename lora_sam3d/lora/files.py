@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lora_sam3d.io.atomic import atomic_write
-from lora_sam3d.lora.config import _PEFT_PREFIX, ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, LoRAConfig
-from lora_sam3d.lora.inject import _exact_names, _is_lora_name, has_lora, inject_lora, lora_layers
+from lora_sam3d.lora.config import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, LoRAConfig
+from lora_sam3d.lora.inject import exact_names, has_lora, inject_lora, is_lora_name, lora_layers
 
 __all__ = [
     "LoadResult",
@@ -30,10 +30,13 @@ __all__ = [
     "state_dict_fit",
 ]
 
+_PEFT_PREFIX = "base_model.model."
+"""The prefix PEFT gives the wrapped model's names in its files."""
+
 
 def get_lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Only the LoRA tensors, keyed ``<module>.lora_A`` (r, in) / ``<module>.lora_B`` (out, r)."""
-    return {k: v for k, v in model.state_dict().items() if _is_lora_name(k)}
+    return {k: v for k, v in model.state_dict().items() if is_lora_name(k)}
 
 
 class LoadResult(NamedTuple):
@@ -92,7 +95,7 @@ def base_fingerprint(model: nn.Module, exclude_modules: Iterable[str] = ()) -> s
     prefixes = tuple(f"{m}." for m in exclude_modules)
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
-        if _is_lora_name(name) or name.startswith(prefixes):
+        if is_lora_name(name) or name.startswith(prefixes):
             continue
         t = tensor.detach().to("cpu").contiguous()
         digest.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
@@ -119,7 +122,7 @@ def save_adapter(
         raise ValueError("save_adapter: the model has no LoRA layers")
     config: LoRAConfig = getattr(model, "_lora_config", None) or LoRAConfig()
     if callable(config.target_modules) or callable(config.exclude_modules):  # JSON holds names, not code
-        config = replace(config, target_modules=_exact_names(layers), exclude_modules=None)
+        config = replace(config, target_modules=exact_names(layers), exclude_modules=None)
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {
@@ -211,7 +214,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike[str], check_base
         raise ValueError(f"load_adapter: cannot read {weights_path}: {err}") from err
     if not has_lora(model):
         names = sorted(ours.get("layers", {}))
-        inject_lora(model, replace(config, target_modules=_exact_names(names), exclude_modules=None))
+        inject_lora(model, replace(config, target_modules=exact_names(names), exclude_modules=None))
         model._lora_config = config  # type: ignore[assignment]
     lora_sd, extra = {}, {}
     for key, value in tensors.items():

@@ -17,10 +17,12 @@ from lora_sam3d.lora.layers import LoRAConv3d, LoRALayer, LoRALinear
 __all__ = [
     "ADAPTABLE_TYPES",
     "count_parameters",
+    "exact_names",
     "freeze_base_params",
     "get_lora_params",
     "has_lora",
     "inject_lora",
+    "is_lora_name",
     "lora_layers",
     "merge_lora_weights",
     "setup_lora_for_medical_finetuning",
@@ -54,7 +56,7 @@ def _compile_selector(selector: Selector | None) -> Callable[[str, nn.Module], b
     return lambda name, _m: any(s in name for s in subs)
 
 
-def _exact_names(names: Iterable[str]) -> str:
+def exact_names(names: Iterable[str]) -> str:
     """A regular expression that full-matches exactly these module names."""
     return "|".join(re.escape(n) for n in sorted(names))
 
@@ -166,7 +168,7 @@ def unload_lora(model: nn.Module, inplace: bool = True) -> nn.Module:
 # Parameters
 
 
-def _is_lora_name(name: str) -> bool:
+def is_lora_name(name: str) -> bool:
     leaf = name.rsplit(".", 1)[-1]
     return leaf in ("lora_A", "lora_B")
 
@@ -174,11 +176,11 @@ def _is_lora_name(name: str) -> bool:
 def freeze_base_params(model: nn.Module) -> None:
     """Only LoRA parameters stay trainable."""
     for name, param in model.named_parameters():
-        param.requires_grad_(_is_lora_name(name))
+        param.requires_grad_(is_lora_name(name))
 
 
 def get_lora_params(model: nn.Module) -> list[nn.Parameter]:
-    return [p for n, p in model.named_parameters() if _is_lora_name(n)]
+    return [p for n, p in model.named_parameters() if is_lora_name(n)]
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
@@ -188,7 +190,7 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
         n = param.numel()
         total += n
         trainable += n if param.requires_grad else 0
-        lora += n if _is_lora_name(name) else 0
+        lora += n if is_lora_name(name) else 0
     return {"total": total, "trainable": trainable, "lora": lora}
 
 

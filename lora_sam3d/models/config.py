@@ -29,9 +29,6 @@ __all__ = [
     "coerce",
 ]
 
-TrainBand = Literal["predicted", "truth", "union"]
-TRAIN_BANDS: tuple[str, ...] = get_args(TrainBand)
-
 
 @dataclass(frozen=True)
 class BaseConfig:
@@ -65,6 +62,10 @@ class ContextConfig:
     read: bool = False
     conditioning: bool = False
     interpolation: bool = False
+
+
+TrainBand = Literal["predicted", "truth", "union"]
+TRAIN_BANDS: tuple[str, ...] = get_args(TrainBand)
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,10 @@ class FinetuneConfig:
         structure_lora: stage 1's adapters, used with ``structure_mode: lora``.
         unfreeze: decoder module names trained as well in ``lora`` mode (e.g. ``["out_layer"]``).
         seed: the LoRA A matrices are drawn from this seed, whatever ran before.
+        adapter: an adapter folder to start from (e.g. for ``predict`` without a checkpoint); its own
+            LoRA settings replace ``lora``, ``structure_lora`` and ``unfreeze`` (`adopt_adapter`).
+        adapters: one adapter per structure on one base, outside ``fit``: class name (or a shell
+            pattern such as ``heart_*``) -> adapter folder (`lora_sam3d.models.adapters.bank`).
     """
 
     mode: Finetune = "lora"
@@ -54,8 +58,14 @@ class FinetuneConfig:
     structure_lora: LoRAConfig = field(default_factory=structure_lora_default)
     unfreeze: list[str] = field(default_factory=list)
     seed: int = 0
+    adapter: str | None = None
+    adapters: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
+        if self.adapter and self.adapters:
+            raise ValueError(
+                "give model.finetune.adapter (one adapter) or model.finetune.adapters (one per structure), not both"
+            )
         for name in ("mode", "structure_mode"):
             if getattr(self, name) not in FINETUNE_MODES:
                 raise ValueError(
@@ -73,9 +83,10 @@ class FinetuneConfig:
         return asdict(self)
 
 
-def adopt_adapter(finetune: FinetuneConfig, adapter: str | None) -> FinetuneConfig:
-    """The fine-tuning an adapter folder fixes: with ``adapter``, its own LoRA configs, ``unfreeze``
-    and stage 1's mode replace the configured ones."""
+def adopt_adapter(finetune: FinetuneConfig) -> FinetuneConfig:
+    """The fine-tuning an adapter folder fixes: with ``adapter`` (or the first of ``adapters``), its
+    own LoRA configs, ``unfreeze`` and stage 1's mode replace the configured ones."""
+    adapter = finetune.adapter or next(iter((finetune.adapters or {}).values()), None)
     if not adapter:
         return finetune
     stored = read_adapter_settings(adapter)

@@ -264,12 +264,12 @@ def evidence_at_cells(
 
 
 def make_encoder(
-    kind: str, resolution: int, latents_dir: str | None = None, interpolation: bool = False
+    kind: str, resolution: int, directory: str | None = None, interpolation: bool = False
 ) -> Any:
     if kind == "slice":
         return SliceUnprojection(resolution, interpolation=interpolation)
     if kind == "precomputed":
-        if latents_dir is None:
-            raise ValueError("latent encoder 'precomputed' needs latents_dir")
-        return PrecomputedLatents(latents_dir, resolution)
+        if directory is None:
+            raise ValueError("model.latents.encoder 'precomputed' needs model.latents.dir")
+        return PrecomputedLatents(directory, resolution)
     raise ValueError(f"latent encoder must be 'slice' or 'precomputed', got {kind!r}")

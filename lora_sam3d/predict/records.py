@@ -20,8 +20,7 @@ from lora_sam3d.metrics import sample_metrics
 from lora_sam3d.models.drawing import drawn_dice
 from lora_sam3d.models.reconstructor import Reconstruction, Reconstructor
 
-__all__ = [
-    "SCAN_WORDS","Prediction", "Scored", "prediction_records", "score_batch", "warn_empty"]
+__all__ = ["SCAN_WORDS", "Prediction", "Scored", "prediction_records", "score_batch", "warn_empty"]
 
 SCAN_WORDS = {True: "read", False: "not read", None: "n/a"}
 """The ``scan`` column: the model read the scan, did not although it can, or reads none."""

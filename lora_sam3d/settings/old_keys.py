@@ -26,6 +26,7 @@ __all__ = [
     "MODEL_KEYS",
     "OLD_PREFIXES",
     "conflict_error",
+    "first_layout",
     "get_path",
     "new_path",
     "upgrade",
@@ -51,6 +52,8 @@ MODEL_KEYS: dict[str, str] = {
     "structure_lora": "finetune.structure_lora",
     "unfreeze": "finetune.unfreeze",
     "adapter_seed": "finetune.seed",
+    "adapter": "finetune.adapter",
+    "adapters": "finetune.adapters",
     "sdf_weight": "loss.sdf",
     "occupancy_weight": "loss.occupancy",
     "dice_weight": "loss.dice",
@@ -88,6 +91,7 @@ DATA_KEYS: dict[str, str] = {
     "layout": "cases.layout",
     "label_values": "cases.label_values",
     "on_bad_case": "cases.on_bad_case",
+    "phantoms": "cases.phantoms",
     "batch_size": "loader.batch_size",
     "num_workers": "loader.num_workers",
     "predict_items": "predict.items",
@@ -307,3 +311,35 @@ def _upgraded_config_arg(path: str) -> str:
         return path
     new, changed = upgrade_config(config, f"config {path}")
     return yaml.safe_dump(new, sort_keys=False) if changed else path
+
+
+def first_layout(stored: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields of an unversioned manifest (version 1) in today's names: a checkpoint section (it
+    has ``design``; the fine-tuning modes as strings beside the LoRA configs) or a ``model.json``
+    (the groups at its top, maybe as flat keys; ``model`` holds every group, the caller keeps the
+    model's settings)."""
+    if "design" not in stored and "finetune" not in stored:  # model.json
+        return {
+            "classes": list(stored.get("classes") or []),
+            "model": upgrade(stored, "model", warn=False),
+            "data": stored.get("data"),
+        }
+    finetune = {
+        "mode": stored.get("finetune"),
+        "structure_mode": stored.get("structure_finetune"),
+        "lora": stored.get("lora"),
+        "structure_lora": stored.get("structure_lora"),
+        "unfreeze": list(stored.get("unfreeze") or []),
+    }
+    model = {k: stored[k] for k in ("decoder", "structure") if k in stored}
+    if stored.get("base_checkpoint") is not None:
+        model["base"] = {"checkpoint": stored["base_checkpoint"]}
+    return {
+        "classes": [],
+        "model": model,
+        "finetune": finetune,
+        "data": stored.get("data"),
+        "base_fingerprint": stored.get("base_fingerprint"),
+        "trainable": list(stored.get("trainable") or []),
+        "design": stored.get("design"),
+    }

@@ -73,6 +73,6 @@ def check_checkpoint(checkpoint: dict[str, Any], finetune: Any, base_fingerprint
         raise ValueError(
             f"checkpoint was trained on another base (fingerprint {str(manifest.base_fingerprint)[:12]}..., "
             f"this model {base_fingerprint[:12]}...; the base path stored in the checkpoint is "
-            f"{manifest.base_checkpoint!r}: point model.base.checkpoint to that base)"
+            f"{manifest.base_path!r}: point model.base.checkpoint to that base)"
         )
     return manifest

@@ -56,7 +56,7 @@ class DataLink(L.Callback):
         if stage == "fit":
             pl_module.data_contract = data.contract().to_dict()
             return
-        if pl_module.bank is not None:  # model.adapters: every request's class has its adapter
+        if pl_module.bank is not None:  # model.finetune.adapters: every request's class has its adapter
             for k, name in enumerate(data.request_classes(), start=1):
                 try:
                     pl_module.bank.key_for(name)

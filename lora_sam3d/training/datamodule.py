@@ -27,7 +27,7 @@ from lora_sam3d.data.dataset import (
     cache_dataset,
 )
 from lora_sam3d.data.nifti import DataError
-from lora_sam3d.data.phantoms import PhantomKind, write_phantoms
+from lora_sam3d.data.phantoms import write_phantoms
 from lora_sam3d.data.requests import PredictionDataset, PredictItem
 from lora_sam3d.data.settings import (
     CaseSettings,
@@ -44,7 +44,7 @@ from lora_sam3d.data.volume import Preprocessing
 from lora_sam3d.inputs import Batch, collate
 from lora_sam3d.settings.tree import coerce
 
-__all__ = ["LoaderSettings", "PhantomSpec", "PredictSettings", "ResumableDataLoader", "TSDataModule"]
+__all__ = ["LoaderSettings", "PredictSettings", "ResumableDataLoader", "TSDataModule"]
 
 
 @dataclass(frozen=True)
@@ -86,18 +86,6 @@ class PredictSettings:
 LOADER, PREDICT = LoaderSettings(), PredictSettings()
 
 
-@dataclass
-class PhantomSpec:
-    """Synthetic data to write into an empty ``root`` (the embedded default)."""
-
-    kind: PhantomKind = "heart"
-    n_cases: int = 12
-    shape: tuple[int, int, int] = (96, 96, 64)
-    spacing: tuple[float, float, float] = (1.6, 1.6, 2.5)
-    seed: int = 0
-    modality: Literal["ct", "mr", "mixed"] = "ct"
-
-
 class ResumableDataLoader(DataLoader):
     """The training loader, with its place in the epoch saved in Lightning checkpoints.
 
@@ -135,7 +123,7 @@ class TSDataModule(L.LightningDataModule):
         root: data folder (see `lora_sam3d.data.cases`); may be left out only to predict
             ``predict.items`` with a checkpoint or adapter that stores its data settings.
         classes: structure names; their order fixes the class indices (with ``--ckpt_path`` or
-            ``model.adapter``, left out = the stored ones).
+            ``model.finetune.adapter``, left out = the stored ones).
         preprocessing, frame, views, context, sampling, cases: the settings tree's groups
             (`lora_sam3d.data.settings`: how scans are read, the frame and its targets, the slices
             of a sample, the scan as context, which slices are drawn, how cases are found); each also
@@ -144,7 +132,6 @@ class TSDataModule(L.LightningDataModule):
             was trained with.
         seed, cache_dir: as `DataSettings`.
         loader: the DataLoader's ``batch_size`` and ``num_workers`` (`LoaderSettings`).
-        phantoms: if given and ``root`` holds no case, `prepare_data` writes synthetic phantoms there.
         predict: the requests on new scans (``items``), the split predicted without them and the
             intensity check (`PredictSettings`).
 
@@ -164,7 +151,6 @@ class TSDataModule(L.LightningDataModule):
         seed: int = 0,
         cache_dir: str | None = None,
         loader: LoaderSettings = LOADER,
-        phantoms: PhantomSpec | None = None,
         predict: PredictSettings = PREDICT,
     ) -> None:
         super().__init__()
@@ -210,13 +196,12 @@ class TSDataModule(L.LightningDataModule):
         return bool(self.predict_settings.items) and (trainer is None or trainer.state.fn == "predict")
 
     def write_phantoms_if_empty(self) -> None:
-        """Write the configured phantoms (``data.phantoms``) when the root holds no case yet."""
-        h = self.hparams
+        """Write the configured phantoms (``data.cases.phantoms``) when the root holds no case yet."""
+        spec = self.settings.cases.phantoms
         has_cases = self.root.is_dir() and any(
             p.is_dir() and not p.name.startswith(".") for p in self.root.iterdir()
         )
-        if not has_cases and h.phantoms is not None:
-            spec = h.phantoms if isinstance(h.phantoms, PhantomSpec) else PhantomSpec(**h.phantoms)
+        if not has_cases and spec is not None:
             write_phantoms(
                 self.root,
                 spec.n_cases,

@@ -27,17 +27,9 @@ from lora_sam3d.data.settings import PREPROCESSING_SETTINGS
 from lora_sam3d.inputs import Batch
 from lora_sam3d.lora import has_lora
 from lora_sam3d.metrics import MeshMetrics, WeightedMeans
+from lora_sam3d.models import BandConfig, BaseConfig, ContextConfig, LatentConfig, ModelConfig, StepConfig
 from lora_sam3d.models.adapters.bank import AdapterBank
 from lora_sam3d.models.adapters.manifest import Manifest
-from lora_sam3d.models.config import (
-    BandConfig,
-    BaseConfig,
-    ContextConfig,
-    LatentConfig,
-    ModelConfig,
-    StepConfig,
-    coerce,
-)
 from lora_sam3d.models.finetuning import (
     FinetuneConfig,
     adopt_adapter,
@@ -49,6 +41,7 @@ from lora_sam3d.models.finetuning import (
 from lora_sam3d.models.reconstructor import Reconstruction, Reconstructor
 from lora_sam3d.predict.records import Prediction, prediction_records, score_batch, warn_empty
 from lora_sam3d.settings.old_keys import upgrade_state_dict, upgraded_checkpoint
+from lora_sam3d.settings.tree import coerce
 from lora_sam3d.training.checkpoint_io import check_checkpoint
 from lora_sam3d.training.data_link import DataLink
 from lora_sam3d.training.losses import DIAGNOSTICS, LossWeights, frame_diagnostics, reconstruction_losses
@@ -65,12 +58,10 @@ def default_optimizer(params: Any) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
 
 
-def check_choices(classes: list[str], adapter: Any, adapters: Any) -> None:
-    """One-line errors for module arguments outside their choices (the CLI checks them too; Python does not)."""
+def check_classes(classes: list[str]) -> None:
+    """A one-line error for a module without classes (the CLI checks it too; Python does not)."""
     if not classes:
         raise ValueError("model.classes is empty: name the structures (the command links data.classes)")
-    if adapter and adapters:
-        raise ValueError("give model.adapter (one adapter) or model.adapters (one per structure), not both")
 
 
 class LoRAMeshDecoderModule(L.LightningModule):
@@ -83,11 +74,10 @@ class LoRAMeshDecoderModule(L.LightningModule):
         base, context, band, latents: the model's groups (`lora_sam3d.models.config`: the base weights
             and their seed, whether the scan is read and the decoder's levels conditioned, the band the
             decoder runs on, where the latents come from).
-        finetune: what trains (`FinetuneConfig`: mode, both stages' LoRA, ``unfreeze``, the adapters' seed).
+        finetune: what trains and from which adapters (`FinetuneConfig`: mode, both stages' LoRA,
+            ``unfreeze``, the adapters' seed, ``adapter`` to start from or ``adapters``, one per
+            structure for prediction, see `lora_sam3d.models.adapters.bank.AdapterBank`).
         loss: the loss terms' weights (`LossWeights`).
-        adapter: an adapter folder to start from (e.g. for ``predict`` without a checkpoint).
-        adapters: one adapter per structure on one base, outside ``fit``: class name (or a shell pattern
-            such as ``heart_*``) -> adapter folder (see `lora_sam3d.models.adapters.bank.AdapterBank`).
         steps: the NSD tolerance steps score with and what a non-finite step does (`StepConfig`).
         optimizer, scheduler: LightningCLI callables, given the trainable parameters only.
 
@@ -105,22 +95,19 @@ class LoRAMeshDecoderModule(L.LightningModule):
         latents: LatentConfig = LATENTS,
         finetune: FinetuneConfig = FINETUNE,
         loss: LossWeights = LOSS,
-        adapter: str | None = None,
-        adapters: dict[str, str] | None = None,
         steps: StepConfig = STEPS,
         optimizer: OptimizerCallable = default_optimizer,
         scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
-        check_choices(classes, adapter, adapters)
+        check_classes(classes)
         groups = {"base": base, "context": context, "band": band, "latents": latents}
         groups |= {"finetune": finetune, "loss": loss, "steps": steps}
         config = ModelConfig(
             decoder or {}, structure or {}, *(groups[k] for k in ("base", "context", "band", "latents"))
         )
-        first = adapter or next(iter((adapters or {}).values()), None)
         # an adapter folder's own LoRA settings replace the configured ones
-        self.finetune = adopt_adapter(coerce(FinetuneConfig, groups["finetune"], "model.finetune"), first)
+        self.finetune = adopt_adapter(coerce(FinetuneConfig, groups["finetune"], "model.finetune"))
         self.loss_weights = coerce(LossWeights, groups["loss"], "model.loss")
         self.steps = coerce(StepConfig, groups["steps"], "model.steps")
         self.save_hyperparameters(ignore=["optimizer", "scheduler", *groups])
@@ -142,7 +129,7 @@ class LoRAMeshDecoderModule(L.LightningModule):
         )
         self.val_diagnostics, self.test_diagnostics = (WeightedMeans(DIAGNOSTICS) for _ in "vt")
         self.data_contract: dict[str, Any] | None = None  # see TSDataModule.contract; set by fit, stored
-        self.bank: AdapterBank | None = None  # model.adapters, read once
+        self.bank: AdapterBank | None = None  # model.finetune.adapters, read once
         self.skipped_steps = 0
 
     @classmethod
@@ -167,7 +154,7 @@ class LoRAMeshDecoderModule(L.LightningModule):
         Called from `setup` and from `on_load_checkpoint`: ``load_from_checkpoint`` restores the
         state before any ``setup`` runs, so the LoRA tensors must exist by then.
         """
-        h, m, ft = self.hparams, self.model, self.finetune
+        m, ft = self.model, self.finetune
         if ft.mode == "lora" and not has_lora(m.decoder) and output_layer_blocks_lora(m, ft.unfreeze):
             rank_zero_warn(
                 "the base decoder's out_layer is all zeros (as freshly initialised), so every LoRA "
@@ -176,18 +163,18 @@ class LoRAMeshDecoderModule(L.LightningModule):
         injected = set_trainable(m, ft)
         if ft.mode == "full":
             return
-        if injected and h.adapter:
-            self.data_contract = m.attach_adapter(h.adapter).get("data") or self.data_contract
-        if h.get("adapters") and self.bank is None:
+        if injected and ft.adapter:
+            self.data_contract = m.attach_adapter(ft.adapter).get("data") or self.data_contract
+        if ft.adapters and self.bank is None:
             names = [n for n, p in m.named_parameters() if p.requires_grad]
-            self.bank = AdapterBank(m, h.adapters, names, agree_on=PREPROCESSING_SETTINGS)
+            self.bank = AdapterBank(m, ft.adapters, names, agree_on=PREPROCESSING_SETTINGS)
             self.data_contract = self.bank.data_contract()
 
     def setup(self, stage: str) -> None:
         self.configure_adapters()
-        if stage == "fit" and self.hparams.get("adapters"):
+        if stage == "fit" and self.finetune.adapters:
             raise ValueError(
-                "model.adapters routes prediction to one adapter per structure; train one adapter per run"
+                "model.finetune.adapters routes prediction to one adapter per structure; train one adapter per run"
             )
 
     def configure_callbacks(self) -> list[L.Callback]:
@@ -214,7 +201,7 @@ class LoRAMeshDecoderModule(L.LightningModule):
 
     # -- steps ------------------------------------------------------------------------------------
     def forward(self, batch: Batch) -> Reconstruction:
-        """The model on a batch; with ``model.adapters``, each sample with its class's adapter."""
+        """The model on a batch; with ``model.finetune.adapters``, each sample with its class's adapter."""
         if self.bank is not None:
             return self.bank(batch)
         return self.model(batch.evidence, batch.targets.coarse_occupancy)
@@ -285,7 +272,9 @@ class LoRAMeshDecoderModule(L.LightningModule):
 
     def predict_step(self, batch: Batch, batch_idx: int) -> list[Prediction]:
         """Per sample: the mesh in world RAS mm, the SDF grid, the frame, and metrics when ground truth exists."""
-        return prediction_records(self(batch), batch, self.steps.nsd_tolerance_mm, self.model.config.context.read)
+        return prediction_records(
+            self(batch), batch, self.steps.nsd_tolerance_mm, self.model.config.context.read
+        )
 
     # -- checkpoints ------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -5,7 +5,7 @@ leaves a half-written entry that looks complete), built in two passes (`build_ca
 `build_images`; `lora_sam3d.data.dataset.cache_dataset` runs both):
 
 - ``<cache_dir>/<case_id>-<key>/``: one class list's labels (``labels.npy`` in the smallest type
-  that holds the classes, `lora_sam3d.data.volume.label_dtype`, cropped to the classes' union box),
+  that holds the classes, `lora_sam3d.data.labels.label_dtype`, cropped to the classes' union box),
   per class ``sdf_<c>.npy`` (float16 signed distance in mm, negative inside, truncated, on a crop
   around the structure), per class ``native_<c>.npy`` (uint8 mask on the source scan's own voxels,
   reoriented to RAS but not resampled, cropped to the structure: what metrics score against) and
@@ -39,14 +39,16 @@ from lora_sam3d.data.cache.keys import (
     source_digests,
 )
 from lora_sam3d.data.cache.maintenance import STALE_BUILD_S, CacheEntry, cache_entries, remove_entry
-from lora_sam3d.data.cache.runner import BuildInterrupted, build_cases, build_images, check_failed
+from lora_sam3d.data.cache.runner import BuildInterrupted, check_failed
 from lora_sam3d.data.cache.store import (
     IN_USE_S,
     IN_USE_STAMP_S,
     CachedCase,
     CroppedArray,
     build_case,
+    build_cases,
     build_image,
+    build_images,
     entry_path,
     find_image,
     image_reach,

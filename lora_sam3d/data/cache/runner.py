@@ -1,4 +1,4 @@
-"""Building many cases in a process pool: a progress bar, Ctrl-C and SIGTERM stop the build cleanly
+"""Running one job per case in a process pool: a progress bar, Ctrl-C and SIGTERM stop the build cleanly
 (finished entries stay), and failed cases are reported together (`check_failed`)."""
 
 from __future__ import annotations
@@ -11,27 +11,10 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lora_sam3d.data.cache.keys import FileHashes, source_digests
-from lora_sam3d.data.cache.store import (
-    CachedCase,
-    _mark_used,
-    build_case,
-    build_image,
-    entry_path,
-    find_image,
-    image_reach,
-    is_built,
-)
 from lora_sam3d.data.cases import Case
 from lora_sam3d.data.nifti import DataError
-from lora_sam3d.data.volume import Preprocessing
 
-__all__ = [
-    "BuildInterrupted",
-    "build_cases",
-    "build_images",
-    "check_failed",
-]
+__all__ = ["BuildInterrupted", "check_failed", "each_case"]
 
 
 class BuildInterrupted(KeyboardInterrupt):
@@ -100,7 +83,7 @@ def _in_processes(
     pool.shutdown(wait=True)
 
 
-def _each_case(
+def each_case(
     jobs: Sequence[tuple[Case, Callable[..., Path], tuple[Any, ...]]],
     description: str,
     workers: int,
@@ -163,66 +146,6 @@ def _signal_handled(signum: int, handler: Any) -> Any:
 def _interrupt(signum: int, frame: Any) -> None:
     """SIGTERM (a scheduler's stop, ``kill``) stops a build as Ctrl-C does."""
     raise KeyboardInterrupt
-
-
-def build_cases(
-    cases: Sequence[Case],
-    classes: list[str],
-    prep: Preprocessing,
-    cache_dir: Path,
-    sdf_truncation_mm: float,
-    workers: int = 1,
-    progress: bool = False,
-) -> tuple[dict[str, CachedCase], dict[str, str]]:
-    """Build (or find) the labels entry of every case (`build_case`, through `_each_case`). Returns
-    (case id -> `CachedCase` of the built ones, without an image yet, case id -> why it failed)."""
-    hashes = FileHashes(cache_dir)
-    unique = list({c.case_id: c for c in cases}.values())
-    sources = {c.case_id: source_digests(c, hashes) for c in unique}  # hashed once, here
-    hashes.save()
-    paths = {
-        c.case_id: entry_path(c, classes, prep, cache_dir, sdf_truncation_mm, sources[c.case_id])
-        for c in unique
-    }
-    missing = [c for c in unique if not is_built(paths[c.case_id])]
-    for c in unique:
-        if c not in missing:
-            _mark_used(paths[c.case_id])
-    args = (classes, prep, cache_dir, sdf_truncation_mm)
-    jobs = [(c, build_case, (*args, sources[c.case_id])) for c in missing]
-    made, failed = _each_case(jobs, f"caching {len(missing)} of {len(unique)} cases", workers, progress)
-    built = {
-        c.case_id: CachedCase(made.get(c.case_id, paths[c.case_id]))
-        for c in unique
-        if c.case_id not in failed
-    }
-    return built, failed
-
-
-def build_images(
-    cases: Sequence[tuple[Case, CachedCase]],
-    side_vox: Mapping[int, float],
-    prep: Preprocessing,
-    workers: int = 1,
-    progress: bool = False,
-) -> dict[str, str]:
-    """Give every (case, its labels entry) the image entry its samples read (`image_reach` for frames
-    of ``side_vox`` voxels per class bit), building the missing ones (`build_image`, through
-    `_each_case`); returns case id -> why it failed (the image file cannot be read)."""
-    jobs = []
-    for case, cached in cases:
-        box = image_reach(cached.meta, side_vox)
-        found = find_image(cached.path.parent, cached.meta["image_key"], box)
-        if found is None:
-            jobs.append((case, build_image, (cached.path, box, prep)))
-        else:
-            _mark_used(found)
-            cached.image_dir = found
-    made, failed = _each_case(jobs, f"cutting {len(jobs)} of {len(cases)} images", workers, progress)
-    for case, cached in cases:
-        if case.case_id in made:
-            cached.image_dir = made[case.case_id]
-    return failed
 
 
 def _progress() -> Any:

@@ -9,7 +9,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from lora_sam3d.data.cache.keys import CACHE_VERSION, IMAGES, FileHashes, case_key, image_key, source_digests
+from lora_sam3d.data.cache.runner import each_case
 from lora_sam3d.data.cases import Case
 from lora_sam3d.data.labels import class_mask
 from lora_sam3d.data.nifti import Box
@@ -31,7 +32,9 @@ __all__ = [
     "CachedCase",
     "CroppedArray",
     "build_case",
+    "build_cases",
     "build_image",
+    "build_images",
     "entry_path",
     "find_image",
     "image_reach",
@@ -322,7 +325,7 @@ class CachedCase:
 
     @cached_property
     def labels(self) -> CroppedArray:
-        """(X, Y, Z) class labels (`lora_sam3d.data.volume.class_mask` reads them), from their crop."""
+        """(X, Y, Z) class labels (`lora_sam3d.data.labels.class_mask` reads them), from their crop."""
         crop = np.load(self.path / "labels.npy", mmap_mode="r")
         return CroppedArray(crop, self.meta["labels_origin"], self.meta["shape"])
 
@@ -360,3 +363,63 @@ class CachedCase:
 
     def __getstate__(self) -> dict[str, Any]:  # memory maps are reopened in each DataLoader worker
         return {"path": self.path, "image_dir": self.image_dir}
+
+
+def build_cases(
+    cases: Sequence[Case],
+    classes: list[str],
+    prep: Preprocessing,
+    cache_dir: Path,
+    sdf_truncation_mm: float,
+    workers: int = 1,
+    progress: bool = False,
+) -> tuple[dict[str, CachedCase], dict[str, str]]:
+    """Build (or find) the labels entry of every case (`build_case`, through `each_case`). Returns
+    (case id -> `CachedCase` of the built ones, without an image yet, case id -> why it failed)."""
+    hashes = FileHashes(cache_dir)
+    unique = list({c.case_id: c for c in cases}.values())
+    sources = {c.case_id: source_digests(c, hashes) for c in unique}  # hashed once, here
+    hashes.save()
+    paths = {
+        c.case_id: entry_path(c, classes, prep, cache_dir, sdf_truncation_mm, sources[c.case_id])
+        for c in unique
+    }
+    missing = [c for c in unique if not is_built(paths[c.case_id])]
+    for c in unique:
+        if c not in missing:
+            _mark_used(paths[c.case_id])
+    args = (classes, prep, cache_dir, sdf_truncation_mm)
+    jobs = [(c, build_case, (*args, sources[c.case_id])) for c in missing]
+    made, failed = each_case(jobs, f"caching {len(missing)} of {len(unique)} cases", workers, progress)
+    built = {
+        c.case_id: CachedCase(made.get(c.case_id, paths[c.case_id]))
+        for c in unique
+        if c.case_id not in failed
+    }
+    return built, failed
+
+
+def build_images(
+    cases: Sequence[tuple[Case, CachedCase]],
+    side_vox: Mapping[int, float],
+    prep: Preprocessing,
+    workers: int = 1,
+    progress: bool = False,
+) -> dict[str, str]:
+    """Give every (case, its labels entry) the image entry its samples read (`image_reach` for frames
+    of ``side_vox`` voxels per class bit), building the missing ones (`build_image`, through
+    `each_case`); returns case id -> why it failed (the image file cannot be read)."""
+    jobs = []
+    for case, cached in cases:
+        box = image_reach(cached.meta, side_vox)
+        found = find_image(cached.path.parent, cached.meta["image_key"], box)
+        if found is None:
+            jobs.append((case, build_image, (cached.path, box, prep)))
+        else:
+            _mark_used(found)
+            cached.image_dir = found
+    made, failed = each_case(jobs, f"cutting {len(jobs)} of {len(cases)} images", workers, progress)
+    for case, cached in cases:
+        if case.case_id in made:
+            cached.image_dir = made[case.case_id]
+    return failed

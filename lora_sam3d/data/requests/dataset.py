@@ -20,7 +20,7 @@ from lora_sam3d.data.nifti import DataError, canonical_grid
 from lora_sam3d.data.requests.items import (
     PredictItem,
     SliceRef,
-    _as_given,
+    as_given,
     file_slices_read,
     grid_slice,
     locate_slice,
@@ -92,7 +92,7 @@ class PredictionDataset(Dataset):
                 self._check(item)
             except DataError as err:
                 raise DataError(
-                    f"predict item {k} ({item.class_name} in {item.image}, {_as_given(item)}): {err}"
+                    f"predict item {k} ({item.class_name} in {item.image}, {as_given(item)}): {err}"
                 ) from None
         self.case_ids = case_names([item.image for item in self.items])
 

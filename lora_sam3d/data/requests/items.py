@@ -17,6 +17,7 @@ from lora_sam3d.geometry import AXIS_NAMES
 __all__ = [
     "PredictItem",
     "SliceRef",
+    "as_given",
     "file_slices_read",
     "grid_slice",
     "locate_slice",
@@ -196,7 +197,7 @@ def locate_slice(img: nib.Nifti1Image, axis: int, index: int | None, position_mm
     return SliceRef(axis, file_axis, index, centre_of(index))
 
 
-def _as_given(item: PredictItem) -> str:
+def as_given(item: PredictItem) -> str:
     """The item's slices as the user wrote them (``axial index 16``, ``coronal position_mm 12.5``)."""
 
     def one(axis: Any, index: Any, position_mm: Any) -> str:

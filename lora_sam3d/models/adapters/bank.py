@@ -63,24 +63,24 @@ class AdapterBank:
             for name in self.agree_on:
                 if data.get(name) != base.get(name):
                     raise ValueError(
-                        f"model.adapters: {self.folders[first]} and {self.folders[key]} were trained with "
+                        f"model.finetune.adapters: {self.folders[first]} and {self.folders[key]} were trained with "
                         f"different data.{name} ({base[name]} vs {data[name]}); one run predicts with one "
                         "preprocessing"
                     )
 
     def key_for(self, class_name: str) -> str:
-        """The key of ``model.adapters`` that covers a class (see the class docstring)."""
+        """The key of ``model.finetune.adapters`` that covers a class (see the class docstring)."""
         if class_name in self.tensors:
             return class_name
         matches = [k for k in self.tensors if fnmatch.fnmatchcase(class_name, k)]
         if len(matches) > 1:
             raise ValueError(
-                f"class {class_name!r} matches {len(matches)} patterns of model.adapters ({matches}): "
+                f"class {class_name!r} matches {len(matches)} patterns of model.finetune.adapters ({matches}): "
                 "give the class its own entry, or make the patterns exclusive"
             )
         if not matches:
             raise ValueError(
-                f"class {class_name!r} is covered by no adapter of model.adapters (keys {list(self.tensors)})"
+                f"class {class_name!r} is covered by no adapter of model.finetune.adapters (keys {list(self.tensors)})"
             )
         return matches[0]
 

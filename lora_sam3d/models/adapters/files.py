@@ -123,7 +123,9 @@ def save_model_adapter(model: TwoStageModel, directory: str | Path, manifest: Ma
 
     out = Path(directory)
     unfreeze = list(manifest.finetune.get("unfreeze") or [])
-    save_adapter(model.decoder, out, modules_to_save=unfreeze, base_model_name_or_path=model.config.base.checkpoint)
+    save_adapter(
+        model.decoder, out, modules_to_save=unfreeze, base_model_name_or_path=model.config.base.checkpoint
+    )
     manifest.write_folder(out)
     if model.conditioning is not None and has_lora(model.conditioning):
         save_adapter(model.conditioning, out / CONDITIONING_ADAPTER)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_sam3d.io.atomic import atomic_write
-from lora_sam3d.settings.old_keys import upgrade
+from lora_sam3d.settings.old_keys import first_layout
 
 __all__ = ["DESIGN", "MODEL_FILE", "MODEL_SETTINGS", "SECTION", "VERSION", "Manifest", "check_design"]
 
@@ -93,7 +93,7 @@ class Manifest:
         )
 
     @property
-    def base_checkpoint(self) -> str | None:
+    def base_path(self) -> str | None:
         return (self.model.get("base") or {}).get("checkpoint")
 
     def to_dict(self) -> dict[str, Any]:
@@ -152,33 +152,8 @@ class Manifest:
 
 
 def _from_first_layout(stored: dict[str, Any]) -> Manifest:
-    """The unversioned layouts: a checkpoint section (it has ``design``; the fine-tuning modes as
-    strings beside the LoRA configs) or a ``model.json`` (the groups at its top, maybe as flat keys)."""
-    if "design" not in stored and "finetune" not in stored:  # model.json
-        groups = upgrade(stored, "model", warn=False)
-        return Manifest(
-            classes=list(stored.get("classes") or []),
-            model={k: groups[k] for k in MODEL_SETTINGS if k in groups},
-            data=stored.get("data"),
-            version=1,
-        )
-    finetune = {
-        "mode": stored.get("finetune"),
-        "structure_mode": stored.get("structure_finetune"),
-        "lora": stored.get("lora"),
-        "structure_lora": stored.get("structure_lora"),
-        "unfreeze": list(stored.get("unfreeze") or []),
-    }
-    model = {k: stored[k] for k in ("decoder", "structure") if k in stored}
-    if stored.get("base_checkpoint") is not None:
-        model["base"] = {"checkpoint": stored["base_checkpoint"]}
-    return Manifest(
-        classes=[],
-        model=model,
-        finetune=finetune,
-        data=stored.get("data"),
-        base_fingerprint=stored.get("base_fingerprint"),
-        trainable=list(stored.get("trainable") or []),
-        design=stored.get("design"),
-        version=1,
-    )
+    """The unversioned layouts (a checkpoint section or a ``model.json``), read by the one module
+    that knows the earlier names (`lora_sam3d.settings.old_keys.first_layout`)."""
+    fields = first_layout(stored)
+    fields["model"] = {k: v for k, v in fields["model"].items() if k in MODEL_SETTINGS}
+    return Manifest(**fields, version=1)
