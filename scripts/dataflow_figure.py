@@ -14,7 +14,11 @@ import matplotlib.pyplot as plt
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
 
 STEPS = [
-    ("scan + labels,\nor a request\n(NIfTI, PNG)", "data/nifti.py\ndata/volume.py\ndata/requests/", "#dbe9f6"),
+    (
+        "scan + labels,\nor a request\n(NIfTI, PNG)",
+        "data/nifti.py\ndata/volume.py\ndata/requests/",
+        "#dbe9f6",
+    ),
     (
         "slices + masks\ncut in the frame\n(1-16 views)",
         "data/sample.py\ndata/views.py\ndata/frame.py",
