@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -19,6 +19,7 @@ from lora_sam3d.io.atomic import atomic_write
 
 __all__ = [
     "AXIS_NAMES",
+    "BoxMask",
     "CoordinateSystem",
     "Mesh",
     "MeshFormat",
@@ -143,6 +144,63 @@ def frame_box(
     )
 
 
+@dataclass
+class BoxMask:
+    """A bool mask held on a box of a voxel grid: ``box`` (the box's voxels), its ``origin`` (3,) on
+    the grid, the grid's ``shape`` and ``affine`` (voxel -> world mm). A structure and its frame fill
+    a small part of a real CT's grid; the rest is empty and need not be computed or held."""
+
+    box: np.ndarray
+    origin: np.ndarray
+    shape: tuple[int, int, int]
+    affine: np.ndarray
+
+    def on(self, affine: np.ndarray, shape: tuple[int, ...]) -> bool:
+        """Whether this mask's grid is the grid (``affine``, ``shape``)."""
+        return tuple(int(s) for s in shape[:3]) == tuple(self.shape) and np.allclose(
+            affine, self.affine, atol=1e-6
+        )
+
+    def full(self) -> np.ndarray:
+        """The mask on the whole grid."""
+        out = np.zeros(self.shape, dtype=bool)
+        lo, hi = self.origin, self.origin + np.asarray(self.box.shape)
+        out[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = self.box
+        return out
+
+
+def _separable(
+    sdf: np.ndarray, matrix: np.ndarray, offset: np.ndarray, size: tuple[int, ...]
+) -> np.ndarray | None:
+    """Trilinear reading of ``sdf`` at ``matrix @ voxel + offset`` for every voxel of a box of
+    ``size``, done as three 1D linear interpolations (three small matrix products) when each box
+    axis moves along one SDF axis; None otherwise. A voxel outside the SDF grid reads 1.0
+    (outside), as scipy's ``mode="constant", cval=1.0``. Written here: scipy reads every voxel's
+    eight neighbours; the separable form costs a few matrix products for a 512^3-sized box."""
+    axes = np.abs(matrix) > 1e-9 * np.abs(matrix).max()
+    if not (axes.sum(0) == 1).all() or not (axes.sum(1) == 1).all():
+        return None
+    grid = np.asarray(sdf, dtype=np.float32)
+    source = np.argmax(axes, axis=0)  # box axis q reads SDF axis source[q]
+    grid = np.transpose(grid, source)
+    for q in range(3):  # contract SDF axis -> box axis q, one at a time (it becomes the last axis)
+        d = source[q]
+        u = matrix[d, q] * np.arange(size[q]) + offset[d]
+        weights = np.zeros((size[q], grid.shape[0]), dtype=np.float32)
+        inside = (u >= 0) & (u <= grid.shape[0] - 1)
+        low = np.clip(np.floor(u), 0, grid.shape[0] - 2).astype(int)
+        w = (u - low).astype(np.float32)
+        rows = np.flatnonzero(inside)
+        weights[rows, low[rows]] = 1.0 - w[rows]
+        weights[rows, low[rows] + 1] = w[rows]
+        grid = np.moveaxis(np.tensordot(weights, grid, axes=(1, 0)), 0, -1)
+        if (~inside).any():  # beyond the grid: the constant itself
+            take: list[Any] = [slice(None)] * 3
+            take[-1] = ~inside
+            grid[tuple(take)] = 1.0
+    return grid
+
+
 def sdf_on_grid(
     sdf: np.ndarray, frame_to_world: np.ndarray, affine: np.ndarray, shape: tuple[int, ...]
 ) -> np.ndarray:
@@ -151,26 +209,27 @@ def sdf_on_grid(
     ``affine`` maps that grid's voxel indices to world mm (e.g. a source scan's, any spacing or
     orientation); each voxel centre is mapped into the frame and the SDF read trilinearly there;
     voxels outside the frame are outside. Only the frame's bounding box of the grid is computed.
+    A grid whose axes lie along the frame's (any order and direction: scans as they are stored)
+    is read axis by axis (`_separable`); an oblique one by scipy's ``affine_transform``.
     """
-    n = sdf.shape[0] - 1
     shape = tuple(int(a) for a in shape[:3])
     out = np.zeros(shape, dtype=bool)
     lo, hi = frame_box(frame_to_world, affine, shape)
     if np.any(hi <= lo):
         return out
-    from scipy import ndimage
 
-    ijk = np.stack(np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi, strict=True)], indexing="ij"), -1)
+    n = sdf.shape[0] - 1
     to_frame = np.linalg.inv(frame_to_world) @ affine
-    u = ijk @ to_frame[:3, :3].T + to_frame[:3, 3]
-    values = ndimage.map_coordinates(
-        np.asarray(sdf, dtype=np.float32),
-        ((u + 0.5) * n).reshape(-1, 3).T,
-        order=1,
-        mode="constant",
-        cval=1.0,
-    )
-    out[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = values.reshape(ijk.shape[:3]) < 0
+    matrix = n * to_frame[:3, :3]  # box voxel -> SDF index
+    offset = n * (to_frame[:3, :3] @ lo.astype(float) + to_frame[:3, 3] + 0.5)
+    size = tuple(int(v) for v in hi - lo)
+    values = _separable(sdf, matrix, offset, size)
+    if values is None:  # an oblique grid: the general transform
+        values = ndimage.affine_transform(
+            np.asarray(sdf, dtype=np.float32), matrix, offset=offset, output_shape=size, order=1,
+            mode="constant", cval=1.0,
+        )  # fmt: skip
+    out[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = values < 0
     return out
 
 
@@ -181,11 +240,15 @@ def mask_surface(mask: np.ndarray, affine: np.ndarray) -> Mesh:
     if not mask.any():
         empty = np.zeros((0, 3), dtype=np.float32)
         return Mesh(empty, np.zeros((0, 3), dtype=np.int64), empty)
-    padded = np.pad(mask.astype(np.float32), 1)
+    nz = np.argwhere(mask)  # only the mask's own box is meshed (a structure on a large scan grid)
+    lo, hi = nz.min(0), nz.max(0) + 1
+    padded = np.pad(mask[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]].astype(np.float32), 1)
     # values rise inwards here, so skimage's normals point outward and faces wind the other way
     verts, faces, normals, _ = skimage_marching_cubes(padded, level=0.5)
     mesh = Mesh(
-        (verts - 1).astype(np.float32), faces[:, ::-1].astype(np.int64).copy(), normals.astype(np.float32)
+        (verts - 1 + lo).astype(np.float32),
+        faces[:, ::-1].astype(np.int64).copy(),
+        normals.astype(np.float32),
     )
     return mesh.to_world(affine)
 

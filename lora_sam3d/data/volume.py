@@ -148,11 +148,13 @@ def normalise(image: np.ndarray, prep: Preprocessing, path: Path) -> np.ndarray:
     if not np.isfinite(image).all():
         bad = int((~np.isfinite(image)).sum())
         raise DataError(f"image {path} has {bad} NaN/inf voxels: expected finite intensities")
-    if prep.modality_of(path, image) == "ct":
-        low, high = prep.ct_window_hu
-    else:
-        low, high = np.percentile(image, prep.mr_percentiles)
-        high = max(high, low + 1e-6)
+    if prep.modality_of(path, image) == "ct":  # float32 arithmetic, in place: a real CT is 80M voxels
+        low, high = (float(v) for v in prep.ct_window_hu)
+        out = np.subtract(image, np.float32(low), dtype=np.float32)
+        out /= np.float32(high - low)
+        return np.clip(out, 0.0, 1.0, out=out)
+    low, high = np.percentile(image, prep.mr_percentiles)
+    high = max(high, low + 1e-6)
     return np.clip((image - low) / (high - low), 0.0, 1.0).astype(np.float32)
 
 
@@ -234,19 +236,29 @@ def load_labels(
         for c, (path, value) in class_masks.items()
     }
     loaded: dict[Path, np.ndarray] = {}
+
+    def ours(path: Path) -> bool:
+        return in_memory is not None and path in in_memory
+
     uses = Counter(label_path for label_path, _ in class_masks.values())
     for bit, (label_path, value) in class_masks.items():
         if label_path not in loaded:
             label_img = (
-                nib.as_closest_canonical(in_memory[label_path])
-                if in_memory and label_path in in_memory
+                nib.as_closest_canonical(in_memory[label_path])  # type: ignore[index]
+                if ours(label_path)
                 else load_nifti(label_path, "label")
             )
             check_same_grid(grid, label_img, image_path, label_path)
-            loaded[label_path] = read_labels(label_img, label_path)
+            # a request's own view masks are binary uint8 made here: no label checks over their voxels
+            loaded[label_path] = (
+                np.asarray(label_img.dataobj) if ours(label_path) else read_labels(label_img, label_path)
+            )
         data = loaded[label_path]
-        ours = in_memory is not None and label_path in in_memory  # a request's own binary view masks
-        mask = (data != 0) if ours else structure_mask(data, value, label_path, "label", value_required=False)
+        mask = (
+            (data != 0)
+            if ours(label_path)
+            else structure_mask(data, value, label_path, "label", value_required=False)
+        )
         add_class(labels, bit, mask, names)
         uses[label_path] -= 1
         if not uses[label_path]:  # one mask file in memory at a time (a label map: until its last class)
@@ -257,13 +269,21 @@ def load_labels(
     )
 
 
-def load_image(image_path: str | Path, prep: Preprocessing, box: Box | None = None) -> np.ndarray:
+def load_image(
+    image_path: str | Path, prep: Preprocessing, box: Box | None = None, voxels: np.ndarray | None = None
+) -> np.ndarray:
     """One case's normalised image on its canonical isotropic grid (see `load_volume`), only the
     voxels of ``box`` ((low, high) corners on that grid) when given: a cache keeps the part samples
-    read. The whole file is read (normalising MR needs its percentiles)."""
+    read. The whole file is read (normalising MR needs its percentiles), unless ``voxels`` gives
+    what a caller already read of it (float32, in the file's own orientation)."""
     image_path = Path(image_path)
-    image_img = load_nifti(image_path, "image")
-    image = normalise(read_array(image_img, image_path, "image"), prep, image_path)
+    if voxels is None:
+        image_img = load_nifti(image_path, "image")
+        data = read_array(image_img, image_path, "image")
+    else:
+        image_img = nib.as_closest_canonical(nib.Nifti1Image(voxels, open_nifti(image_path, "image").affine))
+        data = np.asarray(image_img.dataobj, dtype=np.float32)
+    image = normalise(data, prep, image_path)
     return IsotropicGrid.of(image.shape, image_img.affine, prep.spacing_mm).resample_image(image, box)
 
 
@@ -273,6 +293,7 @@ def load_volume(
     prep: Preprocessing,
     in_memory: Mapping[Path, nib.Nifti1Image] | None = None,
     class_names: Mapping[int, str] | None = None,
+    voxels: np.ndarray | None = None,
 ) -> Volume:
     """Load, check, reorient, resample and normalise one case.
 
@@ -280,10 +301,11 @@ def load_volume(
     binary mask file of the TotalSegmentator release), an int selects that value of an integer
     label map (the cropped layout). Files may repeat (one label map for several classes).
     ``in_memory`` gives label images (in their file orientation) to use instead of reading those
-    paths (a 2D mask placed on its slice). ``class_names`` name the classes in errors.
+    paths (a 2D mask placed on its slice). ``class_names`` name the classes in errors. ``voxels``:
+    the image's voxels when the caller has read them already (`load_image`).
     """
     labels = load_labels(image_path, class_masks, prep, in_memory, class_names)
-    image = load_image(image_path, prep)
+    image = load_image(image_path, prep, voxels=voxels)
     return Volume(
         image, labels.labels, labels.affine, prep.spacing_mm, labels.native_labels, labels.native_affine
     )

@@ -117,5 +117,5 @@ def reconstruct(
     (record,) = prediction_records(rec, batch, nsd_tolerance_mm, network.config.context.read)
     assert record.source_image is not None
     surface = record.mesh.smoothed(smooth_iterations)
-    on_scan = mask_on_source_grid(record.sdf, record.frame_to_world, record.source_image)
+    on_scan = mask_on_source_grid(record.sdf, record.frame_to_world, record.source_image, record.on_scan)
     return Reconstructed(record.stem, surface, on_scan, record)

@@ -14,22 +14,27 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from lora_sam3d.geometry import sdf_on_grid
+from lora_sam3d.geometry import BoxMask, sdf_on_grid
 from lora_sam3d.io.atomic import atomic_write
 
 __all__ = ["mask_on_source_grid", "preview_png", "write_nifti"]
 
 
 def mask_on_source_grid(
-    sdf: np.ndarray, frame_to_world: np.ndarray, source_image: str | Path
+    sdf: np.ndarray, frame_to_world: np.ndarray, source_image: str | Path, scored: BoxMask | None = None
 ) -> nib.Nifti1Image:
     """The predicted inside (SDF < 0) resampled onto the source scan's own voxel grid, uint8.
 
-    Only the header of the source is read (shape and affine); see `sdf_on_grid`.
+    Only the header of the source is read (shape and affine); see `sdf_on_grid`. ``scored``: the
+    prediction as it was scored (`Prediction.on_scan`); when it lies on the scan's grid it is the
+    mask (computed once per request), else the mask is voxelised here.
     """
     src = nib.load(str(source_image))
     shape, affine = src.shape[:3], src.affine
-    out = sdf_on_grid(sdf, frame_to_world, affine, shape).astype(np.uint8)
+    on_scan = scored.full() if scored is not None and scored.on(affine, shape) else None
+    if on_scan is None:
+        on_scan = sdf_on_grid(sdf, frame_to_world, affine, shape)
+    out = on_scan.astype(np.uint8)
     img = nib.Nifti1Image(out, affine)
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)

@@ -72,7 +72,7 @@ class MaskFile(SampleOutput):
     def write(self, record: Prediction, mesh: Mesh, folder: Path) -> list[Path]:
         if not record.source_image:
             return []
-        img = mask_on_source_grid(record.sdf, record.frame_to_world, record.source_image)
+        img = mask_on_source_grid(record.sdf, record.frame_to_world, record.source_image, record.on_scan)
         return [write_nifti(img, folder / f"{record.stem}_mask.nii.gz")]
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lora_sam3d.data.requests.names import output_stem
-from lora_sam3d.geometry import Mesh, mask_surface, sdf_on_grid
+from lora_sam3d.geometry import BoxMask, Mesh, mask_surface, sdf_on_grid
 from lora_sam3d.inputs import Batch
 from lora_sam3d.metrics import sample_metrics
 from lora_sam3d.models.drawing import drawn_dice
@@ -45,6 +45,9 @@ class Prediction:
         scored_against: what the scores compare with: ``truth`` (a split's label) or ``request
             mask`` (the 3D mask a request gave for a new scan).
         drawn_dice: the prediction against the user's drawing on the drawn planes (no truth needed).
+        on_scan: the prediction as scored, on the box of the truth's grid that holds the frame (a
+            `BoxMask`): the mask a request writes when that grid is its scan's, so the mask written
+            is the mask scored.
         scan_read: whether the model read the scan around the slices; None for a model that reads
             no scan. False names the outputs ``..._noscan`` (`stem`), so one run can hold a request
             with and without the scan.
@@ -70,6 +73,7 @@ class Prediction:
     file_index: int | None = None
     scan_read: bool | None = None
     drawn_dice: float | None = None
+    on_scan: BoxMask | None = None
 
     @property
     def stem(self) -> str:
@@ -91,6 +95,7 @@ class Scored:
     mesh: Mesh
     truth: Mesh
     metrics: dict[str, float]
+    prediction: BoxMask
 
 
 def warn_empty(rec: Reconstruction, batch: Batch) -> None:
@@ -131,7 +136,10 @@ def score_batch(
         values = sample_metrics(
             pred, native["gt"], native["spacing_mm"], tolerance_mm, mesh.vertices, truth.vertices
         )
-        out.append(Scored(mesh, truth, values | {"drawn_dice": drawn[i]}))
+        grid = native["affine"].copy()  # the truth's whole grid: the box's affine moved back to its origin
+        grid[:3, 3] -= grid[:3, :3] @ native["origin"]
+        on_scan = BoxMask(pred, np.asarray(native["origin"]), tuple(native["shape"]), grid)
+        out.append(Scored(mesh, truth, values | {"drawn_dice": drawn[i]}, on_scan))
     return out
 
 
@@ -172,7 +180,7 @@ def prediction_records(
             record.views_image = (ev.image[i].cpu()[valid] if shown is None else shown.cpu()).numpy()
             record.views_mask = ev.mask[i].cpu()[valid].numpy()
         if score is not None:
-            record.gt_mesh, values = score.truth, score.metrics
+            record.gt_mesh, values, record.on_scan = score.truth, score.metrics, score.prediction
             if targets.sdf is not None:
                 record.gt_sdf = targets.sdf[i].cpu().numpy()
             record.metrics = {**values, "failed": float(any(np.isinf(v) for v in values.values()))}

@@ -86,6 +86,7 @@ class PredictionDataset(Dataset):
         self.masks: list[list[np.ndarray]] = []
         self.grids: list[IsotropicGrid] = []  # per item, the model's grid of its scan
         self._finite: set[str] = set()
+        self._voxels: tuple[str, np.ndarray] | None = None  # the last scan the check read, until used
         self._whole_masks: set[tuple[str, int | None]] = set()  # (3D mask, label value) pairs checked
         for k, item in enumerate(self.items, start=1):
             try:
@@ -237,6 +238,7 @@ class PredictionDataset(Dataset):
         bad = int((~np.isfinite(values)).sum())
         if bad:
             raise DataError(f"image {path} has {bad} NaN/inf voxels: intensities must be finite")
+        self._voxels = (path, values)  # the request reading this scan next takes them (read once)
         why = intensity_mismatch(values, self.prep, path)
         if why and self.intensity_check == "error":
             raise DataError(f"{why} (data.predict.intensity_check: error refuses it; warn only warns)")
@@ -257,6 +259,14 @@ class PredictionDataset(Dataset):
                     f"slices at least {self.prep.spacing_mm:g} mm apart, or one of them"
                 )
         return placed
+
+    def _checked_voxels(self, path: str) -> np.ndarray | None:
+        """The voxels the intensity check read of ``path`` (then dropped: held once), or None."""
+        kept, self._voxels = self._voxels, None
+        return kept[1] if kept is not None and kept[0] == path else None
+
+    def __getstate__(self) -> dict[str, Any]:  # a loader worker's copy: not the scan read at check time
+        return {**self.__dict__, "_voxels": None}
 
     def __len__(self) -> int:
         return len(self.items)
@@ -285,7 +295,9 @@ class PredictionDataset(Dataset):
         """Request ``i``'s model inputs: its slices resampled like a split's, in the frame they place."""
         item, refs = self.items[i], self.slices[i]
         classes, in_memory = self._view_labels(i, raw)
-        volume = load_volume(item.image, classes, self.prep, in_memory)
+        volume = load_volume(
+            item.image, classes, self.prep, in_memory, voxels=self._checked_voxels(item.image)
+        )
         indices = [r.grid_index for r in refs]
         side_mm = self.frame_scale * self.extent_mm[item.class_name]
         others = [(r.axis, index) for r, index in zip(refs[1:], indices[1:], strict=True)]
