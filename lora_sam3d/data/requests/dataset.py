@@ -86,7 +86,7 @@ class PredictionDataset(Dataset):
         self.masks: list[list[np.ndarray]] = []
         self.grids: list[IsotropicGrid] = []  # per item, the model's grid of its scan
         self._finite: set[str] = set()
-        self._voxels: tuple[str, np.ndarray] | None = None  # the last scan the check read, until used
+        self._voxels: tuple[str, np.ndarray] | None = None  # the last scan the check read (`_checked_voxels`)
         self._whole_masks: set[tuple[str, int | None]] = set()  # (3D mask, label value) pairs checked
         for k, item in enumerate(self.items, start=1):
             try:
@@ -261,9 +261,12 @@ class PredictionDataset(Dataset):
         return placed
 
     def _checked_voxels(self, path: str) -> np.ndarray | None:
-        """The voxels the intensity check read of ``path`` (then dropped: held once), or None."""
-        kept, self._voxels = self._voxels, None
-        return kept[1] if kept is not None and kept[0] == path else None
+        """The voxels the intensity check read of ``path``, or None: the last scan checked is kept
+        while requests on it are read (several structures or slices of one CT), then dropped."""
+        if self._voxels is not None and self._voxels[0] == path:
+            return self._voxels[1]
+        self._voxels = None
+        return None
 
     def __getstate__(self) -> dict[str, Any]:  # a loader worker's copy: not the scan read at check time
         return {**self.__dict__, "_voxels": None}
