@@ -97,6 +97,7 @@ class MeshPredictionWriter(BasePredictionWriter):
             mesh = record.mesh.smoothed(self.smooth_iterations)
             for output in self.outputs:
                 self.written += output.write(record, mesh, out)
+            record.on_scan = None  # written: the trainer's kept predictions need not hold it (scan-sized)
             self.rows.append(metrics_row(record))  # every sample: its drawn-slice Dice needs no truth
             if self.report:  # compact: only what the page shows, a 3D view for the first report_views
                 self.samples.append(
