@@ -14,6 +14,10 @@ leaves `geometry`, `metrics`, `io`, with `callbacks` naming the callbacks config
 from importlib import import_module
 from typing import Any
 
+from lora_sam3d.settings.old_keys import MovedModules
+
+MovedModules.install()  # the flat layout's module paths still import (lora_sam3d.module, ...)
+
 __version__ = "0.1.0"
 
 _PUBLIC = {

@@ -198,3 +198,25 @@ def test_one_manifest_reads_both_earlier_layouts_and_writes_one_layout_for_both(
     assert Manifest.of_checkpoint(written) == today
     with pytest.raises(ValueError, match=r"^test was written by a newer lora-sam3d \(manifest version 3;"):
         Manifest.from_dict({**today.to_dict(), "version": 3}, "test")
+
+
+def test_the_flat_layout_module_paths_still_import_with_a_warning() -> None:
+    """A script's ``from lora_sam3d.module import LoRAMeshDecoderModule``, or a stored config.yaml's
+    ``lora_sam3d.checkpoint_io.AtomicCheckpointIO``: the module where it lives now, with a
+    DeprecationWarning naming it."""
+    import importlib
+    import sys
+
+    from lora_sam3d.settings.old_keys import MODULES
+
+    for old, new in MODULES.items():
+        sys.modules.pop(old, None)
+        with pytest.warns(DeprecationWarning, match=rf"{old} moved to {new}"):
+            moved = importlib.import_module(old)
+        assert moved is importlib.import_module(new), old
+    from lora_sam3d.training.checkpoint_io import AtomicCheckpointIO
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from lora_sam3d.checkpoint_io import AtomicCheckpointIO as stored  # type: ignore[import-not-found]
+    assert stored is AtomicCheckpointIO

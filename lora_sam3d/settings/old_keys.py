@@ -11,20 +11,26 @@ project's own history, no library knows it.
 from __future__ import annotations
 
 import copy
+import importlib
+import importlib.abc
+import importlib.util
 import io
+import sys
 import warnings
 from collections.abc import Mapping
+from importlib.machinery import ModuleSpec
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
-import torch
 import yaml
 
 __all__ = [
-    "CLASS_PATHS",
     "DATA_KEYS",
     "MODEL_KEYS",
+    "MODULES",
     "OLD_PREFIXES",
+    "MovedModules",
     "conflict_error",
     "first_layout",
     "get_path",
@@ -103,10 +109,31 @@ mapping. The stored `DataContract` keeps the old names (its keys map to the tree
 
 SECTIONS = {"model": MODEL_KEYS, "data": DATA_KEYS}
 
-CLASS_PATHS: dict[str, str] = {
-    "lora_sam3d.checkpoint_io.AtomicCheckpointIO": "lora_sam3d.training.checkpoint_io.AtomicCheckpointIO",
+MODULES: dict[str, str] = {
+    "lora_sam3d.module": "lora_sam3d.training.module",
+    "lora_sam3d.data.datamodule": "lora_sam3d.training.datamodule",
+    "lora_sam3d.data_link": "lora_sam3d.training.data_link",
+    "lora_sam3d.losses": "lora_sam3d.training.losses",
+    "lora_sam3d.checkpoint_io": "lora_sam3d.training.checkpoint_io",
+    "lora_sam3d.api": "lora_sam3d.predict.api",
+    "lora_sam3d.predictions": "lora_sam3d.predict.records",
+    "lora_sam3d.outputs": "lora_sam3d.predict.outputs",
+    "lora_sam3d.writers": "lora_sam3d.predict.files",
+    "lora_sam3d.report": "lora_sam3d.predict.report",
+    "lora_sam3d.adapters": "lora_sam3d.models.adapters.bank",
+    "lora_sam3d.models.adapter_files": "lora_sam3d.models.adapters.files",
+    "lora_sam3d.models.manifest": "lora_sam3d.models.adapters.manifest",
+    "lora_sam3d.latent": "lora_sam3d.models.latent",
+    "lora_sam3d.trainer_cli": "lora_sam3d.cli.trainer",
+    "lora_sam3d.errors": "lora_sam3d.cli.errors",
+    "lora_sam3d.old_keys": "lora_sam3d.settings.old_keys",
+    "lora_sam3d.config_tree": "lora_sam3d.settings.tree",
+    "lora_sam3d.atomic": "lora_sam3d.io.atomic",
+    "lora_sam3d.weights": "lora_sam3d.io.weights",
 }
-"""Class paths a stored ``config.yaml`` names that moved (the callbacks keep theirs: `lora_sam3d.callbacks`)."""
+"""Modules of the flat layout -> where they live now: ``import lora_sam3d.module`` (a script, or a
+stored config.yaml's ``class_path: lora_sam3d.checkpoint_io.AtomicCheckpointIO``) still works, with
+a DeprecationWarning (`MovedModules`; the callbacks keep their path, `lora_sam3d.callbacks`)."""
 
 OLD_PREFIXES = ("decoder.", "structure.")
 """State-dict prefixes of checkpoints written before the model moved under ``model.``."""
@@ -202,30 +229,14 @@ def upgrade(
 
 def upgrade_config(config: Mapping[str, Any], where: str) -> tuple[dict[str, Any], bool]:
     """A whole config (``model:``, ``data:``... sections) upgraded, and whether anything moved (one
-    warning for the file's keys; a moved class path is mapped silently, as a stored file names it)."""
+    warning for the file)."""
     out, moved = dict(config), []
     for section in SECTIONS:
         if isinstance(out.get(section), Mapping):
             out[section], more = _moved(section, out[section], where)
             moved += more
     _warn(where, moved)
-    out, renamed = _class_paths(out)
-    return out, bool(moved) or renamed
-
-
-def _class_paths(node: Any) -> tuple[Any, bool]:
-    """``node`` with every ``class_path`` of `CLASS_PATHS` renamed, and whether one was."""
-    if isinstance(node, Mapping):
-        pairs = [(k, _class_paths(v)) for k, v in node.items()]
-        out = {k: v for k, (v, _) in pairs}
-        renamed = any(r for _, (_, r) in pairs)
-        if isinstance(out.get("class_path"), str) and out["class_path"] in CLASS_PATHS:
-            out["class_path"], renamed = CLASS_PATHS[out["class_path"]], True
-        return out, renamed
-    if isinstance(node, list):
-        items = [_class_paths(v) for v in node]
-        return [v for v, _ in items], any(r for _, r in items)
-    return node, False
+    return out, bool(moved)
 
 
 def upgrade_state_dict(state: dict[str, Any]) -> dict[str, Any]:
@@ -240,6 +251,8 @@ def upgraded_checkpoint(path: Any) -> Any:
     """A checkpoint file for Lightning's loader: the path itself, or, when its hyper-parameters use
     the flat keys, an in-memory copy with them moved to the tree (silently: the file is not the
     user's to edit)."""
+    import torch
+
     if not isinstance(path, str | Path) or not Path(path).is_file():
         return path
     ckpt = torch.load(path, weights_only=True, map_location="cpu")
@@ -343,3 +356,27 @@ def first_layout(stored: Mapping[str, Any]) -> dict[str, Any]:
         "trainable": list(stored.get("trainable") or []),
         "design": stored.get("design"),
     }
+
+
+class MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Imports of a module of the flat layout (`MODULES`) give the module where it lives now, with a
+    DeprecationWarning naming it; installed once by ``import lora_sam3d``."""
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> ModuleSpec | None:
+        return importlib.util.spec_from_loader(fullname, self) if fullname in MODULES else None
+
+    def create_module(self, spec: ModuleSpec) -> ModuleType:
+        warnings.warn(
+            f"{spec.name} moved to {MODULES[spec.name]}: import it from there",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return importlib.import_module(MODULES[spec.name])
+
+    def exec_module(self, module: ModuleType) -> None:
+        """The module it gives is already imported."""
+
+    @classmethod
+    def install(cls) -> None:
+        if not any(isinstance(f, cls) for f in sys.meta_path):
+            sys.meta_path.append(cls())
