@@ -161,9 +161,9 @@ class BoxMask:
             affine, self.affine, atol=1e-6
         )
 
-    def full(self) -> np.ndarray:
-        """The mask on the whole grid."""
-        out = np.zeros(self.shape, dtype=bool)
+    def full(self, dtype: type = bool) -> np.ndarray:
+        """The mask on the whole grid (as ``dtype``: a file's uint8 is made once, not converted)."""
+        out = np.zeros(self.shape, dtype=dtype)
         lo, hi = self.origin, self.origin + np.asarray(self.box.shape)
         out[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = self.box
         return out

@@ -112,13 +112,13 @@ def label_values_present(data: np.ndarray) -> list[int]:
         return [1] if data.any() else []
     if data.size and data.dtype.kind in "iu":
         low, high = int(data.min()), int(data.max())
-        if low >= 0 and high <= 1:  # a binary mask, the common case: two passes, no count
+        if low >= 0 and high <= 1:  # a binary mask, the common case: no count
             return [1] if high else []
-    if data.size and data.dtype.kind in "iu" and int(data.min()) >= 0 and int(data.max()) < 1 << 16:
-        flat, seen = data.reshape(-1), np.zeros(int(data.max()) + 1, dtype=bool)
-        for start in range(0, flat.size, 1 << 22):  # in chunks: bincount copies to 8-byte integers
-            seen |= np.bincount(flat[start : start + (1 << 22)], minlength=seen.size) > 0
-        return [int(v) for v in np.flatnonzero(seen) if v]
+        if low >= 0 and high < 1 << 16:
+            flat, seen = data.reshape(-1), np.zeros(high + 1, dtype=bool)
+            for start in range(0, flat.size, 1 << 22):  # in chunks: bincount copies to 8-byte integers
+                seen |= np.bincount(flat[start : start + (1 << 22)], minlength=seen.size) > 0
+            return [int(v) for v in np.flatnonzero(seen) if v]
     return [int(v) for v in np.unique(data) if v]
 
 

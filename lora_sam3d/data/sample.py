@@ -47,8 +47,8 @@ def native_box(
     at voxel ``origin`` that holds the structure: ``gt`` (bool) on the grid's box that holds both
     the structure and the frame, that box's ``affine`` (voxel -> world mm), the per-axis
     ``spacing_mm`` (3,) of the grid, and where the box sits on it (``origin`` (3,), the grid's
-    ``shape``): the prediction voxelised on the box is the prediction on the whole grid, since
-    outside the frame it is empty by construction."""
+    ``shape`` and ``grid_affine``): the prediction voxelised on the box is the prediction on the
+    whole grid, since outside the frame it is empty by construction."""
     origin = np.asarray(origin, dtype=int)
     frame_lo, frame_hi = frame_box(frame_to_world, affine, shape)
     lo, hi = np.minimum(frame_lo, origin), np.maximum(frame_hi, origin + crop.shape)
@@ -67,6 +67,7 @@ def native_box(
         "spacing_mm": np.linalg.norm(affine[:3, :3], axis=0),
         "origin": lo,
         "shape": np.asarray(shape[:3], dtype=int),
+        "grid_affine": np.asarray(affine, dtype=float),
     }
 
 

@@ -179,8 +179,8 @@ class Reconstructor(nn.Module):
         )
 
     def set_band(self, **fields: Any) -> None:
-        """Change the band (``margin=2``: a wider band at inference); the rest of the config is fixed
-        by the weights, the band is not (every setting of ``model.band`` still has one name)."""
+        """Change ``model.band`` (``margin=2``: a wider band at inference), the one group the weights
+        do not fix; the config stays the one place the model reads it from."""
         self.config = replace(self.config, band=replace(self.config.band, **fields))
 
     @property

@@ -31,10 +31,10 @@ def mask_on_source_grid(
     """
     src = nib.load(str(source_image))
     shape, affine = src.shape[:3], src.affine
-    on_scan = scored.full() if scored is not None and scored.on(affine, shape) else None
-    if on_scan is None:
-        on_scan = sdf_on_grid(sdf, frame_to_world, affine, shape)
-    out = on_scan.astype(np.uint8)
+    if scored is not None and scored.on(affine, shape):
+        out = scored.full(np.uint8)
+    else:
+        out = sdf_on_grid(sdf, frame_to_world, affine, shape).astype(np.uint8)
     img = nib.Nifti1Image(out, affine)
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)

@@ -136,9 +136,7 @@ def score_batch(
         values = sample_metrics(
             pred, native["gt"], native["spacing_mm"], tolerance_mm, mesh.vertices, truth.vertices
         )
-        grid = native["affine"].copy()  # the truth's whole grid: the box's affine moved back to its origin
-        grid[:3, 3] -= grid[:3, :3] @ native["origin"]
-        on_scan = BoxMask(pred, np.asarray(native["origin"]), tuple(native["shape"]), grid)
+        on_scan = BoxMask(pred, np.asarray(native["origin"]), tuple(native["shape"]), native["grid_affine"])
         out.append(Scored(mesh, truth, values | {"drawn_dice": drawn[i]}, on_scan))
     return out
 
