@@ -27,6 +27,7 @@ __all__ = [
     "marching_cubes",
     "mask_signed_distance",
     "mask_surface",
+    "sdf_on_box",
     "sdf_on_grid",
     "signed_distance_mm",
 ]
@@ -110,7 +111,7 @@ def marching_cubes(sdf_grid: torch.Tensor | np.ndarray, level: float = 0.0) -> M
     """Surface ``sdf == level`` of a (V, V, V) vertex grid, in frame coordinates [-0.5, 0.5]^3.
 
     Vertex i of the grid sits at ``i / (V - 1) - 0.5``. Returns an empty mesh when the grid has no
-    crossing (everything inside or outside).
+    crossing (everything inside or outside). The surface is closed where it reaches the grid's edge.
     """
     from skimage.measure import marching_cubes as skimage_marching_cubes
 
@@ -125,11 +126,15 @@ def marching_cubes(sdf_grid: torch.Tensor | np.ndarray, level: float = 0.0) -> M
         empty = np.zeros((0, 3), dtype=np.float32)
         return Mesh(empty, np.zeros((0, 3), dtype=np.int64), empty)
     step = 1.0 / (grid.shape[0] - 1)
+    # a border of outside values: a surface that reaches the grid's edge is closed there, so every
+    # mesh is watertight (its vertices shift back by the border's one step)
+    grid = np.pad(grid, 1, constant_values=max(float(grid.max()), level + step))
     # skimage's default ('descent') winds faces counter-clockwise seen from outside for an SDF
     # that is negative inside; its normals point down the gradient (inward), so flip them.
     verts, faces, normals, _ = skimage_marching_cubes(grid, level=level, spacing=(step, step, step))
     normals = -normals
-    return Mesh((verts - 0.5).astype(np.float32), faces.astype(np.int64), normals.astype(np.float32))
+    verts = np.clip(verts - 0.5 - step, -0.5, 0.5)  # a surface closed at the edge lies on the frame's face
+    return Mesh(verts.astype(np.float32), faces.astype(np.int64), normals.astype(np.float32))
 
 
 def frame_box(
@@ -160,6 +165,29 @@ class BoxMask:
         return tuple(int(s) for s in shape[:3]) == tuple(self.shape) and np.allclose(
             affine, self.affine, atol=1e-6
         )
+
+    def paint(self, axis: int, index: int, plane: np.ndarray) -> None:
+        """Set the grid's slice ``index`` normal to ``axis`` to ``plane`` (the slice's whole 2D mask,
+        the grid's other two axes in order), in place, where the box holds that slice: a drawing
+        replaces what was predicted on its own slice."""
+        k = index - int(self.origin[axis])
+        if not 0 <= k < self.box.shape[axis]:
+            return
+        p, q = (a for a in range(3) if a != axis)
+        lo, hi = self.origin, self.origin + np.asarray(self.box.shape)
+        crop = np.asarray(plane, dtype=bool)[lo[p] : hi[p], lo[q] : hi[q]]
+        take: list[Any] = [slice(None)] * 3
+        take[axis] = k
+        self.box[tuple(take)] = crop
+
+    def holds(self, axis: int, plane: np.ndarray) -> bool:
+        """Whether every voxel of a slice mask ``plane`` normal to ``axis`` lies in the box's span."""
+        p, q = (a for a in range(3) if a != axis)
+        lo, hi = self.origin, self.origin + np.asarray(self.box.shape)
+        plane = np.asarray(plane, dtype=bool)
+        outside = plane.copy()
+        outside[lo[p] : hi[p], lo[q] : hi[q]] = False
+        return not outside.any()
 
     def full(self, dtype: type = bool) -> np.ndarray:
         """The mask on the whole grid (as ``dtype``: a file's uint8 is made once, not converted)."""
@@ -204,33 +232,45 @@ def _separable(
 def sdf_on_grid(
     sdf: np.ndarray, frame_to_world: np.ndarray, affine: np.ndarray, shape: tuple[int, ...]
 ) -> np.ndarray:
-    """(shape) bool: the inside (SDF < 0) of a vertex SDF grid voxelised on another voxel grid.
+    """(shape) bool: the inside (SDF < 0) of a vertex SDF grid voxelised on another voxel grid
+    (`sdf_on_box` on the frame's box, placed on the whole grid)."""
+    return sdf_on_box(sdf, frame_to_world, affine, shape).full()
+
+
+def sdf_on_box(
+    sdf: np.ndarray,
+    frame_to_world: np.ndarray,
+    affine: np.ndarray,
+    shape: tuple[int, ...],
+    box: tuple[np.ndarray, np.ndarray] | None = None,
+) -> BoxMask:
+    """The inside (SDF < 0) of a vertex SDF grid voxelised on another voxel grid, held on ``box``
+    ((lo, hi) voxel bounds, hi exclusive; default the frame's box, outside which it is empty).
 
     ``affine`` maps that grid's voxel indices to world mm (e.g. a source scan's, any spacing or
     orientation); each voxel centre is mapped into the frame and the SDF read trilinearly there;
-    voxels outside the frame are outside. Only the frame's bounding box of the grid is computed.
-    A grid whose axes lie along the frame's (any order and direction: scans as they are stored)
-    is read axis by axis (`_separable`); an oblique one by scipy's ``affine_transform``.
+    voxels outside the frame are outside. A grid whose axes lie along the frame's (any order and
+    direction: scans as they are stored) is read axis by axis (`_separable`); an oblique one by
+    scipy's ``affine_transform``.
     """
     shape = tuple(int(a) for a in shape[:3])
-    out = np.zeros(shape, dtype=bool)
-    lo, hi = frame_box(frame_to_world, affine, shape)
-    if np.any(hi <= lo):
-        return out
-
+    lo, hi = frame_box(frame_to_world, affine, shape) if box is None else box
+    lo, hi = np.asarray(lo, dtype=int), np.maximum(np.asarray(hi, dtype=int), lo)
+    size = tuple(int(v) for v in hi - lo)
+    grid_affine = np.asarray(affine, dtype=float)
+    if min(size) == 0:
+        return BoxMask(np.zeros(size, dtype=bool), lo, shape, grid_affine)  # type: ignore[arg-type]
     n = sdf.shape[0] - 1
     to_frame = np.linalg.inv(frame_to_world) @ affine
     matrix = n * to_frame[:3, :3]  # box voxel -> SDF index
     offset = n * (to_frame[:3, :3] @ lo.astype(float) + to_frame[:3, 3] + 0.5)
-    size = tuple(int(v) for v in hi - lo)
     values = _separable(sdf, matrix, offset, size)
     if values is None:  # an oblique grid: the general transform
         values = ndimage.affine_transform(
             np.asarray(sdf, dtype=np.float32), matrix, offset=offset, output_shape=size, order=1,
             mode="constant", cval=1.0,
         )  # fmt: skip
-    out[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = values < 0
-    return out
+    return BoxMask(values < 0, lo, shape, grid_affine)  # type: ignore[arg-type]
 
 
 def mask_surface(mask: np.ndarray, affine: np.ndarray) -> Mesh:

@@ -19,6 +19,7 @@ __all__ = [
     "CONTEXT_CHANNELS",
     "Batch",
     "Evidence",
+    "RequestNotes",
     "Sample",
     "SampleInfo",
     "Targets",
@@ -35,6 +36,24 @@ def _pick(value: Any, idx: list[int]) -> Any:
     return value[idx] if isinstance(value, torch.Tensor) else [value[i] for i in idx]
 
 
+@dataclass
+class RequestNotes:
+    """What a request on a new scan carries beside its evidence, for its outputs.
+
+    Attributes:
+        modality: how its scan was read (``ct`` or ``mr``; `lora_sam3d.data.volume.read_modality`).
+        drawing: each drawn slice on the scan's own grid: (file axis, file index, 2D bool mask), so
+            the mask written there is the drawing itself.
+        all_pieces: keep every piece of the prediction (default: only those touching the drawing).
+        beyond_scan: keep the surface past the scan's field of view (default: cut and closed there).
+    """
+
+    modality: str | None = None
+    drawing: list[tuple[int, int, np.ndarray]] | None = None
+    all_pieces: bool = False
+    beyond_scan: bool = False
+
+
 class Sample(TypedDict, total=False):
     """One dataset item: K views (K varies by sample; `collate` pads), the frame, and what names and
     scores it. Every key is read by `collate`; the view keys are `Evidence`'s fields of one sample.
@@ -49,6 +68,7 @@ class Sample(TypedDict, total=False):
         scored_against: "truth" or "request mask"; case_id, class_name, source_image, slice_name:
             names; class_index: () int64; file_index: a request's first slice in its file.
         shown_image: (K, S, S) the views as a person sees them, when the model reads them relative.
+        request: a request's `RequestNotes` (absent for a split's sample).
     """
 
     view_image: torch.Tensor
@@ -72,6 +92,7 @@ class Sample(TypedDict, total=False):
     slice_name: str
     file_index: int | None
     shown_image: torch.Tensor
+    request: RequestNotes
 
 
 R = TypeVar("R", bound="_Record")
@@ -177,6 +198,7 @@ class SampleInfo(_Record):
         shown_image: per sample, its views' (K, S, S) intensities as the scan has them when the
             model reads them otherwise (``data.context.reading: relative``), for what people are
             shown (report, previews); None where the model reads the scan's own.
+        request: per sample, a request's `RequestNotes`, or None (a split's sample).
     """
 
     case_id: list[str]
@@ -187,6 +209,7 @@ class SampleInfo(_Record):
     file_index: list[int | None] | None = None
     scan_read: list[bool] | None = None
     shown_image: list[torch.Tensor | None] | None = None
+    request: list[RequestNotes | None] | None = None
 
 
 @dataclass
@@ -289,5 +312,6 @@ def collate(samples: list[Sample]) -> Batch:
         file_index=[s.get("file_index") for s in samples],
         scan_read=[s.get("context") is not None for s in samples],
         shown_image=[s.get("shown_image") for s in samples],
+        request=[s.get("request") for s in samples],
     )
     return Batch(evidence, targets, info)

@@ -761,7 +761,8 @@ RUN_CASES: dict[str, tuple[Callable[[Setup], list[str]], str]] = {
     ),
     "checkpoint without stored data settings": (
         lambda s: predict_items(s, "p10", ckpt=broken_copy(s, s.ckpt, "p10", no_contract), root=None),
-        r"predict item 1 .*: class 'heart_myocardium' has no frame extent; known: \[\] \(set data\.frame\.extent_mm",
+        r"predict item 1 .*: class 'heart_myocardium' has no frame extent; known: \[\] \(give it one: data\.frame\.extent_mm in a config, "
+        r"reconstruct\(\.\.\., extent_mm=\{'heart_myocardium': mm\}\) in Python",
     ),
     # users' own files and folders
     "predict into a folder an earlier predict wrote": (

@@ -125,7 +125,8 @@ def test_a_scan_unlike_the_model_s_modality_is_named(tmp_path: Path) -> None:
     item = {"image": str(case / "mr.nii.gz"), "mask": str(case / "segmentations" / "ball.nii.gz"),
             "class_name": "ball", "axis": "axial", "index": 16}  # fmt: skip
     with pytest.warns(
-        UserWarning, match=r"mr\.nii\.gz: 100% of its voxels lie above the CT window's top \(400 HU\)"
+        UserWarning,
+        match=r"mr\.nii\.gz: read as CT \(data.preprocessing.modality: ct\); 100% of its voxels lie above the CT window.s top \(400 HU\)",
     ):
         requests([item])
     with pytest.raises(DataError, match=r"100% of its voxels .*intensity_check: error refuses it"):

@@ -8,6 +8,7 @@ paths or settings print one line (`lora_sam3d.cli.errors`; set LORA_SAM3D_DEBUG=
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import stat
 import sys
@@ -266,12 +267,24 @@ def _is_devnull(stream: TextIO) -> bool:
     return (now.st_dev, now.st_ino) == (null.st_dev, null.st_ino)
 
 
+def _show_log() -> None:
+    """The package's own log lines (how each scan was read, ...) on stderr, as Lightning's are shown."""
+    log = logging.getLogger("lora_sam3d")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     explicit = argv is not None
     argv = list(argv) if explicit else sys.argv[1:]
     try:
         if argv and argv[0] in TRAINER_COMMANDS:
             _check_yaml(argv)
+            _show_log()
             was_pipe = _is_pipe(sys.stdout)
             try:
                 _lightning_cli(argv if explicit else None)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from lightning.pytorch.cli import LightningCLI
 
 from lora_sam3d.cli.errors import error_line
@@ -36,11 +37,16 @@ def decoder_resolution(decoder: dict[str, Any] | None) -> int:
     return int({**TINY_DECODER, **(decoder or {})}["resolution"])
 
 
-def adopt_data_settings(data_cfg: Any, stored: dict[str, Any], source: str) -> None:
+def adopt_data_settings(
+    data_cfg: Any, stored: dict[str, Any], source: str, set_keys: frozenset[str] = frozenset()
+) -> None:
     """Outside ``fit``, the stored preprocessing defines how scans are read: a setting the config
     leaves at its default takes the stored value (so ``config.yaml`` says what ran); one the config
     sets to another value is refused, naming both, since the model was trained on the stored one.
-    ``stored`` is a `DataContract` dict; its keys' places in the data section are `DATA_KEYS`."""
+    A model that reads scans relative to the marked tissue is given the scan's units asked for
+    (``modality``, ``ct_window_hu``; ``set_keys``: the data keys the command line or a config file
+    sets, so a value equal to the default is obeyed too). ``stored`` is a `DataContract` dict;
+    its keys' places in the data section are `DATA_KEYS`."""
     defaults = DataSettings().to_dict()
     trained = stored.get("views") or 1  # models written before several views existed saw one
     asked = data_cfg.get("views.count") or 1  # a request's slices are counted once their masks are read
@@ -60,9 +66,10 @@ def adopt_data_settings(data_cfg: Any, stored: dict[str, Any], source: str) -> N
         )
         if given == want:
             continue
-        if key in SCAN_UNITS and stored.get("context_reading") == "relative" and given != default:
+        given_here = given != default or path in set_keys  # a default nobody asked for is not refused
+        if key in SCAN_UNITS and stored.get("context_reading") == "relative" and given_here:
             continue  # a relative reader reads another modality or window through its own statistics
-        if given != default:
+        if given_here:
             raise ValueError(
                 f"data.{path} is {given!r} but {source} was trained with {want!r}: a model reads scans the way "
                 f"it was trained; remove data.{path} from the config or command line"
@@ -118,10 +125,22 @@ class LoRASAM3DCLI(LightningCLI):
     def parse_arguments(self, parser: Any, args: Any) -> None:
         """LightningCLI's parsing, keeping the command line's own options (`_check_against` reads them)."""
         given = sys.argv[1:] if args is None else args
-        self._given = [
-            a.partition("=")[0][2:] for a in given if isinstance(a, str) and a.startswith("--model.")
-        ]
+        options = [a.partition("=")[0][2:] for a in given if isinstance(a, str) and a.startswith("--")]
+        self._given = [a for a in options if a.startswith("model.")]
+        self._given_data = {a.removeprefix("data.") for a in options if a.startswith("data.")}
         super().parse_arguments(parser, args)
+
+    def _asked_data_keys(self, cfg: Any) -> frozenset[str]:
+        """The data keys (``preprocessing.modality``, ...) the command line or a config file sets."""
+        asked = set(getattr(self, "_given_data", ()))
+        for path in cfg.get("config") or []:
+            try:
+                tree = yaml.safe_load(Path(str(path)).read_text()) or {}
+            except (OSError, yaml.YAMLError):
+                continue
+            if isinstance(tree, dict) and isinstance(tree.get("data"), dict):
+                asked |= set(flatten(tree["data"]))
+        return frozenset(asked)
 
     def _check_against(self, model: Any, hparams: dict[str, Any], path: str) -> None:
         """A model setting that contradicts ``--ckpt_path``'s own: refused when the command line gives
@@ -211,7 +230,7 @@ class LoRASAM3DCLI(LightningCLI):
         else:
             data, source = getattr(self, "_stored_data", None) or (None, "")
         if data:
-            adopt_data_settings(cfg.data, data, source)
+            adopt_data_settings(cfg.data, data, source, self._asked_data_keys(cfg))
         base = cfg.model.get("base.checkpoint")
         if base and not base.startswith("builtin:") and not Path(base).is_file() and source:
             raise FileNotFoundError(

@@ -186,7 +186,8 @@ class ContextSettings:
     Args:
         source: ``volume``: each sample also carries the scan itself resampled into the frame
             (`lora_sam3d.data.frame.sample_context`), for a model that reads it
-            (``model.context.read``); ``none``: the slices only.
+            (``model.context.read``); ``none``: the slices only; left out (null): as the model was
+            trained when predicting with a trained model (its checkpoint or adapter says), else none.
         dropout: with ``source: volume``, the share of training samples whose context is blanked
             (read as "no scan"), so one adapter serves requests with and without it.
         reading: ``absolute``: the scan's normalised intensity (CT window, MR percentiles);
@@ -196,12 +197,12 @@ class ContextSettings:
     """
 
     GROUP = "context"
-    source: Context = "none"
+    source: Context | None = None
     dropout: float = 0.25
     reading: Reading = "absolute"
 
     def __post_init__(self) -> None:
-        _check(self, "source", self.source in CONTEXTS, " or ".join(CONTEXTS))
+        _check(self, "source", self.source is None or self.source in CONTEXTS, " or ".join(CONTEXTS))
         _check(self, "dropout", _fraction(self.dropout), "a fraction in [0, 1]")
         _check(self, "reading", self.reading in READINGS, " or ".join(READINGS))
 

@@ -33,13 +33,15 @@ __all__ = [
     "INTENSITY_SHARE",
     "IsotropicGrid",
     "LabelVolume",
+    "ModalityReading",
     "Preprocessing",
     "Volume",
-    "intensity_mismatch",
     "load_image",
     "load_labels",
     "load_volume",
+    "modality_line",
     "normalise",
+    "read_modality",
 ]
 
 
@@ -101,54 +103,112 @@ class Preprocessing:
         object.__setattr__(self, "mr_percentiles", tuple(float(v) for v in self.mr_percentiles))
 
     def modality_of(self, path: str | Path, image: np.ndarray) -> Literal["ct", "mr"]:
-        """How the scan ``path`` is read: ``modality`` itself, or with ``auto`` what the file says:
-        TotalSegmentator's ``ct.nii.gz`` / ``mri.nii.gz`` (a name beginning ``ct`` or ``mr``), else
-        its voxels: CT when at least 1% of them lie at or below -500 (air and lung in Hounsfield units,
-        which no MR magnitude, nor a z-scored MR, reaches), else MR."""
-        if self.modality != "auto":
-            return self.modality
-        name = Path(path).name.lower()
-        if name.startswith(("mr", "t1", "t2")):
-            return "mr"
-        if name.startswith("ct"):
-            return "ct"
-        return "ct" if float((image <= -500).mean()) >= 0.01 else "mr"
+        """How the scan ``path`` is read (`read_modality`'s choice)."""
+        return read_modality(self, path, image, doubt=False).modality
 
+
+AIR_HU = -500.0
+"""Air and lung in Hounsfield units lie at or below this; no MR magnitude, nor a z-scored MR, does."""
+
+AIR_SHARE = 0.01
+"""With ``modality: auto``, a scan with at least this share of air voxels (`AIR_HU`) is read as CT."""
 
 INTENSITY_SHARE = 0.5
 """A scan with more than this share of its voxels above the CT window's top, read as CT, is
-probably not in Hounsfield units (`intensity_mismatch`)."""
+probably not in Hounsfield units (`read_modality`)."""
+
+HU_SPAN = 100.0
+"""A CT in Hounsfield units spans hundreds of HU between its 0.5th and 99.5th percentiles (fat,
+water, bone); a scan spanning less is in other units (0..1-normalised, z-scored)."""
 
 
-def intensity_mismatch(image: np.ndarray, prep: Preprocessing, path: str | Path) -> str | None:
-    """Why ``image`` looks unlike what ``prep`` reads, or None. As CT: more than `INTENSITY_SHARE`
-    of the voxels above the window's top (an MR range such as 0..4000 clipped to white; a real CT
-    has air below the window and little above it). As MR: a tenth or more of the voxels negative
-    (MR magnitudes are not; Hounsfield units are)."""
-    if prep.modality == "auto":
-        return None  # each scan is read as what it looks like
-    if prep.modality == "ct":
+@dataclass(frozen=True)
+class ModalityReading:
+    """How one scan is read and why: ``modality`` (``ct`` or ``mr``), ``why`` (the rule that chose it,
+    for the log) and ``doubt`` (why that may be wrong: the values contradict the file name or the
+    setting, or the rule was close; None when nothing does)."""
+
+    modality: Literal["ct", "mr"]
+    why: str
+    doubt: str | None = None
+
+
+def read_modality(
+    prep: Preprocessing, path: str | Path, image: np.ndarray, doubt: bool = True
+) -> ModalityReading:
+    """The modality ``prep`` reads ``path`` as. ``modality: ct`` or ``mr`` is obeyed; ``auto`` takes
+    TotalSegmentator's file names (``ct.nii.gz`` / ``mri.nii.gz``: a name beginning ``ct``, or ``mr``,
+    ``t1``, ``t2``), else the values: CT when at least `AIR_SHARE` of the voxels lie at or below
+    `AIR_HU`. Values that contradict the choice, or a share of air near the threshold, are the doubt
+    (looked for unless ``doubt`` is False)."""
+    name = Path(path).name
+    named = prep.modality == "auto" and name.lower().startswith(("mr", "t1", "t2", "ct"))
+    air = float((image <= AIR_HU).mean()) if doubt or not (named or prep.modality != "auto") else 0.0
+    if prep.modality != "auto":
+        modality, why = prep.modality, f"data.preprocessing.modality: {prep.modality}"
+    elif name.lower().startswith(("mr", "t1", "t2")):
+        modality, why = "mr", f"modality: auto, by its file name {name}"
+    elif name.lower().startswith("ct"):
+        modality, why = "ct", f"modality: auto, by its file name {name}"
+    else:
+        modality = "ct" if air >= AIR_SHARE else "mr"
+        why = f"modality: auto, by its values: {air:.2%} of voxels at or below {AIR_HU:g} HU, CT from {AIR_SHARE:.0%}"
+    if not doubt:
+        return ModalityReading(modality, why)
+    return ModalityReading(modality, why, _doubt(prep, image, modality, air, "file name" in why))
+
+
+def _doubt(prep: Preprocessing, image: np.ndarray, modality: str, air: float, named: bool) -> str | None:
+    """Why reading ``image`` as ``modality`` may be wrong (`read_modality`), or None."""
+    auto = prep.modality == "auto"
+    if modality == "ct":
         share = float((image > prep.ct_window_hu[1]).mean())
         if share > INTENSITY_SHARE:
             return (
-                f"image {path}: {share:.0%} of its voxels lie above the CT window's top "
-                f"({prep.ct_window_hu[1]:g} HU) and read as white: the model reads scans as CT in "
-                f"Hounsfield units (window {prep.ct_window_hu[0]:g}..{prep.ct_window_hu[1]:g}); is this an MR "
-                "or a rescaled image?"
+                f"{share:.0%} of its voxels lie above the CT window's top ({prep.ct_window_hu[1]:g} HU) and "
+                f"read as white: is this an MR or a rescaled image?"
             )
-    elif (share := float((image < 0).mean())) >= 0.1:
+        low, high = (float(v) for v in np.percentile(image.ravel()[::7], [0.5, 99.5]))
+        if high - low < HU_SPAN:
+            return (
+                f"its values span {low:.3g}..{high:.3g} (0.5th..99.5th percentile), not the hundreds of "
+                "Hounsfield units of a CT: is it normalised (0..1, z-scored) or an MR?"
+            )
+        if auto and named and air == 0.0:
+            return f"its file name says CT but no voxel lies at or below {AIR_HU:g} HU (air): is it an MR?"
+        if auto and not named and air < 4 * AIR_SHARE:
+            return (
+                f"only {air:.2%} of its voxels are air, close to the {AIR_SHARE:.0%} the rule reads CT from"
+            )
+        return None
+    if air >= AIR_SHARE:
         return (
-            f"image {path}: {share:.0%} of its voxels are negative, as in Hounsfield units, but the "
-            "model reads scans as MR (percentile scaling): is this a CT?"
+            f"{air:.0%} of its voxels lie at or below {AIR_HU:g}, as air in Hounsfield units: is this a CT?"
         )
+    if auto and (negative := float((image < 0).mean())) >= 0.1:
+        return f"{negative:.0%} of its voxels are negative (a z-scored MR?)"
+    if auto and not named and air >= AIR_SHARE / 4:
+        return f"{air:.2%} of its voxels are air, close to the {AIR_SHARE:.0%} the rule reads CT from"
     return None
+
+
+def modality_line(path: str | Path, reading: ModalityReading) -> str:
+    """The log's line for one scan: what it was read as, why, and the doubt if any."""
+    line = f"image {path}: read as {reading.modality.upper()} ({reading.why})"
+    if reading.doubt:
+        line += f"; {reading.doubt}"
+        if "auto" in reading.why:
+            line += " If so, give data.preprocessing.modality: ct or mr"
+    return line
 
 
 def normalise(image: np.ndarray, prep: Preprocessing, path: Path) -> np.ndarray:
     if not np.isfinite(image).all():
         bad = int((~np.isfinite(image)).sum())
         raise DataError(f"image {path} has {bad} NaN/inf voxels: expected finite intensities")
-    if prep.modality_of(path, image) == "ct":  # float32 arithmetic, in place: a real CT is 80M voxels
+    if (
+        read_modality(prep, path, image).modality == "ct"
+    ):  # float32 arithmetic, in place: a real CT is 80M voxels
         low, high = (float(v) for v in prep.ct_window_hu)
         out = np.subtract(image, np.float32(low), dtype=np.float32)
         out /= np.float32(high - low)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from lora_sam3d.inputs import Evidence
 from lora_sam3d.models.latent import PLANE_AXES
 
-__all__ = ["DRAWING_WIDTH", "drawn_dice", "keep_drawing"]
+__all__ = ["DRAWING_WIDTH", "drawn_dice", "drawn_on_vertex_planes", "keep_drawing"]
 
 DRAWING_WIDTH = 1.0
 """How far (grid cells, a Gaussian's sigma) a drawn slice's contour reaches into the predicted SDF."""
@@ -56,6 +56,18 @@ def _on_plane(sdf: torch.Tensor, axis: int, offset: float) -> torch.Tensor:
     low = min(int(pos), n - 1)
     f = pos - low
     return (1 - f) * sdf.select(axis, low) + f * sdf.select(axis, low + 1)
+
+
+def drawn_on_vertex_planes(evidence: Evidence, i: int, n: int) -> list[tuple[torch.Tensor, list[int], int]]:
+    """Sample ``i``'s valid views on an (n+1)^3 vertex grid: per view, its drawn mask at the grid's
+    in-plane points (n+1, n+1), the vertex slices its plane lies between, and its axis."""
+    out = []
+    for k in torch.nonzero(evidence.valid[i]).flatten().tolist():
+        axis, offset = int(evidence.axis[i, k]), float(evidence.offset[i, k])
+        pos = min(max((offset + 0.5) * n, 0.0), float(n))
+        low = min(int(pos), n - 1)
+        out.append((_drawn_on_grid(evidence.distance[i, k], axis, n) < 0, [low, low + 1], axis))
+    return out
 
 
 def keep_drawing(sdf: torch.Tensor, evidence: Evidence, width: float = 1.0) -> torch.Tensor:
@@ -98,7 +110,7 @@ def keep_drawing(sdf: torch.Tensor, evidence: Evidence, width: float = 1.0) -> t
 def drawn_dice(sdf: torch.Tensor, evidence: Evidence) -> list[float]:
     """Per sample, the Dice between the predicted mask on each drawn plane and the drawn mask there,
     pooled over the sample's valid views (the predicted SDF read trilinearly at the view's pixel
-    centres). What the user sees first, and needs no truth."""
+    centres). What the user sees first, and needs no truth. An empty prediction scores 0."""
     size = evidence.mask.shape[-1]
     c = ((torch.arange(size, device=sdf.device, dtype=torch.float32) + 0.5) / size - 0.5) * 2
     gp, gq = torch.meshgrid(c, c, indexing="ij")
@@ -115,5 +127,6 @@ def drawn_dice(sdf: torch.Tensor, evidence: Evidence) -> list[float]:
             pred, mask = value[0, 0, 0] < 0, evidence.mask[i, k].to(sdf.device)
             inter += float((pred & mask).sum())
             total += float(pred.sum() + mask.sum())
-        out.append(2 * inter / total if total else 1.0)
+        empty = not bool((sdf[i] < 0).any())  # nothing predicted agrees with no drawing
+        out.append(0.0 if empty else (2 * inter / total if total else 1.0))
     return out

@@ -76,6 +76,9 @@ def reconstruct(
     smooth_iterations: int = 10,
     nsd_tolerance_mm: float = 3.0,
     context: bool | str | None = None,
+    all_pieces: bool = False,
+    beyond_scan: bool = False,
+    extent_mm: Mapping[str, float] | None = None,
 ) -> Reconstructed:
     """Reconstruct ``class_name`` in ``image`` from its ``mask`` on one slice (``axis`` with ``index`` or
     ``position_mm``, as a viewer numbers it) or on several (``slices``: ``[{"axis": "axial", "index":
@@ -87,25 +90,21 @@ def reconstruct(
     not carry it. ``smooth_iterations``: the writer's Taubin smoothing of the mesh (0: none).
     ``context``: read the scan around the slices: ``True`` or ``"volume"`` (the YAML's spelling),
     ``False`` or ``"none"``, or None (when the model reads context, as it was trained); asking for
-    the scan with a model that does not read it is an error.
+    the scan with a model that does not read it is an error. ``all_pieces``: keep the pieces of
+    the prediction that touch no drawn mask (removed by default, counted in
+    ``prediction.pieces_removed``); ``beyond_scan``: keep the surface past the scan's field of
+    view (cut and closed there by default, as the mask is). ``extent_mm``: a class's frame
+    extent (mm; as ``data.frame.extent_mm``), for a class the model stores none of.
     """
-    data = data if data is not None else getattr(model, "data_contract", None)
-    network = getattr(model, "model", model)
-    if not isinstance(network, Reconstructor):
-        raise TypeError(
-            f"reconstruct: model must be a Reconstructor or a LoRAMeshDecoderModule, got {type(model)}"
-        )
-    if data is None:
-        raise ValueError(
-            "reconstruct: the model carries no data settings (classes' frame extents, spacing, ...): "
-            "load it with Reconstructor.from_adapter or from a checkpoint, or give data="
-        )
+    network, contract = _model_and_contract(model, data)
     item = PredictItem(
         str(image), str(mask), class_name, axis, index, position_mm, label_value, slices and list(slices)
     )
-    contract = data if isinstance(data, DataContract) else DataContract.from_dict(data)
     use = _reads_scan(context, network.config.context.read)
-    requests = PredictionDataset.from_settings([item], contract, context="volume" if use else "none")
+    requests = PredictionDataset.from_settings(
+        [item], contract, extent_mm, context="volume" if use else "none", all_pieces=all_pieces,
+        beyond_scan=beyond_scan,
+    )  # fmt: skip
     requests.check_view_counts(contract.views, None)
     batch = collate([requests[0]])
     was_training = network.training
@@ -119,3 +118,21 @@ def reconstruct(
     surface = record.mesh.smoothed(smooth_iterations)
     on_scan = mask_on_source_grid(record.sdf, record.frame_to_world, record.source_image, record.on_scan)
     return Reconstructed(record.stem, surface, on_scan, record)
+
+
+def _model_and_contract(
+    model: Any, data: DataContract | Mapping[str, Any] | None
+) -> tuple[Reconstructor, DataContract]:
+    """The network of ``model`` and how it reads scans (``data``, else what the model carries)."""
+    data = data if data is not None else getattr(model, "data_contract", None)
+    network = getattr(model, "model", model)
+    if not isinstance(network, Reconstructor):
+        raise TypeError(
+            f"reconstruct: model must be a Reconstructor or a LoRAMeshDecoderModule, got {type(model)}"
+        )
+    if data is None:
+        raise ValueError(
+            "reconstruct: the model carries no data settings (classes' frame extents, spacing, ...): "
+            "load it with Reconstructor.from_adapter or from a checkpoint, or give data="
+        )
+    return network, data if isinstance(data, DataContract) else DataContract.from_dict(data)

@@ -25,7 +25,8 @@ def mask_on_source_grid(
 ) -> nib.Nifti1Image:
     """The predicted inside (SDF < 0) resampled onto the source scan's own voxel grid, uint8.
 
-    Only the header of the source is read (shape and affine); see `sdf_on_grid`. ``scored``: the
+    Only the header of the source is read (shape, affine, its qform and sform codes, kept); see
+    `sdf_on_grid`. ``scored``: the
     prediction as it was scored (`Prediction.on_scan`); when it lies on the scan's grid it is the
     mask (computed once per request), else the mask is voxelised here.
     """
@@ -36,8 +37,10 @@ def mask_on_source_grid(
     else:
         out = sdf_on_grid(sdf, frame_to_world, affine, shape).astype(np.uint8)
     img = nib.Nifti1Image(out, affine)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
+    # the scan's own codes (scanner, aligned, MNI...): a viewer places the mask as it places the scan
+    header = src.header
+    img.set_qform(src.get_qform(), code=int(header.get("qform_code", 1)))
+    img.set_sform(src.get_sform(), code=int(header.get("sform_code", 1)))
     return img
 
 

@@ -48,7 +48,8 @@ class SampleOutput:
 
 @dataclass
 class MeshFiles(SampleOutput):
-    """``<stem>.<format>``, the predicted surface, and ``<stem>_truth.<format>`` where there is truth."""
+    """``<stem>.<format>``, the predicted surface (``<stem>_beyond_scan.<format>`` when it was kept past
+    the scan's field of view), and ``<stem>_truth.<format>`` where there is truth."""
 
     mesh_format: MeshFormat = "ply"
     coordinate_system: CoordinateSystem = "RAS"
@@ -56,7 +57,8 @@ class MeshFiles(SampleOutput):
 
     def write(self, record: Prediction, mesh: Mesh, folder: Path) -> list[Path]:
         written = []
-        for surface, suffix in ((mesh, ""), (record.gt_mesh, "_truth")):
+        own = "_beyond_scan" if record.mesh_beyond_scan else ""  # asked to keep the surface past the scan
+        for surface, suffix in ((mesh, own), (record.gt_mesh, "_truth")):
             if surface is not None and not surface.is_empty:
                 path = folder / f"{record.stem}{suffix}.{self.mesh_format}"
                 written.append(surface.save(path, self.coordinate_system))
@@ -83,7 +85,8 @@ class PreviewFile(SampleOutput):
     patterns: ClassVar[tuple[str, ...]] = ("*.png",)
 
     def write(self, record: Prediction, mesh: Mesh, folder: Path) -> list[Path]:
-        title = f"{record.stem}  input | prediction (red) vs truth (green)"
+        truth = " vs truth (green)" if record.gt_sdf is not None else ""
+        title = f"{record.stem}  input | prediction (red){truth}"
         path = folder / f"{record.stem}.png"
         return [preview_png(record.image, record.mask, record.sdf, record.axis, record.gt_sdf, path, title)]
 

@@ -9,16 +9,19 @@ collated batch, so the LightningModule's steps stay a few lines.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import lru_cache
 
+import nibabel as nib
 import numpy as np
 
 from lora_sam3d.data.requests.names import output_stem
-from lora_sam3d.geometry import BoxMask, Mesh, mask_surface, sdf_on_grid
-from lora_sam3d.inputs import Batch
+from lora_sam3d.geometry import BoxMask, Mesh, frame_box, mask_surface, sdf_on_box, sdf_on_grid
+from lora_sam3d.inputs import Batch, RequestNotes
 from lora_sam3d.metrics import sample_metrics
 from lora_sam3d.models.drawing import drawn_dice
 from lora_sam3d.models.reconstructor import Reconstruction, Reconstructor
+from lora_sam3d.predict.surface import beyond_scan_mm, cut_at_scan, keep_drawn_pieces, scan_box_sdf
 
 __all__ = ["SCAN_WORDS", "Prediction", "Scored", "prediction_records", "score_batch", "warn_empty"]
 
@@ -51,6 +54,11 @@ class Prediction:
         scan_read: whether the model read the scan around the slices; None for a model that reads
             no scan. False names the outputs ``..._noscan`` (`stem`), so one run can hold a request
             with and without the scan.
+        modality: how a request's scan was read (``ct``, ``mr``; None for a split's sample).
+        pieces_removed: pieces of the prediction that touched no drawn mask, removed (`keep_drawn_pieces`).
+        beyond_scan_mm: how far the network's surface reached past the scan's field of view.
+        mesh_beyond_scan: the surface was kept past the scan (asked for): the mesh file says so in
+            its name (``<stem>_beyond_scan``); otherwise it is cut and closed at the scan.
     """
 
     case_id: str
@@ -74,6 +82,10 @@ class Prediction:
     scan_read: bool | None = None
     drawn_dice: float | None = None
     on_scan: BoxMask | None = None
+    modality: str | None = None
+    pieces_removed: int = 0
+    beyond_scan_mm: float = 0.0
+    mesh_beyond_scan: bool = False
 
     @property
     def stem(self) -> str:
@@ -120,10 +132,12 @@ def score_batch(
 ) -> list[Scored | None]:
     """Per sample with ``native`` ground truth: the predicted mesh, the true mesh and the metrics on
     the scan's own grid at its own spacing (NSD at ``tolerance_mm``), with the drawn-slice Dice
-    (``drawn``, computed when not given); None for a sample without."""
+    (``drawn``, computed when not given); None for a sample without. A request's drawn slices are
+    its drawing on the scan's grid (`RequestNotes.drawing`), as the mask it writes."""
     frame_to_world = batch.evidence.frame_to_world
     meshes = meshes if meshes is not None else Reconstructor.meshes(rec, frame_to_world)
     natives = batch.targets.native or [None] * len(meshes)
+    notes = batch.info.request or [None] * len(meshes)
     drawn = drawn if drawn is not None else drawn_dice(rec.sdf.detach(), batch.evidence)
     out: list[Scored | None] = []
     for i, (mesh, native) in enumerate(zip(meshes, natives, strict=True)):
@@ -132,28 +146,99 @@ def score_batch(
             continue
         sdf, to_world = rec.sdf[i].detach().float().cpu().numpy(), frame_to_world[i].cpu().numpy()
         pred = sdf_on_grid(sdf, to_world, native["affine"], native["gt"].shape)
+        on_scan = BoxMask(pred, np.asarray(native["origin"]), tuple(native["shape"]), native["grid_affine"])
+        _paint(on_scan, notes[i])
         truth = mask_surface(native["gt"], native["affine"])
         values = sample_metrics(
-            pred, native["gt"], native["spacing_mm"], tolerance_mm, mesh.vertices, truth.vertices
+            on_scan.box, native["gt"], native["spacing_mm"], tolerance_mm, mesh.vertices, truth.vertices
         )
-        on_scan = BoxMask(pred, np.asarray(native["origin"]), tuple(native["shape"]), native["grid_affine"])
         out.append(Scored(mesh, truth, values | {"drawn_dice": drawn[i]}, on_scan))
     return out
+
+
+def _paint(mask: BoxMask, notes: RequestNotes | None) -> None:
+    """A request's drawn slices, exactly, on its mask on the scan's grid."""
+    for axis, index, plane in (notes.drawing or []) if notes else []:
+        mask.paint(axis, index, plane)
+
+
+@lru_cache(maxsize=16)
+def _header_grid(path: str) -> tuple[np.ndarray, tuple[int, int, int]]:
+    img = nib.load(path)  # the header only
+    return np.asarray(img.affine, dtype=float), tuple(int(v) for v in img.shape[:3])  # type: ignore[return-value]
+
+
+def _scan_grid(batch: Batch, i: int) -> tuple[np.ndarray, tuple[int, int, int]] | None:
+    """Sample ``i``'s scan grid (affine, shape): its truth's grid, else its source file's header."""
+    native = (batch.targets.native or [None] * len(batch))[i]
+    if native is not None:
+        return np.asarray(native["grid_affine"], dtype=float), tuple(int(v) for v in native["shape"])  # type: ignore[return-value]
+    path = batch.info.source_image[i]
+    return _header_grid(str(path)) if path else None
+
+
+def finished(rec: Reconstruction, batch: Batch) -> tuple[Reconstruction, list[int], list[float]]:
+    """The network's SDF made into the result (`lora_sam3d.predict.surface`): pieces touching no
+    drawn mask removed, the surface cut and closed at the scan's field of view, unless a request
+    asks to keep them (`RequestNotes`). Also, per sample, the pieces removed and how far the uncut
+    surface reached past the scan (mm)."""
+    ev = batch.evidence
+    notes = batch.info.request or [None] * len(batch)
+    sdf, removed = keep_drawn_pieces(rec.sdf.detach(), ev)
+    n = sdf.shape[-1] - 1
+    beyond = []
+    for i, note in enumerate(notes):
+        if note is not None and note.all_pieces:
+            sdf[i], removed[i] = rec.sdf[i].detach(), 0
+        grid = _scan_grid(batch, i)
+        if grid is None:
+            beyond.append(0.0)
+            continue
+        to_world = ev.frame_to_world[i].cpu().numpy()
+        box = scan_box_sdf(n, to_world, *grid)
+        beyond.append(beyond_scan_mm(sdf[i], box, to_world))
+        if not (note is not None and note.beyond_scan):
+            sdf[i] = cut_at_scan(sdf[i], box)
+    return replace(rec, sdf=sdf), removed, beyond
+
+
+def _request_mask(record: Prediction, notes: RequestNotes) -> BoxMask | None:
+    """A request's mask on its scan's grid when it has no truth to be scored against: the frame's
+    box (grown to hold the drawing), the drawing painted on its slices."""
+    if not record.source_image:
+        return None
+    affine, shape = _header_grid(str(record.source_image))
+    lo, hi = frame_box(record.frame_to_world, affine, shape)
+    for axis, index, plane in notes.drawing or []:
+        rows = [np.flatnonzero(np.asarray(plane).any(axis=1 - j)) for j in range(2)]
+        if not all(r.size for r in rows):
+            continue
+        p, q = (a for a in range(3) if a != axis)
+        lo[axis], hi[axis] = min(lo[axis], index), max(hi[axis], index + 1)
+        lo[p], hi[p] = min(lo[p], rows[0][0]), max(hi[p], rows[0][-1] + 1)
+        lo[q], hi[q] = min(lo[q], rows[1][0]), max(hi[q], rows[1][-1] + 1)
+    mask = sdf_on_box(record.sdf, record.frame_to_world, affine, shape, (lo, hi))
+    _paint(mask, notes)
+    return mask
 
 
 def prediction_records(
     rec: Reconstruction, batch: Batch, tolerance_mm: float, reads_scan: bool = False
 ) -> list[Prediction]:
-    """The `Prediction` of each sample, scored when it carries ground truth (``native``): a split's
-    label, or the 3D mask a request gave (``scored_against``). ``reads_scan``: whether the model
-    reads the scan (then each record says whether its sample carried it)."""
+    """The `Prediction` of each sample (`finished`: what the outputs keep of the network's SDF),
+    scored when it carries ground truth (``native``): a split's label, or the 3D mask a request
+    gave (``scored_against``). ``reads_scan``: whether the model reads the scan (then each record
+    says whether its sample carried it)."""
     warn_empty(rec, batch)
+    rec, removed, beyond = finished(rec, batch)
     ev, targets, info = batch.evidence, batch.targets, batch.info
+    notes = info.request or [None] * len(batch)
     meshes = Reconstructor.meshes(rec, ev.frame_to_world)
-    drawn = drawn_dice(rec.sdf.detach(), ev)
+    drawn = drawn_dice(rec.sdf, ev)
     scored = score_batch(rec, batch, tolerance_mm, meshes, drawn)
     out = []
     for i, (mesh, score) in enumerate(zip(meshes, scored, strict=True)):
+        note = notes[i]
         record = Prediction(
             case_id=info.case_id[i],
             class_name=info.class_name[i],
@@ -161,7 +246,7 @@ def prediction_records(
             index=int(ev.index[i, 0]),
             source_image=info.source_image[i],
             frame_to_world=ev.frame_to_world[i].cpu().numpy(),
-            sdf=rec.sdf[i].detach().float().cpu().numpy(),
+            sdf=rec.sdf[i].float().cpu().numpy(),
             image=ev.image[i, 0].cpu().numpy(),
             mask=ev.mask[i, 0].cpu().numpy(),
             mesh=mesh,
@@ -169,6 +254,10 @@ def prediction_records(
             file_index=info.file_index[i] if info.file_index else None,
             scan_read=bool(info.scan_read[i]) if reads_scan and info.scan_read else None,
             drawn_dice=drawn[i],
+            modality=note.modality if note else None,
+            pieces_removed=removed[i],
+            beyond_scan_mm=beyond[i],
+            mesh_beyond_scan=bool(note and note.beyond_scan),
         )
         valid = ev.valid[i].cpu()
         shown = info.shown_image[i] if info.shown_image else None  # the scan's own intensities
@@ -181,7 +270,25 @@ def prediction_records(
             record.gt_mesh, values, record.on_scan = score.truth, score.metrics, score.prediction
             if targets.sdf is not None:
                 record.gt_sdf = targets.sdf[i].cpu().numpy()
+            else:  # a request's 3D mask: the previews show it through the frame
+                record.gt_sdf = _truth_on_frame(targets.native[i], record.frame_to_world, record.sdf.shape[0])  # type: ignore[index]
             record.metrics = {**values, "failed": float(any(np.isinf(v) for v in values.values()))}
             record.scored_against = (targets.scored_against or ["truth"] * len(meshes))[i]
+        elif note is not None:
+            record.on_scan = _request_mask(record, note)
         out.append(record)
     return out
+
+
+def _truth_on_frame(native: dict, frame_to_world: np.ndarray, size: int) -> np.ndarray:
+    """(size,)^3: -1 where the frame's vertex grid lies in a scan's mask (``native``), else 1."""
+    u = np.arange(size, dtype=np.float64) / (size - 1) - 0.5
+    grid = np.stack(np.meshgrid(u, u, u, indexing="ij"), -1).reshape(-1, 3)
+    to_box = np.linalg.inv(native["affine"]) @ frame_to_world
+    vox = np.rint(grid @ to_box[:3, :3].T + to_box[:3, 3]).astype(int)
+    gt = np.asarray(native["gt"], dtype=bool)
+    inside = np.all((vox >= 0) & (vox < np.asarray(gt.shape)), axis=1)
+    values = np.ones(len(vox), dtype=np.float32)
+    hit = vox[inside]
+    values[np.flatnonzero(inside)[gt[hit[:, 0], hit[:, 1], hit[:, 2]]]] = -1.0
+    return values.reshape(size, size, size)

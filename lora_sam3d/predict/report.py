@@ -210,16 +210,19 @@ def _per_class(entries: list[ReportEntry]) -> str:
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    classes = sorted({e.class_name for e in entries if e.metrics})
-    if not classes:
+    groups = sorted({(e.class_name, e.scan) for e in entries if e.metrics})
+    if not groups:
         return ""
+    # runs with and without the scan are two results: a box each, named by the scan column
+    split = len({scan for _, scan in groups}) > 1
     fig = make_subplots(rows=1, cols=2, subplot_titles=("Dice per sample", "HD95 (mm) per sample"))
-    for c in classes:
-        values = [e.metrics for e in entries if e.class_name == c and e.metrics]
+    for c, scan in groups:
+        values = [e.metrics for e in entries if (e.class_name, e.scan) == (c, scan) and e.metrics]
         dice = [v["dice"] for v in values if math.isfinite(v.get("dice", math.nan))]
         hd95 = [v["hd95_mm"] for v in values if math.isfinite(v.get("hd95_mm", math.nan))]
-        fig.add_trace(go.Box(y=dice, name=c, boxpoints="all", showlegend=False), row=1, col=1)
-        fig.add_trace(go.Box(y=hd95, name=c, boxpoints="all", showlegend=False), row=1, col=2)
+        name = f"{c}, scan {scan}" if split else c
+        fig.add_trace(go.Box(y=dice, name=name, boxpoints="all", showlegend=False), row=1, col=1)
+        fig.add_trace(go.Box(y=hd95, name=name, boxpoints="all", showlegend=False), row=1, col=2)
     fig.update_yaxes(range=[0, 1.02], title_text="Dice", row=1, col=1)  # Dice lies in 0..1
     fig.update_yaxes(rangemode="tozero", title_text="mm", row=1, col=2)
     fig.update_layout(height=380, margin={"l": 50, "r": 10, "t": 40, "b": 80})

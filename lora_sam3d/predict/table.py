@@ -28,28 +28,23 @@ def metrics_row(record: Prediction) -> dict[str, Any]:
         "file_index": "" if record.file_index is None else record.file_index,
         "slice": record.slice_name or f"axis{record.axis}_slice{record.index}",
         "scan": SCAN_WORDS[record.scan_read],
+        "modality": record.modality or "",
+        "mesh": "beyond scan" if record.mesh_beyond_scan else "cut at scan",
         "scored_against": record.scored_against if record.metrics is not None else "",
         "drawn_dice": record.drawn_dice,
+        "pieces_removed": record.pieces_removed,
+        "beyond_scan_mm": round(record.beyond_scan_mm, 1),
         **(record.metrics or {}),
     }
 
 
+TEXT_COLUMNS = ("case_id", "class_name", "axis", "grid_index", "file_index", "slice", "scan", "modality", "mesh",
+                "scored_against")  # fmt: skip
+"""The columns that name a row; the others are averaged (`means`)."""
+
+
 def means(rows: list[dict[str, Any]]) -> dict[str, float]:
-    keys = [
-        k
-        for k in dict.fromkeys(k for r in rows for k in r)
-        if k
-        not in (
-            "case_id",
-            "class_name",
-            "axis",
-            "grid_index",
-            "file_index",
-            "slice",
-            "scan",
-            "scored_against",
-        )
-    ]
+    keys = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in TEXT_COLUMNS]
     out = {}
     for k in keys:
         given = [r[k] for r in rows if r.get(k) not in (None, "")]  # rows without truth lack its scores

@@ -73,14 +73,21 @@ class PredictSettings:
             model without stored settings, the config's and the training split's. Without them,
             ``predict`` runs on ``split`` (with ground truth, so metrics are written too).
         split: the split predicted without ``items`` (None: none).
-        intensity_check: a request's scan unlike the modality the model reads (an MR-range scan read
-            as CT: most voxels above the window) gets a warning naming the file and the share
-            (``warn``), or is refused (``error``).
+        intensity_check: a request's scan whose values doubt how it is read (an MR-range scan read
+            as CT, a 0..1-normalised CT, air in an MR), or whose marked tissue is unlike the model's
+            training or indistinguishable from its surroundings, gets a warning naming the file and
+            why (``warn``), or is refused (``error``).
+        all_pieces: keep every piece of a prediction; by default a piece that touches no drawn mask
+            (a blob past the structure's end) is removed, counted in ``metrics.csv`` (``pieces_removed``).
+        beyond_scan: keep the surface past the scan's field of view (written as
+            ``<name>_beyond_scan.ply``); by default it is cut and closed there, as the mask is.
     """
 
     items: list[PredictItem] | None = None
     split: Literal["train", "val", "test"] | None = "test"
     intensity_check: Literal["warn", "error"] = "warn"
+    all_pieces: bool = False
+    beyond_scan: bool = False
 
 
 LOADER, PREDICT = LoaderSettings(), PredictSettings()
@@ -215,9 +222,10 @@ class TSDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Write phantoms into an empty root (if configured), then build every case's cache once
-        (nothing to prepare for predict items on new scans)."""
-        h, s = self.hparams, self.settings
-        if self._predicting_items() and h.root is None:
+        (nothing to prepare for predict items on new scans: they read their own files, and the
+        training split only when a class needs its frame extent, `_request_dataset`)."""
+        s = self.settings
+        if self._predicting_items():
             return
         self.write_phantoms_if_empty()
         cases = s.cases.find(self.root, self.classes)
@@ -268,7 +276,7 @@ class TSDataModule(L.LightningDataModule):
             views=s.views.most,
             view_layout=s.views.layout,
             view_layouts=list(s.views.layouts) if s.views.layouts else None,
-            context=s.context.source,
+            context=s.context.source or "none",
             tissue=tissue_ranges(train.cases, self.classes),
             context_reading=s.context.reading,
         )
@@ -301,11 +309,15 @@ class TSDataModule(L.LightningDataModule):
                 s.frame.extent_mm,
                 self.predict_settings.intensity_check,
                 s.context.source,
+                self.predict_settings.all_pieces,
+                self.predict_settings.beyond_scan,
             )
             trained = contract.views
         else:
-            extents = {}
-            if h.root is not None:
+            extents: dict[str, float] = {}
+            given = s.frame.extent_mm or {}
+            if h.root is not None and any(c not in given for c in self.request_classes()):
+                self.write_phantoms_if_empty()  # the training split's extents: only when one is needed
                 reference = self.datasets.get("train") or self._dataset("train", s.sampling.train)
                 extents = dict(reference.extent_mm)
             dataset = PredictionDataset(
@@ -315,9 +327,11 @@ class TSDataModule(L.LightningDataModule):
                 s.frame.scale,
                 s.frame.pixels,
                 self.predict_settings.intensity_check,
-                s.context.source,
+                s.context.source or "none",
                 4 * s.frame.resolution,
                 reading=s.context.reading,
+                all_pieces=self.predict_settings.all_pieces,
+                beyond_scan=self.predict_settings.beyond_scan,
             )
         dataset.check_view_counts(trained, s.views.count)
         dataset.check_unique_outputs()

@@ -3,9 +3,11 @@ reported by its number), then turned into the model's input on its canonical iso
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from itertools import pairwise
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,12 +41,25 @@ from lora_sam3d.data.tissue import (
     views_inside,
 )
 from lora_sam3d.data.views import seen_centre
-from lora_sam3d.data.volume import IsotropicGrid, Preprocessing, intensity_mismatch, load_volume
-from lora_sam3d.inputs import Sample
+from lora_sam3d.data.volume import (
+    IsotropicGrid,
+    ModalityReading,
+    Preprocessing,
+    load_volume,
+    modality_line,
+    read_modality,
+)
+from lora_sam3d.inputs import RequestNotes, Sample
 
 __all__ = [
     "PredictionDataset",
 ]
+
+log = logging.getLogger("lora_sam3d")
+
+SEPARABLE = 0.25
+"""With the relative reading, the marked tissue and its ring are told apart when their medians lie
+at least this share of their larger spread apart (`PredictionDataset._check_tissue`)."""
 
 
 class PredictionDataset(Dataset):
@@ -68,7 +83,14 @@ class PredictionDataset(Dataset):
         scan_readable: bool | None = None,
         tissue: Mapping[str, Sequence[float]] | None = None,
         reading: str = "absolute",
+        trained_classes: Sequence[str] | None = None,
+        all_pieces: bool = False,
+        beyond_scan: bool = False,
     ) -> None:
+        # the classes the model learned (None: unknown, as for a config without a trained model)
+        self.trained_classes = None if trained_classes is None else list(trained_classes)
+        self.all_pieces, self.beyond_scan = all_pieces, beyond_scan
+        self.readings: dict[str, ModalityReading] = {}  # per scan, how it is read and why
         self.tissue = dict(tissue or {})  # per class, the training scans' tissue (`tissue_ranges`)
         self.reading = reading  # how the model reads the scan (`ContextSettings.reading`)
         self.intensity_check = intensity_check
@@ -151,14 +173,23 @@ class PredictionDataset(Dataset):
         data: DataContract | Mapping[str, Any],
         extent_mm: Mapping[str, float] | None = None,
         intensity_check: Literal["warn", "error"] = "warn",
-        context: Context = "none",
+        context: Context | None = None,
+        all_pieces: bool = False,
+        beyond_scan: bool = False,
     ) -> PredictionDataset:
         """The requests read as a model was trained to read scans: ``data`` is the `DataContract` a
         checkpoint or adapter folder stores (or its dict); ``extent_mm`` overrides stored extents;
-        ``context``: whether the samples carry the scan (items may say otherwise)."""
+        ``context``: whether the samples carry the scan (items may say otherwise), None as the model
+        was trained; ``all_pieces``, ``beyond_scan``: what the outputs keep (`RequestNotes`)."""
         c = data if isinstance(data, DataContract) else DataContract.from_dict(data)
         extents = {**c.extent_mm, **(extent_mm or {})}
         cells = 4 * (c.resolution or c.slice_size // 4)
+        source = c.context if context is None else context
+        log.info(
+            "requests read %s (%s)",
+            "with the scan around the slices" if source == "volume" else "from the slices alone",
+            "as the model was trained" if context is None else f"data.context.source: {context}",
+        )
         return cls(
             items,
             c.prep,
@@ -166,20 +197,36 @@ class PredictionDataset(Dataset):
             c.frame_scale,
             c.slice_size,
             intensity_check,
-            context,
+            source,
             cells,
             c.context == "volume",
             c.tissue,
             c.context_reading,
+            trained_classes=c.classes,
+            all_pieces=all_pieces,
+            beyond_scan=beyond_scan,
         )
 
-    def _check(self, item: PredictItem) -> None:
+    def _check_class(self, item: PredictItem) -> None:
+        """A class with a frame extent; one the model was not trained on is named."""
         check_class_names([item.class_name], "class_name")
         if item.class_name not in self.extent_mm:
             raise DataError(
-                f"class {item.class_name!r} has no frame extent; known: {sorted(self.extent_mm)} "
-                "(set data.frame.extent_mm, or use a checkpoint that stores its classes' extents)"
+                f"class {item.class_name!r} has no frame extent; known: {sorted(self.extent_mm)} (give it "
+                f"one: data.frame.extent_mm in a config, reconstruct(..., extent_mm={{{item.class_name!r}: mm}}) in Python; "
+                "or use a checkpoint that stores its classes' extents)"
             )
+        trained = self.trained_classes
+        if trained is not None and item.class_name not in trained:
+            warnings.warn(
+                f"{item.class_name} in {item.image}: the model was not trained on {item.class_name} (it was "
+                f"on {', '.join(trained)}): its shape is a guess from other structures, and the frame comes "
+                f"from the extent given ({self.extent_mm[item.class_name]:g} mm)",
+                stacklevel=4,
+            )
+
+    def _check(self, item: PredictItem) -> None:
+        self._check_class(item)
         if not Path(item.image).is_file():
             raise DataError(f"image {item.image} does not exist")
         try:
@@ -211,6 +258,7 @@ class PredictionDataset(Dataset):
             refs.append(ref)
         if not refs:
             raise DataError(f"no slice of {item.class_name} has mask voxels: nothing to reconstruct from")
+        self._warn_apart(item, refs, masks)
         for a, b in contradicting_pairs(refs, masks):
             warnings.warn(
                 f"{item.class_name} in {item.image}: the masks of slices {a + 1} ({refs[a].name}) and {b + 1} "
@@ -228,9 +276,25 @@ class PredictionDataset(Dataset):
             self._check_intensities(item.image, img)
             self._finite.add(item.image)
 
+    @staticmethod
+    def _warn_apart(item: PredictItem, refs: list[SliceRef], masks: list[np.ndarray]) -> None:
+        """Two neighbouring parallel slices whose masks share no in-plane pixel: the structure would
+        have to jump between them (a slice drawn shifted, or another structure): named, as nothing
+        between them can be interpolated."""
+        for axis in {r.file_axis for r in refs}:
+            along = sorted((r.index, k) for k, r in enumerate(refs) if r.file_axis == axis)
+            for (_, a), (_, b) in pairwise(along):
+                if not (masks[a] & masks[b]).any():
+                    warnings.warn(
+                        f"{item.class_name} in {item.image}: the masks of the parallel slices {refs[a].name} and "
+                        f"{refs[b].name} share no pixel in-plane, so nothing joins them: is one drawn shifted, "
+                        "or on another structure?",
+                        stacklevel=3,
+                    )
+
     def _check_intensities(self, path: str, img: nib.Nifti1Image) -> None:
-        """The scan's voxels are readable and finite, and look like the modality the model reads
-        (`intensity_mismatch`: a warning, or an error with ``intensity_check: error``)."""
+        """The scan's voxels are readable and finite; how it is read is logged (`read_modality`), with
+        a warning (an error with ``intensity_check: error``) when its values doubt that reading."""
         try:
             values = np.asarray(img.dataobj, dtype=np.float32)
         except Exception as err:
@@ -239,11 +303,13 @@ class PredictionDataset(Dataset):
         if bad:
             raise DataError(f"image {path} has {bad} NaN/inf voxels: intensities must be finite")
         self._voxels = (path, values)  # the request reading this scan next takes them (read once)
-        why = intensity_mismatch(values, self.prep, path)
-        if why and self.intensity_check == "error":
-            raise DataError(f"{why} (data.predict.intensity_check: error refuses it; warn only warns)")
-        if why:
-            warnings.warn(why, stacklevel=3)
+        reading = self.readings[path] = read_modality(self.prep, path, values)
+        line = modality_line(path, reading)
+        log.info(line)
+        if reading.doubt and self.intensity_check == "error":
+            raise DataError(f"{line} (data.predict.intensity_check: error refuses it; warn only warns)")
+        if reading.doubt:
+            warnings.warn(line, stacklevel=3)
 
     def _on_grid(self, refs: list[SliceRef], grid: IsotropicGrid) -> list[SliceRef]:
         """The refs with the slice of the model's grid each one is read on; two on one grid slice
@@ -292,6 +358,12 @@ class PredictionDataset(Dataset):
             # a 3D mask of the structure is its truth on the scan's grid: the prediction is scored against it
             "native": None if truth is None else native_from_mask(truth, raw.affine, frame_to_world),
             "scored_against": "request mask",
+            "request": RequestNotes(
+                self.readings[item.image].modality,
+                [(r.file_axis, r.index, m) for r, m in zip(refs, self.masks[i], strict=True)],
+                self.all_pieces,
+                self.beyond_scan,
+            ),
         }
 
     def _inputs(self, i: int, raw: nib.Nifti1Image) -> Sample:
@@ -341,9 +413,12 @@ class PredictionDataset(Dataset):
                 "not compared with the training scans, and a relative reading of the scan reads neutral",
                 stacklevel=2,
             )
-        # a relative reader sees no absolute unit: only a model that reads them is warned of them
-        absolute = self.reading == "absolute"
-        why = None if tissue is None or trained is None or not absolute else tissue_mismatch(tissue, trained)
+        if tissue is None:
+            return tissue
+        if self.reading == "relative":  # no absolute unit is read: what it needs is a contrast
+            why = _inseparable(tissue)
+        else:
+            why = None if trained is None else tissue_mismatch(tissue, trained)
         if why is None:
             return tissue
         message = (
@@ -398,3 +473,14 @@ class PredictionDataset(Dataset):
             key = Path(f"<view {k + 1} of request {i + 1}>")
             classes[k], images[key] = (key, None), nib.Nifti1Image(labels, raw.affine)
         return classes, images
+
+
+def _inseparable(tissue: Tissue) -> str | None:
+    """Why a relative reading cannot tell the marked tissue from its ring (`SEPARABLE`), or None."""
+    spread = max(tissue.inside_spread, tissue.outside_spread)
+    if abs(tissue.contrast) >= SEPARABLE * spread:
+        return None
+    return (
+        f"the marked tissue reads like the tissue around it (medians {tissue.inside:.3f} and {tissue.outside:.3f}, "
+        f"spread {spread:.3f}, normalised), so the scan cannot tell the structure from its surroundings"
+    )
