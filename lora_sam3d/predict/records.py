@@ -38,7 +38,8 @@ class Prediction:
             model's resampled grid; ``file_index`` in the scan file's own numbering, for a request).
         source_image: the NIfTI the slice was read from (its grid receives the predicted mask).
         frame_to_world: (4, 4) frame units -> world RAS mm.
-        sdf: (4R+1,)*3 predicted vertex SDF in frame units, negative inside.
+        sdf: (4R+1,)*3 predicted vertex SDF in frame units, negative inside (its pieces away from
+            the drawing removed; the mesh is also cut at the scan's field of view).
         image, mask: (S, S) the input slice's first channel and its mask.
         views_image, views_mask: (K, S, S) every input view (the first is ``image``/``mask``), for a
             sample of several views; None for one slice.
@@ -177,19 +178,21 @@ def _scan_grid(batch: Batch, i: int) -> tuple[np.ndarray, tuple[int, int, int]] 
     return _header_grid(str(path)) if path else None
 
 
-def finished(rec: Reconstruction, batch: Batch) -> tuple[Reconstruction, list[int], list[float]]:
+def finished(rec: Reconstruction, batch: Batch) -> tuple[Reconstruction, torch.Tensor, list[int], list[float]]:
     """The network's SDF made into the result (`lora_sam3d.predict.surface`): pieces touching no
-    drawn mask removed, the surface cut and closed at the scan's field of view, unless a request
-    asks to keep them (`RequestNotes`). Also, per sample, the pieces removed and how far the uncut
-    surface reached past the scan (mm)."""
+    drawn mask removed (the returned reconstruction: what the masks and scores read), and the
+    SDFs the meshes are made from, also cut and closed at the scan's field of view, unless a
+    request asks to keep either (`RequestNotes`). Also, per sample, the pieces removed and how far
+    the uncut surface reached past the scan (mm). The masks need no cut: the scan's voxels are
+    its field of view (cutting the vertex grid would only blur the last voxel's interpolation)."""
     ev = batch.evidence
     notes = batch.info.request or [None] * len(batch)
     sdf, removed = keep_drawn_pieces(rec.sdf.detach(), ev)
     n = sdf.shape[-1] - 1
-    beyond = []
+    beyond, cut = [], sdf.clone()
     for i, note in enumerate(notes):
         if note is not None and note.all_pieces:
-            sdf[i], removed[i] = rec.sdf[i].detach(), 0
+            sdf[i], cut[i], removed[i] = rec.sdf[i].detach(), rec.sdf[i].detach(), 0
         grid = _scan_grid(batch, i)
         if grid is None:
             beyond.append(0.0)
@@ -198,8 +201,8 @@ def finished(rec: Reconstruction, batch: Batch) -> tuple[Reconstruction, list[in
         box = scan_box_sdf(n, to_world, *grid)
         beyond.append(beyond_scan_mm(sdf[i], box, to_world))
         if not (note is not None and note.beyond_scan):
-            sdf[i] = cut_at_scan(sdf[i], box)
-    return replace(rec, sdf=sdf), removed, beyond
+            cut[i] = cut_at_scan(sdf[i], box)
+    return replace(rec, sdf=sdf), cut, removed, beyond
 
 
 def _request_mask(record: Prediction, notes: RequestNotes) -> BoxMask | None:
@@ -230,10 +233,10 @@ def prediction_records(
     gave (``scored_against``). ``reads_scan``: whether the model reads the scan (then each record
     says whether its sample carried it)."""
     warn_empty(rec, batch)
-    rec, removed, beyond = finished(rec, batch)
+    rec, cut, removed, beyond = finished(rec, batch)
     ev, targets, info = batch.evidence, batch.targets, batch.info
     notes = info.request or [None] * len(batch)
-    meshes = Reconstructor.meshes(rec, ev.frame_to_world)
+    meshes = Reconstructor.meshes(replace(rec, sdf=cut), ev.frame_to_world)
     drawn = drawn_dice(rec.sdf, ev)
     scored = score_batch(rec, batch, tolerance_mm, meshes, drawn)
     out = []
