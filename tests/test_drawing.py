@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -103,3 +104,32 @@ def test_a_trained_model_gives_the_drawing_back(phantoms: Path) -> None:
         assert kept.drawn_dice >= floor > plain.drawn_dice - 1e-9, (plain.drawn_dice, kept.drawn_dice)
         assert kept.metrics["dice"] >= plain.metrics["dice"] - 0.002
         assert kept.metrics["drawn_dice"] == pytest.approx(kept.drawn_dice)
+
+
+def test_test_time_lora_moves_only_for_the_request_and_is_undone(phantoms: Path) -> None:
+    """`reconstruct(..., adapt_steps=2)` on three slices: two held-out losses, a result other than
+    without it, and the model's weights afterwards exactly as before; one slice: nothing done."""
+    from lora_sam3d import reconstruct
+    from lora_sam3d.models import Reconstructor
+
+    model = Reconstructor.from_adapter(Path(__file__).parent / "data" / "previous_main" / "adapter")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    case = phantoms / "s0001"
+    args = (
+        model,
+        case / "ct.nii.gz",
+        case / "segmentations" / "heart_ventricle_left.nii.gz",
+        "heart_ventricle_left",
+    )
+    three = [
+        {"axis": "axial", "index": 16},
+        {"axis": "sagittal", "index": 20},
+        {"axis": "coronal", "index": 22},
+    ]
+    plain = reconstruct(*args, slices=three)
+    tuned = reconstruct(*args, slices=three, adapt_steps=2, adapt_lr=0.01)
+    assert len(tuned.adapt_losses) == 2 and all(np.isfinite(tuned.adapt_losses))
+    assert not np.array_equal(plain.prediction.sdf, tuned.prediction.sdf), "the adapted model reconstructed"
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "the adapter is restored"
+    assert reconstruct(*args, index=16, adapt_steps=2).adapt_losses == []

@@ -73,7 +73,9 @@ def test_each_scan_s_reading_is_said_and_doubts_are_named(tmp_path: Path) -> Non
     reading = read_modality(auto, "scan.nii.gz", cropped)
     assert reading.modality == "mr" and "0.86%" in reading.why
     assert "close to the 1% the rule reads CT from" in (reading.doubt or "")
-    magnitude = rng.uniform(0, 700, 100_000).astype(np.float32)  # an MR whose values stay mostly in the window
+    magnitude = rng.uniform(0, 700, 100_000).astype(
+        np.float32
+    )  # an MR whose values stay mostly in the window
     reading = read_modality(auto, "ct.nii.gz", magnitude)
     assert reading.modality == "ct" and "by its file name ct.nii.gz" in reading.why
     assert "no voxel lies at or below -500 HU (air): is it an MR?" in (reading.doubt or "")
@@ -190,7 +192,9 @@ def test_a_structure_cut_by_the_scan_is_cut_and_closed_there(
     cut = reconstruct(*args, index=top - 4, context="none")  # from the slice alone: it extrapolates
     spacing = np.abs(np.diag(scan.affine)[:3])
     vox = (np.linalg.inv(scan.affine) @ np.c_[cut.mesh.vertices, np.ones(len(cut.mesh.vertices))].T)[:3].T
-    assert vox[:, 2].max() <= top + 0.5 + 0.25, "the mesh ends at the scan's last voxel (smoothed: within a quarter voxel)"
+    assert vox[:, 2].max() <= top + 0.5 + 0.25, (
+        "the mesh ends at the scan's last voxel (smoothed: within a quarter voxel)"
+    )
     mesh = trimesh.Trimesh(cut.mesh.vertices, cut.mesh.faces, process=True)
     assert mesh.is_watertight
     mask_ml = float(np.asarray(cut.mask.dataobj).sum() * np.prod(spacing)) / 1000
@@ -202,7 +206,10 @@ def test_a_structure_cut_by_the_scan_is_cut_and_closed_there(
     from lora_sam3d.predict.outputs import MeshFiles
 
     written = MeshFiles().write(kept.prediction, kept.mesh, tmp_path)
-    assert [p.name for p in written] == [f"{kept.prediction.stem}_beyond_scan.ply", f"{kept.prediction.stem}_truth.ply"]
+    assert [p.name for p in written] == [
+        f"{kept.prediction.stem}_beyond_scan.ply",
+        f"{kept.prediction.stem}_truth.ply",
+    ]
 
 
 # -- 6: a piece away from the drawing ------------------------------------------------------------

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from lora_sam3d.inputs import Evidence
 from lora_sam3d.models.latent import PLANE_AXES
 
-__all__ = ["DRAWING_WIDTH", "drawn_dice", "drawn_on_vertex_planes", "keep_drawing"]
+__all__ = ["DRAWING_WIDTH", "drawn_dice", "drawn_on_vertex_planes", "keep_drawing", "on_view_pixels"]
 
 DRAWING_WIDTH = 1.0
 """How far (grid cells, a Gaussian's sigma) a drawn slice's contour reaches into the predicted SDF."""
@@ -107,24 +107,29 @@ def keep_drawing(sdf: torch.Tensor, evidence: Evidence, width: float = 1.0) -> t
     return out
 
 
+def on_view_pixels(sdf: torch.Tensor, axis: int, offset: float, size: int) -> torch.Tensor:
+    """One sample's (n+1)^3 ``sdf`` read trilinearly at the pixel centres of a (size, size) view on the
+    plane ``offset`` (frame units) normal to ``axis``: (size, size), differentiable."""
+    c = ((torch.arange(size, device=sdf.device, dtype=torch.float32) + 0.5) / size - 0.5) * 2
+    gp, gq = torch.meshgrid(c, c, indexing="ij")
+    p, q = PLANE_AXES[axis].tolist()
+    coords = torch.full((size, size, 3), 2 * float(offset), device=sdf.device)
+    coords[..., p], coords[..., q] = gp, gq  # frame coordinates x 2: the vertex grid's [-1, 1]
+    grid = coords[..., [2, 1, 0]][None, None]  # grid_sample's x is the volume's last axis
+    return F.grid_sample(sdf[None, None].float(), grid, mode="bilinear", align_corners=True)[0, 0, 0]
+
+
 def drawn_dice(sdf: torch.Tensor, evidence: Evidence) -> list[float]:
     """Per sample, the Dice between the predicted mask on each drawn plane and the drawn mask there,
     pooled over the sample's valid views (the predicted SDF read trilinearly at the view's pixel
     centres). What the user sees first, and needs no truth. An empty prediction scores 0."""
     size = evidence.mask.shape[-1]
-    c = ((torch.arange(size, device=sdf.device, dtype=torch.float32) + 0.5) / size - 0.5) * 2
-    gp, gq = torch.meshgrid(c, c, indexing="ij")
     out = []
     for i in range(sdf.shape[0]):
         inter = total = 0.0
         for k in torch.nonzero(evidence.valid[i]).flatten().tolist():
-            axis = int(evidence.axis[i, k])
-            p, q = PLANE_AXES[axis].tolist()
-            coords = torch.full((size, size, 3), 2 * float(evidence.offset[i, k]), device=sdf.device)
-            coords[..., p], coords[..., q] = gp, gq  # frame coordinates x 2: the vertex grid's [-1, 1]
-            grid = coords[..., [2, 1, 0]][None, None]  # grid_sample's x is the volume's last axis
-            value = F.grid_sample(sdf[i][None, None].float(), grid, mode="bilinear", align_corners=True)
-            pred, mask = value[0, 0, 0] < 0, evidence.mask[i, k].to(sdf.device)
+            value = on_view_pixels(sdf[i], int(evidence.axis[i, k]), float(evidence.offset[i, k]), size)
+            pred, mask = value < 0, evidence.mask[i, k].to(sdf.device)
             inter += float((pred & mask).sum())
             total += float(pred.sum() + mask.sum())
         empty = not bool((sdf[i] < 0).any())  # nothing predicted agrees with no drawing

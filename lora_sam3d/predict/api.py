@@ -8,7 +8,7 @@ equal the files the command writes for the same request. No Lightning, no Traine
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from lora_sam3d.data.settings import DataContract
 from lora_sam3d.geometry import Mesh
 from lora_sam3d.inputs import collate
 from lora_sam3d.models.reconstructor import Reconstructor
+from lora_sam3d.models.test_time import adapted
 from lora_sam3d.predict.files import mask_on_source_grid
 from lora_sam3d.predict.records import Prediction, prediction_records
 
@@ -36,12 +37,14 @@ class Reconstructed:
         mask: the predicted mask on the scan's own grid, uint8 (``nib.save(mask, path)``).
         prediction: the record behind both: the unsmoothed mesh, the SDF grid, the frame and, when
             the mask given was the structure's 3D mask, the scores against it.
+        adapt_losses: the held-out losses of test-time LoRA's steps (empty without it).
     """
 
     name: str
     mesh: Mesh
     mask: nib.Nifti1Image
     prediction: Prediction
+    adapt_losses: list[float] = field(default_factory=list)
 
 
 def _reads_scan(context: bool | str | None, model_reads: bool) -> bool:
@@ -79,6 +82,8 @@ def reconstruct(
     all_pieces: bool = False,
     beyond_scan: bool = False,
     extent_mm: Mapping[str, float] | None = None,
+    adapt_steps: int = 0,
+    adapt_lr: float = 2e-3,
 ) -> Reconstructed:
     """Reconstruct ``class_name`` in ``image`` from its ``mask`` on one slice (``axis`` with ``index`` or
     ``position_mm``, as a viewer numbers it) or on several (``slices``: ``[{"axis": "axial", "index":
@@ -95,6 +100,9 @@ def reconstruct(
     ``prediction.pieces_removed``); ``beyond_scan``: keep the surface past the scan's field of
     view (cut and closed there by default, as the mask is). ``extent_mm``: a class's frame
     extent (mm; as ``data.frame.extent_mm``), for a class the model stores none of.
+    ``adapt_steps``: test-time LoRA on the request's own slices before it is reconstructed
+    (`lora_sam3d.models.test_time`: each step predicts one drawn slice from the others; two slices
+    or more; the model is restored after), at ``adapt_lr``.
     """
     network, contract = _model_and_contract(model, data)
     item = PredictItem(
@@ -108,16 +116,17 @@ def reconstruct(
     requests.check_view_counts(contract.views, None)
     batch = collate([requests[0]])
     was_training = network.training
-    try:
-        with torch.no_grad():
-            rec = network.eval()(batch.evidence)
-    finally:
-        network.train(was_training)
+    with adapted(network, batch.evidence, adapt_steps, adapt_lr) as losses:
+        try:
+            with torch.no_grad():
+                rec = network.eval()(batch.evidence)
+        finally:
+            network.train(was_training)
     (record,) = prediction_records(rec, batch, nsd_tolerance_mm, network.config.context.read)
     assert record.source_image is not None
     surface = record.mesh.smoothed(smooth_iterations)
     on_scan = mask_on_source_grid(record.sdf, record.frame_to_world, record.source_image, record.on_scan)
-    return Reconstructed(record.stem, surface, on_scan, record)
+    return Reconstructed(record.stem, surface, on_scan, record, losses)
 
 
 def _model_and_contract(

@@ -14,6 +14,7 @@ from functools import lru_cache
 
 import nibabel as nib
 import numpy as np
+import torch
 
 from lora_sam3d.data.requests.names import output_stem
 from lora_sam3d.geometry import BoxMask, Mesh, frame_box, mask_surface, sdf_on_box, sdf_on_grid
@@ -178,7 +179,9 @@ def _scan_grid(batch: Batch, i: int) -> tuple[np.ndarray, tuple[int, int, int]] 
     return _header_grid(str(path)) if path else None
 
 
-def finished(rec: Reconstruction, batch: Batch) -> tuple[Reconstruction, torch.Tensor, list[int], list[float]]:
+def finished(
+    rec: Reconstruction, batch: Batch
+) -> tuple[Reconstruction, torch.Tensor, list[int], list[float]]:
     """The network's SDF made into the result (`lora_sam3d.predict.surface`): pieces touching no
     drawn mask removed (the returned reconstruction: what the masks and scores read), and the
     SDFs the meshes are made from, also cut and closed at the scan's field of view, unless a

@@ -1,0 +1,234 @@
+"""A tissue model per request (`lora_sam3d.data.tissue_model`) against today's relative reading, on
+held-out CT phantoms, MR-like phantoms of another seed and the real aorta CT: one slice, three
+orthogonal slices and a 10 mm axial stack per structure, each request run four ways through
+`lora_sam3d.reconstruct` with the demo's adapter:
+
+- ``relative``: the scan read relative to the drawn tissue (the demo as trained);
+- ``forest``: the scan read through a random forest fitted on the drawn slices (its probability
+  replaces the relative reading at inference; the adapter was trained on the relative reading);
+- ``forest alone``: that forest's probability thresholded at 0.5 in the frame, the pieces touching
+  the drawing kept (no learned shape: the baseline the model must beat);
+- ``slices only``: no scan.
+
+Scores on each scan's own grid (Dice, HD95), the time per request, written to
+``docs/tissue_model.json`` with a Markdown table on stdout. The real CT's structures are given a
+frame extent from their own mask (the demo's adapter knows only heart structures); nothing is tuned
+on it.
+
+    python benchmarks/experiments/tissue_model.py --adapter outputs/demo/checkpoints/adapter-best
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+from tissue_forest import forest_sample, training_cells
+
+import lora_sam3d.data.requests.dataset as requests_dataset
+from lora_sam3d import reconstruct
+from lora_sam3d.geometry import sdf_on_grid
+from lora_sam3d.metrics import sample_metrics
+from lora_sam3d.models import Reconstructor
+
+ROOT = Path(__file__).resolve().parents[2]
+RELATIVE = requests_dataset.relative_sample
+HEART = [
+    "heart_myocardium",
+    "heart_atrium_left",
+    "heart_ventricle_left",
+    "heart_atrium_right",
+    "heart_ventricle_right",
+]
+SEEN: dict[str, Any] = {}
+
+
+def forest_reading(sample: dict[str, Any], tissue: Any, inside: np.ndarray) -> None:
+    """The relative reading's place taken by the request's forest (the relative one where it cannot fit)."""
+    context = sample.get("context")
+    if context is not None:
+        cells, labels = training_cells(sample, np.asarray(context)[1] > 0, np.asarray(context).shape[-1])
+        SEEN["drawn"] = cells[labels == 1]
+    if forest_sample(sample, inside):
+        SEEN["prob"] = np.asarray(sample["context"])[0].copy()
+        return
+    SEEN["prob"] = None
+    RELATIVE(sample, tissue, inside)
+
+
+def forest_alone(prediction: Any, affine: np.ndarray, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The forest's probability > 0.5 in the frame, its pieces touching the drawn cells, on the scan's grid."""
+    prob = SEEN.get("prob")
+    if prob is None:
+        return None
+    n = prob.shape[0]
+    labels, _ = ndimage.label(prob > 0.5, structure=np.ones((3, 3, 3)))
+    drawn = SEEN["drawn"]
+    keep = set(np.unique(labels[drawn[:, 0], drawn[:, 1], drawn[:, 2]]).tolist()) - {0}
+    kept = np.isin(labels, sorted(keep)).astype(np.float32)
+    v = np.arange(n + 1) - 0.5  # vertex v of the SDF grid sits at cell coordinate v - 1/2
+    grid = np.stack(np.meshgrid(v, v, v, indexing="ij"))
+    value = ndimage.map_coordinates(kept, grid, order=1, mode="nearest")
+    return sdf_on_grid(0.5 - value, prediction.frame_to_world, affine, shape)
+
+
+def layouts(truth: np.ndarray, spacing: np.ndarray) -> dict[str, dict[str, Any]]:
+    """One central axial slice, three central orthogonal slices, a 10 mm axial stack (up to 16)."""
+    centre = [
+        int(np.flatnonzero(truth.any(axis=tuple(b for b in range(3) if b != a))).mean()) for a in range(3)
+    ]
+    z = np.flatnonzero(truth.any(axis=(0, 1)))
+    step = max(1, round(10.0 / spacing[2]))
+    stack = list(range(int(z[0]) + step // 2, int(z[-1]) + 1, step))[:16] or [centre[2]]
+    names = ("sagittal", "coronal", "axial")
+    return {
+        "one slice": {"axis": "axial", "index": centre[2]},
+        "three orthogonal": {"slices": [{"axis": names[a], "index": centre[a]} for a in (2, 0, 1)]},
+        "10 mm stack": {"slices": [{"axis": "axial", "index": i} for i in stack]}
+        if len(stack) > 1
+        else {"axis": "axial", "index": stack[0]},
+    }
+
+
+def run_case(
+    model: Reconstructor, image: Path, masks: dict[str, Path], extents: dict[str, float] | None
+) -> list[dict[str, Any]]:
+    scan = nib.load(image)
+    spacing = np.abs(np.linalg.norm(scan.affine[:3, :3], axis=0))
+    rows = []
+    for name, mask in masks.items():
+        truth = np.asarray(nib.load(mask).dataobj) > 0
+        if truth.sum() < 50:
+            continue
+        for layout, where in layouts(truth, spacing).items():
+            for variant in ("relative", "forest", "slices only"):
+                requests_dataset.relative_sample = forest_reading if variant == "forest" else RELATIVE
+                start = time.perf_counter()
+                try:
+                    result = reconstruct(model, image, mask, name, context=variant != "slices only",
+                                         extent_mm=extents, **where)  # fmt: skip
+                except Exception as err:
+                    rows.append(
+                        {"structure": name, "layout": layout, "variant": variant, "error": str(err)[:200]}
+                    )
+                    continue
+                seconds = time.perf_counter() - start
+                m = result.prediction.metrics or {}
+                rows.append({"structure": name, "layout": layout, "variant": variant, "dice": m.get("dice"),
+                             "hd95_mm": m.get("hd95_mm"), "seconds": seconds})  # fmt: skip
+                if variant == "forest":
+                    alone = forest_alone(result.prediction, scan.affine, scan.shape)
+                    if alone is not None:
+                        s = sample_metrics(alone, truth, spacing)
+                        rows.append({"structure": name, "layout": layout, "variant": "forest alone",
+                                     "dice": s["dice"], "hd95_mm": s["hd95_mm"], "seconds": seconds})  # fmt: skip
+            print(f"  {image.parent.name} {name} {layout}: " + ", ".join(
+                f"{r['variant']} {r.get('dice', float('nan')):.3f}" for r in rows[-4:] if "dice" in r), flush=True)  # fmt: skip
+    requests_dataset.relative_sample = RELATIVE
+    return rows
+
+
+def data_sets(mr_root: Path) -> dict[str, list[tuple[Path, dict[str, Path], dict[str, float] | None]]]:
+    ct = [(ROOT / "data" / "heart" / c / "ct.nii.gz", {k: ROOT / "data" / "heart" / c / "segmentations" / f"{k}.nii.gz" for k in HEART}, None)
+          for c in ("s0017", "s0018", "s0019", "s0020")]  # fmt: skip
+    if not mr_root.exists():
+        subprocess.run([sys.executable, "-m", "lora_sam3d.cli", "phantoms", "--root", str(mr_root), "--n-cases", "4",
+                        "--seed", "23", "--modality", "mr"], check=True)  # fmt: skip
+    mr = [
+        (c / "mri.nii.gz", {k: c / "segmentations" / f"{k}.nii.gz" for k in HEART}, None)
+        for c in sorted(mr_root.glob("s0*"))
+    ]
+    real = ROOT.parent / "shared" / "data" / "real_ct_aorta" / "a0001"
+    masks = {p.name.removesuffix(".nii.gz"): p for p in sorted((real / "segmentations").glob("*.nii.gz"))}
+    extents = {}
+    for name, path in masks.items():
+        img = nib.load(path)
+        nz = np.argwhere(np.asarray(img.dataobj) > 0)
+        if len(nz):
+            extents[name] = float(
+                ((nz.max(0) - nz.min(0) + 1) * np.linalg.norm(img.affine[:3, :3], axis=0)).max()
+            )
+    return {
+        "CT phantoms (held out)": ct,
+        "MR-like phantoms (seed 23)": mr,
+        "real aorta CT": [(real / "ct.nii.gz", masks, extents)],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--adapter", default="outputs/demo/checkpoints/adapter-best")
+    parser.add_argument("--mr-root", default=str(ROOT / "data" / "heart-mr-seed23"))
+    parser.add_argument("--json", default=str(ROOT / "docs" / "tissue_model.json"))
+    parser.add_argument("--sets", nargs="*", default=None, help="data set names (default: all)")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    model = Reconstructor.from_adapter(args.adapter)
+    out: dict[str, Any] = {}
+    for name, cases in data_sets(Path(args.mr_root)).items():
+        if args.sets and name not in args.sets:
+            continue
+        print(name, flush=True)
+        out[name] = [
+            r | {"case": str(image.parent.name)}
+            for image, masks, ext in cases
+            for r in run_case(model, image, masks, ext)
+        ]
+    Path(args.json).write_text(json.dumps(out, indent=1))
+    print(table(out))
+
+
+def table(out: dict[str, list[dict[str, Any]]]) -> str:
+    variants = ("relative", "forest", "forest alone", "slices only")
+    lines = [
+        "| data | input | " + " | ".join(variants) + " | s per request (relative / forest) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, rows in out.items():
+        for layout in ("one slice", "three orthogonal", "10 mm stack"):
+            cells = []
+            for v in variants:
+                got = [
+                    r
+                    for r in rows
+                    if r["layout"] == layout and r["variant"] == v and r.get("dice") is not None
+                ]
+                dice = np.mean([r["dice"] for r in got]) if got else float("nan")
+                hd = (
+                    np.median([r["hd95_mm"] for r in got if np.isfinite(r["hd95_mm"])])
+                    if got
+                    else float("nan")
+                )
+                cells.append(f"{dice:.3f} ({hd:.1f} mm)")
+            t = {
+                v: np.median(
+                    [
+                        r["seconds"]
+                        for r in rows
+                        if r["layout"] == layout and r["variant"] == v and "seconds" in r
+                    ]
+                    or [np.nan]
+                )
+                for v in ("relative", "forest")
+            }
+            lines.append(
+                f"| {name} | {layout} | "
+                + " | ".join(cells)
+                + f" | {t['relative']:.1f} / {t['forest']:.1f} |"
+            )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
