@@ -213,3 +213,41 @@ def test_a_mixed_data_set_reads_each_scan_as_its_file_says(
     as_mr, as_ct = first_image(mixed_mr, "auto"), first_image(mixed_mr, "ct")
     torch.testing.assert_close(as_mr, first_image(mixed_mr, "mr"))
     assert float(as_ct.mean()) > float(as_mr.mean()) + 0.2, "an MR read as CT is white"
+
+
+def test_abdomen_phantoms_hold_close_neighbours_and_a_vessel_the_length_of_the_scan(tmp_path: Path) -> None:
+    """``phantoms --kind abdomen``: the eight TotalSegmentator-named structures, disjoint, the aorta
+    and the vertebrae running from the scan's first axial slice to its last (cut by both ends), the
+    liver touching a neighbour, air around the body (a CT by its values), MR-like cases of the
+    same anatomy; two seeds give two anatomies."""
+    from scipy import ndimage
+
+    from lora_sam3d.data import write_phantoms
+    from lora_sam3d.data.abdomen import ABDOMEN_CLASSES
+
+    write_phantoms(
+        tmp_path / "a",
+        n_cases=2,
+        kind="abdomen",
+        shape=(48, 48, 32),
+        spacing=(6.4, 5.6, 8.0),
+        modality="mixed",
+    )
+    case = tmp_path / "a" / "s0001"
+    masks = {
+        c: np.asarray(nib.load(case / "segmentations" / f"{c}.nii.gz").dataobj) > 0 for c in ABDOMEN_CLASSES
+    }
+    assert all(m.any() for m in masks.values()), [c for c, m in masks.items() if not m.any()]
+    assert sum(m.astype(int) for m in masks.values()).max() == 1, "each voxel belongs to one structure"
+    for long, gap in (("aorta", 0), ("vertebrae", 2)):  # the column may end in a disc
+        z = np.flatnonzero(masks[long].any(axis=(0, 1)))
+        assert z[0] <= gap and z[-1] >= 31 - gap, (long, z[0], z[-1])
+    others = sum(m for c, m in masks.items() if c != "liver")
+    assert (ndimage.binary_dilation(masks["liver"], iterations=2) & others).any(), "the liver has a neighbour"
+    ct = np.asarray(nib.load(case / "ct.nii.gz").dataobj)
+    assert (ct <= -500).mean() > 0.01 and (tmp_path / "a" / "s0002" / "mri.nii.gz").is_file()
+    write_phantoms(
+        tmp_path / "b", n_cases=1, kind="abdomen", shape=(48, 48, 32), spacing=(6.4, 5.6, 8.0), seed=5
+    )
+    other = np.asarray(nib.load(tmp_path / "b" / "s0001" / "segmentations" / "liver.nii.gz").dataobj) > 0
+    assert not np.array_equal(other, masks["liver"])

@@ -200,7 +200,7 @@ def _extra_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="{fit,validate,test,predict,phantoms,export,cache}")
     ph = sub.add_parser("phantoms", help="write synthetic CT phantoms (NIfTI, TotalSegmentator layout)")
     ph.add_argument("--root", required=True, help="output folder")
-    ph.add_argument("--kind", choices=("heart", "shapes", "hard_shapes"), default="heart")
+    ph.add_argument("--kind", choices=("heart", "shapes", "hard_shapes", "abdomen"), default="heart")
     ph.add_argument("--layout", choices=("totalsegmentator", "cropped"), default="totalsegmentator")
     ph.add_argument("--n-cases", type=int, default=12)
     ph.add_argument("--shape", type=int, nargs=3, default=(96, 96, 64), metavar=("X", "Y", "Z"))

@@ -1,6 +1,6 @@
 """Synthetic CT phantoms written as real NIfTI files in TotalSegmentator's layouts.
 
-Three generators: heart phantoms (five structures named as TotalSegmentator v1's heart classes, in
+Four generators (the fourth, ``abdomen``, in `lora_sam3d.data.abdomen`): heart phantoms (five structures named as TotalSegmentator v1's heart classes, in
 a CT-like body with fat, muscle, lungs, contrast-enhanced blood and noise, in Hounsfield units),
 generic shapes (ellipsoid, box, superquadric, torus) apart on a flat background, and
 ``hard_shapes``, the same four classes made hard to read from the scan alone: touching
@@ -43,6 +43,7 @@ __all__ = [
     "grid_affine",
     "hard_shapes_case",
     "heart_case",
+    "kind_classes",
     "mr_from_ct",
     "phantom_label_values",
     "shapes_case",
@@ -58,7 +59,8 @@ HEART_CLASSES = (
     "heart_ventricle_right",
 )
 SHAPE_CLASSES = ("ellipsoid", "box", "superquadric", "torus")
-PhantomKind = Literal["heart", "shapes", "hard_shapes"]
+PhantomKind = Literal["heart", "shapes", "hard_shapes", "abdomen"]
+KINDS: tuple[str, ...] = ("heart", "shapes", "hard_shapes", "abdomen")
 Modality = Literal["ct", "mr", "mixed"]
 IMAGE_NAMES = {"ct": "ct.nii.gz", "mr": "mri.nii.gz"}
 """The image file of a TotalSegmentator-layout case, by modality."""
@@ -370,9 +372,16 @@ def case_modality(modality: Modality, index: int) -> Literal["ct", "mr"]:
 def _write_case(job: tuple) -> None:
     """One case of `write_phantoms` (a top-level function, so worker processes can run it)."""
     root, case_id, index, kind, layout, shape, spacing, seed, modality = job
-    make = {"heart": heart_case, "shapes": shapes_case, "hard_shapes": hard_shapes_case}[kind]
-    classes = HEART_CLASSES if kind == "heart" else SHAPE_CLASSES
-    rng = np.random.default_rng([seed, index, ("heart", "shapes", "hard_shapes").index(kind)])
+    from lora_sam3d.data.abdomen import abdomen_case
+
+    make = {
+        "heart": heart_case,
+        "shapes": shapes_case,
+        "hard_shapes": hard_shapes_case,
+        "abdomen": abdomen_case,
+    }[kind]
+    classes = kind_classes(kind)
+    rng = np.random.default_rng([seed, index, KINDS.index(kind)])
     hu, masks, affine = make(shape, spacing, rng)
     modality = case_modality(modality, index)
     if modality == "mr":  # the same anatomy (same seed) as the CT phantom, another contrast
@@ -392,9 +401,17 @@ def _write_case(job: tuple) -> None:
         _save(label, affine, case_dir / f"{case_id}-label.nii.gz")
 
 
+def kind_classes(kind: str) -> tuple[str, ...]:
+    """The classes a kind of phantom labels."""
+    if kind == "abdomen":
+        from lora_sam3d.data.abdomen import ABDOMEN_CLASSES
+
+        return ABDOMEN_CLASSES
+    return HEART_CLASSES if kind == "heart" else SHAPE_CLASSES
+
+
 def phantom_label_values(kind: PhantomKind = "heart") -> dict[str, int]:
-    classes = HEART_CLASSES if kind == "heart" else SHAPE_CLASSES
-    return {name: i for i, name in enumerate(classes, start=1)}
+    return {name: i for i, name in enumerate(kind_classes(kind), start=1)}
 
 
 @dataclass
