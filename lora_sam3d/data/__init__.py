@@ -6,6 +6,7 @@ Everything here is plain PyTorch and NumPy. `TSDataModule` lives with the Lightn
 
 from typing import Any
 
+from lora_sam3d.data import abdomen as _abdomen  # noqa: F401  (registers the abdomen phantoms)
 from lora_sam3d.data.cases import Case, discover_cases
 from lora_sam3d.data.dataset import TS_SAM3D_Dataset, assign_splits
 from lora_sam3d.data.frame import Frame, make_frame

@@ -20,7 +20,14 @@ from itertools import pairwise
 import numpy as np
 from scipy import ndimage
 
-from lora_sam3d.data.phantoms import Deformation, _rotation, _superquadric, grid_affine, world_points
+from lora_sam3d.data.phantoms import (
+    GENERATORS,
+    Deformation,
+    _rotation,
+    _superquadric,
+    grid_affine,
+    world_points,
+)
 
 __all__ = ["ABDOMEN_CLASSES", "abdomen_case"]
 
@@ -111,7 +118,9 @@ def _neighbours(half: np.ndarray, rng: np.random.Generator) -> list[Shape]:
         np.array([0.25 * hx, 0.3 * hy, 0.4 * hz]) + rng.uniform(-0.05, 0.05, 3) * half,
         np.array([0.22 * hx, 0.2 * hy, 0.25 * hz]) * rng.uniform(0.8, 1.2, 3), _rotation(rng, 30), Deformation(rng), 2.0,
     )  # fmt: skip
-    frame = np.array([[-0.55, 0.2, -0.9], [-0.6, 0.25, 0.1], [0.0, 0.45, 0.2], [0.6, 0.25, 0.1], [0.55, 0.2, -0.9]])
+    frame = np.array(
+        [[-0.55, 0.2, -0.9], [-0.6, 0.25, 0.1], [0.0, 0.45, 0.2], [0.6, 0.25, 0.1], [0.55, 0.2, -0.9]]
+    )
     colon = _capsule_path(frame * half + rng.normal(0, 0.04, (5, 3)) * half, 0.1 * hx, Deformation(rng, 0.1))
     return [stomach, colon]
 
@@ -145,3 +154,6 @@ def abdomen_case(
     hu += ndimage.gaussian_filter(rng.normal(0, 40, tuple(shape)), 1.5) * (body < 0)  # texture
     hu += rng.normal(0, 10, tuple(shape))
     return np.round(np.clip(hu, -1024, 3000)).astype(np.int16), masks, affine
+
+
+GENERATORS["abdomen"] = (abdomen_case, ABDOMEN_CLASSES)

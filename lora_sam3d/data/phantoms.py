@@ -369,18 +369,20 @@ def case_modality(modality: Modality, index: int) -> Literal["ct", "mr"]:
     return modality
 
 
+Generator = Callable[..., tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]]
+GENERATORS: dict[str, tuple[Generator, tuple[str, ...]]] = {
+    "heart": (heart_case, HEART_CLASSES),
+    "shapes": (shapes_case, SHAPE_CLASSES),
+    "hard_shapes": (hard_shapes_case, SHAPE_CLASSES),
+}
+"""Each kind's case generator and classes; `lora_sam3d.data.abdomen` adds ``abdomen`` (imported with
+`lora_sam3d.data`)."""
+
+
 def _write_case(job: tuple) -> None:
     """One case of `write_phantoms` (a top-level function, so worker processes can run it)."""
     root, case_id, index, kind, layout, shape, spacing, seed, modality = job
-    from lora_sam3d.data.abdomen import abdomen_case
-
-    make = {
-        "heart": heart_case,
-        "shapes": shapes_case,
-        "hard_shapes": hard_shapes_case,
-        "abdomen": abdomen_case,
-    }[kind]
-    classes = kind_classes(kind)
+    make, classes = GENERATORS[kind]
     rng = np.random.default_rng([seed, index, KINDS.index(kind)])
     hu, masks, affine = make(shape, spacing, rng)
     modality = case_modality(modality, index)
@@ -403,11 +405,7 @@ def _write_case(job: tuple) -> None:
 
 def kind_classes(kind: str) -> tuple[str, ...]:
     """The classes a kind of phantom labels."""
-    if kind == "abdomen":
-        from lora_sam3d.data.abdomen import ABDOMEN_CLASSES
-
-        return ABDOMEN_CLASSES
-    return HEART_CLASSES if kind == "heart" else SHAPE_CLASSES
+    return GENERATORS[kind][1]
 
 
 def phantom_label_values(kind: PhantomKind = "heart") -> dict[str, int]:

@@ -18,8 +18,8 @@ import torch
 from lora_sam3d.data.requests import PredictionDataset, PredictItem
 from lora_sam3d.data.settings import DataContract
 from lora_sam3d.geometry import Mesh
-from lora_sam3d.inputs import collate
-from lora_sam3d.models.reconstructor import Reconstructor
+from lora_sam3d.inputs import Batch, collate
+from lora_sam3d.models.reconstructor import Reconstruction, Reconstructor
 from lora_sam3d.models.test_time import adapted
 from lora_sam3d.predict.files import mask_on_source_grid
 from lora_sam3d.predict.records import Prediction, prediction_records
@@ -115,18 +115,23 @@ def reconstruct(
     )  # fmt: skip
     requests.check_view_counts(contract.views, None)
     batch = collate([requests[0]])
-    was_training = network.training
-    with adapted(network, batch.evidence, adapt_steps, adapt_lr) as losses:
-        try:
-            with torch.no_grad():
-                rec = network.eval()(batch.evidence)
-        finally:
-            network.train(was_training)
+    rec, losses = _run(network, batch, adapt_steps, adapt_lr)
     (record,) = prediction_records(rec, batch, nsd_tolerance_mm, network.config.context.read)
     assert record.source_image is not None
     surface = record.mesh.smoothed(smooth_iterations)
     on_scan = mask_on_source_grid(record.sdf, record.frame_to_world, record.source_image, record.on_scan)
     return Reconstructed(record.stem, surface, on_scan, record, losses)
+
+
+def _run(network: Reconstructor, batch: Batch, steps: int, lr: float) -> tuple[Reconstruction, list[float]]:
+    """The network on one request in eval mode, after test-time LoRA when asked (`adapted`)."""
+    was_training = network.training
+    with adapted(network, batch.evidence, steps, lr) as losses:
+        try:
+            with torch.no_grad():
+                return network.eval()(batch.evidence), losses
+        finally:
+            network.train(was_training)
 
 
 def _model_and_contract(
