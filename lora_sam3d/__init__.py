@@ -1,7 +1,7 @@
 """lora-sam3d: LoRA fine-tuning of SAM 3D Objects' mesh decoder on medical volumes.
 
-``lora_sam3d.reconstruct(model, image, mask, class_name, slices=...)`` is the one call for a
-notebook (`lora_sam3d.predict.api`). The public names below are imported when first used, so
+``lora_sam3d.reconstruct(lora_sam3d.load_model(path), scan, mask, class_name, slices=...)`` is the
+one call for a notebook (`lora_sam3d.predict.api`); scans and masks may be files or in memory. The public names below are imported when first used, so
 ``import lora_sam3d`` stays light.
 
 The package by role: `data/` (volumes, cases, samples, the cache, requests), `inputs` (the typed
@@ -22,6 +22,8 @@ __version__ = "0.1.0"
 
 _PUBLIC = {
     "reconstruct": "lora_sam3d.predict.api",
+    "load_model": "lora_sam3d.predict.api",
+    "Session": "lora_sam3d.predict.session",
     "Reconstructor": "lora_sam3d.models.reconstructor",
     "LoRAMeshDecoderModule": "lora_sam3d.training.module",
     "TSDataModule": "lora_sam3d.training.datamodule",
@@ -31,9 +33,11 @@ _PUBLIC = {
 __all__ = [
     "LoRAMeshDecoderModule",
     "Reconstructor",
+    "Session",
     "TSDataModule",
     "TS_SAM3D_Dataset",
     "__version__",
+    "load_model",
     "reconstruct",
 ]
 

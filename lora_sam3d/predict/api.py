@@ -7,24 +7,31 @@ equal the files the command writes for the same request. No Lightning, no Traine
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import nibabel as nib
+import numpy as np
 import torch
 
 from lora_sam3d.data.requests import PredictionDataset, PredictItem
+from lora_sam3d.data.requests.dataset import ANY_STRUCTURE
+from lora_sam3d.data.requests.items import AXIS_NAMES, locate_slice, parse_axis
 from lora_sam3d.data.settings import DataContract
 from lora_sam3d.geometry import Mesh
 from lora_sam3d.inputs import Batch, collate
+from lora_sam3d.models.config import ModelConfig
 from lora_sam3d.models.reconstructor import Reconstruction, Reconstructor
 from lora_sam3d.models.test_time import adapted
 from lora_sam3d.predict.files import mask_on_source_grid
 from lora_sam3d.predict.records import Prediction, prediction_records
+from lora_sam3d.predict.user_inputs import Scan, drawing_extent_mm, drawn_slices, read_mask, read_scan
 
-__all__ = ["Reconstructed", "reconstruct"]
+__all__ = ["Reconstructed", "load_model", "reconstruct"]
 
 
 @dataclass
@@ -38,6 +45,10 @@ class Reconstructed:
         prediction: the record behind both: the unsmoothed mesh, the SDF grid, the frame and, when
             the mask given was the structure's 3D mask, the scores against it.
         adapt_losses: the held-out losses of test-time LoRA's steps (empty without it).
+        slices: the slices the result was made from (``{"axis": "axial", "index": 16}``, file
+            numbering), the drawing's slices when a drawing was given.
+        frame: where the frame's extent came from (``from``: the class's training extent, the
+            ``extent_mm`` given, or the drawing) and the extent itself (``extent_mm``).
     """
 
     name: str
@@ -45,6 +56,8 @@ class Reconstructed:
     mask: nib.Nifti1Image
     prediction: Prediction
     adapt_losses: list[float] = field(default_factory=list)
+    slices: list[dict[str, Any]] = field(default_factory=list)
+    frame: dict[str, Any] = field(default_factory=dict)
 
 
 def _reads_scan(context: bool | str | None, model_reads: bool) -> bool:
@@ -67,9 +80,10 @@ def _reads_scan(context: bool | str | None, model_reads: bool) -> bool:
 
 def reconstruct(
     model: Any,
-    image: str | Path,
-    mask: str | Path,
-    class_name: str,
+    scan: Scan,
+    mask: Any,
+    class_name: str | None = None,
+    *,
     slices: Sequence[Mapping[str, Any]] | None = None,
     axis: str | int = "axial",
     index: int | None = None,
@@ -84,43 +98,107 @@ def reconstruct(
     extent_mm: Mapping[str, float] | None = None,
     adapt_steps: int = 0,
     adapt_lr: float = 2e-3,
+    truth: Any = None,
+    scan_cache: dict[str, dict[str, Any]] | None = None,
 ) -> Reconstructed:
-    """Reconstruct ``class_name`` in ``image`` from its ``mask`` on one slice (``axis`` with ``index`` or
-    ``position_mm``, as a viewer numbers it) or on several (``slices``: ``[{"axis": "axial", "index":
-    16}, ...]``), as a ``predict.items`` entry says it (`PredictItem`).
+    """Reconstruct a structure in ``scan`` from its ``mask`` on one slice (``axis`` with ``index`` or
+    ``position_mm``, as a viewer numbers it), on several (``slices``: ``[{"axis": "axial", "index":
+    16}, ...]``), or from a drawing: with none of those, ``mask`` is a 3D label array painted on a
+    few slices, which are found (`drawn_slices`; ``result.slices``).
 
-    ``model``: a `Reconstructor` (`Reconstructor.from_adapter` keeps the folder's data settings),
-    or a trained `LoRAMeshDecoderModule` (``load_from_checkpoint``). ``data``: how the model reads
-    scans (a `DataContract` or the dict a checkpoint or ``model.json`` stores), when the model does
-    not carry it. ``smooth_iterations``: the writer's Taubin smoothing of the mesh (0: none).
-    ``context``: read the scan around the slices: ``True`` or ``"volume"`` (the YAML's spelling),
-    ``False`` or ``"none"``, or None (when the model reads context, as it was trained); asking for
-    the scan with a model that does not read it is an error. ``all_pieces``: keep the pieces of
-    the prediction that touch no drawn mask (removed by default, counted in
-    ``prediction.pieces_removed``); ``beyond_scan``: keep the surface past the scan's field of
-    view (cut and closed there by default, as the mask is). ``extent_mm``: a class's frame
-    extent (mm; as ``data.frame.extent_mm``), for a class the model stores none of.
-    ``adapt_steps``: test-time LoRA on the request's own slices before it is reconstructed
-    (`lora_sam3d.models.test_time`: each step predicts one drawn slice from the others; two slices
-    or more; the model is restored after), at ``adapt_lr``.
+    ``model``: `load_model`'s, a `Reconstructor` or a trained `LoRAMeshDecoderModule`. ``scan``: a
+    NIfTI path, a DICOM series folder, a ``nib.Nifti1Image`` or ``(array, affine)`` (RAS mm).
+    ``mask``: a path, an image, a 3D array on the scan's grid or a 2D array of the named slice; a
+    mask stored on the same voxels with its axes permuted or flipped reads as the same mask. A 3D
+    mask given with slices is also the structure's truth: the result is scored against it.
+    ``class_name``: the structure; None, or a class the model has no frame extent for, takes the
+    frame from the drawing (`drawing_extent_mm`; ``result.frame`` says which). ``data``: how the
+    model reads scans, when it does not carry it. ``context``: read the scan around the slices
+    (``True``/``"volume"``, ``False``/``"none"``, None: as the model was trained).
+    ``all_pieces``/``beyond_scan``: keep the prediction's pieces away from the drawing / its surface
+    past the scan. ``adapt_steps``: test-time LoRA on the request's own slices at ``adapt_lr``
+    (`lora_sam3d.models.test_time`). ``smooth_iterations``: the mesh's Taubin smoothing.
+    ``truth``: the structure's 3D mask (as ``mask`` may be given) to score against.
+    ``scan_cache``: kept across calls on one scan by a `Session` (its reading and resampled image).
     """
     network, contract = _model_and_contract(model, data)
-    item = PredictItem(
-        str(image), str(mask), class_name, axis, index, position_mm, label_value, slices and list(slices)
+    with _request_files(scan, mask, axis, index, position_mm, truth) as (image, mask_img, paths):
+        drawing = slices is None and index is None and position_mm is None
+        if drawing:
+            values = np.asanyarray(mask_img.dataobj)
+            slices = drawn_slices(
+                values == label_value if label_value is not None else values != 0, image.affine
+            )
+        name = class_name or ANY_STRUCTURE
+        extents, frame = dict(extent_mm or {}), _frame_source(name, extent_mm, contract)
+        if frame["from"] == "the drawing":
+            planes = slices or [
+                {"axis": axis, "index": locate_slice(image, parse_axis(axis), index, position_mm).index}
+            ]
+            extents[name] = frame["extent_mm"] = drawing_extent_mm(mask_img, planes)
+        item = PredictItem(
+            paths[0], paths[1], name, axis, index, position_mm, label_value, slices and list(slices),
+            scored=not drawing and np.ndim(mask) != 2, truth=paths[2],  # a drawing or a 2D mask is no truth
+        )  # fmt: skip
+        use = _reads_scan(context, network.config.context.read)
+        requests = PredictionDataset.from_settings(
+            [item], contract, extents, context="volume" if use else "none", all_pieces=all_pieces,
+            beyond_scan=beyond_scan, scans=scan_cache,
+        )  # fmt: skip
+        requests.check_view_counts(contract.views, None)
+        batch = collate([requests[0]])
+        rec, losses = _run(network, batch, adapt_steps, adapt_lr)
+        (record,) = prediction_records(rec, batch, nsd_tolerance_mm, network.config.context.read)
+        assert record.source_image is not None
+        on_scan = mask_on_source_grid(record.sdf, record.frame_to_world, record.source_image, record.on_scan)
+        found = [{"axis": AXIS_NAMES[r.axis], "index": r.index} for r in requests.slices[0]]
+    record.source_image = str(scan) if isinstance(scan, str | Path) else None
+    frame.setdefault("extent_mm", extents.get(name, contract.extent_mm.get(name)))
+    return Reconstructed(
+        record.stem, record.mesh.smoothed(smooth_iterations), on_scan, record, losses, found, frame
     )
-    use = _reads_scan(context, network.config.context.read)
-    requests = PredictionDataset.from_settings(
-        [item], contract, extent_mm, context="volume" if use else "none", all_pieces=all_pieces,
-        beyond_scan=beyond_scan,
-    )  # fmt: skip
-    requests.check_view_counts(contract.views, None)
-    batch = collate([requests[0]])
-    rec, losses = _run(network, batch, adapt_steps, adapt_lr)
-    (record,) = prediction_records(rec, batch, nsd_tolerance_mm, network.config.context.read)
-    assert record.source_image is not None
-    surface = record.mesh.smoothed(smooth_iterations)
-    on_scan = mask_on_source_grid(record.sdf, record.frame_to_world, record.source_image, record.on_scan)
-    return Reconstructed(record.stem, surface, on_scan, record, losses)
+
+
+def _frame_source(name: str, given: Mapping[str, float] | None, contract: DataContract) -> dict[str, Any]:
+    """Where a request's frame extent comes from: the caller, the model's training, or the drawing."""
+    if given and name in given:
+        return {"from": "extent_mm given"}
+    if name in contract.extent_mm:
+        return {"from": "the class's training extent"}
+    return {"from": "the drawing"}
+
+
+@contextmanager
+def _request_files(
+    scan: Scan, mask: Any, axis: str | int, index: int | None, position_mm: float | None, truth: Any = None
+) -> Iterator[tuple[nib.Nifti1Image, nib.Nifti1Image, tuple[str, str, str | None]]]:
+    """The scan and the masks as images and as files the request pipeline reads: the user's own files
+    where they are NIfTI files on the scan's voxels, else uncompressed copies in a temporary folder
+    (removed on exit)."""
+    image, name = read_scan(scan)
+    mask_img = read_mask(mask, image, axis, index, position_mm)
+    with tempfile.TemporaryDirectory(prefix="lora-sam3d-") as tmp:
+        on_disk = isinstance(scan, str | Path) and Path(scan).is_file()
+        image_path = str(scan) if on_disk else str(Path(tmp) / name / f"{name}.nii")  # named as the scan
+        if not on_disk:
+            Path(image_path).parent.mkdir()
+            nib.save(image, image_path)
+        mask_path = _as_file(mask, mask_img, Path(tmp) / "mask.nii")
+        truth_path = (
+            None if truth is None else _as_file(truth, read_mask(truth, image), Path(tmp) / "truth.nii")
+        )
+        yield image, mask_img, (image_path, mask_path, truth_path)
+
+
+def _as_file(given: Any, img: nib.Nifti1Image, spare: Path) -> str:
+    """``given``'s own path when it is a NIfTI file on the scan's voxels, else ``img`` written to ``spare``."""
+    if isinstance(given, str | Path) and np.allclose(img.affine, nib.load(str(given)).affine):
+        return str(given)
+    values = np.asanyarray(img.dataobj)
+    nib.save(
+        nib.Nifti1Image(values.astype(np.uint8) if values.dtype == bool else values, img.affine), str(spare)
+    )
+    return str(spare)
 
 
 def _run(network: Reconstructor, batch: Batch, steps: int, lr: float) -> tuple[Reconstruction, list[float]]:
@@ -150,3 +228,48 @@ def _model_and_contract(
             "load it with Reconstructor.from_adapter or from a checkpoint, or give data="
         )
     return network, data if isinstance(data, DataContract) else DataContract.from_dict(data)
+
+
+BUILTIN_READS = {
+    "relative_shapes": ({"read": True, "conditioning": True, "interpolation": True}, "relative"),
+    "scan_shapes": ({"read": True, "conditioning": True, "interpolation": False}, "absolute"),
+    "shapes": ({"read": False, "conditioning": False, "interpolation": False}, "absolute"),
+}
+"""How each shipped base reads scans (its asset's notes): model.context settings and the reading;
+all three are the demo's decoder size (`lora_sam3d.assets`)."""
+
+
+def load_model(path: str | Path) -> Reconstructor:
+    """A model ready for `reconstruct`, carrying how it reads scans (``data_contract``): a trained
+    checkpoint (``.ckpt``), an adapter folder (``adapter-best/``: base and adapters), or a shipped base
+    ``builtin:<name>`` (generic shapes, no classes: every request's frame comes from its drawing)."""
+    text = str(path)
+    if text.startswith("builtin:"):
+        name = text.removeprefix("builtin:")
+        if name not in BUILTIN_READS:
+            raise ValueError(
+                f"load_model: {text} is not a shipped base; known: {', '.join(f'builtin:{n}' for n in BUILTIN_READS)}"
+            )
+        context, reading = BUILTIN_READS[name]
+        decoder = {"resolution": 16, "model_channels": 64, "num_blocks": 4, "num_heads": 4, "num_groups": 8}
+        config = ModelConfig.from_dict({"base": {"checkpoint": text}, "context": context, "decoder": decoder})
+        network = Reconstructor(config)
+        network.data_contract = DataContract(
+            classes=[], extent_mm={}, spacing=1.5, modality="auto", ct_window_hu=[-200.0, 400.0], slice_size=64,
+            frame_scale=2.0, resolution=16, views=16, view_layouts=["orthogonal", "stack"],
+            context="volume" if context["read"] else "none", context_reading=reading,
+        ).to_dict()  # fmt: skip
+        return network.eval()
+    target = Path(path)
+    if target.is_dir():
+        return Reconstructor.from_adapter(target)
+    if not target.is_file():
+        raise FileNotFoundError(
+            f"load_model: {target} does not exist (a .ckpt, an adapter folder or builtin:<name>)"
+        )
+    from lora_sam3d.training.module import LoRAMeshDecoderModule
+
+    module = LoRAMeshDecoderModule.load_from_checkpoint(str(target), map_location="cpu", weights_only=True)
+    network = module.model
+    network.data_contract = module.data_contract
+    return network.eval()

@@ -45,17 +45,23 @@ from lora_sam3d.data.volume import (
     IsotropicGrid,
     ModalityReading,
     Preprocessing,
-    load_volume,
+    Volume,
+    load_image,
+    load_labels,
     modality_line,
     read_modality,
 )
 from lora_sam3d.inputs import RequestNotes, Sample
 
 __all__ = [
+    "ANY_STRUCTURE",
     "PredictionDataset",
 ]
 
 log = logging.getLogger("lora_sam3d")
+
+ANY_STRUCTURE = "structure"
+"""The class name of a request that names none (its frame comes from the drawing)."""
 
 SEPARABLE = 0.25
 """With the relative reading, the marked tissue and its ring are told apart when their medians lie
@@ -86,7 +92,11 @@ class PredictionDataset(Dataset):
         trained_classes: Sequence[str] | None = None,
         all_pieces: bool = False,
         beyond_scan: bool = False,
+        scans: dict[str, dict[str, Any]] | None = None,
     ) -> None:
+        # per scan path, what reading it gave (its modality, its normalised image on the model's
+        # grid): a caller's dict, kept across datasets, makes later requests on a scan skip both
+        self.scans = {} if scans is None else scans
         # the classes the model learned (None: unknown, as for a config without a trained model)
         self.trained_classes = None if trained_classes is None else list(trained_classes)
         self.all_pieces, self.beyond_scan = all_pieces, beyond_scan
@@ -176,11 +186,13 @@ class PredictionDataset(Dataset):
         context: Context | None = None,
         all_pieces: bool = False,
         beyond_scan: bool = False,
+        scans: dict[str, dict[str, Any]] | None = None,
     ) -> PredictionDataset:
         """The requests read as a model was trained to read scans: ``data`` is the `DataContract` a
         checkpoint or adapter folder stores (or its dict); ``extent_mm`` overrides stored extents;
         ``context``: whether the samples carry the scan (items may say otherwise), None as the model
-        was trained; ``all_pieces``, ``beyond_scan``: what the outputs keep (`RequestNotes`)."""
+        was trained; ``all_pieces``, ``beyond_scan``: what the outputs keep (`RequestNotes`); ``scans``:
+        a dict kept across datasets on one scan and one model (a `Session`'s)."""
         c = data if isinstance(data, DataContract) else DataContract.from_dict(data)
         extents = {**c.extent_mm, **(extent_mm or {})}
         cells = 4 * (c.resolution or c.slice_size // 4)
@@ -205,6 +217,7 @@ class PredictionDataset(Dataset):
             trained_classes=c.classes,
             all_pieces=all_pieces,
             beyond_scan=beyond_scan,
+            scans=scans,
         )
 
     def _check_class(self, item: PredictItem) -> None:
@@ -217,7 +230,7 @@ class PredictionDataset(Dataset):
                 "or use a checkpoint that stores its classes' extents)"
             )
         trained = self.trained_classes
-        if trained is not None and item.class_name not in trained:
+        if trained is not None and item.class_name not in (*trained, ANY_STRUCTURE):
             warnings.warn(
                 f"{item.class_name} in {item.image}: the model was not trained on {item.class_name} (it was "
                 f"on {', '.join(trained)}): its shape is a guess from other structures, and the frame comes "
@@ -272,7 +285,9 @@ class PredictionDataset(Dataset):
         order = sorted(range(len(refs)), key=lambda j: refs[j].order)
         self.slices.append([refs[j] for j in order])
         self.masks.append([masks[j] for j in order])
-        if item.image not in self._finite:  # each scan read once here, so a bad one fails before any output
+        if item.image in self.scans:  # read and checked by an earlier request on this scan
+            self.readings[item.image] = self.scans[item.image]["reading"]
+        elif item.image not in self._finite:  # each scan read once here, so a bad one fails before any output
             self._check_intensities(item.image, img)
             self._finite.add(item.image)
 
@@ -304,6 +319,8 @@ class PredictionDataset(Dataset):
             raise DataError(f"image {path} has {bad} NaN/inf voxels: intensities must be finite")
         self._voxels = (path, values)  # the request reading this scan next takes them (read once)
         reading = self.readings[path] = read_modality(self.prep, path, values)
+        if self.scans is not None and path not in self.scans:
+            self.scans[path] = {"reading": reading}
         line = modality_line(path, reading)
         log.info(line)
         if reading.doubt and self.intensity_check == "error":
@@ -347,7 +364,10 @@ class PredictionDataset(Dataset):
             sample = self._inputs(i, raw)
         except DataError as err:
             raise DataError(f"predict item {i + 1} (image {item.image}, mask {item.mask}): {err}") from err
-        truth = read_mask_volume(Path(item.mask), raw, item.label_value)
+        if item.truth:
+            truth = read_mask_volume(Path(item.truth), raw, None)
+        else:
+            truth = read_mask_volume(Path(item.mask), raw, item.label_value) if item.scored else None
         frame_to_world = np.asarray(sample["frame_to_world"], dtype=np.float64)
         return sample | {
             "case_id": self.case_ids[i],
@@ -370,9 +390,11 @@ class PredictionDataset(Dataset):
         """Request ``i``'s model inputs: its slices resampled like a split's, in the frame they place."""
         item, refs = self.items[i], self.slices[i]
         classes, in_memory = self._view_labels(i, raw)
-        volume = load_volume(
-            item.image, classes, self.prep, in_memory, voxels=self._checked_voxels(item.image)
-        )
+        labels = load_labels(item.image, classes, self.prep, in_memory)
+        kept = self.scans.setdefault(item.image, {})
+        if "image" not in kept:
+            kept["image"] = load_image(item.image, self.prep, voxels=self._checked_voxels(item.image))
+        volume = Volume(kept["image"], labels.labels, labels.affine, self.prep.spacing_mm)
         indices = [r.grid_index for r in refs]
         side_mm = self.frame_scale * self.extent_mm[item.class_name]
         others = [(r.axis, index) for r, index in zip(refs[1:], indices[1:], strict=True)]

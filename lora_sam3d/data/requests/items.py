@@ -50,6 +50,9 @@ class PredictItem:
             order they are given in; two that land on one slice of the model's grid are refused.
         context: ``none`` to reconstruct from the slices alone although the run reads the scan as
             context (``data.context.source: volume``); ``volume`` asks for it; None: as the run.
+        scored: whether a 3D ``mask`` is also the structure's truth to score against (a drawing,
+            3D but only painted on its slices, is not).
+        truth: another 3D mask of the structure to score against (any non-zero voxel).
     """
 
     image: str
@@ -61,6 +64,8 @@ class PredictItem:
     label_value: int | None = None
     slices: list[dict[str, Any]] | None = None
     context: Context | None = None
+    scored: bool = True
+    truth: str | None = None
 
     def planes(self) -> list[dict[str, Any]]:
         """The item's slices, each ``{axis, index, position_mm, mask, label_value}`` (one unless ``slices``)."""

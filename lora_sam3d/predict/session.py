@@ -1,0 +1,65 @@
+"""`Session`: one model and one scan, answering drawing after drawing (a viewer's labels layer).
+
+The scan is read once (a file, a DICOM folder, an image or an array), its modality decided and its
+normalised image resampled to the model's grid once, and the model kept in eval mode; each drawing
+then costs its own slices, the model and the outputs. The same code as `lora_sam3d.reconstruct`,
+which a session calls with its kept scan.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import nibabel as nib
+
+from lora_sam3d.predict.api import Reconstructed, _model_and_contract, reconstruct
+from lora_sam3d.predict.user_inputs import Scan, read_scan
+
+__all__ = ["Session"]
+
+
+class Session:
+    """``Session(model, scan)``; ``session.reconstruct(drawing, class_name=None, label_value=None)``.
+
+    ``drawing``: a 3D label array on the scan's grid (painted on a few slices, any axes), or what
+    `reconstruct` takes as a mask with ``slices=``/``index=``. Options of `reconstruct` pass through
+    (``truth=`` a 3D mask to score against, ``context=``, ...). Close it (or use ``with``) to remove
+    the copy of an in-memory scan it keeps on disk.
+    """
+
+    def __init__(self, model: Any, scan: Scan, data: Any = None) -> None:
+        self.network, self.contract = _model_and_contract(model, data)
+        self.network.eval()
+        self.image, name = read_scan(scan)
+        self._folder = tempfile.TemporaryDirectory(prefix="lora-sam3d-session-")
+        if isinstance(scan, str | Path) and Path(scan).is_file():
+            self.path = str(scan)
+        else:  # read once; uncompressed, so every drawing maps it instead of decoding it
+            self.path = str(Path(self._folder.name) / name / f"{name}.nii")  # outputs named as the scan
+            Path(self.path).parent.mkdir()
+            nib.save(self.image, self.path)
+        self.cache: dict[str, dict[str, Any]] = {}
+
+    def reconstruct(
+        self, drawing: Any, class_name: str | None = None, label_value: int | None = None, **options: Any
+    ) -> Reconstructed:
+        """The structure drawn (`reconstruct` on the session's scan, its reading and image kept)."""
+        result = reconstruct(
+            self.network, self.path, drawing, class_name, label_value=label_value, data=self.contract,
+            scan_cache=self.cache, **options,
+        )  # fmt: skip
+        return result
+
+    def close(self) -> None:
+        self._folder.cleanup()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
