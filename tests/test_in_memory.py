@@ -163,3 +163,25 @@ def test_a_session_reads_its_scan_once_and_answers_as_reconstruct(phantoms: Path
         assert np.array_equal(np.asarray(result.mask.dataobj), np.asarray(alone.mask.dataobj))
         assert result.prediction.metrics["dice"] == pytest.approx(alone.prediction.metrics["dice"])
     assert overlap(np.asarray(first.mask.dataobj) > 0, truth)[0] > 0.8
+
+
+def test_a_slice_s_own_file_still_reads_and_frames_an_unknown_structure(
+    phantoms: Path, model: object, tmp_path: Path
+) -> None:
+    """A PNG of slice 16 (as exported from a viewer) for a class the model has no extent for: the
+    frame comes from that mask; the same slice as a 2D array gives the same result."""
+    from PIL import Image
+
+    _scan, truth, case = case_of(phantoms)
+    Image.fromarray(truth[:, :, 16].astype(np.uint8) * 255).save(tmp_path / "slice16.png")
+    from_png = lora_sam3d.reconstruct(
+        model, case / "ct.nii.gz", tmp_path / "slice16.png", "kidney_left", index=16
+    )
+    from_array = lora_sam3d.reconstruct(model, case / "ct.nii.gz", truth[:, :, 16], "kidney_left", index=16)
+    assert (
+        from_png.frame["from"] == "the drawing"
+        and from_png.frame["extent_mm"] == from_array.frame["extent_mm"]
+    )
+    assert np.array_equal(np.asarray(from_png.mask.dataobj), np.asarray(from_array.mask.dataobj))
+    with pytest.raises(DataError, match=r"slice16.png is one slice's file: name its slice"):
+        lora_sam3d.reconstruct(model, case / "ct.nii.gz", tmp_path / "slice16.png")

@@ -141,6 +141,8 @@ def test_every_public_module_declares_its_api() -> None:
             "lora_sam3d.data": {"PhantomSpec", "TSDataModule"},
             "lora_sam3d": {
                 "reconstruct",
+                "load_model",
+                "Session",
                 "Reconstructor",
                 "LoRAMeshDecoderModule",
                 "TSDataModule",

@@ -29,6 +29,7 @@ __all__ = [
     "TISSUE_MARGIN",
     "Tissue",
     "drawn_views",
+    "inseparable",
     "marked_tissue",
     "read_relative",
     "relative_intensity",
@@ -200,3 +201,19 @@ def tissue_mismatch(tissue: Tissue, trained: Sequence[float]) -> str | None:
             f"({c_lo:+.2f}..{c_hi:+.2f}): inverted contrast?"
         )
     return None
+
+
+SEPARABLE = 0.25
+"""With the relative reading, the marked tissue and its ring are told apart when their medians lie
+at least this share of their larger spread apart (`inseparable`)."""
+
+
+def inseparable(tissue: Tissue) -> str | None:
+    """Why a relative reading cannot tell the marked tissue from its ring (`SEPARABLE`), or None."""
+    spread = max(tissue.inside_spread, tissue.outside_spread)
+    if abs(tissue.contrast) >= SEPARABLE * spread:
+        return None
+    return (
+        f"the marked tissue reads like the tissue around it (medians {tissue.inside:.3f} and {tissue.outside:.3f}, "
+        f"spread {spread:.3f}, normalised), so the scan cannot tell the structure from its surroundings"
+    )

@@ -143,7 +143,9 @@ def read_modality(
     (looked for unless ``doubt`` is False)."""
     name = Path(path).name
     named = prep.modality == "auto" and name.lower().startswith(("mr", "t1", "t2", "ct"))
-    air = float((image <= AIR_HU).mean()) if doubt or not (named or prep.modality != "auto") else 0.0
+    # shares and percentiles from every 7th voxel: exact to a few in 10^4 on a scan, 7x cheaper on 80M voxels
+    values = np.ravel(image, order="K")[::7]  # in memory order: a view of a Fortran-ordered NIfTI array
+    air = float((values <= AIR_HU).mean()) if doubt or not (named or prep.modality != "auto") else 0.0
     if prep.modality != "auto":
         modality, why = prep.modality, f"data.preprocessing.modality: {prep.modality}"
     elif name.lower().startswith(("mr", "t1", "t2")):
@@ -155,11 +157,11 @@ def read_modality(
         why = f"modality: auto, by its values: {air:.2%} of voxels at or below {AIR_HU:g} HU, CT from {AIR_SHARE:.0%}"
     if not doubt:
         return ModalityReading(modality, why)
-    return ModalityReading(modality, why, _doubt(prep, image, modality, air, "file name" in why))
+    return ModalityReading(modality, why, _doubt(prep, values, modality, air, "file name" in why))
 
 
 def _doubt(prep: Preprocessing, image: np.ndarray, modality: str, air: float, named: bool) -> str | None:
-    """Why reading ``image`` as ``modality`` may be wrong (`read_modality`), or None."""
+    """Why reading ``image`` (a sample of a scan's voxels) as ``modality`` may be wrong (`read_modality`), or None."""
     auto = prep.modality == "auto"
     if modality == "ct":
         share = float((image > prep.ct_window_hu[1]).mean())
@@ -168,7 +170,7 @@ def _doubt(prep: Preprocessing, image: np.ndarray, modality: str, air: float, na
                 f"{share:.0%} of its voxels lie above the CT window's top ({prep.ct_window_hu[1]:g} HU) and "
                 f"read as white: is this an MR or a rescaled image?"
             )
-        low, high = (float(v) for v in np.percentile(image.ravel()[::7], [0.5, 99.5]))
+        low, high = (float(v) for v in np.percentile(image, [0.5, 99.5]))
         if high - low < HU_SPAN:
             return (
                 f"its values span {low:.3g}..{high:.3g} (0.5th..99.5th percentile), not the hundreds of "

@@ -18,9 +18,11 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from lora_sam3d.data.nifti import DataError
 from lora_sam3d.data.requests import PredictionDataset, PredictItem
 from lora_sam3d.data.requests.dataset import ANY_STRUCTURE
 from lora_sam3d.data.requests.items import AXIS_NAMES, locate_slice, parse_axis
+from lora_sam3d.data.requests.masks import read_slice_mask
 from lora_sam3d.data.settings import DataContract
 from lora_sam3d.geometry import Mesh
 from lora_sam3d.inputs import Batch, collate
@@ -101,45 +103,19 @@ def reconstruct(
     truth: Any = None,
     scan_cache: dict[str, dict[str, Any]] | None = None,
 ) -> Reconstructed:
-    """Reconstruct a structure in ``scan`` from its ``mask`` on one slice (``axis`` with ``index`` or
-    ``position_mm``, as a viewer numbers it), on several (``slices``: ``[{"axis": "axial", "index":
-    16}, ...]``), or from a drawing: with none of those, ``mask`` is a 3D label array painted on a
-    few slices, which are found (`drawn_slices`; ``result.slices``).
-
-    ``model``: `load_model`'s, a `Reconstructor` or a trained `LoRAMeshDecoderModule`. ``scan``: a
-    NIfTI path, a DICOM series folder, a ``nib.Nifti1Image`` or ``(array, affine)`` (RAS mm).
-    ``mask``: a path, an image, a 3D array on the scan's grid or a 2D array of the named slice; a
-    mask stored on the same voxels with its axes permuted or flipped reads as the same mask. A 3D
-    mask given with slices is also the structure's truth: the result is scored against it.
-    ``class_name``: the structure; None, or a class the model has no frame extent for, takes the
-    frame from the drawing (`drawing_extent_mm`; ``result.frame`` says which). ``data``: how the
-    model reads scans, when it does not carry it. ``context``: read the scan around the slices
-    (``True``/``"volume"``, ``False``/``"none"``, None: as the model was trained).
-    ``all_pieces``/``beyond_scan``: keep the prediction's pieces away from the drawing / its surface
-    past the scan. ``adapt_steps``: test-time LoRA on the request's own slices at ``adapt_lr``
-    (`lora_sam3d.models.test_time`). ``smooth_iterations``: the mesh's Taubin smoothing.
-    ``truth``: the structure's 3D mask (as ``mask`` may be given) to score against.
-    ``scan_cache``: kept across calls on one scan by a `Session` (its reading and resampled image).
+    """Reconstruct a structure in ``scan`` from its ``mask`` on one slice (``axis``, ``index`` or
+    ``position_mm``), several (``slices``) or, with none of those, a drawing: a 3D label array whose
+    slices are found (``result.slices``). Scans, masks and every option: docs/api.md, "Scans and
+    drawings in memory". ``class_name`` None (or a class the model has no extent for) frames the
+    structure by its drawing (``result.frame``); a 3D ``mask`` with slices, or ``truth``, scores it.
     """
     network, contract = _model_and_contract(model, data)
     with _request_files(scan, mask, axis, index, position_mm, truth) as (image, mask_img, paths):
-        drawing = slices is None and index is None and position_mm is None
-        if drawing:
-            values = np.asanyarray(mask_img.dataobj)
-            slices = drawn_slices(
-                values == label_value if label_value is not None else values != 0, image.affine
-            )
-        name = class_name or ANY_STRUCTURE
-        extents, frame = dict(extent_mm or {}), _frame_source(name, extent_mm, contract)
-        if frame["from"] == "the drawing":
-            planes = slices or [
-                {"axis": axis, "index": locate_slice(image, parse_axis(axis), index, position_mm).index}
-            ]
-            extents[name] = frame["extent_mm"] = drawing_extent_mm(mask_img, planes)
-        item = PredictItem(
-            paths[0], paths[1], name, axis, index, position_mm, label_value, slices and list(slices),
-            scored=not drawing and np.ndim(mask) != 2, truth=paths[2],  # a drawing or a 2D mask is no truth
-        )  # fmt: skip
+        where = {"axis": axis, "index": index, "position_mm": position_mm, "slices": slices}
+        item, extents, frame = _request_item(
+            image, mask, mask_img, paths, class_name, label_value, where, extent_mm, contract
+        )
+        name = item.class_name
         use = _reads_scan(context, network.config.context.read)
         requests = PredictionDataset.from_settings(
             [item], contract, extents, context="volume" if use else "none", all_pieces=all_pieces,
@@ -159,6 +135,45 @@ def reconstruct(
     )
 
 
+def _request_item(
+    image: nib.Nifti1Image,
+    mask: Any,
+    mask_img: nib.Nifti1Image | None,
+    paths: tuple[str, str, str | None],
+    class_name: str | None,
+    label_value: int | None,
+    where: dict[str, Any],
+    extent_mm: Mapping[str, float] | None,
+    contract: DataContract,
+) -> tuple[PredictItem, dict[str, float], dict[str, Any]]:
+    """The request: its slices (a drawing's found, `drawn_slices`), the frame extents (the drawing's
+    when the model has none for the class) and where the frame came from."""
+    slices, axis, index, position_mm = where["slices"], where["axis"], where["index"], where["position_mm"]
+    drawing = slices is None and index is None and position_mm is None
+    if drawing and mask_img is None:
+        raise DataError(
+            f"mask {mask} is one slice's file: name its slice (axis and index), or give a 3D drawing"
+        )
+    if drawing:
+        values = np.asanyarray(mask_img.dataobj)
+        slices = drawn_slices(values == label_value if label_value is not None else values != 0, image.affine)
+    name = class_name or ANY_STRUCTURE
+    extents, frame = dict(extent_mm or {}), _frame_source(name, extent_mm, contract)
+    if frame["from"] == "the drawing":
+        planes = slices or [
+            {"axis": axis, "index": locate_slice(image, parse_axis(axis), index, position_mm).index}
+        ]
+        if mask_img is None:  # one slice's own file: placed on its slice, as a 2D array would be
+            ref = locate_slice(image, parse_axis(axis), index, position_mm)
+            mask_img = read_mask(read_slice_mask(Path(mask), image, ref, label_value), image, axis, ref.index)
+        extents[name] = frame["extent_mm"] = drawing_extent_mm(mask_img, planes)
+    item = PredictItem(
+        paths[0], paths[1], name, axis, index, position_mm, label_value, slices and list(slices),
+        scored=not drawing and np.ndim(mask) != 2, truth=paths[2],  # a drawing or a 2D mask is no truth
+    )  # fmt: skip
+    return item, extents, frame
+
+
 def _frame_source(name: str, given: Mapping[str, float] | None, contract: DataContract) -> dict[str, Any]:
     """Where a request's frame extent comes from: the caller, the model's training, or the drawing."""
     if given and name in given:
@@ -171,7 +186,7 @@ def _frame_source(name: str, given: Mapping[str, float] | None, contract: DataCo
 @contextmanager
 def _request_files(
     scan: Scan, mask: Any, axis: str | int, index: int | None, position_mm: float | None, truth: Any = None
-) -> Iterator[tuple[nib.Nifti1Image, nib.Nifti1Image, tuple[str, str, str | None]]]:
+) -> Iterator[tuple[nib.Nifti1Image, nib.Nifti1Image | None, tuple[str, str, str | None]]]:
     """The scan and the masks as images and as files the request pipeline reads: the user's own files
     where they are NIfTI files on the scan's voxels, else uncompressed copies in a temporary folder
     (removed on exit)."""
@@ -190,10 +205,14 @@ def _request_files(
         yield image, mask_img, (image_path, mask_path, truth_path)
 
 
-def _as_file(given: Any, img: nib.Nifti1Image, spare: Path) -> str:
-    """``given``'s own path when it is a NIfTI file on the scan's voxels, else ``img`` written to ``spare``."""
-    if isinstance(given, str | Path) and np.allclose(img.affine, nib.load(str(given)).affine):
+def _as_file(given: Any, img: nib.Nifti1Image | None, spare: Path) -> str:
+    """``given``'s own path when it is a file the pipeline reads as it is (a NIfTI on the scan's voxels,
+    a slice's PNG or 2D NIfTI: ``img`` None), else ``img`` written to ``spare``."""
+    if isinstance(given, str | Path) and (
+        img is None or np.allclose(img.affine, nib.load(str(given)).affine)
+    ):
         return str(given)
+    assert img is not None
     values = np.asanyarray(img.dataobj)
     nib.save(
         nib.Nifti1Image(values.astype(np.uint8) if values.dtype == bool else values, img.affine), str(spare)

@@ -21,7 +21,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from lora_sam3d.data.nifti import DataError
+from lora_sam3d.data.nifti import DataError, open_nifti
 from lora_sam3d.data.requests.items import AXIS_NAMES, locate_slice, parse_axis
 from lora_sam3d.data.requests.names import case_name
 
@@ -52,13 +52,7 @@ def read_scan(scan: Any) -> tuple[nib.Nifti1Image, str]:
     path = Path(scan)
     if path.is_dir():
         return read_dicom_series(path), path.name
-    if not path.is_file():
-        raise DataError(f"image {path} does not exist")
-    try:
-        img = nib.load(str(path))
-    except Exception as err:
-        raise DataError(f"image {path} is not a readable NIfTI file: {err}") from err
-    return nib.Nifti1Image(np.asanyarray(img.dataobj), img.affine, img.header), case_name(path)
+    return open_nifti(path, "image"), case_name(path)  # its voxels read when needed, once
 
 
 def read_dicom_series(folder: Path) -> nib.Nifti1Image:
@@ -111,16 +105,15 @@ def read_mask(
 ) -> nib.Nifti1Image:
     """A mask as a 3D image on the scan's voxels: a path or image (reordered when stored on the same
     voxels in another axis order), a 3D array of the scan's shape, or a 2D array of the slice
-    ``axis`` / ``index`` (or ``position_mm``)."""
+    ``axis`` / ``index`` (or ``position_mm``). None for a path to a slice's own file (a 2D NIfTI, a
+    PNG), which the request pipeline reads as it is."""
     if isinstance(mask, str | Path):
         path = Path(mask)
         if not path.is_file():
             raise DataError(f"mask {path} does not exist")
-        try:
-            mask = nib.load(str(path))
-        except Exception as err:
-            raise DataError(f"mask {path} is not a readable NIfTI file: {err}") from err
-        return _on_scan_voxels(mask, scan) if len(mask.shape) == 3 else mask
+        if not path.name.lower().endswith((".nii", ".nii.gz")) or len(nib.load(str(path)).shape) != 3:
+            return None  # a PNG or a 2D NIfTI of the slice: the request pipeline reads it as it is
+        return _on_scan_voxels(open_nifti(path, "mask"), scan)
     if isinstance(mask, nib.spatialimages.SpatialImage):
         return _on_scan_voxels(nib.Nifti1Image(np.asanyarray(mask.dataobj), mask.affine), scan)
     array = np.asarray(mask)

@@ -7,7 +7,6 @@ import logging
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from itertools import pairwise
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,13 +27,14 @@ from lora_sam3d.data.requests.items import (
     locate_slice,
     parse_axis,
 )
-from lora_sam3d.data.requests.masks import contradicting_pairs, read_mask_volume, read_slice_mask
+from lora_sam3d.data.requests.masks import apart_pairs, contradicting_pairs, read_mask_volume, read_slice_mask
 from lora_sam3d.data.requests.names import case_names, output_stem
 from lora_sam3d.data.sample import native_from_mask, recentred, slice_frame, slice_sample
 from lora_sam3d.data.settings import Context, DataContract
 from lora_sam3d.data.tissue import (
     Tissue,
     drawn_views,
+    inseparable,
     marked_tissue,
     relative_sample,
     tissue_mismatch,
@@ -62,10 +62,6 @@ log = logging.getLogger("lora_sam3d")
 
 ANY_STRUCTURE = "structure"
 """The class name of a request that names none (its frame comes from the drawing)."""
-
-SEPARABLE = 0.25
-"""With the relative reading, the marked tissue and its ring are told apart when their medians lie
-at least this share of their larger spread apart (`PredictionDataset._check_tissue`)."""
 
 
 class PredictionDataset(Dataset):
@@ -293,19 +289,14 @@ class PredictionDataset(Dataset):
 
     @staticmethod
     def _warn_apart(item: PredictItem, refs: list[SliceRef], masks: list[np.ndarray]) -> None:
-        """Two neighbouring parallel slices whose masks share no in-plane pixel: the structure would
-        have to jump between them (a slice drawn shifted, or another structure): named, as nothing
-        between them can be interpolated."""
-        for axis in {r.file_axis for r in refs}:
-            along = sorted((r.index, k) for k, r in enumerate(refs) if r.file_axis == axis)
-            for (_, a), (_, b) in pairwise(along):
-                if not (masks[a] & masks[b]).any():
-                    warnings.warn(
-                        f"{item.class_name} in {item.image}: the masks of the parallel slices {refs[a].name} and "
-                        f"{refs[b].name} share no pixel in-plane, so nothing joins them: is one drawn shifted, "
-                        "or on another structure?",
-                        stacklevel=3,
-                    )
+        """Neighbouring parallel slices whose masks share no pixel (`apart_pairs`) are named."""
+        for a, b in apart_pairs(refs, masks):
+            warnings.warn(
+                f"{item.class_name} in {item.image}: the masks of the parallel slices {refs[a].name} and "
+                f"{refs[b].name} share no pixel in-plane, so nothing joins them: is one drawn shifted, "
+                "or on another structure?",
+                stacklevel=3,
+            )
 
     def _check_intensities(self, path: str, img: nib.Nifti1Image) -> None:
         """The scan's voxels are readable and finite; how it is read is logged (`read_modality`), with
@@ -438,7 +429,7 @@ class PredictionDataset(Dataset):
         if tissue is None:
             return tissue
         if self.reading == "relative":  # no absolute unit is read: what it needs is a contrast
-            why = _inseparable(tissue)
+            why = inseparable(tissue)
         else:
             why = None if trained is None else tissue_mismatch(tissue, trained)
         if why is None:
@@ -495,14 +486,3 @@ class PredictionDataset(Dataset):
             key = Path(f"<view {k + 1} of request {i + 1}>")
             classes[k], images[key] = (key, None), nib.Nifti1Image(labels, raw.affine)
         return classes, images
-
-
-def _inseparable(tissue: Tissue) -> str | None:
-    """Why a relative reading cannot tell the marked tissue from its ring (`SEPARABLE`), or None."""
-    spread = max(tissue.inside_spread, tissue.outside_spread)
-    if abs(tissue.contrast) >= SEPARABLE * spread:
-        return None
-    return (
-        f"the marked tissue reads like the tissue around it (medians {tissue.inside:.3f} and {tissue.outside:.3f}, "
-        f"spread {spread:.3f}, normalised), so the scan cannot tell the structure from its surroundings"
-    )

@@ -4,6 +4,8 @@ other where they cross are found (`contradicting_pairs`)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ from lora_sam3d.data.nifti import DataError, affine_difference
 from lora_sam3d.data.requests.items import SliceRef
 
 __all__ = [
+    "apart_pairs",
     "check_mask_grid",
     "contradicting_pairs",
     "load_mask_nifti",
@@ -140,3 +143,14 @@ def _line(mask: np.ndarray, own_axis: int, other_axis: int, other_index: int) ->
     """The row of a slice's 2D mask (its two file axes in order) at ``other_index`` along ``other_axis``."""
     dims = [d for d in range(3) if d != own_axis]
     return np.take(mask, other_index, axis=dims.index(other_axis))
+
+
+def apart_pairs(refs: Sequence[Any], masks: Sequence[np.ndarray]) -> list[tuple[int, int]]:
+    """Pairs (a, b) of neighbouring parallel slices (same file axis, none between them) whose masks
+    share no pixel in-plane: the structure would have to jump between them (a slice drawn shifted,
+    or another structure), so nothing between them can be interpolated."""
+    out = []
+    for axis in {r.file_axis for r in refs}:
+        along = sorted((r.index, k) for k, r in enumerate(refs) if r.file_axis == axis)
+        out += [(a, b) for (_, a), (_, b) in pairwise(along) if not (masks[a] & masks[b]).any()]
+    return out
