@@ -22,7 +22,7 @@ from lora_sam3d.data.nifti import DataError
 from lora_sam3d.data.requests import PredictionDataset, PredictItem
 from lora_sam3d.data.requests.dataset import ANY_STRUCTURE
 from lora_sam3d.data.requests.items import AXIS_NAMES, locate_slice, parse_axis
-from lora_sam3d.data.requests.masks import read_slice_mask
+from lora_sam3d.data.requests.masks import masks_in_memory, read_slice_mask
 from lora_sam3d.data.settings import DataContract
 from lora_sam3d.geometry import Mesh
 from lora_sam3d.inputs import Batch, collate
@@ -187,9 +187,9 @@ def _frame_source(name: str, given: Mapping[str, float] | None, contract: DataCo
 def _request_files(
     scan: Scan, mask: Any, axis: str | int, index: int | None, position_mm: float | None, truth: Any = None
 ) -> Iterator[tuple[nib.Nifti1Image, nib.Nifti1Image | None, tuple[str, str, str | None]]]:
-    """The scan and the masks as images and as files the request pipeline reads: the user's own files
-    where they are NIfTI files on the scan's voxels, else uncompressed copies in a temporary folder
-    (removed on exit)."""
+    """The scan and the masks as images and as paths the request pipeline reads: the user's own files
+    where they are NIfTI files on the scan's voxels; an in-memory scan as an uncompressed copy in a
+    temporary folder (removed on exit); in-memory masks held under a path, never written."""
     image, name = read_scan(scan)
     mask_img = read_mask(mask, image, axis, index, position_mm)
     with tempfile.TemporaryDirectory(prefix="lora-sam3d-") as tmp:
@@ -198,26 +198,29 @@ def _request_files(
         if not on_disk:
             Path(image_path).parent.mkdir()
             nib.save(image, image_path)
-        mask_path = _as_file(mask, mask_img, Path(tmp) / "mask.nii")
+        held: dict[str, nib.Nifti1Image] = {}
+        mask_path = _as_path(mask, mask_img, str(Path(tmp) / "mask.nii"), held)
         truth_path = (
-            None if truth is None else _as_file(truth, read_mask(truth, image), Path(tmp) / "truth.nii")
+            None
+            if truth is None
+            else _as_path(truth, read_mask(truth, image), str(Path(tmp) / "truth.nii"), held)
         )
-        yield image, mask_img, (image_path, mask_path, truth_path)
+        with masks_in_memory(held):
+            yield image, mask_img, (image_path, mask_path, truth_path)
 
 
-def _as_file(given: Any, img: nib.Nifti1Image | None, spare: Path) -> str:
-    """``given``'s own path when it is a file the pipeline reads as it is (a NIfTI on the scan's voxels,
-    a slice's PNG or 2D NIfTI: ``img`` None), else ``img`` written to ``spare``."""
+def _as_path(given: Any, img: nib.Nifti1Image | None, spare: str, held: dict[str, nib.Nifti1Image]) -> str:
+    """The path a request names for a mask: ``given``'s own when it is a file the pipeline reads as it
+    is (a NIfTI on the scan's voxels, a slice's PNG or 2D NIfTI: ``img`` None), else ``spare``, under
+    which ``img`` is held in memory (`masks_in_memory`: never written)."""
     if isinstance(given, str | Path) and (
         img is None or np.allclose(img.affine, nib.load(str(given)).affine)
     ):
         return str(given)
     assert img is not None
     values = np.asanyarray(img.dataobj)
-    nib.save(
-        nib.Nifti1Image(values.astype(np.uint8) if values.dtype == bool else values, img.affine), str(spare)
-    )
-    return str(spare)
+    held[spare] = nib.Nifti1Image(values.astype(np.uint8) if values.dtype == bool else values, img.affine)
+    return spare
 
 
 def _run(network: Reconstructor, batch: Batch, steps: int, lr: float) -> tuple[Reconstruction, list[float]]:

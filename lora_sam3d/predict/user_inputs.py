@@ -143,9 +143,12 @@ def drawn_slices(paint: np.ndarray, affine: np.ndarray) -> list[dict[str, Any]]:
     request slices (``{"axis": "axial", "index": 16}``, named by the world axis each file axis runs
     along). Chosen greedily, the slice holding most of the paint not yet covered first. Paint that
     needs neighbouring parallel slices (a 3D brush stroke) is refused, saying where it is."""
-    left = np.argwhere(paint)
-    if left.size == 0:
+    spans = [np.flatnonzero(paint.any(axis=tuple(b for b in range(3) if b != a))) for a in range(3)]
+    if any(span.size == 0 for span in spans):
         raise DataError("the drawing has no painted voxel")
+    lo = np.array([span[0] for span in spans])
+    box = paint[tuple(slice(span[0], span[-1] + 1) for span in spans)]
+    left = np.argwhere(box) + lo  # found in the paint's box: a drawing is a small part of a scan
     chosen: list[tuple[int, int]] = []
     while left.size:
         counts = [np.unique(left[:, a], return_counts=True) for a in range(3)]

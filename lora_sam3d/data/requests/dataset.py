@@ -27,7 +27,13 @@ from lora_sam3d.data.requests.items import (
     locate_slice,
     parse_axis,
 )
-from lora_sam3d.data.requests.masks import apart_pairs, contradicting_pairs, read_mask_volume, read_slice_mask
+from lora_sam3d.data.requests.masks import (
+    apart_pairs,
+    contradicting_pairs,
+    mask_exists,
+    read_mask_volume,
+    read_slice_mask,
+)
 from lora_sam3d.data.requests.names import case_names, output_stem
 from lora_sam3d.data.sample import native_from_mask, recentred, slice_frame, slice_sample
 from lora_sam3d.data.settings import Context, DataContract
@@ -244,7 +250,7 @@ class PredictionDataset(Dataset):
             raise DataError(f"image {item.image} is not a readable NIfTI file: {err}") from err
         refs, masks = [], []
         for k, plane in enumerate(item.planes(), start=1):
-            if not Path(plane["mask"]).is_file():
+            if not mask_exists(plane["mask"]):
                 raise DataError(f"mask {plane['mask']} does not exist")
             # a 3D mask is checked whole (a label map without label_value, a value it lacks) before any slice
             if (plane["mask"], plane["label_value"]) not in self._whole_masks:

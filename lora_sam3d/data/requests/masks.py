@@ -4,7 +4,8 @@ other where they cross are found (`contradicting_pairs`)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ __all__ = [
     "check_mask_grid",
     "contradicting_pairs",
     "load_mask_nifti",
+    "mask_exists",
+    "masks_in_memory",
     "read_mask_volume",
     "read_png_mask",
     "read_slice_mask",
@@ -91,7 +94,30 @@ def read_slice_mask(path: Path, img: nib.Nifti1Image, ref: SliceRef, label_value
     return mask
 
 
+IN_MEMORY: dict[str, nib.Nifti1Image] = {}
+"""Masks held in memory under the path a request names (`masks_in_memory`): read as that file would be."""
+
+
+@contextmanager
+def masks_in_memory(images: Mapping[str, nib.Nifti1Image]) -> Iterator[None]:
+    """While the block runs, requests naming these paths read these images (a drawing in a viewer,
+    an array in a notebook) instead of files: nothing is written or read back."""
+    IN_MEMORY.update(images)
+    try:
+        yield
+    finally:
+        for key in images:
+            IN_MEMORY.pop(key, None)
+
+
+def mask_exists(path: str | Path) -> bool:
+    """A mask a request may name: a file, or an image held in memory under that path."""
+    return str(path) in IN_MEMORY or Path(path).is_file()
+
+
 def load_mask_nifti(path: Path) -> nib.Nifti1Image:
+    if str(path) in IN_MEMORY:
+        return IN_MEMORY[str(path)]
     try:
         return nib.load(str(path))
     except Exception as err:
