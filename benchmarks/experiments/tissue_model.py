@@ -50,6 +50,9 @@ HEART = [
     "heart_ventricle_right",
 ]
 SEEN: dict[str, Any] = {}
+VARIANTS = ["relative", "forest", "slices only", "drawing's frame"]
+"""The ways each request runs (``--variants`` picks some); "drawing's frame": the structure named to
+no class, so its frame comes from its drawn slices (`lora_sam3d.predict.user_inputs.drawing_extent_mm`)."""
 
 
 def forest_reading(sample: dict[str, Any], tissue: Any, inside: np.ndarray) -> None:
@@ -110,12 +113,14 @@ def run_case(
         if truth.sum() < 50:
             continue
         for layout, where in layouts(truth, spacing).items():
-            for variant in ("relative", "forest", "slices only"):
+            for variant in VARIANTS:
                 requests_dataset.relative_sample = forest_reading if variant == "forest" else RELATIVE
                 start = time.perf_counter()
+                own_frame = variant == "drawing's frame"  # no class: the frame from the slices drawn
                 try:
-                    result = reconstruct(model, image, mask, name, context=variant != "slices only",
-                                         extent_mm=extents, **where)  # fmt: skip
+                    result = reconstruct(model, image, mask, None if own_frame else name,
+                                         context=variant != "slices only", extent_mm=None if own_frame else extents,
+                                         **where)  # fmt: skip
                 except Exception as err:
                     rows.append(
                         {"structure": name, "layout": layout, "variant": variant, "error": str(err)[:200]}
@@ -172,9 +177,12 @@ def main() -> None:
     parser.add_argument("--mr-root", default=str(ROOT / "data" / "heart-mr-seed23"))
     parser.add_argument("--json", default=str(ROOT / "docs" / "tissue_model.json"))
     parser.add_argument("--sets", nargs="*", default=None, help="data set names (default: all)")
+    parser.add_argument("--variants", nargs="*", default=None, help=f"of {VARIANTS} (default: all)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     model = Reconstructor.from_adapter(args.adapter)
+    if args.variants:
+        VARIANTS[:] = args.variants
     out: dict[str, Any] = {}
     for name, cases in data_sets(Path(args.mr_root)).items():
         if args.sets and name not in args.sets:
@@ -190,10 +198,11 @@ def main() -> None:
 
 
 def table(out: dict[str, list[dict[str, Any]]]) -> str:
-    variants = ("relative", "forest", "forest alone", "slices only")
+    variants = [v for v in ("relative", "forest", "forest alone", "slices only", "drawing's frame")
+                if any(r["variant"] == v for rows in out.values() for r in rows)]  # fmt: skip
     lines = [
         "| data | input | " + " | ".join(variants) + " | s per request (relative / forest) |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|" + "---|" * (len(variants) + 1),
     ]
     for name, rows in out.items():
         for layout in ("one slice", "three orthogonal", "10 mm stack"):
