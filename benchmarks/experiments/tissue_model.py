@@ -34,6 +34,7 @@ import numpy as np
 from scipy import ndimage
 from tissue_forest import forest_sample, training_cells
 
+import lora_sam3d
 import lora_sam3d.data.requests.dataset as requests_dataset
 from lora_sam3d import reconstruct
 from lora_sam3d.geometry import sdf_on_grid
@@ -180,7 +181,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="*", default=None, help=f"of {VARIANTS} (default: all)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
-    model = Reconstructor.from_adapter(args.adapter)
+    model = lora_sam3d.load_model(args.adapter)  # an adapter folder or a checkpoint
     if args.variants:
         VARIANTS[:] = args.variants
     out: dict[str, Any] = {}
