@@ -24,6 +24,7 @@ __all__ = [
     "Mesh",
     "MeshFormat",
     "frame_box",
+    "frame_vertices_on",
     "marching_cubes",
     "mask_signed_distance",
     "mask_surface",
@@ -135,6 +136,15 @@ def marching_cubes(sdf_grid: torch.Tensor | np.ndarray, level: float = 0.0) -> M
     normals = -normals
     verts = np.clip(verts - 0.5 - step, -0.5, 0.5)  # a surface closed at the edge lies on the frame's face
     return Mesh(verts.astype(np.float32), faces.astype(np.int64), normals.astype(np.float32))
+
+
+def frame_vertices_on(n: int, frame_to_world: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """((n+1)^3, 3) the voxel coordinates, on a grid of ``affine``, of a frame's (n+1)^3 vertex grid
+    (vertex i at ``i / n - 0.5`` per axis, x slowest), as float."""
+    u = np.arange(n + 1, dtype=np.float64) / n - 0.5
+    grid = np.stack(np.meshgrid(u, u, u, indexing="ij"), -1).reshape(-1, 3)
+    to_voxel = np.linalg.inv(affine) @ frame_to_world
+    return grid @ to_voxel[:3, :3].T + to_voxel[:3, 3]
 
 
 def frame_box(

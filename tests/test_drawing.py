@@ -77,6 +77,17 @@ def test_crossing_drawings_are_averaged_and_any_order_gives_the_same() -> None:
     assert drawn_dice(a, evidence(views))[0] > 0.95 > drawn_dice(sdf, evidence(views))[0]
 
 
+def lv_request(model: object, phantoms: Path) -> tuple[object, Path, Path, str]:
+    """`reconstruct`'s first arguments for the left ventricle of the suite's first phantom."""
+    case = phantoms / "s0001"
+    return (
+        model,
+        case / "ct.nii.gz",
+        case / "segmentations" / "heart_ventricle_left.nii.gz",
+        "heart_ventricle_left",
+    )
+
+
 def test_a_trained_model_gives_the_drawing_back(phantoms: Path) -> None:
     """The previous main's adapter, with and without the drawing given back: the drawn slice comes
     back (one slice: Dice 1 on its plane; three orthogonal: >= 0.98) and the 3D Dice does not drop."""
@@ -84,13 +95,7 @@ def test_a_trained_model_gives_the_drawing_back(phantoms: Path) -> None:
     from lora_sam3d.predict.api import reconstruct
 
     model = Reconstructor.from_adapter(OLD)
-    case = phantoms / "s0001"
-    args = (
-        model,
-        case / "ct.nii.gz",
-        case / "segmentations" / "heart_ventricle_left.nii.gz",
-        "heart_ventricle_left",
-    )
+    args = lv_request(model, phantoms)
     three = [
         {"axis": "axial", "index": 16},
         {"axis": "coronal", "index": 20},
@@ -112,15 +117,9 @@ def test_test_time_lora_moves_only_for_the_request_and_is_undone(phantoms: Path)
     from lora_sam3d import reconstruct
     from lora_sam3d.models import Reconstructor
 
-    model = Reconstructor.from_adapter(Path(__file__).parent / "data" / "previous_main" / "adapter")
+    model = Reconstructor.from_adapter(OLD)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    case = phantoms / "s0001"
-    args = (
-        model,
-        case / "ct.nii.gz",
-        case / "segmentations" / "heart_ventricle_left.nii.gz",
-        "heart_ventricle_left",
-    )
+    args = lv_request(model, phantoms)
     three = [
         {"axis": "axial", "index": 16},
         {"axis": "sagittal", "index": 20},

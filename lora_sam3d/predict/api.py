@@ -213,10 +213,8 @@ def _as_path(given: Any, img: nib.Nifti1Image | None, spare: str, held: dict[str
     """The path a request names for a mask: ``given``'s own when it is a file the pipeline reads as it
     is (a NIfTI on the scan's voxels, a slice's PNG or 2D NIfTI: ``img`` None), else ``spare``, under
     which ``img`` is held in memory (`masks_in_memory`: never written)."""
-    if isinstance(given, str | Path) and (
-        img is None or np.allclose(img.affine, nib.load(str(given)).affine)
-    ):
-        return str(given)
+    if isinstance(given, str | Path) and (img is None or img.get_filename() is not None):
+        return str(given)  # read as it is: `read_mask` gives the file's own image unless it reordered it
     assert img is not None
     values = np.asanyarray(img.dataobj)
     held[spare] = nib.Nifti1Image(values.astype(np.uint8) if values.dtype == bool else values, img.affine)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from lora_sam3d.data.requests.names import output_stem
-from lora_sam3d.geometry import BoxMask, Mesh, frame_box, mask_surface, sdf_on_box, sdf_on_grid
+from lora_sam3d.geometry import BoxMask, Mesh, frame_box, frame_vertices_on, mask_surface, sdf_on_box
 from lora_sam3d.inputs import Batch, RequestNotes
 from lora_sam3d.metrics import sample_metrics
 from lora_sam3d.models.drawing import drawn_dice
@@ -147,8 +147,10 @@ def score_batch(
             out.append(None)
             continue
         sdf, to_world = rec.sdf[i].detach().float().cpu().numpy(), frame_to_world[i].cpu().numpy()
-        pred = sdf_on_grid(sdf, to_world, native["affine"], native["gt"].shape)
-        on_scan = BoxMask(pred, np.asarray(native["origin"]), tuple(native["shape"]), native["grid_affine"])
+        lo = np.asarray(native["origin"])  # the truth's box on the scan's grid: voxelised there, once
+        on_scan = sdf_on_box(
+            sdf, to_world, native["grid_affine"], tuple(native["shape"]), (lo, lo + native["gt"].shape)
+        )
         _paint(on_scan, notes[i])
         truth = mask_surface(native["gt"], native["affine"])
         values = sample_metrics(
@@ -288,10 +290,7 @@ def prediction_records(
 
 def _truth_on_frame(native: dict, frame_to_world: np.ndarray, size: int) -> np.ndarray:
     """(size,)^3: -1 where the frame's vertex grid lies in a scan's mask (``native``), else 1."""
-    u = np.arange(size, dtype=np.float64) / (size - 1) - 0.5
-    grid = np.stack(np.meshgrid(u, u, u, indexing="ij"), -1).reshape(-1, 3)
-    to_box = np.linalg.inv(native["affine"]) @ frame_to_world
-    vox = np.rint(grid @ to_box[:3, :3].T + to_box[:3, 3]).astype(int)
+    vox = np.rint(frame_vertices_on(size - 1, frame_to_world, native["affine"])).astype(int)
     gt = np.asarray(native["gt"], dtype=bool)
     inside = np.all((vox >= 0) & (vox < np.asarray(gt.shape)), axis=1)
     values = np.ones(len(vox), dtype=np.float32)

@@ -47,11 +47,10 @@ class Session:
         self, drawing: Any, class_name: str | None = None, label_value: int | None = None, **options: Any
     ) -> Reconstructed:
         """The structure drawn (`reconstruct` on the session's scan, its reading and image kept)."""
-        result = reconstruct(
+        return reconstruct(
             self.network, self.path, drawing, class_name, label_value=label_value, data=self.contract,
             scan_cache=self.cache, **options,
         )  # fmt: skip
-        return result
 
     def close(self) -> None:
         self._folder.cleanup()

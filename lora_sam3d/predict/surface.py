@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from lora_sam3d.geometry import frame_vertices_on
 from lora_sam3d.inputs import Evidence
 from lora_sam3d.models.drawing import drawn_on_vertex_planes
 
@@ -62,10 +63,7 @@ def scan_box_sdf(
     of view: the box of its voxels (``affine``, ``shape``; each voxel reaching half a voxel beyond its
     centre), < 0 inside. Per axis the distance to the box's faces in mm; their largest is exact inside
     and near the faces, which is where the cut surface lies."""
-    u = np.arange(n + 1, dtype=np.float64) / n - 0.5
-    grid = np.stack(np.meshgrid(u, u, u, indexing="ij"), -1).reshape(-1, 3)
-    to_voxel = np.linalg.inv(affine) @ frame_to_world
-    vox = grid @ to_voxel[:3, :3].T + to_voxel[:3, 3]
+    vox = frame_vertices_on(n, frame_to_world, affine)
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
     size = np.asarray(shape[:3], dtype=np.float64)
     past = np.maximum(-0.5 - vox, vox - (size - 0.5)) * spacing

@@ -49,7 +49,6 @@ from lora_sam3d.data.tissue import (
 from lora_sam3d.data.views import seen_centre
 from lora_sam3d.data.volume import (
     IsotropicGrid,
-    ModalityReading,
     Preprocessing,
     Volume,
     load_image,
@@ -102,7 +101,6 @@ class PredictionDataset(Dataset):
         # the classes the model learned (None: unknown, as for a config without a trained model)
         self.trained_classes = None if trained_classes is None else list(trained_classes)
         self.all_pieces, self.beyond_scan = all_pieces, beyond_scan
-        self.readings: dict[str, ModalityReading] = {}  # per scan, how it is read and why
         self.tissue = dict(tissue or {})  # per class, the training scans' tissue (`tissue_ranges`)
         self.reading = reading  # how the model reads the scan (`ContextSettings.reading`)
         self.intensity_check = intensity_check
@@ -119,7 +117,6 @@ class PredictionDataset(Dataset):
         self.slices: list[list[SliceRef]] = []  # per item, its views (the first places the frame)
         self.masks: list[list[np.ndarray]] = []
         self.grids: list[IsotropicGrid] = []  # per item, the model's grid of its scan
-        self._finite: set[str] = set()
         self._voxels: tuple[str, np.ndarray] | None = None  # the last scan the check read (`_checked_voxels`)
         self._whole_masks: set[tuple[str, int | None]] = set()  # (3D mask, label value) pairs checked
         for k, item in enumerate(self.items, start=1):
@@ -287,11 +284,8 @@ class PredictionDataset(Dataset):
         order = sorted(range(len(refs)), key=lambda j: refs[j].order)
         self.slices.append([refs[j] for j in order])
         self.masks.append([masks[j] for j in order])
-        if item.image in self.scans:  # read and checked by an earlier request on this scan
-            self.readings[item.image] = self.scans[item.image]["reading"]
-        elif item.image not in self._finite:  # each scan read once here, so a bad one fails before any output
+        if item.image not in self.scans:  # each scan read once here, so a bad one fails before any output
             self._check_intensities(item.image, img)
-            self._finite.add(item.image)
 
     @staticmethod
     def _warn_apart(item: PredictItem, refs: list[SliceRef], masks: list[np.ndarray]) -> None:
@@ -315,13 +309,12 @@ class PredictionDataset(Dataset):
         if bad:
             raise DataError(f"image {path} has {bad} NaN/inf voxels: intensities must be finite")
         self._voxels = (path, values)  # the request reading this scan next takes them (read once)
-        reading = self.readings[path] = read_modality(self.prep, path, values)
-        if self.scans is not None and path not in self.scans:
-            self.scans[path] = {"reading": reading}
+        reading = read_modality(self.prep, path, values)
         line = modality_line(path, reading)
         log.info(line)
         if reading.doubt and self.intensity_check == "error":
             raise DataError(f"{line} (data.predict.intensity_check: error refuses it; warn only warns)")
+        self.scans[path] = {"reading": reading}  # checked: later requests on this scan skip it
         if reading.doubt:
             warnings.warn(line, stacklevel=3)
 
@@ -376,7 +369,7 @@ class PredictionDataset(Dataset):
             "native": None if truth is None else native_from_mask(truth, raw.affine, frame_to_world),
             "scored_against": "request mask",
             "request": RequestNotes(
-                self.readings[item.image].modality,
+                self.scans[item.image]["reading"].modality,
                 [(r.file_axis, r.index, m) for r, m in zip(refs, self.masks[i], strict=True)],
                 self.all_pieces,
                 self.beyond_scan,
