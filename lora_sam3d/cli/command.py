@@ -155,6 +155,20 @@ def _has_entry(cache_dir: Path, case_id: str) -> bool:
     return any(is_built(p) for p in cache_dir.glob(f"{case_id}-*"))
 
 
+def _view(args: argparse.Namespace) -> int:
+    if not Path(args.scan).exists():
+        raise FileNotFoundError(
+            f"view: scan {args.scan} does not exist (a .nii/.nii.gz file or a DICOM folder)"
+        )
+    try:
+        from lora_sam3d.viewer.app import main as view
+    except ImportError as err:
+        print(f"lora-sam3d: error: view needs napari and Qt ({err.name} is missing): "
+              "pip install 'lora-sam3d[napari]'", file=sys.stderr)  # fmt: skip
+        return 2
+    return view(args.scan, args.model)
+
+
 def _cache(args: argparse.Namespace) -> int:
     import time
 
@@ -197,7 +211,9 @@ def _extra_parser() -> argparse.ArgumentParser:
         epilog="Training: lora-sam3d {fit,validate,test,predict} --config configs/demo.yaml (see --help of each).",
     )
     parser.add_argument("--version", action="version", version=f"lora-sam3d {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{fit,validate,test,predict,phantoms,export,cache}")
+    sub = parser.add_subparsers(
+        dest="command", metavar="{fit,validate,test,predict,phantoms,export,cache,view}"
+    )
     ph = sub.add_parser("phantoms", help="write synthetic CT phantoms (NIfTI, TotalSegmentator layout)")
     ph.add_argument("--root", required=True, help="output folder")
     ph.add_argument("--kind", choices=("heart", "shapes", "hard_shapes", "abdomen"), default="heart")
@@ -249,6 +265,15 @@ def _extra_parser() -> argparse.ArgumentParser:
     ca.add_argument("--unused-days", type=float, help="remove entries no run has used for this many days")
     ca.add_argument("--dry-run", action="store_true", help="say what would be removed, remove nothing")
     ca.set_defaults(run=_cache)
+    vw = sub.add_parser(
+        "view", help="draw in napari: the scan in world mm, a labels layer to paint, the reconstruct widget"
+    )
+    vw.add_argument("scan", help="a NIfTI file (.nii, .nii.gz) or a DICOM series folder")
+    vw.add_argument(
+        "--model", default="builtin:relative_shapes",
+        help="builtin:relative_shapes (default), an adapter folder or a .ckpt checkpoint",
+    )  # fmt: skip
+    vw.set_defaults(run=_view)
     return parser
 
 
