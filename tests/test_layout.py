@@ -155,13 +155,13 @@ def test_every_public_module_declares_its_api() -> None:
     assert not unknown
 
 
-MAX_TOP_LEVEL = 15
+MAX_TOP_LEVEL = 16  # the roles, the leaves and viewer/ (the napari plugin)
 MAX_FILE_LINES = 500
 PLAIN = ("lora_sam3d.models", "lora_sam3d.lora", "lora_sam3d.sparse")
 
 
 def test_the_package_reads_by_role() -> None:
-    """At most 15 entries at the top of the package, and no module over 500 lines."""
+    """At most 16 entries at the top of the package, and no module over 500 lines."""
     top = [p.name for p in PACKAGE.iterdir() if p.name != "__pycache__" and not p.name.startswith(".")]
     assert len(top) <= MAX_TOP_LEVEL, sorted(top)
     long = {

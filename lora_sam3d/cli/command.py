@@ -13,7 +13,7 @@ import os
 import stat
 import sys
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from lora_sam3d import __version__
 from lora_sam3d.cli.errors import error_line
@@ -204,6 +204,47 @@ def _cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_cache(sub: Any) -> None:
+    """``cache``: list, build or clean the preprocessed-case cache."""
+    ca = sub.add_parser(
+        "cache", help="list the preprocessed-case cache; remove stale or unused entries only when asked"
+    )
+    where = ca.add_mutually_exclusive_group()
+    where.add_argument("--root", help="data folder (its cache is <root>/.cache)")
+    where.add_argument("--cache-dir", help="the cache folder itself (data.cache_dir)")
+    ca.add_argument(
+        "--build",
+        action="store_true",
+        help="build the missing entries of a data set: the data "
+        "section of --config (a fit config), or --root with --classes",
+    )
+    ca.add_argument("--config", help="with --build: a fit config; its data section says what to cache")
+    ca.add_argument("--classes", nargs="+", help="with --build --root: the structures to cache")
+    ca.add_argument("--workers", type=int, default=1, help="with --build: cases built at once (processes)")
+    ca.add_argument(
+        "--stale",
+        action="store_true",
+        help="remove entries whose source files changed or are gone, "
+        "of an older cache format, or left by a killed build",
+    )
+    ca.add_argument("--unused-days", type=float, help="remove entries no run has used for this many days")
+    ca.add_argument("--dry-run", action="store_true", help="say what would be removed, remove nothing")
+    ca.set_defaults(run=_cache)
+
+
+def _add_view(sub: Any) -> None:
+    """``view SCAN [--model PATH]``: napari with the scan and the reconstruct widget (`lora_sam3d.viewer`)."""
+    view = sub.add_parser(
+        "view", help="draw in napari: the scan in world mm, a labels layer to paint, the reconstruct widget"
+    )
+    view.add_argument("scan", help="a NIfTI file (.nii, .nii.gz) or a DICOM series folder")
+    view.add_argument(
+        "--model", default="builtin:relative_shapes",
+        help="builtin:relative_shapes (default), an adapter folder or a .ckpt checkpoint",
+    )  # fmt: skip
+    view.set_defaults(run=_view)
+
+
 def _extra_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lora-sam3d",
@@ -241,39 +282,8 @@ def _extra_parser() -> argparse.ArgumentParser:
     )
     ex.add_argument("--output", required=True, help="output folder")
     ex.set_defaults(run=_export)
-    ca = sub.add_parser(
-        "cache", help="list the preprocessed-case cache; remove stale or unused entries only when asked"
-    )
-    where = ca.add_mutually_exclusive_group()
-    where.add_argument("--root", help="data folder (its cache is <root>/.cache)")
-    where.add_argument("--cache-dir", help="the cache folder itself (data.cache_dir)")
-    ca.add_argument(
-        "--build",
-        action="store_true",
-        help="build the missing entries of a data set: the data "
-        "section of --config (a fit config), or --root with --classes",
-    )
-    ca.add_argument("--config", help="with --build: a fit config; its data section says what to cache")
-    ca.add_argument("--classes", nargs="+", help="with --build --root: the structures to cache")
-    ca.add_argument("--workers", type=int, default=1, help="with --build: cases built at once (processes)")
-    ca.add_argument(
-        "--stale",
-        action="store_true",
-        help="remove entries whose source files changed or are gone, "
-        "of an older cache format, or left by a killed build",
-    )
-    ca.add_argument("--unused-days", type=float, help="remove entries no run has used for this many days")
-    ca.add_argument("--dry-run", action="store_true", help="say what would be removed, remove nothing")
-    ca.set_defaults(run=_cache)
-    vw = sub.add_parser(
-        "view", help="draw in napari: the scan in world mm, a labels layer to paint, the reconstruct widget"
-    )
-    vw.add_argument("scan", help="a NIfTI file (.nii, .nii.gz) or a DICOM series folder")
-    vw.add_argument(
-        "--model", default="builtin:relative_shapes",
-        help="builtin:relative_shapes (default), an adapter folder or a .ckpt checkpoint",
-    )  # fmt: skip
-    vw.set_defaults(run=_view)
+    _add_cache(sub)
+    _add_view(sub)
     return parser
 
 

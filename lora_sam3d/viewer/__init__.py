@@ -4,3 +4,7 @@ and a dock widget that reconstructs what the user paints (`lora_sam3d.Session` b
 `reader` needs only nibabel; `widget` and `app` import napari and Qt, which come with the
 ``[napari]`` extra, so the core install stays free of Qt. The manifest is ``napari.yaml`` here.
 """
+
+from lora_sam3d.viewer.reader import get_reader
+
+__all__ = ["get_reader"]
