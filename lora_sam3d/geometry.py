@@ -201,42 +201,55 @@ class BoxMask:
 
     def full(self, dtype: type = bool) -> np.ndarray:
         """The mask on the whole grid (as ``dtype``: a file's uint8 is made once, not converted)."""
+        box = self.box
+        if box.dtype == bool and np.dtype(dtype).itemsize == 1 and np.dtype(dtype).kind in "ub":
+            box = box.view(np.dtype(dtype))  # the same bytes: no conversion pass
+        if box.shape == tuple(self.shape):
+            return box.copy()
         out = np.zeros(self.shape, dtype=dtype)
-        lo, hi = self.origin, self.origin + np.asarray(self.box.shape)
-        out[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = self.box
+        lo, hi = self.origin, self.origin + np.asarray(box.shape)
+        out[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = box
         return out
 
 
-def _separable(
-    sdf: np.ndarray, matrix: np.ndarray, offset: np.ndarray, size: tuple[int, ...]
+def _separable_inside(
+    sdf: np.ndarray, matrix: np.ndarray, offset: np.ndarray, size: tuple[int, ...], chunk: int = 32
 ) -> np.ndarray | None:
-    """Trilinear reading of ``sdf`` at ``matrix @ voxel + offset`` for every voxel of a box of
-    ``size``, done as three 1D linear interpolations (three small matrix products) when each box
-    axis moves along one SDF axis; None otherwise. A voxel outside the SDF grid reads 1.0
-    (outside), as scipy's ``mode="constant", cval=1.0``. Written here: scipy reads every voxel's
-    eight neighbours; the separable form costs a few matrix products for a 512^3-sized box."""
+    """Where the trilinear reading of ``sdf`` at ``matrix @ voxel + offset`` is below 0, for every
+    voxel of a box of ``size``, done as three 1D linear interpolations (three small matrix products)
+    when each box axis moves along one SDF axis; None otherwise. A voxel outside the SDF grid reads
+    1.0 (outside), as scipy's ``mode="constant", cval=1.0``. The last product runs ``chunk`` planes at
+    a time and keeps only the sign, so a scan-sized box never holds its float values at once.
+    Written here: scipy reads every voxel's eight neighbours; this costs a few matrix products."""
     axes = np.abs(matrix) > 1e-9 * np.abs(matrix).max()
     if not (axes.sum(0) == 1).all() or not (axes.sum(1) == 1).all():
         return None
     grid = np.asarray(sdf, dtype=np.float32)
     source = np.argmax(axes, axis=0)  # box axis q reads SDF axis source[q]
     grid = np.transpose(grid, source)
-    for q in range(3):  # contract SDF axis -> box axis q, one at a time (it becomes the last axis)
-        d = source[q]
+    weights = []
+    for q in range(3):  # SDF axis -> box axis q: linear weights, zero rows beyond the grid
+        n, d = grid.shape[q], source[q]
         u = matrix[d, q] * np.arange(size[q]) + offset[d]
-        weights = np.zeros((size[q], grid.shape[0]), dtype=np.float32)
-        inside = (u >= 0) & (u <= grid.shape[0] - 1)
-        low = np.clip(np.floor(u), 0, grid.shape[0] - 2).astype(int)
+        inside = (u >= 0) & (u <= n - 1)
+        low = np.clip(np.floor(u), 0, n - 2).astype(int)
         w = (u - low).astype(np.float32)
         rows = np.flatnonzero(inside)
-        weights[rows, low[rows]] = 1.0 - w[rows]
-        weights[rows, low[rows] + 1] = w[rows]
-        grid = np.moveaxis(np.tensordot(weights, grid, axes=(1, 0)), 0, -1)
-        if (~inside).any():  # beyond the grid: the constant itself
-            take: list[Any] = [slice(None)] * 3
-            take[-1] = ~inside
-            grid[tuple(take)] = 1.0
-    return grid
+        matrix_q = np.zeros((size[q], n), dtype=np.float32)
+        matrix_q[rows, low[rows]], matrix_q[rows, low[rows] + 1] = 1.0 - w[rows], w[rows]
+        weights.append((matrix_q, inside))
+    for q in (1, 2):  # contract SDF axes 1 and 2: (n0, size1, size2), small
+        grid = np.moveaxis(np.tensordot(weights[q][0], grid, axes=(1, q)), 0, q)
+        beyond: list[Any] = [slice(None)] * 3
+        beyond[q] = ~weights[q][1]
+        grid[tuple(beyond)] = 1.0  # beyond the grid: the constant itself
+    out = np.zeros(size, dtype=bool)
+    first, inside0 = weights[0]
+    for start in range(0, size[1], chunk):  # the big product in slabs, only its sign kept
+        part = np.tensordot(first, grid[:, start : start + chunk], axes=(1, 0))
+        out[:, start : start + chunk] = part < 0
+    out[~inside0] = False
+    return out
 
 
 def sdf_on_grid(
@@ -260,7 +273,7 @@ def sdf_on_box(
     ``affine`` maps that grid's voxel indices to world mm (e.g. a source scan's, any spacing or
     orientation); each voxel centre is mapped into the frame and the SDF read trilinearly there;
     voxels outside the frame are outside. A grid whose axes lie along the frame's (any order and
-    direction: scans as they are stored) is read axis by axis (`_separable`); an oblique one by
+    direction: scans as they are stored) is read axis by axis (`_separable_inside`); an oblique one by
     scipy's ``affine_transform``.
     """
     shape = tuple(int(a) for a in shape[:3])
@@ -274,13 +287,13 @@ def sdf_on_box(
     to_frame = np.linalg.inv(frame_to_world) @ affine
     matrix = n * to_frame[:3, :3]  # box voxel -> SDF index
     offset = n * (to_frame[:3, :3] @ lo.astype(float) + to_frame[:3, 3] + 0.5)
-    values = _separable(sdf, matrix, offset, size)
-    if values is None:  # an oblique grid: the general transform
-        values = ndimage.affine_transform(
+    inside = _separable_inside(sdf, matrix, offset, size)
+    if inside is None:  # an oblique grid: the general transform
+        inside = ndimage.affine_transform(
             np.asarray(sdf, dtype=np.float32), matrix, offset=offset, output_shape=size, order=1,
             mode="constant", cval=1.0,
-        )  # fmt: skip
-    return BoxMask(values < 0, lo, shape, grid_affine)  # type: ignore[arg-type]
+        ) < 0  # fmt: skip
+    return BoxMask(inside, lo, shape, grid_affine)  # type: ignore[arg-type]
 
 
 def mask_surface(mask: np.ndarray, affine: np.ndarray) -> Mesh:
