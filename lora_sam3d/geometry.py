@@ -227,15 +227,26 @@ def _separable_inside(
     grid = np.asarray(sdf, dtype=np.float32)
     source = np.argmax(axes, axis=0)  # box axis q reads SDF axis source[q]
     grid = np.transpose(grid, source)
-    weights = []
+    out = np.zeros(size, dtype=bool)
+    negative = np.argwhere(grid < 0)
+    if not len(negative):
+        return out
+    # a voxel reading only non-negative vertices is outside: only the box over the negative ones is read
+    first_neg, last_neg = negative.min(0), negative.max(0)
+    weights, part = [], []
     for q in range(3):  # SDF axis -> box axis q: linear weights, zero rows beyond the grid
         n, d = grid.shape[q], source[q]
         u = matrix[d, q] * np.arange(size[q]) + offset[d]
+        near = np.flatnonzero((u > first_neg[q] - 1) & (u < last_neg[q] + 1))  # contiguous: u is linear
+        if not len(near):
+            return out
+        part.append(slice(int(near[0]), int(near[-1]) + 1))
+        u = u[part[q]]
         inside = (u >= 0) & (u <= n - 1)
         low = np.clip(np.floor(u), 0, n - 2).astype(int)
         w = (u - low).astype(np.float32)
         rows = np.flatnonzero(inside)
-        matrix_q = np.zeros((size[q], n), dtype=np.float32)
+        matrix_q = np.zeros((len(u), n), dtype=np.float32)
         matrix_q[rows, low[rows]], matrix_q[rows, low[rows] + 1] = 1.0 - w[rows], w[rows]
         weights.append((matrix_q, inside))
     for q in (1, 2):  # contract SDF axes 1 and 2: (n0, size1, size2), small
@@ -243,12 +254,12 @@ def _separable_inside(
         beyond: list[Any] = [slice(None)] * 3
         beyond[q] = ~weights[q][1]
         grid[tuple(beyond)] = 1.0  # beyond the grid: the constant itself
-    out = np.zeros(size, dtype=bool)
     first, inside0 = weights[0]
-    for start in range(0, size[1], chunk):  # the big product in slabs, only its sign kept
-        part = np.tensordot(first, grid[:, start : start + chunk], axes=(1, 0))
-        out[:, start : start + chunk] = part < 0
-    out[~inside0] = False
+    box = out[tuple(part)]  # a view: written in place
+    for start in range(0, box.shape[1], chunk):  # the big product in slabs, only its sign kept
+        slab = np.tensordot(first, grid[:, start : start + chunk], axes=(1, 0))
+        box[:, start : start + chunk] = slab < 0
+    box[~inside0] = False
     return out
 
 

@@ -21,7 +21,9 @@ from lora_sam3d.viewer.app import open_viewer
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--case", default="data/heart/s0017")
     parser.add_argument("--model", default="outputs/demo/checkpoints/adapter-best")
     parser.add_argument("--classes", nargs="+", default=["heart_ventricle_left", "heart_myocardium"])
