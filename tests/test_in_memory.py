@@ -152,6 +152,7 @@ def test_a_session_reads_its_scan_once_and_answers_as_reconstruct(phantoms: Path
     drawing[:, :, 16], drawing[x] = truth[:, :, 16], truth[x]
     with lora_sam3d.Session(model, (np.asarray(scan.dataobj), scan.affine)) as session:
         first = session.reconstruct(drawing, LV, truth=truth)
+        assert first.next_slice is not None and first.next_slice["axis"] == "coronal", first.next_slice
         assert len(session.cache) == 1 and "image" in next(iter(session.cache.values()))
         kept = next(iter(session.cache.values()))["image"]
         again = session.reconstruct(drawing, LV, truth=truth)

@@ -65,6 +65,8 @@ def test_the_widget_reconstructs_two_painted_slices_as_the_session_does(
         assert widget.busy and not widget.run_button.enabled, "the work runs in a thread"
         _wait(qtbot, widget)
         assert widget.result is not None, widget.status.value
+        after = widget.result.next_slice
+        assert f"draw {after['axis']} slice {after['index']} next" in widget.status.value
         shown = np.asarray(viewer.layers[f"{LV} 1 mask"].data) > 0
         assert overlap(shown, truth)[0] > 0.8
         with Session(load_model(ADAPTER), case / "ct.nii.gz") as session:

@@ -51,6 +51,9 @@ class Reconstructed:
             numbering), the drawing's slices when a drawing was given.
         frame: where the frame's extent came from (``from``: the class's training extent, the
             ``extent_mm`` given, or the drawing) and the extent itself (``extent_mm``).
+        next_slice: where a drawing would change the result most (``{"axis": "coronal", "index":
+            40, "far_mm": 31.5}``, `lora_sam3d.predict.next_slice.where_to_draw`); a session's
+            answers carry it, a single call leaves it None.
     """
 
     name: str
@@ -60,6 +63,7 @@ class Reconstructed:
     adapt_losses: list[float] = field(default_factory=list)
     slices: list[dict[str, Any]] = field(default_factory=list)
     frame: dict[str, Any] = field(default_factory=dict)
+    next_slice: dict[str, Any] | None = None
 
 
 def _reads_scan(context: bool | str | None, model_reads: bool) -> bool:

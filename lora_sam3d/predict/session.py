@@ -14,8 +14,10 @@ from types import TracebackType
 from typing import Any
 
 import nibabel as nib
+import numpy as np
 
 from lora_sam3d.predict.api import Reconstructed, _model_and_contract, reconstruct
+from lora_sam3d.predict.next_slice import where_to_draw
 from lora_sam3d.predict.user_inputs import Scan, read_scan
 
 __all__ = ["Session"]
@@ -46,11 +48,16 @@ class Session:
     def reconstruct(
         self, drawing: Any, class_name: str | None = None, label_value: int | None = None, **options: Any
     ) -> Reconstructed:
-        """The structure drawn (`reconstruct` on the session's scan, its reading and image kept)."""
-        return reconstruct(
+        """The structure drawn (`reconstruct` on the session's scan, its reading and image kept), and
+        where to draw next (``result.next_slice``, `where_to_draw`)."""
+        result = reconstruct(
             self.network, self.path, drawing, class_name, label_value=label_value, data=self.contract,
             scan_cache=self.cache, **options,
         )  # fmt: skip
+        result.next_slice = where_to_draw(
+            np.asanyarray(result.mask.dataobj), result.mask.affine, result.slices
+        )
+        return result
 
     def close(self) -> None:
         self._folder.cleanup()

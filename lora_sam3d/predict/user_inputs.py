@@ -152,8 +152,10 @@ def drawn_slices(paint: np.ndarray, affine: np.ndarray) -> list[dict[str, Any]]:
     chosen: list[tuple[int, int]] = []
     while left.size:
         counts = [np.unique(left[:, a], return_counts=True) for a in range(3)]
-        axis = int(np.argmax([c[1].max() for c in counts]))
-        value = int(counts[axis][0][np.argmax(counts[axis][1])])
+        most = max(int(c[1].max()) for c in counts)
+        ties = [(a, int(v)) for a in range(3) for v, n in zip(*counts[a], strict=True) if n == most]
+        # of equal slices, one beside no chosen parallel slice (thin paint lies in several slices' planes)
+        axis, value = min(ties, key=lambda t: any(a == t[0] and abs(v - t[1]) == 1 for a, v in chosen))
         chosen.append((axis, value))
         left = left[left[:, axis] != value]
     ornt = nib.io_orientation(affine)

@@ -149,9 +149,11 @@ class ReconstructWidget(Container):
             else:
                 add(data, name)
         where = ", ".join(f"{s['axis']} {s['index']}" for s in result.slices)
+        after = result.next_slice
         self.status.value = (
             f"{result.name}: from {where}; frame from {result.frame['from']} "
             f"({result.frame.get('extent_mm', 0):.0f} mm); {seconds:.1f} s"
+            + (f"; to improve it, draw {after['axis']} slice {after['index']} next" if after else "")
         )
         self.save_button.enabled = True
 
