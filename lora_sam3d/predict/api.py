@@ -31,7 +31,14 @@ from lora_sam3d.models.reconstructor import Reconstruction, Reconstructor
 from lora_sam3d.models.test_time import adapted
 from lora_sam3d.predict.files import mask_on_source_grid
 from lora_sam3d.predict.records import Prediction, prediction_records
-from lora_sam3d.predict.user_inputs import Scan, drawing_extent_mm, drawn_slices, read_mask, read_scan
+from lora_sam3d.predict.user_inputs import (
+    Scan,
+    drawing_extent_mm,
+    drawn_slices,
+    read_mask,
+    read_scan,
+    scan_file,
+)
 
 __all__ = ["Reconstructed", "load_model", "reconstruct"]
 
@@ -197,11 +204,7 @@ def _request_files(
     image, name = read_scan(scan)
     mask_img = read_mask(mask, image, axis, index, position_mm)
     with tempfile.TemporaryDirectory(prefix="lora-sam3d-") as tmp:
-        on_disk = isinstance(scan, str | Path) and Path(scan).is_file()
-        image_path = str(scan) if on_disk else str(Path(tmp) / name / f"{name}.nii")  # named as the scan
-        if not on_disk:
-            Path(image_path).parent.mkdir()
-            nib.save(image, image_path)
+        image_path = scan_file(scan, image, name, tmp)
         held: dict[str, nib.Nifti1Image] = {}
         mask_path = _as_path(mask, mask_img, str(Path(tmp) / "mask.nii"), held)
         truth_path = (

@@ -9,16 +9,14 @@ which a session calls with its kept scan.
 from __future__ import annotations
 
 import tempfile
-from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 
 from lora_sam3d.predict.api import Reconstructed, _model_and_contract, reconstruct
 from lora_sam3d.predict.next_slice import where_to_draw
-from lora_sam3d.predict.user_inputs import Scan, read_scan
+from lora_sam3d.predict.user_inputs import Scan, read_scan, scan_file
 
 __all__ = ["Session"]
 
@@ -37,12 +35,7 @@ class Session:
         self.network.eval()
         self.image, name = read_scan(scan)
         self._folder = tempfile.TemporaryDirectory(prefix="lora-sam3d-session-")
-        if isinstance(scan, str | Path) and Path(scan).is_file():
-            self.path = str(scan)
-        else:  # read once; uncompressed, so every drawing maps it instead of decoding it
-            self.path = str(Path(self._folder.name) / name / f"{name}.nii")  # outputs named as the scan
-            Path(self.path).parent.mkdir()
-            nib.save(self.image, self.path)
+        self.path = scan_file(scan, self.image, name, self._folder.name)  # an in-memory scan written once
         self.cache: dict[str, dict[str, Any]] = {}
 
     def reconstruct(

@@ -25,7 +25,15 @@ from lora_sam3d.data.nifti import DataError, open_nifti
 from lora_sam3d.data.requests.items import AXIS_NAMES, locate_slice, parse_axis
 from lora_sam3d.data.requests.names import case_name
 
-__all__ = ["Scan", "drawing_extent_mm", "drawn_slices", "read_dicom_series", "read_mask", "read_scan"]
+__all__ = [
+    "Scan",
+    "drawing_extent_mm",
+    "drawn_slices",
+    "read_dicom_series",
+    "read_mask",
+    "read_scan",
+    "scan_file",
+]
 
 Scan = str | Path | nib.Nifti1Image | tuple[np.ndarray, np.ndarray]
 """A scan as `reconstruct` takes it: a NIfTI path, a DICOM series folder, an image, or (array, RAS affine)."""
@@ -53,6 +61,18 @@ def read_scan(scan: Any) -> tuple[nib.Nifti1Image, str]:
     if path.is_dir():
         return read_dicom_series(path), path.name
     return open_nifti(path, "image"), case_name(path)  # its voxels read when needed, once
+
+
+def scan_file(scan: Any, image: nib.Nifti1Image, name: str, folder: str | Path) -> str:
+    """The path the request pipeline reads ``scan`` from: the user's own file where it is a NIfTI
+    file, else an uncompressed copy of ``image`` in ``folder`` (mapped, not decoded, on every read),
+    named as the scan so outputs are."""
+    if isinstance(scan, str | Path) and Path(scan).is_file():
+        return str(scan)
+    path = Path(folder) / name / f"{name}.nii"
+    path.parent.mkdir()
+    nib.save(image, path)
+    return str(path)
 
 
 def read_dicom_series(folder: Path) -> nib.Nifti1Image:
