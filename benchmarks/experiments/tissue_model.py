@@ -144,8 +144,11 @@ def run_case(
 
 
 def data_sets(mr_root: Path) -> dict[str, list[tuple[Path, dict[str, Path], dict[str, float] | None]]]:
-    ct = [(ROOT / "data" / "heart" / c / "ct.nii.gz", {k: ROOT / "data" / "heart" / c / "segmentations" / f"{k}.nii.gz" for k in HEART}, None)
-          for c in ("s0017", "s0018", "s0019", "s0020")]  # fmt: skip
+    def heart(cases: tuple[str, ...]) -> list[tuple[Path, dict[str, Path], None]]:
+        return [(ROOT / "data" / "heart" / c / "ct.nii.gz", {k: ROOT / "data" / "heart" / c / "segmentations" / f"{k}.nii.gz" for k in HEART}, None)
+                for c in cases]  # fmt: skip
+
+    ct = heart(("s0017", "s0018", "s0019", "s0020"))
     if not mr_root.exists():
         subprocess.run([sys.executable, "-m", "lora_sam3d.cli", "phantoms", "--root", str(mr_root), "--n-cases", "4",
                         "--seed", "23", "--modality", "mr"], check=True)  # fmt: skip
@@ -165,6 +168,7 @@ def data_sets(mr_root: Path) -> dict[str, list[tuple[Path, dict[str, Path], dict
             )
     return {
         "CT phantoms (held out)": ct,
+        "CT phantoms (validation)": heart(("s0013", "s0014", "s0015", "s0016")),  # to choose rules on
         "MR-like phantoms (seed 23)": mr,
         "real aorta CT": [(real / "ct.nii.gz", masks, extents)],
     }
