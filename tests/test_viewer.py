@@ -52,7 +52,7 @@ def test_the_widget_reconstructs_two_painted_slices_as_the_session_does(
     viewer, widget = open_viewer(case / "ct.nii.gz", str(ADAPTER))
     try:
         _wait(qtbot, widget)  # the model loads in a worker and offers its classes
-        assert LV in widget.class_name.choices
+        assert LV in widget.class_name.choices and "loaded" in widget.status.value
         z, x = 16, int(np.flatnonzero(truth.any(axis=(1, 2))).mean())
         drawing = viewer.layers["drawing"]
         painted = np.zeros(truth.shape, dtype=np.uint8)

@@ -58,7 +58,7 @@ class ReconstructWidget(Container):
         self._network: Any = None
         self._network_of: str | None = None
         self._session: Session | None = None
-        self._session_of: tuple[int, str] | None = None
+        self._session_of: tuple[int, int, str] | None = None
         self.result: Reconstructed | None = None
         self.worker: Any = None
         self.busy = False  # from a worker's start until its end (its own flag is set only once it runs)
@@ -92,7 +92,11 @@ class ReconstructWidget(Container):
         """Load the model named (in a worker) and offer its classes."""
         if self.model.value == self._network_of or self.busy:
             return
-        self._start(self._loading(), "loading the model", lambda _: self.class_name.reset_choices())
+        self._start(self._loading(), "loading the model", self._loaded)
+
+    def _loaded(self, _: Any = None) -> None:
+        self.class_name.reset_choices()
+        self._say(f"{self._network_of} loaded: paint a few slices of one structure, then Reconstruct")
 
     def _loading(self) -> Generator[str, None, None]:
         text = self.model.value.strip()
@@ -124,7 +128,7 @@ class ReconstructWidget(Container):
     ) -> Generator[str, None, tuple[Reconstructed, np.ndarray, float]]:
         start = time.perf_counter()
         yield from self._loading()
-        key = (id(scan), self._network_of or "")
+        key = (id(scan), id(scan.data), self._network_of or "")  # a layer given new voxels is a new scan
         if self._session is None or self._session_of != key:
             yield f"reading {scan.name}"
             self.close_session()
