@@ -46,12 +46,14 @@ class RequestNotes:
             the mask written there is the drawing itself.
         all_pieces: keep every piece of the prediction (default: only those touching the drawing).
         beyond_scan: keep the surface past the scan's field of view (default: cut and closed there).
+        frame: where the frame's extent came from and the extent (``the drawing (74 mm)``).
     """
 
     modality: str | None = None
     drawing: list[tuple[int, int, np.ndarray]] | None = None
     all_pieces: bool = False
     beyond_scan: bool = False
+    frame: str | None = None
 
 
 class Sample(TypedDict, total=False):

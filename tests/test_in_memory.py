@@ -93,8 +93,13 @@ def test_a_drawing_s_slices_are_found_and_its_frame_serves_any_structure(
     assert result.prediction.metrics["dice"] > 0.7 and "structure" in result.name
     written = np.asarray(result.mask.dataobj) > 0
     assert np.array_equal(written[:, :, 16], truth[:, :, 16]), "the drawing is the result on its slices"
-    known = lora_sam3d.reconstruct(model, scan, drawing, LV)
-    assert known.frame["from"] == "the class's training extent" and known.prediction.metrics is None
+    known = lora_sam3d.reconstruct(model, scan, drawing, LV)  # several slices measure the structure
+    assert known.frame == result.frame and known.prediction.metrics is None
+    one = lora_sam3d.reconstruct(model, scan, truth[:, :, 16], LV, index=16)  # one slice: the class's extent
+    assert one.frame["from"] == "the class's training extent"
+    assert one.frame["extent_mm"] == model.data_contract["extent_mm"][LV]
+    by_class = lora_sam3d.reconstruct(model, scan, drawing, LV, extent_mm={LV: 60.0})
+    assert by_class.frame == {"from": "extent_mm given", "extent_mm": 60.0}, "an extent given holds"
     blob = np.zeros(truth.shape, dtype=np.uint8)
     blob[20:26, 20:26, 10:16] = 1
     with pytest.raises(

@@ -22,6 +22,7 @@ from PIL import Image
 from lora_sam3d import reconstruct
 from lora_sam3d.cli.trainer import adopt_data_settings
 from lora_sam3d.data import PredictionDataset, Preprocessing
+from lora_sam3d.data.requests.masks import drawn_extent_mm
 from lora_sam3d.data.settings import DataContract, DataSettings
 from lora_sam3d.data.volume import read_modality
 from lora_sam3d.geometry import mask_signed_distance
@@ -152,10 +153,18 @@ def test_predict_reads_the_scan_as_trained_and_logs_each_scan_s_reading(
     scan: the scan is read (as `reconstruct` reads it), the log says so and how the scan was read,
     and ``metrics.csv`` carries the modality and what the outputs kept."""
     out = tmp_path / "out"
+    truth = nib.load(phantoms / "s0001" / "segmentations" / f"{LV}.nii.gz")
+    values = np.asarray(truth.dataobj) > 0
+    x, y = (int(np.flatnonzero(values.any(axis=tuple(b for b in range(3) if b != a))).mean()) for a in (0, 1))
+    three = [
+        {"axis": "axial", "index": 16},
+        {"axis": "coronal", "index": y},
+        {"axis": "sagittal", "index": x},
+    ]
     config = {"trainer": {"accelerator": "cpu", "logger": False, "default_root_dir": str(out),
                           "callbacks": [{"class_path": "lora_sam3d.callbacks.MeshPredictionWriter",
                                          "init_args": {"output_dir": str(out), "write_png": False}}]},
-              "data": {"predict": {"items": [item(phantoms / "s0001")]}}}  # fmt: skip
+              "data": {"predict": {"items": [item(phantoms / "s0001"), item(phantoms / "s0001", slices=three)]}}}  # fmt: skip
     path = tmp_path / "predict.yaml"
     path.write_text(yaml.safe_dump(config))
     run = subprocess.run([sys.executable, "-m", "lora_sam3d.cli", "predict", "--config", str(path), "--ckpt_path", str(CKPT)],
@@ -168,9 +177,23 @@ def test_predict_reads_the_scan_as_trained_and_logs_each_scan_s_reading(
     )
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     assert [(r["slice"], r["scan"], r["modality"], r["mesh"]) for r in rows] == [
-        ("axial16", "read", "ct", "cut at scan")
+        ("axial16", "read", "ct", "cut at scan"),
+        (f"axial16+coronal{y}+sagittal{x}", "read", "ct", "cut at scan"),
     ]
     assert not list(out.glob("*_noscan*"))
+    # one slice is framed by its class, several by their drawing: the box of the drawn masks, in mm
+    extent = contract().extent_mm[LV]
+    planes = [(2, 16, values[:, :, 16]), (1, y, values[:, y]), (0, x, values[x])]
+    drawn = drawn_extent_mm(planes, np.linalg.norm(truth.affine[:3, :3], axis=0))
+    assert drawn > 0
+    assert [r["frame"] for r in rows] == [
+        f"the class's extent ({extent:.0f} mm)",
+        f"the drawing ({drawn:.0f} mm)",
+    ]
+    asked = PredictionDataset.from_settings(
+        [item(phantoms / "s0001", slices=three)], contract(), frame_from="class"
+    )
+    assert asked.frames == [("the class's extent", extent)]
 
 
 # -- 5: the result ends where the scan ends -------------------------------------------------------

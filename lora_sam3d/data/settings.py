@@ -45,6 +45,9 @@ ViewLayout = Literal["orthogonal", "parallel", "stack"]
 VIEW_LAYOUTS: tuple[str, ...] = get_args(ViewLayout)
 
 Context = Literal["volume", "none"]
+FrameFrom = Literal["auto", "class"]
+"""How a request's frame is sized: ``auto`` by its drawing when it has several slices, else by its
+class's extent; ``class`` always by the class's extent (as validation and training frame)."""
 CONTEXTS: tuple[str, ...] = get_args(Context)
 Reading = Literal["absolute", "relative"]
 READINGS: tuple[str, ...] = get_args(Reading)

@@ -56,8 +56,9 @@ class Reconstructed:
         adapt_losses: the held-out losses of test-time LoRA's steps (empty without it).
         slices: the slices the result was made from (``{"axis": "axial", "index": 16}``, file
             numbering), the drawing's slices when a drawing was given.
-        frame: where the frame's extent came from (``from``: the class's training extent, the
-            ``extent_mm`` given, or the drawing) and the extent itself (``extent_mm``).
+        frame: where the frame's extent came from (``from``: the drawing, for several slices or a
+            structure the model has no extent for; the class's training extent; or the
+            ``extent_mm`` given) and the extent itself (``extent_mm``).
         next_slice: where a drawing would change the result most (``{"axis": "coronal", "index":
             40, "far_mm": 31.5}``, `lora_sam3d.predict.next_slice.where_to_draw`); a session's
             answers carry it, a single call leaves it None.
@@ -131,7 +132,10 @@ def reconstruct(
         requests = PredictionDataset.from_settings(
             [item], contract, extents, context="volume" if use else "none", all_pieces=all_pieces,
             beyond_scan=beyond_scan, scans=scan_cache,
+            frame_from="class" if frame["from"] == "extent_mm given" else "auto",  # the caller's extent holds
         )  # fmt: skip
+        if requests.frames[0][0] == "the drawing":  # several slices measure the structure themselves
+            frame = {"from": "the drawing", "extent_mm": requests.frames[0][1]}
         requests.check_view_counts(contract.views, None)
         batch = collate([requests[0]])
         rec, losses = _run(network, batch, adapt_steps, adapt_lr)

@@ -57,6 +57,7 @@ class Prediction:
             no scan. False names the outputs ``..._noscan`` (`stem`), so one run can hold a request
             with and without the scan.
         modality: how a request's scan was read (``ct``, ``mr``; None for a split's sample).
+        frame: where a request's frame extent came from, and the extent (None for a split's sample).
         pieces_removed: pieces of the prediction that touched no drawn mask, removed (`keep_drawn_pieces`).
         beyond_scan_mm: how far the network's surface reached past the scan's field of view.
         mesh_beyond_scan: the surface was kept past the scan (asked for): the mesh file says so in
@@ -85,6 +86,7 @@ class Prediction:
     drawn_dice: float | None = None
     on_scan: BoxMask | None = None
     modality: str | None = None
+    frame: str | None = None
     pieces_removed: int = 0
     beyond_scan_mm: float = 0.0
     mesh_beyond_scan: bool = False
@@ -263,6 +265,7 @@ def prediction_records(
             scan_read=bool(info.scan_read[i]) if reads_scan and info.scan_read else None,
             drawn_dice=drawn[i],
             modality=note.modality if note else None,
+            frame=note.frame if note else None,
             pieces_removed=removed[i],
             beyond_scan_mm=beyond[i],
             mesh_beyond_scan=bool(note and note.beyond_scan),

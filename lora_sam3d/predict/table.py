@@ -29,6 +29,7 @@ def metrics_row(record: Prediction) -> dict[str, Any]:
         "slice": record.slice_name or f"axis{record.axis}_slice{record.index}",
         "scan": SCAN_WORDS[record.scan_read],
         "modality": record.modality or "",
+        "frame": record.frame or "",
         "mesh": "beyond scan" if record.mesh_beyond_scan else "cut at scan",
         "scored_against": record.scored_against if record.metrics is not None else "",
         "drawn_dice": record.drawn_dice,
@@ -38,8 +39,8 @@ def metrics_row(record: Prediction) -> dict[str, Any]:
     }
 
 
-TEXT_COLUMNS = ("case_id", "class_name", "axis", "grid_index", "file_index", "slice", "scan", "modality", "mesh",
-                "scored_against")  # fmt: skip
+TEXT_COLUMNS = ("case_id", "class_name", "axis", "grid_index", "file_index", "slice", "scan", "modality", "frame",
+                "mesh", "scored_against")  # fmt: skip
 """The columns that name a row; the others are averaged (`means`)."""
 
 

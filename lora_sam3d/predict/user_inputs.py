@@ -23,6 +23,7 @@ from scipy import ndimage
 
 from lora_sam3d.data.nifti import DataError, open_nifti
 from lora_sam3d.data.requests.items import AXIS_NAMES, locate_slice, parse_axis
+from lora_sam3d.data.requests.masks import drawn_extent_mm
 from lora_sam3d.data.requests.names import case_name
 
 __all__ = [
@@ -198,25 +199,16 @@ def drawn_slices(paint: np.ndarray, affine: np.ndarray) -> list[dict[str, Any]]:
 
 def drawing_extent_mm(mask: nib.Nifti1Image, slices: Sequence[dict[str, Any]]) -> float:
     """A frame extent from the drawing itself (for a structure the model has none for): the largest
-    side, in mm, of the drawn masks' boxes on their slices. Several slices together measure the
-    structure in 3D; one slice measures it in-plane, and the structure is taken to be as deep as it
-    is wide there."""
+    side, in mm, of the drawn masks' boxes on their slices (`drawn_extent_mm`). Several slices
+    together measure the structure in 3D; one slice measures it in-plane, and the structure is
+    taken to be as deep as it is wide there."""
     data = np.asanyarray(mask.dataobj)
-    spacing = np.linalg.norm(mask.affine[:3, :3], axis=0)
     ornt = nib.io_orientation(mask.affine)
-    lo = np.full(3, np.inf)
-    hi = np.full(3, -np.inf)
+    planes = []
     for s in slices:
         file_axis = int(np.flatnonzero(ornt[:, 0] == parse_axis(s["axis"]))[0])
-        plane = np.take(data, int(s["index"]), axis=file_axis) != 0
-        if not plane.any():
-            continue
-        others = [a for a in range(3) if a != file_axis]
-        for k, a in enumerate(others):
-            idx = np.flatnonzero(plane.any(axis=1 - k))
-            lo[a], hi[a] = min(lo[a], idx[0]), max(hi[a], idx[-1])
-        lo[file_axis], hi[file_axis] = min(lo[file_axis], s["index"]), max(hi[file_axis], s["index"])
-    sides = np.where(np.isfinite(lo), (hi - lo + 1) * spacing, 0.0)
-    if not sides.any():
+        planes.append((file_axis, int(s["index"]), np.take(data, int(s["index"]), axis=file_axis)))
+    extent = drawn_extent_mm(planes, np.linalg.norm(mask.affine[:3, :3], axis=0))
+    if not extent:
         raise DataError("the drawing has no painted voxel on its slices")
-    return float(sides.max())
+    return extent

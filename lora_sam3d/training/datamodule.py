@@ -34,6 +34,7 @@ from lora_sam3d.data.settings import (
     ContextSettings,
     DataContract,
     DataSettings,
+    FrameFrom,
     FrameSettings,
     SamplingMethod,
     SamplingSettings,
@@ -81,6 +82,9 @@ class PredictSettings:
             (a blob past the structure's end) is removed, counted in ``metrics.csv`` (``pieces_removed``).
         beyond_scan: keep the surface past the scan's field of view (written as
             ``<name>_beyond_scan.ply``); by default it is cut and closed there, as the mask is.
+        frame_from: ``auto``: a request of several slices is framed by its drawing (the largest
+            side of the drawn masks' box), one slice by its class's extent; ``class``: every request
+            by its class's extent, as validation frames.
     """
 
     items: list[PredictItem] | None = None
@@ -88,6 +92,7 @@ class PredictSettings:
     intensity_check: Literal["warn", "error"] = "warn"
     all_pieces: bool = False
     beyond_scan: bool = False
+    frame_from: FrameFrom = "auto"
 
 
 LOADER, PREDICT = LoaderSettings(), PredictSettings()
@@ -311,6 +316,7 @@ class TSDataModule(L.LightningDataModule):
                 s.context.source,
                 self.predict_settings.all_pieces,
                 self.predict_settings.beyond_scan,
+                frame_from=self.predict_settings.frame_from,
             )
             trained = contract.views
         else:
@@ -332,6 +338,7 @@ class TSDataModule(L.LightningDataModule):
                 reading=s.context.reading,
                 all_pieces=self.predict_settings.all_pieces,
                 beyond_scan=self.predict_settings.beyond_scan,
+                frame_from=self.predict_settings.frame_from,
             )
         dataset.check_view_counts(trained, s.views.count)
         dataset.check_unique_outputs()

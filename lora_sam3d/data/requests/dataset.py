@@ -30,13 +30,14 @@ from lora_sam3d.data.requests.items import (
 from lora_sam3d.data.requests.masks import (
     apart_pairs,
     contradicting_pairs,
+    drawn_extent_mm,
     mask_exists,
     read_mask_volume,
     read_slice_mask,
 )
 from lora_sam3d.data.requests.names import case_names, output_stem
 from lora_sam3d.data.sample import native_from_mask, recentred, slice_frame, slice_sample
-from lora_sam3d.data.settings import Context, DataContract
+from lora_sam3d.data.settings import Context, DataContract, FrameFrom
 from lora_sam3d.data.tissue import (
     Tissue,
     drawn_views,
@@ -94,7 +95,12 @@ class PredictionDataset(Dataset):
         all_pieces: bool = False,
         beyond_scan: bool = False,
         scans: dict[str, dict[str, Any]] | None = None,
+        frame_from: FrameFrom = "auto",
     ) -> None:
+        # how a request's frame is sized: "auto", by its drawing when it has several slices (they
+        # measure the structure; validation Dice +0.010 from three slices), else by its class's extent
+        self.frame_from = frame_from
+        self.frames: list[tuple[str, float]] = []  # per item: where its frame's extent came from, mm
         # per scan path, what reading it gave (its modality, its normalised image on the model's
         # grid): a caller's dict, kept across datasets, makes later requests on a scan skip both
         self.scans = {} if scans is None else scans
@@ -186,12 +192,14 @@ class PredictionDataset(Dataset):
         all_pieces: bool = False,
         beyond_scan: bool = False,
         scans: dict[str, dict[str, Any]] | None = None,
+        frame_from: FrameFrom = "auto",
     ) -> PredictionDataset:
         """The requests read as a model was trained to read scans: ``data`` is the `DataContract` a
         checkpoint or adapter folder stores (or its dict); ``extent_mm`` overrides stored extents;
         ``context``: whether the samples carry the scan (items may say otherwise), None as the model
         was trained; ``all_pieces``, ``beyond_scan``: what the outputs keep (`RequestNotes`); ``scans``:
-        a dict kept across datasets on one scan and one model (a `Session`'s)."""
+        a dict kept across datasets on one scan and one model (a `Session`'s); ``frame_from``: "auto"
+        sizes a request of several slices by its drawing, "class" every request by its class."""
         c = data if isinstance(data, DataContract) else DataContract.from_dict(data)
         extents = {**c.extent_mm, **(extent_mm or {})}
         cells = 4 * (c.resolution or c.slice_size // 4)
@@ -217,6 +225,7 @@ class PredictionDataset(Dataset):
             all_pieces=all_pieces,
             beyond_scan=beyond_scan,
             scans=scans,
+            frame_from=frame_from,
         )
 
     def _check_class(self, item: PredictItem) -> None:
@@ -284,6 +293,14 @@ class PredictionDataset(Dataset):
         order = sorted(range(len(refs)), key=lambda j: refs[j].order)
         self.slices.append([refs[j] for j in order])
         self.masks.append([masks[j] for j in order])
+        drawn = drawn_extent_mm(
+            [(r.file_axis, r.index, m) for r, m in zip(refs, masks, strict=True)],
+            np.linalg.norm(img.affine[:3, :3], axis=0),
+        )
+        if self.frame_from == "auto" and len(refs) > 1 and drawn > 0:
+            self.frames.append(("the drawing", drawn))
+        else:
+            self.frames.append(("the class's extent", self.extent_mm[item.class_name]))
         if item.image not in self.scans:  # each scan read once here, so a bad one fails before any output
             self._check_intensities(item.image, img)
 
@@ -373,6 +390,7 @@ class PredictionDataset(Dataset):
                 [(r.file_axis, r.index, m) for r, m in zip(refs, self.masks[i], strict=True)],
                 self.all_pieces,
                 self.beyond_scan,
+                f"{self.frames[i][0]} ({self.frames[i][1]:.0f} mm)",
             ),
         }
 
@@ -386,7 +404,7 @@ class PredictionDataset(Dataset):
             kept["image"] = load_image(item.image, self.prep, voxels=self._checked_voxels(item.image))
         volume = Volume(kept["image"], labels.labels, labels.affine, self.prep.spacing_mm)
         indices = [r.grid_index for r in refs]
-        side_mm = self.frame_scale * self.extent_mm[item.class_name]
+        side_mm = self.frame_scale * self.frames[i][1]
         others = [(r.axis, index) for r, index in zip(refs[1:], indices[1:], strict=True)]
         centre = (
             seen_centre(volume.labels, list(range(1, len(refs))), others, refs[0].axis, indices[0])

@@ -21,6 +21,7 @@ __all__ = [
     "apart_pairs",
     "check_mask_grid",
     "contradicting_pairs",
+    "drawn_extent_mm",
     "load_mask_nifti",
     "mask_exists",
     "masks_in_memory",
@@ -180,3 +181,20 @@ def apart_pairs(refs: Sequence[Any], masks: Sequence[np.ndarray]) -> list[tuple[
         along = sorted((r.index, k) for k, r in enumerate(refs) if r.file_axis == axis)
         out += [(a, b) for (_, a), (_, b) in pairwise(along) if not (masks[a] & masks[b]).any()]
     return out
+
+
+def drawn_extent_mm(planes: Sequence[tuple[int, int, np.ndarray]], spacing: Sequence[float]) -> float:
+    """The largest side, in mm, of the box holding drawn masks on their file slices: ``planes`` are
+    (file axis, slice index, 2D mask over the other two file axes in order); 0 when nothing is drawn.
+    Several slices measure the structure in 3D; one slice measures it in-plane only."""
+    lo, hi = np.full(3, np.inf), np.full(3, -np.inf)
+    for axis, index, plane in planes:
+        plane = np.asarray(plane) != 0
+        if not plane.any():
+            continue
+        for k, a in enumerate(b for b in range(3) if b != axis):
+            idx = np.flatnonzero(plane.any(axis=1 - k))
+            lo[a], hi[a] = min(lo[a], idx[0]), max(hi[a], idx[-1])
+        lo[axis], hi[axis] = min(lo[axis], index), max(hi[axis], index)
+    sides = np.where(np.isfinite(lo), (hi - lo + 1) * np.asarray(spacing, dtype=float), 0.0)
+    return float(sides.max())
