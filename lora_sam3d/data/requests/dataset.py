@@ -30,10 +30,10 @@ from lora_sam3d.data.requests.items import (
 from lora_sam3d.data.requests.masks import (
     apart_pairs,
     contradicting_pairs,
-    drawn_extent_mm,
     mask_exists,
     read_mask_volume,
     read_slice_mask,
+    request_frame,
 )
 from lora_sam3d.data.requests.names import case_names, output_stem
 from lora_sam3d.data.sample import native_from_mask, recentred, slice_frame, slice_sample
@@ -293,14 +293,9 @@ class PredictionDataset(Dataset):
         order = sorted(range(len(refs)), key=lambda j: refs[j].order)
         self.slices.append([refs[j] for j in order])
         self.masks.append([masks[j] for j in order])
-        drawn = drawn_extent_mm(
-            [(r.file_axis, r.index, m) for r, m in zip(refs, masks, strict=True)],
-            np.linalg.norm(img.affine[:3, :3], axis=0),
+        self.frames.append(
+            request_frame(self.frame_from, refs, masks, img.affine, self.extent_mm[item.class_name])
         )
-        if self.frame_from == "auto" and len(refs) > 1 and drawn > 0:
-            self.frames.append(("the drawing", drawn))
-        else:
-            self.frames.append(("the class's extent", self.extent_mm[item.class_name]))
         if item.image not in self.scans:  # each scan read once here, so a bad one fails before any output
             self._check_intensities(item.image, img)
 

@@ -28,6 +28,7 @@ __all__ = [
     "read_mask_volume",
     "read_png_mask",
     "read_slice_mask",
+    "request_frame",
 ]
 
 
@@ -198,3 +199,16 @@ def drawn_extent_mm(planes: Sequence[tuple[int, int, np.ndarray]], spacing: Sequ
         lo[axis], hi[axis] = min(lo[axis], index), max(hi[axis], index)
     sides = np.where(np.isfinite(lo), (hi - lo + 1) * np.asarray(spacing, dtype=float), 0.0)
     return float(sides.max())
+
+
+def request_frame(
+    frame_from: str, refs: Sequence[Any], masks: Sequence[np.ndarray], affine: np.ndarray, class_mm: float
+) -> tuple[str, float]:
+    """Where a request's frame extent comes from, and the extent (mm): with ``frame_from`` "auto" and
+    several slices, the drawing's (`drawn_extent_mm`); else the class's."""
+    if frame_from == "auto" and len(refs) > 1:
+        planes = [(r.file_axis, r.index, m) for r, m in zip(refs, masks, strict=True)]
+        drawn = drawn_extent_mm(planes, np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))
+        if drawn > 0:
+            return "the drawing", drawn
+    return "the class's extent", class_mm
