@@ -55,7 +55,8 @@ def main() -> None:
         widget.label_value.value, widget.class_name.value = value, name
         widget.reconstruct()
         settle()
-        viewer.layers[f"{name} {value} surface"].colormap = ["red", "yellow"][value % 2]
+        surface = viewer.layers[f"{name} {value} surface"]
+        surface.colormap, surface.opacity = ["red", "yellow"][value % 2], [0.6, 0.9][value % 2]
         print(widget.status.value)
     image = viewer.layers[0]
     viewer.dims.ndisplay = 3
@@ -66,7 +67,7 @@ def main() -> None:
         if layer.name == "drawing" or layer.name.endswith("mask"):
             layer.visible = False
     viewer.scene.camera.angles = (-20, 35, 120) if hasattr(viewer, "scene") else None
-    viewer.scene.camera.zoom *= 1.4
+    viewer.scene.camera.zoom *= 1.1
     settle()
     Image.fromarray(viewer.screenshot(canvas_only=False, flash=False)).save(args.out)
     print("wrote", args.out)
