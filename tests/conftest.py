@@ -147,3 +147,33 @@ def lora_run(tmp_path_factory: pytest.TempPathFactory, phantoms: Path) -> Path:
     config = write_yaml(run_config(out / "run", phantoms, epochs=2), out / "run.yaml")
     assert main(["fit", "--config", str(config)]) == 0
     return out / "run"
+
+
+def write_dicom_series(image: Any, folder: Path) -> Path:
+    """``image`` (a nibabel image in RAS, axis-aligned) as a DICOM series, slice by slice by SimpleITK
+    (LPS, one series UID, instance numbers): what a scanner or PACS export gives."""
+    import nibabel as nib
+    import numpy as np
+    import SimpleITK as sitk
+
+    canonical = nib.as_closest_canonical(image)
+    values = np.asarray(canonical.dataobj).astype(np.int16)
+    spacing = np.linalg.norm(canonical.affine[:3, :3], axis=0)
+    folder.mkdir(parents=True)
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ canonical.affine  # DICOM's patient axes
+    for k in range(values.shape[2]):
+        plane = sitk.GetImageFromArray(values[:, :, k].T[None])  # SimpleITK's (z, y, x)
+        plane.SetSpacing(tuple(float(v) for v in spacing))
+        plane.SetOrigin(tuple(float(v) for v in lps[:3, 3] + lps[:3, 2] * k))
+        plane.SetDirection(tuple(float(v) for v in (lps[:3, :3] / spacing).ravel()))
+        for tag, value in (
+            ("0008|0060", "CT"),
+            ("0020|000e", "1.2.826.0.1.3680043.2.1125.1"),
+            ("0020|0013", str(k + 1)),
+        ):
+            plane.SetMetaData(tag, value)
+        writer = sitk.ImageFileWriter()
+        writer.KeepOriginalImageUIDOn()
+        writer.SetFileName(str(folder / f"{k:03d}.dcm"))
+        writer.Execute(plane)
+    return folder

@@ -9,6 +9,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import write_dicom_series
 
 import lora_sam3d
 from lora_sam3d.data import DataError
@@ -112,30 +113,10 @@ def test_a_dicom_series_folder_reads_as_the_nifti_it_came_from(
     phantoms: Path, model: object, tmp_path: Path
 ) -> None:
     """A series written slice by slice by SimpleITK (LPS, its own tags): the same scan in RAS mm."""
-    import SimpleITK as sitk
-
     scan, _truth, case = case_of(phantoms)
     canonical = nib.as_closest_canonical(scan)
     values = np.asarray(canonical.dataobj).astype(np.int16)
-    spacing = np.linalg.norm(canonical.affine[:3, :3], axis=0)
-    series = tmp_path / "dicom"
-    series.mkdir()
-    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ canonical.affine  # DICOM's patient axes
-    for k in range(values.shape[2]):
-        plane = sitk.GetImageFromArray(values[:, :, k].T[None])  # SimpleITK's (z, y, x)
-        plane.SetSpacing(tuple(float(v) for v in spacing))
-        plane.SetOrigin(tuple(float(v) for v in lps[:3, 3] + lps[:3, 2] * k))
-        plane.SetDirection(tuple(float(v) for v in (lps[:3, :3] / spacing).ravel()))
-        for tag, value in (
-            ("0008|0060", "CT"),
-            ("0020|000e", "1.2.826.0.1.3680043.2.1125.1"),
-            ("0020|0013", str(k + 1)),
-        ):
-            plane.SetMetaData(tag, value)
-        writer = sitk.ImageFileWriter()
-        writer.KeepOriginalImageUIDOn()
-        writer.SetFileName(str(series / f"{k:03d}.dcm"))
-        writer.Execute(plane)
+    series = write_dicom_series(canonical, tmp_path / "dicom")
     from lora_sam3d.predict.user_inputs import read_scan
 
     image, name = read_scan(series)

@@ -12,6 +12,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import write_dicom_series
 
 from lora_sam3d.cli import main
 from lora_sam3d.metrics import overlap
@@ -39,6 +40,11 @@ def test_the_reader_places_a_scan_and_a_mask_in_world_mm(phantoms: Path, tmp_pat
     assert meta["metadata"][PATH_KEY] == str(case / "ct.nii.gz")
     ((_, _, mask_kind),) = reader(str(case / "segmentations" / f"{LV}.nii.gz"))
     assert mask_kind == "labels"
+    series = write_dicom_series(scan, tmp_path / "series")  # a DICOM folder: the same scan, same place
+    ((dicom_values, dicom_meta, _),) = get_reader(str(series))(str(series))  # type: ignore[misc]
+    canonical = nib.as_closest_canonical(scan)
+    assert np.array_equal(dicom_values, np.asarray(canonical.dataobj).astype(np.int16))
+    assert np.allclose(dicom_meta["affine"], canonical.affine, atol=1e-3)
     (tmp_path / "notes.txt").write_text("not a scan")
     assert get_reader(str(tmp_path / "notes.txt")) is None
     assert get_reader(str(tmp_path)) is None, "a folder without DICOM files is not ours"
