@@ -125,7 +125,7 @@ class ReconstructWidget(Container):
 
     def _reconstructing(
         self, scan: Any, source: Any, painted: np.ndarray, class_name: str | None, value: int
-    ) -> Generator[str, None, tuple[Reconstructed, np.ndarray, float]]:
+    ) -> Generator[str, None, tuple[Reconstructed, np.ndarray, float, str]]:
         start = time.perf_counter()
         yield from self._loading()
         key = (id(scan), id(scan.data), self._network_of or "")  # a layer given new voxels is a new scan
@@ -135,13 +135,13 @@ class ReconstructWidget(Container):
             self._session, self._session_of = Session(self._network, source), key
         yield "reconstructing"
         result = self._session.reconstruct(painted, class_name, label_value=value)
-        return result, world_affine(scan), time.perf_counter() - start
+        # layer names from the request as asked, whatever the fields say by the time it answers
+        return result, world_affine(scan), time.perf_counter() - start, f"{class_name or 'structure'} {value}"
 
-    def _show(self, answer: tuple[Reconstructed, np.ndarray, float]) -> None:
+    def _show(self, answer: tuple[Reconstructed, np.ndarray, float, str]) -> None:
         """The mask as a Labels layer on the scan's grid, the surface in world mm; both replaced on a new answer."""
-        result, affine, seconds = answer
+        result, affine, seconds, what = answer
         self.result = result
-        what = f"{self.class_name.value if self.class_name.value != ANY else 'structure'} {self.label_value.value}"
         mask = np.asarray(result.mask.dataobj)
         surface = (result.mesh.vertices.astype(np.float32), result.mesh.faces.astype(np.int64))
         for name, data, add in (
@@ -150,6 +150,8 @@ class ReconstructWidget(Container):
         ):  # fmt: skip
             if name in self.viewer.layers:
                 self.viewer.layers[name].data = data
+                if name.endswith("mask"):
+                    self.viewer.layers[name].affine = affine  # the scan layer may be another one now
             else:
                 add(data, name)
         where = ", ".join(f"{s['axis']} {s['index']}" for s in result.slices)
