@@ -117,7 +117,7 @@ def test_a_class_the_model_was_not_trained_on_is_named(phantoms: Path) -> None:
     case = phantoms / "s0001"
     request = item(case, class_name="kidney_left")
     with pytest.warns(UserWarning, match=r"the model was not trained on kidney_left \(it was on "
-                      r"heart_ventricle_left, heart_myocardium\).*the frame comes from the extent given \(70 mm\)"):  # fmt: skip
+                      r"heart_ventricle_left, heart_myocardium\).*the frame comes from the extent given \(70 mm; a request of several slices by its drawing\)"):  # fmt: skip
         PredictionDataset.from_settings([request], contract(), {"kidney_left": 70.0})
 
 

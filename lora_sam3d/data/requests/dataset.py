@@ -242,7 +242,7 @@ class PredictionDataset(Dataset):
             warnings.warn(
                 f"{item.class_name} in {item.image}: the model was not trained on {item.class_name} (it was "
                 f"on {', '.join(trained)}): its shape is a guess from other structures, and the frame comes "
-                f"from the extent given ({self.extent_mm[item.class_name]:g} mm)",
+                f"from the extent given ({self.extent_mm[item.class_name]:g} mm; a request of several slices by its drawing)",
                 stacklevel=4,
             )
 
