@@ -190,13 +190,17 @@ def finished_entries(cache: Path) -> int:
     return sum(1 for p in cache.glob("s*-*") if (p / "meta.json").is_file())
 
 
+BIG = 5
+
+
 @pytest.fixture(scope="module")
 def big_phantoms(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Eight phantoms large enough that caching one takes a noticeable time."""
+    """Five phantoms large enough that caching one takes a noticeable time (two build at once, so
+    an interrupt after the first leaves some queued)."""
     from lora_sam3d.data import write_phantoms
 
     root = tmp_path_factory.mktemp("big") / "data"
-    write_phantoms(root, n_cases=8, shape=(160, 160, 96))
+    write_phantoms(root, n_cases=BIG, shape=(160, 160, 96))
     return root
 
 
@@ -230,13 +234,13 @@ def test_an_interrupted_cache_build_stops_and_keeps_what_it_finished(
     assert "Traceback" not in err and lines[-1].startswith("lora-sam3d: interrupted while "), err[-3000:]
     assert "run the same command again" in lines[-1]
     built = finished_entries(cache)
-    assert 1 <= built < 8, f"{built} entries: the queued cases were not built"
-    assert f"{built} of 8 cases' labels cached, no image cut yet" in lines[-1], "it counts what is done"
+    assert 1 <= built < BIG, f"{built} entries: the queued cases were not built"
+    assert f"{built} of {BIG} cases' labels cached, no image cut yet" in lines[-1], "it counts what is done"
     assert not [p for p in cache.rglob(".*") if p.name.endswith(".tmp")], "no temporary folder left"
     again = command(*args)
     out, err = again.communicate(timeout=600)
     assert again.returncode == 0, err[-3000:]
-    assert finished_entries(cache) == 8 and "8 of 8 cases cached" in out
+    assert finished_entries(cache) == BIG and f"{BIG} of {BIG} cases cached" in out
 
 
 def test_a_closed_pipe_ends_quietly(phantoms: Path) -> None:
