@@ -38,6 +38,7 @@ def test_the_reader_places_a_scan_and_a_mask_in_world_mm(phantoms: Path, tmp_pat
     ((values, meta, kind),) = reader(str(case / "ct.nii.gz"))
     assert kind == "image" and values.shape == scan.shape and np.allclose(meta["affine"], scan.affine)
     assert meta["metadata"][PATH_KEY] == str(case / "ct.nii.gz")
+    assert meta["contrast_limits"] == (-160.0, 240.0), "a CT opens in a soft-tissue window"
     ((_, _, mask_kind),) = reader(str(case / "segmentations" / f"{LV}.nii.gz"))
     assert mask_kind == "labels"
     series = write_dicom_series(scan, tmp_path / "series")  # a DICOM folder: the same scan, same place

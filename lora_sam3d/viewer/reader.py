@@ -4,7 +4,8 @@ napari's own reader shows a NIfTI's voxels on a 1-voxel grid, so distances are i
 from another tool need not line up. Here the layer's affine is the file's (nibabel's RAS affine; a
 DICOM series is read by SimpleITK through `lora_sam3d.predict.user_inputs.read_scan`), so every
 layer read this way, and the plugin's meshes in world mm, share one space. A file of a few
-non-negative integer values (a mask, a label map) opens as a Labels layer.
+non-negative integer values (a mask, a label map) opens as a Labels layer. A CT opens in a
+soft-tissue window, any other scan between its 0.5th and 99.5th percentiles.
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ PATH_KEY = "lora_sam3d_path"
 """The layer metadata key holding the file or folder a layer was read from (the widget's session reads it)."""
 
 LayerData = tuple[np.ndarray, dict[str, Any], str]
+AIR_HU = -500.0
+"""A scan whose lowest values (0.5th percentile) reach this is a CT in Hounsfield units (air is -1000)."""
+SOFT_TISSUE_HU = (-160.0, 240.0)
+"""The soft-tissue window (level 40, width 400) a CT opens with; other scans: their 0.5th-99.5th percentiles."""
 
 
 def get_reader(path: str | list[str]) -> Callable[[str | list[str]], list[LayerData]] | None:
@@ -58,6 +63,8 @@ def layer_data(path: str | list[str]) -> list[LayerData]:
     meta = {"name": name, "affine": image.affine, "metadata": {PATH_KEY: str(source)}}
     if kind == "image":
         low, high = np.percentile(values.ravel(order="K")[::7], [0.5, 99.5])
+        if low <= AIR_HU:  # a CT in Hounsfield units: the soft-tissue window radiologists start from
+            low, high = SOFT_TISSUE_HU
         meta["contrast_limits"] = (float(low), float(high) if high > low else float(low) + 1.0)
     return [(values, meta, kind)]
 
