@@ -116,11 +116,17 @@ def test_the_widget_reconstructs_two_painted_slices_as_the_session_does(
         viewer.close()
 
 
-def test_the_manifest_validates_and_view_refuses_a_missing_scan(
+def test_the_manifest_validates_the_core_imports_no_qt_and_view_refuses_a_missing_scan(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     npe2 = Path(sys.executable).parent / "npe2"
     done = subprocess.run([str(npe2), "validate", "lora-sam3d"], capture_output=True, text=True, check=False)
     assert done.returncode == 0 and "valid" in done.stdout, done.stdout + done.stderr
+    core = (
+        "import sys, lora_sam3d, lora_sam3d.viewer, lora_sam3d.predict.session, lora_sam3d.cli.command; "
+        "lora_sam3d.Session; print(sorted(m for m in sys.modules if m.split('.')[0] in ('PyQt6', 'PyQt5', 'qtpy', 'napari')))"
+    )
+    done = subprocess.run([sys.executable, "-c", core], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", "the core and the reader import no Qt: " + done.stdout[:300]
     assert main(["view", str(tmp_path / "nothing.nii.gz")]) == 2
     assert "nothing.nii.gz does not exist" in capsys.readouterr().err
