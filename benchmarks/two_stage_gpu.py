@@ -117,15 +117,19 @@ def run(model: Reconstructor, batch: Batch, steps: int, bf16: bool, device: torc
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+    # On the CPU (the dry run) oneDNN's bf16 Conv3d weight gradient sometimes comes back as garbage
+    # (1e36 or NaN in 4 of 15 identical steps, torch 2.13): bf16 there runs on PyTorch's own kernels.
+    cpu_bf16 = device.type == "cpu" and bf16
     for i in range(steps + 1):  # step 0 warms up kernels and the allocator
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            rec = model(batch.evidence, batch.targets.coarse_occupancy)
-        loss = reconstruction_losses(rec, batch.targets, WEIGHTS, n)["loss"].float()
-        loss.backward()
+        with torch.backends.mkldnn.flags(enabled=not cpu_bf16):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                rec = model(batch.evidence, batch.targets.coarse_occupancy)
+            loss = reconstruction_losses(rec, batch.targets, WEIGHTS, n)["loss"].float()
+            loss.backward()
         opt.step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
