@@ -25,6 +25,7 @@ import nibabel as nib
 import numpy as np
 
 import lora_sam3d
+from lora_sam3d.data.requests.items import file_axis
 from lora_sam3d.predict.next_slice import where_to_draw
 
 
@@ -39,11 +40,6 @@ def painted(truth: np.ndarray, planes: list[tuple[int, int]]) -> np.ndarray:
         take[axis] = index
         out[tuple(take)] = truth[tuple(take)]
     return out
-
-
-def file_axis(affine: np.ndarray, name: str) -> int:
-    world = ["sagittal", "coronal", "axial"].index(name)
-    return int(np.flatnonzero(nib.io_orientation(affine)[:, 0] == world)[0])
 
 
 def one_structure(

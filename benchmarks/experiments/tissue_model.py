@@ -113,14 +113,14 @@ def run_case(
         truth = np.asarray(nib.load(mask).dataobj) > 0
         if truth.sum() < 50:
             continue
+        # the others framed by the class, as given (reconstruct frames several slices by their drawing
+        # unless an extent is given)
+        by_class = extents or model.data_contract["extent_mm"]
         for layout, where in layouts(truth, spacing).items():
             for variant in VARIANTS:
                 requests_dataset.relative_sample = forest_reading if variant == "forest" else RELATIVE
                 start = time.perf_counter()
                 own_frame = variant == "drawing's frame"  # no class: the frame from the slices drawn
-                # the others framed by the class, as given (reconstruct frames several slices by their
-                # drawing unless an extent is given)
-                by_class = extents or model.data_contract["extent_mm"]
                 try:
                     result = reconstruct(model, image, mask, None if own_frame else name,
                                          context=variant != "slices only", extent_mm=None if own_frame else by_class,

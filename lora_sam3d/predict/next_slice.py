@@ -20,7 +20,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from lora_sam3d.data.requests.items import AXIS_NAMES, parse_axis
+from lora_sam3d.data.requests.items import AXIS_NAMES, file_axis
 
 __all__ = ["where_to_draw"]
 
@@ -48,8 +48,7 @@ def where_to_draw(
     surface = (np.argwhere(box & ~ndimage.binary_erosion(box, border_value=0)) + lo) * step + np.asarray(
         origin
     )
-    file_axis_of = {int(w): a for a, w in enumerate(nib.io_orientation(affine)[:, 0])}
-    planes = [(file_axis_of[parse_axis(p["axis"])], int(p["index"])) for p in drawn]
+    planes = [(file_axis(affine, p["axis"]), int(p["index"])) for p in drawn]
     far = np.full(len(surface), np.inf)
     for a, index in planes:
         far = np.minimum(far, np.abs(surface[:, a] - index) * spacing[a])
@@ -70,5 +69,5 @@ def where_to_draw(
     if a in new_axes:  # through the predicted structure's middle, as the model was trained
         i = round(float(np.mean(spans[a])) * step[a] + origin[a])
     nearest = np.abs(surface[:, a] - i) <= step[a] // 2
-    names = {a: AXIS_NAMES[w] for w, a in file_axis_of.items()}
-    return {"axis": names[a], "index": int(i), "far_mm": float(far[nearest].max(initial=0.0))}
+    name = AXIS_NAMES[int(nib.io_orientation(affine)[a, 0])]
+    return {"axis": name, "index": int(i), "far_mm": float(far[nearest].max(initial=0.0))}

@@ -22,7 +22,7 @@ import numpy as np
 from scipy import ndimage
 
 from lora_sam3d.data.nifti import DataError, open_nifti
-from lora_sam3d.data.requests.items import AXIS_NAMES, locate_slice, parse_axis
+from lora_sam3d.data.requests.items import AXIS_NAMES, file_axis, locate_slice, parse_axis
 from lora_sam3d.data.requests.masks import drawn_extent_mm
 from lora_sam3d.data.requests.names import case_name
 
@@ -203,11 +203,10 @@ def drawing_extent_mm(mask: nib.Nifti1Image, slices: Sequence[dict[str, Any]]) -
     together measure the structure in 3D; one slice measures it in-plane, and the structure is
     taken to be as deep as it is wide there."""
     data = np.asanyarray(mask.dataobj)
-    ornt = nib.io_orientation(mask.affine)
     planes = []
     for s in slices:
-        file_axis = int(np.flatnonzero(ornt[:, 0] == parse_axis(s["axis"]))[0])
-        planes.append((file_axis, int(s["index"]), np.take(data, int(s["index"]), axis=file_axis)))
+        along = file_axis(mask.affine, s["axis"])
+        planes.append((along, int(s["index"]), np.take(data, int(s["index"]), axis=along)))
     extent = drawn_extent_mm(planes, np.linalg.norm(mask.affine[:3, :3], axis=0))
     if not extent:
         raise DataError("the drawing has no painted voxel on its slices")

@@ -16,14 +16,15 @@ from typing import Any
 
 import numpy as np
 
+from lora_sam3d.data.labels import label_values_present
+from lora_sam3d.data.volume import AIR_HU
+
 __all__ = ["PATH_KEY", "get_reader", "layer_data"]
 
 PATH_KEY = "lora_sam3d_path"
 """The layer metadata key holding the file or folder a layer was read from (the widget's session reads it)."""
 
 LayerData = tuple[np.ndarray, dict[str, Any], str]
-AIR_HU = -500.0
-"""A scan whose lowest values (0.5th percentile) reach this is a CT in Hounsfield units (air is -1000)."""
 SOFT_TISSUE_HU = (-160.0, 240.0)
 """The soft-tissue window (level 40, width 400) a CT opens with; other scans: their 0.5th-99.5th percentiles."""
 
@@ -63,7 +64,7 @@ def layer_data(path: str | list[str]) -> list[LayerData]:
     meta = {"name": name, "affine": image.affine, "metadata": {PATH_KEY: str(source)}}
     if kind == "image":
         low, high = np.percentile(values.ravel(order="K")[::7], [0.5, 99.5])
-        if low <= AIR_HU:  # a CT in Hounsfield units: the soft-tissue window radiologists start from
+        if low <= AIR_HU:  # its lowest values are air: a CT in Hounsfield units, in the soft-tissue window
             low, high = SOFT_TISSUE_HU
         meta["contrast_limits"] = (float(low), float(high) if high > low else float(low) + 1.0)
     return [(values, meta, kind)]
@@ -74,4 +75,4 @@ def _is_label_map(values: np.ndarray, at_most: int = 256) -> bool:
     if not np.issubdtype(values.dtype, np.integer):
         return False
     sample = values.ravel(order="K")[::7]
-    return bool(sample.min() >= 0 and len(np.unique(sample)) <= at_most)
+    return bool(sample.min() >= 0 and len(label_values_present(sample)) < at_most)  # and 0

@@ -18,6 +18,7 @@ __all__ = [
     "PredictItem",
     "SliceRef",
     "as_given",
+    "file_axis",
     "file_slices_read",
     "grid_slice",
     "locate_slice",
@@ -160,6 +161,11 @@ def file_slices_read(ref: SliceRef, img: nib.Nifti1Image, grid: IsotropicGrid) -
     return sorted({ref.index, *(int(np.clip(i, 0, n - 1)) for i in (np.floor(along), np.ceil(along)))})
 
 
+def file_axis(affine: np.ndarray, axis: int | str) -> int:
+    """The file axis that runs closest to world ``axis`` (``axial`` or 2, ...; nibabel's orientation)."""
+    return int(np.flatnonzero(nib.io_orientation(affine)[:, 0] == parse_axis(axis))[0])
+
+
 def locate_slice(img: nib.Nifti1Image, axis: int, index: int | None, position_mm: float | None) -> SliceRef:
     """The file slice of ``img`` (in its own orientation) that a request names, checked against the file."""
     if img.ndim != 3:
@@ -168,14 +174,13 @@ def locate_slice(img: nib.Nifti1Image, axis: int, index: int | None, position_mm
         raise DataError(
             "give either index (the file's slice number) or position_mm (the plane's world coordinate)"
         )
-    ornt = nib.io_orientation(img.affine)
-    file_axis = int(np.flatnonzero(ornt[:, 0] == axis)[0])
-    n = img.shape[file_axis]
+    along = file_axis(img.affine, axis)
+    n = img.shape[along]
     centre = (np.asarray(img.shape, dtype=float) - 1) / 2
 
     def centre_of(i: float) -> np.ndarray:
         voxel = centre.copy()
-        voxel[file_axis] = i
+        voxel[along] = i
         return nib.affines.apply_affine(img.affine, voxel)
 
     first, last = float(centre_of(0)[axis]), float(centre_of(n - 1)[axis])
@@ -196,10 +201,10 @@ def locate_slice(img: nib.Nifti1Image, axis: int, index: int | None, position_mm
         raise DataError(f"index must be a whole slice number of the file, got {index!r}")
     if not 0 <= index < n:
         raise DataError(
-            f"index {index} is outside the file's {AXIS_NAMES[axis]} axis (file axis {file_axis}, "
+            f"index {index} is outside the file's {AXIS_NAMES[axis]} axis (file axis {along}, "
             f"slices 0..{n - 1})"
         )
-    return SliceRef(axis, file_axis, index, centre_of(index))
+    return SliceRef(axis, along, index, centre_of(index))
 
 
 def as_given(item: PredictItem) -> str:
