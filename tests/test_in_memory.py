@@ -13,6 +13,7 @@ from conftest import write_dicom_series
 
 import lora_sam3d
 from lora_sam3d.data import DataError
+from lora_sam3d.data.requests.masks import DRAWN_FRAME_SHARE
 from lora_sam3d.metrics import overlap
 
 HERE = Path(__file__).parent
@@ -101,6 +102,15 @@ def test_a_drawing_s_slices_are_found_and_its_frame_serves_any_structure(
     assert one.frame["extent_mm"] == model.data_contract["extent_mm"][LV]
     by_class = lora_sam3d.reconstruct(model, scan, drawing, LV, extent_mm={LV: 60.0})
     assert by_class.frame == {"from": "extent_mm given", "extent_mm": 60.0}, "an extent given holds"
+    # a drawing bounds the structure itself: its frame keeps less margin than a class's extent
+    scale = model.data_contract["frame_scale"]
+    sides = {
+        name: float(np.linalg.norm(r.prediction.frame_to_world[:3, 0]))
+        for name, r in (("drawing", result), ("class", one), ("given", by_class))
+    }
+    assert sides["drawing"] == pytest.approx(DRAWN_FRAME_SHARE * scale * result.frame["extent_mm"])
+    assert sides["class"] == pytest.approx(scale * one.frame["extent_mm"])
+    assert sides["given"] == pytest.approx(scale * 60.0)
     blob = np.zeros(truth.shape, dtype=np.uint8)
     blob[20:26, 20:26, 10:16] = 1
     with pytest.raises(

@@ -212,7 +212,7 @@ def test_an_interrupted_cache_build_stops_and_keeps_what_it_finished(
     """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) or SIGTERM (to the command
     alone, as ``kill`` or a scheduler sends it) during ``cache --build --workers 2``: the queued
     cases are not built, no temporary folder is left, one line says how many were cached and how
-    to resume, exit 130; running the command again builds the rest."""
+    to resume, exit 130; running the command again (after SIGTERM) builds the rest."""
     import shutil
 
     root = tmp_path / "data"
@@ -237,6 +237,8 @@ def test_an_interrupted_cache_build_stops_and_keeps_what_it_finished(
     assert 1 <= built < BIG, f"{built} entries: the queued cases were not built"
     assert f"{built} of {BIG} cases' labels cached, no image cut yet" in lines[-1], "it counts what is done"
     assert not [p for p in cache.rglob(".*") if p.name.endswith(".tmp")], "no temporary folder left"
+    if stop == "ctrl-c":
+        return  # resuming does not depend on the signal: checked once, after SIGTERM
     again = command(*args)
     out, err = again.communicate(timeout=600)
     assert again.returncode == 0, err[-3000:]

@@ -43,6 +43,7 @@ from lora_sam3d.models import Reconstructor
 
 ROOT = Path(__file__).resolve().parents[2]
 RELATIVE = requests_dataset.relative_sample
+DRAWN_SHARE = requests_dataset.DRAWN_FRAME_SHARE
 HEART = [
     "heart_myocardium",
     "heart_atrium_left",
@@ -53,7 +54,17 @@ HEART = [
 SEEN: dict[str, Any] = {}
 VARIANTS = ["relative", "forest", "slices only", "drawing's frame"]
 """The ways each request runs (``--variants`` picks some); "drawing's frame": the structure named to
-no class, so its frame comes from its drawn slices (`lora_sam3d.predict.user_inputs.drawing_extent_mm`)."""
+no class, so its frame comes from its drawn slices (`lora_sam3d.predict.user_inputs.drawing_extent_mm`);
+"drawing's frame, share S" the same with a frame of S x the model's frame scale for several slices
+(`lora_sam3d.data.requests.masks.DRAWN_FRAME_SHARE`, its default in the product); "auto frame" the
+product's rule (the drawing's frame for several slices, the class's for one). Levers joined by
+" + " run together: "forest + auto frame + test-time LoRA" (test-time LoRA: `ADAPT_STEPS` on
+several slices)."""
+SHARE = "drawing's frame, share "
+ADAPT_STEPS, ADAPT_LR = 8, 3e-4
+"""A variant ending "+ test-time LoRA" runs these steps on several slices (`test_time_lora.py`; the
+rate that cost nothing on the validation phantoms)."""
+LAYOUTS = ["one slice", "three orthogonal", "10 mm stack"]
 
 
 def forest_reading(sample: dict[str, Any], tissue: Any, inside: np.ndarray) -> None:
@@ -117,14 +128,25 @@ def run_case(
         # unless an extent is given)
         by_class = extents or model.data_contract["extent_mm"]
         for layout, where in layouts(truth, spacing).items():
+            if layout not in LAYOUTS:
+                continue
+            first = len(rows)
             for variant in VARIANTS:
-                requests_dataset.relative_sample = forest_reading if variant == "forest" else RELATIVE
+                levers = variant.split(" + ")  # "forest + auto frame + test-time LoRA": levers together
+                steps = ADAPT_STEPS if "test-time LoRA" in levers and "slices" in where else 0
+                requests_dataset.relative_sample = forest_reading if "forest" in levers else RELATIVE
+                frame = next((v for v in levers if v.endswith("frame") or v.startswith(SHARE)), "")
+                share = float(frame.removeprefix(SHARE)) if frame.startswith(SHARE) else DRAWN_SHARE
+                requests_dataset.DRAWN_FRAME_SHARE = share
                 start = time.perf_counter()
-                own_frame = variant == "drawing's frame"  # no class: the frame from the slices drawn
+                # no class: the frame from the slices drawn ("auto frame": for several slices only)
+                own_frame = frame.startswith("drawing's frame") or (
+                    frame == "auto frame" and "slices" in where
+                )
                 try:
                     result = reconstruct(model, image, mask, None if own_frame else name,
-                                         context=variant != "slices only", extent_mm=None if own_frame else by_class,
-                                         **where)  # fmt: skip
+                                         context="slices only" not in levers, extent_mm=None if own_frame else by_class,
+                                         adapt_steps=steps, adapt_lr=ADAPT_LR, **where)  # fmt: skip
                 except Exception as err:
                     rows.append(
                         {"structure": name, "layout": layout, "variant": variant, "error": str(err)[:200]}
@@ -134,15 +156,15 @@ def run_case(
                 m = result.prediction.metrics or {}
                 rows.append({"structure": name, "layout": layout, "variant": variant, "dice": m.get("dice"),
                              "hd95_mm": m.get("hd95_mm"), "seconds": seconds})  # fmt: skip
-                if variant == "forest":
+                if variant == "forest":  # the forest's own answer, once
                     alone = forest_alone(result.prediction, scan.affine, scan.shape)
                     if alone is not None:
                         s = sample_metrics(alone, truth, spacing)
                         rows.append({"structure": name, "layout": layout, "variant": "forest alone",
                                      "dice": s["dice"], "hd95_mm": s["hd95_mm"], "seconds": seconds})  # fmt: skip
             print(f"  {image.parent.name} {name} {layout}: " + ", ".join(
-                f"{r['variant']} {r.get('dice', float('nan')):.3f}" for r in rows[-4:] if "dice" in r), flush=True)  # fmt: skip
-    requests_dataset.relative_sample = RELATIVE
+                f"{r['variant']} {r.get('dice', float('nan')):.3f}" for r in rows[first:] if "dice" in r), flush=True)  # fmt: skip
+    requests_dataset.relative_sample, requests_dataset.DRAWN_FRAME_SHARE = RELATIVE, DRAWN_SHARE
     return rows
 
 
@@ -185,12 +207,16 @@ def main() -> None:
     parser.add_argument("--mr-root", default=str(ROOT / "data" / "heart-mr-seed23"))
     parser.add_argument("--json", default=str(ROOT / "docs" / "tissue_model.json"))
     parser.add_argument("--sets", nargs="*", default=None, help="data set names (default: all)")
-    parser.add_argument("--variants", nargs="*", default=None, help=f"of {VARIANTS} (default: all)")
+    parser.add_argument("--variants", nargs="*", default=None,
+                        help=f"of {VARIANTS} or '{SHARE}S' (default: {', '.join(VARIANTS)})")  # fmt: skip
+    parser.add_argument("--layouts", nargs="*", default=None, help=f"of {LAYOUTS} (default: all)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     model = lora_sam3d.load_model(args.adapter)  # an adapter folder or a checkpoint
     if args.variants:
         VARIANTS[:] = args.variants
+    if args.layouts:
+        LAYOUTS[:] = args.layouts
     out: dict[str, Any] = {}
     for name, cases in data_sets(Path(args.mr_root)).items():
         if args.sets and name not in args.sets:
@@ -206,14 +232,15 @@ def main() -> None:
 
 
 def table(out: dict[str, list[dict[str, Any]]]) -> str:
-    variants = [v for v in ("relative", "forest", "forest alone", "slices only", "drawing's frame")
-                if any(r["variant"] == v for rows in out.values() for r in rows)]  # fmt: skip
+    named = ["relative", "forest", "forest alone", "slices only", "drawing's frame"]
+    seen = list(dict.fromkeys(r["variant"] for rows in out.values() for r in rows))
+    variants = [v for v in named if v in seen] + [v for v in seen if v not in named]
     lines = [
-        "| data | input | " + " | ".join(variants) + " | s per request (relative / forest) |",
+        "| data | input | " + " | ".join(variants) + " | s per request (each but forest alone) |",
         "|---|---|" + "---|" * (len(variants) + 1),
     ]
     for name, rows in out.items():
-        for layout in ("one slice", "three orthogonal", "10 mm stack"):
+        for layout in LAYOUTS:
             cells = []
             for v in variants:
                 got = [
@@ -228,21 +255,19 @@ def table(out: dict[str, list[dict[str, Any]]]) -> str:
                     else float("nan")
                 )
                 cells.append(f"{dice:.3f} ({hd:.1f} mm)")
-            t = {
-                v: np.median(
-                    [
-                        r["seconds"]
-                        for r in rows
-                        if r["layout"] == layout and r["variant"] == v and "seconds" in r
-                    ]
-                    or [np.nan]
+            seconds = [
+                np.median(
+                    [r["seconds"] for r in rows if r["layout"] == layout and r["variant"] == v] or [np.nan]
                 )
-                for v in ("relative", "forest")
-            }
+                for v in variants
+                if v != "forest alone"  # timed with its forest
+            ]
             lines.append(
                 f"| {name} | {layout} | "
                 + " | ".join(cells)
-                + f" | {t['relative']:.1f} / {t['forest']:.1f} |"
+                + " | "
+                + " / ".join(f"{t:.1f}" for t in seconds)
+                + " |"
             )
     return "\n".join(lines)
 

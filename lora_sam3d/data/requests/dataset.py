@@ -30,6 +30,7 @@ from lora_sam3d.data.requests.items import (
 from lora_sam3d.data.requests.masks import (
     apart_pairs,
     contradicting_pairs,
+    frame_side_mm,
     mask_exists,
     read_mask_volume,
     read_slice_mask,
@@ -97,8 +98,7 @@ class PredictionDataset(Dataset):
         scans: dict[str, dict[str, Any]] | None = None,
         frame_from: FrameFrom = "auto",
     ) -> None:
-        # how a request's frame is sized: "auto", by its drawing when it has several slices (they
-        # measure the structure; validation Dice +0.010 from three slices), else by its class's extent
+        # "auto": several slices sized by their drawing, which measures the structure (`request_frame`)
         self.frame_from = frame_from
         self.frames: list[tuple[str, float]] = []  # per item: where its frame's extent came from, mm
         # per scan path, what reading it gave (its modality, its normalised image on the model's
@@ -114,12 +114,8 @@ class PredictionDataset(Dataset):
         # whether the model reads the scan at all (then a request without it is named ..._noscan)
         self.scan_readable = context == "volume" if scan_readable is None else scan_readable
         self.items = [i if isinstance(i, PredictItem) else PredictItem(**i) for i in items]
-        self.prep, self.extent_mm, self.frame_scale, self.slice_size = (
-            prep,
-            dict(extent_mm),
-            frame_scale,
-            slice_size,
-        )
+        self.prep, self.extent_mm, self.frame_scale = prep, dict(extent_mm), frame_scale
+        self.slice_size = slice_size
         self.slices: list[list[SliceRef]] = []  # per item, its views (the first places the frame)
         self.masks: list[list[np.ndarray]] = []
         self.grids: list[IsotropicGrid] = []  # per item, the model's grid of its scan
@@ -399,7 +395,7 @@ class PredictionDataset(Dataset):
             kept["image"] = load_image(item.image, self.prep, voxels=self._checked_voxels(item.image))
         volume = Volume(kept["image"], labels.labels, labels.affine, self.prep.spacing_mm)
         indices = [r.grid_index for r in refs]
-        side_mm = self.frame_scale * self.frames[i][1]
+        side_mm = frame_side_mm(*self.frames[i], self.frame_scale)
         others = [(r.axis, index) for r, index in zip(refs[1:], indices[1:], strict=True)]
         centre = (
             seen_centre(volume.labels, list(range(1, len(refs))), others, refs[0].axis, indices[0])

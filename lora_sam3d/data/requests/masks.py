@@ -18,10 +18,12 @@ from lora_sam3d.data.nifti import DataError, affine_difference
 from lora_sam3d.data.requests.items import SliceRef
 
 __all__ = [
+    "DRAWN_FRAME_SHARE",
     "apart_pairs",
     "check_mask_grid",
     "contradicting_pairs",
     "drawn_extent_mm",
+    "frame_side_mm",
     "load_mask_nifti",
     "mask_exists",
     "masks_in_memory",
@@ -199,6 +201,19 @@ def drawn_extent_mm(planes: Sequence[tuple[int, int, np.ndarray]], spacing: Sequ
         lo[axis], hi[axis] = min(lo[axis], index), max(hi[axis], index)
     sides = np.where(np.isfinite(lo), (hi - lo + 1) * np.asarray(spacing, dtype=float), 0.0)
     return float(sides.max())
+
+
+DRAWN_FRAME_SHARE = 0.85
+"""A frame measured from a drawing of several slices is this share of the model's frame scale (1.7 x
+the drawn extent where the model frames a class at 2 x its extent): the drawing bounds the structure
+itself, where a class's extent is an upper bound over cases, so less margin is needed and the cells
+come finer. Chosen on the validation phantoms among 0.7-1.0 (docs/experiment.md)."""
+
+
+def frame_side_mm(source: str, extent_mm: float, frame_scale: float) -> float:
+    """A request's frame side from where its extent came (`request_frame`): a drawing's extent keeps
+    `DRAWN_FRAME_SHARE` of the model's margin, a class's all of it."""
+    return frame_scale * extent_mm * (DRAWN_FRAME_SHARE if source == "the drawing" else 1.0)
 
 
 def request_frame(
