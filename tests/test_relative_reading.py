@@ -251,3 +251,17 @@ def test_abdomen_phantoms_hold_close_neighbours_and_a_vessel_the_length_of_the_s
     )
     other = np.asarray(nib.load(tmp_path / "b" / "s0001" / "segmentations" / "liver.nii.gz").dataobj) > 0
     assert not np.array_equal(other, masks["liver"])
+
+
+def test_arterial_phase_abdomen_phantoms_make_the_aorta_as_bright_as_bone() -> None:
+    """Some abdomen phantoms are arterial-phase, as a contrast CT: the aorta reads within the
+    vertebrae's range of intensities, above any soft tissue (only its shape tells it from bone); the
+    others keep it soft tissue."""
+    from lora_sam3d.data.abdomen import abdomen_case
+
+    phases = []
+    for seed in range(10):
+        hu, masks, _ = abdomen_case((48, 48, 32), (6.4, 5.6, 8.0), np.random.default_rng(seed))
+        aorta, bone = np.median(hu[masks["aorta"]]), np.percentile(hu[masks["vertebrae"]], [5, 95])
+        phases.append(bool(aorta > 230 and bone[0] <= aorta <= bone[1]))
+    assert any(phases) and not all(phases), phases

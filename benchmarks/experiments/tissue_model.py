@@ -36,6 +36,7 @@ from tissue_forest import forest_sample, training_cells
 
 import lora_sam3d
 import lora_sam3d.data.requests.dataset as requests_dataset
+import lora_sam3d.data.requests.masks as request_masks
 from lora_sam3d import reconstruct
 from lora_sam3d.geometry import sdf_on_grid
 from lora_sam3d.metrics import sample_metrics
@@ -43,7 +44,7 @@ from lora_sam3d.models import Reconstructor
 
 ROOT = Path(__file__).resolve().parents[2]
 RELATIVE = requests_dataset.relative_sample
-DRAWN_SHARE = requests_dataset.DRAWN_FRAME_SHARE
+DRAWN_SHARE = request_masks.DRAWN_FRAME_SHARE
 HEART = [
     "heart_myocardium",
     "heart_atrium_left",
@@ -137,7 +138,7 @@ def run_case(
                 requests_dataset.relative_sample = forest_reading if "forest" in levers else RELATIVE
                 frame = next((v for v in levers if v.endswith("frame") or v.startswith(SHARE)), "")
                 share = float(frame.removeprefix(SHARE)) if frame.startswith(SHARE) else DRAWN_SHARE
-                requests_dataset.DRAWN_FRAME_SHARE = share
+                request_masks.DRAWN_FRAME_SHARE = share
                 start = time.perf_counter()
                 # no class: the frame from the slices drawn ("auto frame": for several slices only)
                 own_frame = frame.startswith("drawing's frame") or (
@@ -164,7 +165,7 @@ def run_case(
                                      "dice": s["dice"], "hd95_mm": s["hd95_mm"], "seconds": seconds})  # fmt: skip
             print(f"  {image.parent.name} {name} {layout}: " + ", ".join(
                 f"{r['variant']} {r.get('dice', float('nan')):.3f}" for r in rows[first:] if "dice" in r), flush=True)  # fmt: skip
-    requests_dataset.relative_sample, requests_dataset.DRAWN_FRAME_SHARE = RELATIVE, DRAWN_SHARE
+    requests_dataset.relative_sample, request_masks.DRAWN_FRAME_SHARE = RELATIVE, DRAWN_SHARE
     return rows
 
 

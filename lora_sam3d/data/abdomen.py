@@ -125,12 +125,38 @@ def _neighbours(half: np.ndarray, rng: np.random.Generator) -> list[Shape]:
     return [stomach, colon]
 
 
+def _branches(half: np.ndarray, rng: np.random.Generator) -> list[Shape]:
+    """Arteries leaving the aorta, unlabelled: two forward (as the coeliac trunk and the superior
+    mesenteric artery) and one to each kidney. Enhanced with the aorta, they are tissue like it and
+    joined to it, which only a learned shape tells apart."""
+    hx, hy, hz = half
+    root_x, root_y = 0.1 * hx, -0.3 * hy
+    paths = []
+    for z, to in (
+        (0.35, (0.0, 0.35, 0.2)),
+        (0.2, (0.05, 0.4, -0.35)),
+        (0.0, (0.38, -0.42, 0.0)),
+        (-0.05, (-0.38, -0.42, -0.05)),
+    ):
+        start = np.array([root_x, root_y, z * hz])
+        end = np.array(to) * half + rng.normal(0, 0.04, 3) * half
+        middle = (start + end) / 2 + rng.normal(0, 0.05, 3) * half
+        paths.append(
+            _capsule_path(
+                np.stack([start, middle, end]), 0.03 * hx * rng.uniform(0.8, 1.2), Deformation(rng, 0.03)
+            )
+        )
+    return paths  # fmt: skip
+
+
 def abdomen_case(
     shape: Sequence[int], spacing: Sequence[float], rng: np.random.Generator
 ) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
     """One abdomen phantom: (HU int16, masks by class, affine). Structures earlier in
     `ABDOMEN_CLASSES` keep their voxels where two meet; each tissue's intensity is drawn in
-    -20..220 HU (the vertebrae in 250..700), the body's fat around -100, air -1000 outside it."""
+    -20..220 HU (the vertebrae in 250..700), the body's fat around -100, air -1000 outside it.
+    Half the cases are arterial-phase: the aorta and its branches (`_branches`) enhanced to
+    200..450 HU, as bright as the vertebrae beside them (then 200..700), as in a contrast CT."""
     affine = grid_affine(shape, spacing, rng)
     p = world_points(shape, affine)
     half = np.abs(affine[:3, :3] @ (np.asarray(shape) - 1)) / 2
@@ -140,16 +166,24 @@ def abdomen_case(
     hu = np.where(wall, rng.uniform(30, 60), hu)  # the abdominal wall's muscle
     hu = np.where(body < -0.12, rng.uniform(-60, 20), hu)  # mesenteric fat and soft tissue between organs
     masks, taken = {}, np.zeros(tuple(shape), dtype=bool)
+    arterial = rng.random() < 0.5
+    levels = {
+        "vertebrae": (200, 700) if arterial else (250, 700),
+        "aorta": (200, 450) if arterial else (-20, 220),
+    }
     for name, f in _organs(half, rng).items():
-        level = rng.uniform(250, 700) if name == "vertebrae" else rng.uniform(-20, 220)
+        level = rng.uniform(*levels.get(name, (-20, 220)))
         inside = (f(p) < 0) & ~taken & (body < 0)
         masks[name] = inside
         taken |= inside
         hu = np.where(inside, level, hu)
-    for f in _neighbours(half, rng):  # unlabelled look-alikes beside them: stomach, colon
+    aorta_level = float(np.median(hu[masks["aorta"]])) if masks["aorta"].any() else 100.0
+    looks = [(f, rng.uniform(-20, 220)) for f in _neighbours(half, rng)]  # stomach, colon
+    looks += [(f, aorta_level if arterial else rng.uniform(-20, 220)) for f in _branches(half, rng)]
+    for f, level in looks:  # unlabelled look-alikes beside them
         inside = (f(p) < 0) & ~taken & (body < 0)
         taken |= inside
-        hu = np.where(inside, rng.uniform(-20, 220), hu)
+        hu = np.where(inside, level, hu)
     hu = ndimage.gaussian_filter(hu, 0.6)  # partial volume at every edge
     hu += ndimage.gaussian_filter(rng.normal(0, 40, tuple(shape)), 1.5) * (body < 0)  # texture
     hu += rng.normal(0, 10, tuple(shape))
