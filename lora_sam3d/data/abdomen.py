@@ -146,7 +146,7 @@ def _branches(half: np.ndarray, rng: np.random.Generator) -> list[Shape]:
                 np.stack([start, middle, end]), 0.03 * hx * rng.uniform(0.8, 1.2), Deformation(rng, 0.03)
             )
         )
-    return paths  # fmt: skip
+    return paths
 
 
 def abdomen_case(

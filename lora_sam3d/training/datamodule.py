@@ -84,8 +84,8 @@ class PredictSettings:
             ``<name>_beyond_scan.ply``); by default it is cut and closed there, as the mask is.
         frame_from: ``auto``: a request of several slices is framed by its drawing (the largest
             side of the drawn masks' box, times `DRAWN_FRAME_SHARE` of the frame scale), one slice
-            by its class's extent; ``class``: every request
-            by its class's extent, as validation frames.
+            by its class's extent; ``class``: every request by its class's extent, as validation
+            frames.
     """
 
     items: list[PredictItem] | None = None
