@@ -1,7 +1,8 @@
 """A tissue model per request (`lora_sam3d.data.tissue_model`) against today's relative reading, on
 held-out CT phantoms, MR-like phantoms of another seed and the real aorta CT: one slice, three
-orthogonal slices and a 10 mm axial stack per structure, each request run four ways through
-`lora_sam3d.reconstruct` with the demo's adapter:
+orthogonal slices and a 10 mm axial stack per structure, each request run several ways through
+`lora_sam3d.reconstruct` with the demo's adapter (``--variants``; `VARIANTS` names the others and
+how levers run together):
 
 - ``relative``: the scan read relative to the drawn tissue (the demo as trained);
 - ``forest``: the scan read through a random forest fitted on the drawn slices (its probability
@@ -258,7 +259,12 @@ def table(out: dict[str, list[dict[str, Any]]]) -> str:
                 cells.append(f"{dice:.3f} ({hd:.1f} mm)")
             seconds = [
                 np.median(
-                    [r["seconds"] for r in rows if r["layout"] == layout and r["variant"] == v] or [np.nan]
+                    [
+                        r["seconds"]
+                        for r in rows
+                        if r["layout"] == layout and r["variant"] == v and "seconds" in r
+                    ]
+                    or [np.nan]
                 )
                 for v in variants
                 if v != "forest alone"  # timed with its forest
