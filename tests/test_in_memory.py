@@ -13,7 +13,7 @@ from conftest import write_dicom_series
 
 import lora_sam3d
 from lora_sam3d.data import DataError
-from lora_sam3d.data.requests.masks import DRAWN_FRAME_SHARE
+from lora_sam3d.data.requests.masks import DRAWN_FRAME_SHARE, ONE_SLICE_FRAME_SHARE
 from lora_sam3d.metrics import overlap
 
 HERE = Path(__file__).parent
@@ -106,10 +106,10 @@ def test_a_drawing_s_slices_are_found_and_its_frame_serves_any_structure(
     scale = model.data_contract["frame_scale"]
     sides = {
         name: float(np.linalg.norm(r.prediction.frame_to_world[:3, 0]))
-        for name, r in (("drawing", result), ("class", one), ("given", by_class))
+        for name, r in (("drawing", result), ("one slice", one), ("given", by_class))
     }
     assert sides["drawing"] == pytest.approx(DRAWN_FRAME_SHARE * scale * result.frame["extent_mm"])
-    assert sides["class"] == pytest.approx(scale * one.frame["extent_mm"])
+    assert sides["one slice"] == pytest.approx(ONE_SLICE_FRAME_SHARE * scale * one.frame["extent_mm"])
     assert sides["given"] == pytest.approx(scale * 60.0)
     blob = np.zeros(truth.shape, dtype=np.uint8)
     blob[20:26, 20:26, 10:16] = 1

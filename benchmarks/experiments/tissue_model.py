@@ -45,7 +45,7 @@ from lora_sam3d.models import Reconstructor
 
 ROOT = Path(__file__).resolve().parents[2]
 RELATIVE = requests_dataset.relative_sample
-DRAWN_SHARE = request_masks.DRAWN_FRAME_SHARE
+DRAWN_SHARE, ONE_SHARE = request_masks.DRAWN_FRAME_SHARE, request_masks.ONE_SLICE_FRAME_SHARE
 HEART = [
     "heart_myocardium",
     "heart_atrium_left",
@@ -63,6 +63,9 @@ product's rule (the drawing's frame for several slices, the class's for one). Le
 " + " run together: "forest + auto frame + test-time LoRA" (test-time LoRA: `ADAPT_STEPS` on
 several slices)."""
 SHARE = "drawing's frame, share "
+ONE_SLICE = "one slice's share "
+"""A lever "one slice's share S": a class's frame for one slice at S x the model's frame scale
+(`lora_sam3d.data.requests.masks.ONE_SLICE_FRAME_SHARE`, its default in the product)."""
 ADAPT_STEPS, ADAPT_LR = 8, 3e-4
 """A variant ending "+ test-time LoRA" runs these steps on several slices (`test_time_lora.py`; the
 rate that cost nothing on the validation phantoms)."""
@@ -140,6 +143,10 @@ def run_case(
                 frame = next((v for v in levers if v.endswith("frame") or v.startswith(SHARE)), "")
                 share = float(frame.removeprefix(SHARE)) if frame.startswith(SHARE) else DRAWN_SHARE
                 request_masks.DRAWN_FRAME_SHARE = share
+                one = next(
+                    (float(v.removeprefix(ONE_SLICE)) for v in levers if v.startswith(ONE_SLICE)), ONE_SHARE
+                )
+                request_masks.ONE_SLICE_FRAME_SHARE = one
                 start = time.perf_counter()
                 # no class: the frame from the slices drawn ("auto frame": for several slices only)
                 own_frame = frame.startswith("drawing's frame") or (
@@ -167,6 +174,7 @@ def run_case(
             print(f"  {image.parent.name} {name} {layout}: " + ", ".join(
                 f"{r['variant']} {r.get('dice', float('nan')):.3f}" for r in rows[first:] if "dice" in r), flush=True)  # fmt: skip
     requests_dataset.relative_sample, request_masks.DRAWN_FRAME_SHARE = RELATIVE, DRAWN_SHARE
+    request_masks.ONE_SLICE_FRAME_SHARE = ONE_SHARE
     return rows
 
 

@@ -395,7 +395,7 @@ class PredictionDataset(Dataset):
             kept["image"] = load_image(item.image, self.prep, voxels=self._checked_voxels(item.image))
         volume = Volume(kept["image"], labels.labels, labels.affine, self.prep.spacing_mm)
         indices = [r.grid_index for r in refs]
-        side_mm = frame_side_mm(*self.frames[i], self.frame_scale)
+        side_mm = frame_side_mm(*self.frames[i], self.frame_scale, len(refs))
         others = [(r.axis, index) for r, index in zip(refs[1:], indices[1:], strict=True)]
         centre = (
             seen_centre(volume.labels, list(range(1, len(refs))), others, refs[0].axis, indices[0])
