@@ -271,6 +271,17 @@ def sdf_on_grid(
     return sdf_on_box(sdf, frame_to_world, affine, shape).full()
 
 
+def box_to_sdf_index(
+    n: int, frame_to_world: np.ndarray, affine: np.ndarray, lo: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(matrix (3, 3), offset (3,)): a voxel of a box of a grid (``affine``; the box's first voxel
+    at ``lo``) to its continuous index in a frame's (n+1)^3 vertex SDF grid, as scipy's
+    ``affine_transform`` takes them."""
+    to_frame = np.linalg.inv(frame_to_world) @ affine
+    offset = n * (to_frame[:3, :3] @ np.asarray(lo, dtype=float) + to_frame[:3, 3] + 0.5)
+    return n * to_frame[:3, :3], offset
+
+
 def sdf_on_box(
     sdf: np.ndarray,
     frame_to_world: np.ndarray,
@@ -294,10 +305,7 @@ def sdf_on_box(
     grid_affine = np.asarray(affine, dtype=float)
     if min(size) == 0:
         return BoxMask(np.zeros(size, dtype=bool), lo, shape, grid_affine)  # type: ignore[arg-type]
-    n = sdf.shape[0] - 1
-    to_frame = np.linalg.inv(frame_to_world) @ affine
-    matrix = n * to_frame[:3, :3]  # box voxel -> SDF index
-    offset = n * (to_frame[:3, :3] @ lo.astype(float) + to_frame[:3, 3] + 0.5)
+    matrix, offset = box_to_sdf_index(sdf.shape[0] - 1, frame_to_world, affine, lo)
     inside = _separable_inside(sdf, matrix, offset, size)
     if inside is None:  # an oblique grid: the general transform
         inside = ndimage.affine_transform(

@@ -25,7 +25,7 @@ from tissue_model import ROOT, data_sets, layouts
 import lora_sam3d
 from lora_sam3d import reconstruct
 from lora_sam3d.data.tissue import RING_MM
-from lora_sam3d.geometry import frame_box
+from lora_sam3d.geometry import box_to_sdf_index, frame_box
 from lora_sam3d.metrics import sample_metrics
 
 AXES = {"sagittal": 0, "coronal": 1, "axial": 2}
@@ -38,10 +38,8 @@ def sdf_mm_on_scan(
     in mm, and the box's lower corner (as `lora_sam3d.geometry.sdf_on_box` reads its sign)."""
     lo, hi = frame_box(prediction.frame_to_world, affine, shape)
     sdf = np.asarray(prediction.sdf, dtype=np.float32)
-    n = sdf.shape[0] - 1
-    to_frame = np.linalg.inv(prediction.frame_to_world) @ affine
-    offset = n * (to_frame[:3, :3] @ lo.astype(float) + to_frame[:3, 3] + 0.5)
-    values = ndimage.affine_transform(sdf, n * to_frame[:3, :3], offset=offset, output_shape=tuple(hi - lo),
+    matrix, offset = box_to_sdf_index(sdf.shape[0] - 1, prediction.frame_to_world, affine, lo)
+    values = ndimage.affine_transform(sdf, matrix, offset=offset, output_shape=tuple(hi - lo),
                                       order=1, mode="constant", cval=1.0)  # fmt: skip
     return values * float(np.linalg.norm(prediction.frame_to_world[:3, 0])), lo
 

@@ -15,7 +15,6 @@ start and after each choice, and how often the named slice beats each alternativ
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import warnings
 from pathlib import Path
@@ -25,6 +24,7 @@ import nibabel as nib
 import numpy as np
 
 import lora_sam3d
+from lora_sam3d.data.cases import read_meta_splits
 from lora_sam3d.data.requests.items import file_axis
 from lora_sam3d.predict.next_slice import where_to_draw
 
@@ -90,8 +90,7 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     root = Path(args.root)
-    with open(root / "meta.csv", encoding="utf-8-sig") as f:
-        cases = [r["image_id"] for r in csv.DictReader(f, delimiter=";") if r["split"] in args.splits]
+    cases = [case for case, split in read_meta_splits(root).items() if split in args.splits]
     model = lora_sam3d.load_model(args.adapter)
     classes = model.data_contract["classes"]
     rng = np.random.default_rng(args.seed)

@@ -171,15 +171,15 @@ def abdomen_case(
         "vertebrae": (200, 700) if arterial else (250, 700),
         "aorta": (200, 450) if arterial else (-20, 220),
     }
+    drawn = {}
     for name, f in _organs(half, rng).items():
-        level = rng.uniform(*levels.get(name, (-20, 220)))
+        drawn[name] = rng.uniform(*levels.get(name, (-20, 220)))
         inside = (f(p) < 0) & ~taken & (body < 0)
         masks[name] = inside
         taken |= inside
-        hu = np.where(inside, level, hu)
-    aorta_level = float(np.median(hu[masks["aorta"]])) if masks["aorta"].any() else 100.0
+        hu = np.where(inside, drawn[name], hu)
     looks = [(f, rng.uniform(-20, 220)) for f in _neighbours(half, rng)]  # stomach, colon
-    looks += [(f, aorta_level if arterial else rng.uniform(-20, 220)) for f in _branches(half, rng)]
+    looks += [(f, drawn["aorta"] if arterial else rng.uniform(-20, 220)) for f in _branches(half, rng)]
     for f, level in looks:  # unlabelled look-alikes beside them
         inside = (f(p) < 0) & ~taken & (body < 0)
         taken |= inside
