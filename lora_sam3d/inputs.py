@@ -17,6 +17,7 @@ import torch
 
 __all__ = [
     "CONTEXT_CHANNELS",
+    "TISSUE_CHANNELS",
     "Batch",
     "Evidence",
     "RequestNotes",
@@ -28,6 +29,10 @@ __all__ = [
 
 CONTEXT_CHANNELS = 2
 """The scan as context: normalised intensity, and 1 where the cell lies inside the scan (0 outside)."""
+
+TISSUE_CHANNELS = 1
+"""What a context with a tissue model (``data.context.tissue_model: forest``) carries after its two:
+the probability that each cell is the drawn tissue (`lora_sam3d.data.tissue_forest`)."""
 
 
 def _pick(value: Any, idx: list[int]) -> Any:
@@ -64,7 +69,7 @@ class Sample(TypedDict, total=False):
         view_image, view_mask, view_distance: (K, S, S) float32 / bool / float32, as `Evidence`.
         view_axis, view_index: (K,) int64; view_offset: (K,) float32; view_valid: (K,) bool.
         frame_to_world: (4, 4) float64, frame coordinates -> world (RAS) mm.
-        context: (2, n, n, n) float32 or None, the scan around the slices (absent: slices alone).
+        context: (2 or 3, n, n, n) float32 or None, the scan around the slices (absent: slices alone).
         gt_sdf, gt_occupancy, gt_coarse_occupancy: the 3D truth in the frame (training and scoring).
         native: the scan's own mask for scoring (`lora_sam3d.data.sample.native_box`) or None.
         scored_against: "truth" or "request mask"; case_id, class_name, source_image, slice_name:

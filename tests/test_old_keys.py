@@ -107,9 +107,12 @@ def test_the_flat_config_and_checkpoint_predict_through_the_command(
         assert f"data.{old} -> data.{DATA_KEYS[old]}" in moved[0]
     assert "--data.views -> --data.views.count" in moved[1]
     written = yaml.safe_load(next((tmp_path / "run").rglob("config.yaml")).read_text())
-    assert written["model"]["context"] == {"read": True, "conditioning": True, "interpolation": False}, (
-        "config.yaml says the tree"
-    )
+    assert written["model"]["context"] == {
+        "read": True,
+        "conditioning": True,
+        "interpolation": False,
+        "tissue": False,
+    }, "config.yaml says the tree"
     assert written["model"]["finetune"]["lora"]["rank"] == 2
     assert written["data"]["views"]["count"] == 3 and written["data"]["context"]["source"] == "volume"
     assert written["data"]["preprocessing"]["spacing_mm"] == 2.0

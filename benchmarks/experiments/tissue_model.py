@@ -33,12 +33,13 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
-from tissue_forest import forest_sample, training_cells
+from tissue_forest import forest_sample
 
 import lora_sam3d
 import lora_sam3d.data.requests.dataset as requests_dataset
 import lora_sam3d.data.requests.masks as request_masks
 from lora_sam3d import reconstruct
+from lora_sam3d.data.tissue_forest import training_cells
 from lora_sam3d.geometry import sdf_on_grid
 from lora_sam3d.metrics import sample_metrics
 from lora_sam3d.models import Reconstructor
@@ -76,7 +77,7 @@ def forest_reading(sample: dict[str, Any], tissue: Any, inside: np.ndarray) -> N
     """The relative reading's place taken by the request's forest (the relative one where it cannot fit)."""
     context = sample.get("context")
     if context is not None:
-        cells, labels = training_cells(sample, np.asarray(context)[1] > 0, np.asarray(context).shape[-1])
+        cells, labels = training_cells(sample, np.asarray(context)[1] > 0)
         SEEN["drawn"] = cells[labels == 1]
     if forest_sample(sample, inside):
         SEEN["prob"] = np.asarray(sample["context"])[0].copy()

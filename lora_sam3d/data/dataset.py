@@ -30,6 +30,7 @@ from lora_sam3d.data.nifti import DataError
 from lora_sam3d.data.sample import native_target, recentred, slice_frame, slice_sample
 from lora_sam3d.data.settings import SAMPLING_METHODS, DataSettings, SamplingMethod
 from lora_sam3d.data.tissue import drawn_views, marked_tissue, relative_sample, views_inside
+from lora_sam3d.data.tissue_forest import with_tissue_model
 from lora_sam3d.data.views import seen_centre, stack_planes, view_planes
 from lora_sam3d.inputs import Sample
 
@@ -388,7 +389,8 @@ class TS_SAM3D_Dataset(Dataset):
             for a, i in zip(sample["view_axis"].tolist(), sample["view_index"].tolist(), strict=True)
         )
         if s.context.source == "volume":
-            sample["context"] = self._context(case, frame, rng)
+            context = self._context(case, frame, rng)  # the tissue model learns from the drawn views
+            sample["context"] = torch.from_numpy(with_tissue_model(context, sample, s.context.tissue_model))
         if s.context.reading == "relative":  # every intensity against the tissue its own slices mark
             images, masks = drawn_views(sample)
             inside = views_inside(sample, frame, case.image.shape)
@@ -415,7 +417,7 @@ class TS_SAM3D_Dataset(Dataset):
         }
         return sample
 
-    def _context(self, case: CachedCase, frame: Frame, rng: np.random.Generator | None) -> torch.Tensor:
+    def _context(self, case: CachedCase, frame: Frame, rng: np.random.Generator | None) -> np.ndarray:
         """The scan around the sample (`sample_context` on the decoder's (4R)^3 cells); a training
         sample blanks it with probability ``context.dropout`` and scales its intensity as the slices'."""
         context = sample_context(
@@ -427,4 +429,4 @@ class TS_SAM3D_Dataset(Dataset):
             elif self.augment and self.settings.context.reading == "absolute":  # relative: invariant
                 context[0] = np.clip(context[0] * rng.uniform(0.85, 1.15) + rng.uniform(-0.05, 0.05), 0, 1)
                 context[0] *= context[1]
-        return torch.from_numpy(context)
+        return context

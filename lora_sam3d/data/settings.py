@@ -19,6 +19,7 @@ from typing import Any, Literal, get_args
 from lora_sam3d.data.cases import Case, Layout, discover_cases
 from lora_sam3d.data.nifti import DataError
 from lora_sam3d.data.phantoms import PhantomSpec
+from lora_sam3d.data.tissue_forest import TISSUE_MODELS
 from lora_sam3d.data.volume import Preprocessing
 from lora_sam3d.settings.tree import coerce
 
@@ -197,17 +198,23 @@ class ContextSettings:
             ``relative``: each cell's intensity read against the tissue the sample's masks mark on
             its slices and the tissue around it (`lora_sam3d.data.tissue.relative_intensity`), so
             another contrast, protocol or modality gives the same evidence.
+        tissue_model: ``forest``: the context gets a third channel, the probability that each cell
+            is the drawn tissue from a random forest fitted on the sample's own drawn slices
+            (`lora_sam3d.data.tissue_forest`), for a model that reads it (``model.context.tissue``);
+            ``none``: no such channel.
     """
 
     GROUP = "context"
     source: Context | None = None
     dropout: float = 0.25
     reading: Reading = "absolute"
+    tissue_model: str = "none"
 
     def __post_init__(self) -> None:
         _check(self, "source", self.source is None or self.source in CONTEXTS, " or ".join(CONTEXTS))
         _check(self, "dropout", _fraction(self.dropout), "a fraction in [0, 1]")
         _check(self, "reading", self.reading in READINGS, " or ".join(READINGS))
+        _check(self, "tissue_model", self.tissue_model in TISSUE_MODELS, " or ".join(TISSUE_MODELS))
 
 
 @dataclass(frozen=True)
@@ -352,6 +359,7 @@ class DataContract:
         context: ``volume`` when it trained with the scan as context (the model's ``context``
             says whether it can read it), ``none`` otherwise.
         context_reading: how the scan is read, ``absolute`` or ``relative`` (`ContextSettings`).
+        context_tissue_model: the context's per-sample tissue model, ``none`` or ``forest``.
         tissue: per class, what the structure looked like in the training scans (normalised
             intensity range inside it and of its contrast with its surroundings,
             `lora_sam3d.data.tissue.tissue_ranges`); None in models written before it existed.
@@ -371,6 +379,7 @@ class DataContract:
     context: str = "none"
     tissue: dict[str, list[float]] | None = None
     context_reading: str = "absolute"  # models written before the relative reading read absolute
+    context_tissue_model: str = "none"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

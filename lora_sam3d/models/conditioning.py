@@ -27,12 +27,13 @@ CONDITIONING_LORA_TARGETS = r"levels\.\d\.(0|2)"
 
 
 class EvidenceConditioning(nn.Module):
-    """One MLP per decoder level: (N, 10 or 12) evidence at the level's cells -> (N, channels) added to ``h``.
+    """One MLP per decoder level: (N, 10 to 13) evidence at the level's cells -> (N, channels) added to ``h``.
 
     Args:
         model_channels: the decoder's width (its levels have C, C/4 and C/8 channels).
         hidden: the MLPs' hidden width.
-        features: the evidence's features a cell (12 with the slices' interpolation).
+        features: the evidence's features a cell (12 with the slices' interpolation, one more with
+            the tissue model's channel).
     """
 
     def __init__(self, model_channels: int, hidden: int = 32, features: int = EVIDENCE_FEATURES) -> None:
@@ -48,9 +49,10 @@ class EvidenceConditioning(nn.Module):
 
     def bind(self, evidence: Evidence, resolution: int, reader: SliceUnprojection) -> Conditioning:
         """The decoder's ``cond`` for one batch: level j's cells lie on a (resolution * 2^j)^3 grid."""
+        context_channels = self.config["features"] - reader.channels
 
         def cond(level: int, h: SparseTensor) -> SparseTensor:
-            feats = evidence_at_cells(evidence, h.coords, resolution * 2**level, reader)
+            feats = evidence_at_cells(evidence, h.coords, resolution * 2**level, reader, context_channels)
             return h.replace(h.feats + self.levels[level](feats.to(h.feats.dtype)))
 
         return cond

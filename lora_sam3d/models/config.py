@@ -57,11 +57,21 @@ class ContextConfig:
             (`lora_sam3d.models.latent.shape_interpolation`): between parallel slices the model learns the
             correction to a classic fill between slices. A base trained without it reads it through
             zero weights (its outputs unchanged) until training moves them.
+        tissue: both stages also read the context's third channel, the per-request tissue model's
+            probability (``data.context.tissue_model: forest``, `lora_sam3d.data.tissue_forest`); a
+            base trained without it reads it through zero weights, as the interpolation.
     """
 
     read: bool = False
     conditioning: bool = False
     interpolation: bool = False
+    tissue: bool = False
+
+    def __post_init__(self) -> None:
+        if self.tissue and not self.read:
+            raise ValueError(
+                "model.context.tissue needs model.context.read: true (the tissue model is a channel of the scan)"
+            )
 
 
 TrainBand = Literal["predicted", "truth", "union"]

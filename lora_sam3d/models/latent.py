@@ -165,9 +165,11 @@ def shape_interpolation(
 
 def with_context(slices: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
     """The slices' features and the scan's in the model's channel order, along dim 1: the slice
-    unprojection's 8, the scan's 2, then the interpolation's 2 when there are any (so a base
-    trained without the interpolation keeps its first channels)."""
-    return torch.cat([slices[:, :LATENT_CHANNELS], context, slices[:, LATENT_CHANNELS:]], dim=1)
+    unprojection's 8, the scan's 2, then the interpolation's 2 when there are any, then the tissue
+    model's channel when the context has one (so a base trained without the later ones keeps its
+    first channels)."""
+    parts = [slices[:, :LATENT_CHANNELS], context[:, :CONTEXT_CHANNELS], slices[:, LATENT_CHANNELS:]]
+    return torch.cat([*parts, context[:, CONTEXT_CHANNELS:]], dim=1)
 
 
 class PrecomputedLatents:
@@ -212,41 +214,48 @@ class PrecomputedLatents:
         )
 
 
-def context_on_grid(evidence: Evidence, resolution: int) -> torch.Tensor:
-    """(B, 2, R, R, R): the scan's context averaged over each of the R^3 cells (zeros: no context)."""
+def context_on_grid(evidence: Evidence, resolution: int, channels: int = CONTEXT_CHANNELS) -> torch.Tensor:
+    """(B, C, R, R, R): the scan's context averaged over each of the R^3 cells (``channels`` zeros: no
+    context)."""
     b = len(evidence)
     if evidence.context is None:
-        return torch.zeros(b, CONTEXT_CHANNELS, resolution, resolution, resolution, device=evidence.device)
+        return torch.zeros(b, channels, resolution, resolution, resolution, device=evidence.device)
     c = evidence.context.shape[-1]
     if c % resolution:
         raise ValueError(f"context grid {c}^3 is not a multiple of the model's {resolution}^3 grid")
     return F.avg_pool3d(evidence.context.float(), c // resolution) if c != resolution else evidence.context
 
 
-def context_at(evidence: Evidence, u: torch.Tensor) -> torch.Tensor:
-    """(B, 2, P): the context read (trilinear) at points ``u`` (B, P, 3) in frame coordinates;
-    zeros (no scan) outside the frame or without context."""
+def context_at(evidence: Evidence, u: torch.Tensor, channels: int = CONTEXT_CHANNELS) -> torch.Tensor:
+    """(B, C, P): the context read (trilinear) at points ``u`` (B, P, 3) in frame coordinates;
+    zeros (no scan) outside the frame, or ``channels`` zeros without context."""
     b, p = u.shape[:2]
     if evidence.context is None:
-        return torch.zeros(b, CONTEXT_CHANNELS, p, device=u.device, dtype=u.dtype)
+        return torch.zeros(b, channels, p, device=u.device, dtype=u.dtype)
     grid = (2 * u[..., [2, 1, 0]]).reshape(b, p, 1, 1, 3).to(evidence.context.dtype)
     read = F.grid_sample(evidence.context, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return read.reshape(b, CONTEXT_CHANNELS, p).to(u.dtype)
+    return read.reshape(b, evidence.context.shape[1], p).to(u.dtype)
 
 
 EVIDENCE_FEATURES = LATENT_CHANNELS + CONTEXT_CHANNELS
 """Features `evidence_at_cells` gives each cell: the slice unprojection's 8, then the context's 2
-(then `INTERPOLATION_CHANNELS` more when the reader interpolates)."""
+(then `INTERPOLATION_CHANNELS` more when the reader interpolates, then `TISSUE_CHANNELS` when the
+context carries the tissue model's)."""
 
 
 def evidence_at_cells(
-    evidence: Evidence, coords: torch.Tensor, resolution: int, reader: SliceUnprojection
+    evidence: Evidence,
+    coords: torch.Tensor,
+    resolution: int,
+    reader: SliceUnprojection,
+    context_channels: int = CONTEXT_CHANNELS,
 ) -> torch.Tensor:
-    """(N, 10 or 12) evidence at sparse cells: ``coords`` (N, 4) = (sample, x, y, z) on a ``resolution``^3
-    grid over the frame; the slices' 8 features (`SliceUnprojection.at`), the context's 2 and the
-    interpolation's 2 if the reader gives them (`with_context`)."""
+    """(N, 10 to 13) evidence at sparse cells: ``coords`` (N, 4) = (sample, x, y, z) on a ``resolution``^3
+    grid over the frame; the slices' 8 features (`SliceUnprojection.at`), the context's 2, the
+    interpolation's 2 if the reader gives them and the tissue model's if the context has it
+    (`with_context`; ``context_channels``: the context's width when a batch has none)."""
     n, b = coords.shape[0], len(evidence)
-    width = reader.channels + CONTEXT_CHANNELS
+    width = reader.channels + context_channels
     if n == 0:
         return torch.zeros(0, width, device=coords.device)
     sample = coords[:, 0].long()
@@ -257,7 +266,8 @@ def evidence_at_cells(
     slot = torch.arange(n, device=coords.device) - starts[sample[order]]
     padded = torch.zeros(b, int(counts.max()), 3, device=coords.device)
     padded[sample[order], slot] = u[order]
-    feats = with_context(reader.at(evidence, padded), context_at(evidence, padded))  # (B, F, P)
+    context = context_at(evidence, padded, context_channels)
+    feats = with_context(reader.at(evidence, padded), context)  # (B, F, P)
     out = torch.empty(n, width, device=coords.device, dtype=feats.dtype)
     out[order] = feats[sample[order], :, slot]
     return out

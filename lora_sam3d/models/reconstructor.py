@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from lora_sam3d.geometry import Mesh, marching_cubes
-from lora_sam3d.inputs import CONTEXT_CHANNELS, Evidence
+from lora_sam3d.inputs import CONTEXT_CHANNELS, TISSUE_CHANNELS, Evidence
 from lora_sam3d.io.atomic import atomic_write
 from lora_sam3d.io.weights import load_weights, resolve_checkpoint
 from lora_sam3d.lora import LoRAConfig, base_fingerprint, inject_lora, merge_lora_weights, state_dict_fit
@@ -37,8 +37,8 @@ from lora_sam3d.models.config import TRAIN_BANDS, ModelConfig, TrainBand
 from lora_sam3d.models.decoder import SLatMeshDecoder
 from lora_sam3d.models.drawing import DRAWING_WIDTH, keep_drawing
 from lora_sam3d.models.latent import (
-    EVIDENCE_FEATURES,
     INTERPOLATION_CHANNELS,
+    LATENT_CHANNELS,
     PrecomputedLatents,
     SliceUnprojection,
     context_on_grid,
@@ -143,7 +143,11 @@ class Reconstructor(nn.Module):
         self.config = c = config or ModelConfig()
         interpolation = c.context.interpolation
         self.decoder_config = {**TINY_DECODER, **(c.decoder or {})}
-        extra = (CONTEXT_CHANNELS if c.context.read else 0) + (INTERPOLATION_CHANNELS if interpolation else 0)
+        # the context's channels (the scan's 2, then the tissue model's when it reads one)
+        self.context_channels = CONTEXT_CHANNELS + (TISSUE_CHANNELS if c.context.tissue else 0)
+        extra = (self.context_channels if c.context.read else 0) + (
+            INTERPOLATION_CHANNELS if interpolation else 0
+        )
         self.structure_config = {
             "latent_channels": self.decoder_config["latent_channels"],
             **(c.structure or {}),
@@ -156,7 +160,9 @@ class Reconstructor(nn.Module):
             torch.manual_seed(c.base.seed)
             self.decoder = SLatMeshDecoder(**self.decoder_config)
             self.structure = SparseStructureNet(**self.structure_config)
-            features = EVIDENCE_FEATURES + (INTERPOLATION_CHANNELS if interpolation else 0)
+            features = (
+                self.context_channels + LATENT_CHANNELS + (INTERPOLATION_CHANNELS if interpolation else 0)
+            )
             self.conditioning = (
                 EvidenceConditioning(self.decoder_config["model_channels"], features=features)
                 if c.context.conditioning
@@ -212,11 +218,14 @@ class Reconstructor(nn.Module):
             self.structure_in_base = True
 
     def _widened(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """A base trained without the slices' interpolation, for a model that reads it: the first
-        layer of stage 1 and of each conditioning level get zero weights for the interpolation's
-        channels (the last ones, `with_context`), so the model's outputs are the base's until training
-        moves them. Any other width is left for the loaders to refuse."""
-        if not self.config.context.interpolation:
+        """A base trained without the slices' interpolation or the tissue model's channel, for a model
+        that reads them: the first layer of stage 1 and of each conditioning level get zero weights for
+        the missing channels (the last ones, `with_context`), so the model's outputs are the base's
+        until training moves them. Any other width is left for the loaders to refuse."""
+        later = [INTERPOLATION_CHANNELS] if self.config.context.interpolation else []
+        later += [TISSUE_CHANNELS] if self.config.context.tissue else []
+        missing = {sum(later[k:]) for k in range(len(later))}  # the base lacks the last one(s)
+        if not missing:
             return state
         wanted = {"structure.enc0.0.weight": self.structure_config.get("in_channels", 8)}
         if self.conditioning is not None:
@@ -228,8 +237,8 @@ class Reconstructor(nn.Module):
         out = dict(state)
         for key, width in wanted.items():
             w = state.get(key)
-            if w is not None and w.shape[1] == width - INTERPOLATION_CHANNELS:
-                pad = w.new_zeros(w.shape[0], INTERPOLATION_CHANNELS, *w.shape[2:])
+            if w is not None and width - w.shape[1] in missing:
+                pad = w.new_zeros(w.shape[0], width - w.shape[1], *w.shape[2:])
                 out[key] = torch.cat([w, pad], dim=1)
         return out
 
@@ -279,6 +288,9 @@ class Reconstructor(nn.Module):
                 "read": c.context.read,
                 "conditioning": c.context.conditioning,
                 "interpolation": c.context.interpolation,
+                **(
+                    {"tissue": True} if c.context.tissue else {}
+                ),  # files of models without it stay as they were
             },
         }
         return {k: values[k] for k in MODEL_SETTINGS}
@@ -317,7 +329,7 @@ class Reconstructor(nn.Module):
         reads context, and the slices' interpolation when it reads that (`with_context`'s order)."""
         x = self.encoder(evidence)
         if self.config.context.read:
-            x = with_context(x, context_on_grid(evidence, self.resolution).to(x.dtype))
+            x = with_context(x, context_on_grid(evidence, self.resolution, self.context_channels).to(x.dtype))
         return x
 
     def forward(self, evidence: Evidence, coarse_truth: torch.Tensor | None = None) -> Reconstruction:
@@ -331,6 +343,13 @@ class Reconstructor(nn.Module):
             raise ValueError(
                 "the batch carries the scan as context (data.context.source: volume) but this model does not read "
                 "context (model.context.read: false; trained without it): use data.context.source: none"
+            )
+        if evidence.context is not None and evidence.context.shape[1] != self.context_channels:
+            has, wants = ("", "no ") if self.config.context.tissue else ("no ", "")
+            raise ValueError(
+                f"the batch's scan context has {evidence.context.shape[1]} channels where this model reads "
+                f"{self.context_channels}: the model reads {wants}tissue model, the data gives {has}one (set "
+                f"data.context.tissue_model: {'forest' if self.config.context.tissue else 'none'}, as the model was trained)"
             )
         cond = None
         if self.conditioning is not None:

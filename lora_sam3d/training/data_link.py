@@ -20,10 +20,19 @@ from lora_sam3d.data import DataError
 __all__ = ["DataLink", "check_data_agrees"]
 
 
-def check_data_agrees(data: Any, resolution: int, classes: list[str], context: bool = False) -> None:
+def check_data_agrees(
+    data: Any, resolution: int, classes: list[str], context: bool = False, tissue: bool | None = None
+) -> None:
     """The data module's resolution and class list (its hyper-parameters ``data``) must be the model's,
-    and scan context is given only to a model that reads it."""
+    scan context is given only to a model that reads it, and (``tissue`` given: in ``fit``; requests
+    follow the model's stored contract) the tissue model's channel exactly to a model that reads it."""
     source = (data.get("context") or {}).get("source")
+    tissue_model = (data.get("context") or {}).get("tissue_model") or "none"
+    if tissue is not None and (tissue_model != "none") != tissue:
+        raise ValueError(
+            f"data.context.tissue_model is {tissue_model} but model.context.tissue is {str(tissue).lower()}: "
+            "give the model the tissue model's channel exactly when the data computes it (forest with true, none with false)"
+        )
     data_resolution = (data.get("frame") or {}).get("resolution")
     if source == "volume" and not context:
         raise ValueError(
@@ -50,9 +59,9 @@ class DataLink(L.Callback):
         if not hasattr(data, "contract"):
             return
         pl_module.configure_adapters()  # an adapter folder's contract is known from here on
-        check_data_agrees(
-            data.hparams, pl_module.resolution, pl_module.classes, pl_module.model.config.context.read
-        )
+        context = pl_module.model.config.context
+        tissue = context.tissue if stage == "fit" else None
+        check_data_agrees(data.hparams, pl_module.resolution, pl_module.classes, context.read, tissue)
         if stage == "fit":
             pl_module.data_contract = data.contract().to_dict()
             return

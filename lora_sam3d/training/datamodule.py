@@ -285,6 +285,7 @@ class TSDataModule(L.LightningDataModule):
             context=s.context.source or "none",
             tissue=tissue_ranges(train.cases, self.classes),
             context_reading=s.context.reading,
+            context_tissue_model=s.context.tissue_model,
         )
 
     def use_trained_contract(self, contract: dict[str, Any] | None) -> None:
@@ -340,6 +341,7 @@ class TSDataModule(L.LightningDataModule):
                 all_pieces=self.predict_settings.all_pieces,
                 beyond_scan=self.predict_settings.beyond_scan,
                 frame_from=self.predict_settings.frame_from,
+                tissue_model=s.context.tissue_model,
             )
         dataset.check_view_counts(trained, s.views.count)
         dataset.check_unique_outputs()

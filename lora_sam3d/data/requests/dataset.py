@@ -48,6 +48,7 @@ from lora_sam3d.data.tissue import (
     tissue_mismatch,
     views_inside,
 )
+from lora_sam3d.data.tissue_forest import with_tissue_model
 from lora_sam3d.data.views import seen_centre
 from lora_sam3d.data.volume import (
     IsotropicGrid,
@@ -97,7 +98,9 @@ class PredictionDataset(Dataset):
         beyond_scan: bool = False,
         scans: dict[str, dict[str, Any]] | None = None,
         frame_from: FrameFrom = "auto",
+        tissue_model: str = "none",
     ) -> None:
+        self.tissue_model = tissue_model  # the context's per-request tissue model (`with_tissue_model`)
         # "auto": several slices sized by their drawing, which measures the structure (`request_frame`)
         self.frame_from = frame_from
         self.frames: list[tuple[str, float]] = []  # per item: where its frame's extent came from, mm
@@ -222,6 +225,7 @@ class PredictionDataset(Dataset):
             beyond_scan=beyond_scan,
             scans=scans,
             frame_from=frame_from,
+            tissue_model=c.context_tissue_model,
         )
 
     def _check_class(self, item: PredictItem) -> None:
@@ -412,7 +416,7 @@ class PredictionDataset(Dataset):
         tissue = self._check_tissue(i, sample, side_mm, inside)
         if self.reads_scan(i):
             context = sample_context(frame, volume.image, self.context_cells, raw.affine, raw.shape)
-            sample["context"] = torch.from_numpy(context)
+            sample["context"] = torch.from_numpy(with_tissue_model(context, sample, self.tissue_model))
         if self.reading == "relative":
             relative_sample(sample, tissue, inside)
         self._warn_at_edge(i, sample, side_mm)
