@@ -325,8 +325,9 @@ class Reconstructor(nn.Module):
         return active
 
     def stage_one_input(self, evidence: Evidence) -> torch.Tensor:
-        """(B, 8 to 12, R, R, R): the slice unprojection, the scan on the R^3 cells when the model
-        reads context, and the slices' interpolation when it reads that (`with_context`'s order)."""
+        """(B, 8 to 13, R, R, R): the slice unprojection, the scan on the R^3 cells when the model
+        reads context, the slices' interpolation and the tissue model's channel when it reads them
+        (`with_context`'s order)."""
         x = self.encoder(evidence)
         if self.config.context.read:
             x = with_context(x, context_on_grid(evidence, self.resolution, self.context_channels).to(x.dtype))
