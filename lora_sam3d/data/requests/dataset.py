@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 from lora_sam3d.data.cases import check_class_names
 from lora_sam3d.data.frame import sample_context
 from lora_sam3d.data.nifti import DataError, canonical_grid
+from lora_sam3d.data.requests.drawing_checks import check_marked_tissue, warn_at_edge
 from lora_sam3d.data.requests.items import (
     PredictItem,
     SliceRef,
@@ -40,12 +41,7 @@ from lora_sam3d.data.requests.names import case_names, output_stem
 from lora_sam3d.data.sample import native_from_mask, recentred, slice_frame, slice_sample
 from lora_sam3d.data.settings import Context, DataContract, FrameFrom
 from lora_sam3d.data.tissue import (
-    Tissue,
-    drawn_views,
-    inseparable,
-    marked_tissue,
     relative_sample,
-    tissue_mismatch,
     views_inside,
 )
 from lora_sam3d.data.tissue_forest import with_tissue_model
@@ -413,68 +409,30 @@ class PredictionDataset(Dataset):
         planes = [(r.axis, index, k) for k, (r, index) in enumerate(zip(refs, indices, strict=True))]
         sample = slice_sample(volume.image, volume.labels, frame, planes, self.slice_size, self.max_views)
         inside = views_inside(sample, frame, volume.image.shape)
-        tissue = self._check_tissue(i, sample, side_mm, inside)
+        names = [r.name for r in refs]
+        trained = self.tissue.get(item.class_name)
+        tissue = check_marked_tissue(
+            self._where(i),
+            "+".join(names),
+            sample,
+            side_mm,
+            inside,
+            trained,
+            self.reading,
+            self.intensity_check,
+        )
         if self.reads_scan(i):
             context = sample_context(frame, volume.image, self.context_cells, raw.affine, raw.shape)
             sample["context"] = torch.from_numpy(with_tissue_model(context, sample, self.tissue_model))
         if self.reading == "relative":
             relative_sample(sample, tissue, inside)
-        self._warn_at_edge(i, sample, side_mm)
+        warn_at_edge(self._where(i), names, item.class_name, sample, side_mm)
         return sample
 
-    def _check_tissue(self, i: int, sample: Sample, side_mm: float, inside: np.ndarray) -> Tissue | None:
-        """The tissue under the drawn masks (`marked_tissue`; None, with a warning naming the request,
-        when the masks are too small for statistics), checked against what the model saw of the
-        class in training (`tissue_mismatch`): a warning naming the request, or an error with
-        ``intensity_check: error``."""
-        images, masks = drawn_views(sample)
+    def _where(self, i: int) -> str:
+        """How warnings name request ``i`` (closed by the caller's ``)``)."""
         item = self.items[i]
-        tissue = marked_tissue(images, masks, side_mm / masks.shape[-1], inside)
-        trained = self.tissue.get(item.class_name)
-        if tissue is None and (trained is not None or self.reading == "relative"):
-            warnings.warn(
-                f"predict item {i + 1} ({item.class_name} in {item.image}, {'+'.join(r.name for r in self.slices[i])}): "
-                "its drawn masks are too small (or fill their slices) for statistics of the marked tissue: "
-                "not compared with the training scans, and a relative reading of the scan reads neutral",
-                stacklevel=2,
-            )
-        if tissue is None:
-            return tissue
-        if self.reading == "relative":  # no absolute unit is read: what it needs is a contrast
-            why = inseparable(tissue)
-        else:
-            why = None if trained is None else tissue_mismatch(tissue, trained)
-        if why is None:
-            return tissue
-        message = (
-            f"predict item {i + 1} ({item.class_name} in {item.image}): {why}; is the scan another modality "
-            "or rescaled, its contrast inverted, or the mask drawn on another scan?"
-        )
-        if self.intensity_check == "error":
-            raise DataError(f"{message} (data.predict.intensity_check: error refuses it; warn only warns)")
-        warnings.warn(message, stacklevel=2)
-        return tissue
-
-    def _warn_at_edge(self, i: int, sample: Sample, side_mm: float) -> None:
-        """A drawn mask that reaches the frame's edge is cut there: the structure is larger than
-        the frame its class was trained with, and its surface past the edge cannot be reconstructed."""
-        masks = drawn_views(sample)[1].astype(bool)
-        edge = masks[:, [0, -1], :].any(axis=(1, 2)) | masks[:, :, [0, -1]].any(axis=(1, 2))
-        if not edge.any():
-            return
-        refs, pixel_mm = self.slices[i], side_mm / masks.shape[-1]
-        names = [refs[k].name for k in np.flatnonzero(edge) if k < len(refs)]
-        rows, cols = np.flatnonzero(masks.any(axis=(0, 2))), np.flatnonzero(masks.any(axis=(0, 1)))
-        span = max(rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1) * pixel_mm
-        item = self.items[i]
-        warnings.warn(
-            f"predict item {i + 1} ({item.class_name} in {item.image}): the mask of {', '.join(names)} reaches "
-            f"the edge of the {side_mm:.0f} mm frame of {item.class_name} (at least {span:.0f} mm of it is "
-            "inside): the structure is larger than the frame the model was trained with, and its surface "
-            "past the edge is cut; give data.frame.extent_mm a larger extent for this class, or a model "
-            "trained on larger frames",
-            stacklevel=2,
-        )
+        return f"predict item {i + 1} ({item.class_name} in {item.image}"
 
     @property
     def max_views(self) -> int:
