@@ -241,7 +241,7 @@ def test_every_shipped_config_parses(name: str, capsys: pytest.CaptureFixture[st
     from lora_sam3d.cli import main
 
     configs = Path(__file__).parents[1] / "configs"
-    add_on = name in ("ddp.yaml", "wide_band.yaml")  # add-ons to the demo's config
+    add_on = name in ("ddp.yaml", "wide_band.yaml", "tissue_forest.yaml")  # add-ons to the demo's config
     extra = ["--config", str(configs / "demo.yaml")] if add_on else []
     with pytest.raises(SystemExit) as done:  # --print_config prints the parsed config and exits
         main(["fit", *extra, "--config", str(configs / name), "--print_config"])

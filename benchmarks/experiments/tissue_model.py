@@ -1,4 +1,4 @@
-"""A tissue model per request (`lora_sam3d.data.tissue_model`) against today's relative reading, on
+"""A tissue model per request (`lora_sam3d.data.tissue_forest`) against today's relative reading, on
 held-out CT phantoms, MR-like phantoms of another seed and the real aorta CT: one slice, three
 orthogonal slices and a 10 mm axial stack per structure, each request run several ways through
 `lora_sam3d.reconstruct` with the demo's adapter (``--variants``; `VARIANTS` names the others and

@@ -63,9 +63,7 @@ def _features(volume: np.ndarray) -> np.ndarray:
     ).astype(np.float32)  # fmt: skip
 
 
-def training_cells(
-    sample: Mapping[str, Any], inside: np.ndarray, ring: tuple[int, int] = RING_PIXELS
-) -> tuple[np.ndarray, np.ndarray]:
+def training_cells(sample: Mapping[str, Any], inside: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Cell indices (M, 3) on the (m, m, m) grid of ``inside`` (the cells inside the scan) and labels
     (M,) of the drawn pixels (1) and their surroundings (0) on every valid view of ``sample``: a
     view's pixel lies in the grid cell of its plane that holds its centre."""
@@ -79,8 +77,8 @@ def training_cells(
         if not mask.any():
             continue
         size = mask.shape[0]
-        near = ndimage.binary_dilation(mask, iterations=ring[0])
-        far = ndimage.binary_dilation(mask, iterations=ring[1])
+        near = ndimage.binary_dilation(mask, iterations=RING_PIXELS[0])
+        far = ndimage.binary_dilation(mask, iterations=RING_PIXELS[1])
         axis = int(axes[k])
         c = int(np.clip(np.floor((offsets[k] + 0.5) * m), 0, m - 1))
         on_scan = np.take(inside, c, axis=axis)

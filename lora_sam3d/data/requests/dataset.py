@@ -409,10 +409,10 @@ class PredictionDataset(Dataset):
         planes = [(r.axis, index, k) for k, (r, index) in enumerate(zip(refs, indices, strict=True))]
         sample = slice_sample(volume.image, volume.labels, frame, planes, self.slice_size, self.max_views)
         inside = views_inside(sample, frame, volume.image.shape)
-        names = [r.name for r in refs]
+        names, where = [r.name for r in refs], self._where(i)
         trained = self.tissue.get(item.class_name)
         tissue = check_marked_tissue(
-            self._where(i),
+            where,
             "+".join(names),
             sample,
             side_mm,
@@ -426,7 +426,7 @@ class PredictionDataset(Dataset):
             sample["context"] = torch.from_numpy(with_tissue_model(context, sample, self.tissue_model))
         if self.reading == "relative":
             relative_sample(sample, tissue, inside)
-        warn_at_edge(self._where(i), names, item.class_name, sample, side_mm)
+        warn_at_edge(where, names, item.class_name, sample, side_mm)
         return sample
 
     def _where(self, i: int) -> str:
